@@ -1,0 +1,33 @@
+//! `bnorm conformance DIR`.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+
+/// Replays every case in `dir`, one line per case, then `N passed, M failed`.
+pub fn run(dir: &Path) -> Result<ExitCode> {
+    let results = bnorm::conformance::run_dir(dir)
+        .with_context(|| format!("reading conformance cases from {}", dir.display()))?;
+    if results.is_empty() {
+        bail!("no *.safetensors case in {}", dir.display());
+    }
+    let mut failed = 0;
+    for r in &results {
+        if r.passed {
+            println!(
+                "ok    {:<40} {} values; worst {}",
+                r.name, r.compared, r.detail
+            );
+        } else {
+            failed += 1;
+            println!("FAIL  {:<40} {}", r.name, r.detail);
+        }
+    }
+    println!("{} passed, {} failed", results.len() - failed, failed);
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

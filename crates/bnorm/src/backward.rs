@@ -1,0 +1,206 @@
+//! The backward pass: `dx`, `dgamma`, `dbeta` from the input, the upstream gradient and
+//! the statistics saved by the forward step.
+//!
+//! With batch statistics (training), per channel with `m` values, `x̂ = (x − μ)/σ`,
+//! `g = γ·r` (`r = 1` unless renormalizing):
+//!
+//! ```text
+//! dβ = Σdy,   dγ = r·Σdy·x̂ + d·Σdy,
+//! dx = g/σ · (dy − Σdy/m − x̂·Σ(dy·x̂)/m)
+//! ```
+//!
+//! With running statistics (inference or frozen), `dx = dy·γ/σ_running`, and `dγ`, `dβ`
+//! as above with `x̂` from the running statistics. Each is two passes over memory: one
+//! reduction (`Σdy`, `Σdy·(x − μ)`), one element-wise map.
+
+use crate::config::Config;
+use crate::element::Element;
+use crate::error::{Error, Result};
+use crate::forward::{check_input, sample_geometry, Normalized, Saved};
+use crate::kernels::{self, Workspace};
+use crate::layout::Geometry;
+use crate::parallel::Parallelism;
+use crate::state::Params;
+
+/// Parameter gradients of one backward step, f64, one per channel. Both are computed
+/// whether or not the layer has the parameter (`dweight` is then the gradient a gamma
+/// would get, `dbias` likewise).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Grads {
+    /// dL/dgamma.
+    pub dweight: Vec<f64>,
+    /// dL/dbeta.
+    pub dbias: Vec<f64>,
+}
+
+/// Output of the allocating [`backward`].
+#[derive(Debug, Clone)]
+pub struct Backward<T> {
+    /// dL/dx, same shape and layout as x.
+    pub dx: Vec<T>,
+    /// dL/dgamma, when the layer has gamma.
+    pub dweight: Option<Vec<f64>>,
+    /// dL/dbeta, when the layer has beta.
+    pub dbias: Option<Vec<f64>>,
+}
+
+/// Backward pass that allocates its outputs.
+///
+/// ```
+/// use bnorm::{backward, forward, Config, Layout, Mode, Params, RunningState};
+/// let cfg = Config::torch(1);
+/// let g = Layout::NC.geometry(&[4, 1])?;
+/// let x = [1.0f64, 2.0, 4.0, 8.0];
+/// let p = Params::init(&cfg);
+/// let f = forward(&cfg, g, &x, &p, RunningState::init(&cfg).as_ref(), Mode::Train)?;
+/// let b = backward(&cfg, g, &x, &[1.0, 0.0, 0.0, 0.0], &p, &f.saved)?;
+/// // the gradient through batch statistics sums to zero over a channel
+/// assert!(b.dx.iter().sum::<f64>().abs() < 1e-12);
+/// # Ok::<(), bnorm::Error>(())
+/// ```
+pub fn backward<T: Element>(
+    cfg: &Config,
+    g: Geometry,
+    x: &[T],
+    dy: &[T],
+    params: &Params,
+    saved: &Saved,
+) -> Result<Backward<T>> {
+    check_input(cfg, g, x.len(), "x")?;
+    let mut dx = vec![T::from_f64(0.0); x.len()];
+    let mut grads = Grads::default();
+    let mut ws = Workspace::default();
+    backward_into(
+        cfg,
+        g,
+        x,
+        dy,
+        params,
+        saved,
+        &mut dx,
+        &mut grads,
+        &mut ws,
+        Parallelism::Rayon,
+    )?;
+    Ok(Backward {
+        dx,
+        dweight: cfg.has_scale().then_some(grads.dweight),
+        dbias: cfg.has_center().then_some(grads.dbias),
+    })
+}
+
+/// Backward pass into caller buffers. On error nothing has been written.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_into<T: Element>(
+    cfg: &Config,
+    g: Geometry,
+    x: &[T],
+    dy: &[T],
+    params: &Params,
+    saved: &Saved,
+    dx: &mut [T],
+    grads: &mut Grads,
+    ws: &mut Workspace,
+    par: Parallelism,
+) -> Result<()> {
+    params.validate(cfg)?;
+    check_input(cfg, g, x.len(), "x")?;
+    check_input(cfg, g, dy.len(), "dy")?;
+    check_input(cfg, g, dx.len(), "dx")?;
+    if saved.geometry != Some(g) {
+        return Err(Error::SavedMismatch {
+            reason: "the forward step saw another shape (or no forward step ran)",
+        });
+    }
+    let c = g.channels;
+    let groups = saved.groups.max(1);
+    if saved.mean.len() != groups * c || saved.invstd.len() != groups * c {
+        return Err(Error::SavedMismatch {
+            reason: "saved statistics have another channel count",
+        });
+    }
+    grads.dweight.clear();
+    grads.dweight.resize(c, 0.0);
+    grads.dbias.clear();
+    grads.dbias.resize(c, 0.0);
+    let mut sums = std::mem::take(&mut ws.tmp_pairs);
+    sums.clear();
+    sums.resize(groups * c, (0.0, 0.0));
+    let ghost = groups > 1 || !saved.group_of.is_empty();
+    if !ghost {
+        kernels::dot(g, x, dy, &saved.mean[..c], &mut sums, ws, par);
+    } else {
+        let sub = sample_geometry(g);
+        let per = sub.len();
+        let mut s = vec![(0.0, 0.0); c];
+        for n in 0..g.batch {
+            let o = saved.group_of[n] * c;
+            let r = n * per..(n + 1) * per;
+            kernels::dot(
+                sub,
+                &x[r.clone()],
+                &dy[r],
+                &saved.mean[o..o + c],
+                &mut s,
+                ws,
+                Parallelism::Sequential,
+            );
+            for ch in 0..c {
+                sums[o + ch].0 += s[ch].0;
+                sums[o + ch].1 += s[ch].1;
+            }
+        }
+    }
+    // Per (group, channel) coefficients of dx = a·dy + b·(x − μ) + k.
+    let n = groups * c;
+    let mut a = vec![0.0; n];
+    let mut b = vec![0.0; n];
+    let mut k = vec![0.0; n];
+    for i in 0..n {
+        let ch = i % c;
+        let (r, d) = if saved.r.is_empty() {
+            (1.0, 0.0)
+        } else {
+            (saved.r[ch], saved.d[ch])
+        };
+        let (sdy, sdyxc) = sums[i];
+        let invstd = saved.invstd[i];
+        let dot_xhat = sdyxc * invstd;
+        grads.dbias[ch] += sdy;
+        grads.dweight[ch] += r * dot_xhat + d * sdy;
+        let gain = params.gamma(ch) * r;
+        a[i] = gain * invstd;
+        if saved.normalized == Normalized::Batch {
+            let m = if saved.count[i] > 0.0 {
+                saved.count[i]
+            } else {
+                g.per_channel() as f64
+            };
+            b[i] = -gain * invstd * invstd * dot_xhat / m;
+            k[i] = -gain * invstd * sdy / m;
+        }
+    }
+    ws.tmp_pairs = sums;
+    if !ghost {
+        kernels::affine2(g, x, dy, &saved.mean[..c], &a, &b, &k, dx, par);
+    } else {
+        let sub = sample_geometry(g);
+        let per = sub.len();
+        for nidx in 0..g.batch {
+            let o = saved.group_of[nidx] * c;
+            let r = nidx * per..(nidx + 1) * per;
+            kernels::affine2(
+                sub,
+                &x[r.clone()],
+                &dy[r.clone()],
+                &saved.mean[o..o + c],
+                &a[o..o + c],
+                &b[o..o + c],
+                &k[o..o + c],
+                &mut dx[r],
+                Parallelism::Sequential,
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,411 @@
+//! The validated configuration of a batch-norm layer: conventions as enums, presets for
+//! each framework, chainable setters, and one `validate`.
+
+use crate::error::{Error, Result};
+
+/// How running statistics move toward the batch statistics in a training step.
+///
+/// The frameworks disagree on what "momentum" means; each convention is its own variant so
+/// a number is never read the wrong way round.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Momentum {
+    /// PyTorch: `a` is the weight of the new batch, `r ← (1 − a)·r + a·batch`
+    /// (PyTorch's default 0.1).
+    NewWeight(f64),
+    /// PyTorch `momentum=None`: the cumulative average, `a = 1/t` at the t-th training step.
+    Cumulative,
+    /// Keras / TensorFlow: `d` is the decay of the old value, `r ← d·r + (1 − d)·batch`
+    /// (Keras's default 0.99).
+    Decay(f64),
+    /// TensorFlow's `assign_moving_average(..., zero_debias=True)`: a hidden biased
+    /// average `b ← d·b + (1 − d)·batch` starting at 0, published as `b / (1 − dᵗ)`.
+    DebiasedDecay(f64),
+}
+
+impl Momentum {
+    /// The weight of the new batch at training step `t` (1-based) for the plain
+    /// conventions; `None` for [`Momentum::DebiasedDecay`], which is not a plain blend.
+    ///
+    /// ```
+    /// use bnorm::Momentum;
+    /// assert_eq!(Momentum::NewWeight(0.1).new_weight(7), Some(0.1));
+    /// assert!((Momentum::Decay(0.99).new_weight(1).unwrap() - 0.01).abs() < 1e-15);
+    /// assert_eq!(Momentum::Cumulative.new_weight(4), Some(0.25));
+    /// ```
+    pub fn new_weight(self, t: u64) -> Option<f64> {
+        match self {
+            Momentum::NewWeight(a) => Some(a),
+            Momentum::Cumulative => Some(1.0 / t.max(1) as f64),
+            Momentum::Decay(d) => Some(1.0 - d),
+            Momentum::DebiasedDecay(_) => None,
+        }
+    }
+}
+
+/// Which variance the running variance accumulates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VarianceEstimator {
+    /// `Σ(x − mean)² / m` (Keras, TensorFlow, Flax).
+    Biased,
+    /// `Σ(x − mean)² / (m − 1)` (PyTorch). Normalization itself always uses the biased one.
+    Unbiased,
+}
+
+/// What a training step does with a channel whose batch statistics are NaN or infinite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NonFinitePolicy {
+    /// Keep that channel's running statistics and report it in
+    /// [`StepReport::skipped_channels`](crate::StepReport::skipped_channels); the output
+    /// still carries the NaN, as arithmetic would.
+    #[default]
+    SkipChannel,
+    /// Refuse the step with [`Error::NonFiniteStatistics`]; nothing is written.
+    Error,
+}
+
+/// Batch renormalization (Ioffe 2017) with tf_keras's fixed clipping.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Renorm {
+    /// Upper clip of `r` (≥ 1).
+    pub rmax: f64,
+    /// Lower clip of `r` (in (0, 1]); tf_keras uses `1 / rmax`.
+    pub rmin: f64,
+    /// Clip of `|d|` (≥ 0).
+    pub dmax: f64,
+    /// Decay of the renorm mean and standard deviation (tf_keras `renorm_momentum`).
+    pub momentum: f64,
+}
+
+impl Default for Renorm {
+    /// tf_keras's defaults when `renorm_clipping` is given as `rmax = 3, dmax = 5`.
+    fn default() -> Self {
+        Renorm {
+            rmax: 3.0,
+            rmin: 1.0 / 3.0,
+            dmax: 5.0,
+            momentum: 0.99,
+        }
+    }
+}
+
+/// How samples are assigned to ghost (virtual) batches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GhostGrouping {
+    /// Sample `n` belongs to group `n mod G`, `G = N / virtual_batch_size` (tf_keras).
+    Strided,
+    /// Consecutive runs of `virtual_batch_size` samples.
+    Contiguous,
+}
+
+/// What happens when the virtual batch size does not divide the batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GhostRemainder {
+    /// Refuse the batch with [`Error::GhostBatchIndivisible`] (tf_keras refuses too).
+    #[default]
+    Error,
+    /// With contiguous grouping, the last group is smaller. Strided grouping always
+    /// refuses.
+    SmallerLastGroup,
+}
+
+/// Ghost batch normalization: each virtual batch is normalized with its own statistics.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Ghost {
+    /// Samples per virtual batch.
+    pub virtual_batch_size: usize,
+    /// How samples are grouped.
+    pub grouping: GhostGrouping,
+    /// What a batch that `virtual_batch_size` does not divide gets.
+    pub remainder: GhostRemainder,
+}
+
+impl Ghost {
+    /// tf_keras's ghost batches: strided groups, indivisible batches refused.
+    pub fn strided(virtual_batch_size: usize) -> Ghost {
+        Ghost {
+            virtual_batch_size,
+            grouping: GhostGrouping::Strided,
+            remainder: GhostRemainder::Error,
+        }
+    }
+
+    /// The group of each of `batch` samples and the number of groups.
+    ///
+    /// ```
+    /// use bnorm::{Ghost, GhostGrouping, GhostRemainder};
+    /// let (groups, g) = Ghost::strided(2).assign(6)?;
+    /// assert_eq!((groups, g), (vec![0, 1, 2, 0, 1, 2], 3));
+    /// let contiguous = Ghost { grouping: GhostGrouping::Contiguous,
+    ///     remainder: GhostRemainder::SmallerLastGroup, ..Ghost::strided(4) };
+    /// assert_eq!(contiguous.assign(6)?, (vec![0, 0, 0, 0, 1, 1], 2));
+    /// assert!(Ghost::strided(4).assign(6).is_err());
+    /// # Ok::<(), bnorm::Error>(())
+    /// ```
+    pub fn assign(&self, batch: usize) -> Result<(Vec<usize>, usize)> {
+        let v = self.virtual_batch_size.max(1);
+        let divides = batch % v == 0;
+        let indivisible = Error::GhostBatchIndivisible {
+            batch,
+            virtual_batch_size: v,
+        };
+        match self.grouping {
+            GhostGrouping::Strided => {
+                if !divides {
+                    return Err(indivisible);
+                }
+                let g = batch / v;
+                Ok(((0..batch).map(|n| n % g.max(1)).collect(), g))
+            }
+            GhostGrouping::Contiguous => {
+                if !divides && self.remainder == GhostRemainder::Error {
+                    return Err(indivisible);
+                }
+                Ok(((0..batch).map(|n| n / v).collect(), batch.div_ceil(v)))
+            }
+        }
+    }
+}
+
+/// Which normalization the layer performs in training steps.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Variant {
+    /// Plain batch normalization.
+    #[default]
+    BatchNorm,
+    /// Batch renormalization.
+    Renorm(Renorm),
+    /// Ghost (virtual) batches.
+    Ghost(Ghost),
+}
+
+/// A batch-norm layer's configuration. Start from a framework preset, adjust with the
+/// chainable setters, and [`validate`](Config::validate) (or build a layer, which
+/// validates).
+///
+/// ```
+/// use bnorm::{Config, Momentum, VarianceEstimator};
+/// let cfg = Config::keras(64).eps(1e-5).momentum(Momentum::Decay(0.9));
+/// cfg.validate()?;
+/// assert_eq!(cfg.running_variance_estimator(), VarianceEstimator::Biased);
+/// assert!(Config::torch(8).eps(0.0).validate().is_err());
+/// # Ok::<(), bnorm::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    channels: usize,
+    eps: f64,
+    momentum: Momentum,
+    running_variance: VarianceEstimator,
+    scale: bool,
+    center: bool,
+    track_running_stats: bool,
+    non_finite: NonFinitePolicy,
+    variant: Variant,
+}
+
+impl Config {
+    /// PyTorch's `BatchNorm{1,2,3}d` defaults: momentum 0.1 (new-batch weight), eps 1e-5,
+    /// unbiased running variance, affine, tracking running statistics.
+    pub fn torch(channels: usize) -> Config {
+        Config {
+            channels,
+            eps: 1e-5,
+            momentum: Momentum::NewWeight(0.1),
+            running_variance: VarianceEstimator::Unbiased,
+            scale: true,
+            center: true,
+            track_running_stats: true,
+            non_finite: NonFinitePolicy::SkipChannel,
+            variant: Variant::BatchNorm,
+        }
+    }
+
+    /// Keras 3 / tf_keras `BatchNormalization` defaults: momentum 0.99 (decay), eps 1e-3,
+    /// biased moving variance, gamma and beta.
+    pub fn keras(channels: usize) -> Config {
+        Config {
+            eps: 1e-3,
+            momentum: Momentum::Decay(0.99),
+            running_variance: VarianceEstimator::Biased,
+            ..Config::torch(channels)
+        }
+    }
+
+    /// TensorFlow's classic low-level recipe (`tf.nn.moments` + `assign_moving_average`
+    /// with its default zero-debiasing + `tf.nn.batch_normalization`), with the defaults of
+    /// `tf.contrib.layers.batch_norm`: decay 0.999, eps 1e-3, beta but no gamma.
+    pub fn tensorflow(channels: usize) -> Config {
+        Config {
+            eps: 1e-3,
+            momentum: Momentum::DebiasedDecay(0.999),
+            running_variance: VarianceEstimator::Biased,
+            scale: false,
+            ..Config::torch(channels)
+        }
+    }
+
+    /// Sets the number of channels.
+    pub fn channels(mut self, channels: usize) -> Config {
+        self.channels = channels;
+        self
+    }
+
+    /// Sets eps, added to the variance before the square root (must be finite and > 0).
+    pub fn eps(mut self, eps: f64) -> Config {
+        self.eps = eps;
+        self
+    }
+
+    /// Sets the momentum convention and value.
+    pub fn momentum(mut self, momentum: Momentum) -> Config {
+        self.momentum = momentum;
+        self
+    }
+
+    /// Sets which variance the running variance accumulates.
+    pub fn running_variance(mut self, estimator: VarianceEstimator) -> Config {
+        self.running_variance = estimator;
+        self
+    }
+
+    /// Whether the layer has a learned scale gamma (`weight`).
+    pub fn scale(mut self, on: bool) -> Config {
+        self.scale = on;
+        self
+    }
+
+    /// Whether the layer has a learned shift beta (`bias`).
+    pub fn center(mut self, on: bool) -> Config {
+        self.center = on;
+        self
+    }
+
+    /// Both gamma and beta on or off (PyTorch's `affine`).
+    pub fn affine(self, on: bool) -> Config {
+        self.scale(on).center(on)
+    }
+
+    /// Whether running statistics exist. Without them inference uses batch statistics
+    /// (PyTorch `track_running_stats=False`).
+    pub fn track_running_stats(mut self, on: bool) -> Config {
+        self.track_running_stats = on;
+        self
+    }
+
+    /// What a training step does with non-finite batch statistics.
+    pub fn non_finite(mut self, policy: NonFinitePolicy) -> Config {
+        self.non_finite = policy;
+        self
+    }
+
+    /// Plain batch norm, renorm, or ghost batches.
+    pub fn variant(mut self, variant: Variant) -> Config {
+        self.variant = variant;
+        self
+    }
+
+    /// Number of channels.
+    pub fn num_channels(&self) -> usize {
+        self.channels
+    }
+    /// eps.
+    pub fn epsilon(&self) -> f64 {
+        self.eps
+    }
+    /// The momentum convention.
+    pub fn momentum_convention(&self) -> Momentum {
+        self.momentum
+    }
+    /// The running-variance estimator.
+    pub fn running_variance_estimator(&self) -> VarianceEstimator {
+        self.running_variance
+    }
+    /// Whether gamma exists.
+    pub fn has_scale(&self) -> bool {
+        self.scale
+    }
+    /// Whether beta exists.
+    pub fn has_center(&self) -> bool {
+        self.center
+    }
+    /// Whether running statistics exist.
+    pub fn tracks_running_stats(&self) -> bool {
+        self.track_running_stats
+    }
+    /// The non-finite policy.
+    pub fn non_finite_policy(&self) -> NonFinitePolicy {
+        self.non_finite
+    }
+    /// The variant.
+    pub fn variant_kind(&self) -> Variant {
+        self.variant
+    }
+
+    /// Checks every setting; the error names the first bad one.
+    pub fn validate(&self) -> Result<()> {
+        fn bad(setting: &'static str, value: impl ToString, expected: &'static str) -> Error {
+            Error::InvalidConfig {
+                setting,
+                value: value.to_string(),
+                expected,
+            }
+        }
+        let unit = |v: f64| v.is_finite() && (0.0..=1.0).contains(&v);
+        if self.channels == 0 {
+            return Err(bad("channels", 0, "at least 1"));
+        }
+        if !(self.eps.is_finite() && self.eps > 0.0) {
+            return Err(bad("eps", self.eps, "a finite number > 0"));
+        }
+        match self.momentum {
+            Momentum::NewWeight(a) | Momentum::Decay(a) if !unit(a) => {
+                return Err(bad("momentum", a, "a number in [0, 1]"));
+            }
+            Momentum::DebiasedDecay(d) if !(d.is_finite() && (0.0..1.0).contains(&d)) => {
+                return Err(bad(
+                    "momentum",
+                    d,
+                    "a decay in [0, 1) (zero-debiasing divides by 1 - decay^t)",
+                ));
+            }
+            _ => {}
+        }
+        match self.variant {
+            Variant::BatchNorm => {}
+            Variant::Renorm(r) => {
+                if !(r.rmax.is_finite() && r.rmax >= 1.0) {
+                    return Err(bad("rmax", r.rmax, "a finite number >= 1"));
+                }
+                if !(r.rmin.is_finite() && r.rmin > 0.0 && r.rmin <= 1.0) {
+                    return Err(bad("rmin", r.rmin, "a number in (0, 1]"));
+                }
+                if !(r.dmax.is_finite() && r.dmax >= 0.0) {
+                    return Err(bad("dmax", r.dmax, "a finite number >= 0"));
+                }
+                if !unit(r.momentum) {
+                    return Err(bad("renorm momentum", r.momentum, "a number in [0, 1]"));
+                }
+                if matches!(self.momentum, Momentum::DebiasedDecay(_)) {
+                    return Err(bad(
+                        "momentum",
+                        "DebiasedDecay",
+                        "a plain convention with batch renormalization",
+                    ));
+                }
+                if !self.track_running_stats {
+                    return Err(bad(
+                        "track_running_stats",
+                        false,
+                        "true: batch renormalization corrects toward running statistics",
+                    ));
+                }
+            }
+            Variant::Ghost(g) => {
+                if g.virtual_batch_size == 0 {
+                    return Err(bad("virtual_batch_size", 0, "at least 1"));
+                }
+            }
+        }
+        Ok(())
+    }
+}

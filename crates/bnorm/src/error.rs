@@ -1,0 +1,136 @@
+//! The one error type of the core crate.
+
+use std::fmt;
+
+use crate::layout::Layout;
+
+/// Everything that can go wrong in the core crate. Every variant is structured, and its
+/// `Display` says what to do about it. A call that returns an error has changed nothing:
+/// no output buffer is written and no running statistic is updated.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Error {
+    /// A configuration value is out of its domain (for example `eps <= 0`).
+    InvalidConfig {
+        /// The setting, as named by the builder method (`"eps"`, `"momentum"`, ...).
+        setting: &'static str,
+        /// The rejected value, printed.
+        value: String,
+        /// What the setting accepts.
+        expected: &'static str,
+    },
+    /// A tensor does not have the shape the call needs.
+    ShapeMismatch {
+        /// Which tensor (`"x"`, `"dy"`, `"weight"`, `"running_mean"`, ...).
+        what: &'static str,
+        /// The shape that was needed.
+        expected: Vec<usize>,
+        /// The shape that was given.
+        got: Vec<usize>,
+    },
+    /// The shape has the wrong number of dimensions for the layout.
+    RankMismatch {
+        /// The layout the data was declared to have.
+        layout: Layout,
+        /// The shape that was given.
+        shape: Vec<usize>,
+    },
+    /// Batch statistics are needed but a channel has at most one value (`m <= 1`), so the
+    /// variance is undefined (PyTorch raises here too; silently writing NaN is worse).
+    BatchTooSmall {
+        /// Values per channel in the batch (or in one ghost batch).
+        channel_values: usize,
+    },
+    /// A parameter or running statistic holds a value that is not finite, or a running
+    /// variance is negative.
+    NonFiniteParameter {
+        /// Which tensor.
+        what: &'static str,
+        /// The first offending channel.
+        channel: usize,
+    },
+    /// The batch statistics of some channels were not finite and the configuration's
+    /// [`NonFinitePolicy`](crate::NonFinitePolicy) is `Error`.
+    NonFiniteStatistics {
+        /// Channels whose batch mean or variance was NaN or infinite.
+        channels: Vec<usize>,
+    },
+    /// Running statistics are needed (frozen mode, or inference) but the layer does not
+    /// track them.
+    NoRunningStatistics,
+    /// A ghost (virtual) batch size does not divide the batch and the policy forbids a
+    /// smaller last group.
+    GhostBatchIndivisible {
+        /// Samples in the batch.
+        batch: usize,
+        /// The configured virtual batch size.
+        virtual_batch_size: usize,
+    },
+    /// `backward` was given saved statistics of another shape or configuration.
+    SavedMismatch {
+        /// What differs.
+        reason: &'static str,
+    },
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::InvalidConfig {
+                setting,
+                value,
+                expected,
+            } => write!(f, "invalid {setting} = {value}: expected {expected}"),
+            Error::ShapeMismatch {
+                what,
+                expected,
+                got,
+            } => write!(
+                f,
+                "shape mismatch for {what}: expected {expected:?}, got {got:?} \
+                 (check the channel count and the layout)"
+            ),
+            Error::RankMismatch { layout, shape } => write!(
+                f,
+                "layout {layout} needs {} dimensions, got shape {shape:?}",
+                layout.rank()
+            ),
+            Error::BatchTooSmall { channel_values } => write!(
+                f,
+                "batch too small: {channel_values} value(s) per channel, batch statistics need \
+                 at least 2 (use a larger batch, or inference/frozen mode with running statistics)"
+            ),
+            Error::NonFiniteParameter { what, channel } => write!(
+                f,
+                "{what}[{channel}] is not finite (or is a negative variance): load valid values"
+            ),
+            Error::NonFiniteStatistics { channels } => write!(
+                f,
+                "batch statistics are not finite in channel(s) {channels:?}: the input holds \
+                 NaN or infinity; running statistics were left unchanged"
+            ),
+            Error::NoRunningStatistics => write!(
+                f,
+                "this layer does not track running statistics: use training mode, or build it \
+                 with track_running_stats(true)"
+            ),
+            Error::GhostBatchIndivisible {
+                batch,
+                virtual_batch_size,
+            } => write!(
+                f,
+                "virtual batch size {virtual_batch_size} does not divide the batch of {batch} \
+                 samples: change the batch size or allow a smaller last group"
+            ),
+            Error::SavedMismatch { reason } => write!(
+                f,
+                "saved statistics do not belong to this backward call: {reason}"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// Shorthand for results of this crate.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,423 @@
+//! The functional forward pass: `(x, params, state, mode) → (y, new state, saved)`.
+//!
+//! Two tiers: [`forward`] allocates its outputs and leaves the caller's state untouched
+//! (it returns the new one); [`forward_into`] writes into caller buffers, updates the
+//! state in place, and reuses `saved` and the [`Workspace`] so a warmed-up training step
+//! allocates nothing. Both validate everything before writing anything.
+
+use crate::config::{Config, NonFinitePolicy, Variant};
+use crate::element::Element;
+use crate::error::{Error, Result};
+use crate::kernels::{self, Workspace};
+use crate::layout::Geometry;
+use crate::parallel::Parallelism;
+use crate::running;
+use crate::state::{Mode, Params, RunningState};
+use crate::stats::Moments;
+
+/// Which statistics a step normalized with; backward differs between the two.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Normalized {
+    /// The batch's own statistics (gradients flow through them).
+    #[default]
+    Batch,
+    /// The running statistics (constants for backward).
+    Running,
+}
+
+/// What backward needs from a forward step: per channel (and per ghost group) the center
+/// and inverse standard deviation used, and the renorm corrections.
+#[derive(Debug, Clone, Default)]
+pub struct Saved {
+    pub(crate) normalized: Normalized,
+    pub(crate) geometry: Option<Geometry>,
+    pub(crate) groups: usize,
+    pub(crate) group_of: Vec<usize>,
+    pub(crate) count: Vec<f64>,
+    pub(crate) mean: Vec<f64>,
+    pub(crate) invstd: Vec<f64>,
+    pub(crate) var: Vec<f64>,
+    pub(crate) r: Vec<f64>,
+    pub(crate) d: Vec<f64>,
+    pub(crate) scale: Vec<f64>,
+    pub(crate) shift: Vec<f64>,
+}
+
+impl Saved {
+    /// Which statistics the step normalized with.
+    pub fn normalized(&self) -> Normalized {
+        self.normalized
+    }
+    /// The mean used per channel (`groups × C`, group-major, for ghost batches).
+    pub fn mean(&self) -> &[f64] {
+        &self.mean
+    }
+    /// The biased variance used per channel (`groups × C` for ghost batches).
+    pub fn variance(&self) -> &[f64] {
+        &self.var
+    }
+    /// `1 / sqrt(var + eps)` per channel (`groups × C` for ghost batches).
+    pub fn invstd(&self) -> &[f64] {
+        &self.invstd
+    }
+    /// Batch renormalization's `r` per channel (empty unless a renorm training step).
+    pub fn renorm_r(&self) -> &[f64] {
+        &self.r
+    }
+    /// Batch renormalization's `d` per channel (empty unless a renorm training step).
+    pub fn renorm_d(&self) -> &[f64] {
+        &self.d
+    }
+    /// Number of ghost groups (1 for plain batch norm).
+    pub fn groups(&self) -> usize {
+        self.groups
+    }
+}
+
+/// What a forward step reports besides its output.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct StepReport {
+    /// Whether the running statistics were updated.
+    pub updated: bool,
+    /// Channels whose batch statistics were not finite and whose running statistics were
+    /// therefore left unchanged ([`NonFinitePolicy::SkipChannel`]).
+    pub skipped_channels: Vec<usize>,
+}
+
+/// Output of the allocating [`forward`].
+#[derive(Debug, Clone)]
+pub struct Forward<T> {
+    /// The normalized batch, same shape and layout as the input.
+    pub y: Vec<T>,
+    /// The running statistics after the step (`None` when not tracked).
+    pub state: Option<RunningState>,
+    /// What backward needs.
+    pub saved: Saved,
+    /// Skipped channels and whether the state changed.
+    pub report: StepReport,
+}
+
+/// Checks the common arguments of every call.
+pub(crate) fn check_input(cfg: &Config, g: Geometry, len: usize, what: &'static str) -> Result<()> {
+    if g.channels != cfg.num_channels() {
+        return Err(Error::ShapeMismatch {
+            what: "x (channel axis)",
+            expected: vec![cfg.num_channels()],
+            got: vec![g.channels],
+        });
+    }
+    if len != g.len() {
+        return Err(Error::ShapeMismatch {
+            what,
+            expected: vec![g.len()],
+            got: vec![len],
+        });
+    }
+    Ok(())
+}
+
+/// Forward pass that allocates its output and returns the new state, leaving `state`
+/// untouched.
+///
+/// ```
+/// use bnorm::{forward, Config, Layout, Mode, Params, RunningState};
+/// let cfg = Config::torch(2);
+/// let g = Layout::NC.geometry(&[3, 2])?;
+/// let x = [1.0f32, 10.0, 2.0, 20.0, 3.0, 30.0];
+/// let state = RunningState::init(&cfg);
+/// let out = forward(&cfg, g, &x, &Params::init(&cfg), state.as_ref(), Mode::Train)?;
+/// // each channel of y has mean 0 after a training step
+/// assert!((out.y[0] + out.y[2] + out.y[4]).abs() < 1e-6);
+/// // PyTorch convention: running mean moved 10% of the way toward the batch mean
+/// assert!((out.state.unwrap().mean[1] - 2.0).abs() < 1e-12);
+/// # Ok::<(), bnorm::Error>(())
+/// ```
+pub fn forward<T: Element>(
+    cfg: &Config,
+    g: Geometry,
+    x: &[T],
+    params: &Params,
+    state: Option<&RunningState>,
+    mode: Mode,
+) -> Result<Forward<T>> {
+    check_input(cfg, g, x.len(), "x")?;
+    let mut y = vec![T::from_f64(0.0); x.len()];
+    let mut new_state = state.cloned();
+    let mut saved = Saved::default();
+    let mut ws = Workspace::default();
+    let report = forward_into(
+        cfg,
+        g,
+        x,
+        params,
+        new_state.as_mut(),
+        mode,
+        &mut y,
+        &mut saved,
+        &mut ws,
+        Parallelism::Rayon,
+    )?;
+    Ok(Forward {
+        y,
+        state: new_state,
+        saved,
+        report,
+    })
+}
+
+fn resize(v: &mut Vec<f64>, n: usize) {
+    v.clear();
+    v.resize(n, 0.0);
+}
+
+/// Forward pass into caller buffers: writes `y`, updates `state` in place (training
+/// steps), fills `saved` for backward. On error nothing has been written.
+///
+/// ```
+/// use bnorm::{forward_into, Config, Layout, Mode, Parallelism, Params, RunningState, Saved, Workspace};
+/// let cfg = Config::keras(1);
+/// let g = Layout::NC.geometry(&[4, 1])?;
+/// let (params, mut state) = (Params::init(&cfg), RunningState::init(&cfg));
+/// let (mut y, mut saved, mut ws) = (vec![0.0f64; 4], Saved::default(), Workspace::default());
+/// let x = [1.0, 2.0, 3.0, 4.0];
+/// forward_into(&cfg, g, &x, &params, state.as_mut(), Mode::Train, &mut y, &mut saved,
+///              &mut ws, Parallelism::Sequential)?;
+/// assert!((state.as_ref().unwrap().mean[0] - 0.025).abs() < 1e-12); // 0.99·0 + 0.01·2.5
+/// # Ok::<(), bnorm::Error>(())
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn forward_into<T: Element>(
+    cfg: &Config,
+    g: Geometry,
+    x: &[T],
+    params: &Params,
+    mut state: Option<&mut RunningState>,
+    mode: Mode,
+    y: &mut [T],
+    saved: &mut Saved,
+    ws: &mut Workspace,
+    par: Parallelism,
+) -> Result<StepReport> {
+    cfg.validate()?;
+    params.validate(cfg)?;
+    check_input(cfg, g, x.len(), "x")?;
+    check_input(cfg, g, y.len(), "y")?;
+    match (&state, cfg.tracks_running_stats()) {
+        (Some(s), true) => s.validate(cfg)?,
+        (None, false) => {}
+        (None, true) => return Err(Error::NoRunningStatistics),
+        (Some(_), false) => {
+            return Err(Error::SavedMismatch {
+                reason: "running statistics given to a layer that does not track them",
+            })
+        }
+    }
+    let c = g.channels;
+    let normalized = match (mode, state.is_some()) {
+        (Mode::Train, _) | (Mode::Inference, false) => Normalized::Batch,
+        (Mode::Inference, true) | (Mode::Frozen, true) => Normalized::Running,
+        (Mode::Frozen, false) => return Err(Error::NoRunningStatistics),
+    };
+    let ghost = match (cfg.variant_kind(), normalized) {
+        (Variant::Ghost(gh), Normalized::Batch) => Some(gh),
+        _ => None,
+    };
+    saved.normalized = normalized;
+    saved.geometry = Some(g);
+    saved.r.clear();
+    saved.d.clear();
+    let mut report = StepReport::default();
+
+    if normalized == Normalized::Running {
+        // Safe to unwrap-free: `state` is Some here by the match above.
+        let Some(s) = state.as_deref() else {
+            return Err(Error::NoRunningStatistics);
+        };
+        saved.groups = 1;
+        saved.group_of.clear();
+        resize(&mut saved.count, c);
+        saved.mean.clear();
+        saved.mean.extend_from_slice(&s.mean);
+        saved.var.clear();
+        saved.var.extend_from_slice(&s.var);
+        resize(&mut saved.invstd, c);
+        for ch in 0..c {
+            saved.invstd[ch] = 1.0 / (s.var[ch] + cfg.epsilon()).sqrt();
+        }
+        write_output(cfg, g, x, params, saved, y, par);
+        return Ok(report);
+    }
+
+    // Batch statistics, per ghost group.
+    if g.per_channel() <= 1 {
+        return Err(Error::BatchTooSmall {
+            channel_values: g.per_channel(),
+        });
+    }
+    let (group_of, groups) = match ghost {
+        Some(gh) => gh.assign(g.batch)?,
+        None => (Vec::new(), 1),
+    };
+    saved.groups = groups;
+    saved.group_of = group_of;
+    resize(&mut saved.count, groups * c);
+    resize(&mut saved.mean, groups * c);
+    resize(&mut saved.var, groups * c);
+    resize(&mut saved.invstd, groups * c);
+    if ghost.is_none() {
+        let mut m = std::mem::take(&mut ws.tmp);
+        m.clear();
+        m.resize(c, Moments::default());
+        kernels::moments(g, x, &mut m, ws, par);
+        for (ch, mo) in m.iter().enumerate() {
+            saved.count[ch] = mo.count;
+            saved.mean[ch] = mo.mean;
+            saved.var[ch] = mo.variance_biased();
+        }
+        ws.tmp = m;
+    } else {
+        ghost_moments(g, x, saved, ws)?;
+    }
+    for i in 0..groups * c {
+        saved.invstd[i] = 1.0 / (saved.var[i] + cfg.epsilon()).sqrt();
+    }
+
+    let update = mode == Mode::Train && state.is_some();
+    if update {
+        for ch in 0..c {
+            let finite = (0..groups).all(|gi| {
+                saved.mean[gi * c + ch].is_finite() && saved.var[gi * c + ch].is_finite()
+            });
+            if !finite {
+                report.skipped_channels.push(ch);
+            }
+        }
+        if !report.skipped_channels.is_empty() && cfg.non_finite_policy() == NonFinitePolicy::Error
+        {
+            return Err(Error::NonFiniteStatistics {
+                channels: std::mem::take(&mut report.skipped_channels),
+            });
+        }
+    }
+    if let (Variant::Renorm(rn), true, Some(s)) = (cfg.variant_kind(), update, state.as_deref()) {
+        if let Some(rs) = &s.renorm {
+            let sqrt_eps = cfg.epsilon().sqrt();
+            resize(&mut saved.r, c);
+            resize(&mut saved.d, c);
+            for ch in 0..c {
+                let sd = (saved.var[ch] + cfg.epsilon()).sqrt();
+                let sr = rs.stddev[ch].max(sqrt_eps);
+                saved.r[ch] = (sd / sr).clamp(rn.rmin, rn.rmax);
+                saved.d[ch] = ((saved.mean[ch] - rs.mean[ch]) / sr).clamp(-rn.dmax, rn.dmax);
+            }
+        }
+    }
+    write_output(cfg, g, x, params, saved, y, par);
+    if let (true, Some(s)) = (update, state.as_deref_mut()) {
+        running::update(cfg, s, saved, &report.skipped_channels);
+        report.updated = true;
+    }
+    Ok(report)
+}
+
+/// Per-(group, channel) moments for ghost batches: each sample's moments, merged in sample
+/// order into its group.
+fn ghost_moments<T: Element>(
+    g: Geometry,
+    x: &[T],
+    saved: &mut Saved,
+    ws: &mut Workspace,
+) -> Result<()> {
+    let c = g.channels;
+    let sub = sample_geometry(g);
+    let per = sub.len();
+    let mut acc = vec![Moments::default(); saved.groups * c];
+    let mut m = vec![Moments::default(); c];
+    for n in 0..g.batch {
+        kernels::moments(
+            sub,
+            &x[n * per..(n + 1) * per],
+            &mut m,
+            ws,
+            Parallelism::Sequential,
+        );
+        let gi = saved.group_of[n];
+        for ch in 0..c {
+            acc[gi * c + ch] = acc[gi * c + ch].merge(m[ch]);
+        }
+    }
+    for (i, mo) in acc.iter().enumerate() {
+        if mo.count <= 1.0 {
+            return Err(Error::BatchTooSmall {
+                channel_values: mo.count as usize,
+            });
+        }
+        saved.count[i] = mo.count;
+        saved.mean[i] = mo.mean;
+        saved.var[i] = mo.variance_biased();
+    }
+    Ok(())
+}
+
+/// The geometry of one sample of a batch.
+pub(crate) fn sample_geometry(g: Geometry) -> Geometry {
+    Geometry {
+        outer: if g.batch == 0 { 0 } else { g.outer / g.batch },
+        channels: g.channels,
+        inner: g.inner,
+        batch: 1,
+    }
+}
+
+/// `y = gamma·(x̂·r + d) + beta` with the saved statistics.
+fn write_output<T: Element>(
+    cfg: &Config,
+    g: Geometry,
+    x: &[T],
+    params: &Params,
+    saved: &mut Saved,
+    y: &mut [T],
+    par: Parallelism,
+) {
+    let _ = cfg;
+    let c = g.channels;
+    let n = saved.groups.max(1) * c;
+    resize(&mut saved.scale, n);
+    resize(&mut saved.shift, n);
+    for i in 0..n {
+        let ch = i % c;
+        let (r, d) = if saved.r.is_empty() {
+            (1.0, 0.0)
+        } else {
+            (saved.r[ch], saved.d[ch])
+        };
+        saved.scale[i] = params.gamma(ch) * saved.invstd[i] * r;
+        saved.shift[i] = params.beta(ch) + params.gamma(ch) * d;
+    }
+    if saved.groups <= 1 || saved.group_of.is_empty() {
+        kernels::affine(
+            g,
+            x,
+            &saved.mean[..c],
+            &saved.scale[..c],
+            &saved.shift[..c],
+            y,
+            par,
+        );
+    } else {
+        let sub = sample_geometry(g);
+        let per = sub.len();
+        for nidx in 0..g.batch {
+            let o = saved.group_of[nidx] * c;
+            kernels::affine(
+                sub,
+                &x[nidx * per..(nidx + 1) * per],
+                &saved.mean[o..o + c],
+                &saved.scale[o..o + c],
+                &saved.shift[o..o + c],
+                &mut y[nidx * per..(nidx + 1) * per],
+                Parallelism::Sequential,
+            );
+        }
+    }
+}

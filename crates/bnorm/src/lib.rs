@@ -1,0 +1,96 @@
+//! # bnorm — batch normalization, done completely
+//!
+//! Batch normalization behaves differently in training and in inference, and the
+//! frameworks disagree in the details. This crate implements the semantics of PyTorch,
+//! Keras and TensorFlow exactly, behind one explicit API, for every common layout and
+//! floating-point storage type, forward and backward.
+//!
+//! It is **for** normalizing activations of a network you train or deploy, and for porting
+//! layers between frameworks without silent drift. It is **not** a tensor library: it takes
+//! flat slices plus a shape and a [`Layout`].
+//!
+//! ## The model
+//!
+//! Per channel `c`, over the `m` values of that channel in the batch:
+//!
+//! ```text
+//! μ = Σx/m,   σ² = Σ(x − μ)²/m,   x̂ = (x − μ)/sqrt(σ² + eps),   y = γ·x̂ + β
+//! ```
+//!
+//! * [`Mode::Train`] normalizes with the batch's μ, σ² and folds them into the running
+//!   statistics with the configured [`Momentum`] convention (the running variance uses
+//!   the [`VarianceEstimator`]: PyTorch keeps the unbiased `Σ(x − μ)²/(m − 1)`).
+//! * [`Mode::Inference`] normalizes with the running statistics (a layer without them
+//!   uses the batch, as PyTorch's `track_running_stats=False`).
+//! * [`Mode::Frozen`] normalizes with the running statistics and never updates them, while
+//!   gradients still reach x, γ and β.
+//!
+//! Statistics are computed in f64 with two passes per cache-sized block merged by
+//! Chan's formula ([`Moments`]), never as E[x²] − E[x]²; the merge order is fixed by the
+//! shape, so results are bitwise identical for any number of threads.
+//!
+//! ## Quick example: the classic question
+//!
+//! How do I switch batch norm between training and test, keeping the moving averages?
+//! Name the mode on every call:
+//!
+//! ```
+//! use bnorm::{Config, Layout, Mode};
+//! let mut bn = Config::torch(2).build()?;
+//! let shape = [4, 2];
+//! for step in 0..3 {
+//!     let x: Vec<f32> = (0..8).map(|i| (i * (step + 1)) as f32).collect();
+//!     bn.forward(&x, &shape, Layout::NC, Mode::Train)?; // updates running stats
+//! }
+//! let before = bn.running().unwrap().clone();
+//! let (y, _) = bn.forward(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0], &shape,
+//!                         Layout::NC, Mode::Inference)?;
+//! assert_eq!(bn.running().unwrap(), &before); // inference changed nothing
+//! # let _ = y;
+//! # Ok::<(), bnorm::Error>(())
+//! ```
+//!
+//! ## Layers of the API
+//!
+//! * [`BatchNorm`] — the stateful layer (configuration, parameters, running state).
+//! * [`forward`] / [`backward`] — the pure functional core, allocating.
+//! * [`forward_into`] / [`backward_into`] — the expert tier: caller buffers, a reusable
+//!   [`Workspace`], explicit [`Parallelism`]; no allocation in a warmed-up training step
+//!   (ghost batches excepted).
+//! * [`reference`] — a plain float64 implementation every fast path is tested against.
+//! * [`conformance`] — reads and replays the recorded framework cases.
+
+#![deny(missing_docs)]
+
+mod backward;
+mod config;
+pub mod conformance;
+mod element;
+mod error;
+mod forward;
+mod kernels;
+mod layer;
+mod layout;
+mod parallel;
+pub mod reference;
+mod running;
+mod state;
+mod stats;
+
+pub use backward::{backward, backward_into, Backward, Grads};
+pub use config::{
+    Config, Ghost, GhostGrouping, GhostRemainder, Momentum, NonFinitePolicy, Renorm,
+    VarianceEstimator, Variant,
+};
+pub use element::{DType, Element};
+pub use error::{Error, Result};
+pub use forward::{forward, forward_into, Forward, Normalized, Saved, StepReport};
+pub use kernels::Workspace;
+pub use layer::BatchNorm;
+pub use layout::{Geometry, Layout};
+pub use parallel::{Parallelism, PARALLEL_THRESHOLD};
+pub use state::{DebiasState, Mode, Params, RenormState, RunningState};
+pub use stats::Moments;
+
+/// Re-export of the `half` crate's 16-bit float types used as storage.
+pub use half::{bf16, f16};

@@ -1,0 +1,276 @@
+//! A plain float64 reference implementation, written for clarity, not speed.
+//!
+//! It indexes every element from the shape directly (no shared geometry code), gathers
+//! each channel's values into a vector, and computes mean and variance by the textbook
+//! two-pass formulas. The fast paths are tested against it; it is public so users can
+//! check their own integrations too.
+//!
+//! ```
+//! use bnorm::{reference, Config, Layout, Mode, Params, RunningState};
+//! let cfg = Config::torch(1);
+//! let x = [1.0, 3.0];
+//! let r = reference::forward(&cfg, Layout::NC, &[2, 1], &x, &Params::init(&cfg),
+//!                            RunningState::init(&cfg).as_ref(), Mode::Train)?;
+//! assert!((r.y[0] + 1.0).abs() < 1e-5 && (r.y[1] - 1.0).abs() < 1e-5);
+//! # Ok::<(), bnorm::Error>(())
+//! ```
+
+use crate::config::{Config, GhostGrouping, Momentum, VarianceEstimator, Variant};
+use crate::error::{Error, Result};
+use crate::layout::Layout;
+use crate::state::{Mode, Params, RunningState};
+
+/// Reference forward result.
+#[derive(Debug, Clone)]
+pub struct RefForward {
+    /// Output.
+    pub y: Vec<f64>,
+    /// Running statistics after the step.
+    pub state: Option<RunningState>,
+    /// Per sample, the group it was normalized with (all 0 without ghost batches).
+    pub group_of: Vec<usize>,
+    /// Per (group, channel): mean used.
+    pub mean: Vec<Vec<f64>>,
+    /// Per (group, channel): biased variance used.
+    pub var: Vec<Vec<f64>>,
+    /// Whether the batch statistics were used.
+    pub batch_stats: bool,
+    /// Renorm r and d per channel (1 and 0 otherwise).
+    pub r: Vec<f64>,
+    /// Renorm d per channel.
+    pub d: Vec<f64>,
+}
+
+/// Reference backward result.
+#[derive(Debug, Clone)]
+pub struct RefBackward {
+    /// dL/dx.
+    pub dx: Vec<f64>,
+    /// dL/dgamma.
+    pub dweight: Vec<f64>,
+    /// dL/dbeta.
+    pub dbias: Vec<f64>,
+}
+
+/// Channel and sample of every flat index.
+fn index(layout: Layout, shape: &[usize]) -> Result<(usize, Vec<usize>, Vec<usize>)> {
+    if shape.len() != layout.rank() {
+        return Err(Error::RankMismatch {
+            layout,
+            shape: shape.to_vec(),
+        });
+    }
+    let len: usize = shape.iter().product();
+    let c = shape[layout.channel_axis()];
+    let n = shape[0];
+    let per_sample = if n == 0 { 0 } else { len / n };
+    let spatial: usize = shape[2..].iter().product();
+    let mut ch = Vec::with_capacity(len);
+    let mut sample = Vec::with_capacity(len);
+    for i in 0..len {
+        ch.push(if layout.is_channels_last() {
+            i % c
+        } else {
+            (i / spatial) % c
+        });
+        sample.push(i / per_sample);
+    }
+    Ok((c, ch, sample))
+}
+
+fn mean_var(v: &[f64]) -> (f64, f64) {
+    let m = v.iter().sum::<f64>() / v.len() as f64;
+    let var = v.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / v.len() as f64;
+    (m, var)
+}
+
+/// Reference forward step (see the crate docs for the semantics).
+pub fn forward(
+    cfg: &Config,
+    layout: Layout,
+    shape: &[usize],
+    x: &[f64],
+    params: &Params,
+    state: Option<&RunningState>,
+    mode: Mode,
+) -> Result<RefForward> {
+    cfg.validate()?;
+    params.validate(cfg)?;
+    let (c, ch, sample) = index(layout, shape)?;
+    if c != cfg.num_channels() || x.len() != ch.len() {
+        return Err(Error::ShapeMismatch {
+            what: "x",
+            expected: vec![cfg.num_channels()],
+            got: shape.to_vec(),
+        });
+    }
+    let n = shape[0];
+    let batch_stats = match mode {
+        Mode::Train => true,
+        Mode::Inference => state.is_none(),
+        Mode::Frozen => {
+            if state.is_none() {
+                return Err(Error::NoRunningStatistics);
+            }
+            false
+        }
+    };
+    let mut new_state = state.cloned();
+    let (group_of, groups) = match (cfg.variant_kind(), batch_stats) {
+        (Variant::Ghost(g), true) => {
+            let v = g.virtual_batch_size;
+            match g.grouping {
+                GhostGrouping::Strided if n % v == 0 => {
+                    ((0..n).map(|s| s % (n / v)).collect(), n / v)
+                }
+                GhostGrouping::Contiguous
+                    if n % v == 0 || g.remainder == crate::GhostRemainder::SmallerLastGroup =>
+                {
+                    ((0..n).map(|s| s / v).collect(), n.div_ceil(v))
+                }
+                _ => {
+                    return Err(Error::GhostBatchIndivisible {
+                        batch: n,
+                        virtual_batch_size: v,
+                    })
+                }
+            }
+        }
+        _ => (vec![0; n], 1),
+    };
+    let mut mean = vec![vec![0.0; c]; groups];
+    let mut var = vec![vec![0.0; c]; groups];
+    let mut count = vec![vec![0usize; c]; groups];
+    if batch_stats {
+        for gi in 0..groups {
+            for k in 0..c {
+                let vals: Vec<f64> = (0..x.len())
+                    .filter(|&i| ch[i] == k && group_of[sample[i]] == gi)
+                    .map(|i| x[i])
+                    .collect();
+                if vals.len() <= 1 {
+                    return Err(Error::BatchTooSmall {
+                        channel_values: vals.len(),
+                    });
+                }
+                let (m, v) = mean_var(&vals);
+                mean[gi][k] = m;
+                var[gi][k] = v;
+                count[gi][k] = vals.len();
+            }
+        }
+    } else if let Some(s) = state {
+        mean[0] = s.mean.clone();
+        var[0] = s.var.clone();
+    }
+    let eps = cfg.epsilon();
+    let (mut r, mut d) = (vec![1.0; c], vec![0.0; c]);
+    let train_update = mode == Mode::Train && state.is_some();
+    if let (Variant::Renorm(rn), true, Some(s)) = (cfg.variant_kind(), train_update, state) {
+        let rs = s.renorm.as_ref().ok_or(Error::NoRunningStatistics)?;
+        for k in 0..c {
+            let sd = (var[0][k] + eps).sqrt();
+            let sr = rs.stddev[k].max(eps.sqrt());
+            r[k] = (sd / sr).clamp(rn.rmin, rn.rmax);
+            d[k] = ((mean[0][k] - rs.mean[k]) / sr).clamp(-rn.dmax, rn.dmax);
+        }
+    }
+    let y = (0..x.len())
+        .map(|i| {
+            let (k, gi) = (ch[i], group_of[sample[i]]);
+            let xhat = (x[i] - mean[gi][k]) / (var[gi][k] + eps).sqrt();
+            params.gamma(k) * (xhat * r[k] + d[k]) + params.beta(k)
+        })
+        .collect();
+    if let (true, Some(s)) = (train_update, new_state.as_mut()) {
+        s.updates += 1;
+        let t = s.updates;
+        for k in 0..c {
+            let bm = (0..groups).map(|gi| mean[gi][k]).sum::<f64>() / groups as f64;
+            let bv = (0..groups).map(|gi| var[gi][k]).sum::<f64>() / groups as f64;
+            if !(bm.is_finite() && bv.is_finite()) {
+                continue;
+            }
+            let m = (0..groups).map(|gi| count[gi][k] as f64).sum::<f64>() / groups as f64;
+            let rv = match cfg.running_variance_estimator() {
+                VarianceEstimator::Biased => bv,
+                VarianceEstimator::Unbiased => bv * m / (m - 1.0),
+            };
+            let a = match cfg.momentum_convention() {
+                Momentum::NewWeight(a) => a,
+                Momentum::Cumulative => 1.0 / t as f64,
+                Momentum::Decay(dd) => 1.0 - dd,
+                Momentum::DebiasedDecay(dd) => {
+                    let db = s.debias.as_mut().ok_or(Error::NoRunningStatistics)?;
+                    db.mean[k] = dd * db.mean[k] + (1.0 - dd) * bm;
+                    db.var[k] = dd * db.var[k] + (1.0 - dd) * rv;
+                    s.mean[k] = db.mean[k] / (1.0 - dd.powi(t as i32));
+                    s.var[k] = db.var[k] / (1.0 - dd.powi(t as i32));
+                    continue;
+                }
+            };
+            if let (Variant::Renorm(rn), Some(rs)) = (cfg.variant_kind(), s.renorm.as_mut()) {
+                let ra = 1.0 - rn.momentum;
+                rs.mean[k] += ra * (bm - rs.mean[k]);
+                rs.stddev[k] += ra * ((bv + eps).sqrt() - rs.stddev[k]);
+                rs.moving_stddev[k] += a * ((rv + eps).sqrt() - rs.moving_stddev[k]);
+                s.mean[k] += a * (bm - s.mean[k]);
+                s.var[k] = (rs.moving_stddev[k].powi(2) - eps).max(0.0);
+            } else {
+                s.mean[k] += a * (bm - s.mean[k]);
+                s.var[k] += a * (rv - s.var[k]);
+            }
+        }
+    }
+    Ok(RefForward {
+        y,
+        state: new_state,
+        group_of,
+        mean,
+        var,
+        batch_stats,
+        r,
+        d,
+    })
+}
+
+/// Reference backward of a step computed by [`forward`].
+pub fn backward(
+    cfg: &Config,
+    layout: Layout,
+    shape: &[usize],
+    x: &[f64],
+    dy: &[f64],
+    params: &Params,
+    fwd: &RefForward,
+) -> Result<RefBackward> {
+    let (c, ch, sample) = index(layout, shape)?;
+    let eps = cfg.epsilon();
+    let groups = fwd.mean.len();
+    let mut dweight = vec![0.0; c];
+    let mut dbias = vec![0.0; c];
+    let mut dx = vec![0.0; x.len()];
+    for gi in 0..groups {
+        for k in 0..c {
+            let idx: Vec<usize> = (0..x.len())
+                .filter(|&i| ch[i] == k && fwd.group_of[sample[i]] == gi)
+                .collect();
+            let sd = (fwd.var[gi][k] + eps).sqrt();
+            let xhat: Vec<f64> = idx.iter().map(|&i| (x[i] - fwd.mean[gi][k]) / sd).collect();
+            let sdy: f64 = idx.iter().map(|&i| dy[i]).sum();
+            let sdyx: f64 = idx.iter().zip(&xhat).map(|(&i, h)| dy[i] * h).sum();
+            dbias[k] += sdy;
+            dweight[k] += fwd.r[k] * sdyx + fwd.d[k] * sdy;
+            let gain = params.gamma(k) * fwd.r[k];
+            let m = idx.len() as f64;
+            for (j, &i) in idx.iter().enumerate() {
+                dx[i] = if fwd.batch_stats {
+                    gain / sd * (dy[i] - sdy / m - xhat[j] * sdyx / m)
+                } else {
+                    gain / sd * dy[i]
+                };
+            }
+        }
+    }
+    Ok(RefBackward { dx, dweight, dbias })
+}

@@ -1,0 +1,217 @@
+//! Learned parameters, running statistics, and the mode of a call.
+
+use crate::config::{Config, Momentum, Variant};
+use crate::error::{Error, Result};
+
+/// What a forward call does. Every call names its mode: there is no hidden global flag and
+/// no mode inferred from a device or a context.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Mode {
+    /// Normalize with the batch's own statistics and fold them into the running statistics.
+    Train,
+    /// Normalize with the running statistics (or, for a layer that does not track them,
+    /// the batch statistics, as PyTorch does). Nothing is updated.
+    Inference,
+    /// Normalize with the running statistics and never update them, while gradients still
+    /// flow to the input and to gamma/beta: fine-tuning with frozen statistics. Requires
+    /// running statistics.
+    Frozen,
+}
+
+/// Learned per-channel parameters gamma (`weight`) and beta (`bias`), kept in f64.
+/// An absent one acts as 1 (gamma) or 0 (beta).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Params {
+    /// gamma, one per channel, when the layer scales.
+    pub weight: Option<Vec<f64>>,
+    /// beta, one per channel, when the layer centers.
+    pub bias: Option<Vec<f64>>,
+}
+
+impl Params {
+    /// gamma = 1 and beta = 0 for the parameters the configuration has.
+    ///
+    /// ```
+    /// let p = bnorm::Params::init(&bnorm::Config::torch(3).scale(false));
+    /// assert!(p.weight.is_none());
+    /// assert_eq!(p.bias, Some(vec![0.0; 3]));
+    /// ```
+    pub fn init(cfg: &Config) -> Params {
+        let c = cfg.num_channels();
+        Params {
+            weight: cfg.has_scale().then(|| vec![1.0; c]),
+            bias: cfg.has_center().then(|| vec![0.0; c]),
+        }
+    }
+
+    /// gamma of channel `c` (1 when absent).
+    #[inline]
+    pub fn gamma(&self, c: usize) -> f64 {
+        self.weight.as_ref().map_or(1.0, |w| w[c])
+    }
+
+    /// beta of channel `c` (0 when absent).
+    #[inline]
+    pub fn beta(&self, c: usize) -> f64 {
+        self.bias.as_ref().map_or(0.0, |b| b[c])
+    }
+
+    /// Checks presence against the configuration, lengths and finiteness.
+    pub fn validate(&self, cfg: &Config) -> Result<()> {
+        let c = cfg.num_channels();
+        check_vec("weight", self.weight.as_deref(), cfg.has_scale(), c, false)?;
+        check_vec("bias", self.bias.as_deref(), cfg.has_center(), c, false)
+    }
+}
+
+pub(crate) fn check_vec(
+    what: &'static str,
+    v: Option<&[f64]>,
+    required: bool,
+    c: usize,
+    non_negative: bool,
+) -> Result<()> {
+    match v {
+        None if required => Err(Error::ShapeMismatch {
+            what,
+            expected: vec![c],
+            got: vec![],
+        }),
+        Some(v) if !required => Err(Error::ShapeMismatch {
+            what,
+            expected: vec![],
+            got: vec![v.len()],
+        }),
+        Some(v) if v.len() != c => Err(Error::ShapeMismatch {
+            what,
+            expected: vec![c],
+            got: vec![v.len()],
+        }),
+        Some(v) => match v
+            .iter()
+            .position(|x| !x.is_finite() || (non_negative && *x < 0.0))
+        {
+            Some(channel) => Err(Error::NonFiniteParameter { what, channel }),
+            None => Ok(()),
+        },
+        None => Ok(()),
+    }
+}
+
+/// Hidden state of TensorFlow's zero-debiased moving average.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DebiasState {
+    /// The biased average of the batch means, starting at 0.
+    pub mean: Vec<f64>,
+    /// The biased average of the batch variances, starting at 0.
+    pub var: Vec<f64>,
+}
+
+/// Batch renormalization's extra statistics (tf_keras names).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RenormState {
+    /// `renorm_mean`, the mean that `d` corrects toward.
+    pub mean: Vec<f64>,
+    /// `renorm_stddev`, the standard deviation that `r` corrects toward.
+    pub stddev: Vec<f64>,
+    /// `moving_stddev`, from which the running variance is published.
+    pub moving_stddev: Vec<f64>,
+}
+
+/// Running (moving) statistics and their bookkeeping, kept in f64 whatever the data type.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunningState {
+    /// Running mean per channel.
+    pub mean: Vec<f64>,
+    /// Running variance per channel (biased or unbiased per the configuration).
+    pub var: Vec<f64>,
+    /// Training steps folded in so far (PyTorch's `num_batches_tracked`; it drives the
+    /// cumulative average and the zero-debiasing, and tells never-updated statistics).
+    pub updates: u64,
+    /// TensorFlow zero-debiasing accumulators, for [`Momentum::DebiasedDecay`].
+    pub debias: Option<DebiasState>,
+    /// Batch renormalization statistics, for [`Variant::Renorm`].
+    pub renorm: Option<RenormState>,
+}
+
+impl RunningState {
+    /// Fresh statistics for a configuration: mean 0, variance 1, no update yet; `None`
+    /// when the configuration does not track running statistics.
+    ///
+    /// ```
+    /// let s = bnorm::RunningState::init(&bnorm::Config::torch(2)).unwrap();
+    /// assert_eq!((s.mean, s.var, s.updates), (vec![0.0; 2], vec![1.0; 2], 0));
+    /// ```
+    pub fn init(cfg: &Config) -> Option<RunningState> {
+        let c = cfg.num_channels();
+        RunningState::from_values(cfg, vec![0.0; c], vec![1.0; c], 0).ok()
+    }
+
+    /// Running statistics loaded from a checkpoint (`updates` = its
+    /// `num_batches_tracked`). Checks lengths, finiteness and non-negative variances.
+    /// The renorm statistics start as tf_keras starts them: `renorm_mean = mean`,
+    /// `renorm_stddev = sqrt(var)`, `moving_stddev = 1`.
+    pub fn from_values(
+        cfg: &Config,
+        mean: Vec<f64>,
+        var: Vec<f64>,
+        updates: u64,
+    ) -> Result<RunningState> {
+        if !cfg.tracks_running_stats() {
+            return Err(Error::NoRunningStatistics);
+        }
+        let c = cfg.num_channels();
+        check_vec("running_mean", Some(&mean), true, c, false)?;
+        check_vec("running_var", Some(&var), true, c, true)?;
+        let debias =
+            matches!(cfg.momentum_convention(), Momentum::DebiasedDecay(_)).then(|| DebiasState {
+                mean: vec![0.0; c],
+                var: vec![0.0; c],
+            });
+        let renorm = matches!(cfg.variant_kind(), Variant::Renorm(_)).then(|| RenormState {
+            mean: mean.clone(),
+            stddev: var.iter().map(|v| v.sqrt()).collect(),
+            moving_stddev: vec![1.0; c],
+        });
+        Ok(RunningState {
+            mean,
+            var,
+            updates,
+            debias,
+            renorm,
+        })
+    }
+
+    /// Checks this state against a configuration (lengths, finiteness, the extra state the
+    /// convention needs).
+    pub fn validate(&self, cfg: &Config) -> Result<()> {
+        let c = cfg.num_channels();
+        check_vec("running_mean", Some(&self.mean), true, c, false)?;
+        check_vec("running_var", Some(&self.var), true, c, true)?;
+        let debiased = matches!(cfg.momentum_convention(), Momentum::DebiasedDecay(_));
+        match (&self.debias, debiased) {
+            (Some(d), true) => {
+                check_vec("debias.mean", Some(&d.mean), true, c, false)?;
+                check_vec("debias.var", Some(&d.var), true, c, true)?;
+            }
+            (None, false) => {}
+            _ => {
+                return Err(Error::SavedMismatch {
+                    reason: "zero-debias state present without DebiasedDecay, or missing",
+                })
+            }
+        }
+        let renorm = matches!(cfg.variant_kind(), Variant::Renorm(_));
+        match (&self.renorm, renorm) {
+            (Some(r), true) => {
+                check_vec("renorm_mean", Some(&r.mean), true, c, false)?;
+                check_vec("renorm_stddev", Some(&r.stddev), true, c, true)?;
+                check_vec("moving_stddev", Some(&r.moving_stddev), true, c, true)
+            }
+            (None, false) => Ok(()),
+            _ => Err(Error::SavedMismatch {
+                reason: "renorm state present without Variant::Renorm, or missing",
+            }),
+        }
+    }
+}
