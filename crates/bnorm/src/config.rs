@@ -143,7 +143,7 @@ impl Ghost {
     /// ```
     pub fn assign(&self, batch: usize) -> Result<(Vec<usize>, usize)> {
         let v = self.virtual_batch_size.max(1);
-        let divides = batch % v == 0;
+        let divides = batch.is_multiple_of(v);
         let indivisible = Error::GhostBatchIndivisible {
             batch,
             virtual_batch_size: v,

@@ -191,7 +191,7 @@ pub fn forward_into<T: Element>(
     g: Geometry,
     x: &[T],
     params: &Params,
-    mut state: Option<&mut RunningState>,
+    state: Option<&mut RunningState>,
     mode: Mode,
     y: &mut [T],
     saved: &mut Saved,
@@ -313,7 +313,7 @@ pub fn forward_into<T: Element>(
         }
     }
     write_output(cfg, g, x, params, saved, y, par);
-    if let (true, Some(s)) = (update, state.as_deref_mut()) {
+    if let (true, Some(s)) = (update, state) {
         running::update(cfg, s, saved, &report.skipped_channels);
         report.updated = true;
     }
@@ -362,7 +362,7 @@ fn ghost_moments<T: Element>(
 /// The geometry of one sample of a batch.
 pub(crate) fn sample_geometry(g: Geometry) -> Geometry {
     Geometry {
-        outer: if g.batch == 0 { 0 } else { g.outer / g.batch },
+        outer: g.outer.checked_div(g.batch).unwrap_or(0),
         channels: g.channels,
         inner: g.inner,
         batch: 1,

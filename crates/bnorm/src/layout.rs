@@ -203,10 +203,6 @@ impl Geometry {
 
     /// Elements that belong to one sample (all channels).
     pub fn per_sample(&self) -> usize {
-        if self.batch == 0 {
-            0
-        } else {
-            self.len() / self.batch
-        }
+        self.len().checked_div(self.batch).unwrap_or(0)
     }
 }

@@ -26,7 +26,7 @@
 //!   gradients still reach x, γ and β.
 //!
 //! Statistics are computed in f64 with two passes per cache-sized block merged by
-//! Chan's formula ([`Moments`]), never as E[x²] − E[x]²; the merge order is fixed by the
+//! Chan's formula ([`Moments`]), never as `E[x²] − E[x]²`; the merge order is fixed by the
 //! shape, so results are bitwise identical for any number of threads.
 //!
 //! ## Quick example: the classic question
@@ -57,7 +57,7 @@
 //! * [`forward_into`] / [`backward_into`] — the expert tier: caller buffers, a reusable
 //!   [`Workspace`], explicit [`Parallelism`]; no allocation in a warmed-up training step
 //!   (ghost batches excepted).
-//! * [`reference`] — a plain float64 implementation every fast path is tested against.
+//! * [`mod@reference`] — a plain float64 implementation every fast path is tested against.
 //! * [`conformance`] — reads and replays the recorded framework cases.
 
 #![deny(missing_docs)]

@@ -63,7 +63,7 @@ fn index(layout: Layout, shape: &[usize]) -> Result<(usize, Vec<usize>, Vec<usiz
     let len: usize = shape.iter().product();
     let c = shape[layout.channel_axis()];
     let n = shape[0];
-    let per_sample = if n == 0 { 0 } else { len / n };
+    let per_sample = len.checked_div(n).unwrap_or(0);
     let spatial: usize = shape[2..].iter().product();
     let mut ch = Vec::with_capacity(len);
     let mut sample = Vec::with_capacity(len);
@@ -120,11 +120,12 @@ pub fn forward(
         (Variant::Ghost(g), true) => {
             let v = g.virtual_batch_size;
             match g.grouping {
-                GhostGrouping::Strided if n % v == 0 => {
+                GhostGrouping::Strided if n.is_multiple_of(v) => {
                     ((0..n).map(|s| s % (n / v)).collect(), n / v)
                 }
                 GhostGrouping::Contiguous
-                    if n % v == 0 || g.remainder == crate::GhostRemainder::SmallerLastGroup =>
+                    if n.is_multiple_of(v)
+                        || g.remainder == crate::GhostRemainder::SmallerLastGroup =>
                 {
                     ((0..n).map(|s| s / v).collect(), n.div_ceil(v))
                 }

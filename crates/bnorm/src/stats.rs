@@ -1,6 +1,6 @@
 //! Exact per-channel moments: `(count, mean, M2)` triples and their merge.
 //!
-//! A batch's variance is never computed as E[x²] − E[x]² (which cancels catastrophically
+//! A batch's variance is never computed as `E[x²] − E[x]²` (which cancels catastrophically
 //! when the mean is large against the spread). Each small block of data is reduced by two
 //! passes (mean, then Σ(x − mean)², both in f64 while the block sits in L1), and blocks
 //! are combined with Chan, Golub and LeVeque's pairwise update

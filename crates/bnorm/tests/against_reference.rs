@@ -1,0 +1,255 @@
+//! The engine against the plain float64 reference: property tests over random layouts,
+//! shapes, conventions, modes and dtypes, plus sweeps across kernel tails and blocks.
+#![allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+
+mod common;
+
+use bnorm::{bf16, f16, reference, BatchNorm, Config, Element, Layout, Mode, Params, RunningState};
+use common::{assert_close, conventions, shape, Rng};
+use proptest::prelude::*;
+
+/// Runs `modes` on a fresh layer and on the reference, comparing every output.
+fn check<T: Element>(
+    cfg: &Config,
+    layout: Layout,
+    shp: &[usize],
+    modes: &[Mode],
+    seed: u64,
+    mean: f64,
+    tol: f64,
+) {
+    let mut rng = Rng(seed);
+    let c = cfg.num_channels();
+    let len: usize = shp.iter().product();
+    let mut layer = BatchNorm::new(cfg.clone()).unwrap();
+    let params = Params {
+        weight: cfg.has_scale().then(|| rng.vec(c, 1.0, 0.3)),
+        bias: cfg.has_center().then(|| rng.vec(c, 0.0, 0.5)),
+    };
+    layer.set_params(params.clone()).unwrap();
+    let mut state = RunningState::init(cfg);
+    if let Some(s) = state.as_mut() {
+        let init = RunningState::from_values(
+            cfg,
+            rng.vec(c, 0.0, 0.5),
+            rng.vec(c, 1.5, 0.2).iter().map(|v| v.abs()).collect(),
+            0,
+        )
+        .unwrap();
+        *s = init.clone();
+        layer.set_running(init).unwrap();
+    }
+    for (k, &mode) in modes.iter().enumerate() {
+        // Storage rounding first: both sides see the same stored values.
+        let x: Vec<T> = rng
+            .vec(len, mean, 2.0)
+            .iter()
+            .map(|&v| T::from_f64(v))
+            .collect();
+        let dy: Vec<T> = rng
+            .vec(len, 0.0, 1.0)
+            .iter()
+            .map(|&v| T::from_f64(v))
+            .collect();
+        let xw: Vec<f64> = x.iter().map(|v| v.to_f64()).collect();
+        let dyw: Vec<f64> = dy.iter().map(|v| v.to_f64()).collect();
+        let r = reference::forward(cfg, layout, shp, &xw, &params, state.as_ref(), mode);
+        let f = layer.forward(&x, shp, layout, mode);
+        let (r, (y, _)) = match (r, f) {
+            (Ok(r), Ok(f)) => (r, f),
+            (Err(a), Err(b)) => {
+                assert_eq!(a, b, "both refuse, with the same error");
+                return;
+            }
+            (a, b) => panic!("reference {:?} vs engine {:?}", a.err(), b.err()),
+        };
+        let yw: Vec<f64> = y.iter().map(|v| v.to_f64()).collect();
+        let ctx = format!("{layout} {shp:?} step {k} {mode:?}");
+        // The engine rounds y to the storage type once; allow that rounding.
+        let round = T::DTYPE.unit_roundoff() * 2.0;
+        assert_close(&format!("{ctx} y"), &yw, &r.y, tol, tol.max(round));
+        state = r.state.clone();
+        match (layer.running(), &r.state) {
+            (Some(a), Some(b)) => {
+                assert_close(
+                    &format!("{ctx} running_mean"),
+                    &a.mean,
+                    &b.mean,
+                    1e-12,
+                    1e-10,
+                );
+                assert_close(&format!("{ctx} running_var"), &a.var, &b.var, 1e-12, 1e-10);
+                assert_eq!(a.updates, b.updates);
+            }
+            (None, None) => {}
+            _ => panic!("{ctx}: running state presence differs"),
+        }
+        let b = layer.backward(&x, &dy, shp, layout).unwrap();
+        let rb = reference::backward(cfg, layout, shp, &xw, &dyw, &params, &r).unwrap();
+        let dxw: Vec<f64> = b.dx.iter().map(|v| v.to_f64()).collect();
+        let scale = rb.dx.iter().fold(0.0f64, |a, v| a.max(v.abs())).max(1e-300);
+        assert_close(
+            &format!("{ctx} dx"),
+            &dxw,
+            &rb.dx,
+            tol * scale,
+            tol.max(round),
+        );
+        let m = (len / c) as f64;
+        if let Some(dw) = &b.dweight {
+            assert_close(
+                &format!("{ctx} dweight"),
+                dw,
+                &rb.dweight,
+                tol * m.sqrt(),
+                tol,
+            );
+        }
+        if let Some(db) = &b.dbias {
+            assert_close(&format!("{ctx} dbias"), db, &rb.dbias, tol * m.sqrt(), tol);
+        }
+    }
+}
+
+fn layout_strategy() -> impl Strategy<Value = Layout> {
+    prop::sample::select(Layout::ALL.to_vec())
+}
+
+fn mode_strategy() -> impl Strategy<Value = Mode> {
+    prop::sample::select(vec![
+        Mode::Train,
+        Mode::Train,
+        Mode::Inference,
+        Mode::Frozen,
+    ])
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+    #[test]
+    fn engine_matches_reference_f64(
+        layout in layout_strategy(),
+        n in 1usize..7,
+        c in 1usize..6,
+        s in prop::collection::vec(1usize..5, 1..4),
+        conv in 0usize..10,
+        modes in prop::collection::vec(mode_strategy(), 1..4),
+        seed in any::<u64>(),
+    ) {
+        // Ghost groups need a batch their size divides: use multiples of 6.
+        let (name, cfg) = conventions(c).swap_remove(conv);
+        let n = if name.starts_with("ghost") { 6 * n } else { n };
+        let shp = shape(layout, n, c, &s);
+        check::<f64>(&cfg, layout, &shp, &modes, seed, 0.5, 1e-10);
+    }
+
+    #[test]
+    fn engine_matches_reference_f32(
+        layout in layout_strategy(),
+        n in 2usize..6,
+        c in 1usize..5,
+        s in prop::collection::vec(1usize..6, 1..4),
+        conv in 0usize..6,
+        seed in any::<u64>(),
+    ) {
+        let (_, cfg) = conventions(c).swap_remove(conv);
+        let shp = shape(layout, n, c, &s);
+        check::<f32>(&cfg, layout, &shp, &[Mode::Train, Mode::Train, Mode::Inference], seed, 3.0, 2e-6);
+    }
+}
+
+#[test]
+fn sixteen_bit_storage_matches_the_reference() {
+    for layout in [Layout::NCHW, Layout::NHWC, Layout::NC] {
+        let shp = shape(layout, 6, 3, &[5]);
+        let modes = [Mode::Train, Mode::Train, Mode::Inference];
+        check::<f16>(&Config::torch(3), layout, &shp, &modes, 7, 1.0, 1e-3);
+        check::<bf16>(&Config::keras(3), layout, &shp, &modes, 8, 1.0, 8e-3);
+    }
+}
+
+/// Sizes across every block and segment boundary of the kernels: per-channel runs from 1
+/// to several blocks, channel counts across the channel-group width, and inputs large
+/// enough for the threaded path.
+#[test]
+fn sweep_across_tails_blocks_and_segments() {
+    let cases: &[(Layout, &[usize])] = &[
+        (Layout::NCL, &[2, 3, 1]),
+        (Layout::NCL, &[2, 3, 7]),
+        (Layout::NCL, &[3, 2, 17]),
+        (Layout::NCL, &[2, 2, 2047]),
+        (Layout::NCL, &[2, 2, 2049]),
+        (Layout::NCL, &[3, 1, 5000]),
+        (Layout::NCL, &[70, 3, 600]),
+        (Layout::NC, &[2, 1]),
+        (Layout::NC, &[3, 63]),
+        (Layout::NC, &[5, 65]),
+        (Layout::NC, &[9, 129]),
+        (Layout::NC, &[3000, 7]),
+        (Layout::NC, &[600, 130]),
+        (Layout::NLC, &[4, 1000, 33]),
+        (Layout::NHWC, &[2, 3, 3, 1]),
+    ];
+    for (i, &(layout, shp)) in cases.iter().enumerate() {
+        let c = shp[layout.channel_axis()];
+        check::<f32>(
+            &Config::torch(c),
+            layout,
+            shp,
+            &[Mode::Train, Mode::Inference],
+            i as u64,
+            100.0,
+            3e-6,
+        );
+        check::<f64>(
+            &Config::keras(c),
+            layout,
+            shp,
+            &[Mode::Train],
+            i as u64,
+            -5.0,
+            1e-11,
+        );
+    }
+}
+
+/// A channel with mean 1e4 and unit variance, f32 storage, every layout: the naive
+/// E[x²] − E[x]² loses every digit here; the engine must stay at f32 rounding.
+#[test]
+fn large_mean_is_exact_in_every_layout() {
+    for layout in Layout::ALL {
+        let shp = shape(layout, 16, 4, &[8, 6, 3]);
+        let c = 4;
+        let len: usize = shp.iter().product();
+        let mut rng = Rng(99);
+        let x: Vec<f32> = (0..len).map(|_| (1e4 + rng.normal()) as f32).collect();
+        let xw: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+        let cfg = Config::torch(c);
+        let p = Params::init(&cfg);
+        let mut bn = cfg.clone().build().unwrap();
+        let (y, _) = bn.forward(&x, &shp, layout, Mode::Train).unwrap();
+        let r = reference::forward(
+            &cfg,
+            layout,
+            &shp,
+            &xw,
+            &p,
+            RunningState::init(&cfg).as_ref(),
+            Mode::Train,
+        )
+        .unwrap();
+        let yw: Vec<f64> = y.iter().map(|&v| v as f64).collect();
+        // f32 output rounding only: |y| < 5, so 5 ulp-ish is plenty and far below 5e-2.
+        assert_close(&format!("{layout} y"), &yw, &r.y, 2e-6, 2e-7);
+        let s = bn.running().unwrap();
+        let rs = r.state.unwrap();
+        assert_close(
+            &format!("{layout} running_var"),
+            &s.var,
+            &rs.var,
+            1e-9,
+            1e-9,
+        );
+    }
+}

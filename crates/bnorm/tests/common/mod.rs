@@ -1,0 +1,133 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use bnorm::{Config, Ghost, GhostGrouping, GhostRemainder, Layout, Momentum, Renorm, Variant};
+
+/// A small deterministic generator (SplitMix64), so tests need no extra crate.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    /// Uniform in [0, 1).
+    pub fn uniform(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Roughly normal (sum of uniforms).
+    pub fn normal(&mut self) -> f64 {
+        (0..6).map(|_| self.uniform()).sum::<f64>() - 3.0
+    }
+    pub fn vec(&mut self, n: usize, mean: f64, sd: f64) -> Vec<f64> {
+        (0..n).map(|_| mean + sd * self.normal()).collect()
+    }
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n as u64) as usize
+    }
+}
+
+/// A shape for `layout` with `n` samples, `c` channels and spatial extent `s` per axis.
+pub fn shape(layout: Layout, n: usize, c: usize, spatial: &[usize]) -> Vec<usize> {
+    let k = layout.rank() - 2;
+    let sp: Vec<usize> = (0..k).map(|i| spatial[i % spatial.len()]).collect();
+    let mut s = vec![n];
+    if layout.is_channels_last() {
+        s.extend(sp);
+        s.push(c);
+    } else {
+        s.push(c);
+        s.extend(sp);
+    }
+    s
+}
+
+/// Same data moved from a channels-first to a channels-last layout (or back).
+pub fn transpose(x: &[f64], from: Layout, shape: &[usize]) -> (Vec<f64>, Vec<usize>) {
+    let g = from.geometry(shape).unwrap();
+    let spatial = if from.is_channels_last() {
+        g.outer / g.batch.max(1)
+    } else {
+        g.inner
+    };
+    let c = g.channels;
+    let mut out = vec![0.0; x.len()];
+    for n in 0..g.batch {
+        for ch in 0..c {
+            for s in 0..spatial {
+                let cf = (n * c + ch) * spatial + s;
+                let cl = (n * spatial + s) * c + ch;
+                if from.is_channels_last() {
+                    out[cf] = x[cl];
+                } else {
+                    out[cl] = x[cf];
+                }
+            }
+        }
+    }
+    let to = from.transposed();
+    let new_shape = if from.is_channels_last() {
+        let mut s = vec![shape[0], c];
+        s.extend_from_slice(&shape[1..shape.len() - 1]);
+        s
+    } else {
+        let mut s = vec![shape[0]];
+        s.extend_from_slice(&shape[2..]);
+        s.push(c);
+        s
+    };
+    let _ = to;
+    (out, new_shape)
+}
+
+/// Every convention the crate offers, as configurations for `c` channels.
+pub fn conventions(c: usize) -> Vec<(&'static str, Config)> {
+    vec![
+        ("torch", Config::torch(c)),
+        (
+            "torch-cumulative",
+            Config::torch(c).momentum(Momentum::Cumulative),
+        ),
+        ("keras", Config::keras(c)),
+        ("tf-debiased", Config::tensorflow(c)),
+        ("tf-plain", Config::keras(c).momentum(Momentum::Decay(0.9))),
+        (
+            "renorm",
+            Config::keras(c).variant(Variant::Renorm(Renorm {
+                rmax: 1.5,
+                rmin: 0.8,
+                dmax: 0.5,
+                momentum: 0.9,
+            })),
+        ),
+        (
+            "ghost-strided",
+            Config::keras(c).variant(Variant::Ghost(Ghost::strided(2))),
+        ),
+        (
+            "ghost-contiguous",
+            Config::torch(c).variant(Variant::Ghost(Ghost {
+                virtual_batch_size: 3,
+                grouping: GhostGrouping::Contiguous,
+                remainder: GhostRemainder::SmallerLastGroup,
+            })),
+        ),
+        ("no-affine", Config::torch(c).affine(false)),
+        ("untracked", Config::torch(c).track_running_stats(false)),
+    ]
+}
+
+/// `|a − b| <= atol + rtol·|b|` elementwise, with a message naming the worst element.
+pub fn assert_close(what: &str, got: &[f64], want: &[f64], atol: f64, rtol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: lengths differ");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let tol = atol + rtol * w.abs();
+        assert!(
+            (g - w).abs() <= tol || (g.is_nan() && w.is_nan()),
+            "{what}[{i}]: got {g}, want {w} (tol {tol})"
+        );
+    }
+}
