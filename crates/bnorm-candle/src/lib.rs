@@ -1,1 +1,310 @@
-//! placeholder
+//! # bnorm-candle — bnorm's batch normalization as a candle layer
+//!
+//! A drop-in replacement for `candle_nn::BatchNorm` that runs bnorm's own forward and
+//! backward kernels (one custom op with a backward pass, not a composition of tensor ops),
+//! offers bnorm's explicit modes and every convention, and loads and saves under
+//! PyTorch's names (`weight`, `bias`, `running_mean`, `running_var`,
+//! `num_batches_tracked`), so a PyTorch checkpoint's batch-norm layers load as they are.
+//!
+//! ```
+//! use bnorm_candle::BatchNorm;
+//! use bnorm::{Config, Layout, Mode};
+//! use candle_core::{DType, Device, Tensor};
+//! use candle_nn::{VarBuilder, VarMap};
+//!
+//! let varmap = VarMap::new();
+//! let vb = VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu);
+//! let bn = BatchNorm::new(Config::torch(3), Layout::NCHW, vb.pp("bn"))?;
+//! let x = Tensor::randn(0f32, 1.0, (4, 3, 5, 5), &Device::Cpu)?;
+//! let y = bn.forward_mode(&x, Mode::Train)?;          // batch statistics, stats updated
+//! assert_eq!(bn.running_state().unwrap().updates, 1);
+//! let y_eval = bn.forward_mode(&x, Mode::Inference)?; // running statistics
+//! assert_eq!(y.dims(), y_eval.dims());
+//! # Ok::<(), candle_core::Error>(())
+//! ```
+//!
+//! Running statistics are kept exactly (f64) inside the layer and mirrored into candle
+//! variables after every training step, so saving the `VarMap` saves them.
+//! Only training steps update them: `ModuleT::forward_t(x, true)` is [`Mode::Train`],
+//! `false` is [`Mode::Inference`]; [`BatchNorm::forward_mode`] also takes
+//! [`Mode::Frozen`].
+
+#![deny(missing_docs)]
+
+mod op;
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use bnorm::{Config, Layout, Mode, RunningState, StepReport};
+use candle_core::{DType, Result, Tensor, Var};
+use candle_nn::{Init, ModuleT, VarBuilder};
+
+use op::{wrap, BnOp, OpResult};
+
+/// How many recent training batches' statistics a layer keeps for diagnostics.
+pub const RECENT_BATCHES: usize = 16;
+
+/// Batch statistics of one training step (per channel).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchStats {
+    /// Batch mean.
+    pub mean: Vec<f64>,
+    /// Batch variance (biased).
+    pub var: Vec<f64>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    state: Option<RunningState>,
+    recent: VecDeque<BatchStats>,
+    last_report: StepReport,
+}
+
+/// A batch-normalization layer for candle, running bnorm's kernels.
+#[derive(Debug, Clone)]
+pub struct BatchNorm {
+    cfg: Config,
+    layout: Layout,
+    weight: Option<Tensor>,
+    bias: Option<Tensor>,
+    running_mean: Option<Var>,
+    running_var: Option<Var>,
+    num_batches_tracked: Option<Var>,
+    inner: Arc<Mutex<Inner>>,
+}
+
+fn lock(m: &Mutex<Inner>) -> Result<std::sync::MutexGuard<'_, Inner>> {
+    m.lock()
+        .map_err(|_| candle_core::Error::msg("bnorm layer state poisoned"))
+}
+
+impl BatchNorm {
+    /// Builds the layer from `vb` under PyTorch's names. With a `VarMap`-backed builder
+    /// the parameters are created (gamma 1, beta 0, running mean 0, variance 1); with a
+    /// checkpoint-backed builder they are loaded and checked (lengths, finiteness,
+    /// non-negative variances). A checkpoint without `num_batches_tracked` loads as 0.
+    pub fn new(cfg: Config, layout: Layout, vb: VarBuilder) -> Result<BatchNorm> {
+        cfg.validate().map_err(wrap)?;
+        let c = cfg.num_channels();
+        let weight = if cfg.has_scale() {
+            Some(vb.get_with_hints(c, "weight", Init::Const(1.0))?)
+        } else {
+            None
+        };
+        let bias = if cfg.has_center() {
+            Some(vb.get_with_hints(c, "bias", Init::Const(0.0))?)
+        } else {
+            None
+        };
+        let (mut running_mean, mut running_var, mut num_batches_tracked, mut state) =
+            (None, None, None, None);
+        if cfg.tracks_running_stats() {
+            let rm = vb.get_with_hints(c, "running_mean", Init::Const(0.0))?;
+            let rv = vb.get_with_hints(c, "running_var", Init::Const(1.0))?;
+            let nbt =
+                vb.get_with_hints_dtype((), "num_batches_tracked", Init::Const(0.0), DType::I64);
+            let nbt = match nbt {
+                Ok(t) => t,
+                Err(_) if !vb.contains_tensor("num_batches_tracked") => {
+                    Tensor::zeros((), DType::I64, vb.device())?
+                }
+                Err(e) => return Err(e),
+            };
+            let mean = rm.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            let var = rv.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+            let updates = nbt.to_dtype(DType::I64)?.to_scalar::<i64>()?.max(0) as u64;
+            state = Some(RunningState::from_values(&cfg, mean, var, updates).map_err(wrap)?);
+            running_mean = Some(Var::from_tensor(&rm)?);
+            running_var = Some(Var::from_tensor(&rv)?);
+            num_batches_tracked = Some(Var::from_tensor(&nbt)?);
+        }
+        if let Some(w) = &weight {
+            check_finite("weight", w)?;
+        }
+        if let Some(b) = &bias {
+            check_finite("bias", b)?;
+        }
+        Ok(BatchNorm {
+            cfg,
+            layout,
+            weight,
+            bias,
+            running_mean,
+            running_var,
+            num_batches_tracked,
+            inner: Arc::new(Mutex::new(Inner {
+                state,
+                recent: VecDeque::new(),
+                last_report: StepReport::default(),
+            })),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The data layout this layer expects.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// gamma (`weight`), when the layer scales.
+    pub fn weight(&self) -> Option<&Tensor> {
+        self.weight.as_ref()
+    }
+
+    /// beta (`bias`), when the layer centers.
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
+    }
+
+    /// A copy of the exact running statistics (`None` when not tracked).
+    pub fn running_state(&self) -> Option<RunningState> {
+        lock(&self.inner).ok().and_then(|g| g.state.clone())
+    }
+
+    /// Replaces the running statistics (validated; on error nothing changes) and mirrors
+    /// them into the candle variables.
+    pub fn set_running_state(&self, state: RunningState) -> Result<()> {
+        state.validate(&self.cfg).map_err(wrap)?;
+        self.mirror(&state)?;
+        lock(&self.inner)?.state = Some(state);
+        Ok(())
+    }
+
+    /// Statistics of the most recent training batches (oldest first, at most
+    /// [`RECENT_BATCHES`]).
+    pub fn recent_batch_stats(&self) -> Vec<BatchStats> {
+        lock(&self.inner)
+            .map(|g| g.recent.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    /// What the last forward step reported (skipped non-finite channels).
+    pub fn last_report(&self) -> StepReport {
+        lock(&self.inner)
+            .map(|g| g.last_report.clone())
+            .unwrap_or_default()
+    }
+
+    fn mirror(&self, s: &RunningState) -> Result<()> {
+        if let (Some(rm), Some(rv), Some(n)) = (
+            &self.running_mean,
+            &self.running_var,
+            &self.num_batches_tracked,
+        ) {
+            let dev = rm.device();
+            rm.set(&Tensor::new(s.mean.as_slice(), dev)?.to_dtype(rm.dtype())?)?;
+            rv.set(&Tensor::new(s.var.as_slice(), dev)?.to_dtype(rv.dtype())?)?;
+            n.set(&Tensor::new(s.updates as i64, dev)?.to_dtype(n.dtype())?)?;
+        }
+        Ok(())
+    }
+
+    /// Forward in an explicit mode. Only [`Mode::Train`] updates the running statistics.
+    pub fn forward_mode(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        let state_in = lock(&self.inner)?.state.clone();
+        let op = Arc::new(BnOp {
+            cfg: self.cfg.clone(),
+            layout: self.layout,
+            mode,
+            state_in,
+            result: Mutex::new(OpResult::default()),
+        });
+        let dev = x.device();
+        let c = self.cfg.num_channels();
+        let ones;
+        let w = match &self.weight {
+            Some(w) => w,
+            None => {
+                ones = Tensor::ones(c, x.dtype(), dev)?;
+                &ones
+            }
+        };
+        let zeros;
+        let b = match &self.bias {
+            Some(b) => b,
+            None => {
+                zeros = Tensor::zeros(c, x.dtype(), dev)?;
+                &zeros
+            }
+        };
+        let boxed: Box<dyn candle_core::CustomOp3 + Send + Sync> = Box::new(ArcOp(op.clone()));
+        let y = x.apply_op3_arc(w, b, Arc::new(boxed))?;
+        let result = op
+            .result
+            .lock()
+            .map_err(|_| candle_core::Error::msg("bnorm op poisoned"))?;
+        let mut inner = lock(&self.inner)?;
+        inner.last_report = result.report.clone();
+        if result.report.updated {
+            if let Some(s) = &result.state {
+                self.mirror(s)?;
+                inner.state = Some(s.clone());
+            }
+            let saved = &result.saved;
+            let groups = saved.groups().max(1);
+            let avg = |v: &[f64]| -> Vec<f64> {
+                (0..c)
+                    .map(|ch| (0..groups).map(|g| v[g * c + ch]).sum::<f64>() / groups as f64)
+                    .collect()
+            };
+            inner.recent.push_back(BatchStats {
+                mean: avg(saved.mean()),
+                var: avg(saved.variance()),
+            });
+            while inner.recent.len() > RECENT_BATCHES {
+                inner.recent.pop_front();
+            }
+        }
+        Ok(y)
+    }
+}
+
+fn check_finite(what: &'static str, t: &Tensor) -> Result<()> {
+    let v = t.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    if let Some(channel) = v.iter().position(|x| !x.is_finite()) {
+        return Err(wrap(bnorm::Error::NonFiniteParameter { what, channel }));
+    }
+    Ok(())
+}
+
+/// Shares one op between the graph (for backward) and the layer (to read its results).
+struct ArcOp(Arc<BnOp>);
+
+impl candle_core::CustomOp3 for ArcOp {
+    fn name(&self) -> &'static str {
+        self.0.name()
+    }
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        self.0.cpu_fwd(s1, l1, s2, l2, s3, l3)
+    }
+    fn bwd(
+        &self,
+        a1: &Tensor,
+        a2: &Tensor,
+        a3: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        self.0.bwd(a1, a2, a3, res, grad)
+    }
+}
+
+impl ModuleT for BatchNorm {
+    /// `train = true` is [`Mode::Train`], `false` is [`Mode::Inference`].
+    fn forward_t(&self, xs: &Tensor, train: bool) -> Result<Tensor> {
+        self.forward_mode(xs, if train { Mode::Train } else { Mode::Inference })
+    }
+}

@@ -1,0 +1,202 @@
+//! The candle custom op that runs bnorm's forward and backward kernels.
+
+use std::borrow::Cow;
+use std::sync::Mutex;
+
+use bnorm::{Config, Element, Grads, Layout, Mode, Params, RunningState, Saved, StepReport};
+use candle_core::{
+    backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout as CLayout, Result, Shape,
+    Tensor, WithDType,
+};
+
+/// What one forward call produced besides its output.
+#[derive(Debug, Default)]
+pub(crate) struct OpResult {
+    pub saved: Saved,
+    pub state: Option<RunningState>,
+    pub report: StepReport,
+}
+
+/// One forward step of one layer: configuration, mode, the running statistics before the
+/// step, and (after `cpu_fwd`) what the step produced.
+pub(crate) struct BnOp {
+    pub cfg: Config,
+    pub layout: Layout,
+    pub mode: Mode,
+    pub state_in: Option<RunningState>,
+    pub result: Mutex<OpResult>,
+}
+
+pub(crate) fn wrap(e: bnorm::Error) -> candle_core::Error {
+    candle_core::Error::wrap(e)
+}
+
+/// The elements of a (possibly strided) CPU tensor in row-major order.
+fn gather<'a, T: Copy>(data: &'a [T], l: &CLayout) -> Cow<'a, [T]> {
+    if let Some((a, b)) = l.contiguous_offsets() {
+        return Cow::Borrowed(&data[a..b]);
+    }
+    let dims = l.shape().dims();
+    let stride = l.stride();
+    let n: usize = dims.iter().product();
+    let mut out = Vec::with_capacity(n);
+    let mut idx = vec![0usize; dims.len()];
+    for _ in 0..n {
+        let off = l.start_offset() + idx.iter().zip(stride).map(|(i, s)| i * s).sum::<usize>();
+        out.push(data[off]);
+        for d in (0..dims.len()).rev() {
+            idx[d] += 1;
+            if idx[d] < dims[d] {
+                break;
+            }
+            idx[d] = 0;
+        }
+    }
+    Cow::Owned(out)
+}
+
+fn params_of(s: &CpuStorage, l: &CLayout, present: bool) -> Result<Option<Vec<f64>>> {
+    if !present {
+        return Ok(None);
+    }
+    let v: Vec<f64> = match s {
+        CpuStorage::F32(d) => gather(d, l).iter().map(|&v| v as f64).collect(),
+        CpuStorage::F64(d) => gather(d, l).into_owned(),
+        CpuStorage::F16(d) => gather(d, l).iter().map(|v| v.to_f64()).collect(),
+        CpuStorage::BF16(d) => gather(d, l).iter().map(|v| v.to_f64()).collect(),
+        other => candle_core::bail!("bnorm: parameters of dtype {:?}", other.dtype()),
+    };
+    Ok(Some(v))
+}
+
+impl BnOp {
+    fn fwd_typed<T: Element + WithDType>(
+        &self,
+        x: &[T],
+        l: &CLayout,
+        params: Params,
+    ) -> Result<(CpuStorage, Shape)> {
+        let x = gather(x, l);
+        let g = self.layout.geometry(l.shape().dims()).map_err(wrap)?;
+        let mut y = vec![<T as Element>::from_f64(0.0); x.len()];
+        let mut guard = self
+            .result
+            .lock()
+            .map_err(|_| candle_core::Error::msg("poisoned"))?;
+        let r = &mut *guard;
+        let mut state = self.state_in.clone();
+        let report = bnorm::forward_into(
+            &self.cfg,
+            g,
+            &x,
+            &params,
+            state.as_mut(),
+            self.mode,
+            &mut y,
+            &mut r.saved,
+            &mut bnorm::Workspace::default(),
+            bnorm::Parallelism::Rayon,
+        )
+        .map_err(wrap)?;
+        r.state = state;
+        r.report = report;
+        Ok((T::to_cpu_storage_owned(y), l.shape().clone()))
+    }
+
+    fn bwd_typed<T: Element + WithDType>(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        dy: &Tensor,
+        params: &Params,
+    ) -> Result<(Tensor, Tensor, Tensor)> {
+        let xs = x.flatten_all()?.to_vec1::<T>()?;
+        let dys = dy.to_dtype(x.dtype())?.flatten_all()?.to_vec1::<T>()?;
+        let g = self.layout.geometry(x.dims()).map_err(wrap)?;
+        let guard = self
+            .result
+            .lock()
+            .map_err(|_| candle_core::Error::msg("poisoned"))?;
+        let mut dx = vec![<T as Element>::from_f64(0.0); xs.len()];
+        let mut grads = Grads::default();
+        bnorm::backward_into(
+            &self.cfg,
+            g,
+            &xs,
+            &dys,
+            params,
+            &guard.saved,
+            &mut dx,
+            &mut grads,
+            &mut bnorm::Workspace::default(),
+            bnorm::Parallelism::Rayon,
+        )
+        .map_err(wrap)?;
+        let dev = x.device();
+        let dx = Tensor::from_vec(dx, x.shape(), dev)?;
+        let dw = Tensor::new(grads.dweight.as_slice(), dev)?.to_dtype(w.dtype())?;
+        let db = Tensor::new(grads.dbias.as_slice(), dev)?.to_dtype(w.dtype())?;
+        Ok((dx, dw, db))
+    }
+}
+
+impl CustomOp3 for BnOp {
+    fn name(&self) -> &'static str {
+        "bnorm-batch-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &CLayout,
+        s2: &CpuStorage,
+        l2: &CLayout,
+        s3: &CpuStorage,
+        l3: &CLayout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let params = Params {
+            weight: params_of(s2, l2, self.cfg.has_scale())?,
+            bias: params_of(s3, l3, self.cfg.has_center())?,
+        };
+        match s1 {
+            CpuStorage::F32(x) => self.fwd_typed(x, l1, params),
+            CpuStorage::F64(x) => self.fwd_typed(x, l1, params),
+            CpuStorage::F16(x) => self.fwd_typed(x, l1, params),
+            CpuStorage::BF16(x) => self.fwd_typed(x, l1, params),
+            other => candle_core::bail!("bnorm: input of dtype {:?}", other.dtype()),
+        }
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        _res: &Tensor,
+        dy: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let to_f64 = |t: &Tensor, on: bool| -> Result<Option<Vec<f64>>> {
+            if on {
+                Ok(Some(t.to_dtype(DType::F64)?.to_vec1::<f64>()?))
+            } else {
+                Ok(None)
+            }
+        };
+        let params = Params {
+            weight: to_f64(w, self.cfg.has_scale())?,
+            bias: to_f64(b, self.cfg.has_center())?,
+        };
+        let (dx, dw, db) = match x.dtype() {
+            DType::F32 => self.bwd_typed::<f32>(x, w, dy, &params)?,
+            DType::F64 => self.bwd_typed::<f64>(x, w, dy, &params)?,
+            DType::F16 => self.bwd_typed::<half::f16>(x, w, dy, &params)?,
+            DType::BF16 => self.bwd_typed::<half::bf16>(x, w, dy, &params)?,
+            d => candle_core::bail!("bnorm: input of dtype {d:?}"),
+        };
+        Ok((
+            Some(dx),
+            self.cfg.has_scale().then_some(dw),
+            self.cfg.has_center().then_some(db),
+        ))
+    }
+}
