@@ -54,6 +54,13 @@ pub struct BatchStats {
     pub var: Vec<f64>,
 }
 
+/// A saved copy of a layer's mutable state (see [`BatchNorm::snapshot`]).
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    state: Option<RunningState>,
+    recent: VecDeque<BatchStats>,
+}
+
 #[derive(Debug)]
 struct Inner {
     state: Option<RunningState>,
@@ -188,6 +195,27 @@ impl BatchNorm {
         lock(&self.inner)
             .map(|g| g.last_report.clone())
             .unwrap_or_default()
+    }
+
+    /// Everything a forward step can change (running statistics and the recent batch
+    /// statistics), to evaluate in training mode without leaving a trace.
+    pub fn snapshot(&self) -> Result<Snapshot> {
+        let g = lock(&self.inner)?;
+        Ok(Snapshot {
+            state: g.state.clone(),
+            recent: g.recent.clone(),
+        })
+    }
+
+    /// Puts back what [`snapshot`](BatchNorm::snapshot) took.
+    pub fn restore(&self, snap: &Snapshot) -> Result<()> {
+        if let Some(s) = &snap.state {
+            self.mirror(s)?;
+        }
+        let mut g = lock(&self.inner)?;
+        g.state = snap.state.clone();
+        g.recent = snap.recent.clone();
+        Ok(())
     }
 
     fn mirror(&self, s: &RunningState) -> Result<()> {

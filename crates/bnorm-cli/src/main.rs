@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod conformance;
+mod demo;
 
 /// Batch normalization done completely: conformance replay, demo, benchmarks.
 #[derive(Parser)]
@@ -22,16 +23,17 @@ enum Command {
         /// Directory holding the case files.
         dir: PathBuf,
     },
+    /// Train a small CNN with bnorm layers and show the train/inference switch at work
+    /// (the default command).
+    Demo(demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Conformance { dir }) => conformance::run(&dir),
-        None => conformance::run(&PathBuf::from(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../conformance/cases"
-        ))),
+        Some(Command::Demo(args)) => demo::run(&args).map(|_| ExitCode::SUCCESS),
+        None => demo::run(&demo::DemoArgs::default()).map(|_| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,
