@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod conformance;
 mod demo;
 
@@ -26,12 +27,15 @@ enum Command {
     /// Train a small CNN with bnorm layers and show the train/inference switch at work
     /// (the default command).
     Demo(demo::DemoArgs),
+    /// Measure bandwidth of every kernel against a plain copy and candle-nn.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Some(Command::Conformance { dir }) => conformance::run(&dir),
+        Some(Command::Bench(args)) => bench::run(&args).map(|_| ExitCode::SUCCESS),
         Some(Command::Demo(args)) => demo::run(&args).map(|_| ExitCode::SUCCESS),
         None => demo::run(&demo::DemoArgs::default()).map(|_| ExitCode::SUCCESS),
     };

@@ -153,9 +153,11 @@ pub fn backward_into<T: Element>(
     }
     // Per (group, channel) coefficients of dx = a·dy + b·(x − μ) + k.
     let n = groups * c;
-    let mut a = vec![0.0; n];
-    let mut b = vec![0.0; n];
-    let mut k = vec![0.0; n];
+    let mut coef = std::mem::take(&mut ws.coef);
+    coef.clear();
+    coef.resize(3 * n, 0.0);
+    let (a, rest) = coef.split_at_mut(n);
+    let (b, k) = rest.split_at_mut(n);
     for i in 0..n {
         let ch = i % c;
         let (r, d) = if saved.r.is_empty() {
@@ -182,7 +184,7 @@ pub fn backward_into<T: Element>(
     }
     ws.tmp_pairs = sums;
     if !ghost {
-        kernels::affine2(g, x, dy, &saved.mean[..c], &a, &b, &k, dx, par);
+        kernels::affine2(g, x, dy, &saved.mean[..c], a, b, k, dx, par);
     } else {
         let sub = sample_geometry(g);
         let per = sub.len();
@@ -202,5 +204,6 @@ pub fn backward_into<T: Element>(
             );
         }
     }
+    ws.coef = coef;
     Ok(())
 }

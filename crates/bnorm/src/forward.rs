@@ -244,7 +244,8 @@ pub fn forward_into<T: Element>(
         for ch in 0..c {
             saved.invstd[ch] = 1.0 / (s.var[ch] + cfg.epsilon()).sqrt();
         }
-        write_output(cfg, g, x, params, saved, y, par);
+        set_coefficients(g, params, saved);
+        write_output(g, x, saved, y, par);
         return Ok(report);
     }
 
@@ -264,25 +265,54 @@ pub fn forward_into<T: Element>(
     resize(&mut saved.mean, groups * c);
     resize(&mut saved.var, groups * c);
     resize(&mut saved.invstd, groups * c);
-    if ghost.is_none() {
-        let mut m = std::mem::take(&mut ws.tmp);
-        m.clear();
-        m.resize(c, Moments::default());
+    let update = mode == Mode::Train && state.is_some();
+    let renorm = match (cfg.variant_kind(), update, state.as_deref()) {
+        (
+            Variant::Renorm(rn),
+            true,
+            Some(RunningState {
+                renorm: Some(rs), ..
+            }),
+        ) => Some((rn, rs)),
+        _ => None,
+    };
+    let eps = cfg.epsilon();
+    // Channels-first, one group, and no policy that could refuse the step after y is
+    // written: statistics and normalization fused per channel (same bits as unfused).
+    let fused = ghost.is_none()
+        && g.inner > 1
+        && !(update && cfg.non_finite_policy() == NonFinitePolicy::Error)
+        && g.channels >= 2 * rayon::current_num_threads().min(64);
+    let mut m = std::mem::take(&mut ws.tmp);
+    m.clear();
+    m.resize(c, Moments::default());
+    if fused {
+        let coef = |ch: usize, mo: Moments| {
+            let var = mo.variance_biased();
+            let invstd = 1.0 / (var + eps).sqrt();
+            let (r, d) = renorm.map_or((1.0, 0.0), |(rn, rs)| {
+                renorm_rd(rn, rs, ch, mo.mean, var, eps)
+            });
+            let gamma = params.gamma(ch);
+            (mo.mean, gamma * invstd * r, params.beta(ch) + gamma * d)
+        };
+        kernels::train_fused_cf(g, x, y, &mut m, par, coef);
+    } else if ghost.is_none() {
         kernels::moments(g, x, &mut m, ws, par);
+    }
+    if ghost.is_none() {
         for (ch, mo) in m.iter().enumerate() {
             saved.count[ch] = mo.count;
             saved.mean[ch] = mo.mean;
             saved.var[ch] = mo.variance_biased();
         }
-        ws.tmp = m;
     } else {
         ghost_moments(g, x, saved, ws)?;
     }
+    ws.tmp = m;
     for i in 0..groups * c {
-        saved.invstd[i] = 1.0 / (saved.var[i] + cfg.epsilon()).sqrt();
+        saved.invstd[i] = 1.0 / (saved.var[i] + eps).sqrt();
     }
-
-    let update = mode == Mode::Train && state.is_some();
     if update {
         for ch in 0..c {
             let finite = (0..groups).all(|gi| {
@@ -299,20 +329,19 @@ pub fn forward_into<T: Element>(
             });
         }
     }
-    if let (Variant::Renorm(rn), true, Some(s)) = (cfg.variant_kind(), update, state.as_deref()) {
-        if let Some(rs) = &s.renorm {
-            let sqrt_eps = cfg.epsilon().sqrt();
-            resize(&mut saved.r, c);
-            resize(&mut saved.d, c);
-            for ch in 0..c {
-                let sd = (saved.var[ch] + cfg.epsilon()).sqrt();
-                let sr = rs.stddev[ch].max(sqrt_eps);
-                saved.r[ch] = (sd / sr).clamp(rn.rmin, rn.rmax);
-                saved.d[ch] = ((saved.mean[ch] - rs.mean[ch]) / sr).clamp(-rn.dmax, rn.dmax);
-            }
+    if let Some((rn, rs)) = renorm {
+        resize(&mut saved.r, c);
+        resize(&mut saved.d, c);
+        for ch in 0..c {
+            let (r, d) = renorm_rd(rn, rs, ch, saved.mean[ch], saved.var[ch], eps);
+            saved.r[ch] = r;
+            saved.d[ch] = d;
         }
     }
-    write_output(cfg, g, x, params, saved, y, par);
+    set_coefficients(g, params, saved);
+    if !fused {
+        write_output(g, x, saved, y, par);
+    }
     if let (true, Some(s)) = (update, state) {
         running::update(cfg, s, saved, &report.skipped_channels);
         report.updated = true;
@@ -369,17 +398,26 @@ pub(crate) fn sample_geometry(g: Geometry) -> Geometry {
     }
 }
 
-/// `y = gamma·(x̂·r + d) + beta` with the saved statistics.
-fn write_output<T: Element>(
-    cfg: &Config,
-    g: Geometry,
-    x: &[T],
-    params: &Params,
-    saved: &mut Saved,
-    y: &mut [T],
-    par: Parallelism,
-) {
-    let _ = cfg;
+/// Batch renormalization's corrections `r = clip(σ/σ_r, rmin, rmax)` and
+/// `d = clip((μ − μ_r)/σ_r, −dmax, dmax)` with `σ_r = max(renorm_stddev, sqrt(eps))`.
+fn renorm_rd(
+    rn: crate::config::Renorm,
+    rs: &crate::state::RenormState,
+    ch: usize,
+    mean: f64,
+    var: f64,
+    eps: f64,
+) -> (f64, f64) {
+    let sd = (var + eps).sqrt();
+    let sr = rs.stddev[ch].max(eps.sqrt());
+    (
+        (sd / sr).clamp(rn.rmin, rn.rmax),
+        ((mean - rs.mean[ch]) / sr).clamp(-rn.dmax, rn.dmax),
+    )
+}
+
+/// Per (group, channel) `scale = γ·invstd·r`, `shift = β + γ·d` from the saved statistics.
+fn set_coefficients(g: Geometry, params: &Params, saved: &mut Saved) {
     let c = g.channels;
     let n = saved.groups.max(1) * c;
     resize(&mut saved.scale, n);
@@ -394,6 +432,11 @@ fn write_output<T: Element>(
         saved.scale[i] = params.gamma(ch) * saved.invstd[i] * r;
         saved.shift[i] = params.beta(ch) + params.gamma(ch) * d;
     }
+}
+
+/// `y = gamma·(x̂·r + d) + beta` with the saved statistics and coefficients.
+fn write_output<T: Element>(g: Geometry, x: &[T], saved: &Saved, y: &mut [T], par: Parallelism) {
+    let c = g.channels;
     if saved.groups <= 1 || saved.group_of.is_empty() {
         kernels::affine(
             g,

@@ -85,7 +85,7 @@ pub use config::{
 pub use element::{DType, Element};
 pub use error::{Error, Result};
 pub use forward::{forward, forward_into, Forward, Normalized, Saved, StepReport};
-pub use kernels::Workspace;
+pub use kernels::{simd_level, with_simd_level, SimdLevel, Workspace};
 pub use layer::BatchNorm;
 pub use layout::{Geometry, Layout};
 pub use parallel::{Parallelism, PARALLEL_THRESHOLD};

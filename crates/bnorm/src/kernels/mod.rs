@@ -1,27 +1,34 @@
-//! The four memory-bound kernels every batch-norm step is made of, for both loop shapes
+//! The memory-bound kernels every batch-norm step is made of, for both loop shapes
 //! (channels-first runs and channels-last rows):
 //!
 //! | kernel | computes | used by |
 //! | --- | --- | --- |
 //! | [`moments`] | per-channel `(count, mean, M2)` | training forward |
 //! | [`affine`] | `y = (x − center)·scale + shift` | every forward |
+//! | [`train_fused_cf`] | both, channel by channel, the second pass from cache | channels-first training forward |
 //! | [`dot`] | per-channel `Σdy`, `Σdy·(x − center)` | backward |
 //! | [`affine2`] | `dx = a·dy + b·(x − center) + k` | backward |
 //!
 //! Reductions are cut into segments fixed by the shape alone (never by the number of
 //! threads), each reduced sequentially, then merged in segment order: the result is
-//! bitwise identical with 1 thread or 64. Arithmetic is f64 for every storage type.
+//! bitwise identical with 1 thread or 64, and the fused kernel follows the same order.
+//! Arithmetic is f64 for every storage type. The inner loops ([`inner`]) are compiled for
+//! several instruction sets and picked at run time ([`simd`]).
 
+mod inner;
 mod reduce;
+pub(crate) mod simd;
 
 pub use reduce::Workspace;
 pub(crate) use reduce::{dot, moments};
+pub use simd::{simd_level, with_simd_level, SimdLevel};
 
 use rayon::prelude::*;
 
 use crate::element::Element;
 use crate::layout::Geometry;
 use crate::parallel::Parallelism;
+use crate::stats::Moments;
 
 /// Elements per parallel task (and per reduction segment). Fixed: it shapes the
 /// reduction order, so it must not depend on the machine.
@@ -30,9 +37,20 @@ pub(crate) const SEGMENT: usize = 1 << 15;
 /// Elements per block reduced by two passes while in L1.
 pub(crate) const BLOCK: usize = 2048;
 
+simd::dispatch! {
+    fn run_moments<T>(xs: &[T]) -> Moments;
+    fn run_dot<T>(xs: &[T], ds: &[T], m: f64) -> (f64, f64);
+    fn run_affine<T>(xs: &[T], ys: &mut [T], m: f64, s: f64, b: f64);
+    fn run_affine2<T>(xs: &[T], ds: &[T], os: &mut [T], m: f64, a: f64, b: f64, k: f64);
+    fn rows_moments<T>(rows: &[T], c: usize, out: &mut [Moments]);
+    fn rows_dot<T>(xs: &[T], ds: &[T], c: usize, center: &[f64], sa: &mut [f64], sb: &mut [f64]);
+    fn rows_affine<T>(xs: &[T], ys: &mut [T], c: usize, center: &[f64], scale: &[f64], shift: &[f64]);
+    fn rows_affine2<T>(xs: &[T], ds: &[T], os: &mut [T], c: usize, center: &[f64], a: &[f64], b: &[f64], k: &[f64]);
+}
+
 /// Rows per task for the element-wise kernels: at least one row, about `SEGMENT`
 /// elements.
-fn rows_per_task(row_len: usize) -> usize {
+pub(crate) fn rows_per_task(row_len: usize) -> usize {
     (SEGMENT / row_len.max(1)).max(1)
 }
 
@@ -53,14 +71,9 @@ pub(crate) fn affine<T: Element>(
         return;
     }
     let row = c * g.inner;
-    let rows = rows_per_task(row);
     let body = |(xs, ys): (&[T], &mut [T])| {
         if g.inner == 1 {
-            for (xr, yr) in xs.chunks_exact(c).zip(ys.chunks_exact_mut(c)) {
-                for ch in 0..c {
-                    yr[ch] = T::from_f64((xr[ch].to_f64() - center[ch]) * scale[ch] + shift[ch]);
-                }
-            }
+            rows_affine(xs, ys, c, center, scale, shift);
         } else {
             for (j, (xr, yr)) in xs
                 .chunks_exact(g.inner)
@@ -68,14 +81,11 @@ pub(crate) fn affine<T: Element>(
                 .enumerate()
             {
                 let ch = j % c;
-                let (m, s, b) = (center[ch], scale[ch], shift[ch]);
-                for (xv, yv) in xr.iter().zip(yr.iter_mut()) {
-                    *yv = T::from_f64((xv.to_f64() - m) * s + b);
-                }
+                run_affine(xr, yr, center[ch], scale[ch], shift[ch]);
             }
         }
     };
-    let chunk = rows * row;
+    let chunk = rows_per_task(row) * row;
     if par.is_parallel(g.len()) {
         x.par_chunks(chunk)
             .zip(y.par_chunks_mut(chunk))
@@ -106,17 +116,7 @@ pub(crate) fn affine2<T: Element>(
     let chunk = rows_per_task(row) * row;
     let body = |((xs, ds), os): ((&[T], &[T]), &mut [T])| {
         if g.inner == 1 {
-            for ((xr, dr), or) in xs
-                .chunks_exact(c)
-                .zip(ds.chunks_exact(c))
-                .zip(os.chunks_exact_mut(c))
-            {
-                for ch in 0..c {
-                    or[ch] = T::from_f64(
-                        a[ch] * dr[ch].to_f64() + b[ch] * (xr[ch].to_f64() - center[ch]) + k[ch],
-                    );
-                }
-            }
+            rows_affine2(xs, ds, os, c, center, a, b, k);
         } else {
             for (j, ((xr, dr), or)) in xs
                 .chunks_exact(g.inner)
@@ -125,10 +125,7 @@ pub(crate) fn affine2<T: Element>(
                 .enumerate()
             {
                 let ch = j % c;
-                let (m, av, bv, kv) = (center[ch], a[ch], b[ch], k[ch]);
-                for ((xv, dv), ov) in xr.iter().zip(dr).zip(or.iter_mut()) {
-                    *ov = T::from_f64(av * dv.to_f64() + bv * (xv.to_f64() - m) + kv);
-                }
+                run_affine2(xr, dr, or, center[ch], a[ch], b[ch], k[ch]);
             }
         }
     };
@@ -142,5 +139,53 @@ pub(crate) fn affine2<T: Element>(
             .zip(dy.chunks(chunk))
             .zip(dx.chunks_mut(chunk))
             .for_each(body);
+    }
+}
+
+/// A raw pointer that may cross threads; see the SAFETY notes where it is dereferenced.
+#[derive(Clone, Copy)]
+struct SendPtr<T>(*mut T);
+// SAFETY: the pointer is only used to build disjoint sub-slices of one `&mut [T]`
+// (rows of distinct channels) while that exclusive borrow is held by the caller.
+unsafe impl<T: Send> Send for SendPtr<T> {}
+// SAFETY: as above; no two threads ever form overlapping slices.
+unsafe impl<T: Send> Sync for SendPtr<T> {}
+
+/// Channels-first training forward, one channel per task: the channel's moments (same
+/// segments and merge order as [`moments`], so the same bits), then its normalization
+/// with `coef(channel, moments) = (center, scale, shift)` while the channel's rows are
+/// still in cache. Writes every element of `y` and the moments of every channel to `out`.
+pub(crate) fn train_fused_cf<T: Element, F>(
+    g: Geometry,
+    x: &[T],
+    y: &mut [T],
+    out: &mut [Moments],
+    par: Parallelism,
+    coef: F,
+) where
+    F: Fn(usize, Moments) -> (f64, f64, f64) + Sync,
+{
+    assert!(g.inner > 1 && x.len() == g.len() && y.len() == g.len() && out.len() == g.channels);
+    let c = g.channels;
+    let inner = g.inner;
+    let y_ptr = SendPtr(y.as_mut_ptr());
+    let task = |(ch, o): (usize, &mut Moments)| {
+        let m = reduce::channel_moments_cf(g, x, ch);
+        *o = m;
+        let (center, scale, shift) = coef(ch, m);
+        let ptr = y_ptr;
+        for n in 0..g.outer {
+            let start = (n * c + ch) * inner;
+            // SAFETY: `start + inner <= g.len() == y.len()` (asserted above), and the row
+            // `(n, ch)` belongs to channel `ch` alone: tasks of different channels write
+            // disjoint rows of `y`, which the caller borrows exclusively for this call.
+            let yr = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(start), inner) };
+            run_affine(&x[start..start + inner], yr, center, scale, shift);
+        }
+    };
+    if par.is_parallel(g.len()) {
+        out.par_iter_mut().enumerate().for_each(task);
+    } else {
+        out.iter_mut().enumerate().for_each(task);
     }
 }

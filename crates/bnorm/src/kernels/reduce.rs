@@ -2,94 +2,11 @@
 
 use rayon::prelude::*;
 
-use super::{rows_per_task, BLOCK};
+use super::{rows_dot, rows_moments, rows_per_task, run_dot, run_moments};
 use crate::element::Element;
 use crate::layout::Geometry;
 use crate::parallel::Parallelism;
 use crate::stats::Moments;
-
-/// Independent accumulators per reduction loop (one AVX-512 register of f64, two AVX2).
-const LANES: usize = 8;
-
-/// Channels handled together in a channels-last block (stack arrays, no allocation).
-const CHANNEL_GROUP: usize = 64;
-
-/// Σx over a contiguous slice with `LANES` independent accumulators.
-#[inline(always)]
-fn sum<T: Element>(xs: &[T]) -> f64 {
-    let mut acc = [0.0f64; LANES];
-    let mut chunks = xs.chunks_exact(LANES);
-    for ch in &mut chunks {
-        for l in 0..LANES {
-            acc[l] += ch[l].to_f64();
-        }
-    }
-    let mut tail = 0.0;
-    for v in chunks.remainder() {
-        tail += v.to_f64();
-    }
-    pairwise(acc) + tail
-}
-
-/// Σ(x − m)² over a contiguous slice.
-#[inline(always)]
-fn sum_sq_dev<T: Element>(xs: &[T], m: f64) -> f64 {
-    let mut acc = [0.0f64; LANES];
-    let mut chunks = xs.chunks_exact(LANES);
-    for ch in &mut chunks {
-        for l in 0..LANES {
-            let d = ch[l].to_f64() - m;
-            acc[l] += d * d;
-        }
-    }
-    let mut tail = 0.0;
-    for v in chunks.remainder() {
-        let d = v.to_f64() - m;
-        tail += d * d;
-    }
-    pairwise(acc) + tail
-}
-
-/// (Σdy, Σdy·(x − m)) over contiguous slices.
-#[inline(always)]
-fn sum_dot<T: Element>(xs: &[T], ds: &[T], m: f64) -> (f64, f64) {
-    let mut a = [0.0f64; LANES];
-    let mut b = [0.0f64; LANES];
-    let mut xc = xs.chunks_exact(LANES);
-    let mut dc = ds.chunks_exact(LANES);
-    for (xl, dl) in (&mut xc).zip(&mut dc) {
-        for l in 0..LANES {
-            let d = dl[l].to_f64();
-            a[l] += d;
-            b[l] += d * (xl[l].to_f64() - m);
-        }
-    }
-    let (mut ta, mut tb) = (0.0, 0.0);
-    for (xv, dv) in xc.remainder().iter().zip(dc.remainder()) {
-        let d = dv.to_f64();
-        ta += d;
-        tb += d * (xv.to_f64() - m);
-    }
-    (pairwise(a) + ta, pairwise(b) + tb)
-}
-
-#[inline(always)]
-fn pairwise(a: [f64; LANES]) -> f64 {
-    ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
-}
-
-/// Moments of one contiguous run, block by block.
-#[inline(always)]
-fn run_moments<T: Element>(xs: &[T]) -> Moments {
-    let mut acc = Moments::default();
-    for block in xs.chunks(BLOCK) {
-        let n = block.len() as f64;
-        let mean = sum(block) / n;
-        let m2 = sum_sq_dev(block, mean);
-        acc = acc.merge(Moments { count: n, mean, m2 });
-    }
-    acc
-}
 
 /// Scratch space for the reductions, reusable across calls so that a training step does
 /// not allocate once it has warmed up.
@@ -99,17 +16,38 @@ pub struct Workspace {
     pairs: Vec<(f64, f64)>,
     pub(crate) tmp: Vec<Moments>,
     pub(crate) tmp_pairs: Vec<(f64, f64)>,
+    pub(crate) coef: Vec<f64>,
 }
 
-/// Number of segments per channel (channels-first) or in total (channels-last).
+/// Rows per segment and number of segments (per channel for channels-first, in total for
+/// channels-last). Depends on the shape only.
 fn segments(g: Geometry) -> (usize, usize) {
-    if g.inner == 1 {
-        let rps = rows_per_task(g.channels);
-        (rps, g.outer.div_ceil(rps))
-    } else {
-        let rps = rows_per_task(g.inner);
-        (rps, g.outer.div_ceil(rps))
+    let rps = rows_per_task(if g.inner == 1 { g.channels } else { g.inner });
+    (rps, g.outer.div_ceil(rps))
+}
+
+/// Moments of one segment of one channel (channels-first): rows in order.
+fn segment_moments_cf<T: Element>(
+    g: Geometry,
+    x: &[T],
+    ch: usize,
+    s: usize,
+    rps: usize,
+) -> Moments {
+    let mut acc = Moments::default();
+    for n in s * rps..((s + 1) * rps).min(g.outer) {
+        let start = (n * g.channels + ch) * g.inner;
+        acc = acc.merge(run_moments(&x[start..start + g.inner]));
     }
+    acc
+}
+
+/// Moments of one channel (channels-first) in the canonical order: segments in order.
+pub(crate) fn channel_moments_cf<T: Element>(g: Geometry, x: &[T], ch: usize) -> Moments {
+    let (rps, nseg) = segments(g);
+    (0..nseg).fold(Moments::default(), |acc, s| {
+        acc.merge(segment_moments_cf(g, x, ch, s, rps))
+    })
 }
 
 /// Per-channel moments of `x` into `out` (length C).
@@ -123,9 +61,9 @@ pub(crate) fn moments<T: Element>(
     let c = g.channels;
     let (rps, nseg) = segments(g);
     let parallel = par.is_parallel(g.len());
+    ws.moments.clear();
+    ws.moments.resize(nseg * c, Moments::default());
     if g.inner == 1 {
-        ws.moments.clear();
-        ws.moments.resize(nseg * c, Moments::default());
         let task = |(s, part): (usize, &mut [Moments])| {
             let rows = &x[s * rps * c..((s + 1) * rps).min(g.outer) * c];
             rows_moments(rows, c, part);
@@ -144,16 +82,8 @@ pub(crate) fn moments<T: Element>(
             });
         }
     } else {
-        ws.moments.clear();
-        ws.moments.resize(nseg * c, Moments::default());
         let task = |(t, o): (usize, &mut Moments)| {
-            let (ch, s) = (t / nseg, t % nseg);
-            let mut acc = Moments::default();
-            for n in s * rps..((s + 1) * rps).min(g.outer) {
-                let start = (n * c + ch) * g.inner;
-                acc = acc.merge(run_moments(&x[start..start + g.inner]));
-            }
-            *o = acc;
+            *o = segment_moments_cf(g, x, t / nseg, t % nseg, rps);
         };
         if parallel {
             ws.moments.par_iter_mut().enumerate().for_each(task);
@@ -164,41 +94,6 @@ pub(crate) fn moments<T: Element>(
             *o = ws.moments[ch * nseg..(ch + 1) * nseg]
                 .iter()
                 .fold(Moments::default(), |acc, m| acc.merge(*m));
-        }
-    }
-}
-
-/// Per-channel moments of a run of channels-last rows (`rows.len()` a multiple of `c`).
-fn rows_moments<T: Element>(rows: &[T], c: usize, out: &mut [Moments]) {
-    let br = (BLOCK / c).max(1);
-    for block in rows.chunks(br * c) {
-        let n = (block.len() / c) as f64;
-        for g0 in (0..c).step_by(CHANNEL_GROUP) {
-            let w = CHANNEL_GROUP.min(c - g0);
-            let mut s = [0.0f64; CHANNEL_GROUP];
-            for r in block.chunks_exact(c) {
-                for j in 0..w {
-                    s[j] += r[g0 + j].to_f64();
-                }
-            }
-            let mut mean = [0.0f64; CHANNEL_GROUP];
-            for j in 0..w {
-                mean[j] = s[j] / n;
-            }
-            let mut q = [0.0f64; CHANNEL_GROUP];
-            for r in block.chunks_exact(c) {
-                for j in 0..w {
-                    let d = r[g0 + j].to_f64() - mean[j];
-                    q[j] += d * d;
-                }
-            }
-            for j in 0..w {
-                out[g0 + j] = out[g0 + j].merge(Moments {
-                    count: n,
-                    mean: mean[j],
-                    m2: q[j],
-                });
-            }
         }
     }
 }
@@ -221,23 +116,11 @@ pub(crate) fn dot<T: Element>(
     if g.inner == 1 {
         let task = |(s, part): (usize, &mut [(f64, f64)])| {
             let range = s * rps * c..((s + 1) * rps).min(g.outer) * c;
-            for g0 in (0..c).step_by(CHANNEL_GROUP) {
-                let w = CHANNEL_GROUP.min(c - g0);
-                let mut a = [0.0f64; CHANNEL_GROUP];
-                let mut b = [0.0f64; CHANNEL_GROUP];
-                for (xr, dr) in x[range.clone()]
-                    .chunks_exact(c)
-                    .zip(dy[range.clone()].chunks_exact(c))
-                {
-                    for j in 0..w {
-                        let d = dr[g0 + j].to_f64();
-                        a[j] += d;
-                        b[j] += d * (xr[g0 + j].to_f64() - center[g0 + j]);
-                    }
-                }
-                for j in 0..w {
-                    part[g0 + j] = (a[j], b[j]);
-                }
+            let mut a = vec![0.0f64; c];
+            let mut b = vec![0.0f64; c];
+            rows_dot(&x[range.clone()], &dy[range], c, center, &mut a, &mut b);
+            for (p, (av, bv)) in part.iter_mut().zip(a.into_iter().zip(b)) {
+                *p = (av, bv);
             }
         };
         if parallel {
@@ -258,7 +141,7 @@ pub(crate) fn dot<T: Element>(
             for n in s * rps..((s + 1) * rps).min(g.outer) {
                 let start = (n * c + ch) * g.inner;
                 let r = start..start + g.inner;
-                let (pa, pb) = sum_dot(&x[r.clone()], &dy[r], center[ch]);
+                let (pa, pb) = run_dot(&x[r.clone()], &dy[r], center[ch]);
                 a += pa;
                 b += pb;
             }

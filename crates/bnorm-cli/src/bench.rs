@@ -1,0 +1,397 @@
+//! `bnorm bench`: effective memory bandwidth of bnorm's kernels against a plain copy of
+//! the same bytes measured in the same run, and against candle-nn's BatchNorm.
+//!
+//! Effective bandwidth = bytes of x read once + bytes of y written once, over the median
+//! time (backward: x and dy read once, dx written once). The copy row moves the same
+//! number of bytes (forward: copies x into y; backward: copies 1.5× as many elements) with
+//! the same threads, in the same chunks.
+
+use std::hint::black_box;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use bnorm::{
+    backward_into, bf16, forward_into, Config, Element, Grads, Layout, Mode, Parallelism, Params,
+    RunningState, Saved, Workspace,
+};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{ModuleT, VarBuilder, VarMap};
+use clap::Args;
+use rayon::prelude::*;
+use serde_json::{json, Value};
+
+use crate::demo::write_atomic;
+
+/// Options of `bnorm bench`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Also write one JSON object per measurement to FILE.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Seconds of timed runs per measurement (after one warm-up run).
+    #[arg(long, default_value_t = 1.0)]
+    pub seconds: f64,
+    /// Minimum timed runs per measurement (the median is reported).
+    #[arg(long, default_value_t = 20)]
+    pub min_runs: usize,
+    /// Skip the candle-nn comparison rows.
+    #[arg(long)]
+    pub no_candle: bool,
+    /// Only these shapes (e.g. `--shapes S1,S4`).
+    #[arg(long, value_delimiter = ',')]
+    pub shapes: Vec<String>,
+}
+
+struct Shape {
+    name: &'static str,
+    layout: Layout,
+    dims: &'static [usize],
+}
+
+const SHAPES: &[Shape] = &[
+    Shape {
+        name: "S1",
+        layout: Layout::NCHW,
+        dims: &[32, 64, 56, 56],
+    },
+    Shape {
+        name: "S2",
+        layout: Layout::NCHW,
+        dims: &[32, 256, 14, 14],
+    },
+    Shape {
+        name: "S3",
+        layout: Layout::NC,
+        dims: &[4096, 1024],
+    },
+    Shape {
+        name: "S4",
+        layout: Layout::NHWC,
+        dims: &[32, 56, 56, 64],
+    },
+    Shape {
+        name: "S5",
+        layout: Layout::NCHW,
+        dims: &[64, 128, 56, 56],
+    },
+];
+
+/// Median wall time of `f` over at least `min_runs` runs and about `seconds` seconds.
+fn median(seconds: f64, min_runs: usize, mut f: impl FnMut()) -> f64 {
+    f(); // warm-up
+    let mut times = Vec::new();
+    let budget = Duration::from_secs_f64(seconds);
+    let start = Instant::now();
+    while times.len() < min_runs || (start.elapsed() < budget && times.len() < 1000) {
+        let t = Instant::now();
+        f();
+        times.push(t.elapsed().as_secs_f64());
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    times[times.len() / 2]
+}
+
+fn par_copy<T: Copy + Send + Sync>(src: &[T], dst: &mut [T]) {
+    const CHUNK: usize = 1 << 15;
+    dst.par_chunks_mut(CHUNK)
+        .zip(src.par_chunks(CHUNK))
+        .for_each(|(d, s)| d.copy_from_slice(s));
+}
+
+struct Row {
+    value: Value,
+}
+
+fn row(
+    imp: &str,
+    op: &str,
+    s: &Shape,
+    dtype: &str,
+    median_s: f64,
+    bytes: f64,
+    copy_gbps: Option<f64>,
+) -> Row {
+    let gbps = bytes / median_s / 1e9;
+    let mut v = json!({
+        "impl": imp, "op": op, "shape": s.name, "dims": s.dims, "layout": s.layout.name(),
+        "dtype": dtype, "median_s": median_s, "gbps": gbps,
+    });
+    if let Some(c) = copy_gbps {
+        v["copy_gbps"] = json!(c);
+        v["ratio"] = json!(gbps / c);
+    }
+    Row { value: v }
+}
+
+fn data<T: Element>(n: usize, seed: u64) -> Vec<T> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            T::from_f64(((s >> 40) as f64 / (1u64 << 24) as f64) * 4.0 - 2.0 + 3.0)
+        })
+        .collect()
+}
+
+fn bench_bnorm<T: Element + Default>(
+    s: &Shape,
+    dtype: &str,
+    a: &BenchArgs,
+    out: &mut Vec<Row>,
+) -> Result<()> {
+    let g = s.layout.geometry(s.dims)?;
+    let n = g.len();
+    let c = g.channels;
+    let size = std::mem::size_of::<T>() as f64;
+    let cfg = Config::torch(c);
+    let p = Params::init(&cfg);
+    let x: Vec<T> = data(n, 1);
+    let dy: Vec<T> = data(n, 2);
+    let mut y = vec![T::default(); n];
+    let mut dx = vec![T::default(); n];
+    let mut state = RunningState::init(&cfg);
+    let mut saved = Saved::default();
+    let mut ws = Workspace::default();
+    let mut grads = Grads::default();
+    let par = Parallelism::Rayon;
+
+    // Copy ceilings for the same bytes.
+    let fwd_bytes = 2.0 * n as f64 * size;
+    let bwd_bytes = 3.0 * n as f64 * size;
+    let t = median(a.seconds, a.min_runs, || par_copy(black_box(&x), &mut y));
+    let copy_fwd = fwd_bytes / t / 1e9;
+    out.push(row("copy", "forward_bytes", s, dtype, t, fwd_bytes, None));
+    let big: Vec<T> = data(n + n / 2, 3);
+    let mut big_out = vec![T::default(); n + n / 2];
+    let t = median(a.seconds, a.min_runs, || {
+        par_copy(black_box(&big), &mut big_out)
+    });
+    let copy_bwd = bwd_bytes / t / 1e9;
+    out.push(row("copy", "backward_bytes", s, dtype, t, bwd_bytes, None));
+    drop((big, big_out));
+
+    let t = median(a.seconds, a.min_runs, || {
+        forward_into(
+            &cfg,
+            g,
+            &x,
+            &p,
+            state.as_mut(),
+            Mode::Train,
+            &mut y,
+            &mut saved,
+            &mut ws,
+            par,
+        )
+        .expect("valid input");
+    });
+    out.push(row(
+        "bnorm",
+        "train_fwd",
+        s,
+        dtype,
+        t,
+        fwd_bytes,
+        Some(copy_fwd),
+    ));
+    let t = median(a.seconds, a.min_runs, || {
+        backward_into(
+            &cfg, g, &x, &dy, &p, &saved, &mut dx, &mut grads, &mut ws, par,
+        )
+        .expect("valid input");
+    });
+    out.push(row(
+        "bnorm",
+        "backward",
+        s,
+        dtype,
+        t,
+        bwd_bytes,
+        Some(copy_bwd),
+    ));
+    let t = median(a.seconds, a.min_runs, || {
+        forward_into(
+            &cfg,
+            g,
+            &x,
+            &p,
+            state.as_mut(),
+            Mode::Inference,
+            &mut y,
+            &mut saved,
+            &mut ws,
+            par,
+        )
+        .expect("valid input");
+    });
+    out.push(row(
+        "bnorm",
+        "infer_fwd",
+        s,
+        dtype,
+        t,
+        fwd_bytes,
+        Some(copy_fwd),
+    ));
+
+    // The allocating tier, for comparison (fresh output every call).
+    let mut layer = cfg.clone().build()?;
+    let t = median(a.seconds, a.min_runs.min(10), || {
+        black_box(
+            layer
+                .forward(&x, s.dims, s.layout, Mode::Train)
+                .expect("valid input"),
+        );
+    });
+    out.push(row(
+        "bnorm-alloc",
+        "train_fwd",
+        s,
+        dtype,
+        t,
+        fwd_bytes,
+        Some(copy_fwd),
+    ));
+    Ok(())
+}
+
+fn bench_candle(
+    s: &Shape,
+    dtype: DType,
+    dname: &str,
+    a: &BenchArgs,
+    out: &mut Vec<Row>,
+) -> Result<()> {
+    if s.layout.is_channels_last() && s.layout != Layout::NC {
+        return Ok(()); // candle-nn normalizes dim 1 only: no channels-last layout
+    }
+    let dev = Device::Cpu;
+    let g = s.layout.geometry(s.dims)?;
+    let n = g.len();
+    let size = dtype.size_in_bytes() as f64;
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, dtype, &dev);
+    let bn = candle_nn::batch_norm(g.channels, candle_nn::BatchNormConfig::default(), vb)?;
+    let x = Tensor::from_vec(data::<f32>(n, 1), s.dims, &dev)?.to_dtype(dtype)?;
+    let x = candle_core::Var::from_tensor(&x)?;
+    let dy = Tensor::from_vec(data::<f32>(n, 2), s.dims, &dev)?.to_dtype(dtype)?;
+    let (fwd_bytes, bwd_bytes) = (2.0 * n as f64 * size, 3.0 * n as f64 * size);
+    let runs = a.min_runs.min(5);
+    let t = median(a.seconds, runs, || {
+        black_box(bn.forward_t(x.as_tensor(), true).expect("candle forward"));
+    });
+    out.push(row("candle-nn", "train_fwd", s, dname, t, fwd_bytes, None));
+    let t = median(a.seconds, runs, || {
+        black_box(bn.forward_t(x.as_tensor(), false).expect("candle forward"));
+    });
+    out.push(row("candle-nn", "infer_fwd", s, dname, t, fwd_bytes, None));
+    let t = median(a.seconds, runs, || {
+        let y = bn.forward_t(x.as_tensor(), true).expect("candle forward");
+        let loss = (y * &dy).and_then(|p| p.sum_all()).expect("candle loss");
+        black_box(loss.backward().expect("candle backward"));
+    });
+    let t_fwd = median(a.seconds, runs, || {
+        let y = bn.forward_t(x.as_tensor(), true).expect("candle forward");
+        black_box((y * &dy).and_then(|p| p.sum_all()).expect("candle loss"));
+    });
+    // backward alone: the step minus its forward part.
+    out.push(row(
+        "candle-nn",
+        "backward",
+        s,
+        dname,
+        (t - t_fwd).max(1e-9),
+        bwd_bytes,
+        None,
+    ));
+    Ok(())
+}
+
+/// Runs every measurement and prints the table.
+pub fn run(a: &BenchArgs) -> Result<()> {
+    let threads = rayon::current_num_threads();
+    println!("bnorm bench: {threads} threads; median of >= {} runs after a warm-up; GB/s = bytes read + written / time", a.min_runs);
+    let mut rows = Vec::new();
+    let wanted =
+        |s: &Shape| a.shapes.is_empty() || a.shapes.iter().any(|w| w.eq_ignore_ascii_case(s.name));
+    for s in SHAPES.iter().filter(|s| wanted(s)) {
+        bench_bnorm::<f32>(s, "f32", a, &mut rows)?;
+        if !a.no_candle {
+            bench_candle(s, DType::F32, "f32", a, &mut rows)?;
+        }
+    }
+    for s in SHAPES
+        .iter()
+        .filter(|s| (s.name == "S1" || s.name == "S4") && wanted(s))
+    {
+        bench_bnorm::<bf16>(s, "bf16", a, &mut rows)?;
+        if !a.no_candle {
+            bench_candle(s, DType::BF16, "bf16", a, &mut rows)?;
+        }
+    }
+    // speed-up over candle-nn
+    let values: Vec<Value> = rows.into_iter().map(|r| r.value).collect();
+    let find = |imp: &str, op: &str, shape: &str, dtype: &str| {
+        values.iter().find(|v| {
+            v["impl"] == imp && v["op"] == op && v["shape"] == shape && v["dtype"] == dtype
+        })
+    };
+    println!(
+        "{:<6} {:<6} {:<5} {:<10} {:>10} {:>9} {:>9} {:>7} {:>12} {:>9}",
+        "shape",
+        "layout",
+        "dtype",
+        "op",
+        "median ms",
+        "GB/s",
+        "copy GB/s",
+        "ratio",
+        "candle GB/s",
+        "speed-up"
+    );
+    let mut out = Vec::new();
+    for v in &values {
+        let mut v = v.clone();
+        if v["impl"] == "bnorm" || v["impl"] == "bnorm-alloc" {
+            let text = |k: &str| v[k].as_str().unwrap_or("").to_string();
+            let (op, shape, dtype) = (text("op"), text("shape"), text("dtype"));
+            let (op, shape, dtype) = (op.as_str(), shape.as_str(), dtype.as_str());
+            let cand = find("candle-nn", op, shape, dtype).and_then(|c| c["median_s"].as_f64());
+            if let (Some(c), Some(m)) = (cand, v["median_s"].as_f64()) {
+                v["speedup_vs_candle"] = json!(c / m);
+            }
+            println!(
+                "{:<6} {:<6} {:<5} {:<10} {:>10.3} {:>9.2} {:>9.2} {:>7.2} {:>12} {:>9}",
+                shape,
+                v["layout"].as_str().unwrap_or(""),
+                dtype,
+                if v["impl"] == "bnorm-alloc" {
+                    format!("{op}*")
+                } else {
+                    op.to_string()
+                },
+                v["median_s"].as_f64().unwrap_or(0.0) * 1e3,
+                v["gbps"].as_f64().unwrap_or(0.0),
+                v["copy_gbps"].as_f64().unwrap_or(0.0),
+                v["ratio"].as_f64().unwrap_or(0.0),
+                find("candle-nn", op, shape, dtype)
+                    .and_then(|c| c["gbps"].as_f64())
+                    .map_or("-".into(), |g| format!("{g:.2}")),
+                v.get("speedup_vs_candle")
+                    .and_then(|s| s.as_f64())
+                    .map_or("-".into(), |s| format!("{s:.1}x")),
+            );
+        }
+        out.push(v);
+    }
+    println!("(* = allocating tier: a fresh output per call, page faults included)");
+    if let Some(path) = &a.json {
+        write_atomic(path, serde_json::to_string_pretty(&out)?.as_bytes())
+            .with_context(|| format!("writing {}", path.display()))?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}

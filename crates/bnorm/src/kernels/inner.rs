@@ -1,0 +1,226 @@
+//! The inner loops, written once for every element type and instruction set. Each keeps
+//! `LANES` independent f64 accumulators (or works across channels), so the compiler
+//! vectorizes it at whatever width the enclosing `#[target_feature]` allows, and the
+//! lanes are combined in a fixed order: every level gives the same bits.
+
+use super::BLOCK;
+use crate::element::Element;
+use crate::stats::Moments;
+
+/// Independent accumulators per reduction loop.
+const LANES: usize = 8;
+
+/// Channels handled together in a channels-last block (stack arrays, no allocation).
+pub(crate) const CHANNEL_GROUP: usize = 64;
+
+#[inline(always)]
+fn pairwise(a: [f64; LANES]) -> f64 {
+    ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
+}
+
+#[inline(always)]
+fn sum<T: Element>(xs: &[T]) -> f64 {
+    let mut acc = [0.0f64; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for ch in &mut chunks {
+        for l in 0..LANES {
+            acc[l] += ch[l].to_f64();
+        }
+    }
+    let mut tail = 0.0;
+    for v in chunks.remainder() {
+        tail += v.to_f64();
+    }
+    pairwise(acc) + tail
+}
+
+#[inline(always)]
+fn sum_sq_dev<T: Element>(xs: &[T], m: f64) -> f64 {
+    let mut acc = [0.0f64; LANES];
+    let mut chunks = xs.chunks_exact(LANES);
+    for ch in &mut chunks {
+        for l in 0..LANES {
+            let d = ch[l].to_f64() - m;
+            acc[l] += d * d;
+        }
+    }
+    let mut tail = 0.0;
+    for v in chunks.remainder() {
+        let d = v.to_f64() - m;
+        tail += d * d;
+    }
+    pairwise(acc) + tail
+}
+
+/// Moments of a contiguous run: blocks of `BLOCK` reduced by two passes while in L1,
+/// merged in order.
+#[inline(always)]
+pub(crate) fn run_moments<T: Element>(xs: &[T]) -> Moments {
+    let mut acc = Moments::default();
+    for block in xs.chunks(BLOCK) {
+        let n = block.len() as f64;
+        let mean = sum(block) / n;
+        let m2 = sum_sq_dev(block, mean);
+        acc = acc.merge(Moments { count: n, mean, m2 });
+    }
+    acc
+}
+
+/// (Σdy, Σdy·(x − m)) over a contiguous run.
+#[inline(always)]
+pub(crate) fn run_dot<T: Element>(xs: &[T], ds: &[T], m: f64) -> (f64, f64) {
+    let mut a = [0.0f64; LANES];
+    let mut b = [0.0f64; LANES];
+    let mut xc = xs.chunks_exact(LANES);
+    let mut dc = ds.chunks_exact(LANES);
+    for (xl, dl) in (&mut xc).zip(&mut dc) {
+        for l in 0..LANES {
+            let d = dl[l].to_f64();
+            a[l] += d;
+            b[l] += d * (xl[l].to_f64() - m);
+        }
+    }
+    let (mut ta, mut tb) = (0.0, 0.0);
+    for (xv, dv) in xc.remainder().iter().zip(dc.remainder()) {
+        let d = dv.to_f64();
+        ta += d;
+        tb += d * (xv.to_f64() - m);
+    }
+    (pairwise(a) + ta, pairwise(b) + tb)
+}
+
+/// `y = (x − m)·s + b` over a contiguous run.
+#[inline(always)]
+pub(crate) fn run_affine<T: Element>(xs: &[T], ys: &mut [T], m: f64, s: f64, b: f64) {
+    for (y, x) in ys.iter_mut().zip(xs) {
+        *y = T::from_f64((x.to_f64() - m) * s + b);
+    }
+}
+
+/// `o = a·dy + b·(x − m) + k` over a contiguous run.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_affine2<T: Element>(
+    xs: &[T],
+    ds: &[T],
+    os: &mut [T],
+    m: f64,
+    a: f64,
+    b: f64,
+    k: f64,
+) {
+    for ((o, x), d) in os.iter_mut().zip(xs).zip(ds) {
+        *o = T::from_f64(a * d.to_f64() + b * (x.to_f64() - m) + k);
+    }
+}
+
+/// Merges the per-channel moments of channels-last rows (`rows.len()` a multiple of `c`)
+/// into `out`, block by block (each block's rows reduced by two passes in L1).
+#[inline(always)]
+pub(crate) fn rows_moments<T: Element>(rows: &[T], c: usize, out: &mut [Moments]) {
+    let br = (BLOCK / c).max(1);
+    for block in rows.chunks(br * c) {
+        let n = (block.len() / c) as f64;
+        for g0 in (0..c).step_by(CHANNEL_GROUP) {
+            let w = CHANNEL_GROUP.min(c - g0);
+            let mut s = [0.0f64; CHANNEL_GROUP];
+            for r in block.chunks_exact(c) {
+                for (acc, v) in s[..w].iter_mut().zip(&r[g0..g0 + w]) {
+                    *acc += v.to_f64();
+                }
+            }
+            let mut mean = [0.0f64; CHANNEL_GROUP];
+            for (m, acc) in mean[..w].iter_mut().zip(&s[..w]) {
+                *m = acc / n;
+            }
+            let mut q = [0.0f64; CHANNEL_GROUP];
+            for r in block.chunks_exact(c) {
+                for ((acc, v), m) in q[..w].iter_mut().zip(&r[g0..g0 + w]).zip(&mean[..w]) {
+                    let d = v.to_f64() - m;
+                    *acc += d * d;
+                }
+            }
+            for j in 0..w {
+                out[g0 + j] = out[g0 + j].merge(Moments {
+                    count: n,
+                    mean: mean[j],
+                    m2: q[j],
+                });
+            }
+        }
+    }
+}
+
+/// Adds per-channel (Σdy, Σdy·(x − center)) of channels-last rows into `sa`, `sb`.
+#[inline(always)]
+pub(crate) fn rows_dot<T: Element>(
+    xs: &[T],
+    ds: &[T],
+    c: usize,
+    center: &[f64],
+    sa: &mut [f64],
+    sb: &mut [f64],
+) {
+    for (xr, dr) in xs.chunks_exact(c).zip(ds.chunks_exact(c)) {
+        for ((((a, b), x), d), m) in sa[..c]
+            .iter_mut()
+            .zip(sb[..c].iter_mut())
+            .zip(xr)
+            .zip(dr)
+            .zip(&center[..c])
+        {
+            let dv = d.to_f64();
+            *a += dv;
+            *b += dv * (x.to_f64() - m);
+        }
+    }
+}
+
+/// `y = (x − center)·scale + shift` on channels-last rows.
+#[inline(always)]
+pub(crate) fn rows_affine<T: Element>(
+    xs: &[T],
+    ys: &mut [T],
+    c: usize,
+    center: &[f64],
+    scale: &[f64],
+    shift: &[f64],
+) {
+    for (xr, yr) in xs.chunks_exact(c).zip(ys.chunks_exact_mut(c)) {
+        for ((((y, x), m), s), b) in yr
+            .iter_mut()
+            .zip(xr)
+            .zip(&center[..c])
+            .zip(&scale[..c])
+            .zip(&shift[..c])
+        {
+            *y = T::from_f64((x.to_f64() - m) * s + b);
+        }
+    }
+}
+
+/// `o = a·dy + b·(x − center) + k` on channels-last rows.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rows_affine2<T: Element>(
+    xs: &[T],
+    ds: &[T],
+    os: &mut [T],
+    c: usize,
+    center: &[f64],
+    a: &[f64],
+    b: &[f64],
+    k: &[f64],
+) {
+    for ((xr, dr), or) in xs
+        .chunks_exact(c)
+        .zip(ds.chunks_exact(c))
+        .zip(os.chunks_exact_mut(c))
+    {
+        for ch in 0..c {
+            or[ch] = T::from_f64(
+                a[ch] * dr[ch].to_f64() + b[ch] * (xr[ch].to_f64() - center[ch]) + k[ch],
+            );
+        }
+    }
+}

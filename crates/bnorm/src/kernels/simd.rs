@@ -1,0 +1,143 @@
+//! Run-time selection of the instruction set, once per process.
+//!
+//! The inner loops in [`super::inner`] are written once, generically, with independent
+//! lanes that the compiler vectorizes. [`dispatch!`] compiles each of them again inside
+//! `#[target_feature]` wrappers for AVX2+FMA and AVX-512 (x86-64); the level is detected
+//! once and cached. `BNORM_SIMD=scalar|avx2|avx512` caps it (never above what the CPU
+//! has), so every path can be tested on a fast machine. All levels give bitwise identical
+//! results: lanes are combined in a fixed order and no multiply-add is contracted.
+
+use std::sync::OnceLock;
+
+/// An instruction-set level of the kernels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SimdLevel {
+    /// The baseline build (SSE2 on x86-64, NEON on aarch64).
+    Scalar,
+    /// x86-64 AVX2 and FMA.
+    Avx2,
+    /// x86-64 AVX-512 (F, VL, BW, DQ).
+    Avx512,
+}
+
+impl SimdLevel {
+    /// The levels this CPU supports, lowest first.
+    pub fn supported() -> Vec<SimdLevel> {
+        let mut v = vec![SimdLevel::Scalar];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                v.push(SimdLevel::Avx2);
+                if is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512dq")
+                {
+                    v.push(SimdLevel::Avx512);
+                }
+            }
+        }
+        v
+    }
+
+    /// Name as accepted by `BNORM_SIMD`.
+    pub fn name(self) -> &'static str {
+        match self {
+            SimdLevel::Scalar => "scalar",
+            SimdLevel::Avx2 => "avx2",
+            SimdLevel::Avx512 => "avx512",
+        }
+    }
+}
+
+static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
+
+/// The level the kernels use: the best the CPU supports, capped by `BNORM_SIMD`.
+///
+/// ```
+/// let level = bnorm::simd_level();
+/// assert!(bnorm::SimdLevel::supported().contains(&level));
+/// ```
+pub fn simd_level() -> SimdLevel {
+    *LEVEL.get_or_init(|| {
+        let best = *SimdLevel::supported().last().unwrap_or(&SimdLevel::Scalar);
+        match std::env::var("BNORM_SIMD").ok().as_deref() {
+            Some("scalar") => SimdLevel::Scalar,
+            Some("avx2") => best.min(SimdLevel::Avx2),
+            _ => best,
+        }
+    })
+}
+
+thread_local! {
+    static FORCED: std::cell::Cell<Option<SimdLevel>> = const { std::cell::Cell::new(None) };
+}
+
+/// Runs `f` with the kernels of this thread forced to `level` (tests use it to check every
+/// path against the reference). Levels the CPU lacks fall back to the best it has; work
+/// that `f` sends to other threads uses the process-wide level.
+pub fn with_simd_level<R>(level: SimdLevel, f: impl FnOnce() -> R) -> R {
+    let level = if SimdLevel::supported().contains(&level) {
+        level
+    } else {
+        simd_level()
+    };
+    let old = FORCED.with(|c| c.replace(Some(level)));
+    let r = f();
+    FORCED.with(|c| c.set(old));
+    r
+}
+
+/// The level for a call on this thread.
+#[inline]
+pub(crate) fn current() -> SimdLevel {
+    FORCED.with(|c| c.get()).unwrap_or_else(simd_level)
+}
+
+/// Defines a dispatching wrapper `name` for the generic inner loop `inner::name`.
+macro_rules! dispatch {
+    ($(fn $name:ident<$t:ident>($($arg:ident : $ty:ty),*) $(-> $ret:ty)?;)*) => {
+        #[cfg(target_arch = "x86_64")]
+        mod avx2 {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[target_feature(enable = "avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                pub(super) unsafe fn $name<$t: Element>($($arg: $ty),*) $(-> $ret)? {
+                    $crate::kernels::inner::$name::<$t>($($arg),*)
+                }
+            )*
+        }
+        #[cfg(target_arch = "x86_64")]
+        mod avx512 {
+            #[allow(unused_imports)]
+            use super::*;
+            $(
+                #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+                #[allow(clippy::too_many_arguments)]
+                pub(super) unsafe fn $name<$t: Element>($($arg: $ty),*) $(-> $ret)? {
+                    $crate::kernels::inner::$name::<$t>($($arg),*)
+                }
+            )*
+        }
+        $(
+            #[inline]
+            #[allow(clippy::too_many_arguments)]
+            pub(crate) fn $name<$t: Element>($($arg: $ty),*) $(-> $ret)? {
+                match $crate::kernels::simd::current() {
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `current()` returns Avx2 only when the CPU reports AVX2 and FMA.
+                    $crate::kernels::simd::SimdLevel::Avx2 => unsafe { avx2::$name::<$t>($($arg),*) },
+                    #[cfg(target_arch = "x86_64")]
+                    // SAFETY: `current()` returns Avx512 only when the CPU reports AVX-512
+                    // F/VL/BW/DQ, AVX2 and FMA.
+                    $crate::kernels::simd::SimdLevel::Avx512 => unsafe { avx512::$name::<$t>($($arg),*) },
+                    _ => $crate::kernels::inner::$name::<$t>($($arg),*),
+                }
+            }
+        )*
+    };
+}
+
+pub(crate) use dispatch;

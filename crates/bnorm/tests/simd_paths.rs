@@ -1,0 +1,175 @@
+//! Every instruction-set path of the kernels, directly against the float64 reference and
+//! against each other, on sizes that hit every tail: per-channel runs from 1 to several
+//! vector widths and blocks, channel counts across the channel-group width, odd shapes.
+#![allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+
+mod common;
+
+use bnorm::{
+    backward_into, bf16, f16, forward_into, reference, with_simd_level, Config, Element, Grads,
+    Layout, Mode, Parallelism, Params, RunningState, Saved, SimdLevel, Workspace,
+};
+use common::{assert_close, Rng};
+
+/// One training step and its backward, sequentially on this thread at `level`.
+fn step<T: Element>(
+    level: SimdLevel,
+    cfg: &Config,
+    layout: Layout,
+    shape: &[usize],
+    x: &[T],
+    dy: &[T],
+) -> (Vec<T>, Vec<T>, Grads, RunningState) {
+    with_simd_level(level, || {
+        let g = layout.geometry(shape).unwrap();
+        let p = Params::init(cfg);
+        let mut s = RunningState::init(cfg);
+        let (mut y, mut dx) = (
+            vec![T::from_f64(0.0); x.len()],
+            vec![T::from_f64(0.0); x.len()],
+        );
+        let (mut saved, mut ws, mut grads) =
+            (Saved::default(), Workspace::default(), Grads::default());
+        forward_into(
+            cfg,
+            g,
+            x,
+            &p,
+            s.as_mut(),
+            Mode::Train,
+            &mut y,
+            &mut saved,
+            &mut ws,
+            Parallelism::Sequential,
+        )
+        .unwrap();
+        backward_into(
+            cfg,
+            g,
+            x,
+            dy,
+            &p,
+            &saved,
+            &mut dx,
+            &mut grads,
+            &mut ws,
+            Parallelism::Sequential,
+        )
+        .unwrap();
+        (y, dx, grads, s.unwrap())
+    })
+}
+
+fn sweep<T: Element>(tol: f64) {
+    let levels = SimdLevel::supported();
+    let mut shapes: Vec<(Layout, Vec<usize>)> = Vec::new();
+    for inner in [
+        1usize, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, 63, 65, 2047, 2049,
+    ] {
+        shapes.push((Layout::NCL, vec![2, 3, inner]));
+    }
+    for c in [1usize, 2, 3, 7, 8, 9, 15, 16, 17, 33, 63, 64, 65, 129] {
+        shapes.push((Layout::NC, vec![5, c]));
+        shapes.push((Layout::NLC, vec![2, 3, c]));
+    }
+    shapes.push((Layout::NCHW, vec![3, 5, 7, 9]));
+    shapes.push((Layout::NDHWC, vec![2, 3, 5, 7, 11]));
+    for (i, (layout, shape)) in shapes.iter().enumerate() {
+        let c = shape[layout.channel_axis()];
+        let cfg = Config::torch(c);
+        let n: usize = shape.iter().product();
+        let mut rng = Rng(i as u64 + 1);
+        let x: Vec<T> = rng
+            .vec(n, 50.0, 3.0)
+            .iter()
+            .map(|&v| T::from_f64(v))
+            .collect();
+        let dy: Vec<T> = rng
+            .vec(n, 0.0, 1.0)
+            .iter()
+            .map(|&v| T::from_f64(v))
+            .collect();
+        let xw: Vec<f64> = x.iter().map(|v| v.to_f64()).collect();
+        let dyw: Vec<f64> = dy.iter().map(|v| v.to_f64()).collect();
+        let p = Params::init(&cfg);
+        let r = reference::forward(
+            &cfg,
+            *layout,
+            shape,
+            &xw,
+            &p,
+            RunningState::init(&cfg).as_ref(),
+            Mode::Train,
+        )
+        .unwrap();
+        let rb = reference::backward(&cfg, *layout, shape, &xw, &dyw, &p, &r).unwrap();
+        let base = step(SimdLevel::Scalar, &cfg, *layout, shape, &x, &dy);
+        for &level in &levels {
+            let (y, dx, grads, s) = step(level, &cfg, *layout, shape, &x, &dy);
+            let ctx = format!("{} {layout} {shape:?} {level:?}", T::DTYPE);
+            let w = |v: &[T]| v.iter().map(|e| e.to_f64()).collect::<Vec<_>>();
+            assert_close(&format!("{ctx} y"), &w(&y), &r.y, tol, tol);
+            let scale = rb.dx.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+            assert_close(&format!("{ctx} dx"), &w(&dx), &rb.dx, tol * scale, tol);
+            assert_close(
+                &format!("{ctx} dweight"),
+                &grads.dweight,
+                &rb.dweight,
+                1e-9 * n as f64,
+                1e-9,
+            );
+            assert_close(
+                &format!("{ctx} running_var"),
+                &s.var,
+                &r.state.as_ref().unwrap().var,
+                1e-12,
+                1e-10,
+            );
+            // and bitwise equal to the scalar path
+            assert!(
+                y == base.0 && dx == base.1 && grads == base.2 && s == base.3,
+                "{ctx}: differs from the scalar path"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_simd_level_matches_the_reference_f32() {
+    sweep::<f32>(2e-6);
+}
+
+#[test]
+fn every_simd_level_matches_the_reference_f64() {
+    sweep::<f64>(1e-12);
+}
+
+#[test]
+fn every_simd_level_matches_the_reference_16_bit() {
+    sweep::<bf16>(2e-2);
+    sweep::<f16>(2e-3);
+}
+
+/// The fused channels-first training forward (chosen with few threads per channel) and
+/// the two-pass one (chosen with many) give the same bits.
+#[test]
+fn fused_and_unfused_training_forward_agree_bitwise() {
+    let shape = [6, 8, 70, 90];
+    let n: usize = shape.iter().product();
+    let mut rng = Rng(5);
+    let x: Vec<f32> = rng.vec(n, 1e4, 1.0).iter().map(|&v| v as f32).collect();
+    let run = |threads: usize| {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            let mut bn = Config::keras(8).build().unwrap();
+            let (y, _) = bn.forward(&x, &shape, Layout::NCHW, Mode::Train).unwrap();
+            (y, bn.running().unwrap().clone())
+        })
+    };
+    let fused = run(1); // 8 channels >= 2 × 1 thread: fused
+    let unfused = run(16); // 8 channels < 2 × 16 threads: two passes
+    assert!(fused == unfused);
+}
