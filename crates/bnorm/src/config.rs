@@ -63,17 +63,86 @@ pub enum NonFinitePolicy {
     Error,
 }
 
-/// Batch renormalization (Ioffe 2017) with tf_keras's fixed clipping.
+/// Batch renormalization (Ioffe 2017). Without a schedule the clipping is fixed, as
+/// tf_keras does; with one, the limits relax over training as in the paper.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Renorm {
-    /// Upper clip of `r` (≥ 1).
+    /// Upper clip of `r` (≥ 1); the final value when scheduled.
     pub rmax: f64,
-    /// Lower clip of `r` (in (0, 1]); tf_keras uses `1 / rmax`.
+    /// Lower clip of `r` (in (0, 1]), independent of `rmax` (tf_keras uses `1 / rmax`);
+    /// the final value when scheduled.
     pub rmin: f64,
-    /// Clip of `|d|` (≥ 0).
+    /// Clip of `|d|` (≥ 0); the final value when scheduled.
     pub dmax: f64,
     /// Decay of the renorm mean and standard deviation (tf_keras `renorm_momentum`).
     pub momentum: f64,
+    /// Warm-up of the limits; `None` keeps them fixed.
+    pub schedule: Option<RenormSchedule>,
+}
+
+/// The paper's warm-up: `rmax` grows linearly from 1 to its final value (and `rmin`
+/// shrinks from 1 to its final value) over training steps `[r_start, r_end]`, and `dmax`
+/// grows from 0 over `[d_start, d_end]` (the paper: r over 5k–40k steps, d over 5k–25k).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RenormSchedule {
+    /// Step at which `rmax`/`rmin` start to relax.
+    pub r_start: u64,
+    /// Step at which they reach their final values.
+    pub r_end: u64,
+    /// Step at which `dmax` starts to grow.
+    pub d_start: u64,
+    /// Step at which it reaches its final value.
+    pub d_end: u64,
+}
+
+/// The clipping limits in force at one step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RenormLimits {
+    /// Lower clip of r.
+    pub rmin: f64,
+    /// Upper clip of r.
+    pub rmax: f64,
+    /// Clip of |d|.
+    pub dmax: f64,
+}
+
+impl Renorm {
+    /// The limits at training step `t` (the number of updates before this step).
+    ///
+    /// ```
+    /// use bnorm::{Renorm, RenormSchedule};
+    /// let rn = Renorm { schedule: Some(RenormSchedule { r_start: 10, r_end: 30, d_start: 10, d_end: 20 }),
+    ///                   ..Renorm::default() };
+    /// assert_eq!(rn.limits(0).rmax, 1.0);      // before the warm-up: plain batch norm
+    /// assert_eq!(rn.limits(0).dmax, 0.0);
+    /// assert_eq!(rn.limits(20).rmax, 2.0);     // halfway from 1 to 3
+    /// assert_eq!(rn.limits(15).dmax, 2.5);     // halfway from 0 to 5
+    /// assert_eq!(rn.limits(99).rmax, 3.0);
+    /// ```
+    pub fn limits(&self, t: u64) -> RenormLimits {
+        let Some(s) = self.schedule else {
+            return RenormLimits {
+                rmin: self.rmin,
+                rmax: self.rmax,
+                dmax: self.dmax,
+            };
+        };
+        let frac = |start: u64, end: u64| {
+            if t <= start {
+                0.0
+            } else if t >= end {
+                1.0
+            } else {
+                (t - start) as f64 / (end - start) as f64
+            }
+        };
+        let fr = frac(s.r_start, s.r_end);
+        RenormLimits {
+            rmin: 1.0 + (self.rmin - 1.0) * fr,
+            rmax: 1.0 + (self.rmax - 1.0) * fr,
+            dmax: self.dmax * frac(s.d_start, s.d_end),
+        }
+    }
 }
 
 impl Default for Renorm {
@@ -84,8 +153,22 @@ impl Default for Renorm {
             rmin: 1.0 / 3.0,
             dmax: 5.0,
             momentum: 0.99,
+            schedule: None,
         }
     }
+}
+
+/// What inference or frozen steps do with running statistics that no training step ever
+/// updated (`updates == 0`: mean 0 and variance 1, or a checkpoint saved without them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ColdPolicy {
+    /// Use them silently.
+    Allow,
+    /// Use them and set [`StepReport::cold_statistics`](crate::StepReport::cold_statistics).
+    #[default]
+    Report,
+    /// Refuse the step with [`Error::ColdStatistics`].
+    Error,
 }
 
 /// How samples are assigned to ghost (virtual) batches.
@@ -108,6 +191,16 @@ pub enum GhostRemainder {
     SmallerLastGroup,
 }
 
+/// How ghost batches update the running statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GhostUpdate {
+    /// Once per step with the average of the group means and variances (tf_keras).
+    #[default]
+    Averaged,
+    /// Once per group, in group order (as if each ghost batch were a training step).
+    PerGroup,
+}
+
 /// Ghost batch normalization: each virtual batch is normalized with its own statistics.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Ghost {
@@ -117,6 +210,8 @@ pub struct Ghost {
     pub grouping: GhostGrouping,
     /// What a batch that `virtual_batch_size` does not divide gets.
     pub remainder: GhostRemainder,
+    /// How the running statistics are updated.
+    pub update: GhostUpdate,
 }
 
 impl Ghost {
@@ -126,6 +221,7 @@ impl Ghost {
             virtual_batch_size,
             grouping: GhostGrouping::Strided,
             remainder: GhostRemainder::Error,
+            update: GhostUpdate::Averaged,
         }
     }
 
@@ -200,6 +296,7 @@ pub struct Config {
     center: bool,
     track_running_stats: bool,
     non_finite: NonFinitePolicy,
+    cold: ColdPolicy,
     variant: Variant,
 }
 
@@ -216,6 +313,7 @@ impl Config {
             center: true,
             track_running_stats: true,
             non_finite: NonFinitePolicy::SkipChannel,
+            cold: ColdPolicy::Report,
             variant: Variant::BatchNorm,
         }
     }
@@ -298,6 +396,12 @@ impl Config {
         self
     }
 
+    /// What inference does with never-updated running statistics.
+    pub fn cold_statistics(mut self, policy: ColdPolicy) -> Config {
+        self.cold = policy;
+        self
+    }
+
     /// Plain batch norm, renorm, or ghost batches.
     pub fn variant(mut self, variant: Variant) -> Config {
         self.variant = variant;
@@ -335,6 +439,10 @@ impl Config {
     /// The non-finite policy.
     pub fn non_finite_policy(&self) -> NonFinitePolicy {
         self.non_finite
+    }
+    /// The cold-statistics policy.
+    pub fn cold_policy(&self) -> ColdPolicy {
+        self.cold
     }
     /// The variant.
     pub fn variant_kind(&self) -> Variant {
@@ -381,6 +489,15 @@ impl Config {
                 }
                 if !(r.dmax.is_finite() && r.dmax >= 0.0) {
                     return Err(bad("dmax", r.dmax, "a finite number >= 0"));
+                }
+                if let Some(s) = r.schedule {
+                    if s.r_end < s.r_start || s.d_end < s.d_start {
+                        return Err(bad(
+                            "renorm schedule",
+                            format!("{s:?}"),
+                            "end steps not before their start steps",
+                        ));
+                    }
                 }
                 if !unit(r.momentum) {
                     return Err(bad("renorm momentum", r.momentum, "a number in [0, 1]"));

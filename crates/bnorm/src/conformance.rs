@@ -271,6 +271,7 @@ impl Case {
                 rmin: self.number("rmin")?,
                 dmax: self.number("dmax")?,
                 momentum: self.number("renorm_momentum")?,
+                schedule: None,
             }),
             Some("ghost") => {
                 if self.get("ghost_grouping").map(String::as_str) != Some("strided") {

@@ -66,6 +66,9 @@ pub enum Error {
         /// The configured virtual batch size.
         virtual_batch_size: usize,
     },
+    /// Inference on running statistics that no training step updated, refused by
+    /// [`ColdPolicy::Error`](crate::ColdPolicy::Error).
+    ColdStatistics,
     /// `backward` was given saved statistics of another shape or configuration.
     SavedMismatch {
         /// What differs.
@@ -121,6 +124,11 @@ impl fmt::Display for Error {
                 f,
                 "virtual batch size {virtual_batch_size} does not divide the batch of {batch} \
                  samples: change the batch size or allow a smaller last group"
+            ),
+            Error::ColdStatistics => write!(
+                f,
+                "the running statistics were never updated (mean 0, variance 1 or a checkpoint \
+                 without statistics): train first, load trained statistics, or recalibrate"
             ),
             Error::SavedMismatch { reason } => write!(
                 f,

@@ -5,13 +5,13 @@
 //! state in place, and reuses `saved` and the [`Workspace`] so a warmed-up training step
 //! allocates nothing. Both validate everything before writing anything.
 
-use crate::config::{Config, NonFinitePolicy, Variant};
+use crate::config::{ColdPolicy, Config, NonFinitePolicy, Variant};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::kernels::{self, Workspace};
 use crate::layout::Geometry;
 use crate::parallel::Parallelism;
-use crate::running;
+use crate::running::{self, BatchStats, PendingUpdate};
 use crate::state::{Mode, Params, RunningState};
 use crate::stats::Moments;
 
@@ -72,6 +72,20 @@ impl Saved {
     pub fn groups(&self) -> usize {
         self.groups
     }
+    /// Values per channel (per group) the batch statistics were computed over.
+    pub fn count(&self) -> &[f64] {
+        &self.count
+    }
+
+    /// The batch statistics of a training step, as the running-statistics update reads them.
+    pub(crate) fn batch_stats(&self) -> BatchStats<'_> {
+        BatchStats {
+            groups: self.groups.max(1),
+            count: &self.count,
+            mean: &self.mean,
+            var: &self.var,
+        }
+    }
 }
 
 /// What a forward step reports besides its output.
@@ -82,6 +96,10 @@ pub struct StepReport {
     /// Channels whose batch statistics were not finite and whose running statistics were
     /// therefore left unchanged ([`NonFinitePolicy::SkipChannel`]).
     pub skipped_channels: Vec<usize>,
+    /// The step normalized with running statistics that no training step ever updated
+    /// (`updates == 0`): a model evaluated before training, or a checkpoint without its
+    /// statistics ([`ColdPolicy::Report`]).
+    pub cold_statistics: bool,
 }
 
 /// Output of the allocating [`forward`].
@@ -198,6 +216,64 @@ pub fn forward_into<T: Element>(
     ws: &mut Workspace,
     par: Parallelism,
 ) -> Result<StepReport> {
+    let mut report = forward_core(cfg, g, x, params, state.as_deref(), mode, y, saved, ws, par)?;
+    if let (Mode::Train, Some(s)) = (mode, state) {
+        running::update(cfg, s, saved.batch_stats(), &report.skipped_channels);
+        report.updated = true;
+    }
+    Ok(report)
+}
+
+/// Training forward whose running-statistics update is returned instead of applied:
+/// `state` is only read. Commit the [`PendingUpdate`] later (or drop it): a skipped
+/// mixed-precision step, or gradient accumulation over micro-batches (merge the pending
+/// updates, then commit once: exactly the update of the concatenated batch).
+///
+/// ```
+/// use bnorm::{forward_pending_into, Config, Layout, Mode, Parallelism, Params, RunningState, Saved, Workspace};
+/// let cfg = Config::torch(1);
+/// let g = Layout::NC.geometry(&[2, 1])?;
+/// let (p, mut state) = (Params::init(&cfg), RunningState::init(&cfg).unwrap());
+/// let (mut y, mut saved, mut ws) = (vec![0.0f64; 2], Saved::default(), Workspace::default());
+/// let (_, pending) = forward_pending_into(&cfg, g, &[1.0, 3.0], &p, Some(&state), &mut y,
+///                                         &mut saved, &mut ws, Parallelism::Sequential)?;
+/// assert_eq!(state.updates, 0); // nothing applied yet
+/// pending.unwrap().commit(&cfg, &mut state)?;
+/// assert!((state.mean[0] - 0.2).abs() < 1e-12);
+/// # Ok::<(), bnorm::Error>(())
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn forward_pending_into<T: Element>(
+    cfg: &Config,
+    g: Geometry,
+    x: &[T],
+    params: &Params,
+    state: Option<&RunningState>,
+    y: &mut [T],
+    saved: &mut Saved,
+    ws: &mut Workspace,
+    par: Parallelism,
+) -> Result<(StepReport, Option<PendingUpdate>)> {
+    let report = forward_core(cfg, g, x, params, state, Mode::Train, y, saved, ws, par)?;
+    let pending =
+        state.map(|_| PendingUpdate::from_stats(saved.batch_stats(), &report.skipped_channels));
+    Ok((report, pending))
+}
+
+/// Everything of a forward step except the running-statistics update.
+#[allow(clippy::too_many_arguments)]
+fn forward_core<T: Element>(
+    cfg: &Config,
+    g: Geometry,
+    x: &[T],
+    params: &Params,
+    state: Option<&RunningState>,
+    mode: Mode,
+    y: &mut [T],
+    saved: &mut Saved,
+    ws: &mut Workspace,
+    par: Parallelism,
+) -> Result<StepReport> {
     cfg.validate()?;
     params.validate(cfg)?;
     check_input(cfg, g, x.len(), "x")?;
@@ -229,10 +305,16 @@ pub fn forward_into<T: Element>(
     let mut report = StepReport::default();
 
     if normalized == Normalized::Running {
-        // Safe to unwrap-free: `state` is Some here by the match above.
-        let Some(s) = state.as_deref() else {
+        let Some(s) = state else {
             return Err(Error::NoRunningStatistics);
         };
+        if s.updates == 0 {
+            match cfg.cold_policy() {
+                ColdPolicy::Error => return Err(Error::ColdStatistics),
+                ColdPolicy::Report => report.cold_statistics = true,
+                ColdPolicy::Allow => {}
+            }
+        }
         saved.groups = 1;
         saved.group_of.clear();
         resize(&mut saved.count, c);
@@ -266,14 +348,10 @@ pub fn forward_into<T: Element>(
     resize(&mut saved.var, groups * c);
     resize(&mut saved.invstd, groups * c);
     let update = mode == Mode::Train && state.is_some();
-    let renorm = match (cfg.variant_kind(), update, state.as_deref()) {
-        (
-            Variant::Renorm(rn),
-            true,
-            Some(RunningState {
-                renorm: Some(rs), ..
-            }),
-        ) => Some((rn, rs)),
+    let renorm = match (cfg.variant_kind(), update, state) {
+        (Variant::Renorm(rn), true, Some(s)) => {
+            s.renorm.as_ref().map(|rs| (rn.limits(s.updates), rs))
+        }
         _ => None,
     };
     let eps = cfg.epsilon();
@@ -342,10 +420,6 @@ pub fn forward_into<T: Element>(
     if !fused {
         write_output(g, x, saved, y, par);
     }
-    if let (true, Some(s)) = (update, state) {
-        running::update(cfg, s, saved, &report.skipped_channels);
-        report.updated = true;
-    }
     Ok(report)
 }
 
@@ -401,7 +475,7 @@ pub(crate) fn sample_geometry(g: Geometry) -> Geometry {
 /// Batch renormalization's corrections `r = clip(σ/σ_r, rmin, rmax)` and
 /// `d = clip((μ − μ_r)/σ_r, −dmax, dmax)` with `σ_r = max(renorm_stddev, sqrt(eps))`.
 fn renorm_rd(
-    rn: crate::config::Renorm,
+    rn: crate::config::RenormLimits,
     rs: &crate::state::RenormState,
     ch: usize,
     mean: f64,

@@ -79,16 +79,19 @@ mod stats;
 
 pub use backward::{backward, backward_into, Backward, Grads};
 pub use config::{
-    Config, Ghost, GhostGrouping, GhostRemainder, Momentum, NonFinitePolicy, Renorm,
-    VarianceEstimator, Variant,
+    ColdPolicy, Config, Ghost, GhostGrouping, GhostRemainder, GhostUpdate, Momentum,
+    NonFinitePolicy, Renorm, RenormLimits, RenormSchedule, VarianceEstimator, Variant,
 };
 pub use element::{DType, Element};
 pub use error::{Error, Result};
-pub use forward::{forward, forward_into, Forward, Normalized, Saved, StepReport};
+pub use forward::{
+    forward, forward_into, forward_pending_into, Forward, Normalized, Saved, StepReport,
+};
 pub use kernels::{simd_level, with_simd_level, SimdLevel, Workspace};
 pub use layer::BatchNorm;
 pub use layout::{Geometry, Layout};
 pub use parallel::{Parallelism, PARALLEL_THRESHOLD};
+pub use running::PendingUpdate;
 pub use state::{DebiasState, Mode, Params, RenormState, RunningState};
 pub use stats::Moments;
 

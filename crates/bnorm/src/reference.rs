@@ -169,11 +169,12 @@ pub fn forward(
     let train_update = mode == Mode::Train && state.is_some();
     if let (Variant::Renorm(rn), true, Some(s)) = (cfg.variant_kind(), train_update, state) {
         let rs = s.renorm.as_ref().ok_or(Error::NoRunningStatistics)?;
+        let lim = rn.limits(s.updates);
         for k in 0..c {
             let sd = (var[0][k] + eps).sqrt();
             let sr = rs.stddev[k].max(eps.sqrt());
-            r[k] = (sd / sr).clamp(rn.rmin, rn.rmax);
-            d[k] = ((mean[0][k] - rs.mean[k]) / sr).clamp(-rn.dmax, rn.dmax);
+            r[k] = (sd / sr).clamp(lim.rmin, lim.rmax);
+            d[k] = ((mean[0][k] - rs.mean[k]) / sr).clamp(-lim.dmax, lim.dmax);
         }
     }
     let y = (0..x.len())
@@ -183,43 +184,55 @@ pub fn forward(
             params.gamma(k) * (xhat * r[k] + d[k]) + params.beta(k)
         })
         .collect();
-    if let (true, Some(s)) = (train_update, new_state.as_mut()) {
-        s.updates += 1;
-        let t = s.updates;
-        for k in 0..c {
-            let bm = (0..groups).map(|gi| mean[gi][k]).sum::<f64>() / groups as f64;
-            let bv = (0..groups).map(|gi| var[gi][k]).sum::<f64>() / groups as f64;
-            if !(bm.is_finite() && bv.is_finite()) {
-                continue;
-            }
-            let m = (0..groups).map(|gi| count[gi][k] as f64).sum::<f64>() / groups as f64;
-            let rv = match cfg.running_variance_estimator() {
-                VarianceEstimator::Biased => bv,
-                VarianceEstimator::Unbiased => bv * m / (m - 1.0),
-            };
-            let a = match cfg.momentum_convention() {
-                Momentum::NewWeight(a) => a,
-                Momentum::Cumulative => 1.0 / t as f64,
-                Momentum::Decay(dd) => 1.0 - dd,
-                Momentum::DebiasedDecay(dd) => {
-                    let db = s.debias.as_mut().ok_or(Error::NoRunningStatistics)?;
-                    db.mean[k] = dd * db.mean[k] + (1.0 - dd) * bm;
-                    db.var[k] = dd * db.var[k] + (1.0 - dd) * rv;
-                    s.mean[k] = db.mean[k] / (1.0 - dd.powi(t as i32));
-                    s.var[k] = db.var[k] / (1.0 - dd.powi(t as i32));
+    let per_group =
+        matches!(cfg.variant_kind(), Variant::Ghost(g) if g.update == crate::GhostUpdate::PerGroup);
+    // Each update folds the average over `sets` of groups: all groups at once (tf_keras),
+    // or one group at a time in order.
+    let sets: Vec<Vec<usize>> = if per_group {
+        (0..groups).map(|g| vec![g]).collect()
+    } else {
+        vec![(0..groups).collect()]
+    };
+    for set in &sets {
+        if let (true, Some(s)) = (train_update, new_state.as_mut()) {
+            s.updates += 1;
+            let t = s.updates;
+            for k in 0..c {
+                let ng = set.len() as f64;
+                let bm = set.iter().map(|&gi| mean[gi][k]).sum::<f64>() / ng;
+                let bv = set.iter().map(|&gi| var[gi][k]).sum::<f64>() / ng;
+                if !(bm.is_finite() && bv.is_finite()) {
                     continue;
                 }
-            };
-            if let (Variant::Renorm(rn), Some(rs)) = (cfg.variant_kind(), s.renorm.as_mut()) {
-                let ra = 1.0 - rn.momentum;
-                rs.mean[k] += ra * (bm - rs.mean[k]);
-                rs.stddev[k] += ra * ((bv + eps).sqrt() - rs.stddev[k]);
-                rs.moving_stddev[k] += a * ((rv + eps).sqrt() - rs.moving_stddev[k]);
-                s.mean[k] += a * (bm - s.mean[k]);
-                s.var[k] = (rs.moving_stddev[k].powi(2) - eps).max(0.0);
-            } else {
-                s.mean[k] += a * (bm - s.mean[k]);
-                s.var[k] += a * (rv - s.var[k]);
+                let m = set.iter().map(|&gi| count[gi][k] as f64).sum::<f64>() / ng;
+                let rv = match cfg.running_variance_estimator() {
+                    VarianceEstimator::Biased => bv,
+                    VarianceEstimator::Unbiased => bv * m / (m - 1.0),
+                };
+                let a = match cfg.momentum_convention() {
+                    Momentum::NewWeight(a) => a,
+                    Momentum::Cumulative => 1.0 / t as f64,
+                    Momentum::Decay(dd) => 1.0 - dd,
+                    Momentum::DebiasedDecay(dd) => {
+                        let db = s.debias.as_mut().ok_or(Error::NoRunningStatistics)?;
+                        db.mean[k] = dd * db.mean[k] + (1.0 - dd) * bm;
+                        db.var[k] = dd * db.var[k] + (1.0 - dd) * rv;
+                        s.mean[k] = db.mean[k] / (1.0 - dd.powi(t as i32));
+                        s.var[k] = db.var[k] / (1.0 - dd.powi(t as i32));
+                        continue;
+                    }
+                };
+                if let (Variant::Renorm(rn), Some(rs)) = (cfg.variant_kind(), s.renorm.as_mut()) {
+                    let ra = 1.0 - rn.momentum;
+                    rs.mean[k] += ra * (bm - rs.mean[k]);
+                    rs.stddev[k] += ra * ((bv + eps).sqrt() - rs.stddev[k]);
+                    rs.moving_stddev[k] += a * ((rv + eps).sqrt() - rs.moving_stddev[k]);
+                    s.mean[k] += a * (bm - s.mean[k]);
+                    s.var[k] = (rs.moving_stddev[k].powi(2) - eps).max(0.0);
+                } else {
+                    s.mean[k] += a * (bm - s.mean[k]);
+                    s.var[k] += a * (rv - s.var[k]);
+                }
             }
         }
     }

@@ -1,11 +1,22 @@
-//! Running-statistics update rules, one per momentum convention.
+//! Running-statistics update rules, one per momentum convention, and deferred
+//! (transactional) updates.
 //!
 //! Called only after a training step has computed valid batch statistics; channels listed
 //! in `skipped` (non-finite batch statistics) keep their values.
 
-use crate::config::{Config, Momentum, VarianceEstimator};
-use crate::forward::Saved;
+use crate::config::{Config, GhostUpdate, Momentum, VarianceEstimator, Variant};
+use crate::error::{Error, Result};
 use crate::state::RunningState;
+use crate::stats::Moments;
+
+/// Per (group, channel) batch statistics of a training step (group-major).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BatchStats<'a> {
+    pub groups: usize,
+    pub count: &'a [f64],
+    pub mean: &'a [f64],
+    pub var: &'a [f64],
+}
 
 /// Blends `old` toward `new` with new-batch weight `a`: `(1 − a)·old + a·new`.
 #[inline]
@@ -17,11 +28,36 @@ fn blend(old: f64, new: f64, a: f64) -> f64 {
     }
 }
 
-/// Folds the batch statistics in `saved` (per ghost group: the average over groups, as
-/// tf_keras does) into `state`.
-pub(crate) fn update(cfg: &Config, state: &mut RunningState, saved: &Saved, skipped: &[usize]) {
+/// Folds the batch statistics into `state`: once, with the average over ghost groups (as
+/// tf_keras does), or once per group in order ([`GhostUpdate::PerGroup`]).
+pub(crate) fn update(
+    cfg: &Config,
+    state: &mut RunningState,
+    st: BatchStats<'_>,
+    skipped: &[usize],
+) {
+    let per_group =
+        matches!(cfg.variant_kind(), Variant::Ghost(g) if g.update == GhostUpdate::PerGroup);
+    if per_group && st.groups > 1 {
+        let c = state.mean.len();
+        for gi in 0..st.groups {
+            let r = gi * c..(gi + 1) * c;
+            let one = BatchStats {
+                groups: 1,
+                count: &st.count[r.clone()],
+                mean: &st.mean[r.clone()],
+                var: &st.var[r],
+            };
+            update_once(cfg, state, one, skipped);
+        }
+    } else {
+        update_once(cfg, state, st, skipped);
+    }
+}
+
+fn update_once(cfg: &Config, state: &mut RunningState, st: BatchStats<'_>, skipped: &[usize]) {
     let c = state.mean.len();
-    let groups = saved.groups.max(1);
+    let groups = st.groups.max(1);
     state.updates += 1;
     let t = state.updates;
     for ch in 0..c {
@@ -30,9 +66,9 @@ pub(crate) fn update(cfg: &Config, state: &mut RunningState, saved: &Saved, skip
         }
         let (mut mean, mut var, mut count) = (0.0, 0.0, 0.0);
         for gi in 0..groups {
-            mean += saved.mean[gi * c + ch];
-            var += saved.var[gi * c + ch];
-            count += saved.count[gi * c + ch];
+            mean += st.mean[gi * c + ch];
+            var += st.var[gi * c + ch];
+            count += st.count[gi * c + ch];
         }
         let (mean, biased) = (mean / groups as f64, var / groups as f64);
         let m = count / groups as f64;
@@ -45,13 +81,13 @@ pub(crate) fn update(cfg: &Config, state: &mut RunningState, saved: &Saved, skip
             // variance is published from the moving stddev.
             let a = cfg.momentum_convention().new_weight(t).unwrap_or(0.0);
             let eps = cfg.epsilon();
-            let rm = match cfg.variant_kind() {
-                crate::config::Variant::Renorm(r) => 1.0 - r.momentum,
+            let ra = match cfg.variant_kind() {
+                Variant::Renorm(r) => 1.0 - r.momentum,
                 _ => a,
             };
             let s_batch = (biased + eps).sqrt();
-            rs.mean[ch] = blend(rs.mean[ch], mean, rm);
-            rs.stddev[ch] = blend(rs.stddev[ch], s_batch, rm);
+            rs.mean[ch] = blend(rs.mean[ch], mean, ra);
+            rs.stddev[ch] = blend(rs.stddev[ch], s_batch, ra);
             rs.moving_stddev[ch] = blend(rs.moving_stddev[ch], (var + eps).sqrt(), a);
             state.mean[ch] = blend(state.mean[ch], mean, a);
             state.var[ch] = (rs.moving_stddev[ch] * rs.moving_stddev[ch] - eps).max(0.0);
@@ -73,5 +109,130 @@ pub(crate) fn update(cfg: &Config, state: &mut RunningState, saved: &Saved, skip
                 state.var[ch] = blend(state.var[ch], var, a);
             }
         }
+    }
+}
+
+/// A training step's running-statistics update, held back (see
+/// [`forward_pending_into`](crate::forward_pending_into)). Commit it, merge several into
+/// one, or drop it to discard.
+///
+/// * Committing pending updates one by one equals running those training steps in that
+///   order (for the exponential conventions that is *not* the update of their
+///   concatenation: each commit weighs its batch by the momentum).
+/// * [`merge`](PendingUpdate::merge) combines the exact moments of two batches by count,
+///   so merging micro-batches and committing once equals one training step on the
+///   concatenated batch, in every convention (ghost batches excepted: their statistics
+///   are per group and cannot be merged).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingUpdate {
+    groups: usize,
+    count: Vec<f64>,
+    mean: Vec<f64>,
+    var: Vec<f64>,
+    skipped: Vec<usize>,
+}
+
+impl PendingUpdate {
+    pub(crate) fn from_stats(st: BatchStats<'_>, skipped: &[usize]) -> PendingUpdate {
+        PendingUpdate {
+            groups: st.groups,
+            count: st.count.to_vec(),
+            mean: st.mean.to_vec(),
+            var: st.var.to_vec(),
+            skipped: skipped.to_vec(),
+        }
+    }
+
+    /// Number of channels.
+    pub fn channels(&self) -> usize {
+        self.mean.len() / self.groups.max(1)
+    }
+
+    /// The batch mean per channel (per group for ghost batches).
+    pub fn mean(&self) -> &[f64] {
+        &self.mean
+    }
+
+    /// Values per channel the statistics cover.
+    pub fn count(&self) -> &[f64] {
+        &self.count
+    }
+
+    /// Merges `other` (a later micro-batch) into this update: afterwards it is the update
+    /// of the two batches concatenated (exact, counts weighted). A channel skipped in
+    /// either stays skipped.
+    ///
+    /// ```
+    /// use bnorm::{forward_pending_into, Config, Layout, Parallelism, Params, RunningState, Saved, Workspace};
+    /// let cfg = Config::torch(1);
+    /// let p = Params::init(&cfg);
+    /// let state = RunningState::init(&cfg).unwrap();
+    /// let mut pending = |x: &[f64]| {
+    ///     let g = Layout::NC.geometry(&[x.len(), 1]).unwrap();
+    ///     let mut y = vec![0.0; x.len()];
+    ///     forward_pending_into(&cfg, g, x, &p, Some(&state), &mut y, &mut Saved::default(),
+    ///         &mut Workspace::default(), Parallelism::Sequential).unwrap().1.unwrap()
+    /// };
+    /// let mut a = pending(&[1.0, 2.0]);
+    /// a.merge(&pending(&[3.0, 4.0, 5.0]))?;
+    /// assert_eq!(a, pending(&[1.0, 2.0, 3.0, 4.0, 5.0]));
+    /// # Ok::<(), bnorm::Error>(())
+    /// ```
+    pub fn merge(&mut self, other: &PendingUpdate) -> Result<()> {
+        if self.groups > 1 || other.groups > 1 {
+            return Err(Error::SavedMismatch {
+                reason: "ghost-batch updates are per group and cannot be merged",
+            });
+        }
+        if self.mean.len() != other.mean.len() {
+            return Err(Error::ShapeMismatch {
+                what: "pending update",
+                expected: vec![self.mean.len()],
+                got: vec![other.mean.len()],
+            });
+        }
+        for ch in 0..self.mean.len() {
+            let a = Moments {
+                count: self.count[ch],
+                mean: self.mean[ch],
+                m2: self.var[ch] * self.count[ch],
+            };
+            let b = Moments {
+                count: other.count[ch],
+                mean: other.mean[ch],
+                m2: other.var[ch] * other.count[ch],
+            };
+            let m = a.merge(b);
+            self.count[ch] = m.count;
+            self.mean[ch] = m.mean;
+            self.var[ch] = m.variance_biased();
+        }
+        for &ch in &other.skipped {
+            if !self.skipped.contains(&ch) {
+                self.skipped.push(ch);
+            }
+        }
+        self.skipped.sort_unstable();
+        Ok(())
+    }
+
+    /// Applies the update to `state` as a training step would have.
+    pub fn commit(&self, cfg: &Config, state: &mut RunningState) -> Result<()> {
+        state.validate(cfg)?;
+        if self.mean.len() != self.groups.max(1) * cfg.num_channels() {
+            return Err(Error::ShapeMismatch {
+                what: "pending update",
+                expected: vec![cfg.num_channels()],
+                got: vec![self.channels()],
+            });
+        }
+        let st = BatchStats {
+            groups: self.groups.max(1),
+            count: &self.count,
+            mean: &self.mean,
+            var: &self.var,
+        };
+        update(cfg, state, st, &self.skipped);
+        Ok(())
     }
 }

@@ -133,8 +133,8 @@ proptest! {
         n in 1usize..7,
         c in 1usize..6,
         s in prop::collection::vec(1usize..5, 1..4),
-        conv in 0usize..10,
-        modes in prop::collection::vec(mode_strategy(), 1..4),
+        conv in 0usize..11,
+        modes in prop::collection::vec(mode_strategy(), 1..6),
         seed in any::<u64>(),
     ) {
         // Ghost groups need a batch their size divides: use multiples of 6.

@@ -1,7 +1,10 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use bnorm::{Config, Ghost, GhostGrouping, GhostRemainder, Layout, Momentum, Renorm, Variant};
+use bnorm::{
+    Config, Ghost, GhostGrouping, GhostRemainder, GhostUpdate, Layout, Momentum, Renorm,
+    RenormSchedule, Variant,
+};
 
 /// A small deterministic generator (SplitMix64), so tests need no extra crate.
 pub struct Rng(pub u64);
@@ -101,6 +104,7 @@ pub fn conventions(c: usize) -> Vec<(&'static str, Config)> {
                 rmin: 0.8,
                 dmax: 0.5,
                 momentum: 0.9,
+                schedule: None,
             })),
         ),
         (
@@ -113,10 +117,26 @@ pub fn conventions(c: usize) -> Vec<(&'static str, Config)> {
                 virtual_batch_size: 3,
                 grouping: GhostGrouping::Contiguous,
                 remainder: GhostRemainder::SmallerLastGroup,
+                update: GhostUpdate::PerGroup,
             })),
         ),
         ("no-affine", Config::torch(c).affine(false)),
         ("untracked", Config::torch(c).track_running_stats(false)),
+        (
+            "renorm-scheduled",
+            Config::torch(c).variant(Variant::Renorm(Renorm {
+                rmax: 2.0,
+                rmin: 0.7,
+                dmax: 1.0,
+                momentum: 0.8,
+                schedule: Some(RenormSchedule {
+                    r_start: 0,
+                    r_end: 3,
+                    d_start: 1,
+                    d_end: 2,
+                }),
+            })),
+        ),
     ]
 }
 
