@@ -9,6 +9,7 @@ use crate::forward::{forward_into, Saved, StepReport};
 use crate::kernels::Workspace;
 use crate::layout::Layout;
 use crate::parallel::Parallelism;
+use crate::running::PendingUpdate;
 use crate::state::{Mode, Params, RunningState};
 
 /// A batch-normalization layer. Each forward call names its [`Mode`]; the layer keeps
@@ -135,6 +136,49 @@ impl BatchNorm {
             &mut self.ws,
             self.par,
         )
+    }
+
+    /// Training step whose running-statistics update is returned, not applied (see
+    /// [`forward_pending_into`](crate::forward_pending_into)); apply it with
+    /// [`commit`](BatchNorm::commit).
+    pub fn forward_pending<T: Element>(
+        &mut self,
+        x: &[T],
+        shape: &[usize],
+        layout: Layout,
+    ) -> Result<(Vec<T>, StepReport, Option<PendingUpdate>)> {
+        let g = layout.geometry(shape)?;
+        let mut y = vec![T::from_f64(0.0); x.len()];
+        let (report, pending) = crate::forward::forward_pending_into(
+            &self.cfg,
+            g,
+            x,
+            &self.params,
+            self.state.as_ref(),
+            &mut y,
+            &mut self.saved,
+            &mut self.ws,
+            self.par,
+        )?;
+        Ok((y, report, pending))
+    }
+
+    /// Applies a pending update to this layer's running statistics.
+    pub fn commit(&mut self, pending: &PendingUpdate) -> Result<()> {
+        let state = self.state.as_mut().ok_or(Error::NoRunningStatistics)?;
+        let mut next = state.clone();
+        pending.commit(&self.cfg, &mut next)?;
+        *state = next;
+        Ok(())
+    }
+
+    /// Replaces the running statistics with a recalibration's population statistics.
+    pub fn recalibrate(&mut self, recal: &crate::Recalibration) -> Result<()> {
+        let state = self.state.as_mut().ok_or(Error::NoRunningStatistics)?;
+        let mut next = state.clone();
+        recal.apply(&self.cfg, &mut next)?;
+        *state = next;
+        Ok(())
     }
 
     /// Backward of the last forward step (same `x`, shape and layout).
