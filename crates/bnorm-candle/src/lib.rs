@@ -36,7 +36,7 @@ mod op;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
-use bnorm::{Config, Layout, Mode, RunningState, StepReport};
+use bnorm::{Config, Layout, Mode, Moments, Recalibration, RunningState, StepReport};
 use candle_core::{DType, Result, Tensor, Var};
 use candle_nn::{Init, ModuleT, VarBuilder};
 
@@ -63,6 +63,7 @@ pub struct Snapshot {
 
 #[derive(Debug)]
 struct Inner {
+    recal: Option<Recalibration>,
     state: Option<RunningState>,
     recent: VecDeque<BatchStats>,
     last_report: StepReport,
@@ -141,6 +142,7 @@ impl BatchNorm {
             running_var,
             num_batches_tracked,
             inner: Arc::new(Mutex::new(Inner {
+                recal: None,
                 state,
                 recent: VecDeque::new(),
                 last_report: StepReport::default(),
@@ -232,9 +234,40 @@ impl BatchNorm {
         Ok(())
     }
 
-    /// Forward in an explicit mode. Only [`Mode::Train`] updates the running statistics.
+    /// Starts recalibrating: until [`finish_recalibration`](BatchNorm::finish_recalibration),
+    /// every forward normalizes with batch statistics (as in training), leaves the running
+    /// statistics alone, and accumulates the exact population statistics of its input.
+    pub fn start_recalibration(&self) -> Result<()> {
+        lock(&self.inner)?.recal = Some(Recalibration::new(self.cfg.num_channels()));
+        Ok(())
+    }
+
+    /// Ends recalibration and replaces the running statistics with the population
+    /// statistics of every batch seen since [`start_recalibration`](BatchNorm::start_recalibration).
+    pub fn finish_recalibration(&self) -> Result<()> {
+        let mut g = lock(&self.inner)?;
+        let recal = g
+            .recal
+            .take()
+            .ok_or_else(|| candle_core::Error::msg("bnorm: no recalibration in progress"))?;
+        let Some(state) = g.state.as_ref() else {
+            return Err(wrap(bnorm::Error::NoRunningStatistics));
+        };
+        let mut next = state.clone();
+        recal.apply(&self.cfg, &mut next).map_err(wrap)?;
+        self.mirror(&next)?;
+        g.state = Some(next);
+        Ok(())
+    }
+
+    /// Forward in an explicit mode. Only [`Mode::Train`] updates the running statistics
+    /// (and, during a recalibration, nothing does).
     pub fn forward_mode(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        let state_in = lock(&self.inner)?.state.clone();
+        let (state_in, recalibrating) = {
+            let g = lock(&self.inner)?;
+            (g.state.clone(), g.recal.is_some())
+        };
+        let mode = if recalibrating { Mode::Train } else { mode };
         let op = Arc::new(BnOp {
             cfg: self.cfg.clone(),
             layout: self.layout,
@@ -268,6 +301,24 @@ impl BatchNorm {
             .map_err(|_| candle_core::Error::msg("bnorm op poisoned"))?;
         let mut inner = lock(&self.inner)?;
         inner.last_report = result.report.clone();
+        if let Some(recal) = inner.recal.as_mut() {
+            let saved = &result.saved;
+            let groups = saved.groups().max(1);
+            let m: Vec<Moments> = (0..c)
+                .map(|ch| {
+                    (0..groups).fold(Moments::default(), |acc, g| {
+                        let i = g * c + ch;
+                        acc.merge(Moments {
+                            count: saved.count()[i],
+                            mean: saved.mean()[i],
+                            m2: saved.variance()[i] * saved.count()[i],
+                        })
+                    })
+                })
+                .collect();
+            recal.add_moments(&m).map_err(wrap)?;
+            return Ok(y);
+        }
         if result.report.updated {
             if let Some(s) = &result.state {
                 self.mirror(s)?;
@@ -290,6 +341,40 @@ impl BatchNorm {
         }
         Ok(y)
     }
+}
+
+/// Recalibrates every layer in `layers` ("precise batch norm"): runs `forward` on each
+/// batch with the layers normalizing by batch statistics and accumulating exact
+/// population statistics, then replaces their running statistics. Only batch-norm state
+/// changes; `forward` should run the model as at inference otherwise (no dropout).
+/// On error, layers that have not finished are left with their old statistics.
+pub fn recalibrate<'a, I, F>(layers: &[&BatchNorm], batches: I, mut forward: F) -> Result<()>
+where
+    I: IntoIterator<Item = &'a Tensor>,
+    F: FnMut(&Tensor) -> Result<Tensor>,
+{
+    for l in layers {
+        l.start_recalibration()?;
+    }
+    let run = (|| {
+        for b in batches {
+            forward(b)?;
+        }
+        Ok(())
+    })();
+    let mut result = run;
+    for l in layers {
+        let r = if result.is_ok() {
+            l.finish_recalibration()
+        } else {
+            // abandon: drop the partial statistics, keep the old ones
+            lock(&l.inner).map(|mut g| g.recal = None)
+        };
+        if result.is_ok() {
+            result = r;
+        }
+    }
+    result
 }
 
 fn check_finite(what: &'static str, t: &Tensor) -> Result<()> {

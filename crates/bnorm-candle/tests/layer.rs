@@ -294,3 +294,73 @@ fn saves_and_loads_under_pytorch_names() {
     .is_err());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn recalibration_sets_population_statistics_of_every_layer() {
+    let dev = Device::Cpu;
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F64, &dev);
+    let bn1 = BatchNorm::new(Config::torch(3), Layout::NC, vb.pp("bn1")).unwrap();
+    let bn2 = BatchNorm::new(Config::keras(3), Layout::NC, vb.pp("bn2")).unwrap();
+    let w = Tensor::new(
+        &[[1.0f64, 0.5, 0.0], [0.0, 2.0, -1.0], [0.3, 0.0, 1.0]],
+        &dev,
+    )
+    .unwrap();
+    let forward = |x: &Tensor| -> candle_core::Result<Tensor> {
+        let h = bn1.forward_mode(x, Mode::Inference)?.matmul(&w)?;
+        bn2.forward_mode(&h, Mode::Inference)
+    };
+    // batches of uneven size, far from the initial statistics
+    let batches: Vec<Tensor> = [5usize, 7, 2]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| ((randn(&[n, 3], 10 + i as u64) * 3.0).unwrap() + 7.0).unwrap())
+        .collect();
+    // the inputs bn2 sees: bn1 normalizing each batch by its own statistics
+    let mut h_all = Vec::new();
+    for b in &batches {
+        let (vm2, probe) = layer(Config::torch(3), Layout::NC);
+        drop(vm2);
+        let h = probe
+            .forward_mode(b, Mode::Train)
+            .unwrap()
+            .matmul(&w)
+            .unwrap();
+        h_all.push(h);
+    }
+    bnorm_candle::recalibrate(&[&bn1, &bn2], batches.iter(), forward).unwrap();
+    let pop = |ts: &[Tensor]| -> (Vec<f64>, Vec<f64>) {
+        let all = Tensor::cat(ts, 0).unwrap().to_vec2::<f64>().unwrap();
+        let n = all.len() as f64;
+        let mean: Vec<f64> = (0..3)
+            .map(|k| all.iter().map(|r| r[k]).sum::<f64>() / n)
+            .collect();
+        let var = (0..3)
+            .map(|k| all.iter().map(|r| (r[k] - mean[k]).powi(2)).sum::<f64>() / n)
+            .collect();
+        (mean, var)
+    };
+    let (m1, v1) = pop(&batches);
+    let (m2, v2) = pop(&h_all);
+    let (s1, s2) = (bn1.running_state().unwrap(), bn2.running_state().unwrap());
+    for k in 0..3 {
+        assert!((s1.mean[k] - m1[k]).abs() < 1e-10);
+        assert!(
+            (s1.var[k] - v1[k] * 14.0 / 13.0).abs() < 1e-9,
+            "torch: unbiased"
+        );
+        assert!((s2.mean[k] - m2[k]).abs() < 1e-10);
+        assert!((s2.var[k] - v2[k]).abs() < 1e-9, "keras: biased");
+    }
+    // and the candle variables mirror them, for saving
+    let rm = vm.data().lock().unwrap()["bn1.running_mean"]
+        .as_tensor()
+        .to_vec1::<f64>()
+        .unwrap();
+    assert!((rm[0] - m1[0]).abs() < 1e-10);
+    assert!(
+        bn1.recent_batch_stats().is_empty(),
+        "recalibration is not training"
+    );
+}
