@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use bnorm::{
-    backward_into, bf16, forward_into, Config, Element, Grads, Layout, Mode, Parallelism, Params,
-    RunningState, Saved, Workspace,
+    backward_into, backward_relu_into, bf16, forward_into, forward_relu_into, Config, Element,
+    Grads, Layout, Mode, Parallelism, Params, RunningState, Saved, Workspace,
 };
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
@@ -158,20 +158,22 @@ fn bench_bnorm<T: Element + Default>(
     let mut grads = Grads::default();
     let par = Parallelism::Rayon;
 
-    // Copy ceilings for the same bytes.
-    let fwd_bytes = 2.0 * n as f64 * size;
-    let bwd_bytes = 3.0 * n as f64 * size;
-    let t = median(a.seconds, a.min_runs, || par_copy(black_box(&x), &mut y));
-    let copy_fwd = fwd_bytes / t / 1e9;
-    out.push(row("copy", "forward_bytes", s, dtype, t, fwd_bytes, None));
-    let big: Vec<T> = data(n + n / 2, 3);
-    let mut big_out = vec![T::default(); n + n / 2];
-    let t = median(a.seconds, a.min_runs, || {
-        par_copy(black_box(&big), &mut big_out)
-    });
-    let copy_bwd = bwd_bytes / t / 1e9;
-    out.push(row("copy", "backward_bytes", s, dtype, t, bwd_bytes, None));
-    drop((big, big_out));
+    // Copy ceilings: a plain copy moving the same bytes (k·N elements: half read, half
+    // written), measured in this run with the same threads.
+    let mut copy_rates = std::collections::BTreeMap::new();
+    for k in [2usize, 3, 4, 5] {
+        let len = n * k / 2;
+        let src: Vec<T> = data(len, 3);
+        let mut dst = vec![T::default(); len];
+        let bytes = k as f64 * n as f64 * size;
+        let t = median(a.seconds, a.min_runs, || {
+            par_copy(black_box(&src), &mut dst)
+        });
+        out.push(row("copy", &format!("copy_{k}n"), s, dtype, t, bytes, None));
+        copy_rates.insert(k, bytes / t / 1e9);
+    }
+    let copy = |k: usize| copy_rates.get(&k).copied();
+    let bytes = |k: usize| k as f64 * n as f64 * size;
 
     let t = median(a.seconds, a.min_runs, || {
         forward_into(
@@ -188,30 +190,14 @@ fn bench_bnorm<T: Element + Default>(
         )
         .expect("valid input");
     });
-    out.push(row(
-        "bnorm",
-        "train_fwd",
-        s,
-        dtype,
-        t,
-        fwd_bytes,
-        Some(copy_fwd),
-    ));
+    out.push(row("bnorm", "train_fwd", s, dtype, t, bytes(2), copy(2)));
     let t = median(a.seconds, a.min_runs, || {
         backward_into(
             &cfg, g, &x, &dy, &p, &saved, &mut dx, &mut grads, &mut ws, par,
         )
         .expect("valid input");
     });
-    out.push(row(
-        "bnorm",
-        "backward",
-        s,
-        dtype,
-        t,
-        bwd_bytes,
-        Some(copy_bwd),
-    ));
+    out.push(row("bnorm", "backward", s, dtype, t, bytes(3), copy(3)));
     let t = median(a.seconds, a.min_runs, || {
         forward_into(
             &cfg,
@@ -227,15 +213,49 @@ fn bench_bnorm<T: Element + Default>(
         )
         .expect("valid input");
     });
-    out.push(row(
-        "bnorm",
-        "infer_fwd",
-        s,
-        dtype,
-        t,
-        fwd_bytes,
-        Some(copy_fwd),
-    ));
+    out.push(row("bnorm", "infer_fwd", s, dtype, t, bytes(2), copy(2)));
+
+    // Fused epilogues: relu(bn(x)) reads x, writes y; relu(bn(x) + r) also reads r.
+    // Backward through them reads x, y, dy and writes dx (and d_residual).
+    let res: Vec<T> = data(n, 4);
+    let mut dres = vec![T::default(); n];
+    for (op, residual, kf) in [
+        ("train_fwd_relu", None, 2),
+        ("train_fwd_add_relu", Some(&res[..]), 3),
+    ] {
+        let t = median(a.seconds, a.min_runs, || {
+            forward_relu_into(
+                &cfg,
+                g,
+                &x,
+                residual,
+                &p,
+                state.as_mut(),
+                Mode::Train,
+                &mut y,
+                &mut saved,
+                &mut ws,
+                par,
+            )
+            .expect("valid input");
+        });
+        out.push(row("bnorm", op, s, dtype, t, bytes(kf), copy(kf)));
+        let (bop, kb) = if residual.is_some() {
+            ("backward_add_relu", 5)
+        } else {
+            ("backward_relu", 4)
+        };
+        let t = median(a.seconds, a.min_runs, || {
+            let dr = residual.map(|_| &mut dres[..]);
+            backward_relu_into(
+                &cfg, g, &x, &y, &dy, &p, &saved, &mut dx, dr, &mut grads, &mut ws, par,
+            )
+            .expect("valid input");
+        });
+        out.push(row("bnorm", bop, s, dtype, t, bytes(kb), copy(kb)));
+    }
+    let copy_fwd = copy(2).unwrap_or(f64::NAN);
+    let fwd_bytes = bytes(2);
 
     // The allocating tier, for comparison (fresh output every call).
     let mut layer = cfg.clone().build()?;

@@ -103,6 +103,65 @@ pub fn backward_into<T: Element>(
     ws: &mut Workspace,
     par: Parallelism,
 ) -> Result<()> {
+    backward_impl(cfg, g, x, dy, None, params, saved, dx, grads, ws, par)
+}
+
+/// Backward of [`forward_relu_into`](crate::forward_relu_into): through the ReLU (mask
+/// taken from the output `y`, which is all it needs besides what plain backward needs),
+/// then through batch norm. With a residual, its gradient (the gradient at the ReLU's
+/// input) is written to `dresidual`. Two passes over memory, like plain backward.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_relu_into<T: Element>(
+    cfg: &Config,
+    g: Geometry,
+    x: &[T],
+    y: &[T],
+    dy: &[T],
+    params: &Params,
+    saved: &Saved,
+    dx: &mut [T],
+    dresidual: Option<&mut [T]>,
+    grads: &mut Grads,
+    ws: &mut Workspace,
+    par: Parallelism,
+) -> Result<()> {
+    check_input(cfg, g, y.len(), "y")?;
+    let dres = match dresidual {
+        Some(r) => {
+            check_input(cfg, g, r.len(), "dresidual")?;
+            r
+        }
+        None => &mut [][..],
+    };
+    backward_impl(
+        cfg,
+        g,
+        x,
+        dy,
+        Some((y, dres)),
+        params,
+        saved,
+        dx,
+        grads,
+        ws,
+        par,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn backward_impl<T: Element>(
+    cfg: &Config,
+    g: Geometry,
+    x: &[T],
+    dy: &[T],
+    relu: Option<(&[T], &mut [T])>,
+    params: &Params,
+    saved: &Saved,
+    dx: &mut [T],
+    grads: &mut Grads,
+    ws: &mut Workspace,
+    par: Parallelism,
+) -> Result<()> {
     params.validate(cfg)?;
     check_input(cfg, g, x.len(), "x")?;
     check_input(cfg, g, dy.len(), "dy")?;
@@ -127,8 +186,15 @@ pub fn backward_into<T: Element>(
     sums.clear();
     sums.resize(groups * c, (0.0, 0.0));
     let ghost = groups > 1 || !saved.group_of.is_empty();
+    let (y, dres): (Option<&[T]>, &mut [T]) = match relu {
+        Some((y, d)) => (Some(y), d),
+        None => (None, &mut []),
+    };
     if !ghost {
-        kernels::dot(g, x, dy, &saved.mean[..c], &mut sums, ws, par);
+        match y {
+            None => kernels::dot(g, x, dy, &saved.mean[..c], &mut sums, ws, par),
+            Some(y) => kernels::dot_relu(g, x, y, dy, &saved.mean[..c], &mut sums, ws, par),
+        }
     } else {
         let sub = sample_geometry(g);
         let per = sub.len();
@@ -136,22 +202,28 @@ pub fn backward_into<T: Element>(
         for n in 0..g.batch {
             let o = saved.group_of[n] * c;
             let r = n * per..(n + 1) * per;
-            kernels::dot(
-                sub,
-                &x[r.clone()],
-                &dy[r],
-                &saved.mean[o..o + c],
-                &mut s,
-                ws,
-                Parallelism::Sequential,
-            );
+            let center = &saved.mean[o..o + c];
+            let seq = Parallelism::Sequential;
+            match y {
+                None => kernels::dot(sub, &x[r.clone()], &dy[r], center, &mut s, ws, seq),
+                Some(y) => kernels::dot_relu(
+                    sub,
+                    &x[r.clone()],
+                    &y[r.clone()],
+                    &dy[r],
+                    center,
+                    &mut s,
+                    ws,
+                    seq,
+                ),
+            }
             for ch in 0..c {
                 sums[o + ch].0 += s[ch].0;
                 sums[o + ch].1 += s[ch].1;
             }
         }
     }
-    // Per (group, channel) coefficients of dx = a·dy + b·(x − μ) + k.
+    // Per (group, channel) coefficients of dx = a·dz + b·(x − μ) + k.
     let n = groups * c;
     let mut coef = std::mem::take(&mut ws.coef);
     coef.clear();
@@ -184,24 +256,33 @@ pub fn backward_into<T: Element>(
     }
     ws.tmp_pairs = sums;
     if !ghost {
-        kernels::affine2(g, x, dy, &saved.mean[..c], a, b, k, dx, par);
+        let center = &saved.mean[..c];
+        match y {
+            None => kernels::affine2(g, x, dy, center, a, b, k, dx, par),
+            Some(y) => kernels::affine2_relu(g, x, y, dy, center, a, b, k, dx, dres, par),
+        }
     } else {
         let sub = sample_geometry(g);
         let per = sub.len();
+        let seq = Parallelism::Sequential;
         for nidx in 0..g.batch {
             let o = saved.group_of[nidx] * c;
             let r = nidx * per..(nidx + 1) * per;
-            kernels::affine2(
-                sub,
-                &x[r.clone()],
-                &dy[r.clone()],
-                &saved.mean[o..o + c],
-                &a[o..o + c],
-                &b[o..o + c],
-                &k[o..o + c],
-                &mut dx[r],
-                Parallelism::Sequential,
-            );
+            let center = &saved.mean[o..o + c];
+            let (ga, gb, gk) = (&a[o..o + c], &b[o..o + c], &k[o..o + c]);
+            let (xs, ds) = (&x[r.clone()], &dy[r.clone()]);
+            match y {
+                None => kernels::affine2(sub, xs, ds, center, ga, gb, gk, &mut dx[r], seq),
+                Some(y) => {
+                    let dr: &mut [T] = if dres.is_empty() {
+                        &mut []
+                    } else {
+                        &mut dres[r.clone()]
+                    };
+                    let ys = &y[r.clone()];
+                    kernels::affine2_relu(sub, xs, ys, ds, center, ga, gb, gk, &mut dx[r], dr, seq)
+                }
+            }
         }
     }
     ws.coef = coef;

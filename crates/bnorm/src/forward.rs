@@ -8,7 +8,7 @@
 use crate::config::{ColdPolicy, Config, NonFinitePolicy, Variant};
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::kernels::{self, Workspace};
+use crate::kernels::{self, Ep, Workspace};
 use crate::layout::Geometry;
 use crate::parallel::Parallelism;
 use crate::running::{self, BatchStats, PendingUpdate};
@@ -216,7 +216,19 @@ pub fn forward_into<T: Element>(
     ws: &mut Workspace,
     par: Parallelism,
 ) -> Result<StepReport> {
-    let mut report = forward_core(cfg, g, x, params, state.as_deref(), mode, y, saved, ws, par)?;
+    let mut report = forward_core(
+        cfg,
+        g,
+        x,
+        Ep::None,
+        params,
+        state.as_deref(),
+        mode,
+        y,
+        saved,
+        ws,
+        par,
+    )?;
     if let (Mode::Train, Some(s)) = (mode, state) {
         running::update(cfg, s, saved.batch_stats(), &report.skipped_channels);
         report.updated = true;
@@ -254,10 +266,81 @@ pub fn forward_pending_into<T: Element>(
     ws: &mut Workspace,
     par: Parallelism,
 ) -> Result<(StepReport, Option<PendingUpdate>)> {
-    let report = forward_core(cfg, g, x, params, state, Mode::Train, y, saved, ws, par)?;
+    let report = forward_core(
+        cfg,
+        g,
+        x,
+        Ep::None,
+        params,
+        state,
+        Mode::Train,
+        y,
+        saved,
+        ws,
+        par,
+    )?;
     let pending =
         state.map(|_| PendingUpdate::from_stats(saved.batch_stats(), &report.skipped_channels));
     Ok((report, pending))
+}
+
+/// Batch norm followed by ReLU, `y = relu(bn(x))`, or by a residual add and ReLU,
+/// `y = relu(bn(x) + residual)` (the ResNet block ending), in the same pass over memory as
+/// plain batch norm; otherwise exactly [`forward_into`]. Backward:
+/// [`backward_relu_into`](crate::backward_relu_into), which needs only `x`, `y` and the
+/// saved statistics.
+///
+/// ```
+/// use bnorm::{forward_relu_into, Config, Layout, Mode, Parallelism, Params, RunningState, Saved, Workspace};
+/// let cfg = Config::torch(1);
+/// let g = Layout::NC.geometry(&[4, 1])?;
+/// let (p, mut s) = (Params::init(&cfg), RunningState::init(&cfg));
+/// let mut y = vec![0.0f64; 4];
+/// forward_relu_into(&cfg, g, &[1.0, 2.0, 3.0, 4.0], None, &p, s.as_mut(), Mode::Train, &mut y,
+///                   &mut Saved::default(), &mut Workspace::default(), Parallelism::Sequential)?;
+/// assert_eq!(&y[..2], &[0.0, 0.0]); // the two values below the mean are cut
+/// assert!(y[3] > y[2] && y[2] > 0.0);
+/// # Ok::<(), bnorm::Error>(())
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn forward_relu_into<T: Element>(
+    cfg: &Config,
+    g: Geometry,
+    x: &[T],
+    residual: Option<&[T]>,
+    params: &Params,
+    state: Option<&mut RunningState>,
+    mode: Mode,
+    y: &mut [T],
+    saved: &mut Saved,
+    ws: &mut Workspace,
+    par: Parallelism,
+) -> Result<StepReport> {
+    let ep = match residual {
+        Some(r) => {
+            check_input(cfg, g, r.len(), "residual")?;
+            Ep::AddRelu(r)
+        }
+        None => Ep::Relu,
+    };
+    let mut report = forward_core(
+        cfg,
+        g,
+        x,
+        ep,
+        params,
+        state.as_deref(),
+        mode,
+        y,
+        saved,
+        ws,
+        par,
+    )?;
+    if let (Mode::Train, Some(s)) = (mode, state) {
+        running::update(cfg, s, saved.batch_stats(), &report.skipped_channels);
+        report.updated = true;
+    }
+    Ok(report)
 }
 
 /// Everything of a forward step except the running-statistics update.
@@ -266,6 +349,7 @@ fn forward_core<T: Element>(
     cfg: &Config,
     g: Geometry,
     x: &[T],
+    ep: Ep<'_, T>,
     params: &Params,
     state: Option<&RunningState>,
     mode: Mode,
@@ -327,7 +411,7 @@ fn forward_core<T: Element>(
             saved.invstd[ch] = 1.0 / (s.var[ch] + cfg.epsilon()).sqrt();
         }
         set_coefficients(g, params, saved);
-        write_output(g, x, saved, y, par);
+        write_output(g, x, ep, saved, y, par);
         return Ok(report);
     }
 
@@ -374,7 +458,7 @@ fn forward_core<T: Element>(
             let gamma = params.gamma(ch);
             (mo.mean, gamma * invstd * r, params.beta(ch) + gamma * d)
         };
-        kernels::train_fused_cf(g, x, y, &mut m, par, coef);
+        kernels::train_fused_cf(g, x, ep, y, &mut m, par, coef);
     } else if ghost.is_none() {
         kernels::moments(g, x, &mut m, ws, par);
     }
@@ -418,7 +502,7 @@ fn forward_core<T: Element>(
     }
     set_coefficients(g, params, saved);
     if !fused {
-        write_output(g, x, saved, y, par);
+        write_output(g, x, ep, saved, y, par);
     }
     Ok(report)
 }
@@ -509,12 +593,20 @@ fn set_coefficients(g: Geometry, params: &Params, saved: &mut Saved) {
 }
 
 /// `y = gamma·(x̂·r + d) + beta` with the saved statistics and coefficients.
-fn write_output<T: Element>(g: Geometry, x: &[T], saved: &Saved, y: &mut [T], par: Parallelism) {
+fn write_output<T: Element>(
+    g: Geometry,
+    x: &[T],
+    ep: Ep<'_, T>,
+    saved: &Saved,
+    y: &mut [T],
+    par: Parallelism,
+) {
     let c = g.channels;
     if saved.groups <= 1 || saved.group_of.is_empty() {
-        kernels::affine(
+        kernels::affine_ep(
             g,
             x,
+            ep,
             &saved.mean[..c],
             &saved.scale[..c],
             &saved.shift[..c],
@@ -526,9 +618,10 @@ fn write_output<T: Element>(g: Geometry, x: &[T], saved: &Saved, y: &mut [T], pa
         let per = sub.len();
         for nidx in 0..g.batch {
             let o = saved.group_of[nidx] * c;
-            kernels::affine(
+            kernels::affine_ep(
                 sub,
                 &x[nidx * per..(nidx + 1) * per],
+                ep.slice(nidx * per..(nidx + 1) * per),
                 &saved.mean[o..o + c],
                 &saved.scale[o..o + c],
                 &saved.shift[o..o + c],

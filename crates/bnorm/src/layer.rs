@@ -138,6 +138,70 @@ impl BatchNorm {
         )
     }
 
+    /// Fused `y = relu(bn(x) [+ residual])` (see [`forward_relu_into`](crate::forward_relu_into)).
+    pub fn forward_relu<T: Element>(
+        &mut self,
+        x: &[T],
+        residual: Option<&[T]>,
+        shape: &[usize],
+        layout: Layout,
+        mode: Mode,
+    ) -> Result<(Vec<T>, StepReport)> {
+        let g = layout.geometry(shape)?;
+        let mut y = vec![T::from_f64(0.0); x.len()];
+        let report = crate::forward::forward_relu_into(
+            &self.cfg,
+            g,
+            x,
+            residual,
+            &self.params,
+            self.state.as_mut(),
+            mode,
+            &mut y,
+            &mut self.saved,
+            &mut self.ws,
+            self.par,
+        )?;
+        Ok((y, report))
+    }
+
+    /// Backward of [`forward_relu`](BatchNorm::forward_relu) from its output `y`; returns the
+    /// gradients and, when `with_residual`, the residual's gradient.
+    pub fn backward_relu<T: Element>(
+        &mut self,
+        x: &[T],
+        y: &[T],
+        dy: &[T],
+        shape: &[usize],
+        layout: Layout,
+        with_residual: bool,
+    ) -> Result<(Backward<T>, Option<Vec<T>>)> {
+        let g = layout.geometry(shape)?;
+        let mut dx = vec![T::from_f64(0.0); x.len()];
+        let mut dres = with_residual.then(|| vec![T::from_f64(0.0); x.len()]);
+        let mut grads = Grads::default();
+        crate::backward::backward_relu_into(
+            &self.cfg,
+            g,
+            x,
+            y,
+            dy,
+            &self.params,
+            &self.saved,
+            &mut dx,
+            dres.as_deref_mut(),
+            &mut grads,
+            &mut self.ws,
+            self.par,
+        )?;
+        let b = Backward {
+            dx,
+            dweight: self.cfg.has_scale().then_some(grads.dweight),
+            dbias: self.cfg.has_center().then_some(grads.dbias),
+        };
+        Ok((b, dres))
+    }
+
     /// Training step whose running-statistics update is returned, not applied (see
     /// [`forward_pending_into`](crate::forward_pending_into)); apply it with
     /// [`commit`](BatchNorm::commit).

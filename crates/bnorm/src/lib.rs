@@ -78,7 +78,7 @@ mod running;
 mod state;
 mod stats;
 
-pub use backward::{backward, backward_into, Backward, Grads};
+pub use backward::{backward, backward_into, backward_relu_into, Backward, Grads};
 pub use config::{
     ColdPolicy, Config, Ghost, GhostGrouping, GhostRemainder, GhostUpdate, Momentum,
     NonFinitePolicy, Renorm, RenormLimits, RenormSchedule, VarianceEstimator, Variant,
@@ -86,7 +86,8 @@ pub use config::{
 pub use element::{DType, Element};
 pub use error::{Error, Result};
 pub use forward::{
-    forward, forward_into, forward_pending_into, Forward, Normalized, Saved, StepReport,
+    forward, forward_into, forward_pending_into, forward_relu_into, Forward, Normalized, Saved,
+    StepReport,
 };
 pub use kernels::{simd_level, with_simd_level, SimdLevel, Workspace};
 pub use layer::BatchNorm;

@@ -224,3 +224,209 @@ pub(crate) fn rows_affine2<T: Element>(
         }
     }
 }
+
+/// ReLU that keeps NaN (as PyTorch's does): `z < 0 → 0`, otherwise `z`.
+#[inline(always)]
+fn relu(z: f64) -> f64 {
+    if z < 0.0 {
+        0.0
+    } else {
+        z
+    }
+}
+
+/// `y = relu((x − m)·s + b)` over a contiguous run.
+#[inline(always)]
+pub(crate) fn run_affine_relu<T: Element>(xs: &[T], ys: &mut [T], m: f64, s: f64, b: f64) {
+    for (y, x) in ys.iter_mut().zip(xs) {
+        *y = T::from_f64(relu((x.to_f64() - m) * s + b));
+    }
+}
+
+/// `y = relu((x − m)·s + b + r)` over a contiguous run.
+#[inline(always)]
+pub(crate) fn run_affine_add_relu<T: Element>(
+    xs: &[T],
+    rs: &[T],
+    ys: &mut [T],
+    m: f64,
+    s: f64,
+    b: f64,
+) {
+    for ((y, x), r) in ys.iter_mut().zip(xs).zip(rs) {
+        *y = T::from_f64(relu((x.to_f64() - m) * s + b + r.to_f64()));
+    }
+}
+
+/// Channels-last `y = relu((x − center)·scale + shift [+ r])`.
+#[inline(always)]
+pub(crate) fn rows_affine_relu<T: Element>(
+    xs: &[T],
+    rs: &[T],
+    ys: &mut [T],
+    c: usize,
+    center: &[f64],
+    scale: &[f64],
+    shift: &[f64],
+) {
+    if rs.is_empty() {
+        for (xr, yr) in xs.chunks_exact(c).zip(ys.chunks_exact_mut(c)) {
+            for ((((y, x), m), s), b) in yr
+                .iter_mut()
+                .zip(xr)
+                .zip(&center[..c])
+                .zip(&scale[..c])
+                .zip(&shift[..c])
+            {
+                *y = T::from_f64(relu((x.to_f64() - m) * s + b));
+            }
+        }
+    } else {
+        for ((xr, rr), yr) in xs
+            .chunks_exact(c)
+            .zip(rs.chunks_exact(c))
+            .zip(ys.chunks_exact_mut(c))
+        {
+            for (((((y, x), r), m), s), b) in yr
+                .iter_mut()
+                .zip(xr)
+                .zip(rr)
+                .zip(&center[..c])
+                .zip(&scale[..c])
+                .zip(&shift[..c])
+            {
+                *y = T::from_f64(relu((x.to_f64() - m) * s + b + r.to_f64()));
+            }
+        }
+    }
+}
+
+/// The upstream gradient through a ReLU whose output is `y`: `dy` where `y > 0`, else 0.
+#[inline(always)]
+fn through_relu<T: Element>(y: T, dy: T) -> f64 {
+    if y.to_f64() > 0.0 {
+        dy.to_f64()
+    } else {
+        0.0
+    }
+}
+
+/// (Σdz, Σdz·(x − m)) with `dz` the gradient through the ReLU of output `ys`.
+#[inline(always)]
+pub(crate) fn run_dot_relu<T: Element>(xs: &[T], ys: &[T], ds: &[T], m: f64) -> (f64, f64) {
+    let mut a = [0.0f64; LANES];
+    let mut b = [0.0f64; LANES];
+    let mut xc = xs.chunks_exact(LANES);
+    let mut yc = ys.chunks_exact(LANES);
+    let mut dc = ds.chunks_exact(LANES);
+    for ((xl, yl), dl) in (&mut xc).zip(&mut yc).zip(&mut dc) {
+        for l in 0..LANES {
+            let d = through_relu(yl[l], dl[l]);
+            a[l] += d;
+            b[l] += d * (xl[l].to_f64() - m);
+        }
+    }
+    let (mut ta, mut tb) = (0.0, 0.0);
+    for ((xv, yv), dv) in xc
+        .remainder()
+        .iter()
+        .zip(yc.remainder())
+        .zip(dc.remainder())
+    {
+        let d = through_relu(*yv, *dv);
+        ta += d;
+        tb += d * (xv.to_f64() - m);
+    }
+    (pairwise(a) + ta, pairwise(b) + tb)
+}
+
+/// `dx = a·dz + b·(x − m) + k`, and `dr = dz` when `rs` is not empty.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_affine2_relu<T: Element>(
+    xs: &[T],
+    ys: &[T],
+    ds: &[T],
+    os: &mut [T],
+    rs: &mut [T],
+    m: f64,
+    a: f64,
+    b: f64,
+    k: f64,
+) {
+    if rs.is_empty() {
+        for (((o, x), y), d) in os.iter_mut().zip(xs).zip(ys).zip(ds) {
+            *o = T::from_f64(a * through_relu(*y, *d) + b * (x.to_f64() - m) + k);
+        }
+    } else {
+        for ((((o, r), x), y), d) in os.iter_mut().zip(rs.iter_mut()).zip(xs).zip(ys).zip(ds) {
+            let dz = through_relu(*y, *d);
+            *o = T::from_f64(a * dz + b * (x.to_f64() - m) + k);
+            *r = T::from_f64(dz);
+        }
+    }
+}
+
+/// Channels-last per-channel sums through the ReLU, added into `sa`, `sb`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rows_dot_relu<T: Element>(
+    xs: &[T],
+    ys: &[T],
+    ds: &[T],
+    c: usize,
+    center: &[f64],
+    sa: &mut [f64],
+    sb: &mut [f64],
+) {
+    for ((xr, yr), dr) in xs
+        .chunks_exact(c)
+        .zip(ys.chunks_exact(c))
+        .zip(ds.chunks_exact(c))
+    {
+        for (((((a, b), x), y), d), m) in sa[..c]
+            .iter_mut()
+            .zip(sb[..c].iter_mut())
+            .zip(xr)
+            .zip(yr)
+            .zip(dr)
+            .zip(&center[..c])
+        {
+            let dz = through_relu(*y, *d);
+            *a += dz;
+            *b += dz * (x.to_f64() - m);
+        }
+    }
+}
+
+/// Channels-last `dx = a·dz + b·(x − center) + k` (and `dr = dz`).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rows_affine2_relu<T: Element>(
+    xs: &[T],
+    ys: &[T],
+    ds: &[T],
+    os: &mut [T],
+    rs: &mut [T],
+    c: usize,
+    center: &[f64],
+    a: &[f64],
+    b: &[f64],
+    k: &[f64],
+) {
+    let rows = xs.len() / c.max(1);
+    for row in 0..rows {
+        let r = row * c..(row + 1) * c;
+        let (xr, yr, dr) = (&xs[r.clone()], &ys[r.clone()], &ds[r.clone()]);
+        let or = &mut os[r.clone()];
+        for ch in 0..c {
+            let dz = through_relu(yr[ch], dr[ch]);
+            or[ch] = T::from_f64(a[ch] * dz + b[ch] * (xr[ch].to_f64() - center[ch]) + k[ch]);
+        }
+        if !rs.is_empty() {
+            for (o, d) in rs[r].iter_mut().zip(yr.iter().zip(dr)) {
+                *o = T::from_f64(through_relu(*d.0, *d.1));
+            }
+        }
+    }
+}

@@ -4,10 +4,11 @@
 //! | kernel | computes | used by |
 //! | --- | --- | --- |
 //! | [`moments`] | per-channel `(count, mean, M2)` | training forward |
-//! | [`affine`] | `y = (x − center)·scale + shift` | every forward |
+//! | [`affine_ep`] | `y = (x − center)·scale + shift`, then ReLU or add + ReLU | every forward |
 //! | [`train_fused_cf`] | both, channel by channel, the second pass from cache | channels-first training forward |
 //! | [`dot`] | per-channel `Σdy`, `Σdy·(x − center)` | backward |
 //! | [`affine2`] | `dx = a·dy + b·(x − center) + k` | backward |
+//! | [`dot_relu`], [`affine2_relu`] | the same through a ReLU (mask from its output) | fused backward |
 //!
 //! Reductions are cut into segments fixed by the shape alone (never by the number of
 //! threads), each reduced sequentially, then merged in segment order: the result is
@@ -20,7 +21,7 @@ mod reduce;
 pub(crate) mod simd;
 
 pub use reduce::Workspace;
-pub(crate) use reduce::{dot, moments};
+pub(crate) use reduce::{dot, dot_relu, moments};
 pub use simd::{simd_level, with_simd_level, SimdLevel};
 
 use rayon::prelude::*;
@@ -46,6 +47,45 @@ simd::dispatch! {
     fn rows_dot<T>(xs: &[T], ds: &[T], c: usize, center: &[f64], sa: &mut [f64], sb: &mut [f64]);
     fn rows_affine<T>(xs: &[T], ys: &mut [T], c: usize, center: &[f64], scale: &[f64], shift: &[f64]);
     fn rows_affine2<T>(xs: &[T], ds: &[T], os: &mut [T], c: usize, center: &[f64], a: &[f64], b: &[f64], k: &[f64]);
+    fn run_affine_relu<T>(xs: &[T], ys: &mut [T], m: f64, s: f64, b: f64);
+    fn run_affine_add_relu<T>(xs: &[T], rs: &[T], ys: &mut [T], m: f64, s: f64, b: f64);
+    fn rows_affine_relu<T>(xs: &[T], rs: &[T], ys: &mut [T], c: usize, center: &[f64], scale: &[f64], shift: &[f64]);
+    fn run_dot_relu<T>(xs: &[T], ys: &[T], ds: &[T], m: f64) -> (f64, f64);
+    fn run_affine2_relu<T>(xs: &[T], ys: &[T], ds: &[T], os: &mut [T], rs: &mut [T], m: f64, a: f64, b: f64, k: f64);
+    fn rows_dot_relu<T>(xs: &[T], ys: &[T], ds: &[T], c: usize, center: &[f64], sa: &mut [f64], sb: &mut [f64]);
+    fn rows_affine2_relu<T>(xs: &[T], ys: &[T], ds: &[T], os: &mut [T], rs: &mut [T], c: usize, center: &[f64], a: &[f64], b: &[f64], k: &[f64]);
+}
+
+/// What follows the normalization in the same pass.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Ep<'a, T> {
+    /// Nothing: `y = bn(x)`.
+    None,
+    /// `y = relu(bn(x))`.
+    Relu,
+    /// `y = relu(bn(x) + r)`.
+    AddRelu(&'a [T]),
+}
+
+impl<'a, T> Ep<'a, T> {
+    /// The same epilogue restricted to `range` of the flat tensor.
+    pub(crate) fn slice(&self, range: std::ops::Range<usize>) -> Ep<'a, T> {
+        match *self {
+            Ep::AddRelu(r) => Ep::AddRelu(&r[range]),
+            Ep::None => Ep::None,
+            Ep::Relu => Ep::Relu,
+        }
+    }
+}
+
+/// One contiguous run with its epilogue.
+#[inline]
+fn run_affine_ep<T: Element>(xs: &[T], ep: Ep<'_, T>, ys: &mut [T], m: f64, s: f64, b: f64) {
+    match ep {
+        Ep::None => run_affine(xs, ys, m, s, b),
+        Ep::Relu => run_affine_relu(xs, ys, m, s, b),
+        Ep::AddRelu(r) => run_affine_add_relu(xs, r, ys, m, s, b),
+    }
 }
 
 /// Rows per task for the element-wise kernels: at least one row, about `SEGMENT`
@@ -54,10 +94,13 @@ pub(crate) fn rows_per_task(row_len: usize) -> usize {
     (SEGMENT / row_len.max(1)).max(1)
 }
 
-/// `y = (x − center[c])·scale[c] + shift[c]` for every element.
-pub(crate) fn affine<T: Element>(
+/// `y = (x − center[c])·scale[c] + shift[c]` for every element, followed by an epilogue
+/// in the same pass.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn affine_ep<T: Element>(
     g: Geometry,
     x: &[T],
+    ep: Ep<'_, T>,
     center: &[f64],
     scale: &[f64],
     shift: &[f64],
@@ -71,9 +114,15 @@ pub(crate) fn affine<T: Element>(
         return;
     }
     let row = c * g.inner;
-    let body = |(xs, ys): (&[T], &mut [T])| {
+    let chunk = rows_per_task(row) * row;
+    let body = |(i, (xs, ys)): (usize, (&[T], &mut [T]))| {
+        let ep = ep.slice(i * chunk..i * chunk + xs.len());
         if g.inner == 1 {
-            rows_affine(xs, ys, c, center, scale, shift);
+            match ep {
+                Ep::None => rows_affine(xs, ys, c, center, scale, shift),
+                Ep::Relu => rows_affine_relu(xs, &[], ys, c, center, scale, shift),
+                Ep::AddRelu(r) => rows_affine_relu(xs, r, ys, c, center, scale, shift),
+            }
         } else {
             for (j, (xr, yr)) in xs
                 .chunks_exact(g.inner)
@@ -81,17 +130,104 @@ pub(crate) fn affine<T: Element>(
                 .enumerate()
             {
                 let ch = j % c;
-                run_affine(xr, yr, center[ch], scale[ch], shift[ch]);
+                let e = ep.slice(j * g.inner..(j + 1) * g.inner);
+                run_affine_ep(xr, e, yr, center[ch], scale[ch], shift[ch]);
             }
         }
     };
-    let chunk = rows_per_task(row) * row;
     if par.is_parallel(g.len()) {
         x.par_chunks(chunk)
             .zip(y.par_chunks_mut(chunk))
+            .enumerate()
             .for_each(body);
     } else {
-        x.chunks(chunk).zip(y.chunks_mut(chunk)).for_each(body);
+        x.chunks(chunk)
+            .zip(y.chunks_mut(chunk))
+            .enumerate()
+            .for_each(body);
+    }
+}
+
+/// Backward through batch norm and a ReLU whose output was `y` (and an added residual,
+/// whose gradient `dres` receives when not empty): `dz = dy·[y > 0]`,
+/// `dx = a·dz + b·(x − center) + k`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn affine2_relu<T: Element>(
+    g: Geometry,
+    x: &[T],
+    y: &[T],
+    dy: &[T],
+    center: &[f64],
+    a: &[f64],
+    b: &[f64],
+    k: &[f64],
+    dx: &mut [T],
+    dres: &mut [T],
+    par: Parallelism,
+) {
+    let c = g.channels;
+    if g.is_empty() {
+        return;
+    }
+    let row = c * g.inner;
+    let chunk = rows_per_task(row) * row;
+    let with_res = !dres.is_empty();
+    let body = |(i, (((xs, ys), ds), os)): (usize, (((&[T], &[T]), &[T]), &mut [T])),
+                rs: &mut [T]| {
+        let _ = i;
+        if g.inner == 1 {
+            rows_affine2_relu(xs, ys, ds, os, rs, c, center, a, b, k);
+        } else {
+            let n = xs.len() / g.inner;
+            for j in 0..n {
+                let ch = j % c;
+                let r = j * g.inner..(j + 1) * g.inner;
+                let rr = if with_res {
+                    &mut rs[r.clone()]
+                } else {
+                    &mut [][..]
+                };
+                run_affine2_relu(
+                    &xs[r.clone()],
+                    &ys[r.clone()],
+                    &ds[r.clone()],
+                    &mut os[r],
+                    rr,
+                    center[ch],
+                    a[ch],
+                    b[ch],
+                    k[ch],
+                );
+            }
+        }
+    };
+    let parallel = par.is_parallel(g.len());
+    let it = x.chunks(chunk).zip(y.chunks(chunk)).zip(dy.chunks(chunk));
+    match (parallel, with_res) {
+        (true, true) => x
+            .par_chunks(chunk)
+            .zip(y.par_chunks(chunk))
+            .zip(dy.par_chunks(chunk))
+            .zip(dx.par_chunks_mut(chunk))
+            .zip(dres.par_chunks_mut(chunk))
+            .enumerate()
+            .for_each(|(i, (t, rs))| body((i, t), rs)),
+        (true, false) => x
+            .par_chunks(chunk)
+            .zip(y.par_chunks(chunk))
+            .zip(dy.par_chunks(chunk))
+            .zip(dx.par_chunks_mut(chunk))
+            .enumerate()
+            .for_each(|(i, t)| body((i, t), &mut [])),
+        (false, true) => it
+            .zip(dx.chunks_mut(chunk))
+            .zip(dres.chunks_mut(chunk))
+            .enumerate()
+            .for_each(|(i, (t, rs))| body((i, t), rs)),
+        (false, false) => it
+            .zip(dx.chunks_mut(chunk))
+            .enumerate()
+            .for_each(|(i, t)| body((i, t), &mut [])),
     }
 }
 
@@ -158,6 +294,7 @@ unsafe impl<T: Send> Sync for SendPtr<T> {}
 pub(crate) fn train_fused_cf<T: Element, F>(
     g: Geometry,
     x: &[T],
+    ep: Ep<'_, T>,
     y: &mut [T],
     out: &mut [Moments],
     par: Parallelism,
@@ -180,7 +317,8 @@ pub(crate) fn train_fused_cf<T: Element, F>(
             // `(n, ch)` belongs to channel `ch` alone: tasks of different channels write
             // disjoint rows of `y`, which the caller borrows exclusively for this call.
             let yr = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(start), inner) };
-            run_affine(&x[start..start + inner], yr, center, scale, shift);
+            let e = ep.slice(start..start + inner);
+            run_affine_ep(&x[start..start + inner], e, yr, center, scale, shift);
         }
     };
     if par.is_parallel(g.len()) {

@@ -2,7 +2,9 @@
 
 use rayon::prelude::*;
 
-use super::{rows_dot, rows_moments, rows_per_task, run_dot, run_moments};
+use super::{
+    rows_dot, rows_dot_relu, rows_moments, rows_per_task, run_dot, run_dot_relu, run_moments,
+};
 use crate::element::Element;
 use crate::layout::Geometry;
 use crate::parallel::Parallelism;
@@ -142,6 +144,79 @@ pub(crate) fn dot<T: Element>(
                 let start = (n * c + ch) * g.inner;
                 let r = start..start + g.inner;
                 let (pa, pb) = run_dot(&x[r.clone()], &dy[r], center[ch]);
+                a += pa;
+                b += pb;
+            }
+            *o = (a, b);
+        };
+        if parallel {
+            ws.pairs.par_iter_mut().enumerate().for_each(task);
+        } else {
+            ws.pairs.iter_mut().enumerate().for_each(task);
+        }
+        for (ch, o) in out.iter_mut().enumerate() {
+            *o = ws.pairs[ch * nseg..(ch + 1) * nseg]
+                .iter()
+                .fold((0.0, 0.0), |acc, p| (acc.0 + p.0, acc.1 + p.1));
+        }
+    }
+}
+
+/// Per-channel `(Σdz, Σdz·(x − center))` with `dz = dy·[y > 0]` (backward through a ReLU
+/// whose output was `y`), in the same order as [`dot`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dot_relu<T: Element>(
+    g: Geometry,
+    x: &[T],
+    y: &[T],
+    dy: &[T],
+    center: &[f64],
+    out: &mut [(f64, f64)],
+    ws: &mut Workspace,
+    par: Parallelism,
+) {
+    let c = g.channels;
+    let (rps, nseg) = segments(g);
+    let parallel = par.is_parallel(g.len());
+    ws.pairs.clear();
+    ws.pairs.resize(nseg * c, (0.0, 0.0));
+    if g.inner == 1 {
+        let task = |(s, part): (usize, &mut [(f64, f64)])| {
+            let range = s * rps * c..((s + 1) * rps).min(g.outer) * c;
+            let mut a = vec![0.0f64; c];
+            let mut b = vec![0.0f64; c];
+            rows_dot_relu(
+                &x[range.clone()],
+                &y[range.clone()],
+                &dy[range],
+                c,
+                center,
+                &mut a,
+                &mut b,
+            );
+            for (p, (av, bv)) in part.iter_mut().zip(a.into_iter().zip(b)) {
+                *p = (av, bv);
+            }
+        };
+        if parallel {
+            ws.pairs.par_chunks_mut(c.max(1)).enumerate().for_each(task);
+        } else {
+            ws.pairs.chunks_mut(c.max(1)).enumerate().for_each(task);
+        }
+        for (ch, o) in out.iter_mut().enumerate() {
+            *o = (0..nseg).fold((0.0, 0.0), |acc, s| {
+                let p = ws.pairs[s * c + ch];
+                (acc.0 + p.0, acc.1 + p.1)
+            });
+        }
+    } else {
+        let task = |(t, o): (usize, &mut (f64, f64))| {
+            let (ch, s) = (t / nseg, t % nseg);
+            let (mut a, mut b) = (0.0, 0.0);
+            for n in s * rps..((s + 1) * rps).min(g.outer) {
+                let start = (n * c + ch) * g.inner;
+                let r = start..start + g.inner;
+                let (pa, pb) = run_dot_relu(&x[r.clone()], &y[r.clone()], &dy[r], center[ch]);
                 a += pa;
                 b += pb;
             }

@@ -1,0 +1,286 @@
+//! Fused epilogues (batch norm + ReLU, batch norm + residual add + ReLU) against the
+//! unfused composition, forward and backward, every layout, mode, dtype and SIMD level.
+#![allow(clippy::too_many_arguments)]
+
+mod common;
+
+use bnorm::{
+    backward_into, backward_relu_into, bf16, forward_into, forward_relu_into, with_simd_level,
+    Config, Element, Grads, Layout, Mode, Parallelism, Params, RunningState, Saved, SimdLevel,
+    Workspace,
+};
+use common::{shape, Rng};
+
+struct Out<T> {
+    y: Vec<T>,
+    dx: Vec<T>,
+    dres: Vec<T>,
+    grads: Grads,
+    state: Option<RunningState>,
+}
+
+fn fused<T: Element>(
+    cfg: &Config,
+    layout: Layout,
+    shp: &[usize],
+    x: &[T],
+    res: Option<&[T]>,
+    dy: &[T],
+    mode: Mode,
+    par: Parallelism,
+) -> Out<T> {
+    let g = layout.geometry(shp).unwrap();
+    let p = Params {
+        weight: Some(
+            (0..cfg.num_channels())
+                .map(|c| 0.5 + c as f64 * 0.25)
+                .collect(),
+        ),
+        bias: Some(vec![0.1; cfg.num_channels()]),
+    };
+    let mut state = RunningState::init(cfg);
+    let n = x.len();
+    let zero = T::from_f64(0.0);
+    let (mut y, mut dx, mut dres) = (vec![zero; n], vec![zero; n], vec![zero; n]);
+    let (mut saved, mut ws, mut grads) = (Saved::default(), Workspace::default(), Grads::default());
+    forward_relu_into(
+        cfg,
+        g,
+        x,
+        res,
+        &p,
+        state.as_mut(),
+        mode,
+        &mut y,
+        &mut saved,
+        &mut ws,
+        par,
+    )
+    .unwrap();
+    let dr = res.map(|_| &mut dres[..]);
+    backward_relu_into(
+        cfg, g, x, &y, dy, &p, &saved, &mut dx, dr, &mut grads, &mut ws, par,
+    )
+    .unwrap();
+    Out {
+        y,
+        dx,
+        dres,
+        grads,
+        state,
+    }
+}
+
+/// The composition: plain batch norm, then (add,) ReLU; backward masks dy by hand.
+/// `mask_y` decides the ReLU mask (the fused output, so that a value that the
+/// composition's extra rounding moves across zero does not flip a mask).
+fn composed<T: Element>(
+    cfg: &Config,
+    layout: Layout,
+    shp: &[usize],
+    x: &[T],
+    res: Option<&[T]>,
+    dy: &[T],
+    mode: Mode,
+    mask_y: &[T],
+) -> Out<T> {
+    let g = layout.geometry(shp).unwrap();
+    let p = Params {
+        weight: Some(
+            (0..cfg.num_channels())
+                .map(|c| 0.5 + c as f64 * 0.25)
+                .collect(),
+        ),
+        bias: Some(vec![0.1; cfg.num_channels()]),
+    };
+    let mut state = RunningState::init(cfg);
+    let n = x.len();
+    let zero = T::from_f64(0.0);
+    let mut z = vec![zero; n];
+    let (mut saved, mut ws, mut grads) = (Saved::default(), Workspace::default(), Grads::default());
+    forward_into(
+        cfg,
+        g,
+        x,
+        &p,
+        state.as_mut(),
+        mode,
+        &mut z,
+        &mut saved,
+        &mut ws,
+        Parallelism::Sequential,
+    )
+    .unwrap();
+    // add and ReLU in f64 on the unrounded normalization would differ by one rounding of z;
+    // compose from the stored z as a user would
+    let y: Vec<T> = (0..n)
+        .map(|i| {
+            let v = z[i].to_f64() + res.map_or(0.0, |r| r[i].to_f64());
+            T::from_f64(if v < 0.0 { 0.0 } else { v })
+        })
+        .collect();
+    let dz: Vec<T> = (0..n)
+        .map(|i| {
+            if mask_y[i].to_f64() > 0.0 {
+                dy[i]
+            } else {
+                zero
+            }
+        })
+        .collect();
+    let mut dx = vec![zero; n];
+    backward_into(
+        cfg,
+        g,
+        x,
+        &dz,
+        &p,
+        &saved,
+        &mut dx,
+        &mut grads,
+        &mut ws,
+        Parallelism::Sequential,
+    )
+    .unwrap();
+    let dres = if res.is_some() { dz } else { vec![zero; n] };
+    Out {
+        y,
+        dx,
+        dres,
+        grads,
+        state,
+    }
+}
+
+fn close<T: Element>(what: &str, a: &[T], b: &[T], tol: f64) {
+    for (i, (p, q)) in a.iter().zip(b).enumerate() {
+        let (p, q) = (p.to_f64(), q.to_f64());
+        assert!(
+            (p - q).abs() <= tol * (1.0 + q.abs()),
+            "{what}[{i}]: {p} vs {q}"
+        );
+    }
+}
+
+fn check<T: Element>(tol: f64) {
+    for layout in Layout::ALL {
+        for (k, mode) in [Mode::Train, Mode::Inference].into_iter().enumerate() {
+            for with_res in [false, true] {
+                let shp = shape(layout, 4, 5, &[3, 4, 2]);
+                let n: usize = shp.iter().product();
+                let mut rng = Rng(k as u64 * 7 + with_res as u64);
+                let x: Vec<T> = rng
+                    .vec(n, 0.5, 1.0)
+                    .iter()
+                    .map(|&v| T::from_f64(v))
+                    .collect();
+                let res: Vec<T> = rng
+                    .vec(n, 0.0, 1.0)
+                    .iter()
+                    .map(|&v| T::from_f64(v))
+                    .collect();
+                let dy: Vec<T> = rng
+                    .vec(n, 0.0, 1.0)
+                    .iter()
+                    .map(|&v| T::from_f64(v))
+                    .collect();
+                let r = with_res.then_some(&res[..]);
+                let cfg = Config::torch(5);
+                let scalar = with_simd_level(SimdLevel::Scalar, || {
+                    fused(
+                        &cfg,
+                        layout,
+                        &shp,
+                        &x,
+                        r,
+                        &dy,
+                        mode,
+                        Parallelism::Sequential,
+                    )
+                });
+                let want = composed(&cfg, layout, &shp, &x, r, &dy, mode, &scalar.y);
+                for level in SimdLevel::supported() {
+                    let got = with_simd_level(level, || {
+                        fused(
+                            &cfg,
+                            layout,
+                            &shp,
+                            &x,
+                            r,
+                            &dy,
+                            mode,
+                            Parallelism::Sequential,
+                        )
+                    });
+                    let ctx = format!("{} {layout} {mode:?} res={with_res} {level:?}", T::DTYPE);
+                    assert!(
+                        got.y == scalar.y && got.dx == scalar.dx && got.dres == scalar.dres,
+                        "{ctx}: differs from the scalar path"
+                    );
+                    close(&format!("{ctx} y"), &got.y, &want.y, tol);
+                    close(&format!("{ctx} dx"), &got.dx, &want.dx, tol);
+                    close(&format!("{ctx} dres"), &got.dres, &want.dres, tol);
+                    for c in 0..5 {
+                        assert!(
+                            (got.grads.dweight[c] - want.grads.dweight[c]).abs() <= tol * n as f64,
+                            "{ctx} dweight"
+                        );
+                        assert!(
+                            (got.grads.dbias[c] - want.grads.dbias[c]).abs() <= tol * n as f64,
+                            "{ctx} dbias"
+                        );
+                    }
+                    assert_eq!(got.state, want.state, "{ctx}: running statistics");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_relu_equals_the_composition_f64() {
+    check::<f64>(1e-12);
+}
+
+#[test]
+fn fused_relu_equals_the_composition_f32() {
+    // y may differ by one rounding (the fused path rounds once, the composition twice)
+    check::<f32>(1e-6);
+}
+
+#[test]
+fn fused_relu_equals_the_composition_bf16() {
+    check::<bf16>(1e-2);
+}
+
+#[test]
+fn fused_relu_threaded_and_large_agrees_with_sequential() {
+    let shp = [4, 16, 40, 40];
+    let n: usize = shp.iter().product();
+    let mut rng = Rng(1);
+    let x: Vec<f32> = rng.vec(n, 0.0, 1.0).iter().map(|&v| v as f32).collect();
+    let res: Vec<f32> = rng.vec(n, 0.0, 1.0).iter().map(|&v| v as f32).collect();
+    let dy: Vec<f32> = rng.vec(n, 0.0, 1.0).iter().map(|&v| v as f32).collect();
+    let cfg = Config::keras(16);
+    let a = fused(
+        &cfg,
+        Layout::NCHW,
+        &shp,
+        &x,
+        Some(&res),
+        &dy,
+        Mode::Train,
+        Parallelism::Sequential,
+    );
+    let b = fused(
+        &cfg,
+        Layout::NCHW,
+        &shp,
+        &x,
+        Some(&res),
+        &dy,
+        Mode::Train,
+        Parallelism::Rayon,
+    );
+    assert!(a.y == b.y && a.dx == b.dx && a.dres == b.dres && a.grads == b.grads);
+}
