@@ -148,6 +148,9 @@ pub(crate) fn affine_ep<T: Element>(
     }
 }
 
+/// One task's slices of x, y, dy and dx.
+type Chunk4<'a, T> = (((&'a [T], &'a [T]), &'a [T]), &'a mut [T]);
+
 /// Backward through batch norm and a ReLU whose output was `y` (and an added residual,
 /// whose gradient `dres` receives when not empty): `dz = dy·[y > 0]`,
 /// `dx = a·dz + b·(x − center) + k`.
@@ -172,9 +175,7 @@ pub(crate) fn affine2_relu<T: Element>(
     let row = c * g.inner;
     let chunk = rows_per_task(row) * row;
     let with_res = !dres.is_empty();
-    let body = |(i, (((xs, ys), ds), os)): (usize, (((&[T], &[T]), &[T]), &mut [T])),
-                rs: &mut [T]| {
-        let _ = i;
+    let body = |(((xs, ys), ds), os): Chunk4<'_, T>, rs: &mut [T]| {
         if g.inner == 1 {
             rows_affine2_relu(xs, ys, ds, os, rs, c, center, a, b, k);
         } else {
@@ -210,24 +211,18 @@ pub(crate) fn affine2_relu<T: Element>(
             .zip(dy.par_chunks(chunk))
             .zip(dx.par_chunks_mut(chunk))
             .zip(dres.par_chunks_mut(chunk))
-            .enumerate()
-            .for_each(|(i, (t, rs))| body((i, t), rs)),
+            .for_each(|(t, rs)| body(t, rs)),
         (true, false) => x
             .par_chunks(chunk)
             .zip(y.par_chunks(chunk))
             .zip(dy.par_chunks(chunk))
             .zip(dx.par_chunks_mut(chunk))
-            .enumerate()
-            .for_each(|(i, t)| body((i, t), &mut [])),
+            .for_each(|t| body(t, &mut [])),
         (false, true) => it
             .zip(dx.chunks_mut(chunk))
             .zip(dres.chunks_mut(chunk))
-            .enumerate()
-            .for_each(|(i, (t, rs))| body((i, t), rs)),
-        (false, false) => it
-            .zip(dx.chunks_mut(chunk))
-            .enumerate()
-            .for_each(|(i, t)| body((i, t), &mut [])),
+            .for_each(|(t, rs)| body(t, rs)),
+        (false, false) => it.zip(dx.chunks_mut(chunk)).for_each(|t| body(t, &mut [])),
     }
 }
 
