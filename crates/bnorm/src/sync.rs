@@ -77,7 +77,7 @@
 use std::sync::{Arc, Barrier, Mutex};
 
 use crate::backward::Grads;
-use crate::config::{Config, Momentum, NonFinitePolicy, Variant, VarianceEstimator};
+use crate::config::{Config, Momentum, NonFinitePolicy, VarianceEstimator, Variant};
 use crate::element::{DType, Element};
 use crate::error::{Error, Result};
 use crate::forward::{check_input, forward_into, Normalized, Saved, StepReport};
@@ -250,14 +250,29 @@ const OP_BACKWARD: f64 = 2.0;
 
 /// Fields compared with rank 0, in the order they are reported.
 const COMPARED: [(usize, &str); 8] = [
-    (H_MAGIC, "protocol (another bnorm version, or another collective)"),
+    (
+        H_MAGIC,
+        "protocol (another bnorm version, or another collective)",
+    ),
     (H_OP, "operation (forward on one rank, backward on another)"),
-    (H_MODE, "mode (Train / Inference / Frozen, or batch vs running statistics)"),
+    (
+        H_MODE,
+        "mode (Train / Inference / Frozen, or batch vs running statistics)",
+    ),
     (H_CHANNELS, "channel count"),
-    (H_CFG_LO, "configuration (eps, momentum, variant, affine, ...)"),
-    (H_CFG_HI, "configuration (eps, momentum, variant, affine, ...)"),
+    (
+        H_CFG_LO,
+        "configuration (eps, momentum, variant, affine, ...)",
+    ),
+    (
+        H_CFG_HI,
+        "configuration (eps, momentum, variant, affine, ...)",
+    ),
     (H_DTYPE, "dtype"),
-    (H_UPDATES, "running statistics (another number of training steps)"),
+    (
+        H_UPDATES,
+        "running statistics (another number of training steps)",
+    ),
 ];
 
 /// FNV-1a over 64-bit words.
