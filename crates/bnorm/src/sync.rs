@@ -244,7 +244,7 @@ const H_STATUS: usize = 11;
 const HEADER: usize = 12;
 
 /// "bNo1": identifies the protocol (and its version) in the header.
-const MAGIC: f64 = 0x624e_6f31 as u32 as f64;
+const MAGIC: f64 = 0x624e_6f31_u32 as f64;
 const OP_FORWARD: f64 = 1.0;
 const OP_BACKWARD: f64 = 2.0;
 
