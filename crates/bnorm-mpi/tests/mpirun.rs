@@ -52,3 +52,34 @@ fn a_singleton_without_mpirun_is_one_rank() {
     );
     assert!(stdout.contains("over 1 ranks"), "{stdout}");
 }
+
+/// The `sync_train` example, built next to this test by `cargo test`.
+fn example(name: &str) -> Option<std::path::PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let dir = exe.parent()?.parent()?.join("examples");
+    let path = dir.join(format!("{name}{}", std::env::consts::EXE_SUFFIX));
+    path.exists().then_some(path)
+}
+
+#[test]
+fn sync_train_under_mpirun_matches_one_process() {
+    let Some(exe) = example("sync_train") else {
+        eprintln!("SKIPPED: the sync_train example was not built next to the tests");
+        return;
+    };
+    let Some(out) = mpirun(4, &exe.to_string_lossy()) else {
+        return;
+    };
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("sync check: max relative difference"))
+        .expect("the sync check line");
+    assert!(line.ends_with("over 4 ranks"), "{line}");
+}
