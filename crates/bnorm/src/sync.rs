@@ -439,7 +439,7 @@ fn forward_checks<T: Element>(
     }
 }
 
-/// [`forward_into`](crate::forward_into) over the global batch of every rank of `comm`:
+/// [`forward_into`] over the global batch of every rank of `comm`:
 /// this rank passes its own slice `x` (any number of samples, zero included) and gets its
 /// slice of the output in `y`; the statistics in `saved`, the running statistics and the
 /// report are those of the concatenated batch and bit-identical on every rank.
