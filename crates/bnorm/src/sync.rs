@@ -40,7 +40,7 @@
 //! ranks (averaging identical values is harmless).
 //!
 //! ```
-//! use bnorm::sync::{sync_backward_into, sync_forward_into, ThreadComm};
+//! use bnorm::sync::{sync_backward_into, sync_forward_into, Communicator, ThreadComm};
 //! use bnorm::{Config, Grads, Layout, Mode, Parallelism, Params, RunningState, Saved, Workspace};
 //! let cfg = Config::torch(2);
 //! let x = [1.0f32, 10.0, 2.0, 20.0, 3.0, 30.0, 4.0, 40.0, 5.0, 50.0]; // NC, 5 samples
