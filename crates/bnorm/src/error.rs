@@ -74,6 +74,22 @@ pub enum Error {
         /// What differs.
         reason: &'static str,
     },
+    /// The ranks of a synchronized step ([`mod@crate::sync`]) were not called consistently:
+    /// a rank has another channel count, configuration, mode or dtype than rank 0, or a
+    /// rank failed its own checks (that rank returns its own error, every other rank this
+    /// one). Every rank returns an error for the same step; none has written anything.
+    SyncMismatch {
+        /// The first rank (in rank order) that differs from rank 0 or failed.
+        rank: usize,
+        /// What differs.
+        what: &'static str,
+    },
+    /// The communicator of a synchronized step failed (a transport error, a poisoned
+    /// in-process group, buffers of different lengths).
+    Communication {
+        /// What went wrong.
+        reason: String,
+    },
 }
 
 impl fmt::Display for Error {
@@ -134,6 +150,14 @@ impl fmt::Display for Error {
                 f,
                 "saved statistics do not belong to this backward call: {reason}"
             ),
+            Error::SyncMismatch { rank, what } => write!(
+                f,
+                "synchronized batch norm: rank {rank} differs from rank 0 in {what}; every \
+                 rank must make the same call (same configuration, channels, mode, dtype)"
+            ),
+            Error::Communication { reason } => {
+                write!(f, "synchronized batch norm: communication failed: {reason}")
+            }
         }
     }
 }

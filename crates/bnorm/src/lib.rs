@@ -59,6 +59,8 @@
 //!   (ghost batches excepted).
 //! * [`mod@reference`] — a plain float64 implementation every fast path is tested against.
 //! * [`conformance`] — reads and replays the recorded framework cases.
+//! * [`mod@sync`] — synchronized batch norm: statistics of the global batch of several
+//!   data-parallel ranks (threads here, processes and machines with `bnorm-mpi`).
 
 #![deny(missing_docs)]
 
@@ -77,6 +79,7 @@ pub mod reference;
 mod running;
 mod state;
 mod stats;
+pub mod sync;
 
 pub use backward::{backward, backward_into, backward_relu_into, Backward, Grads};
 pub use config::{
