@@ -148,6 +148,53 @@ pub fn backward_relu_into<T: Element>(
     )
 }
 
+/// From per (group, channel) sums `(Σdz, Σdz·(x − μ))`: accumulates `dγ`, `dβ` into
+/// `grads` (zeroed first) and fills `coef` with `[a | b | k]`, the coefficients of
+/// `dx = a·dz + b·(x − μ) + k` (b = k = 0 for steps normalized with running statistics).
+pub(crate) fn coefficients(
+    g: Geometry,
+    params: &Params,
+    saved: &Saved,
+    sums: &[(f64, f64)],
+    grads: &mut Grads,
+    coef: &mut Vec<f64>,
+) {
+    let c = g.channels;
+    let n = sums.len();
+    grads.dweight.clear();
+    grads.dweight.resize(c, 0.0);
+    grads.dbias.clear();
+    grads.dbias.resize(c, 0.0);
+    coef.clear();
+    coef.resize(3 * n, 0.0);
+    let (a, rest) = coef.split_at_mut(n);
+    let (b, k) = rest.split_at_mut(n);
+    for i in 0..n {
+        let ch = i % c;
+        let (r, d) = if saved.r.is_empty() {
+            (1.0, 0.0)
+        } else {
+            (saved.r[ch], saved.d[ch])
+        };
+        let (sdy, sdyxc) = sums[i];
+        let invstd = saved.invstd[i];
+        let dot_xhat = sdyxc * invstd;
+        grads.dbias[ch] += sdy;
+        grads.dweight[ch] += r * dot_xhat + d * sdy;
+        let gain = params.gamma(ch) * r;
+        a[i] = gain * invstd;
+        if saved.normalized == Normalized::Batch {
+            let m = if saved.count[i] > 0.0 {
+                saved.count[i]
+            } else {
+                g.per_channel() as f64
+            };
+            b[i] = -gain * invstd * invstd * dot_xhat / m;
+            k[i] = -gain * invstd * sdy / m;
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn backward_impl<T: Element>(
     cfg: &Config,
@@ -178,10 +225,6 @@ fn backward_impl<T: Element>(
             reason: "saved statistics have another channel count",
         });
     }
-    grads.dweight.clear();
-    grads.dweight.resize(c, 0.0);
-    grads.dbias.clear();
-    grads.dbias.resize(c, 0.0);
     let mut sums = std::mem::take(&mut ws.tmp_pairs);
     sums.clear();
     sums.resize(groups * c, (0.0, 0.0));
@@ -223,37 +266,11 @@ fn backward_impl<T: Element>(
             }
         }
     }
-    // Per (group, channel) coefficients of dx = a·dz + b·(x − μ) + k.
-    let n = groups * c;
     let mut coef = std::mem::take(&mut ws.coef);
-    coef.clear();
-    coef.resize(3 * n, 0.0);
-    let (a, rest) = coef.split_at_mut(n);
-    let (b, k) = rest.split_at_mut(n);
-    for i in 0..n {
-        let ch = i % c;
-        let (r, d) = if saved.r.is_empty() {
-            (1.0, 0.0)
-        } else {
-            (saved.r[ch], saved.d[ch])
-        };
-        let (sdy, sdyxc) = sums[i];
-        let invstd = saved.invstd[i];
-        let dot_xhat = sdyxc * invstd;
-        grads.dbias[ch] += sdy;
-        grads.dweight[ch] += r * dot_xhat + d * sdy;
-        let gain = params.gamma(ch) * r;
-        a[i] = gain * invstd;
-        if saved.normalized == Normalized::Batch {
-            let m = if saved.count[i] > 0.0 {
-                saved.count[i]
-            } else {
-                g.per_channel() as f64
-            };
-            b[i] = -gain * invstd * invstd * dot_xhat / m;
-            k[i] = -gain * invstd * sdy / m;
-        }
-    }
+    coefficients(g, params, saved, &sums, grads, &mut coef);
+    let n = groups * c;
+    let (a, rest) = coef.split_at(n);
+    let (b, k) = rest.split_at(n);
     ws.tmp_pairs = sums;
     if !ghost {
         let center = &saved.mean[..c];

@@ -558,7 +558,7 @@ pub(crate) fn sample_geometry(g: Geometry) -> Geometry {
 
 /// Batch renormalization's corrections `r = clip(σ/σ_r, rmin, rmax)` and
 /// `d = clip((μ − μ_r)/σ_r, −dmax, dmax)` with `σ_r = max(renorm_stddev, sqrt(eps))`.
-fn renorm_rd(
+pub(crate) fn renorm_rd(
     rn: crate::config::RenormLimits,
     rs: &crate::state::RenormState,
     ch: usize,
@@ -575,7 +575,7 @@ fn renorm_rd(
 }
 
 /// Per (group, channel) `scale = γ·invstd·r`, `shift = β + γ·d` from the saved statistics.
-fn set_coefficients(g: Geometry, params: &Params, saved: &mut Saved) {
+pub(crate) fn set_coefficients(g: Geometry, params: &Params, saved: &mut Saved) {
     let c = g.channels;
     let n = saved.groups.max(1) * c;
     resize(&mut saved.scale, n);

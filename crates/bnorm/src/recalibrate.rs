@@ -16,7 +16,7 @@
 //! let mut state = bnorm::RunningState::init(&cfg).unwrap();
 //! recal.apply(&cfg, &mut state)?;
 //! assert_eq!(state.mean[0], 4.0);                        // (1 + 2 + 3 + 10) / 4
-//! assert!((state.var[0] - 18.0).abs() < 1e-12);          // unbiased, PyTorch convention
+//! assert!((state.var[0] - 50.0 / 3.0).abs() < 1e-12);    // unbiased (Σ(x − 4)² = 50), PyTorch convention
 //! # Ok::<(), bnorm::Error>(())
 //! ```
 

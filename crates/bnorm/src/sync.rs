@@ -76,11 +76,14 @@
 
 use std::sync::{Arc, Barrier, Mutex};
 
+use crate::backward::coefficients;
 use crate::backward::Grads;
 use crate::config::{Config, Momentum, NonFinitePolicy, VarianceEstimator, Variant};
 use crate::element::{DType, Element};
 use crate::error::{Error, Result};
-use crate::forward::{check_input, forward_into, Normalized, Saved, StepReport};
+use crate::forward::{
+    check_input, forward_into, renorm_rd, set_coefficients, Normalized, Saved, StepReport,
+};
 use crate::kernels::{self, Workspace};
 use crate::layout::Geometry;
 use crate::parallel::Parallelism;
@@ -572,31 +575,29 @@ pub fn sync_forward_into<T: Element, C: Communicator + ?Sized>(
     ws.tmp = m;
     if let (Variant::Renorm(rn), true, Some(s)) = (cfg.variant_kind(), update, state.as_deref()) {
         if let Some(rs) = &s.renorm {
-            let sqrt_eps = cfg.epsilon().sqrt();
+            let lim = rn.limits(s.updates);
             resize(&mut saved.r, c);
             resize(&mut saved.d, c);
             for ch in 0..c {
-                let sd = (saved.var[ch] + cfg.epsilon()).sqrt();
-                let sr = rs.stddev[ch].max(sqrt_eps);
-                saved.r[ch] = (sd / sr).clamp(rn.rmin, rn.rmax);
-                saved.d[ch] = ((saved.mean[ch] - rs.mean[ch]) / sr).clamp(-rn.dmax, rn.dmax);
+                let (r, d) = renorm_rd(lim, rs, ch, saved.mean[ch], saved.var[ch], cfg.epsilon());
+                saved.r[ch] = r;
+                saved.d[ch] = d;
             }
         }
     }
-    resize(&mut saved.scale, c);
-    resize(&mut saved.shift, c);
-    for ch in 0..c {
-        let (r, d) = if saved.r.is_empty() {
-            (1.0, 0.0)
-        } else {
-            (saved.r[ch], saved.d[ch])
-        };
-        saved.scale[ch] = params.gamma(ch) * saved.invstd[ch] * r;
-        saved.shift[ch] = params.beta(ch) + params.gamma(ch) * d;
-    }
-    kernels::affine(g, x, &saved.mean, &saved.scale, &saved.shift, y, par);
+    set_coefficients(g, params, saved);
+    kernels::affine_ep(
+        g,
+        x,
+        kernels::Ep::None,
+        &saved.mean,
+        &saved.scale,
+        &saved.shift,
+        y,
+        par,
+    );
     if let (true, Some(s)) = (update, state) {
-        running::update(cfg, s, saved, &report.skipped_channels);
+        running::update(cfg, s, saved.batch_stats(), &report.skipped_channels);
         report.updated = true;
     }
     Ok(report)
@@ -750,35 +751,13 @@ pub fn sync_backward_into<T: Element, C: Communicator + ?Sized>(
         });
     }
 
-    // Coefficients of dx = a·dy + b·(x − μ) + k: the formulas of backward_into (non-ghost),
-    // with the global sums and the global count.
-    grads.dweight.clear();
-    grads.dweight.resize(c, 0.0);
-    grads.dbias.clear();
-    grads.dbias.resize(c, 0.0);
-    let mut a = vec![0.0; c];
-    let mut b = vec![0.0; c];
-    let mut k = vec![0.0; c];
-    for ch in 0..c {
-        let (r, d) = if saved.r.is_empty() {
-            (1.0, 0.0)
-        } else {
-            (saved.r[ch], saved.d[ch])
-        };
-        let (sdy, sdyxc) = sums[ch];
-        let invstd = saved.invstd[ch];
-        let dot_xhat = sdyxc * invstd;
-        grads.dbias[ch] += sdy;
-        grads.dweight[ch] += r * dot_xhat + d * sdy;
-        let gain = params.gamma(ch) * r;
-        a[ch] = gain * invstd;
-        if saved.normalized == Normalized::Batch {
-            let m = saved.count[ch];
-            b[ch] = -gain * invstd * invstd * dot_xhat / m;
-            k[ch] = -gain * invstd * sdy / m;
-        }
-    }
+    // dx = a·dy + b·(x − μ) + k with the global sums and the global count.
+    let mut coef = std::mem::take(&mut ws.coef);
+    coefficients(g, params, saved, &sums, grads, &mut coef);
+    let (a, rest) = coef.split_at(c);
+    let (b, k) = rest.split_at(c);
+    kernels::affine2(g, x, dy, &saved.mean, a, b, k, dx, par);
     ws.tmp_pairs = sums;
-    kernels::affine2(g, x, dy, &saved.mean, &a, &b, &k, dx, par);
+    ws.coef = coef;
     Ok(())
 }

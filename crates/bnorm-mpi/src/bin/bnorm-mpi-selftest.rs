@@ -225,6 +225,7 @@ fn run(comm: &MpiComm) -> bnorm::Result<bool> {
         rmin: 0.8,
         dmax: 0.5,
         momentum: 0.9,
+        schedule: None,
     };
     let configs = [
         ("torch", Config::torch(3)),
