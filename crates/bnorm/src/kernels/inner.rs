@@ -7,31 +7,44 @@ use super::BLOCK;
 use crate::element::Element;
 use crate::stats::Moments;
 
-/// Independent accumulators per reduction loop.
-const LANES: usize = 8;
+/// Independent accumulators of a single reduction (enough to hide the latency of an f64
+/// add: 4 AVX-512 or 8 AVX2 registers).
+const LANES: usize = 128;
+
+/// Independent accumulators of each of two simultaneous reductions.
+const LANES2: usize = 64;
 
 /// Channels handled together in a channels-last block (stack arrays, no allocation).
 pub(crate) const CHANNEL_GROUP: usize = 64;
 
+/// Sums lanes by halving (lane i with lane i + n/2, ...): a fixed order.
 #[inline(always)]
-fn pairwise(a: [f64; LANES]) -> f64 {
-    ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]))
+fn fold<const N: usize>(mut a: [f64; N]) -> f64 {
+    let mut n = N;
+    while n > 1 {
+        n /= 2;
+        for i in 0..n {
+            a[i] += a[i + n];
+        }
+    }
+    a[0]
 }
 
 #[inline(always)]
 fn sum<T: Element>(xs: &[T]) -> f64 {
     let mut acc = [0.0f64; LANES];
-    let mut chunks = xs.chunks_exact(LANES);
-    for ch in &mut chunks {
+    let (body, _) = xs.as_chunks::<LANES>();
+    for ch in body {
         for l in 0..LANES {
             acc[l] += ch[l].to_f64();
         }
     }
+    let chunks = xs.chunks_exact(LANES);
     let mut tail = 0.0;
     for v in chunks.remainder() {
         tail += v.to_f64();
     }
-    pairwise(acc) + tail
+    fold(acc) + tail
 }
 
 #[inline(always)]
@@ -49,7 +62,7 @@ fn sum_sq_dev<T: Element>(xs: &[T], m: f64) -> f64 {
         let d = v.to_f64() - m;
         tail += d * d;
     }
-    pairwise(acc) + tail
+    fold(acc) + tail
 }
 
 /// Moments of a contiguous run: blocks of `BLOCK` reduced by two passes while in L1,
@@ -69,12 +82,12 @@ pub(crate) fn run_moments<T: Element>(xs: &[T]) -> Moments {
 /// (Σdy, Σdy·(x − m)) over a contiguous run.
 #[inline(always)]
 pub(crate) fn run_dot<T: Element>(xs: &[T], ds: &[T], m: f64) -> (f64, f64) {
-    let mut a = [0.0f64; LANES];
-    let mut b = [0.0f64; LANES];
-    let mut xc = xs.chunks_exact(LANES);
-    let mut dc = ds.chunks_exact(LANES);
+    let mut a = [0.0f64; LANES2];
+    let mut b = [0.0f64; LANES2];
+    let mut xc = xs.chunks_exact(LANES2);
+    let mut dc = ds.chunks_exact(LANES2);
     for (xl, dl) in (&mut xc).zip(&mut dc) {
-        for l in 0..LANES {
+        for l in 0..LANES2 {
             let d = dl[l].to_f64();
             a[l] += d;
             b[l] += d * (xl[l].to_f64() - m);
@@ -86,7 +99,7 @@ pub(crate) fn run_dot<T: Element>(xs: &[T], ds: &[T], m: f64) -> (f64, f64) {
         ta += d;
         tb += d * (xv.to_f64() - m);
     }
-    (pairwise(a) + ta, pairwise(b) + tb)
+    (fold(a) + ta, fold(b) + tb)
 }
 
 /// `y = (x − m)·s + b` over a contiguous run.
@@ -114,10 +127,51 @@ pub(crate) fn run_affine2<T: Element>(
     }
 }
 
+/// Channels-last rows with few channels are processed as runs of `lanes_for(c)` elements
+/// (whole rows, at least 32 values), so the loops vectorize whatever C is; per-channel
+/// parameters are repeated to that length. From 32 channels on, a run is one row.
+#[inline(always)]
+fn lanes_for(c: usize) -> usize {
+    if c >= 32 {
+        c
+    } else {
+        c * 32usize.div_ceil(c)
+    }
+}
+
+/// `p` (one value per channel) repeated to `lanes_for(c)` values.
+#[inline(always)]
+fn expand<'a>(p: &'a [f64], c: usize, buf: &'a mut [f64; 64]) -> &'a [f64] {
+    if c >= 32 {
+        &p[..c]
+    } else {
+        let l = lanes_for(c);
+        for (i, v) in buf[..l].iter_mut().enumerate() {
+            *v = p[i % c];
+        }
+        &buf[..l]
+    }
+}
+
+/// Folds lanes of a small-C run back to channels: `out[ch] = Σ_k acc[k·c + ch]`.
+#[inline(always)]
+fn fold_lanes(acc: &[f64; 64], c: usize, out: &mut [f64; 64]) {
+    let l = lanes_for(c);
+    for v in out[..c].iter_mut() {
+        *v = 0.0;
+    }
+    for (i, a) in acc[..l].iter().enumerate() {
+        out[i % c] += a;
+    }
+}
+
 /// Merges the per-channel moments of channels-last rows (`rows.len()` a multiple of `c`)
 /// into `out`, block by block (each block's rows reduced by two passes in L1).
 #[inline(always)]
 pub(crate) fn rows_moments<T: Element>(rows: &[T], c: usize, out: &mut [Moments]) {
+    if c < 32 {
+        return rows_moments_small(rows, c, out);
+    }
     let br = (BLOCK / c).max(1);
     for block in rows.chunks(br * c) {
         let n = (block.len() / c) as f64;
@@ -147,6 +201,46 @@ pub(crate) fn rows_moments<T: Element>(rows: &[T], c: usize, out: &mut [Moments]
                     m2: q[j],
                 });
             }
+        }
+    }
+}
+
+/// [`rows_moments`] for fewer than 32 channels: runs of whole rows as lanes.
+#[inline(always)]
+fn rows_moments_small<T: Element>(rows: &[T], c: usize, out: &mut [Moments]) {
+    let l = lanes_for(c);
+    let br = (BLOCK / l).max(1) * l / c; // rows per block, a whole number of runs
+    for block in rows.chunks(br * c) {
+        let n = (block.len() / c) as f64;
+        let mut acc = [0.0f64; 64];
+        for run in block.chunks(l) {
+            for (a, v) in acc[..run.len()].iter_mut().zip(run) {
+                *a += v.to_f64();
+            }
+        }
+        let mut sums = [0.0f64; 64];
+        fold_lanes(&acc, c, &mut sums);
+        let mut mean = [0.0f64; 64];
+        for (m, s) in mean[..c].iter_mut().zip(&sums[..c]) {
+            *m = s / n;
+        }
+        let mut mbuf = [0.0f64; 64];
+        let me = expand(&mean, c, &mut mbuf);
+        let mut q = [0.0f64; 64];
+        for run in block.chunks(l) {
+            for ((a, v), m) in q[..run.len()].iter_mut().zip(run).zip(me) {
+                let d = v.to_f64() - m;
+                *a += d * d;
+            }
+        }
+        let mut m2 = [0.0f64; 64];
+        fold_lanes(&q, c, &mut m2);
+        for ch in 0..c {
+            out[ch] = out[ch].merge(Moments {
+                count: n,
+                mean: mean[ch],
+                m2: m2[ch],
+            });
         }
     }
 }
@@ -314,13 +408,13 @@ fn through_relu<T: Element>(y: T, dy: T) -> f64 {
 /// (Σdz, Σdz·(x − m)) with `dz` the gradient through the ReLU of output `ys`.
 #[inline(always)]
 pub(crate) fn run_dot_relu<T: Element>(xs: &[T], ys: &[T], ds: &[T], m: f64) -> (f64, f64) {
-    let mut a = [0.0f64; LANES];
-    let mut b = [0.0f64; LANES];
-    let mut xc = xs.chunks_exact(LANES);
-    let mut yc = ys.chunks_exact(LANES);
-    let mut dc = ds.chunks_exact(LANES);
+    let mut a = [0.0f64; LANES2];
+    let mut b = [0.0f64; LANES2];
+    let mut xc = xs.chunks_exact(LANES2);
+    let mut yc = ys.chunks_exact(LANES2);
+    let mut dc = ds.chunks_exact(LANES2);
     for ((xl, yl), dl) in (&mut xc).zip(&mut yc).zip(&mut dc) {
-        for l in 0..LANES {
+        for l in 0..LANES2 {
             let d = through_relu(yl[l], dl[l]);
             a[l] += d;
             b[l] += d * (xl[l].to_f64() - m);
@@ -337,7 +431,7 @@ pub(crate) fn run_dot_relu<T: Element>(xs: &[T], ys: &[T], ds: &[T], m: f64) -> 
         ta += d;
         tb += d * (xv.to_f64() - m);
     }
-    (pairwise(a) + ta, pairwise(b) + tb)
+    (fold(a) + ta, fold(b) + tb)
 }
 
 /// `dx = a·dz + b·(x − m) + k`, and `dr = dz` when `rs` is not empty.
@@ -414,19 +508,35 @@ pub(crate) fn rows_affine2_relu<T: Element>(
     b: &[f64],
     k: &[f64],
 ) {
-    let rows = xs.len() / c.max(1);
-    for row in 0..rows {
-        let r = row * c..(row + 1) * c;
-        let (xr, yr, dr) = (&xs[r.clone()], &ys[r.clone()], &ds[r.clone()]);
-        let or = &mut os[r.clone()];
-        for ch in 0..c {
-            let dz = through_relu(yr[ch], dr[ch]);
-            or[ch] = T::from_f64(a[ch] * dz + b[ch] * (xr[ch].to_f64() - center[ch]) + k[ch]);
+    let l = lanes_for(c);
+    let (mut b1, mut b2, mut b3, mut b4) = ([0.0f64; 64], [0.0f64; 64], [0.0f64; 64], [0.0f64; 64]);
+    let (center, a, b, k) = (
+        expand(center, c, &mut b1),
+        expand(a, c, &mut b2),
+        expand(b, c, &mut b3),
+        expand(k, c, &mut b4),
+    );
+    for (((xr, yr), dr), or) in xs
+        .chunks(l)
+        .zip(ys.chunks(l))
+        .zip(ds.chunks(l))
+        .zip(os.chunks_mut(l))
+    {
+        for ((((((o, x), y), d), m), av), (bv, kv)) in or
+            .iter_mut()
+            .zip(xr)
+            .zip(yr)
+            .zip(dr)
+            .zip(center)
+            .zip(a)
+            .zip(b.iter().zip(k))
+        {
+            *o = T::from_f64(av * through_relu(*y, *d) + bv * (x.to_f64() - m) + kv);
         }
-        if !rs.is_empty() {
-            for (o, d) in rs[r].iter_mut().zip(yr.iter().zip(dr)) {
-                *o = T::from_f64(through_relu(*d.0, *d.1));
-            }
+    }
+    if !rs.is_empty() {
+        for ((r, y), d) in rs.iter_mut().zip(ys).zip(ds) {
+            *r = T::from_f64(through_relu(*y, *d));
         }
     }
 }
