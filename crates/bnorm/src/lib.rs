@@ -59,6 +59,8 @@
 //!   (ghost batches excepted).
 //! * [`mod@reference`] — a plain float64 implementation every fast path is tested against.
 //! * [`conformance`] — reads and replays the recorded framework cases.
+//! * [`interop`] — checkpoints of PyTorch, Keras and Flax (import, export, conversion),
+//!   folding into neighbouring layers, health inspection.
 
 #![deny(missing_docs)]
 
@@ -68,6 +70,7 @@ pub mod conformance;
 mod element;
 mod error;
 mod forward;
+pub mod interop;
 mod kernels;
 mod layer;
 mod layout;
