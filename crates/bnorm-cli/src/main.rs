@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod conformance;
 mod demo;
+mod interop;
 
 /// Batch normalization done completely: conformance replay, demo, benchmarks.
 #[derive(Parser)]
@@ -26,6 +27,12 @@ enum Command {
     /// Train a small CNN with bnorm layers and show the train/inference switch at work
     /// (the default command).
     Demo(demo::DemoArgs),
+    /// List the batch-norm layers of a safetensors checkpoint, their conventions and health.
+    Inspect(interop::InspectArgs),
+    /// Fold batch-norm layers into the preceding convolution or linear layer.
+    Fold(interop::FoldArgs),
+    /// Convert batch-norm layers to another framework's names and conventions.
+    Convert(interop::ConvertArgs),
 }
 
 fn main() -> ExitCode {
@@ -33,6 +40,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Some(Command::Conformance { dir }) => conformance::run(&dir),
         Some(Command::Demo(args)) => demo::run(&args).map(|_| ExitCode::SUCCESS),
+        Some(Command::Inspect(args)) => interop::inspect(&args),
+        Some(Command::Fold(args)) => interop::fold(&args),
+        Some(Command::Convert(args)) => interop::convert(&args),
         None => demo::run(&demo::DemoArgs::default()).map(|_| ExitCode::SUCCESS),
     };
     match result {

@@ -338,7 +338,7 @@ fn conversion_translates_momentum_keeps_eps_and_rescales_variance() {
     }
     assert!(notes.iter().any(|n| n.message.contains("eps")));
     let (back, _) = keras.convert(Format::Torch, &opts).unwrap();
-    assert_eq!(back.momentum, Momentum::NewWeight(1.0 - 0.95));
+    assert_eq!(back.momentum, Momentum::NewWeight(0.05));
     for (b, t) in back
         .running_var
         .unwrap()

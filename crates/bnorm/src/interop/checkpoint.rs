@@ -909,10 +909,16 @@ impl Layer {
         out.format = to;
         out.conventions_recorded = true;
         let t = self.num_batches_tracked.unwrap_or(0);
+        // 1 − x, with the rounding noise of the subtraction removed (1 − 0.9 is 0.1, not
+        // 0.09999999999999998), so a converted default reads as the default.
+        let flip = |x: f64| {
+            let y = 1.0 - x;
+            format!("{y:.12e}").parse::<f64>().unwrap_or(y)
+        };
         out.momentum = match (self.momentum, to) {
             (Momentum::NewWeight(a), Format::Torch) => Momentum::NewWeight(a),
-            (Momentum::NewWeight(a), _) => Momentum::Decay(1.0 - a),
-            (Momentum::Decay(d), Format::Torch) => Momentum::NewWeight(1.0 - d),
+            (Momentum::NewWeight(a), _) => Momentum::Decay(flip(a)),
+            (Momentum::Decay(d), Format::Torch) => Momentum::NewWeight(flip(d)),
             (Momentum::Decay(d), _) => Momentum::Decay(d),
             (Momentum::Cumulative, Format::Torch) => Momentum::Cumulative,
             (Momentum::Cumulative, _) => {
@@ -934,7 +940,7 @@ impl Layer {
                         .into(),
                 );
                 if to == Format::Torch {
-                    Momentum::NewWeight(1.0 - d)
+                    Momentum::NewWeight(flip(d))
                 } else {
                     Momentum::Decay(d)
                 }
