@@ -1,7 +1,7 @@
 //! `bnorm inspect`, `bnorm fold`, `bnorm convert`: batch-norm layers in safetensors
 //! checkpoints.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
@@ -61,7 +61,7 @@ fn parse_format(s: &str) -> std::result::Result<Format, String> {
     Format::parse(s).ok_or_else(|| format!("unknown format {s:?}: use torch, keras or flax"))
 }
 
-fn read(path: &PathBuf) -> Result<Checkpoint> {
+fn read(path: &Path) -> Result<Checkpoint> {
     Checkpoint::read(path).with_context(|| format!("reading {}", path.display()))
 }
 

@@ -75,10 +75,8 @@ impl BnAffine {
         let mut shift = Vec::with_capacity(c);
         for ch in 0..c {
             let (g, b) = (params.gamma(ch), params.beta(ch));
-            if !(mean[ch].is_finite() && var[ch].is_finite() && var[ch] >= 0.0)
-                || !g.is_finite()
-                || !b.is_finite()
-            {
+            let valid = [mean[ch], var[ch], g, b].iter().all(|v| v.is_finite()) && var[ch] >= 0.0;
+            if !valid {
                 return Err(bad(format!(
                     "channel {ch} has a non-finite value or a negative variance"
                 )));
