@@ -48,13 +48,25 @@ pub struct ConvertArgs {
     #[arg(long, value_parser = parse_format)]
     pub to: Format,
     /// Values per channel in a training batch (N for (N, C) input, N*H*W for images):
-    /// needed to convert between biased and unbiased running variances.
-    #[arg(long)]
-    pub batch_size: Option<usize>,
+    /// needed to convert between biased and unbiased running variances. `N` applies to
+    /// every layer, `LAYER=N` to one (repeat or comma-separate; per-layer values win).
+    #[arg(long, value_delimiter = ',', value_parser = parse_batch_size)]
+    pub batch_size: Vec<(Option<String>, usize)>,
     /// Keep running-variance values unchanged when the estimators differ (inference
     /// outputs stay identical; further training mixes estimators).
     #[arg(long, conflicts_with = "batch_size")]
     pub keep_variance: bool,
+}
+
+fn parse_batch_size(s: &str) -> std::result::Result<(Option<String>, usize), String> {
+    let (layer, n) = match s.rsplit_once('=') {
+        Some((l, n)) => (Some(l.to_string()), n),
+        None => (None, s),
+    };
+    let n: usize = n
+        .parse()
+        .map_err(|_| format!("bad batch size {s:?}: expected N or LAYER=N"))?;
+    Ok((layer, n))
 }
 
 fn parse_format(s: &str) -> std::result::Result<Format, String> {
@@ -227,11 +239,28 @@ pub fn convert(args: &ConvertArgs) -> Result<ExitCode> {
     if layers.is_empty() {
         bail!("no batch-norm layer found in {}", args.input.display());
     }
-    let opts = ConvertOptions {
-        batch_size: args.batch_size,
-        keep_variance: args.keep_variance,
-    };
+    for (name, _) in &args.batch_size {
+        if let Some(name) = name {
+            if !layers.iter().any(|l| &l.name == name) {
+                bail!("--batch-size names {name:?}, which is not a batch-norm layer of the file");
+            }
+        }
+    }
+    let default = args
+        .batch_size
+        .iter()
+        .find(|(l, _)| l.is_none())
+        .map(|b| b.1);
     for layer in &layers {
+        let own = args
+            .batch_size
+            .iter()
+            .find(|(l, _)| l.as_deref() == Some(layer.name.as_str()))
+            .map(|b| b.1);
+        let opts = ConvertOptions {
+            batch_size: own.or(default),
+            keep_variance: args.keep_variance,
+        };
         let (converted, notes) = layer.convert(args.to, &opts)?;
         ckpt.remove_layer(&layer.name, layer.format);
         ckpt.insert_layer(&converted, layer.dtype)?;

@@ -301,3 +301,49 @@ fn convert_needs_the_batch_size_and_round_trips_with_it() {
     }
     assert_eq!(t.running_mean, bn.running_mean);
 }
+
+#[test]
+fn convert_takes_a_batch_size_per_layer() {
+    let dir = TempDir::new("convert-per-layer");
+    let mut ckpt = Checkpoint::default();
+    let conv_bn = trained("bn1", Format::Torch, 2); // BatchNorm2d: N*H*W values
+    let fc_bn = trained("bn4", Format::Torch, 3); // BatchNorm1d: N values
+    ckpt.insert_layer(&conv_bn, DType::F64).unwrap();
+    ckpt.insert_layer(&fc_bn, DType::F64).unwrap();
+    let input = dir.path("in.safetensors");
+    let output = dir.path("out.safetensors");
+    ckpt.write(&input).unwrap();
+    let out = bnorm(&[
+        "convert",
+        s(&input),
+        s(&output),
+        "--to",
+        "flax",
+        "--batch-size",
+        "288,bn4=8",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let layers = Checkpoint::read(&output).unwrap().layers().unwrap();
+    for (got, orig, m) in [(&layers[0], &conv_bn, 288.0), (&layers[1], &fc_bn, 8.0)] {
+        for (g, v) in got
+            .running_var
+            .as_ref()
+            .unwrap()
+            .iter()
+            .zip(orig.running_var.as_ref().unwrap())
+        {
+            assert!((g - v * (m - 1.0) / m).abs() <= 1e-14 * v, "{}", got.name);
+        }
+    }
+    let unknown = bnorm(&[
+        "convert",
+        s(&input),
+        s(&dir.path("x.safetensors")),
+        "--to",
+        "flax",
+        "--batch-size",
+        "bn9=8",
+    ]);
+    assert!(!unknown.status.success());
+    assert!(text(&unknown).contains("bn9"));
+}
