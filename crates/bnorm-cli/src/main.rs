@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod conformance;
 mod demo;
+mod interop;
 
 /// Batch normalization done completely: conformance replay, demo, benchmarks.
 #[derive(Parser)]
@@ -29,6 +30,12 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Measure bandwidth of every kernel against a plain copy and candle-nn.
     Bench(bench::BenchArgs),
+    /// List the batch-norm layers of a safetensors checkpoint, their conventions and health.
+    Inspect(interop::InspectArgs),
+    /// Fold batch-norm layers into the preceding convolution or linear layer.
+    Fold(interop::FoldArgs),
+    /// Convert batch-norm layers to another framework's names and conventions.
+    Convert(interop::ConvertArgs),
 }
 
 fn main() -> ExitCode {
@@ -37,6 +44,9 @@ fn main() -> ExitCode {
         Some(Command::Conformance { dir }) => conformance::run(&dir),
         Some(Command::Bench(args)) => bench::run(&args).map(|_| ExitCode::SUCCESS),
         Some(Command::Demo(args)) => demo::run(&args).map(|_| ExitCode::SUCCESS),
+        Some(Command::Inspect(args)) => interop::inspect(&args),
+        Some(Command::Fold(args)) => interop::fold(&args),
+        Some(Command::Convert(args)) => interop::convert(&args),
         None => demo::run(&demo::DemoArgs::default()).map(|_| ExitCode::SUCCESS),
     };
     match result {

@@ -61,6 +61,8 @@
 //! * [`conformance`] — reads and replays the recorded framework cases.
 //! * [`mod@sync`] — synchronized batch norm: statistics of the global batch of several
 //!   data-parallel ranks (threads here, processes and machines with `bnorm-mpi`).
+//! * [`interop`] — checkpoints of PyTorch, Keras and Flax (import, export, conversion),
+//!   folding into neighbouring layers, health inspection.
 
 #![deny(missing_docs)]
 
@@ -70,6 +72,7 @@ pub mod conformance;
 mod element;
 mod error;
 mod forward;
+pub mod interop;
 mod kernels;
 mod layer;
 mod layout;
