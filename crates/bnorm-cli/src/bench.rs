@@ -303,7 +303,10 @@ fn bench_candle(
     // candle-nn cannot train every dtype (bf16 fails inside its BatchNorm): report it.
     if let Err(e) = bn.forward_t(x.as_tensor(), true) {
         let first = e.to_string().lines().next().unwrap_or("").to_string();
-        println!("candle-nn {} {dname}: training forward fails ({first}); no candle rows", s.name);
+        println!(
+            "candle-nn {} {dname}: training forward fails ({first}); no candle rows",
+            s.name
+        );
         return Ok(());
     }
     let t = median(a.seconds, runs, || {

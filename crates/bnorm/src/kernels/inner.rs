@@ -39,30 +39,45 @@ fn sum<T: Element>(xs: &[T]) -> f64 {
             acc[l] += ch[l].to_f64();
         }
     }
-    let chunks = xs.chunks_exact(LANES);
+    let rest = &xs[body.len() * LANES..];
+    let (mid, last) = rest.as_chunks::<8>();
+    let mut acc8 = [0.0f64; 8];
+    for ch in mid {
+        for l in 0..8 {
+            acc8[l] += ch[l].to_f64();
+        }
+    }
     let mut tail = 0.0;
-    for v in chunks.remainder() {
+    for v in last {
         tail += v.to_f64();
     }
-    fold(acc) + tail
+    fold(acc) + (fold(acc8) + tail)
 }
 
 #[inline(always)]
 fn sum_sq_dev<T: Element>(xs: &[T], m: f64) -> f64 {
     let mut acc = [0.0f64; LANES];
-    let mut chunks = xs.chunks_exact(LANES);
-    for ch in &mut chunks {
+    let (body, rest) = xs.as_chunks::<LANES>();
+    for ch in body {
         for l in 0..LANES {
             let d = ch[l].to_f64() - m;
             acc[l] += d * d;
         }
     }
+    let (mid, last) = rest.as_chunks::<8>();
+    let mut acc8 = [0.0f64; 8];
+    for ch in mid {
+        for l in 0..8 {
+            let d = ch[l].to_f64() - m;
+            acc8[l] += d * d;
+        }
+    }
     let mut tail = 0.0;
-    for v in chunks.remainder() {
+    for v in last {
         let d = v.to_f64() - m;
         tail += d * d;
     }
-    fold(acc) + tail
+    fold(acc) + (fold(acc8) + tail)
 }
 
 /// Moments of a contiguous run: blocks of `BLOCK` reduced by two passes while in L1,
@@ -172,7 +187,9 @@ pub(crate) fn rows_moments<T: Element>(rows: &[T], c: usize, out: &mut [Moments]
     if c < 32 {
         return rows_moments_small(rows, c, out);
     }
-    let br = (BLOCK / c).max(1);
+    // At least 32 rows per block, so that merges stay rare when C is large (a block of
+    // 32 rows of 1,024 f32 channels is 128 KB: its second pass still comes from L2).
+    let br = (BLOCK / c).max(32);
     for block in rows.chunks(br * c) {
         let n = (block.len() / c) as f64;
         for g0 in (0..c).step_by(CHANNEL_GROUP) {
