@@ -216,11 +216,29 @@ pub fn forward_into<T: Element>(
     ws: &mut Workspace,
     par: Parallelism,
 ) -> Result<StepReport> {
+    forward_ep(cfg, g, x, Ep::None, params, state, mode, y, saved, ws, par)
+}
+
+/// A forward step with an epilogue, then the running-statistics update.
+#[allow(clippy::too_many_arguments)]
+fn forward_ep<T: Element>(
+    cfg: &Config,
+    g: Geometry,
+    x: &[T],
+    ep: Ep<'_, T>,
+    params: &Params,
+    state: Option<&mut RunningState>,
+    mode: Mode,
+    y: &mut [T],
+    saved: &mut Saved,
+    ws: &mut Workspace,
+    par: Parallelism,
+) -> Result<StepReport> {
     let mut report = forward_core(
         cfg,
         g,
         x,
-        Ep::None,
+        ep,
         params,
         state.as_deref(),
         mode,
@@ -323,24 +341,7 @@ pub fn forward_relu_into<T: Element>(
         }
         None => Ep::Relu,
     };
-    let mut report = forward_core(
-        cfg,
-        g,
-        x,
-        ep,
-        params,
-        state.as_deref(),
-        mode,
-        y,
-        saved,
-        ws,
-        par,
-    )?;
-    if let (Mode::Train, Some(s)) = (mode, state) {
-        running::update(cfg, s, saved.batch_stats(), &report.skipped_channels);
-        report.updated = true;
-    }
-    Ok(report)
+    forward_ep(cfg, g, x, ep, params, state, mode, y, saved, ws, par)
 }
 
 /// Everything of a forward step except the running-statistics update.

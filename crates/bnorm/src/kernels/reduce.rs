@@ -110,56 +110,7 @@ pub(crate) fn dot<T: Element>(
     ws: &mut Workspace,
     par: Parallelism,
 ) {
-    let c = g.channels;
-    let (rps, nseg) = segments(g);
-    let parallel = par.is_parallel(g.len());
-    ws.pairs.clear();
-    ws.pairs.resize(nseg * c, (0.0, 0.0));
-    if g.inner == 1 {
-        let task = |(s, part): (usize, &mut [(f64, f64)])| {
-            let range = s * rps * c..((s + 1) * rps).min(g.outer) * c;
-            let mut a = vec![0.0f64; c];
-            let mut b = vec![0.0f64; c];
-            rows_dot(&x[range.clone()], &dy[range], c, center, &mut a, &mut b);
-            for (p, (av, bv)) in part.iter_mut().zip(a.into_iter().zip(b)) {
-                *p = (av, bv);
-            }
-        };
-        if parallel {
-            ws.pairs.par_chunks_mut(c.max(1)).enumerate().for_each(task);
-        } else {
-            ws.pairs.chunks_mut(c.max(1)).enumerate().for_each(task);
-        }
-        for (ch, o) in out.iter_mut().enumerate() {
-            *o = (0..nseg).fold((0.0, 0.0), |acc, s| {
-                let p = ws.pairs[s * c + ch];
-                (acc.0 + p.0, acc.1 + p.1)
-            });
-        }
-    } else {
-        let task = |(t, o): (usize, &mut (f64, f64))| {
-            let (ch, s) = (t / nseg, t % nseg);
-            let (mut a, mut b) = (0.0, 0.0);
-            for n in s * rps..((s + 1) * rps).min(g.outer) {
-                let start = (n * c + ch) * g.inner;
-                let r = start..start + g.inner;
-                let (pa, pb) = run_dot(&x[r.clone()], &dy[r], center[ch]);
-                a += pa;
-                b += pb;
-            }
-            *o = (a, b);
-        };
-        if parallel {
-            ws.pairs.par_iter_mut().enumerate().for_each(task);
-        } else {
-            ws.pairs.iter_mut().enumerate().for_each(task);
-        }
-        for (ch, o) in out.iter_mut().enumerate() {
-            *o = ws.pairs[ch * nseg..(ch + 1) * nseg]
-                .iter()
-                .fold((0.0, 0.0), |acc, p| (acc.0 + p.0, acc.1 + p.1));
-        }
-    }
+    dot_impl(g, x, None, dy, center, out, ws, par)
 }
 
 /// Per-channel `(Σdz, Σdz·(x − center))` with `dz = dy·[y > 0]` (backward through a ReLU
@@ -169,6 +120,20 @@ pub(crate) fn dot_relu<T: Element>(
     g: Geometry,
     x: &[T],
     y: &[T],
+    dy: &[T],
+    center: &[f64],
+    out: &mut [(f64, f64)],
+    ws: &mut Workspace,
+    par: Parallelism,
+) {
+    dot_impl(g, x, Some(y), dy, center, out, ws, par)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn dot_impl<T: Element>(
+    g: Geometry,
+    x: &[T],
+    y: Option<&[T]>,
     dy: &[T],
     center: &[f64],
     out: &mut [(f64, f64)],
@@ -185,15 +150,11 @@ pub(crate) fn dot_relu<T: Element>(
             let range = s * rps * c..((s + 1) * rps).min(g.outer) * c;
             let mut a = vec![0.0f64; c];
             let mut b = vec![0.0f64; c];
-            rows_dot_relu(
-                &x[range.clone()],
-                &y[range.clone()],
-                &dy[range],
-                c,
-                center,
-                &mut a,
-                &mut b,
-            );
+            let (xs, ds) = (&x[range.clone()], &dy[range.clone()]);
+            match y {
+                None => rows_dot(xs, ds, c, center, &mut a, &mut b),
+                Some(y) => rows_dot_relu(xs, &y[range], ds, c, center, &mut a, &mut b),
+            }
             for (p, (av, bv)) in part.iter_mut().zip(a.into_iter().zip(b)) {
                 *p = (av, bv);
             }
@@ -216,7 +177,11 @@ pub(crate) fn dot_relu<T: Element>(
             for n in s * rps..((s + 1) * rps).min(g.outer) {
                 let start = (n * c + ch) * g.inner;
                 let r = start..start + g.inner;
-                let (pa, pb) = run_dot_relu(&x[r.clone()], &y[r.clone()], &dy[r], center[ch]);
+                let (xs, ds) = (&x[r.clone()], &dy[r.clone()]);
+                let (pa, pb) = match y {
+                    None => run_dot(xs, ds, center[ch]),
+                    Some(y) => run_dot_relu(xs, &y[r], ds, center[ch]),
+                };
                 a += pa;
                 b += pb;
             }
