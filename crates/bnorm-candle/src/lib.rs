@@ -175,6 +175,13 @@ impl BatchNorm {
         lock(&self.inner).ok().and_then(|g| g.state.clone())
     }
 
+    /// Whether the running statistics were never updated by a training step (a fresh
+    /// layer, or a checkpoint loaded with `num_batches_tracked = 0` or without it):
+    /// inference on them reports [`StepReport::cold_statistics`].
+    pub fn is_cold(&self) -> bool {
+        self.running_state().is_some_and(|s| s.updates == 0)
+    }
+
     /// Replaces the running statistics (validated; on error nothing changes) and mirrors
     /// them into the candle variables.
     pub fn set_running_state(&self, state: RunningState) -> Result<()> {

@@ -6,7 +6,7 @@ use std::sync::Mutex;
 use bnorm::{Config, Element, Grads, Layout, Mode, Params, RunningState, Saved, StepReport};
 use candle_core::{
     backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout as CLayout, Result, Shape,
-    Tensor, WithDType,
+    Storage, Tensor, WithDType,
 };
 
 /// What one forward call produced besides its output.
@@ -110,8 +110,19 @@ impl BnOp {
         dy: &Tensor,
         params: &Params,
     ) -> Result<(Tensor, Tensor, Tensor)> {
-        let xs = x.flatten_all()?.to_vec1::<T>()?;
-        let dys = dy.to_dtype(x.dtype())?.flatten_all()?.to_vec1::<T>()?;
+        let dy = if dy.dtype() == x.dtype() {
+            dy.clone()
+        } else {
+            dy.to_dtype(x.dtype())?
+        };
+        // Read both straight from their CPU storage (no copy when contiguous).
+        let (xst, xl) = x.storage_and_layout();
+        let (dst, dl) = dy.storage_and_layout();
+        let (Storage::Cpu(xc), Storage::Cpu(dc)) = (&*xst, &*dst) else {
+            candle_core::bail!("bnorm: the candle layer runs on CPU tensors");
+        };
+        let xs = gather(T::cpu_storage_as_slice(xc)?, xl);
+        let dys = gather(T::cpu_storage_as_slice(dc)?, dl);
         let g = self.layout.geometry(x.dims()).map_err(wrap)?;
         let guard = self
             .result
@@ -132,6 +143,8 @@ impl BnOp {
             bnorm::Parallelism::Rayon,
         )
         .map_err(wrap)?;
+        drop((xs, dys));
+        drop((xst, dst));
         let dev = x.device();
         let dx = Tensor::from_vec(dx, x.shape(), dev)?;
         let dw = Tensor::new(grads.dweight.as_slice(), dev)?.to_dtype(w.dtype())?;

@@ -266,6 +266,14 @@ fn saves_and_loads_under_pytorch_names() {
     let vb = VarBuilder::from_tensors(t.clone(), DType::F32, &dev);
     let old = BatchNorm::new(Config::torch(3), Layout::NCHW, vb).unwrap();
     assert_eq!(old.running_state().unwrap().updates, 0);
+    assert!(
+        old.is_cold(),
+        "a checkpoint without a counter is reported as cold"
+    );
+    let xc = randn(&[2, 3, 2, 2], 5).to_dtype(DType::F32).unwrap();
+    old.forward_mode(&xc, Mode::Inference).unwrap();
+    assert!(old.last_report().cold_statistics);
+    assert!(!bn.is_cold());
     assert_eq!(old.running_state().unwrap().var, vec![2.0; 3]);
 
     // Corrupt checkpoints are refused with a clear error.

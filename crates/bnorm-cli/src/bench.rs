@@ -339,6 +339,36 @@ fn bench_candle(
     Ok(())
 }
 
+/// A training step (forward in training mode + backward through candle's autograd) of
+/// `bnorm_candle::BatchNorm` against `candle_nn::BatchNorm`, on S1 in f32.
+fn bench_candle_step(a: &BenchArgs) -> Result<()> {
+    let s = &SHAPES[0];
+    let dev = Device::Cpu;
+    let n: usize = s.dims.iter().product();
+    let c = s.dims[1];
+    let x = candle_core::Var::from_tensor(&Tensor::from_vec(data::<f32>(n, 1), s.dims, &dev)?)?;
+    let dy = Tensor::from_vec(data::<f32>(n, 2), s.dims, &dev)?;
+    let vm = VarMap::new();
+    let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
+    let ours = bnorm_candle::BatchNorm::new(Config::torch(c), Layout::NCHW, vb.pp("ours"))?;
+    let theirs = candle_nn::batch_norm(c, candle_nn::BatchNormConfig::default(), vb.pp("theirs"))?;
+    let runs = a.min_runs.min(10);
+    let step = |m: &dyn ModuleT| {
+        let y = m.forward_t(x.as_tensor(), true).expect("forward");
+        let loss = (y * &dy).and_then(|p| p.sum_all()).expect("loss");
+        black_box(loss.backward().expect("backward"));
+    };
+    let t_ours = median(a.seconds, runs, || step(&ours));
+    let t_theirs = median(a.seconds, runs, || step(&theirs));
+    println!(
+        "training step through candle autograd, S1 NCHW f32: bnorm-candle {:.2} ms, candle-nn {:.2} ms: {:.1}x faster",
+        t_ours * 1e3,
+        t_theirs * 1e3,
+        t_theirs / t_ours
+    );
+    Ok(())
+}
+
 /// Runs every measurement and prints the table.
 pub fn run(a: &BenchArgs) -> Result<()> {
     let threads = rayon::current_num_threads();
@@ -417,6 +447,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         out.push(v);
     }
     println!("(* = allocating tier: a fresh output per call, page faults included)");
+    if !a.no_candle && wanted(&SHAPES[0]) {
+        bench_candle_step(a)?;
+    }
     if let Some(path) = &a.json {
         write_atomic(path, serde_json::to_string_pretty(&out)?.as_bytes())
             .with_context(|| format!("writing {}", path.display()))?;

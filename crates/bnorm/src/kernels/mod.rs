@@ -301,24 +301,51 @@ pub(crate) fn train_fused_cf<T: Element, F>(
     let c = g.channels;
     let inner = g.inner;
     let y_ptr = SendPtr(y.as_mut_ptr());
-    let task = |(ch, o): (usize, &mut Moments)| {
-        let m = reduce::channel_moments_cf(g, x, ch);
-        *o = m;
-        let (center, scale, shift) = coef(ch, m);
+    // A task takes a few neighbouring channels, so that each sample's rows of the group
+    // are one contiguous stretch of memory for both passes; each channel's moments are
+    // still merged in the canonical order of [`moments`] (rows, then segments).
+    let task = |(gi, outs): (usize, &mut [Moments])| {
+        let c0 = gi * FUSE_GROUP;
+        let w = outs.len();
+        let (rps, nseg) = reduce::segments(g);
+        let mut acc = [Moments::default(); FUSE_GROUP];
+        for s in 0..nseg {
+            let mut seg = [Moments::default(); FUSE_GROUP];
+            for n in s * rps..((s + 1) * rps).min(g.outer) {
+                for (j, m) in seg[..w].iter_mut().enumerate() {
+                    let start = (n * c + c0 + j) * inner;
+                    *m = m.merge(run_moments(&x[start..start + inner]));
+                }
+            }
+            for (a, m) in acc[..w].iter_mut().zip(&seg[..w]) {
+                *a = a.merge(*m);
+            }
+        }
+        let mut coefs = [(0.0, 0.0, 0.0); FUSE_GROUP];
+        for j in 0..w {
+            outs[j] = acc[j];
+            coefs[j] = coef(c0 + j, acc[j]);
+        }
         let ptr = y_ptr;
         for n in 0..g.outer {
-            let start = (n * c + ch) * inner;
-            // SAFETY: `start + inner <= g.len() == y.len()` (asserted above), and the row
-            // `(n, ch)` belongs to channel `ch` alone: tasks of different channels write
-            // disjoint rows of `y`, which the caller borrows exclusively for this call.
-            let yr = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(start), inner) };
-            let e = ep.slice(start..start + inner);
-            run_affine_ep(&x[start..start + inner], e, yr, center, scale, shift);
+            for (j, &(center, scale, shift)) in coefs[..w].iter().enumerate() {
+                let start = (n * c + c0 + j) * inner;
+                // SAFETY: `start + inner <= g.len() == y.len()` (asserted above), and the
+                // row `(n, c0 + j)` belongs to this task's channels alone: tasks of
+                // different channel groups write disjoint rows of `y`, which the caller
+                // borrows exclusively for this call.
+                let yr = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(start), inner) };
+                let e = ep.slice(start..start + inner);
+                run_affine_ep(&x[start..start + inner], e, yr, center, scale, shift);
+            }
         }
     };
     if par.is_parallel(g.len()) {
-        out.par_iter_mut().enumerate().for_each(task);
+        out.par_chunks_mut(FUSE_GROUP).enumerate().for_each(task);
     } else {
-        out.iter_mut().enumerate().for_each(task);
+        out.chunks_mut(FUSE_GROUP).enumerate().for_each(task);
     }
 }
+
+/// Channels per task of the fused channels-first training forward.
+pub(crate) const FUSE_GROUP: usize = 4;

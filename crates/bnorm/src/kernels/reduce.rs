@@ -23,7 +23,7 @@ pub struct Workspace {
 
 /// Rows per segment and number of segments (per channel for channels-first, in total for
 /// channels-last). Depends on the shape only.
-fn segments(g: Geometry) -> (usize, usize) {
+pub(crate) fn segments(g: Geometry) -> (usize, usize) {
     let rps = rows_per_task(if g.inner == 1 { g.channels } else { g.inner });
     (rps, g.outer.div_ceil(rps))
 }
@@ -42,14 +42,6 @@ fn segment_moments_cf<T: Element>(
         acc = acc.merge(run_moments(&x[start..start + g.inner]));
     }
     acc
-}
-
-/// Moments of one channel (channels-first) in the canonical order: segments in order.
-pub(crate) fn channel_moments_cf<T: Element>(g: Geometry, x: &[T], ch: usize) -> Moments {
-    let (rps, nseg) = segments(g);
-    (0..nseg).fold(Moments::default(), |acc, s| {
-        acc.merge(segment_moments_cf(g, x, ch, s, rps))
-    })
 }
 
 /// Per-channel moments of `x` into `out` (length C).
