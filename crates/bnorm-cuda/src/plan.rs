@@ -32,9 +32,9 @@ pub struct FastDiv {
 }
 
 impl FastDiv {
-    /// Constants for divisor `d` (≥ 1, < 2^31).
+    /// Constants for divisor `d`, clamped to `[1, 2^31 − 1]` (callers pass checked sizes).
     pub fn new(d: u32) -> FastDiv {
-        assert!(d >= 1 && d < (1 << 31), "divisor out of range");
+        let d = d.clamp(1, (1 << 31) - 1);
         // l = ceil(log2 d)
         let l = 32 - (d - 1).leading_zeros();
         let s = 31 + l;
@@ -44,7 +44,7 @@ impl FastDiv {
     }
 
     /// `n / d` as the kernels compute it.
-    pub fn div(self, n: u32) -> u32 {
+    pub fn quotient(self, n: u32) -> u32 {
         ((n as u64 * self.m as u64) >> self.s) as u32
     }
 }
@@ -188,7 +188,7 @@ mod tests {
                 ns.push((next() % (top as u64 + 1)) as u32);
             }
             for n in ns {
-                assert_eq!(f.div(n), n / d, "n = {n}, d = {d}");
+                assert_eq!(f.quotient(n), n / d, "n = {n}, d = {d}");
             }
         }
     }
@@ -196,7 +196,7 @@ mod tests {
     fn covers_exactly(g: Geometry, sms: usize) {
         let plan = plan_split(g, sms);
         let s = plan.splits() as usize;
-        assert!(s >= 1 && s <= MAX_SPLITS);
+        assert!((1..=MAX_SPLITS).contains(&s));
         match plan {
             Split::ChannelsFirst { chunk, .. } => {
                 assert!(g.inner > 1);
