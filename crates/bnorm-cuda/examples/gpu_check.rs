@@ -1,0 +1,599 @@
+//! The prepared GPU check: verifies every kernel against bnorm's CPU path on fresh random
+//! inputs (all layouts, f32/f16/bf16, odd sizes, NaN-poisoned outputs), then times the
+//! benchmark shapes with the device-to-device copy rate measured in the same run.
+//!
+//! ```text
+//! gpu_check [--verify-only | --bench-only] [--json FILE] [--iters N] [--seed S]
+//! ```
+//!
+//! Exit status: 0 all verified, 1 a check failed, 2 CUDA unavailable (skipped).
+//! Build on any machine (`cargo build --release -p bnorm-cuda --examples`) and carry
+//! `target/release/examples/gpu_check` to the GPU machine; see `bench/gpu/run.sh`.
+
+use std::fmt::Write as _;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bnorm::{
+    backward_into, bf16, f16, forward_into, Config, Element, Grads, Layout, Mode, NonFinitePolicy,
+    Parallelism, Params, RunningState, Saved, Workspace,
+};
+use bnorm_cuda::{CudaError, DeviceTensor, Gpu, GpuBatchNorm, GpuElement, GpuSaved};
+use cudarc::driver::sys::CUevent_flags;
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn unif(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    /// Approximately normal (sum of 4 uniforms, variance 1).
+    fn normal(&mut self) -> f64 {
+        (0..4)
+            .map(|_| self.unif())
+            .sum::<f64>()
+            .mul_add(3f64.sqrt(), -2.0 * 3f64.sqrt())
+    }
+}
+
+struct Tally {
+    passed: usize,
+    failed: usize,
+    lines: Vec<String>,
+}
+
+impl Tally {
+    fn check(&mut self, ok: bool, what: impl FnOnce() -> String) {
+        if ok {
+            self.passed += 1;
+        } else {
+            self.failed += 1;
+            let w = what();
+            if self.lines.len() < 40 {
+                println!("FAIL {w}");
+            }
+            self.lines.push(w);
+        }
+    }
+}
+
+/// Worst violation of |gpu − cpu| ≤ tol·(1 + |cpu|); NaN in the GPU output where the
+/// CPU has a number (an unwritten, poisoned element) is a violation.
+fn compare<T: Element>(gpu: &[T], cpu: &[T], tol: f64) -> Option<String> {
+    for (i, (g, c)) in gpu.iter().zip(cpu).enumerate() {
+        let (g, c) = (g.to_f64(), c.to_f64());
+        if c.is_nan() && g.is_nan() {
+            continue;
+        }
+        let within = (g - c).abs() <= tol * (1.0 + c.abs());
+        if !within {
+            return Some(format!("element {i}: gpu {g} cpu {c} (tol {tol:e})"));
+        }
+    }
+    (gpu.len() != cpu.len()).then(|| "length differs".to_string())
+}
+
+fn close_f64(a: &[f64], b: &[f64], tol: f64) -> bool {
+    a.len() == b.len()
+        && a.iter()
+            .zip(b)
+            .all(|(x, y)| (x - y).abs() <= tol * (1.0 + y.abs()))
+}
+
+fn shapes() -> Vec<(Layout, Vec<usize>)> {
+    vec![
+        (Layout::NC, vec![37, 5]),
+        (Layout::NC, vec![4099, 67]),
+        (Layout::NCL, vec![3, 7, 11]),
+        (Layout::NCL, vec![5, 3, 1]),
+        (Layout::NCHW, vec![5, 3, 7, 9]),
+        (Layout::NCHW, vec![16, 33, 31, 29]),
+        (Layout::NCHW, vec![2, 2, 181, 181]),
+        (Layout::NCDHW, vec![2, 3, 3, 5, 7]),
+        (Layout::NLC, vec![3, 11, 7]),
+        (Layout::NHWC, vec![5, 7, 9, 3]),
+        (Layout::NHWC, vec![16, 31, 29, 67]),
+        (Layout::NDHWC, vec![2, 3, 5, 7, 3]),
+    ]
+}
+
+fn configs(c: usize) -> Vec<(&'static str, Config)> {
+    vec![
+        ("torch", Config::torch(c)),
+        ("keras", Config::keras(c)),
+        ("tensorflow", Config::tensorflow(c)),
+        ("torch-nostats", Config::torch(c).track_running_stats(false)),
+        (
+            "torch-cumulative",
+            Config::torch(c).momentum(bnorm::Momentum::Cumulative),
+        ),
+    ]
+}
+
+fn verify_dtype<T: GpuElement>(gpu: &Gpu, rng: &mut Rng, t: &mut Tally) -> Result<(), CudaError> {
+    let u = T::DTYPE.unit_roundoff();
+    let name = T::DTYPE.name();
+    for (layout, shape) in shapes() {
+        let g = layout.geometry(&shape)?;
+        let c = g.channels;
+        for big_mean in [0.0, 1000.0] {
+            let host = |rng: &mut Rng, off: f64| -> Vec<T> {
+                (0..g.len())
+                    .map(|_| T::from_f64(off + 1.5 * rng.normal()))
+                    .collect()
+            };
+            let x: Vec<T> = host(rng, big_mean);
+            let dyh: Vec<T> = host(rng, 0.0);
+            for (cname, cfg) in configs(c) {
+                let mut params = Params::init(&cfg);
+                if let Some(w) = params.weight.as_mut() {
+                    w.iter_mut().for_each(|v| *v = 0.5 + rng.unif());
+                }
+                if let Some(b) = params.bias.as_mut() {
+                    b.iter_mut().for_each(|v| *v = rng.unif() - 0.5);
+                }
+                let mut cpu_state = RunningState::init(&cfg);
+                let mut bn =
+                    GpuBatchNorm::new(gpu, cfg.clone(), params.clone(), cpu_state.clone())?;
+                let xd = DeviceTensor::upload(gpu, &x, &shape, layout)?;
+                let dyd = DeviceTensor::upload(gpu, &dyh, &shape, layout)?;
+                let mut ws = Workspace::default();
+                let modes: &[Mode] = if cfg.tracks_running_stats() {
+                    &[Mode::Train, Mode::Train, Mode::Inference, Mode::Frozen]
+                } else {
+                    &[Mode::Train, Mode::Inference]
+                };
+                for (step, &mode) in modes.iter().enumerate() {
+                    let ctx = format!(
+                        "{name} {layout}{shape:?} mean {big_mean} {cname} step {step} {mode:?}"
+                    );
+                    let nan = T::from_f64(f64::NAN);
+                    let mut y = DeviceTensor::filled(gpu, nan, &shape, layout)?;
+                    let mut saved = GpuSaved::new();
+                    let rep = bn.forward_into(&xd, mode, &mut y, &mut saved)?;
+                    let (mut yc, mut sv) = (vec![T::from_f64(0.0); g.len()], Saved::default());
+                    let crep = forward_into(
+                        &cfg,
+                        g,
+                        &x,
+                        &params,
+                        cpu_state.as_mut(),
+                        mode,
+                        &mut yc,
+                        &mut sv,
+                        &mut ws,
+                        Parallelism::Sequential,
+                    )?;
+                    t.check(
+                        rep.updated == crep.updated && rep.cold_statistics == crep.cold_statistics,
+                        || format!("{ctx}: report {rep:?} vs cpu {crep:?}"),
+                    );
+                    let yg = y.download()?;
+                    let bad = compare(&yg, &yc, 16.0 * u);
+                    t.check(bad.is_none(), || {
+                        format!("{ctx}: forward y {}", bad.clone().unwrap_or_default())
+                    });
+                    let st = saved.download()?.expect("forward ran");
+                    t.check(
+                        close_f64(&st.mean, sv.mean(), 1e-9)
+                            && close_f64(&st.var, sv.variance(), 1e-9)
+                            && close_f64(&st.invstd, sv.invstd(), 1e-9),
+                        || {
+                            format!(
+                                "{ctx}: saved statistics gpu {:?}/{:?} cpu {:?}/{:?}",
+                                &st.mean[..c.min(3)],
+                                &st.var[..c.min(3)],
+                                &sv.mean()[..c.min(3)],
+                                &sv.variance()[..c.min(3)]
+                            )
+                        },
+                    );
+                    let rs = bn.running_state()?;
+                    let ok = match (&rs, &cpu_state) {
+                        (None, None) => true,
+                        (Some(a), Some(b)) => {
+                            a.updates == b.updates
+                                && close_f64(&a.mean, &b.mean, 1e-9)
+                                && close_f64(&a.var, &b.var, 1e-9)
+                                && a.debias
+                                    .as_ref()
+                                    .map(|d| (d.mean.clone(), d.var.clone()))
+                                    .zip(b.debias.as_ref().map(|d| (d.mean.clone(), d.var.clone())))
+                                    .is_none_or(|((am, av), (bm, bv))| {
+                                        close_f64(&am, &bm, 1e-9) && close_f64(&av, &bv, 1e-9)
+                                    })
+                        }
+                        _ => false,
+                    };
+                    t.check(ok, || {
+                        format!("{ctx}: running state {rs:?} vs cpu {cpu_state:?}")
+                    });
+                    // backward
+                    let mut dx = DeviceTensor::filled(gpu, nan, &shape, layout)?;
+                    bn.backward_into(&xd, &dyd, &saved, &mut dx)?;
+                    let (mut dxc, mut gr) = (vec![T::from_f64(0.0); g.len()], Grads::default());
+                    backward_into(
+                        &cfg,
+                        g,
+                        &x,
+                        &dyh,
+                        &params,
+                        &sv,
+                        &mut dxc,
+                        &mut gr,
+                        &mut ws,
+                        Parallelism::Sequential,
+                    )?;
+                    let bad = compare(&dx.download()?, &dxc, 64.0 * u);
+                    t.check(bad.is_none(), || {
+                        format!("{ctx}: backward dx {}", bad.clone().unwrap_or_default())
+                    });
+                    let gg = bn.grads()?;
+                    t.check(
+                        close_f64(&gg.dweight, &gr.dweight, 1e-7)
+                            && close_f64(&gg.dbias, &gr.dbias, 1e-7),
+                        || {
+                            format!(
+                                "{ctx}: grads gpu {:?} cpu {:?}",
+                                &gg.dbias[..c.min(3)],
+                                &gr.dbias[..c.min(3)]
+                            )
+                        },
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn verify_extra(gpu: &Gpu, rng: &mut Rng, t: &mut Tally) -> Result<(), CudaError> {
+    // Determinism: the same training step twice gives the same bits.
+    let (layout, shape) = (Layout::NCHW, vec![8usize, 17, 33, 35]);
+    let g = layout.geometry(&shape)?;
+    let x: Vec<f32> = (0..g.len()).map(|_| rng.normal() as f32).collect();
+    let cfg = Config::torch(17);
+    let run = || -> Result<(Vec<f32>, RunningState), CudaError> {
+        let mut bn = GpuBatchNorm::new(
+            gpu,
+            cfg.clone(),
+            Params::init(&cfg),
+            RunningState::init(&cfg),
+        )?;
+        let xd = DeviceTensor::upload(gpu, &x, &shape, layout)?;
+        let (y, _, _) = bn.forward(&xd, Mode::Train)?;
+        Ok((y.download()?, bn.running_state()?.expect("tracked")))
+    };
+    let (a, b) = (run()?, run()?);
+    t.check(a.0 == b.0 && a.1 == b.1, || {
+        "determinism: two identical training steps differ".into()
+    });
+
+    // Non-finite statistics: SkipChannel keeps the channel's state and reports it;
+    // Error refuses the step and writes nothing.
+    let (layout, shape) = (Layout::NC, vec![64usize, 3]);
+    let mut x: Vec<f32> = (0..64 * 3).map(|_| rng.normal() as f32).collect();
+    x[3] = f32::NAN; // row 1, channel 0
+    for policy in [NonFinitePolicy::SkipChannel, NonFinitePolicy::Error] {
+        let cfg = Config::torch(3).non_finite(policy);
+        let state = RunningState::init(&cfg);
+        let mut bn = GpuBatchNorm::new(gpu, cfg.clone(), Params::init(&cfg), state.clone())?;
+        let xd = DeviceTensor::upload(gpu, &x, &shape, layout)?;
+        let mut y = DeviceTensor::filled(gpu, f32::NAN, &shape, layout)?;
+        let r = bn.forward_into(&xd, Mode::Train, &mut y, &mut GpuSaved::new());
+        let rs = bn.running_state()?.expect("tracked");
+        match policy {
+            NonFinitePolicy::SkipChannel => {
+                let skipped = bn.skipped_channels()?;
+                t.check(
+                    r.is_ok()
+                        && skipped == [0]
+                        && rs.mean[0] == 0.0
+                        && rs.var[0] == 1.0
+                        && rs.mean[1] != 0.0,
+                    || format!("non-finite skip: {r:?} skipped {skipped:?} state {rs:?}"),
+                );
+            }
+            NonFinitePolicy::Error => {
+                let untouched = y.download()?.iter().all(|v| v.is_nan());
+                t.check(matches!(r, Err(CudaError::Core(bnorm::Error::NonFiniteStatistics { ref channels })) if channels == &[0])
+                    && Some(&rs) == state.as_ref() && untouched,
+                    || format!("non-finite error: {r:?} state {rs:?} y untouched {untouched}"));
+            }
+        }
+    }
+
+    // Local moments equal the CPU's exact moments.
+    let g = Layout::NHWC.geometry(&[4, 9, 11, 5])?;
+    let x: Vec<bf16> = (0..g.len())
+        .map(|_| bf16::from_f64(50.0 + rng.normal()))
+        .collect();
+    let cfg = Config::keras(5);
+    let mut bn = GpuBatchNorm::new(
+        gpu,
+        cfg.clone(),
+        Params::init(&cfg),
+        RunningState::init(&cfg),
+    )?;
+    let m = bn.local_moments(&DeviceTensor::upload(
+        gpu,
+        &x,
+        &[4, 9, 11, 5],
+        Layout::NHWC,
+    )?)?;
+    let mut rc = bnorm::Recalibration::new(5);
+    rc.add(g, &x)?;
+    let ok = m.iter().zip(rc.moments()).all(|(a, b)| {
+        a.count == b.count
+            && (a.mean - b.mean).abs() <= 1e-9 * (1.0 + b.mean.abs())
+            && (a.m2 - b.m2).abs() <= 1e-9 * (1.0 + b.m2.abs())
+    });
+    t.check(ok, || format!("local moments {m:?} vs {:?}", rc.moments()));
+
+    // f64 reference (plain two-pass) on one f32 case, as a cross-check of the CPU path.
+    let (layout, shape) = (Layout::NCDHW, vec![3usize, 4, 5, 6, 7]);
+    let g = layout.geometry(&shape)?;
+    let x: Vec<f32> = (0..g.len()).map(|_| (3.0 + rng.normal()) as f32).collect();
+    let cfg = Config::torch(4);
+    let p = Params::init(&cfg);
+    let mut bn = GpuBatchNorm::new(gpu, cfg.clone(), p.clone(), RunningState::init(&cfg))?;
+    let (y, _, _) = bn.forward(&DeviceTensor::upload(gpu, &x, &shape, layout)?, Mode::Train)?;
+    let xr: Vec<f64> = x.iter().map(|v| *v as f64).collect();
+    let r = bnorm::reference::forward(
+        &cfg,
+        layout,
+        &shape,
+        &xr,
+        &p,
+        RunningState::init(&cfg).as_ref(),
+        Mode::Train,
+    )?;
+    let yg = y.download()?;
+    let ok = yg
+        .iter()
+        .zip(&r.y)
+        .all(|(a, b)| (*a as f64 - b).abs() <= 1e-6 * (1.0 + b.abs()));
+    t.check(ok, || "f32 forward vs bnorm::reference (f64)".into());
+    Ok(())
+}
+
+// ---------------------------------------------------------------- timing
+
+struct Row {
+    label: &'static str,
+    shape: String,
+    dtype: &'static str,
+    bytes: usize,
+    copy_ms: f64,
+    train_ms: f64,
+    infer_ms: f64,
+    bwd_ms: f64,
+}
+
+fn time_ms(
+    gpu: &Gpu,
+    iters: usize,
+    mut f: impl FnMut() -> Result<(), CudaError>,
+) -> Result<f64, CudaError> {
+    let ctx = gpu.context();
+    let drv = |e: cudarc::driver::DriverError| CudaError::Driver {
+        op: "event",
+        message: e.to_string(),
+    };
+    for _ in 0..3 {
+        f()?;
+    }
+    let mut reps = Vec::new();
+    for _ in 0..5 {
+        let a = ctx
+            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(drv)?;
+        let b = ctx
+            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(drv)?;
+        a.record(gpu.stream()).map_err(drv)?;
+        for _ in 0..iters {
+            f()?;
+        }
+        b.record(gpu.stream()).map_err(drv)?;
+        reps.push(a.elapsed_ms(&b).map_err(drv)? as f64 / iters as f64);
+    }
+    reps.sort_by(|x, y| x.total_cmp(y));
+    Ok(reps[2])
+}
+
+fn bench_one<T: GpuElement>(
+    gpu: &Gpu,
+    label: &'static str,
+    layout: Layout,
+    shape: &[usize],
+    iters: usize,
+    rng: &mut Rng,
+) -> Result<Row, CudaError> {
+    let g = layout.geometry(shape)?;
+    let host: Vec<T> = (0..g.len()).map(|_| T::from_f64(rng.normal())).collect();
+    let x = DeviceTensor::upload(gpu, &host, shape, layout)?;
+    let dy = DeviceTensor::upload(gpu, &host, shape, layout)?;
+    drop(host);
+    let mut y = DeviceTensor::<T>::zeros(gpu, shape, layout)?;
+    let mut dx = DeviceTensor::<T>::zeros(gpu, shape, layout)?;
+    let cfg = Config::torch(g.channels);
+    let mut bn = GpuBatchNorm::new(
+        gpu,
+        cfg.clone(),
+        Params::init(&cfg),
+        RunningState::init(&cfg),
+    )?;
+    let mut saved = GpuSaved::new();
+    let copy_ms = time_ms(gpu, iters, || y.copy_from(&x))?;
+    let train_ms = time_ms(gpu, iters, || {
+        bn.forward_into(&x, Mode::Train, &mut y, &mut saved)
+            .map(|_| ())
+    })?;
+    let mut saved_inf = GpuSaved::new();
+    let infer_ms = time_ms(gpu, iters, || {
+        bn.forward_into(&x, Mode::Inference, &mut y, &mut saved_inf)
+            .map(|_| ())
+    })?;
+    bn.forward_into(&x, Mode::Train, &mut y, &mut saved)?;
+    let bwd_ms = time_ms(gpu, iters, || bn.backward_into(&x, &dy, &saved, &mut dx))?;
+    Ok(Row {
+        label,
+        shape: format!("{layout}{shape:?}").replace(' ', ""),
+        dtype: T::DTYPE.name(),
+        bytes: x.num_bytes(),
+        copy_ms,
+        train_ms,
+        infer_ms,
+        bwd_ms,
+    })
+}
+
+/// Share of the copy rate: bytes the step must move (passes × tensor bytes) per second,
+/// over the device-to-device copy's (2 × tensor bytes) per second.
+fn pct(passes: f64, ms: f64, copy_ms: f64) -> f64 {
+    100.0 * (passes / ms) / (2.0 / copy_ms)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let flag = |f: &str| args.iter().any(|a| a == f);
+    let value = |f: &str| {
+        args.iter()
+            .position(|a| a == f)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+    };
+    let iters: usize = value("--iters").and_then(|v| v.parse().ok()).unwrap_or(20);
+    let seed: u64 = value("--seed")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| {
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64)
+                | 1
+        });
+    let gpu = match Gpu::new(0) {
+        Ok(g) => g,
+        Err(CudaError::Unavailable { reason }) => {
+            println!("SKIPPED: CUDA unavailable: {reason}");
+            std::process::exit(2);
+        }
+        Err(e) => {
+            println!("FAIL: opening the GPU: {e}");
+            std::process::exit(1);
+        }
+    };
+    println!(
+        "device: {} (sm_{}{}, {} SMs); NVRTC compile {:.1} ms; seed {seed}",
+        gpu.name(),
+        gpu.compute_capability().0,
+        gpu.compute_capability().1,
+        gpu.sm_count(),
+        gpu.compile_ms()
+    );
+    let mut rng = Rng(seed);
+    let mut failed = false;
+    if !flag("--bench-only") {
+        let mut t = Tally {
+            passed: 0,
+            failed: 0,
+            lines: Vec::new(),
+        };
+        let r = verify_dtype::<f32>(&gpu, &mut rng, &mut t)
+            .and_then(|_| verify_dtype::<f16>(&gpu, &mut rng, &mut t))
+            .and_then(|_| verify_dtype::<bf16>(&gpu, &mut rng, &mut t))
+            .and_then(|_| verify_extra(&gpu, &mut rng, &mut t));
+        if let Err(e) = r {
+            println!("FAIL: verification aborted: {e}");
+            t.failed += 1;
+        }
+        println!("VERIFY: {} checks passed, {} failed", t.passed, t.failed);
+        failed = t.failed > 0;
+    }
+    if !flag("--verify-only") {
+        let cases: [(&'static str, Layout, &[usize]); 7] = [
+            ("L1", Layout::NCHW, &[64, 128, 56, 56]),
+            ("L2", Layout::NCHW, &[256, 64, 112, 112]),
+            ("L3", Layout::NHWC, &[256, 112, 112, 64]),
+            ("L4", Layout::NC, &[65536, 4096]),
+            ("S1", Layout::NCHW, &[32, 64, 56, 56]),
+            ("S2", Layout::NCHW, &[32, 256, 14, 14]),
+            ("S3", Layout::NC, &[4096, 1024]),
+        ];
+        let mut rows = Vec::new();
+        for (label, layout, shape) in cases {
+            for bf in [false, true] {
+                let r = if bf {
+                    bench_one::<bf16>(&gpu, label, layout, shape, iters, &mut rng)
+                } else {
+                    bench_one::<f32>(&gpu, label, layout, shape, iters, &mut rng)
+                };
+                match r {
+                    Ok(r) => rows.push(r),
+                    Err(e) => {
+                        println!("FAIL: bench {label} {layout}{shape:?}: {e}");
+                        failed = true;
+                    }
+                }
+            }
+        }
+        println!(
+            "\n{:<3} {:<22} {:<5} {:>9} {:>10} {:>6} {:>10} {:>6} {:>10} {:>6}",
+            "",
+            "shape",
+            "dtype",
+            "copy GB/s",
+            "train ms",
+            "%copy",
+            "infer ms",
+            "%copy",
+            "bwd ms",
+            "%copy"
+        );
+        let mut json = String::from("[\n");
+        for (i, r) in rows.iter().enumerate() {
+            println!(
+                "{:<3} {:<22} {:<5} {:>9.0} {:>10.4} {:>5.0}% {:>10.4} {:>5.0}% {:>10.4} {:>5.0}%",
+                r.label,
+                r.shape,
+                r.dtype,
+                2.0 * r.bytes as f64 / r.copy_ms / 1e6,
+                r.train_ms,
+                pct(3.0, r.train_ms, r.copy_ms),
+                r.infer_ms,
+                pct(2.0, r.infer_ms, r.copy_ms),
+                r.bwd_ms,
+                pct(5.0, r.bwd_ms, r.copy_ms)
+            );
+            let _ = writeln!(
+                json,
+                "  {{\"label\": \"{}\", \"shape\": \"{}\", \"dtype\": \"{}\", \"bytes\": {}, \
+                \"copy_ms\": {}, \"train_ms\": {}, \"infer_ms\": {}, \"bwd_ms\": {}}}{}",
+                r.label,
+                r.shape,
+                r.dtype,
+                r.bytes,
+                r.copy_ms,
+                r.train_ms,
+                r.infer_ms,
+                r.bwd_ms,
+                if i + 1 < rows.len() { "," } else { "" }
+            );
+        }
+        json.push(']');
+        println!("(%copy: bytes the step must move — train 3, inference 2, backward 5 tensor passes — per \
+                  second, over the copy's 2 passes per second)");
+        if let Some(path) = value("--json") {
+            if let Err(e) = std::fs::write(&path, json + "\n") {
+                println!("FAIL: writing {path}: {e}");
+                failed = true;
+            }
+        }
+    }
+    std::process::exit(i32::from(failed));
+}

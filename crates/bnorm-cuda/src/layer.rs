@@ -1,0 +1,769 @@
+//! The GPU layer: configuration, parameters and running statistics on the device, and the
+//! forward and backward steps as kernel sequences.
+
+use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+
+use bnorm::{
+    ColdPolicy, Config, DebiasState, Geometry, Grads, Mode, Moments, Momentum, NonFinitePolicy,
+    Normalized, Params, RunningState, StepReport, VarianceEstimator, Variant,
+};
+
+use crate::kernels::{typed_name, BLOCK};
+use crate::plan::{channel_grid, elementwise_grid, plan_split, FastDiv, Split};
+use crate::{CudaError, DeviceTensor, Gpu, GpuElement, Result};
+
+/// What backward needs from a forward step, on the device: per channel the centre and
+/// inverse standard deviation used (f64) and the element-wise coefficients (f32).
+#[derive(Default)]
+pub struct GpuSaved {
+    gpu: Option<Gpu>,
+    normalized: Normalized,
+    geometry: Option<Geometry>,
+    count: f64,
+    stats: Option<CudaSlice<f64>>,
+    coef: Option<CudaSlice<f32>>,
+}
+
+impl std::fmt::Debug for GpuSaved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuSaved")
+            .field("normalized", &self.normalized)
+            .field("geometry", &self.geometry)
+            .finish()
+    }
+}
+
+/// The statistics of a forward step, downloaded ([`GpuSaved::download`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SavedStats {
+    /// Which statistics the step normalized with.
+    pub normalized: Normalized,
+    /// Values per channel (of the batch; 0 for running statistics).
+    pub count: f64,
+    /// Mean used, per channel.
+    pub mean: Vec<f64>,
+    /// Biased variance used, per channel.
+    pub var: Vec<f64>,
+    /// `1 / sqrt(var + eps)` per channel.
+    pub invstd: Vec<f64>,
+}
+
+impl GpuSaved {
+    /// Empty; filled by a forward step.
+    pub fn new() -> GpuSaved {
+        GpuSaved::default()
+    }
+
+    /// Which statistics the step normalized with.
+    pub fn normalized(&self) -> Normalized {
+        self.normalized
+    }
+
+    /// Copies the per-channel statistics to the host (`None` before any forward step).
+    pub fn download(&self) -> Result<Option<SavedStats>> {
+        let (Some(gpu), Some(stats), Some(g)) = (&self.gpu, &self.stats, self.geometry) else {
+            return Ok(None);
+        };
+        let s = gpu
+            .stream
+            .clone_dtoh(stats)
+            .map_err(CudaError::driver("download statistics"))?;
+        let c = g.channels;
+        Ok(Some(SavedStats {
+            normalized: self.normalized,
+            count: self.count,
+            mean: s[..c].to_vec(),
+            var: s[c..2 * c].to_vec(),
+            invstd: s[2 * c..3 * c].to_vec(),
+        }))
+    }
+}
+
+/// A batch-norm layer on one GPU: configuration, parameters (f64) and running statistics
+/// (f64, on the device), with the core's semantics for plain batch norm in every momentum
+/// convention, non-finite policy and cold policy.
+///
+/// Running statistics are updated on the device by a kernel that mirrors the core's
+/// update rules; nothing is downloaded during a step (except with
+/// [`NonFinitePolicy::Error`], which must see the statistics before writing `y`).
+/// Skipped channels are therefore not in the returned [`StepReport`]: ask
+/// [`skipped_channels`](GpuBatchNorm::skipped_channels).
+///
+/// ```no_run
+/// use bnorm::{Config, Layout, Mode, Params, RunningState};
+/// use bnorm_cuda::{DeviceTensor, Gpu, GpuBatchNorm, GpuSaved};
+/// let gpu = Gpu::new(0)?;
+/// let cfg = Config::keras(4);
+/// let mut bn = GpuBatchNorm::new(&gpu, cfg.clone(), Params::init(&cfg), RunningState::init(&cfg))?;
+/// let x = DeviceTensor::upload(&gpu, &vec![0.5f32; 8 * 4], &[8, 4], Layout::NC)?;
+/// let mut y = DeviceTensor::zeros(&gpu, &[8, 4], Layout::NC)?;
+/// let mut saved = GpuSaved::new();
+/// bn.forward_into(&x, Mode::Train, &mut y, &mut saved)?;
+/// let state = bn.running_state()?.unwrap();
+/// assert_eq!(state.updates, 1);
+/// # Ok::<(), bnorm_cuda::CudaError>(())
+/// ```
+pub struct GpuBatchNorm {
+    gpu: Gpu,
+    stream: std::sync::Arc<CudaStream>,
+    cfg: Config,
+    params: Params,
+    tracked: bool,
+    updates: u64,
+    gamma: CudaSlice<f64>,
+    beta: CudaSlice<f64>,
+    rmean: CudaSlice<f64>,
+    rvar: CudaSlice<f64>,
+    dmean: CudaSlice<f64>,
+    dvar: CudaSlice<f64>,
+    skipped: CudaSlice<i32>,
+    flags_valid: bool,
+    part: CudaSlice<f64>,
+    shift: CudaSlice<f64>,
+    grads: CudaSlice<f64>,
+    grads_valid: bool,
+    bcoef: CudaSlice<f32>,
+}
+
+impl std::fmt::Debug for GpuBatchNorm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GpuBatchNorm")
+            .field("gpu", &self.gpu)
+            .field("cfg", &self.cfg)
+            .field("updates", &self.updates)
+            .finish()
+    }
+}
+
+fn launch_cfg(grid: (u32, u32, u32), block: (u32, u32, u32)) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: grid,
+        block_dim: block,
+        shared_mem_bytes: 0,
+    }
+}
+
+fn ensure<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
+    stream: &std::sync::Arc<CudaStream>,
+    slot: &mut Option<CudaSlice<T>>,
+    n: usize,
+) -> Result<()> {
+    if slot.as_ref().map(|s| s.len()) != Some(n) {
+        *slot = Some(
+            stream
+                .alloc_zeros(n.max(1))
+                .map_err(CudaError::driver("alloc"))?,
+        );
+    }
+    Ok(())
+}
+
+fn check_channels(cfg: &Config, g: Geometry) -> Result<()> {
+    if g.channels != cfg.num_channels() {
+        return Err(bnorm::Error::ShapeMismatch {
+            what: "x (channel axis)",
+            expected: vec![cfg.num_channels()],
+            got: vec![g.channels],
+        }
+        .into());
+    }
+    Ok(())
+}
+
+fn check_same<T: GpuElement, U: GpuElement>(
+    what: &'static str,
+    a: &DeviceTensor<T>,
+    b: &DeviceTensor<U>,
+) -> Result<()> {
+    a.gpu.same(&b.gpu)?;
+    if a.shape() != b.shape() || a.layout() != b.layout() {
+        return Err(bnorm::Error::ShapeMismatch {
+            what,
+            expected: a.shape().to_vec(),
+            got: b.shape().to_vec(),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+impl GpuBatchNorm {
+    /// A layer on `gpu`. Checks everything the core checks; refuses batch
+    /// renormalization and ghost batches ([`CudaError::Unsupported`]).
+    pub fn new(
+        gpu: &Gpu,
+        cfg: Config,
+        params: Params,
+        state: Option<RunningState>,
+    ) -> Result<GpuBatchNorm> {
+        cfg.validate()?;
+        match cfg.variant_kind() {
+            Variant::BatchNorm => {}
+            Variant::Renorm(_) => {
+                return Err(CudaError::Unsupported {
+                    what: "batch renormalization",
+                })
+            }
+            Variant::Ghost(_) => {
+                return Err(CudaError::Unsupported {
+                    what: "ghost batches",
+                })
+            }
+        }
+        params.validate(&cfg)?;
+        let c = cfg.num_channels();
+        let stream = gpu.stream.clone();
+        let zeros = |n: usize| -> Result<CudaSlice<f64>> {
+            stream
+                .alloc_zeros(n.max(1))
+                .map_err(CudaError::driver("alloc"))
+        };
+        let mut bn = GpuBatchNorm {
+            gpu: gpu.clone(),
+            stream: stream.clone(),
+            tracked: cfg.tracks_running_stats(),
+            updates: 0,
+            gamma: zeros(c)?,
+            beta: zeros(c)?,
+            rmean: zeros(c)?,
+            rvar: zeros(c)?,
+            dmean: zeros(c)?,
+            dvar: zeros(c)?,
+            skipped: stream
+                .alloc_zeros(c.max(1))
+                .map_err(CudaError::driver("alloc"))?,
+            flags_valid: false,
+            part: zeros(1)?,
+            shift: zeros(c)?,
+            grads: zeros(2 * c)?,
+            grads_valid: false,
+            bcoef: stream
+                .alloc_zeros(4 * c.max(1))
+                .map_err(CudaError::driver("alloc"))?,
+            params: Params::default(),
+            cfg,
+        };
+        bn.set_params(params)?;
+        bn.set_running_state(state)?;
+        Ok(bn)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The parameters (host copy; the device holds the same values).
+    pub fn params(&self) -> &Params {
+        &self.params
+    }
+
+    /// Replaces gamma and beta (checked against the configuration).
+    pub fn set_params(&mut self, params: Params) -> Result<()> {
+        params.validate(&self.cfg)?;
+        let c = self.cfg.num_channels();
+        let gamma: Vec<f64> = (0..c).map(|ch| params.gamma(ch)).collect();
+        let beta: Vec<f64> = (0..c).map(|ch| params.beta(ch)).collect();
+        self.stream
+            .memcpy_htod(&gamma, &mut self.gamma)
+            .map_err(CudaError::driver("upload gamma"))?;
+        self.stream
+            .memcpy_htod(&beta, &mut self.beta)
+            .map_err(CudaError::driver("upload beta"))?;
+        self.params = params;
+        Ok(())
+    }
+
+    /// Replaces the running statistics (`None` exactly when the configuration does not
+    /// track them).
+    pub fn set_running_state(&mut self, state: Option<RunningState>) -> Result<()> {
+        match (state, self.tracked) {
+            (None, false) => Ok(()),
+            (None, true) => Err(bnorm::Error::NoRunningStatistics.into()),
+            (Some(_), false) => Err(bnorm::Error::SavedMismatch {
+                reason: "running statistics given to a layer that does not track them",
+            }
+            .into()),
+            (Some(s), true) => {
+                s.validate(&self.cfg)?;
+                let up = |v: &[f64], d: &mut CudaSlice<f64>| {
+                    self.stream
+                        .memcpy_htod(v, d)
+                        .map_err(CudaError::driver("upload running statistics"))
+                };
+                up(&s.mean, &mut self.rmean)?;
+                up(&s.var, &mut self.rvar)?;
+                if let Some(db) = &s.debias {
+                    up(&db.mean, &mut self.dmean)?;
+                    up(&db.var, &mut self.dvar)?;
+                }
+                self.updates = s.updates;
+                self.flags_valid = false;
+                Ok(())
+            }
+        }
+    }
+
+    /// Downloads the running statistics (`None` when not tracked).
+    pub fn running_state(&self) -> Result<Option<RunningState>> {
+        if !self.tracked {
+            return Ok(None);
+        }
+        let down = |d: &CudaSlice<f64>| {
+            self.stream
+                .clone_dtoh(d)
+                .map_err(CudaError::driver("download running statistics"))
+        };
+        let mut s = RunningState::from_values(&self.cfg, down(&self.rmean)?, down(&self.rvar)?, 0)?;
+        s.updates = self.updates;
+        if let Some(db) = s.debias.as_mut() {
+            *db = DebiasState {
+                mean: down(&self.dmean)?,
+                var: down(&self.dvar)?,
+            };
+        }
+        Ok(Some(s))
+    }
+
+    /// Channels whose batch statistics were not finite in the last training step, and
+    /// whose running statistics were therefore kept (downloads C flags).
+    pub fn skipped_channels(&self) -> Result<Vec<usize>> {
+        if !self.flags_valid {
+            return Ok(Vec::new());
+        }
+        let flags = self
+            .stream
+            .clone_dtoh(&self.skipped)
+            .map_err(CudaError::driver("download flags"))?;
+        Ok(flags
+            .iter()
+            .take(self.cfg.num_channels())
+            .enumerate()
+            .filter(|(_, &f)| f != 0)
+            .map(|(c, _)| c)
+            .collect())
+    }
+
+    /// Parameter gradients of the last backward step (downloads 2·C values).
+    pub fn grads(&self) -> Result<Grads> {
+        if !self.grads_valid {
+            return Err(bnorm::Error::SavedMismatch {
+                reason: "no backward step ran",
+            }
+            .into());
+        }
+        let g = self
+            .stream
+            .clone_dtoh(&self.grads)
+            .map_err(CudaError::driver("download gradients"))?;
+        let c = self.cfg.num_channels();
+        Ok(Grads {
+            dweight: g[..c].to_vec(),
+            dbias: g[c..2 * c].to_vec(),
+        })
+    }
+
+    /// Forward step that allocates its output and its saved statistics.
+    pub fn forward<T: GpuElement>(
+        &mut self,
+        x: &DeviceTensor<T>,
+        mode: Mode,
+    ) -> Result<(DeviceTensor<T>, GpuSaved, StepReport)> {
+        let mut y = DeviceTensor::zeros(&x.gpu, x.shape(), x.layout())?;
+        let mut saved = GpuSaved::new();
+        let report = self.forward_into(x, mode, &mut y, &mut saved)?;
+        Ok((y, saved, report))
+    }
+
+    /// Forward step into `y` (same shape and layout as `x`): writes `y`, updates the
+    /// running statistics on a training step, fills `saved`. Asynchronous: returns once
+    /// the kernels are queued. On error nothing has been written.
+    pub fn forward_into<T: GpuElement>(
+        &mut self,
+        x: &DeviceTensor<T>,
+        mode: Mode,
+        y: &mut DeviceTensor<T>,
+        saved: &mut GpuSaved,
+    ) -> Result<StepReport> {
+        self.gpu.same(&x.gpu)?;
+        check_same("y", x, y)?;
+        let g = x.geometry();
+        check_channels(&self.cfg, g)?;
+        let c = g.channels;
+        let normalized = match (mode, self.tracked) {
+            (Mode::Train, _) | (Mode::Inference, false) => Normalized::Batch,
+            (Mode::Inference, true) | (Mode::Frozen, true) => Normalized::Running,
+            (Mode::Frozen, false) => return Err(bnorm::Error::NoRunningStatistics.into()),
+        };
+        let mut report = StepReport::default();
+        if normalized == Normalized::Running && self.updates == 0 {
+            match self.cfg.cold_policy() {
+                ColdPolicy::Error => return Err(bnorm::Error::ColdStatistics.into()),
+                ColdPolicy::Report => report.cold_statistics = true,
+                ColdPolicy::Allow => {}
+            }
+        }
+        if normalized == Normalized::Batch && g.per_channel() <= 1 {
+            return Err(bnorm::Error::BatchTooSmall {
+                channel_values: g.per_channel(),
+            }
+            .into());
+        }
+        let stream = self.stream.clone();
+        ensure(&stream, &mut saved.stats, 3 * c)?;
+        ensure(&stream, &mut saved.coef, 4 * c)?;
+        saved.gpu = Some(self.gpu.clone());
+        saved.geometry = Some(g);
+        saved.normalized = normalized;
+        let (Some(stats), Some(coef)) = (saved.stats.as_mut(), saved.coef.as_mut()) else {
+            unreachable!("ensured above")
+        };
+        let c32 = c as u32;
+        let eps = self.cfg.epsilon();
+        let cgrid = launch_cfg((channel_grid(c), 1, 1), (BLOCK, 1, 1));
+        if normalized == Normalized::Running {
+            saved.count = 0.0;
+            let f = self.gpu.function("bn_coef_running")?;
+            let mut b = stream.launch_builder(&f);
+            b.arg(&c32)
+                .arg(&self.rmean)
+                .arg(&self.rvar)
+                .arg(&self.gamma)
+                .arg(&self.beta)
+                .arg(&eps)
+                .arg(&mut *stats)
+                .arg(&mut *coef);
+            // SAFETY: arguments match bn_coef_running's signature; every buffer holds at
+            // least C (stats 3·C, coef 4·C) elements and the grid covers C threads.
+            unsafe { b.launch(cgrid) }.map_err(CudaError::driver("bn_coef_running"))?;
+        } else {
+            let n = g.per_channel() as f64;
+            saved.count = n;
+            let split = self.reduce_stats(x, g)?;
+            let s32 = split.splits();
+            let f = self.gpu.function("bn_finalize_train")?;
+            let mut b = stream.launch_builder(&f);
+            b.arg(&c32)
+                .arg(&s32)
+                .arg(&n)
+                .arg(&self.part)
+                .arg(&self.shift)
+                .arg(&self.gamma)
+                .arg(&self.beta)
+                .arg(&eps)
+                .arg(&mut *stats)
+                .arg(&mut *coef);
+            // SAFETY: arguments match bn_finalize_train; part holds 2·S·C values written
+            // by the reduction just queued on the same stream; stats 3·C, coef 4·C.
+            unsafe { b.launch(cgrid) }.map_err(CudaError::driver("bn_finalize_train"))?;
+            if mode == Mode::Train && self.tracked {
+                if self.cfg.non_finite_policy() == NonFinitePolicy::Error {
+                    let s = stream
+                        .clone_dtoh(&*stats)
+                        .map_err(CudaError::driver("download statistics"))?;
+                    let bad: Vec<usize> = (0..c)
+                        .filter(|&ch| !(s[ch].is_finite() && s[c + ch].is_finite()))
+                        .collect();
+                    if !bad.is_empty() {
+                        return Err(bnorm::Error::NonFiniteStatistics { channels: bad }.into());
+                    }
+                }
+                self.updates += 1;
+                let t = self.updates;
+                let (conv, a, d, denom) = match self.cfg.momentum_convention() {
+                    Momentum::DebiasedDecay(d) => {
+                        (1i32, 0.0, d, 1.0 - d.powi(t.min(i32::MAX as u64) as i32))
+                    }
+                    other => (0i32, other.new_weight(t).unwrap_or(0.0), 0.0, 1.0),
+                };
+                let unbiased =
+                    i32::from(self.cfg.running_variance_estimator() == VarianceEstimator::Unbiased);
+                let f = self.gpu.function("bn_running_update")?;
+                let mut b = stream.launch_builder(&f);
+                b.arg(&c32)
+                    .arg(&n)
+                    .arg(&*stats)
+                    .arg(&mut self.rmean)
+                    .arg(&mut self.rvar)
+                    .arg(&mut self.dmean)
+                    .arg(&mut self.dvar)
+                    .arg(&conv)
+                    .arg(&a)
+                    .arg(&d)
+                    .arg(&denom)
+                    .arg(&unbiased)
+                    .arg(&mut self.skipped);
+                // SAFETY: arguments match bn_running_update; every buffer holds ≥ C values.
+                unsafe { b.launch(cgrid) }.map_err(CudaError::driver("bn_running_update"))?;
+                self.flags_valid = true;
+                report.updated = true;
+            }
+        }
+        self.launch_elementwise_norm(x, y, &*coef)?;
+        Ok(report)
+    }
+
+    /// Per-channel moments of a batch (the local half of synchronized batch norm, or a
+    /// recalibration batch): `(count, mean, M2)` computed on the device, downloaded.
+    pub fn local_moments<T: GpuElement>(&mut self, x: &DeviceTensor<T>) -> Result<Vec<Moments>> {
+        self.gpu.same(&x.gpu)?;
+        let g = x.geometry();
+        check_channels(&self.cfg, g)?;
+        if g.per_channel() == 0 {
+            return Ok(vec![Moments::default(); g.channels]);
+        }
+        let stream = self.stream.clone();
+        let c = g.channels;
+        let split = self.reduce_stats(x, g)?;
+        let (mut stats, mut coef) = (None, None);
+        ensure(&stream, &mut stats, 3 * c)?;
+        ensure::<f32>(&stream, &mut coef, 4 * c)?;
+        let (Some(mut stats), Some(mut coef)) = (stats, coef) else {
+            unreachable!("ensured above")
+        };
+        let n = g.per_channel() as f64;
+        let (c32, s32, eps) = (c as u32, split.splits(), self.cfg.epsilon());
+        let f = self.gpu.function("bn_finalize_train")?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&c32)
+            .arg(&s32)
+            .arg(&n)
+            .arg(&self.part)
+            .arg(&self.shift)
+            .arg(&self.gamma)
+            .arg(&self.beta)
+            .arg(&eps)
+            .arg(&mut stats)
+            .arg(&mut coef);
+        // SAFETY: as in forward_into.
+        unsafe { b.launch(launch_cfg((channel_grid(c), 1, 1), (BLOCK, 1, 1))) }
+            .map_err(CudaError::driver("bn_finalize_train"))?;
+        let s = stream
+            .clone_dtoh(&stats)
+            .map_err(CudaError::driver("download statistics"))?;
+        Ok((0..c)
+            .map(|ch| Moments {
+                count: n,
+                mean: s[ch],
+                m2: s[c + ch] * n,
+            })
+            .collect())
+    }
+
+    /// Backward step that allocates `dx`. Parameter gradients: [`grads`](Self::grads).
+    pub fn backward<T: GpuElement>(
+        &mut self,
+        x: &DeviceTensor<T>,
+        dy: &DeviceTensor<T>,
+        saved: &GpuSaved,
+    ) -> Result<DeviceTensor<T>> {
+        let mut dx = DeviceTensor::zeros(&x.gpu, x.shape(), x.layout())?;
+        self.backward_into(x, dy, saved, &mut dx)?;
+        Ok(dx)
+    }
+
+    /// Backward step into `dx`: `dx = a·dy + b·(x − μ) + k` per channel (b = k = 0 after
+    /// a step normalized with running statistics); dγ and dβ stay on the device until
+    /// [`grads`](Self::grads). Asynchronous. On error nothing has been written.
+    pub fn backward_into<T: GpuElement>(
+        &mut self,
+        x: &DeviceTensor<T>,
+        dy: &DeviceTensor<T>,
+        saved: &GpuSaved,
+        dx: &mut DeviceTensor<T>,
+    ) -> Result<()> {
+        self.gpu.same(&x.gpu)?;
+        check_same("dy", x, dy)?;
+        check_same("dx", x, dx)?;
+        let g = x.geometry();
+        check_channels(&self.cfg, g)?;
+        let (Some(sgpu), Some(stats), Some(coef)) = (&saved.gpu, &saved.stats, &saved.coef) else {
+            return Err(bnorm::Error::SavedMismatch {
+                reason: "the forward step saw another shape (or no forward step ran)",
+            }
+            .into());
+        };
+        self.gpu.same(sgpu)?;
+        if saved.geometry != Some(g) {
+            return Err(bnorm::Error::SavedMismatch {
+                reason: "the forward step saw another shape (or no forward step ran)",
+            }
+            .into());
+        }
+        let c = g.channels;
+        let stream = self.stream.clone();
+        let split = plan_split(g, self.gpu.sm_count());
+        self.ensure_part(split, c)?;
+        let rcfg = launch_cfg(split.grid(c), split.block());
+        let c32 = c as u32;
+        match split {
+            Split::ChannelsFirst { chunk, .. } => {
+                let fi = FastDiv::new(g.inner as u32);
+                let (i32_, pc) = (g.inner as u32, g.per_channel() as u32);
+                let f = self.gpu.function(&typed_name("bn_bwd_reduce_cf", T::TAG))?;
+                let mut b = stream.launch_builder(&f);
+                b.arg(&x.buf)
+                    .arg(&dy.buf)
+                    .arg(stats)
+                    .arg(&c32)
+                    .arg(&i32_)
+                    .arg(&fi.m)
+                    .arg(&fi.s)
+                    .arg(&pc)
+                    .arg(&chunk)
+                    .arg(&mut self.part);
+                // SAFETY: arguments match bn_bwd_reduce_cf_*; the plan covers each
+                // channel's values exactly once within x and dy (same geometry), and part
+                // holds 2·S·C values.
+                unsafe { b.launch(rcfg) }.map_err(CudaError::driver("bn_bwd_reduce_cf"))?;
+            }
+            Split::ChannelsLast { rows, .. } => {
+                let o = g.outer as u32;
+                let f = self.gpu.function(&typed_name("bn_bwd_reduce_cl", T::TAG))?;
+                let mut b = stream.launch_builder(&f);
+                b.arg(&x.buf)
+                    .arg(&dy.buf)
+                    .arg(stats)
+                    .arg(&o)
+                    .arg(&c32)
+                    .arg(&rows)
+                    .arg(&mut self.part);
+                // SAFETY: as above, channels-last plan (rows × 32-channel tiles).
+                unsafe { b.launch(rcfg) }.map_err(CudaError::driver("bn_bwd_reduce_cl"))?;
+            }
+        }
+        let n = if saved.count > 0.0 {
+            saved.count
+        } else {
+            g.per_channel() as f64
+        };
+        let batch = i32::from(saved.normalized == Normalized::Batch);
+        let s32 = split.splits();
+        let f = self.gpu.function("bn_bwd_finalize")?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&c32)
+            .arg(&s32)
+            .arg(&n)
+            .arg(&self.part)
+            .arg(stats)
+            .arg(&self.gamma)
+            .arg(&batch)
+            .arg(&mut self.grads)
+            .arg(&mut self.bcoef);
+        // SAFETY: arguments match bn_bwd_finalize; part 2·S·C, stats 3·C, grads 2·C,
+        // bcoef 4·C.
+        unsafe { b.launch(launch_cfg((channel_grid(c), 1, 1), (BLOCK, 1, 1))) }
+            .map_err(CudaError::driver("bn_bwd_finalize"))?;
+        self.grads_valid = true;
+        let (fi, fc) = (FastDiv::new(g.inner.max(1) as u32), FastDiv::new(c as u32));
+        let len = g.len() as u32;
+        let f = self.gpu.function(&typed_name("bn_bwd_dx", T::TAG))?;
+        let mut b = stream.launch_builder(&f);
+        b.arg(&x.buf)
+            .arg(&dy.buf)
+            .arg(&mut dx.buf)
+            .arg(&len)
+            .arg(&fi.m)
+            .arg(&fi.s)
+            .arg(&c32)
+            .arg(&fc.m)
+            .arg(&fc.s)
+            .arg(coef)
+            .arg(&self.bcoef);
+        let ecfg = launch_cfg(
+            (elementwise_grid(g.len(), self.gpu.sm_count()), 1, 1),
+            (BLOCK, 1, 1),
+        );
+        // SAFETY: arguments match bn_bwd_dx_*; x, dy, dx hold len elements (checked
+        // shapes), coef and bcoef 4·C floats, channel indices < C by construction.
+        unsafe { b.launch(ecfg) }.map_err(CudaError::driver("bn_bwd_dx"))?;
+        Ok(())
+    }
+
+    fn ensure_part(&mut self, split: Split, c: usize) -> Result<()> {
+        let need = 2 * split.splits() as usize * c;
+        if self.part.len() < need {
+            self.part = self
+                .stream
+                .alloc_zeros(need)
+                .map_err(CudaError::driver("alloc"))?;
+        }
+        Ok(())
+    }
+
+    /// Queues the statistics reduction of `x` into `self.part` / `self.shift`.
+    fn reduce_stats<T: GpuElement>(&mut self, x: &DeviceTensor<T>, g: Geometry) -> Result<Split> {
+        let c = g.channels;
+        let split = plan_split(g, self.gpu.sm_count());
+        self.ensure_part(split, c)?;
+        let stream = self.stream.clone();
+        let rcfg = launch_cfg(split.grid(c), split.block());
+        let c32 = c as u32;
+        match split {
+            Split::ChannelsFirst { chunk, .. } => {
+                let fi = FastDiv::new(g.inner as u32);
+                let (inner, pc) = (g.inner as u32, g.per_channel() as u32);
+                let f = self.gpu.function(&typed_name("bn_stats_cf", T::TAG))?;
+                let mut b = stream.launch_builder(&f);
+                b.arg(&x.buf)
+                    .arg(&c32)
+                    .arg(&inner)
+                    .arg(&fi.m)
+                    .arg(&fi.s)
+                    .arg(&pc)
+                    .arg(&chunk)
+                    .arg(&mut self.part)
+                    .arg(&mut self.shift);
+                // SAFETY: arguments match bn_stats_cf_*; the plan keeps every index inside
+                // x (checked geometry < 2^31 elements); part holds 2·S·C, shift C values.
+                unsafe { b.launch(rcfg) }.map_err(CudaError::driver("bn_stats_cf"))?;
+            }
+            Split::ChannelsLast { rows, .. } => {
+                let o = g.outer as u32;
+                let f = self.gpu.function(&typed_name("bn_stats_cl", T::TAG))?;
+                let mut b = stream.launch_builder(&f);
+                b.arg(&x.buf)
+                    .arg(&o)
+                    .arg(&c32)
+                    .arg(&rows)
+                    .arg(&mut self.part)
+                    .arg(&mut self.shift);
+                // SAFETY: arguments match bn_stats_cl_*; threads with c ≥ C load nothing;
+                // part holds 2·S·C, shift C values.
+                unsafe { b.launch(rcfg) }.map_err(CudaError::driver("bn_stats_cl"))?;
+            }
+        }
+        Ok(split)
+    }
+
+    fn launch_elementwise_norm<T: GpuElement>(
+        &self,
+        x: &DeviceTensor<T>,
+        y: &mut DeviceTensor<T>,
+        coef: &CudaSlice<f32>,
+    ) -> Result<()> {
+        let g = x.geometry();
+        let c = g.channels;
+        let (fi, fc) = (FastDiv::new(g.inner.max(1) as u32), FastDiv::new(c as u32));
+        let (len, c32) = (g.len() as u32, c as u32);
+        let f = self.gpu.function(&typed_name("bn_norm", T::TAG))?;
+        let mut b = self.stream.launch_builder(&f);
+        b.arg(&x.buf)
+            .arg(&mut y.buf)
+            .arg(&len)
+            .arg(&fi.m)
+            .arg(&fi.s)
+            .arg(&c32)
+            .arg(&fc.m)
+            .arg(&fc.s)
+            .arg(coef);
+        let cfg = launch_cfg(
+            (elementwise_grid(g.len(), self.gpu.sm_count()), 1, 1),
+            (BLOCK, 1, 1),
+        );
+        // SAFETY: arguments match bn_norm_*; x and y hold len elements (same checked
+        // shape), coef 4·C floats, channel index < C by construction.
+        unsafe { b.launch(cfg) }.map_err(CudaError::driver("bn_norm"))?;
+        Ok(())
+    }
+}

@@ -1,0 +1,179 @@
+//! Tests that need a GPU skip (saying why) where CUDA is unavailable; the rest run here.
+
+use bnorm::{
+    backward_into, forward_into, Config, Grads, Layout, Mode, Parallelism, Params, RunningState,
+    Saved, Workspace,
+};
+use bnorm_cuda::{CudaError, DeviceTensor, Gpu, GpuBatchNorm, GpuSaved};
+
+/// The GPU, or `None` after printing why the test is skipped.
+fn gpu(test: &str) -> Option<Gpu> {
+    match Gpu::new(0) {
+        Ok(g) => Some(g),
+        Err(CudaError::Unavailable { reason }) => {
+            println!("SKIPPED {test}: CUDA unavailable: {reason}");
+            None
+        }
+        Err(e) => panic!("{test}: opening the GPU failed: {e}"),
+    }
+}
+
+#[test]
+fn opening_without_cuda_is_a_typed_error_not_a_panic() {
+    match bnorm_cuda::probe() {
+        Ok(()) => println!("CUDA libraries present; Gpu::new is exercised by the other tests"),
+        Err(CudaError::Unavailable { reason }) => {
+            assert!(!reason.is_empty());
+            match Gpu::new(0) {
+                Err(CudaError::Unavailable { .. }) => {}
+                other => panic!("expected Unavailable, got {other:?}"),
+            }
+            println!("no CUDA here ({reason}): Gpu::new returned Unavailable");
+        }
+        Err(e) => panic!("probe returned {e}"),
+    }
+}
+
+fn data(n: usize, seed: u64, mean: f64) -> Vec<f32> {
+    let mut s = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (mean + ((s >> 11) as f64 / (1u64 << 53) as f64) * 4.0 - 2.0) as f32
+        })
+        .collect()
+}
+
+fn close(what: &str, got: &[f32], want: &[f32], tol: f64) {
+    assert_eq!(got.len(), want.len());
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let (g, w) = (*g as f64, *w as f64);
+        assert!(
+            (g - w).abs() <= tol * (1.0 + w.abs()),
+            "{what}[{i}]: gpu {g} cpu {w}"
+        );
+    }
+}
+
+#[test]
+fn forward_and_backward_match_the_cpu() {
+    let Some(gpu) = gpu("forward_and_backward_match_the_cpu") else {
+        return;
+    };
+    for (layout, shape) in [
+        (Layout::NCHW, vec![3usize, 5, 7, 9]),
+        (Layout::NHWC, vec![3, 7, 9, 5]),
+        (Layout::NC, vec![101, 5]),
+    ] {
+        let cfg = Config::torch(5);
+        let g = layout.geometry(&shape).unwrap();
+        let x = data(g.len(), 1, 1000.0);
+        let dyh = data(g.len(), 2, 0.0);
+        let params = Params {
+            weight: Some(vec![0.5, 1.0, 1.5, 2.0, -1.0]),
+            bias: Some(vec![0.1, 0.2, 0.3, 0.4, 0.5]),
+        };
+        for mode in [Mode::Train, Mode::Inference] {
+            let mut state = RunningState::init(&cfg);
+            if mode == Mode::Inference {
+                let s = state.as_mut().unwrap();
+                s.mean = vec![999.0, 1000.0, 1001.0, 1000.5, 998.0];
+                s.var = vec![1.0, 2.0, 0.5, 1.5, 3.0];
+                s.updates = 3;
+            }
+            let mut bn =
+                GpuBatchNorm::new(&gpu, cfg.clone(), params.clone(), state.clone()).unwrap();
+            let dx_ = DeviceTensor::upload(&gpu, &x, &shape, layout).unwrap();
+            let mut y = DeviceTensor::filled(&gpu, f32::NAN, &shape, layout).unwrap();
+            let mut saved = GpuSaved::new();
+            bn.forward_into(&dx_, mode, &mut y, &mut saved).unwrap();
+            let (mut yc, mut sv, mut ws) = (
+                vec![0.0f32; g.len()],
+                Saved::default(),
+                Workspace::default(),
+            );
+            forward_into(
+                &cfg,
+                g,
+                &x,
+                &params,
+                state.as_mut(),
+                mode,
+                &mut yc,
+                &mut sv,
+                &mut ws,
+                Parallelism::Sequential,
+            )
+            .unwrap();
+            close("y", &y.download().unwrap(), &yc, 1e-5);
+            let st = bn.running_state().unwrap().unwrap();
+            let sc = state.unwrap();
+            for c in 0..5 {
+                assert!((st.mean[c] - sc.mean[c]).abs() <= 1e-9 * (1.0 + sc.mean[c].abs()));
+                assert!((st.var[c] - sc.var[c]).abs() <= 1e-9 * (1.0 + sc.var[c].abs()));
+            }
+            let dy = DeviceTensor::upload(&gpu, &dyh, &shape, layout).unwrap();
+            let mut dx = DeviceTensor::filled(&gpu, f32::NAN, &shape, layout).unwrap();
+            bn.backward_into(&dx_, &dy, &saved, &mut dx).unwrap();
+            let (mut dxc, mut gr) = (vec![0.0f32; g.len()], Grads::default());
+            backward_into(
+                &cfg,
+                g,
+                &x,
+                &dyh,
+                &params,
+                &sv,
+                &mut dxc,
+                &mut gr,
+                &mut ws,
+                Parallelism::Sequential,
+            )
+            .unwrap();
+            close("dx", &dx.download().unwrap(), &dxc, 1e-4);
+            let gg = bn.grads().unwrap();
+            for c in 0..5 {
+                assert!((gg.dbias[c] - gr.dbias[c]).abs() <= 1e-6 * (1.0 + gr.dbias[c].abs()));
+                assert!(
+                    (gg.dweight[c] - gr.dweight[c]).abs() <= 1e-6 * (1.0 + gr.dweight[c].abs())
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn unsupported_variants_and_bad_shapes_are_typed_errors() {
+    let Some(gpu) = gpu("unsupported_variants_and_bad_shapes_are_typed_errors") else {
+        return;
+    };
+    let cfg = Config::keras(2).variant(bnorm::Variant::Ghost(bnorm::Ghost::strided(2)));
+    let r = GpuBatchNorm::new(
+        &gpu,
+        cfg.clone(),
+        Params::init(&cfg),
+        RunningState::init(&cfg),
+    );
+    assert!(matches!(r, Err(CudaError::Unsupported { .. })));
+    let cfg = Config::torch(3);
+    let mut bn = GpuBatchNorm::new(
+        &gpu,
+        cfg.clone(),
+        Params::init(&cfg),
+        RunningState::init(&cfg),
+    )
+    .unwrap();
+    let x = DeviceTensor::upload(&gpu, &[1.0f32; 8], &[4, 2], Layout::NC).unwrap();
+    assert!(matches!(
+        bn.forward(&x, Mode::Train),
+        Err(CudaError::Core(_))
+    ));
+    let x = DeviceTensor::upload(&gpu, &[1.0f32; 3], &[1, 3], Layout::NC).unwrap();
+    assert!(matches!(
+        bn.forward(&x, Mode::Train),
+        Err(CudaError::Core(bnorm::Error::BatchTooSmall { .. }))
+    ));
+}
