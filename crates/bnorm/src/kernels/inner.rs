@@ -14,9 +14,6 @@ const LANES: usize = 128;
 /// Independent accumulators of each of two simultaneous reductions.
 const LANES2: usize = 64;
 
-/// Channels handled together in a channels-last block (stack arrays, no allocation).
-pub(crate) const CHANNEL_GROUP: usize = 64;
-
 /// Sums lanes by halving (lane i with lane i + n/2, ...): a fixed order.
 #[inline(always)]
 fn fold<const N: usize>(mut a: [f64; N]) -> f64 {
@@ -187,37 +184,37 @@ pub(crate) fn rows_moments<T: Element>(rows: &[T], c: usize, out: &mut [Moments]
     if c < 32 {
         return rows_moments_small(rows, c, out);
     }
-    // At least 32 rows per block, so that merges stay rare when C is large (a block of
-    // 32 rows of 1,024 f32 channels is 128 KB: its second pass still comes from L2).
-    let br = (BLOCK / c).max(32);
+    // Blocks of about 16K values (at least 32 rows), so the per-channel merges are rare
+    // and both passes over a block come from L1/L2. Each pass streams whole rows, the
+    // inner loop running across the channels.
+    let br = (16_384 / c).max(32);
+    let mut s = vec![0.0f64; c];
+    let mut mean = vec![0.0f64; c];
+    let mut q = vec![0.0f64; c];
     for block in rows.chunks(br * c) {
         let n = (block.len() / c) as f64;
-        for g0 in (0..c).step_by(CHANNEL_GROUP) {
-            let w = CHANNEL_GROUP.min(c - g0);
-            let mut s = [0.0f64; CHANNEL_GROUP];
-            for r in block.chunks_exact(c) {
-                for (acc, v) in s[..w].iter_mut().zip(&r[g0..g0 + w]) {
-                    *acc += v.to_f64();
-                }
+        s.fill(0.0);
+        for r in block.chunks_exact(c) {
+            for (acc, v) in s.iter_mut().zip(r) {
+                *acc += v.to_f64();
             }
-            let mut mean = [0.0f64; CHANNEL_GROUP];
-            for (m, acc) in mean[..w].iter_mut().zip(&s[..w]) {
-                *m = acc / n;
+        }
+        for (m, acc) in mean.iter_mut().zip(&s) {
+            *m = acc / n;
+        }
+        q.fill(0.0);
+        for r in block.chunks_exact(c) {
+            for ((acc, v), m) in q.iter_mut().zip(r).zip(&mean) {
+                let d = v.to_f64() - m;
+                *acc += d * d;
             }
-            let mut q = [0.0f64; CHANNEL_GROUP];
-            for r in block.chunks_exact(c) {
-                for ((acc, v), m) in q[..w].iter_mut().zip(&r[g0..g0 + w]).zip(&mean[..w]) {
-                    let d = v.to_f64() - m;
-                    *acc += d * d;
-                }
-            }
-            for j in 0..w {
-                out[g0 + j] = out[g0 + j].merge(Moments {
-                    count: n,
-                    mean: mean[j],
-                    m2: q[j],
-                });
-            }
+        }
+        for ch in 0..c {
+            out[ch] = out[ch].merge(Moments {
+                count: n,
+                mean: mean[ch],
+                m2: q[ch],
+            });
         }
     }
 }
