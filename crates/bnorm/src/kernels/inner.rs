@@ -7,6 +7,25 @@ use super::BLOCK;
 use crate::element::Element;
 use crate::stats::Moments;
 
+thread_local! {
+    /// Per-thread scratch for the channels-last reductions (C values per pass), kept
+    /// between calls so a warmed-up step does not allocate.
+    static SCRATCH: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with `n` zeroed f64 of this thread's scratch (a fresh buffer if the scratch
+/// is already in use further up the stack).
+pub(crate) fn with_scratch<R>(n: usize, f: impl FnOnce(&mut [f64]) -> R) -> R {
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut v) => {
+            v.clear();
+            v.resize(n, 0.0);
+            f(&mut v)
+        }
+        Err(_) => f(&mut vec![0.0; n]),
+    })
+}
+
 /// Independent accumulators of a single reduction (enough to hide the latency of an f64
 /// add: 4 AVX-512 or 8 AVX2 registers).
 const LANES: usize = 128;
@@ -188,35 +207,36 @@ pub(crate) fn rows_moments<T: Element>(rows: &[T], c: usize, out: &mut [Moments]
     // and both passes over a block come from L1/L2. Each pass streams whole rows, the
     // inner loop running across the channels.
     let br = (16_384 / c).max(32);
-    let mut s = vec![0.0f64; c];
-    let mut mean = vec![0.0f64; c];
-    let mut q = vec![0.0f64; c];
-    for block in rows.chunks(br * c) {
-        let n = (block.len() / c) as f64;
-        s.fill(0.0);
-        for r in block.chunks_exact(c) {
-            for (acc, v) in s.iter_mut().zip(r) {
-                *acc += v.to_f64();
+    with_scratch(3 * c, |scratch| {
+        let (s, rest) = scratch.split_at_mut(c);
+        let (mean, q) = rest.split_at_mut(c);
+        for block in rows.chunks(br * c) {
+            let n = (block.len() / c) as f64;
+            s.fill(0.0);
+            for r in block.chunks_exact(c) {
+                for (acc, v) in s.iter_mut().zip(r) {
+                    *acc += v.to_f64();
+                }
+            }
+            for (m, acc) in mean.iter_mut().zip(s.iter()) {
+                *m = acc / n;
+            }
+            q.fill(0.0);
+            for r in block.chunks_exact(c) {
+                for ((acc, v), m) in q.iter_mut().zip(r).zip(mean.iter()) {
+                    let d = v.to_f64() - m;
+                    *acc += d * d;
+                }
+            }
+            for ch in 0..c {
+                out[ch] = out[ch].merge(Moments {
+                    count: n,
+                    mean: mean[ch],
+                    m2: q[ch],
+                });
             }
         }
-        for (m, acc) in mean.iter_mut().zip(&s) {
-            *m = acc / n;
-        }
-        q.fill(0.0);
-        for r in block.chunks_exact(c) {
-            for ((acc, v), m) in q.iter_mut().zip(r).zip(&mean) {
-                let d = v.to_f64() - m;
-                *acc += d * d;
-            }
-        }
-        for ch in 0..c {
-            out[ch] = out[ch].merge(Moments {
-                count: n,
-                mean: mean[ch],
-                m2: q[ch],
-            });
-        }
-    }
+    })
 }
 
 /// [`rows_moments`] for fewer than 32 channels: runs of whole rows as lanes.

@@ -1,0 +1,100 @@
+//! A warmed-up training step of the expert tier allocates nothing: counted by a global
+//! allocator that tallies every allocation of this test binary.
+
+use std::alloc::{GlobalAlloc, Layout as AllocLayout, System};
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use bnorm::{
+    backward_into, forward_into, Config, Grads, Layout, Mode, Parallelism, Params, RunningState,
+    Saved, Workspace,
+};
+
+struct Counting;
+static ALLOCATIONS: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards every call to the system allocator unchanged; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: AllocLayout) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::SeqCst);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.alloc(layout) }
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: AllocLayout) {
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: AllocLayout, new_size: usize) -> *mut u8 {
+        ALLOCATIONS.fetch_add(1, Ordering::SeqCst);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static GLOBAL: Counting = Counting;
+
+#[test]
+fn a_warmed_up_training_step_does_not_allocate() {
+    for (layout, shape) in [
+        (Layout::NCHW, vec![4usize, 8, 20, 20]),
+        (Layout::NHWC, vec![4, 20, 20, 8]),
+        (Layout::NC, vec![300, 40]),
+        (Layout::NLC, vec![3, 50, 5]),
+    ] {
+        let g = layout.geometry(&shape).unwrap();
+        let cfg = Config::torch(g.channels);
+        let p = Params::init(&cfg);
+        let mut state = RunningState::init(&cfg);
+        let x: Vec<f32> = (0..g.len()).map(|i| (i % 17) as f32).collect();
+        let dy: Vec<f32> = (0..g.len()).map(|i| (i % 5) as f32 - 2.0).collect();
+        let (mut y, mut dx) = (vec![0f32; g.len()], vec![0f32; g.len()]);
+        let (mut saved, mut ws, mut grads) =
+            (Saved::default(), Workspace::default(), Grads::default());
+        let seq = Parallelism::Sequential;
+        let mut step = |count: bool| {
+            let before = ALLOCATIONS.load(Ordering::SeqCst);
+            forward_into(
+                &cfg,
+                g,
+                &x,
+                &p,
+                state.as_mut(),
+                Mode::Train,
+                &mut y,
+                &mut saved,
+                &mut ws,
+                seq,
+            )
+            .unwrap();
+            backward_into(
+                &cfg, g, &x, &dy, &p, &saved, &mut dx, &mut grads, &mut ws, seq,
+            )
+            .unwrap();
+            forward_into(
+                &cfg,
+                g,
+                &x,
+                &p,
+                state.as_mut(),
+                Mode::Inference,
+                &mut y,
+                &mut saved,
+                &mut ws,
+                seq,
+            )
+            .unwrap();
+            let after = ALLOCATIONS.load(Ordering::SeqCst);
+            if count {
+                assert_eq!(
+                    after - before,
+                    0,
+                    "{layout}: {} allocations in a warmed-up step",
+                    after - before
+                );
+            }
+        };
+        step(false); // warm-up: buffers grow to size
+        step(true);
+        step(true);
+    }
+}
