@@ -137,7 +137,7 @@ pub fn plan_split(g: Geometry, sms: usize) -> Split {
     }
 }
 
-/// Grid size of the element-wise kernels (grid-stride loops, block [`BLOCK`]).
+/// Grid size of the element-wise kernels (grid-stride loops, block of `BLOCK` threads).
 pub fn elementwise_grid(len: usize, sms: usize) -> u32 {
     let blocks = len.div_ceil(BLOCK as usize).max(1);
     blocks.min(sms.max(1) * 32) as u32

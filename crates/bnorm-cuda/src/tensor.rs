@@ -47,7 +47,7 @@ mod sealed {
     impl Sealed for bnorm::bf16 {}
 }
 
-/// A storage type with GPU kernels: `f32`, [`f16`], [`bf16`]. Statistics accumulate in
+/// A storage type with GPU kernels: `f32`, [`struct@f16`], [`struct@bf16`]. Statistics accumulate in
 /// f64 and element-wise arithmetic runs in f32 whatever the storage type.
 pub trait GpuElement: Element + sealed::Sealed {
     /// The type of the device buffer (the 16-bit types travel as their bit patterns).
