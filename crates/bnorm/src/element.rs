@@ -76,6 +76,19 @@ pub trait Element: Copy + Send + Sync + PartialEq + fmt::Debug + 'static {
     fn to_f64(self) -> f64;
     /// Rounds an f64 to this type (round to nearest even).
     fn from_f64(v: f64) -> Self;
+    /// Whether the type has at most 11 significand bits (f16, bf16): element-wise maps
+    /// then run in f32, whose rounding error is far below the storage's.
+    const NARROW: bool = false;
+    /// Widens to f32 (exact for the narrow types; rounds f64).
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self.to_f64() as f32
+    }
+    /// Rounds an f32 to this type (round to nearest even).
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        Self::from_f64(v as f64)
+    }
 }
 
 impl Element for f32 {
@@ -118,6 +131,15 @@ pub(crate) fn f32_round_to_odd(v: f64) -> f32 {
 
 impl Element for f16 {
     const DTYPE: DType = DType::F16;
+    const NARROW: bool = true;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f16::to_f32(self)
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        f16::from_f32(v)
+    }
     #[inline(always)]
     fn to_f64(self) -> f64 {
         f16::to_f32(self) as f64
@@ -130,6 +152,19 @@ impl Element for f16 {
 
 impl Element for bf16 {
     const DTYPE: DType = DType::BF16;
+    const NARROW: bool = true;
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        f32::from_bits((self.to_bits() as u32) << 16)
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        if v.is_nan() {
+            return bf16::NAN;
+        }
+        let b = v.to_bits();
+        bf16::from_bits(((b + 0x7FFF + ((b >> 16) & 1)) >> 16) as u16)
+    }
     #[inline(always)]
     fn to_f64(self) -> f64 {
         f32::from_bits((self.to_bits() as u32) << 16) as f64

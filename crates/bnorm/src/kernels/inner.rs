@@ -136,9 +136,25 @@ pub(crate) fn run_dot<T: Element>(xs: &[T], ds: &[T], m: f64) -> (f64, f64) {
 /// `y = (x − m)·s + b` over a contiguous run.
 #[inline(always)]
 pub(crate) fn run_affine<T: Element>(xs: &[T], ys: &mut [T], m: f64, s: f64, b: f64) {
+    if T::NARROW {
+        // 16-bit storage: f32 arithmetic (twice the lanes), the mean split in two f32 so a
+        // large mean costs nothing; its error (~1e-7) is far below the storage's (≥ 5e-4).
+        let (mh, ml, s32, b32) = split(m, s, b);
+        for (y, x) in ys.iter_mut().zip(xs) {
+            *y = T::from_f32((x.to_f32() - mh - ml) * s32 + b32);
+        }
+        return;
+    }
     for (y, x) in ys.iter_mut().zip(xs) {
         *y = T::from_f64((x.to_f64() - m) * s + b);
     }
+}
+
+/// The f32 coefficients of the narrow-type maps: the center as a high and a low part.
+#[inline(always)]
+fn split(m: f64, s: f64, b: f64) -> (f32, f32, f32, f32) {
+    let mh = m as f32;
+    (mh, (m - mh as f64) as f32, s as f32, b as f32)
 }
 
 /// `o = a·dy + b·(x − m) + k` over a contiguous run.
@@ -289,6 +305,27 @@ pub(crate) fn rows_dot<T: Element>(
     sa: &mut [f64],
     sb: &mut [f64],
 ) {
+    if c < 32 {
+        let l = lanes_for(c);
+        let mut mbuf = [0.0f64; 64];
+        let me = expand(center, c, &mut mbuf);
+        let (mut a, mut b) = ([0.0f64; 64], [0.0f64; 64]);
+        for (xr, dr) in xs.chunks(l).zip(ds.chunks(l)) {
+            for ((((av, bv), x), d), m) in a.iter_mut().zip(b.iter_mut()).zip(xr).zip(dr).zip(me) {
+                let dv = d.to_f64();
+                *av += dv;
+                *bv += dv * (x.to_f64() - m);
+            }
+        }
+        let (mut fa, mut fb) = ([0.0f64; 64], [0.0f64; 64]);
+        fold_lanes(&a, c, &mut fa);
+        fold_lanes(&b, c, &mut fb);
+        for ch in 0..c {
+            sa[ch] += fa[ch];
+            sb[ch] += fb[ch];
+        }
+        return;
+    }
     for (xr, dr) in xs.chunks_exact(c).zip(ds.chunks_exact(c)) {
         for ((((a, b), x), d), m) in sa[..c]
             .iter_mut()
@@ -314,16 +351,28 @@ pub(crate) fn rows_affine<T: Element>(
     scale: &[f64],
     shift: &[f64],
 ) {
-    for (xr, yr) in xs.chunks_exact(c).zip(ys.chunks_exact_mut(c)) {
-        for ((((y, x), m), s), b) in yr
-            .iter_mut()
-            .zip(xr)
-            .zip(&center[..c])
-            .zip(&scale[..c])
-            .zip(&shift[..c])
-        {
-            *y = T::from_f64((x.to_f64() - m) * s + b);
+    let l = lanes_for(c);
+    let (mut b1, mut b2, mut b3) = ([0.0f64; 64], [0.0f64; 64], [0.0f64; 64]);
+    let (center, scale, shift) = (
+        expand(center, c, &mut b1),
+        expand(scale, c, &mut b2),
+        expand(shift, c, &mut b3),
+    );
+    for (xr, yr) in xs.chunks(l).zip(ys.chunks_mut(l)) {
+        for ((((y, x), m), s), b) in yr.iter_mut().zip(xr).zip(center).zip(scale).zip(shift) {
+            *y = narrow_out((x.to_f64() - m) * s + b);
         }
+    }
+}
+
+/// Rounds an f64 result to the storage type; for 16-bit storage through f32 (the cheap
+/// conversion: the f32 rounding is far below the 16-bit one).
+#[inline(always)]
+fn narrow_out<T: Element>(v: f64) -> T {
+    if T::NARROW {
+        T::from_f32(v as f32)
+    } else {
+        T::from_f64(v)
     }
 }
 
@@ -340,15 +389,24 @@ pub(crate) fn rows_affine2<T: Element>(
     b: &[f64],
     k: &[f64],
 ) {
-    for ((xr, dr), or) in xs
-        .chunks_exact(c)
-        .zip(ds.chunks_exact(c))
-        .zip(os.chunks_exact_mut(c))
-    {
-        for ch in 0..c {
-            or[ch] = T::from_f64(
-                a[ch] * dr[ch].to_f64() + b[ch] * (xr[ch].to_f64() - center[ch]) + k[ch],
-            );
+    let l = lanes_for(c);
+    let (mut b1, mut b2, mut b3, mut b4) = ([0.0f64; 64], [0.0f64; 64], [0.0f64; 64], [0.0f64; 64]);
+    let (center, a, b, k) = (
+        expand(center, c, &mut b1),
+        expand(a, c, &mut b2),
+        expand(b, c, &mut b3),
+        expand(k, c, &mut b4),
+    );
+    for ((xr, dr), or) in xs.chunks(l).zip(ds.chunks(l)).zip(os.chunks_mut(l)) {
+        for (((((o, x), d), m), av), (bv, kv)) in or
+            .iter_mut()
+            .zip(xr)
+            .zip(dr)
+            .zip(center)
+            .zip(a)
+            .zip(b.iter().zip(k))
+        {
+            *o = narrow_out(av * d.to_f64() + bv * (x.to_f64() - m) + kv);
         }
     }
 }
@@ -397,33 +455,30 @@ pub(crate) fn rows_affine_relu<T: Element>(
     scale: &[f64],
     shift: &[f64],
 ) {
+    let l = lanes_for(c);
+    let (mut b1, mut b2, mut b3) = ([0.0f64; 64], [0.0f64; 64], [0.0f64; 64]);
+    let (center, scale, shift) = (
+        expand(center, c, &mut b1),
+        expand(scale, c, &mut b2),
+        expand(shift, c, &mut b3),
+    );
     if rs.is_empty() {
-        for (xr, yr) in xs.chunks_exact(c).zip(ys.chunks_exact_mut(c)) {
-            for ((((y, x), m), s), b) in yr
-                .iter_mut()
-                .zip(xr)
-                .zip(&center[..c])
-                .zip(&scale[..c])
-                .zip(&shift[..c])
-            {
-                *y = T::from_f64(relu((x.to_f64() - m) * s + b));
+        for (xr, yr) in xs.chunks(l).zip(ys.chunks_mut(l)) {
+            for ((((y, x), m), s), b) in yr.iter_mut().zip(xr).zip(center).zip(scale).zip(shift) {
+                *y = narrow_out(relu((x.to_f64() - m) * s + b));
             }
         }
     } else {
-        for ((xr, rr), yr) in xs
-            .chunks_exact(c)
-            .zip(rs.chunks_exact(c))
-            .zip(ys.chunks_exact_mut(c))
-        {
+        for ((xr, rr), yr) in xs.chunks(l).zip(rs.chunks(l)).zip(ys.chunks_mut(l)) {
             for (((((y, x), r), m), s), b) in yr
                 .iter_mut()
                 .zip(xr)
                 .zip(rr)
-                .zip(&center[..c])
-                .zip(&scale[..c])
-                .zip(&shift[..c])
+                .zip(center)
+                .zip(scale)
+                .zip(shift)
             {
-                *y = T::from_f64(relu((x.to_f64() - m) * s + b + r.to_f64()));
+                *y = narrow_out(relu((x.to_f64() - m) * s + b + r.to_f64()));
             }
         }
     }
@@ -507,6 +562,34 @@ pub(crate) fn rows_dot_relu<T: Element>(
     sa: &mut [f64],
     sb: &mut [f64],
 ) {
+    if c < 32 {
+        let l = lanes_for(c);
+        let mut mbuf = [0.0f64; 64];
+        let me = expand(center, c, &mut mbuf);
+        let (mut a, mut b) = ([0.0f64; 64], [0.0f64; 64]);
+        for ((xr, yr), dr) in xs.chunks(l).zip(ys.chunks(l)).zip(ds.chunks(l)) {
+            for (((((av, bv), x), y), d), m) in a
+                .iter_mut()
+                .zip(b.iter_mut())
+                .zip(xr)
+                .zip(yr)
+                .zip(dr)
+                .zip(me)
+            {
+                let dz = through_relu(*y, *d);
+                *av += dz;
+                *bv += dz * (x.to_f64() - m);
+            }
+        }
+        let (mut fa, mut fb) = ([0.0f64; 64], [0.0f64; 64]);
+        fold_lanes(&a, c, &mut fa);
+        fold_lanes(&b, c, &mut fb);
+        for ch in 0..c {
+            sa[ch] += fa[ch];
+            sb[ch] += fb[ch];
+        }
+        return;
+    }
     for ((xr, yr), dr) in xs
         .chunks_exact(c)
         .zip(ys.chunks_exact(c))
