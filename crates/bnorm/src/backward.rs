@@ -148,6 +148,34 @@ pub fn backward_relu_into<T: Element>(
     )
 }
 
+/// Checks the arguments of a backward step against each other and the saved statistics.
+pub(crate) fn check_backward<T: Element>(
+    cfg: &Config,
+    g: Geometry,
+    x: &[T],
+    dy: &[T],
+    params: &Params,
+    saved: &Saved,
+    dx: &[T],
+) -> Result<()> {
+    params.validate(cfg)?;
+    check_input(cfg, g, x.len(), "x")?;
+    check_input(cfg, g, dy.len(), "dy")?;
+    check_input(cfg, g, dx.len(), "dx")?;
+    if saved.geometry != Some(g) {
+        return Err(Error::SavedMismatch {
+            reason: "the forward step saw another shape (or no forward step ran)",
+        });
+    }
+    let n = saved.groups.max(1) * g.channels;
+    if saved.mean.len() != n || saved.invstd.len() != n || saved.count.len() != n {
+        return Err(Error::SavedMismatch {
+            reason: "saved statistics have another channel count",
+        });
+    }
+    Ok(())
+}
+
 /// From per (group, channel) sums `(Σdz, Σdz·(x − μ))`: accumulates `dγ`, `dβ` into
 /// `grads` (zeroed first) and fills `coef` with `[a | b | k]`, the coefficients of
 /// `dx = a·dz + b·(x − μ) + k` (b = k = 0 for steps normalized with running statistics).
@@ -209,22 +237,9 @@ fn backward_impl<T: Element>(
     ws: &mut Workspace,
     par: Parallelism,
 ) -> Result<()> {
-    params.validate(cfg)?;
-    check_input(cfg, g, x.len(), "x")?;
-    check_input(cfg, g, dy.len(), "dy")?;
-    check_input(cfg, g, dx.len(), "dx")?;
-    if saved.geometry != Some(g) {
-        return Err(Error::SavedMismatch {
-            reason: "the forward step saw another shape (or no forward step ran)",
-        });
-    }
+    check_backward(cfg, g, x, dy, params, saved, dx)?;
     let c = g.channels;
     let groups = saved.groups.max(1);
-    if saved.mean.len() != groups * c || saved.invstd.len() != groups * c {
-        return Err(Error::SavedMismatch {
-            reason: "saved statistics have another channel count",
-        });
-    }
     let mut sums = std::mem::take(&mut ws.tmp_pairs);
     sums.clear();
     sums.resize(groups * c, (0.0, 0.0));

@@ -76,8 +76,8 @@
 
 use std::sync::{Arc, Barrier, Mutex};
 
-use crate::backward::coefficients;
 use crate::backward::Grads;
+use crate::backward::{check_backward, coefficients};
 use crate::config::{Config, Momentum, NonFinitePolicy, VarianceEstimator, Variant};
 use crate::element::{DType, Element};
 use crate::error::{Error, Result};
@@ -628,24 +628,10 @@ fn backward_checks<T: Element>(
     dx: &[T],
 ) -> Result<()> {
     refuse_ghost(cfg)?;
-    params.validate(cfg)?;
-    check_input(cfg, g, x.len(), "x")?;
-    check_input(cfg, g, dy.len(), "dy")?;
-    check_input(cfg, g, dx.len(), "dx")?;
-    if saved.geometry != Some(g) {
+    check_backward(cfg, g, x, dy, params, saved, dx)?;
+    if saved.groups > 1 || !saved.group_of.is_empty() {
         return Err(Error::SavedMismatch {
-            reason: "the forward step saw another shape (or no forward step ran)",
-        });
-    }
-    let c = g.channels;
-    if saved.groups > 1
-        || !saved.group_of.is_empty()
-        || saved.mean.len() != c
-        || saved.invstd.len() != c
-        || saved.count.len() != c
-    {
-        return Err(Error::SavedMismatch {
-            reason: "saved statistics have another channel count (or ghost batches)",
+            reason: "saved statistics of ghost batches",
         });
     }
     Ok(())
