@@ -199,27 +199,57 @@ pub(crate) fn coefficients(
     let (b, k) = rest.split_at_mut(n);
     for i in 0..n {
         let ch = i % c;
-        let (r, d) = if saved.r.is_empty() {
-            (1.0, 0.0)
+        let one = channel_coefficients(g, params, saved, i, sums[i]);
+        grads.dbias[ch] += one.dbias;
+        grads.dweight[ch] += one.dweight;
+        (a[i], b[i], k[i]) = (one.a, one.b, one.k);
+    }
+}
+
+/// What one (group, channel) contributes: its share of `dγ`, `dβ` and the coefficients of
+/// `dx = a·dz + b·(x − μ) + k`.
+pub(crate) struct ChannelCoefficients {
+    pub dweight: f64,
+    pub dbias: f64,
+    pub a: f64,
+    pub b: f64,
+    pub k: f64,
+}
+
+/// The backward formulas for (group, channel) `i` from its sums `(Σdz, Σdz·(x − μ))`.
+#[inline]
+pub(crate) fn channel_coefficients(
+    g: Geometry,
+    params: &Params,
+    saved: &Saved,
+    i: usize,
+    (sdy, sdyxc): (f64, f64),
+) -> ChannelCoefficients {
+    let ch = i % g.channels;
+    let (r, d) = if saved.r.is_empty() {
+        (1.0, 0.0)
+    } else {
+        (saved.r[ch], saved.d[ch])
+    };
+    let invstd = saved.invstd[i];
+    let dot_xhat = sdyxc * invstd;
+    let gain = params.gamma(ch) * r;
+    let (mut b, mut k) = (0.0, 0.0);
+    if saved.normalized == Normalized::Batch {
+        let m = if saved.count[i] > 0.0 {
+            saved.count[i]
         } else {
-            (saved.r[ch], saved.d[ch])
+            g.per_channel() as f64
         };
-        let (sdy, sdyxc) = sums[i];
-        let invstd = saved.invstd[i];
-        let dot_xhat = sdyxc * invstd;
-        grads.dbias[ch] += sdy;
-        grads.dweight[ch] += r * dot_xhat + d * sdy;
-        let gain = params.gamma(ch) * r;
-        a[i] = gain * invstd;
-        if saved.normalized == Normalized::Batch {
-            let m = if saved.count[i] > 0.0 {
-                saved.count[i]
-            } else {
-                g.per_channel() as f64
-            };
-            b[i] = -gain * invstd * invstd * dot_xhat / m;
-            k[i] = -gain * invstd * sdy / m;
-        }
+        b = -gain * invstd * invstd * dot_xhat / m;
+        k = -gain * invstd * sdy / m;
+    }
+    ChannelCoefficients {
+        dweight: r * dot_xhat + d * sdy,
+        dbias: sdy,
+        a: gain * invstd,
+        b,
+        k,
     }
 }
 
@@ -248,6 +278,24 @@ fn backward_impl<T: Element>(
         Some((y, d)) => (Some(y), d),
         None => (None, &mut []),
     };
+    // Channels-first plain backward: sums and dx per group of channels, the second pass
+    // from cache (same sums, in the same order, as the two-pass path).
+    let fused = !ghost
+        && y.is_none()
+        && g.inner > 1
+        && g.channels.div_ceil(kernels::FUSE_GROUP) >= 2 * rayon::current_num_threads().min(64);
+    if fused {
+        let coef = |ch: usize, sums: (f64, f64)| {
+            let one = channel_coefficients(g, params, saved, ch, sums);
+            (one.a, one.b, one.k)
+        };
+        kernels::backward_fused_cf(g, x, dy, &saved.mean[..c], &mut sums, dx, par, coef);
+        let mut coef = std::mem::take(&mut ws.coef);
+        coefficients(g, params, saved, &sums, grads, &mut coef);
+        ws.coef = coef;
+        ws.tmp_pairs = sums;
+        return Ok(());
+    }
     if !ghost {
         match y {
             None => kernels::dot(g, x, dy, &saved.mean[..c], &mut sums, ws, par),

@@ -150,26 +150,58 @@ fn every_simd_level_matches_the_reference_16_bit() {
     sweep::<f16>(2e-3);
 }
 
-/// The fused channels-first training forward (chosen with few threads per channel) and
-/// the two-pass one (chosen with many) give the same bits.
+/// The fused channels-first training forward and backward (chosen with few threads per
+/// channel group) and the two-pass ones (chosen with many) give the same bits, and both
+/// match the float64 reference — with a last group smaller than the others.
 #[test]
-fn fused_and_unfused_training_forward_agree_bitwise() {
-    let shape = [6, 8, 70, 90];
-    let n: usize = shape.iter().product();
-    let mut rng = Rng(5);
-    let x: Vec<f32> = rng.vec(n, 1e4, 1.0).iter().map(|&v| v as f32).collect();
-    let run = |threads: usize| {
-        let pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap();
-        pool.install(|| {
-            let mut bn = Config::keras(8).build().unwrap();
-            let (y, _) = bn.forward(&x, &shape, Layout::NCHW, Mode::Train).unwrap();
-            (y, bn.running().unwrap().clone())
-        })
-    };
-    let fused = run(1); // 8 channels >= 2 × 1 thread: fused
-    let unfused = run(16); // 8 channels < 2 × 16 threads: two passes
-    assert!(fused == unfused);
+fn fused_and_unfused_training_steps_agree_bitwise() {
+    for c in [8usize, 18] {
+        let shape = [6, c, 30, 35];
+        let n: usize = shape.iter().product();
+        let mut rng = Rng(5 + c as u64);
+        let x: Vec<f32> = rng.vec(n, 1e4, 1.0).iter().map(|&v| v as f32).collect();
+        let dy: Vec<f32> = rng.vec(n, 0.0, 1.0).iter().map(|&v| v as f32).collect();
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            pool.install(|| {
+                let mut bn = Config::keras(c).build().unwrap();
+                let (y, _) = bn.forward(&x, &shape, Layout::NCHW, Mode::Train).unwrap();
+                let b = bn.backward(&x, &dy, &shape, Layout::NCHW).unwrap();
+                (y, b.dx, b.dweight, b.dbias, bn.running().unwrap().clone())
+            })
+        };
+        let fused = run(1); // c/4 groups >= 2 × 1 thread: fused forward and backward
+        let unfused = run(16); // fewer groups than 2 × 16 threads: two passes
+        assert!(fused == unfused, "C = {c}: fused and two-pass steps differ");
+        let cfg = Config::keras(c);
+        let xw: Vec<f64> = x.iter().map(|&v| v as f64).collect();
+        let dyw: Vec<f64> = dy.iter().map(|&v| v as f64).collect();
+        let p = Params::init(&cfg);
+        let r = reference::forward(
+            &cfg,
+            Layout::NCHW,
+            &shape,
+            &xw,
+            &p,
+            RunningState::init(&cfg).as_ref(),
+            Mode::Train,
+        )
+        .unwrap();
+        let rb = reference::backward(&cfg, Layout::NCHW, &shape, &xw, &dyw, &p, &r).unwrap();
+        let w = |v: &[f32]| v.iter().map(|&e| e as f64).collect::<Vec<_>>();
+        assert_close("y", &w(&fused.0), &r.y, 2e-6, 2e-6);
+        let scale = rb.dx.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+        assert_close("dx", &w(&fused.1), &rb.dx, 2e-6 * scale, 2e-6);
+        assert_close(
+            "dweight",
+            fused.2.as_ref().unwrap(),
+            &rb.dweight,
+            1e-6,
+            1e-9,
+        );
+        assert_close("dbias", fused.3.as_ref().unwrap(), &rb.dbias, 1e-6, 1e-9);
+    }
 }

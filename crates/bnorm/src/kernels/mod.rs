@@ -347,5 +347,80 @@ pub(crate) fn train_fused_cf<T: Element, F>(
     }
 }
 
-/// Channels per task of the fused channels-first training forward.
+/// Channels-first backward, a few channels per task: the per-channel sums
+/// `(Σdy, Σdy·(x − center))` in exactly the order of [`dot`], then
+/// `dx = a·dy + b·(x − center) + k` with `coef(channel, sums) = (a, b, k)` while the
+/// group's rows of x and dy are still in cache. Writes every element of `dx` and the sums
+/// of every channel to `out`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_fused_cf<T: Element, F>(
+    g: Geometry,
+    x: &[T],
+    dy: &[T],
+    center: &[f64],
+    out: &mut [(f64, f64)],
+    dx: &mut [T],
+    par: Parallelism,
+    coef: F,
+) where
+    F: Fn(usize, (f64, f64)) -> (f64, f64, f64) + Sync,
+{
+    assert!(
+        g.inner > 1
+            && x.len() == g.len()
+            && dy.len() == g.len()
+            && dx.len() == g.len()
+            && out.len() == g.channels
+            && center.len() >= g.channels
+    );
+    let c = g.channels;
+    let inner = g.inner;
+    let dx_ptr = SendPtr(dx.as_mut_ptr());
+    let task = |(gi, outs): (usize, &mut [(f64, f64)])| {
+        let c0 = gi * FUSE_GROUP;
+        let w = outs.len();
+        let (rps, nseg) = reduce::segments(g);
+        let mut tot = [(0.0f64, 0.0f64); FUSE_GROUP];
+        for s in 0..nseg {
+            let mut seg = [(0.0f64, 0.0f64); FUSE_GROUP];
+            for n in s * rps..((s + 1) * rps).min(g.outer) {
+                for (j, sj) in seg[..w].iter_mut().enumerate() {
+                    let start = (n * c + c0 + j) * inner;
+                    let r = start..start + inner;
+                    let (pa, pb) = run_dot(&x[r.clone()], &dy[r], center[c0 + j]);
+                    sj.0 += pa;
+                    sj.1 += pb;
+                }
+            }
+            for (t, sj) in tot[..w].iter_mut().zip(&seg[..w]) {
+                *t = (t.0 + sj.0, t.1 + sj.1);
+            }
+        }
+        let mut coefs = [(0.0, 0.0, 0.0); FUSE_GROUP];
+        for j in 0..w {
+            outs[j] = tot[j];
+            coefs[j] = coef(c0 + j, tot[j]);
+        }
+        let ptr = dx_ptr;
+        for n in 0..g.outer {
+            for (j, &(a, b, k)) in coefs[..w].iter().enumerate() {
+                let start = (n * c + c0 + j) * inner;
+                let r = start..start + inner;
+                // SAFETY: `start + inner <= g.len() == dx.len()` (asserted above), and the
+                // row `(n, c0 + j)` belongs to this task's channels alone: tasks of
+                // different channel groups write disjoint rows of `dx`, which the caller
+                // borrows exclusively for this call.
+                let dr = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(start), inner) };
+                run_affine2(&x[r.clone()], &dy[r], dr, center[c0 + j], a, b, k);
+            }
+        }
+    };
+    if par.is_parallel(g.len()) {
+        out.par_chunks_mut(FUSE_GROUP).enumerate().for_each(task);
+    } else {
+        out.chunks_mut(FUSE_GROUP).enumerate().for_each(task);
+    }
+}
+
+/// Channels per task of the fused channels-first training forward and backward.
 pub(crate) const FUSE_GROUP: usize = 4;
