@@ -8,6 +8,7 @@
 //! | [`train_fused_cf`] | both, channel by channel, the second pass from cache | channels-first training forward |
 //! | [`dot`] | per-channel `Σdy`, `Σdy·(x − center)` | backward |
 //! | [`affine2`] | `dx = a·dy + b·(x − center) + k` | backward |
+//! | [`backward_fused_cf`] | both backward passes, channel by channel, the second from cache | channels-first backward |
 //! | [`dot_relu`], [`affine2_relu`] | the same through a ReLU (mask from its output) | fused backward |
 //!
 //! Reductions are cut into segments fixed by the shape alone (never by the number of
