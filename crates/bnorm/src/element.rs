@@ -1,5 +1,6 @@
-//! Element types: f32, f64, f16 and bf16 storage. Arithmetic always runs in f64, so
-//! 16-bit inputs accumulate far beyond f32 and a large channel mean costs no accuracy.
+//! Element types: f32, f64, f16 and bf16 storage. Statistics and gradient sums always
+//! accumulate in f64, so a large channel mean or a long channel costs no accuracy; the
+//! element-wise maps run in f32 for every type but f64 (see `kernels`).
 
 use std::fmt;
 
@@ -89,6 +90,19 @@ pub trait Element: Copy + Send + Sync + PartialEq + fmt::Debug + 'static {
     fn from_f32(v: f32) -> Self {
         Self::from_f64(v as f64)
     }
+    /// The slice as f32 values when this type is f32 (lets kernels take f32-only paths
+    /// without casts).
+    #[doc(hidden)]
+    #[inline(always)]
+    fn as_f32s(_: &[Self]) -> Option<&[f32]> {
+        None
+    }
+    /// The mutable slice as f32 values when this type is f32.
+    #[doc(hidden)]
+    #[inline(always)]
+    fn as_f32s_mut(_: &mut [Self]) -> Option<&mut [f32]> {
+        None
+    }
 }
 
 impl Element for f32 {
@@ -100,6 +114,22 @@ impl Element for f32 {
     #[inline(always)]
     fn from_f64(v: f64) -> Self {
         v as f32
+    }
+    #[inline(always)]
+    fn to_f32(self) -> f32 {
+        self
+    }
+    #[inline(always)]
+    fn from_f32(v: f32) -> Self {
+        v
+    }
+    #[inline(always)]
+    fn as_f32s(xs: &[f32]) -> Option<&[f32]> {
+        Some(xs)
+    }
+    #[inline(always)]
+    fn as_f32s_mut(xs: &mut [f32]) -> Option<&mut [f32]> {
+        Some(xs)
     }
 }
 

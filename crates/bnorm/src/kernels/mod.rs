@@ -14,12 +14,14 @@
 //! Reductions are cut into segments fixed by the shape alone (never by the number of
 //! threads), each reduced sequentially, then merged in segment order: the result is
 //! bitwise identical with 1 thread or 64, and the fused kernel follows the same order.
-//! Arithmetic is f64 for every storage type. The inner loops ([`inner`]) are compiled for
+//! Reductions and the backward maps run in f64 for every storage type; the forward maps
+//! run in f64 for f64 storage and in f32 (the center split in two parts) for the others. The inner loops ([`inner`]) are compiled for
 //! several instruction sets and picked at run time ([`simd`]).
 
 mod inner;
 mod reduce;
 pub(crate) mod simd;
+mod stream;
 
 pub use reduce::Workspace;
 pub(crate) use reduce::{dot, dot_relu, moments};
@@ -79,13 +81,41 @@ impl<'a, T> Ep<'a, T> {
     }
 }
 
-/// One contiguous run with its epilogue.
+/// One contiguous run with its epilogue; with streaming stores when `stream` (and the
+/// type and CPU allow them: same bits).
 #[inline]
-fn run_affine_ep<T: Element>(xs: &[T], ep: Ep<'_, T>, ys: &mut [T], m: f64, s: f64, b: f64) {
+fn run_affine_ep<T: Element>(
+    xs: &[T],
+    ep: Ep<'_, T>,
+    ys: &mut [T],
+    (m, s, b): (f64, f64, f64),
+    stream: bool,
+) {
+    let relu = matches!(ep, Ep::Relu);
+    if stream
+        && !matches!(ep, Ep::AddRelu(_))
+        && stream::affine(xs, ys, inner::affine_coefs_f32(m, s, b), relu)
+    {
+        return;
+    }
     match ep {
         Ep::None => run_affine(xs, ys, m, s, b),
         Ep::Relu => run_affine_relu(xs, ys, m, s, b),
         Ep::AddRelu(r) => run_affine_add_relu(xs, r, ys, m, s, b),
+    }
+}
+
+/// [`run_affine2`], with streaming stores when `stream` (same bits).
+#[inline]
+fn run_affine2_nt<T: Element>(
+    xs: &[T],
+    ds: &[T],
+    os: &mut [T],
+    (m, a, b, k): (f64, f64, f64, f64),
+    stream: bool,
+) {
+    if !(stream && stream::affine2(xs, ds, os, [m, a, b, k])) {
+        run_affine2(xs, ds, os, m, a, b, k);
     }
 }
 
@@ -116,9 +146,17 @@ pub(crate) fn affine_ep<T: Element>(
     }
     let row = c * g.inner;
     let chunk = rows_per_task(row) * row;
+    let nt = stream::wanted::<T>(y.len());
     let body = |(i, (xs, ys)): (usize, (&[T], &mut [T]))| {
         let ep = ep.slice(i * chunk..i * chunk + xs.len());
         if g.inner == 1 {
+            if nt && !matches!(ep, Ep::AddRelu(_)) {
+                let t = inner::affine_table_f32(c, center, scale, shift);
+                if stream::rows_affine(xs, ys, (&t.0, t.1), matches!(ep, Ep::Relu)) {
+                    stream::fence();
+                    return;
+                }
+            }
             match ep {
                 Ep::None => rows_affine(xs, ys, c, center, scale, shift),
                 Ep::Relu => rows_affine_relu(xs, &[], ys, c, center, scale, shift),
@@ -132,7 +170,10 @@ pub(crate) fn affine_ep<T: Element>(
             {
                 let ch = j % c;
                 let e = ep.slice(j * g.inner..(j + 1) * g.inner);
-                run_affine_ep(xr, e, yr, center[ch], scale[ch], shift[ch]);
+                run_affine_ep(xr, e, yr, (center[ch], scale[ch], shift[ch]), nt);
+            }
+            if nt {
+                stream::fence();
             }
         }
     };
@@ -246,8 +287,16 @@ pub(crate) fn affine2<T: Element>(
     }
     let row = c * g.inner;
     let chunk = rows_per_task(row) * row;
+    let nt = stream::wanted::<T>(dx.len());
     let body = |((xs, ds), os): ((&[T], &[T]), &mut [T])| {
         if g.inner == 1 {
+            if nt {
+                let t = inner::affine2_table_f64(c, center, a, b, k);
+                if stream::rows_affine2(xs, ds, os, (&t.0, t.1)) {
+                    stream::fence();
+                    return;
+                }
+            }
             rows_affine2(xs, ds, os, c, center, a, b, k);
         } else {
             for (j, ((xr, dr), or)) in xs
@@ -257,7 +306,10 @@ pub(crate) fn affine2<T: Element>(
                 .enumerate()
             {
                 let ch = j % c;
-                run_affine2(xr, dr, or, center[ch], a[ch], b[ch], k[ch]);
+                run_affine2_nt(xr, dr, or, (center[ch], a[ch], b[ch], k[ch]), nt);
+            }
+            if nt {
+                stream::fence();
             }
         }
     };
@@ -301,6 +353,7 @@ pub(crate) fn train_fused_cf<T: Element, F>(
     assert!(g.inner > 1 && x.len() == g.len() && y.len() == g.len() && out.len() == g.channels);
     let c = g.channels;
     let inner = g.inner;
+    let nt = stream::wanted::<T>(y.len());
     let y_ptr = SendPtr(y.as_mut_ptr());
     // A task takes a few neighbouring channels, so that each sample's rows of the group
     // are one contiguous stretch of memory for both passes; each channel's moments are
@@ -337,8 +390,11 @@ pub(crate) fn train_fused_cf<T: Element, F>(
                 // borrows exclusively for this call.
                 let yr = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(start), inner) };
                 let e = ep.slice(start..start + inner);
-                run_affine_ep(&x[start..start + inner], e, yr, center, scale, shift);
+                run_affine_ep(&x[start..start + inner], e, yr, (center, scale, shift), nt);
             }
+        }
+        if nt {
+            stream::fence();
         }
     };
     if par.is_parallel(g.len()) {
@@ -376,6 +432,7 @@ pub(crate) fn backward_fused_cf<T: Element, F>(
     );
     let c = g.channels;
     let inner = g.inner;
+    let nt = stream::wanted::<T>(dx.len());
     let dx_ptr = SendPtr(dx.as_mut_ptr());
     let task = |(gi, outs): (usize, &mut [(f64, f64)])| {
         let c0 = gi * FUSE_GROUP;
@@ -412,8 +469,11 @@ pub(crate) fn backward_fused_cf<T: Element, F>(
                 // different channel groups write disjoint rows of `dx`, which the caller
                 // borrows exclusively for this call.
                 let dr = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(start), inner) };
-                run_affine2(&x[r.clone()], &dy[r], dr, center[c0 + j], a, b, k);
+                run_affine2_nt(&x[r.clone()], &dy[r], dr, (center[c0 + j], a, b, k), nt);
             }
+        }
+        if nt {
+            stream::fence();
         }
     };
     if par.is_parallel(g.len()) {

@@ -1,0 +1,353 @@
+//! Non-temporal ("streaming") stores for large f32 outputs. A normal store first reads
+//! the destination line into cache (a read for ownership), so writing an output costs
+//! twice its size in memory traffic and evicts the input that a fused kernel is about to
+//! read again; a streaming store writes whole lines straight to memory. Used only where
+//! the output is larger than the last-level cache could keep anyway
+//! ([`STREAM_MIN_BYTES`]), only for f32 storage, and with exactly the arithmetic of the
+//! ordinary maps in [`super::inner`] (forward `(x − hi)·s + b` in f32, backward
+//! `(a·dy + b·(x − m)) + k` in f64, separate multiplies and adds, one rounding to f32 at
+//! the end): the same bits either way, tested.
+
+use super::inner::{Scratch, WRAP};
+use crate::element::Element;
+
+/// Outputs from this size on (bytes) are written with streaming stores.
+pub(crate) const STREAM_MIN_BYTES: usize = 16 << 20;
+
+/// Whether an output of `len` elements of `T` is written with streaming stores (also
+/// needs f32 storage and AVX2, checked by each kernel).
+#[inline]
+pub(crate) fn wanted<T: Element>(len: usize) -> bool {
+    T::as_f32s(&[]).is_some() && len * std::mem::size_of::<T>() >= STREAM_MIN_BYTES
+}
+
+/// Whether the current SIMD level has the streaming kernels.
+#[inline]
+fn available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        super::simd::current() >= super::simd::SimdLevel::Avx2
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Makes this thread's streaming stores globally visible; called before a task that
+/// used them ends (streaming stores are weakly ordered).
+#[inline]
+pub(crate) fn fence() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `sfence` is part of SSE, which every x86-64 CPU has; it has no operands.
+    unsafe {
+        std::arch::x86_64::_mm_sfence()
+    };
+}
+
+/// Channels-first `y = (x − h)·s + b` (then ReLU when `relu`) with streaming stores.
+/// Returns false, having written nothing, when `T` is not f32 or the CPU lacks AVX2.
+#[inline]
+pub(crate) fn affine<T: Element>(xs: &[T], ys: &mut [T], coefs: [f32; 3], relu: bool) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(xs), Some(ys), true) = (T::as_f32s(xs), T::as_f32s_mut(ys), available()) {
+        let src = x86::Broadcast(coefs);
+        // SAFETY: `available()` checked that the CPU has AVX2.
+        unsafe {
+            if relu {
+                x86::map1::<_, true>(xs, ys, &src)
+            } else {
+                x86::map1::<_, false>(xs, ys, &src)
+            }
+        };
+        return true;
+    }
+    let _ = (xs, ys, coefs, relu);
+    false
+}
+
+/// Channels-last [`affine`]: `xs`/`ys` start at a row, `table` is an f32 coefficient
+/// table (`hi`, scale, shift) with run length `run` from `inner::affine_table_f32`.
+#[inline]
+pub(crate) fn rows_affine<T: Element>(
+    xs: &[T],
+    ys: &mut [T],
+    (table, run): (&Scratch<f32>, usize),
+    relu: bool,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(xs), Some(ys), true) = (T::as_f32s(xs), T::as_f32s_mut(ys), available()) {
+        let src = x86::Table::new(table, run, 3);
+        // SAFETY: `available()` checked that the CPU has AVX2.
+        unsafe {
+            if relu {
+                x86::map1::<_, true>(xs, ys, &src)
+            } else {
+                x86::map1::<_, false>(xs, ys, &src)
+            }
+        };
+        return true;
+    }
+    let _ = (xs, ys, table, run, relu);
+    false
+}
+
+/// Channels-first `o = (a·dy + b·(x − m)) + k` in f64 (`coefs = [m, a, b, k]`), rounded
+/// to f32 and stored streaming; false (nothing written) when `T` is not f32 or the CPU
+/// lacks AVX2.
+#[inline]
+pub(crate) fn affine2<T: Element>(xs: &[T], ds: &[T], os: &mut [T], coefs: [f64; 4]) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(xs), Some(ds), Some(os), true) = (
+        T::as_f32s(xs),
+        T::as_f32s(ds),
+        T::as_f32s_mut(os),
+        available(),
+    ) {
+        // SAFETY: `available()` checked that the CPU has AVX2.
+        unsafe { x86::map2(xs, ds, os, &x86::Broadcast(coefs)) };
+        return true;
+    }
+    let _ = (xs, ds, os, coefs);
+    false
+}
+
+/// Channels-last [`affine2`] with an f64 table (center, a, b, k) from
+/// `inner::affine2_table_f64`.
+#[inline]
+pub(crate) fn rows_affine2<T: Element>(
+    xs: &[T],
+    ds: &[T],
+    os: &mut [T],
+    (table, run): (&Scratch<f64>, usize),
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(xs), Some(ds), Some(os), true) = (
+        T::as_f32s(xs),
+        T::as_f32s(ds),
+        T::as_f32s_mut(os),
+        available(),
+    ) {
+        // SAFETY: `available()` checked that the CPU has AVX2.
+        unsafe { x86::map2(xs, ds, os, &x86::Table::new(table, run, 4)) };
+        return true;
+    }
+    let _ = (xs, ds, os, table, run);
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::WRAP;
+
+    /// A coefficient type: f32 (forward) or f64 (backward), with its AVX vector.
+    pub(super) trait Coef: Copy {
+        type V: Copy;
+        /// `LANES` values from `p`.
+        ///
+        /// # Safety
+        /// `p` must be valid for `LANES` reads and the CPU must support AVX.
+        unsafe fn load(p: *const Self) -> Self::V;
+        /// The value in every lane.
+        ///
+        /// # Safety
+        /// The CPU must support AVX.
+        unsafe fn splat(v: Self) -> Self::V;
+        const LANES: usize;
+    }
+
+    impl Coef for f32 {
+        type V = __m256;
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m256 {
+            // SAFETY: the caller's contract.
+            unsafe { _mm256_loadu_ps(p) }
+        }
+        #[inline(always)]
+        unsafe fn splat(v: f32) -> __m256 {
+            // SAFETY: the caller's contract (AVX).
+            unsafe { _mm256_set1_ps(v) }
+        }
+        const LANES: usize = 8;
+    }
+
+    impl Coef for f64 {
+        type V = __m256d;
+        #[inline(always)]
+        unsafe fn load(p: *const f64) -> __m256d {
+            // SAFETY: the caller's contract.
+            unsafe { _mm256_loadu_pd(p) }
+        }
+        #[inline(always)]
+        unsafe fn splat(v: f64) -> __m256d {
+            // SAFETY: the caller's contract (AVX).
+            unsafe { _mm256_set1_pd(v) }
+        }
+        const LANES: usize = 4;
+    }
+
+    /// Per-element coefficients: column `k` at run offset `o`.
+    pub(super) trait Source<E: Coef> {
+        /// The run length (offsets wrap at it).
+        fn run(&self) -> usize;
+        fn at(&self, k: usize, o: usize) -> E;
+        /// `E::LANES` coefficients of column `k` from run offset `o` (`o < run + 8 −
+        /// E::LANES`).
+        ///
+        /// # Safety
+        /// The CPU must support AVX.
+        unsafe fn vec(&self, k: usize, o: usize) -> E::V;
+    }
+
+    /// One value per column for the whole run (channels-first rows).
+    pub(super) struct Broadcast<E, const K: usize>(pub(super) [E; K]);
+
+    impl<E: Coef, const K: usize> Source<E> for Broadcast<E, K> {
+        fn run(&self) -> usize {
+            usize::MAX
+        }
+        #[inline(always)]
+        fn at(&self, k: usize, _: usize) -> E {
+            self.0[k]
+        }
+        #[inline(always)]
+        unsafe fn vec(&self, k: usize, _: usize) -> E::V {
+            // SAFETY: the caller guarantees AVX.
+            unsafe { E::splat(self.0[k]) }
+        }
+    }
+
+    /// Columns of a channels-last coefficient table.
+    pub(super) struct Table<'a, E> {
+        t: &'a [E],
+        run: usize,
+        stride: usize,
+    }
+
+    impl<'a, E> Table<'a, E> {
+        pub(super) fn new(t: &'a [E], run: usize, columns: usize) -> Table<'a, E> {
+            let stride = t.len() / columns;
+            assert!(
+                run > 0 && run + WRAP <= stride,
+                "coefficient table too short"
+            );
+            Table { t, run, stride }
+        }
+    }
+
+    impl<E: Coef> Source<E> for Table<'_, E> {
+        fn run(&self) -> usize {
+            self.run
+        }
+        #[inline(always)]
+        fn at(&self, k: usize, o: usize) -> E {
+            self.t[k * self.stride + o]
+        }
+        #[inline(always)]
+        unsafe fn vec(&self, k: usize, o: usize) -> E::V {
+            let i = k * self.stride + o;
+            assert!(i + E::LANES <= self.t.len());
+            // SAFETY: `i + LANES <= t.len()` (asserted; `o < run + 4` and
+            // `run + WRAP <= stride` make it hold for every column), and the caller
+            // guarantees AVX.
+            unsafe { E::load(self.t.as_ptr().add(i)) }
+        }
+    }
+
+    /// `(head, body)`: scalar elements before the first 32-byte boundary of `p`, and
+    /// the end of the vector body after it.
+    fn split(p: *const f32, n: usize) -> (usize, usize) {
+        let head = p.align_offset(32).min(n);
+        (head, head + (n - head) / 8 * 8)
+    }
+
+    /// `y = (x − c₀)·c₁ + c₂`, then ReLU when `RELU`.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn map1<S: Source<f32>, const RELU: bool>(
+        xs: &[f32],
+        ys: &mut [f32],
+        src: &S,
+    ) {
+        let n = xs.len().min(ys.len());
+        let run = src.run();
+        let (head, body) = split(ys.as_ptr(), n);
+        let scalar = |i: usize, x: f32| {
+            let o = i % run;
+            let z = (x - src.at(0, o)) * src.at(1, o) + src.at(2, o);
+            if RELU && z < 0.0 {
+                0.0
+            } else {
+                z
+            }
+        };
+        for i in (0..head).chain(body..n) {
+            ys[i] = scalar(i, xs[i]);
+        }
+        let (xp, yp) = (xs.as_ptr(), ys.as_mut_ptr());
+        let zero = _mm256_setzero_ps();
+        let (mut i, mut o) = (head, head % run);
+        while i < body {
+            // SAFETY: `i + 8 <= body <= n` lies within both slices; `yp + i` is 32-byte
+            // aligned (`head` aligned it, steps are 32 bytes) as the streaming store
+            // requires; `o < run` for the table reads; AVX2 is enabled.
+            unsafe {
+                let x = _mm256_loadu_ps(xp.add(i));
+                let t = _mm256_mul_ps(_mm256_sub_ps(x, src.vec(0, o)), src.vec(1, o));
+                let mut z = _mm256_add_ps(t, src.vec(2, o));
+                if RELU {
+                    // z < 0 → +0, anything else (NaN included) kept: as `relu`.
+                    z = _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(z, zero), z);
+                }
+                _mm256_stream_ps(yp.add(i), z);
+            }
+            i += 8;
+            o += 8;
+            if o >= run {
+                o -= run;
+            }
+        }
+    }
+
+    /// `o = (c₁·dy + c₂·(x − c₀)) + c₃` in f64, rounded to f32.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn map2<S: Source<f64>>(xs: &[f32], ds: &[f32], os: &mut [f32], src: &S) {
+        let n = xs.len().min(ds.len()).min(os.len());
+        let run = src.run();
+        let (head, body) = split(os.as_ptr(), n);
+        for i in (0..head).chain(body..n) {
+            let o = i % run;
+            let (x, d) = (xs[i] as f64, ds[i] as f64);
+            os[i] = (src.at(1, o) * d + src.at(2, o) * (x - src.at(0, o)) + src.at(3, o)) as f32;
+        }
+        let (xp, dp, op) = (xs.as_ptr(), ds.as_ptr(), os.as_mut_ptr());
+        let (mut i, mut o) = (head, head % run);
+        while i < body {
+            // SAFETY: as in `map1`: in bounds, `op + i` 32-byte aligned, `o < run` (and
+            // `o + 4 < run + WRAP` for the second half's coefficients).
+            unsafe {
+                let half = |j: usize| {
+                    let x = _mm256_cvtps_pd(_mm_loadu_ps(xp.add(i + j)));
+                    let d = _mm256_cvtps_pd(_mm_loadu_ps(dp.add(i + j)));
+                    let ad = _mm256_mul_pd(src.vec(1, o + j), d);
+                    let bx = _mm256_mul_pd(src.vec(2, o + j), _mm256_sub_pd(x, src.vec(0, o + j)));
+                    _mm256_cvtpd_ps(_mm256_add_pd(_mm256_add_pd(ad, bx), src.vec(3, o + j)))
+                };
+                let r = _mm256_set_m128(half(4), half(0));
+                _mm256_stream_ps(op.add(i), r);
+            }
+            i += 8;
+            o += 8;
+            if o >= run {
+                o -= run;
+            }
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! Outputs of 16 MB and more are written with streaming (non-temporal) stores where the
+//! CPU has them. They must give exactly the bits of the ordinary path: every layout
+//! family (channels-first runs, channels-last rows with a coefficient period that does
+//! not divide the vector width, wide rows), misaligned outputs, training, inference,
+//! ReLU and backward, sequential and threaded, against the scalar level (which never
+//! streams).
+
+use bnorm::{
+    backward_into, forward_into, forward_relu_into, with_simd_level, Config, Grads, Layout, Mode,
+    Parallelism, Params, RunningState, Saved, SimdLevel, Workspace,
+};
+
+/// (train y, inference y, train+ReLU y, dx), each written at `offset` elements into its
+/// buffer so the output starts misaligned when `offset` is odd.
+fn run(
+    layout: Layout,
+    shp: &[usize],
+    x: &[f32],
+    dy: &[f32],
+    offset: usize,
+    par: Parallelism,
+) -> [Vec<f32>; 4] {
+    let g = layout.geometry(shp).unwrap();
+    let n = g.len();
+    let cfg = Config::torch(g.channels);
+    let p = Params {
+        weight: Some((0..g.channels).map(|c| 0.75 + 0.01 * c as f64).collect()),
+        bias: Some((0..g.channels).map(|c| 0.1 - 0.02 * c as f64).collect()),
+    };
+    let mut state = RunningState::init(&cfg);
+    let (mut saved, mut ws, mut grads) = (Saved::default(), Workspace::default(), Grads::default());
+    let out = |f: &mut dyn FnMut(&mut [f32])| {
+        let mut buf = vec![0f32; n + offset];
+        f(&mut buf[offset..]);
+        buf.drain(..offset);
+        buf
+    };
+    let relu = out(&mut |y| {
+        forward_relu_into(
+            &cfg,
+            g,
+            x,
+            None,
+            &p,
+            state.as_mut(),
+            Mode::Train,
+            y,
+            &mut saved,
+            &mut ws,
+            par,
+        )
+        .unwrap();
+    });
+    let infer = out(&mut |y| {
+        forward_into(
+            &cfg,
+            g,
+            x,
+            &p,
+            state.as_mut(),
+            Mode::Inference,
+            y,
+            &mut saved,
+            &mut ws,
+            par,
+        )
+        .unwrap();
+    });
+    let train = out(&mut |y| {
+        forward_into(
+            &cfg,
+            g,
+            x,
+            &p,
+            state.as_mut(),
+            Mode::Train,
+            y,
+            &mut saved,
+            &mut ws,
+            par,
+        )
+        .unwrap();
+    });
+    let dx = out(&mut |dx| {
+        backward_into(&cfg, g, x, dy, &p, &saved, dx, &mut grads, &mut ws, par).unwrap();
+    });
+    [train, infer, relu, dx]
+}
+
+fn check(layout: Layout, shp: &[usize], offset: usize) {
+    let n: usize = shp.iter().product();
+    assert!(
+        n * 4 >= 16 << 20,
+        "the output must be large enough to stream"
+    );
+    let x: Vec<f32> = (0..n)
+        .map(|i| ((i * 7919 % 1009) as f32) * 0.01 - 3.0 + (i % 13) as f32)
+        .collect();
+    let dy: Vec<f32> = (0..n)
+        .map(|i| ((i * 104_729 % 997) as f32) * 0.002 - 1.0)
+        .collect();
+    let want = with_simd_level(SimdLevel::Scalar, || {
+        run(layout, shp, &x, &dy, offset, Parallelism::Sequential)
+    });
+    for par in [Parallelism::Sequential, Parallelism::Rayon] {
+        let got = run(layout, shp, &x, &dy, offset, par);
+        for (what, (g, w)) in ["train y", "inference y", "relu y", "dx"]
+            .iter()
+            .zip(got.iter().zip(&want))
+        {
+            let bad = g
+                .iter()
+                .zip(w)
+                .position(|(a, b)| a.to_bits() != b.to_bits());
+            assert_eq!(
+                bad, None,
+                "{layout} {shp:?} offset {offset} {par:?} {what}: differs from the scalar path"
+            );
+        }
+    }
+}
+
+#[test]
+fn streaming_channels_first_matches_scalar() {
+    check(Layout::NCHW, &[3, 5, 700, 401], 1);
+}
+
+#[test]
+fn streaming_channels_last_small_c_matches_scalar() {
+    // C = 3: coefficient runs of 513 values, not a multiple of the vector width.
+    check(Layout::NHWC, &[1, 1000, 1403, 3], 3);
+}
+
+#[test]
+fn streaming_wide_rows_matches_scalar() {
+    check(Layout::NC, &[4100, 1027], 0);
+}
