@@ -67,7 +67,7 @@ pub fn backward<T: Element>(
     saved: &Saved,
 ) -> Result<Backward<T>> {
     check_input(cfg, g, x.len(), "x")?;
-    let mut dx = vec![T::from_f64(0.0); x.len()];
+    let mut dx = crate::buffer::output::<T>(x.len());
     let mut grads = Grads::default();
     let mut ws = Workspace::default();
     backward_into(

@@ -159,7 +159,7 @@ pub fn forward<T: Element>(
     mode: Mode,
 ) -> Result<Forward<T>> {
     check_input(cfg, g, x.len(), "x")?;
-    let mut y = vec![T::from_f64(0.0); x.len()];
+    let mut y = crate::buffer::output::<T>(x.len());
     let mut new_state = state.cloned();
     let mut saved = Saved::default();
     let mut ws = Workspace::default();

@@ -109,7 +109,7 @@ impl BatchNorm {
         layout: Layout,
         mode: Mode,
     ) -> Result<(Vec<T>, StepReport)> {
-        let mut y = vec![T::from_f64(0.0); x.len()];
+        let mut y = crate::buffer::output::<T>(x.len());
         let report = self.forward_into(x, shape, layout, mode, &mut y)?;
         Ok((y, report))
     }
@@ -148,7 +148,7 @@ impl BatchNorm {
         mode: Mode,
     ) -> Result<(Vec<T>, StepReport)> {
         let g = layout.geometry(shape)?;
-        let mut y = vec![T::from_f64(0.0); x.len()];
+        let mut y = crate::buffer::output::<T>(x.len());
         let report = crate::forward::forward_relu_into(
             &self.cfg,
             g,
@@ -177,8 +177,8 @@ impl BatchNorm {
         with_residual: bool,
     ) -> Result<(Backward<T>, Option<Vec<T>>)> {
         let g = layout.geometry(shape)?;
-        let mut dx = vec![T::from_f64(0.0); x.len()];
-        let mut dres = with_residual.then(|| vec![T::from_f64(0.0); x.len()]);
+        let mut dx = crate::buffer::output::<T>(x.len());
+        let mut dres = with_residual.then(|| crate::buffer::output::<T>(x.len()));
         let mut grads = Grads::default();
         crate::backward::backward_relu_into(
             &self.cfg,
@@ -212,7 +212,7 @@ impl BatchNorm {
         layout: Layout,
     ) -> Result<(Vec<T>, StepReport, Option<PendingUpdate>)> {
         let g = layout.geometry(shape)?;
-        let mut y = vec![T::from_f64(0.0); x.len()];
+        let mut y = crate::buffer::output::<T>(x.len());
         let (report, pending) = crate::forward::forward_pending_into(
             &self.cfg,
             g,
@@ -253,7 +253,7 @@ impl BatchNorm {
         shape: &[usize],
         layout: Layout,
     ) -> Result<Backward<T>> {
-        let mut dx = vec![T::from_f64(0.0); x.len()];
+        let mut dx = crate::buffer::output::<T>(x.len());
         let mut grads = Grads::default();
         self.backward_into(x, dy, shape, layout, &mut dx, &mut grads)?;
         Ok(Backward {

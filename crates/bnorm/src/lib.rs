@@ -67,6 +67,7 @@
 #![deny(missing_docs)]
 
 mod backward;
+mod buffer;
 mod config;
 pub mod conformance;
 mod element;

@@ -4,7 +4,9 @@
 
 mod common;
 
-use bnorm::{bf16, f16, reference, BatchNorm, Config, Element, Layout, Mode, Params, RunningState};
+use bnorm::{
+    bf16, f16, reference, BatchNorm, Config, Element, Layout, Mode, Momentum, Params, RunningState,
+};
 use common::{assert_close, conventions, shape, Rng};
 use proptest::prelude::*;
 
@@ -262,5 +264,71 @@ fn large_mean_is_exact_in_every_layout() {
             1e-9,
             1e-9,
         );
+    }
+}
+
+/// Statistics are reduced in blocks by one pass over the values shifted by the block's
+/// first value (with a two-pass fallback). A tight cluster around a large mean (where an
+/// unshifted E[x²] − E[x]² loses every digit, even in f64) and an outlier opening every
+/// block (the worst shift) must both keep running statistics within rounding of the f64
+/// reference (scaled by the data's |mean|/σ, which block merges cannot avoid), in every
+/// loop shape.
+#[test]
+fn outlier_first_values_keep_statistics_exact() {
+    for (layout, shp) in [
+        (Layout::NCL, vec![3usize, 2, 5000]),
+        (Layout::NC, vec![3000, 40]),
+        (Layout::NC, vec![3000, 5]),
+        (Layout::NHWC, vec![2, 40, 40, 3]),
+    ] {
+        let g = layout.geometry(&shp).unwrap();
+        let (len, c) = (g.len(), g.channels);
+        let mut rng = Rng(5);
+        for (outlier, center, spread) in [
+            (None, 1e7, 1e-2),
+            (Some(1e6), 1e4, 1.0),
+            (Some(-3e4), 1e4, 1e-3),
+            (Some(0.0), 1e7, 1e-2),
+        ] {
+            // Every value center ± spread, except those at the start of each 512-value
+            // run of the flat buffer, which sit at `outlier` when there is one.
+            let xw: Vec<f64> = (0..len)
+                .map(|i| match outlier {
+                    Some(o) if i % 512 == 0 => o,
+                    _ => center + spread * rng.normal(),
+                })
+                .collect();
+            // Momentum 1: the running statistics are the batch's own.
+            let cfg = Config::torch(c).momentum(Momentum::NewWeight(1.0));
+            let mut bn = cfg.clone().build().unwrap();
+            bn.forward(&xw, &shp, layout, Mode::Train).unwrap();
+            let r = reference::forward(
+                &cfg,
+                layout,
+                &shp,
+                &xw,
+                &Params::init(&cfg),
+                RunningState::init(&cfg).as_ref(),
+                Mode::Train,
+            )
+            .unwrap();
+            let (s, rs) = (bn.running().unwrap(), r.state.unwrap());
+            let ctx = format!("{layout} {shp:?} outlier {outlier:?} {center} ± {spread}");
+            // Blocks are merged through their means, each rounded relative to |mean|, so
+            // the variance can carry an error of eps·|mean|/σ: allow that, at least 1e-12.
+            let cond = rs
+                .mean
+                .iter()
+                .zip(&rs.var)
+                .fold(1.0f64, |a, (m, v)| a.max(m.abs() / v.sqrt()));
+            assert_close(&format!("{ctx} mean"), &s.mean, &rs.mean, 0.0, 1e-14);
+            assert_close(
+                &format!("{ctx} var"),
+                &s.var,
+                &rs.var,
+                0.0,
+                1e-12f64.max(1e-14 * cond),
+            );
+        }
     }
 }

@@ -153,18 +153,73 @@ fn sum_sq_dev<T: Element>(xs: &[T], m: f64) -> f64 {
     fold(acc) + (fold(acc8) + tail)
 }
 
-/// Moments of a contiguous run: blocks of `BLOCK` reduced by two passes while in L1,
-/// merged in order.
+/// Moments of a contiguous run: blocks of `BLOCK` reduced while in L1, merged in order.
 #[inline(always)]
 pub(crate) fn run_moments<T: Element>(xs: &[T]) -> Moments {
     let mut acc = Moments::default();
     for block in xs.chunks(BLOCK) {
-        let n = block.len() as f64;
-        let mean = sum(block) / n;
-        let m2 = sum_sq_dev(block, mean);
-        acc = acc.merge(Moments { count: n, mean, m2 });
+        acc = acc.merge(block_moments(block));
     }
     acc
+}
+
+/// Largest accepted cancellation of a shifted single pass, `Σ(x − s)² / M2`: beyond it
+/// (the block's first value more than ~32 standard deviations from its mean, or
+/// non-finite values), the block is reduced again by two passes.
+const MAX_CANCEL: f64 = 1024.0;
+
+/// `(mean, M2)` from the shifted sums `s1 = Σ(x − s)`, `s2 = Σ(x − s)²` of `n` values,
+/// or `None` when the subtraction would cancel more than `MAX_CANCEL` allows. Accepted,
+/// M2 carries at most `MAX_CANCEL` times the rounding error of `s2`: ~1e-13 relative.
+#[inline(always)]
+fn from_shifted(shift: f64, n: f64, s1: f64, s2: f64) -> Option<(f64, f64)> {
+    let m2 = s2 - s1 * (s1 / n);
+    // Also false for NaN: non-finite data take the two-pass route.
+    if m2 * MAX_CANCEL >= s2 && s2.is_finite() {
+        Some((shift + s1 / n, m2))
+    } else {
+        None
+    }
+}
+
+/// Moments of one block in a single pass over the values shifted by the first one
+/// (`Σ(x − x₀)`, `Σ(x − x₀)²` in f64), with the exact two-pass reduction as the fallback
+/// when the shift cancels too much.
+#[inline(always)]
+fn block_moments<T: Element>(block: &[T]) -> Moments {
+    let n = block.len() as f64;
+    let Some(first) = block.first() else {
+        return Moments::default();
+    };
+    let shift = first.to_f64();
+    let (s1, s2) = shifted_sums(block, shift);
+    let (mean, m2) = from_shifted(shift, n, s1, s2).unwrap_or_else(|| {
+        let mean = sum(block) / n;
+        (mean, sum_sq_dev(block, mean))
+    });
+    Moments { count: n, mean, m2 }
+}
+
+/// `(Σ(x − s), Σ(x − s)²)` over a contiguous run.
+#[inline(always)]
+fn shifted_sums<T: Element>(xs: &[T], s: f64) -> (f64, f64) {
+    let mut a = [0.0f64; LANES2];
+    let mut b = [0.0f64; LANES2];
+    let (body, rest) = xs.as_chunks::<LANES2>();
+    for ch in body {
+        for l in 0..LANES2 {
+            let d = ch[l].to_f64() - s;
+            a[l] += d;
+            b[l] += d * d;
+        }
+    }
+    let (mut ta, mut tb) = (0.0, 0.0);
+    for v in rest {
+        let d = v.to_f64() - s;
+        ta += d;
+        tb += d * d;
+    }
+    (fold(a) + ta, fold(b) + tb)
 }
 
 /// (Σdy, Σdy·(x − m)) over a contiguous run.

@@ -354,12 +354,13 @@ pub(crate) fn train_fused_cf<T: Element, F>(
     let c = g.channels;
     let inner = g.inner;
     let nt = stream::wanted::<T>(y.len());
+    let group = FUSE_GROUP;
     let y_ptr = SendPtr(y.as_mut_ptr());
     // A task takes a few neighbouring channels, so that each sample's rows of the group
     // are one contiguous stretch of memory for both passes; each channel's moments are
     // still merged in the canonical order of [`moments`] (rows, then segments).
     let task = |(gi, outs): (usize, &mut [Moments])| {
-        let c0 = gi * FUSE_GROUP;
+        let c0 = gi * group;
         let w = outs.len();
         let (rps, nseg) = reduce::segments(g);
         let mut acc = [Moments::default(); FUSE_GROUP];
@@ -398,9 +399,9 @@ pub(crate) fn train_fused_cf<T: Element, F>(
         }
     };
     if par.is_parallel(g.len()) {
-        out.par_chunks_mut(FUSE_GROUP).enumerate().for_each(task);
+        out.par_chunks_mut(group).enumerate().for_each(task);
     } else {
-        out.chunks_mut(FUSE_GROUP).enumerate().for_each(task);
+        out.chunks_mut(group).enumerate().for_each(task);
     }
 }
 
@@ -433,9 +434,10 @@ pub(crate) fn backward_fused_cf<T: Element, F>(
     let c = g.channels;
     let inner = g.inner;
     let nt = stream::wanted::<T>(dx.len());
+    let group = FUSE_GROUP;
     let dx_ptr = SendPtr(dx.as_mut_ptr());
     let task = |(gi, outs): (usize, &mut [(f64, f64)])| {
-        let c0 = gi * FUSE_GROUP;
+        let c0 = gi * group;
         let w = outs.len();
         let (rps, nseg) = reduce::segments(g);
         let mut tot = [(0.0f64, 0.0f64); FUSE_GROUP];
@@ -477,9 +479,9 @@ pub(crate) fn backward_fused_cf<T: Element, F>(
         }
     };
     if par.is_parallel(g.len()) {
-        out.par_chunks_mut(FUSE_GROUP).enumerate().for_each(task);
+        out.par_chunks_mut(group).enumerate().for_each(task);
     } else {
-        out.chunks_mut(FUSE_GROUP).enumerate().for_each(task);
+        out.chunks_mut(group).enumerate().for_each(task);
     }
 }
 
