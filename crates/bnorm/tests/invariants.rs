@@ -155,6 +155,9 @@ fn results_are_bitwise_identical_for_any_thread_count() {
         (Layout::NHWC, vec![8, 61, 67, 3]),
         (Layout::NC, vec![40_000, 5]),
         (Layout::NCL, vec![3, 2, 70_001]),
+        // Wide channels-last rows over several reduction segments.
+        (Layout::NHWC, vec![4, 41, 40, 64]),
+        (Layout::NC, vec![3001, 130]),
     ] {
         let len: usize = shp.iter().product();
         let mut rng = Rng(21);

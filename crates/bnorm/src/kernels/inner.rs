@@ -288,58 +288,68 @@ pub(crate) fn rows_moments<T: Element>(rows: &[T], c: usize, out: &mut [Moments]
     if c < 32 {
         return rows_moments_small(rows, c, out);
     }
-    // Blocks of about 16K values (at least 32 rows), so the per-channel merges are rare
-    // and both passes over a block come from L1/L2. Each pass streams whole rows, the
-    // inner loop running across the channels.
-    let br = (16_384 / c).max(32);
-    let mut scratch = Scratch::<f64>::take(3 * c);
-    {
-        let (s, rest) = scratch.split_at_mut(c);
-        let (mean, q) = rest.split_at_mut(c);
-        for block in rows.chunks(br * c) {
-            let n = (block.len() / c) as f64;
-            s.fill(0.0);
-            rows4(block, c, s, |v, _| v.to_f64());
-            for (m, acc) in mean.iter_mut().zip(s.iter()) {
-                *m = acc / n;
-            }
-            q.fill(0.0);
-            rows4(block, c, q, |v, ch| {
-                let d = v.to_f64() - mean[ch];
-                d * d
-            });
-            for ch in 0..c {
-                out[ch] = out[ch].merge(Moments {
-                    count: n,
-                    mean: mean[ch],
-                    m2: q[ch],
-                });
-            }
-        }
+    // One pass over all rows, shifted per channel by the first row (|Σ(x − s)²| is at
+    // most (n + 1)·M2 when the shift is one of the values, so the subtraction below costs
+    // at most log2(n + 1) bits of f64), four rows at a time across the channels; one
+    // conversion to moments per channel, no merges. A channel whose sums are not finite
+    // or cancel more than `MAX_CANCEL` is reduced again by two strided passes.
+    let n = rows.len() / c;
+    if n == 0 {
+        return;
     }
-}
-
-/// `acc[ch] += Σ_rows f(x[row][ch], ch)` over whole rows of `c` values, four rows at a
-/// time (`((f₀ + f₁) + (f₂ + f₃))` into the accumulator: a quarter of the accumulator
-/// traffic; the order is fixed by the block, so the bits are too).
-#[inline(always)]
-fn rows4<T: Element>(block: &[T], c: usize, acc: &mut [f64], f: impl Fn(T, usize) -> f64) {
-    let acc = &mut acc[..c];
-    let mut quads = block.chunks_exact(4 * c);
+    let mut scratch = Scratch::<f64>::take(3 * c);
+    let (shift, rest) = scratch.split_at_mut(c);
+    let (s1, s2) = rest.split_at_mut(c);
+    for (sh, v) in shift.iter_mut().zip(&rows[..c]) {
+        *sh = v.to_f64();
+    }
+    let shift: &[f64] = shift;
+    let (s1, s2) = (&mut s1[..c], &mut s2[..c]);
+    let mut quads = rows.chunks_exact(4 * c);
     for q in &mut quads {
-        let (r0, rest) = q.split_at(c);
-        let (r1, rest) = rest.split_at(c);
-        let (r2, r3) = rest.split_at(c);
-        for (ch, ((((a, x0), x1), x2), x3)) in
-            acc.iter_mut().zip(r0).zip(r1).zip(r2).zip(r3).enumerate()
-        {
-            *a += (f(*x0, ch) + f(*x1, ch)) + (f(*x2, ch) + f(*x3, ch));
+        let (x0, x1, x2, x3) = (&q[..c], &q[c..2 * c], &q[2 * c..3 * c], &q[3 * c..4 * c]);
+        for ch in 0..c {
+            let sh = shift[ch];
+            let (d0, d1, d2, d3) = (
+                x0[ch].to_f64() - sh,
+                x1[ch].to_f64() - sh,
+                x2[ch].to_f64() - sh,
+                x3[ch].to_f64() - sh,
+            );
+            s1[ch] += (d0 + d1) + (d2 + d3);
+            s2[ch] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
         }
     }
     for r in quads.remainder().chunks_exact(c) {
-        for (ch, (a, x)) in acc.iter_mut().zip(r).enumerate() {
-            *a += f(*x, ch);
+        for ch in 0..c {
+            let d = r[ch].to_f64() - shift[ch];
+            s1[ch] += d;
+            s2[ch] += d * d;
         }
+    }
+    let nf = n as f64;
+    for ch in 0..c {
+        let (mean, m2) = from_shifted(shift[ch], nf, s1[ch], s2[ch]).unwrap_or_else(|| {
+            let mean = rows
+                .iter()
+                .skip(ch)
+                .step_by(c)
+                .map(|v| v.to_f64())
+                .sum::<f64>()
+                / nf;
+            let m2 = rows
+                .iter()
+                .skip(ch)
+                .step_by(c)
+                .map(|v| (v.to_f64() - mean) * (v.to_f64() - mean))
+                .sum::<f64>();
+            (mean, m2)
+        });
+        out[ch] = out[ch].merge(Moments {
+            count: nf,
+            mean,
+            m2,
+        });
     }
 }
 
@@ -414,14 +424,42 @@ pub(crate) fn rows_dot<T: Element>(
         }
         return;
     }
-    for (xr, dr) in xs.chunks_exact(c).zip(ds.chunks_exact(c)) {
-        for ((((a, b), x), d), m) in sa[..c]
-            .iter_mut()
-            .zip(sb[..c].iter_mut())
-            .zip(xr)
-            .zip(dr)
-            .zip(&center[..c])
-        {
+    // Four rows at a time (as `rows4`): a quarter of the accumulator traffic.
+    let (sa, sb, center) = (&mut sa[..c], &mut sb[..c], &center[..c]);
+    let mut xq = xs.chunks_exact(4 * c);
+    let mut dq = ds.chunks_exact(4 * c);
+    for (xq, dq) in (&mut xq).zip(&mut dq) {
+        let (x0, x1, x2, x3) = (
+            &xq[..c],
+            &xq[c..2 * c],
+            &xq[2 * c..3 * c],
+            &xq[3 * c..4 * c],
+        );
+        let (d0, d1, d2, d3) = (
+            &dq[..c],
+            &dq[c..2 * c],
+            &dq[2 * c..3 * c],
+            &dq[3 * c..4 * c],
+        );
+        for ch in 0..c {
+            let m = center[ch];
+            let (e0, e1, e2, e3) = (
+                d0[ch].to_f64(),
+                d1[ch].to_f64(),
+                d2[ch].to_f64(),
+                d3[ch].to_f64(),
+            );
+            sa[ch] += (e0 + e1) + (e2 + e3);
+            sb[ch] += (e0 * (x0[ch].to_f64() - m) + e1 * (x1[ch].to_f64() - m))
+                + (e2 * (x2[ch].to_f64() - m) + e3 * (x3[ch].to_f64() - m));
+        }
+    }
+    for (xr, dr) in xq
+        .remainder()
+        .chunks_exact(c)
+        .zip(dq.remainder().chunks_exact(c))
+    {
+        for ((((a, b), x), d), m) in sa.iter_mut().zip(sb.iter_mut()).zip(xr).zip(dr).zip(center) {
             let dv = d.to_f64();
             *a += dv;
             *b += dv * (x.to_f64() - m);

@@ -25,9 +25,19 @@ pub struct Workspace {
 /// Rows per segment and number of segments (per channel for channels-first, in total for
 /// channels-last). Depends on the shape only.
 pub(crate) fn segments(g: Geometry) -> (usize, usize) {
-    let rps = rows_per_task(if g.inner == 1 { g.channels } else { g.inner });
+    let rps = if g.inner == 1 {
+        // Channels-last: about 256K values per segment, so that wide rows (C = 1024: 256
+        // rows) still give few per-channel merges; still one segment per thread or more
+        // for any batch of a few MB.
+        (CL_SEGMENT / g.channels.max(1)).max(1)
+    } else {
+        rows_per_task(g.inner)
+    };
     (rps, g.outer.div_ceil(rps))
 }
+
+/// Values per channels-last reduction segment. Fixed: it shapes the reduction order.
+const CL_SEGMENT: usize = 1 << 18;
 
 /// Moments of one segment of one channel (channels-first): rows in order.
 fn segment_moments_cf<T: Element>(
