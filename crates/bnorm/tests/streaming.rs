@@ -102,8 +102,17 @@ fn check(layout: Layout, shp: &[usize], offset: usize) {
     let want = with_simd_level(SimdLevel::Scalar, || {
         run(layout, shp, &x, &dy, offset, Parallelism::Sequential)
     });
-    for par in [Parallelism::Sequential, Parallelism::Rayon] {
-        let got = run(layout, shp, &x, &dy, offset, par);
+    // The best level (sequential and threaded), then AVX2 forced (its own streaming
+    // kernels where the CPU also has AVX-512).
+    for (level, par) in [
+        (None, Parallelism::Sequential),
+        (None, Parallelism::Rayon),
+        (Some(SimdLevel::Avx2), Parallelism::Sequential),
+    ] {
+        let got = match level {
+            Some(l) => with_simd_level(l, || run(layout, shp, &x, &dy, offset, par)),
+            None => run(layout, shp, &x, &dy, offset, par),
+        };
         for (what, (g, w)) in ["train y", "inference y", "relu y", "dx"]
             .iter()
             .zip(got.iter().zip(&want))
@@ -114,7 +123,7 @@ fn check(layout: Layout, shp: &[usize], offset: usize) {
                 .position(|(a, b)| a.to_bits() != b.to_bits());
             assert_eq!(
                 bad, None,
-                "{layout} {shp:?} offset {offset} {par:?} {what}: differs from the scalar path"
+                "{layout} {shp:?} offset {offset} {level:?} {par:?} {what}: differs from the scalar path"
             );
         }
     }

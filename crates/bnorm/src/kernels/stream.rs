@@ -105,7 +105,7 @@ pub(crate) fn affine2<T: Element>(xs: &[T], ds: &[T], os: &mut [T], coefs: [f64;
         available(),
     ) {
         // SAFETY: `available()` checked that the CPU has AVX2.
-        unsafe { x86::map2(xs, ds, os, &x86::Broadcast(coefs)) };
+        unsafe { x86::map2_best(xs, ds, os, &x86::Broadcast(coefs)) };
         return true;
     }
     let _ = (xs, ds, os, coefs);
@@ -129,7 +129,7 @@ pub(crate) fn rows_affine2<T: Element>(
         available(),
     ) {
         // SAFETY: `available()` checked that the CPU has AVX2.
-        unsafe { x86::map2(xs, ds, os, &x86::Table::new(table, run, 4)) };
+        unsafe { x86::map2_best(xs, ds, os, &x86::Table::new(table, run, 4)) };
         return true;
     }
     let _ = (xs, ds, os, table, run);
@@ -186,6 +186,34 @@ mod x86 {
             unsafe { _mm256_set1_pd(v) }
         }
         const LANES: usize = 4;
+    }
+
+    /// Eight f64 coefficients for the AVX-512 path.
+    pub(super) trait Source8: Source<f64> {
+        /// Column `k` from run offset `o` (`o < run`).
+        ///
+        /// # Safety
+        /// The CPU must support AVX-512F.
+        unsafe fn vec8(&self, k: usize, o: usize) -> __m512d;
+    }
+
+    impl<const K: usize> Source8 for Broadcast<f64, K> {
+        #[inline(always)]
+        unsafe fn vec8(&self, k: usize, _: usize) -> __m512d {
+            // SAFETY: the caller guarantees AVX-512F.
+            unsafe { _mm512_set1_pd(self.0[k]) }
+        }
+    }
+
+    impl Source8 for Table<'_, f64> {
+        #[inline(always)]
+        unsafe fn vec8(&self, k: usize, o: usize) -> __m512d {
+            let i = k * self.stride + o;
+            assert!(i + 8 <= self.t.len());
+            // SAFETY: `i + 8 <= t.len()` (asserted; `o < run` and `run + WRAP <= stride`
+            // with `WRAP >= 8`), and the caller guarantees AVX-512F.
+            unsafe { _mm512_loadu_pd(self.t.as_ptr().add(i)) }
+        }
     }
 
     /// Per-element coefficients: column `k` at run offset `o`.
@@ -313,12 +341,62 @@ mod x86 {
         }
     }
 
+    /// [`map2`] on AVX-512 when the current level has it (one 8-lane f64 vector per 8
+    /// outputs instead of two 4-lane halves: same operations, same bits).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    pub(super) unsafe fn map2_best<S: Source8>(xs: &[f32], ds: &[f32], os: &mut [f32], src: &S) {
+        if super::super::simd::current() == super::super::simd::SimdLevel::Avx512 {
+            // SAFETY: the Avx512 level is only chosen when the CPU reports AVX-512F.
+            unsafe { map2_512(xs, ds, os, src) }
+        } else {
+            // SAFETY: the caller guarantees AVX2.
+            unsafe { map2(xs, ds, os, src) }
+        }
+    }
+
+    /// [`map2`] with 8-lane f64 vectors.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F and AVX2.
+    #[target_feature(enable = "avx512f,avx2")]
+    unsafe fn map2_512<S: Source8>(xs: &[f32], ds: &[f32], os: &mut [f32], src: &S) {
+        let n = xs.len().min(ds.len()).min(os.len());
+        let run = src.run();
+        let (head, body) = split(os.as_ptr(), n);
+        for i in (0..head).chain(body..n) {
+            let o = i % run;
+            let (x, d) = (xs[i] as f64, ds[i] as f64);
+            os[i] = (src.at(1, o) * d + src.at(2, o) * (x - src.at(0, o)) + src.at(3, o)) as f32;
+        }
+        let (xp, dp, op) = (xs.as_ptr(), ds.as_ptr(), os.as_mut_ptr());
+        let (mut i, mut o) = (head, head % run);
+        while i < body {
+            // SAFETY: as in `map1`: in bounds, `op + i` 32-byte aligned, `o < run`;
+            // AVX-512F and AVX2 are enabled.
+            unsafe {
+                let x = _mm512_cvtps_pd(_mm256_loadu_ps(xp.add(i)));
+                let d = _mm512_cvtps_pd(_mm256_loadu_ps(dp.add(i)));
+                let ad = _mm512_mul_pd(src.vec8(1, o), d);
+                let bx = _mm512_mul_pd(src.vec8(2, o), _mm512_sub_pd(x, src.vec8(0, o)));
+                let r = _mm512_add_pd(_mm512_add_pd(ad, bx), src.vec8(3, o));
+                _mm256_stream_ps(op.add(i), _mm512_cvtpd_ps(r));
+            }
+            i += 8;
+            o += 8;
+            if o >= run {
+                o -= run;
+            }
+        }
+    }
+
     /// `o = (c₁·dy + c₂·(x − c₀)) + c₃` in f64, rounded to f32.
     ///
     /// # Safety
     /// The CPU must support AVX2.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn map2<S: Source<f64>>(xs: &[f32], ds: &[f32], os: &mut [f32], src: &S) {
+    unsafe fn map2<S: Source<f64>>(xs: &[f32], ds: &[f32], os: &mut [f32], src: &S) {
         let n = xs.len().min(ds.len()).min(os.len());
         let run = src.run();
         let (head, body) = split(os.as_ptr(), n);
