@@ -147,11 +147,13 @@ pub(crate) fn affine_ep<T: Element>(
     let row = c * g.inner;
     let chunk = rows_per_task(row) * row;
     let nt = stream::wanted::<T>(y.len());
+    // The channels-last streaming kernels' coefficient table, built once for all tasks.
+    let table = (nt && g.inner == 1 && !matches!(ep, Ep::AddRelu(_)))
+        .then(|| inner::affine_table_f32(c, center, scale, shift));
     let body = |(i, (xs, ys)): (usize, (&[T], &mut [T]))| {
         let ep = ep.slice(i * chunk..i * chunk + xs.len());
         if g.inner == 1 {
-            if nt && !matches!(ep, Ep::AddRelu(_)) {
-                let t = inner::affine_table_f32(c, center, scale, shift);
+            if let Some(t) = &table {
                 if stream::rows_affine(xs, ys, (&t.0, t.1), matches!(ep, Ep::Relu)) {
                     stream::fence();
                     return;
@@ -288,10 +290,10 @@ pub(crate) fn affine2<T: Element>(
     let row = c * g.inner;
     let chunk = rows_per_task(row) * row;
     let nt = stream::wanted::<T>(dx.len());
+    let table = (nt && g.inner == 1).then(|| inner::affine2_table_f64(c, center, a, b, k));
     let body = |((xs, ds), os): ((&[T], &[T]), &mut [T])| {
         if g.inner == 1 {
-            if nt {
-                let t = inner::affine2_table_f64(c, center, a, b, k);
+            if let Some(t) = &table {
                 if stream::rows_affine2(xs, ds, os, (&t.0, t.1)) {
                     stream::fence();
                     return;

@@ -55,9 +55,9 @@ pub(crate) fn affine<T: Element>(xs: &[T], ys: &mut [T], coefs: [f32; 3], relu: 
         // SAFETY: `available()` checked that the CPU has AVX2.
         unsafe {
             if relu {
-                x86::map1::<_, true>(xs, ys, &src)
+                x86::map1_best::<_, true>(xs, ys, &src)
             } else {
-                x86::map1::<_, false>(xs, ys, &src)
+                x86::map1_best::<_, false>(xs, ys, &src)
             }
         };
         return true;
@@ -81,9 +81,9 @@ pub(crate) fn rows_affine<T: Element>(
         // SAFETY: `available()` checked that the CPU has AVX2.
         unsafe {
             if relu {
-                x86::map1::<_, true>(xs, ys, &src)
+                x86::map1_best::<_, true>(xs, ys, &src)
             } else {
-                x86::map1::<_, false>(xs, ys, &src)
+                x86::map1_best::<_, false>(xs, ys, &src)
             }
         };
         return true;
@@ -186,6 +186,34 @@ mod x86 {
             unsafe { _mm256_set1_pd(v) }
         }
         const LANES: usize = 4;
+    }
+
+    /// Sixteen f32 coefficients for the AVX-512 path.
+    pub(super) trait Source16: Source<f32> {
+        /// Column `k` from run offset `o` (`o < run`).
+        ///
+        /// # Safety
+        /// The CPU must support AVX-512F.
+        unsafe fn vec16(&self, k: usize, o: usize) -> __m512;
+    }
+
+    impl<const K: usize> Source16 for Broadcast<f32, K> {
+        #[inline(always)]
+        unsafe fn vec16(&self, k: usize, _: usize) -> __m512 {
+            // SAFETY: the caller guarantees AVX-512F.
+            unsafe { _mm512_set1_ps(self.0[k]) }
+        }
+    }
+
+    impl Source16 for Table<'_, f32> {
+        #[inline(always)]
+        unsafe fn vec16(&self, k: usize, o: usize) -> __m512 {
+            let i = k * self.stride + o;
+            assert!(i + 16 <= self.t.len());
+            // SAFETY: `i + 16 <= t.len()` (asserted; `o < run` and `run + WRAP <= stride`
+            // with `WRAP >= 16`), and the caller guarantees AVX-512F.
+            unsafe { _mm512_loadu_ps(self.t.as_ptr().add(i)) }
+        }
     }
 
     /// Eight f64 coefficients for the AVX-512 path.
@@ -291,16 +319,72 @@ mod x86 {
         (head, head + (n - head) / 8 * 8)
     }
 
+    /// [`map1`] on AVX-512 when the current level has it (16 lanes: same operations,
+    /// same bits).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    pub(super) unsafe fn map1_best<S: Source16, const RELU: bool>(
+        xs: &[f32],
+        ys: &mut [f32],
+        src: &S,
+    ) {
+        if super::super::simd::current() == super::super::simd::SimdLevel::Avx512 {
+            // SAFETY: the Avx512 level is only chosen when the CPU reports AVX-512F.
+            unsafe { map1_512::<S, RELU>(xs, ys, src) }
+        } else {
+            // SAFETY: the caller guarantees AVX2.
+            unsafe { map1::<S, RELU>(xs, ys, src) }
+        }
+    }
+
+    /// [`map1`] with 16-lane vectors and 64-byte streaming stores.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F.
+    #[target_feature(enable = "avx512f,avx2")]
+    unsafe fn map1_512<S: Source16, const RELU: bool>(xs: &[f32], ys: &mut [f32], src: &S) {
+        let n = xs.len().min(ys.len());
+        let run = src.run();
+        let head = ys.as_ptr().align_offset(64).min(n);
+        let body = head + (n - head) / 16 * 16;
+        for i in (0..head).chain(body..n) {
+            let o = i % run;
+            let z = (xs[i] - src.at(0, o)) * src.at(1, o) + src.at(2, o);
+            ys[i] = if RELU && z < 0.0 { 0.0 } else { z };
+        }
+        let (xp, yp) = (xs.as_ptr(), ys.as_mut_ptr());
+        let zero = _mm512_setzero_ps();
+        let (mut i, mut o) = (head, head % run);
+        while i < body {
+            // SAFETY: `i + 16 <= body <= n` lies within both slices; `yp + i` is 64-byte
+            // aligned (`head` aligned it, steps are 64 bytes) as the streaming store
+            // requires; `o < run` for the table reads; AVX-512F is enabled.
+            unsafe {
+                let x = _mm512_loadu_ps(xp.add(i));
+                let t = _mm512_mul_ps(_mm512_sub_ps(x, src.vec16(0, o)), src.vec16(1, o));
+                let mut z = _mm512_add_ps(t, src.vec16(2, o));
+                if RELU {
+                    // z < 0 → +0, anything else (NaN included) kept: as `relu`.
+                    let neg = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(z, zero);
+                    z = _mm512_mask_mov_ps(z, neg, zero);
+                }
+                _mm512_stream_ps(yp.add(i), z);
+            }
+            i += 16;
+            o += 16;
+            if o >= run {
+                o -= run;
+            }
+        }
+    }
+
     /// `y = (x − c₀)·c₁ + c₂`, then ReLU when `RELU`.
     ///
     /// # Safety
     /// The CPU must support AVX2.
     #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn map1<S: Source<f32>, const RELU: bool>(
-        xs: &[f32],
-        ys: &mut [f32],
-        src: &S,
-    ) {
+    unsafe fn map1<S: Source<f32>, const RELU: bool>(xs: &[f32], ys: &mut [f32], src: &S) {
         let n = xs.len().min(ys.len());
         let run = src.run();
         let (head, body) = split(ys.as_ptr(), n);
