@@ -158,6 +158,54 @@ unsafe fn copy_bytes_nt(s: &[u8], d: &mut [u8]) {
     _mm_sfence();
 }
 
+/// Reads every value (a vectorizable sum, kept alive through `black_box`).
+fn touch<T: Element>(xs: &[T]) {
+    let mut acc = [0f32; 16];
+    let (body, tail) = xs.as_chunks::<16>();
+    for ch in body {
+        for l in 0..16 {
+            acc[l] += ch[l].to_f32();
+        }
+    }
+    black_box((acc, tail.len()));
+}
+
+/// The memory traffic of bnorm's schedule for an operation, with no arithmetic: read the
+/// inputs once, then read them again while writing the output with streaming stores.
+/// `chunk`: elements per task doing both passes back to back (the fused channels-first
+/// schedule, second pass from cache); `None`: two passes over the whole tensor (the
+/// channels-last schedule, whose statistics need every row before any output).
+fn traffic_floor<T: Element>(ins: &[&[T]], out: &mut [T], chunk: Option<usize>) {
+    // The second pass over elements `r`: read the other inputs, stream the first out.
+    let second = |r: std::ops::Range<usize>, o: &mut [T]| {
+        for x in &ins[1..] {
+            touch(&x[r.clone()]);
+        }
+        copy_nt(&ins[0][r], o);
+    };
+    match chunk {
+        Some(ch) => out.par_chunks_mut(ch).enumerate().for_each(|(i, o)| {
+            let r = i * ch..i * ch + o.len();
+            for x in ins {
+                touch(&x[r.clone()]);
+            }
+            second(r, o);
+        }),
+        None => {
+            const CH: usize = 1 << 15;
+            for x in ins {
+                x.par_chunks(CH).for_each(|c| touch(c));
+            }
+            out.par_chunks_mut(CH)
+                .enumerate()
+                .for_each(|(i, o)| second(i * CH..i * CH + o.len(), o));
+        }
+    }
+}
+
+/// Channels per task of bnorm's fused channels-first kernels (its `FUSE_GROUP`).
+const FUSE_CHANNELS: usize = 4;
+
 struct Row {
     value: Value,
 }
@@ -332,6 +380,18 @@ fn bench_bnorm<T: Element + Default>(
     let copy_fwd = copy(2).unwrap_or(f64::NAN);
     let fwd_bytes = bytes(2);
 
+    // The traffic floor of the schedule bnorm uses for this layout (see `traffic_floor`):
+    // what the training forward and the backward would take with free arithmetic.
+    let chunk = (g.inner > 1).then(|| FUSE_CHANNELS * g.outer * g.inner);
+    let t = median(a.seconds, a.min_runs, || {
+        traffic_floor(&[&x[..]], &mut y, chunk)
+    });
+    out.push(row("floor", "train_fwd", s, dtype, t, bytes(2), copy(2)));
+    let t = median(a.seconds, a.min_runs, || {
+        traffic_floor(&[&x[..], &dy[..]], &mut dx, chunk)
+    });
+    out.push(row("floor", "backward", s, dtype, t, bytes(3), copy(3)));
+
     // The allocating tier, for comparison (fresh output every call).
     let mut layer = cfg.clone().build()?;
     let t = median(a.seconds, a.min_runs.min(10), || {
@@ -350,7 +410,16 @@ fn bench_bnorm<T: Element + Default>(
         fwd_bytes,
         Some(copy_fwd),
     ));
-    // Beside each ratio, the ratio to the streaming copy of the same bytes.
+    // Beside each ratio, the ratio to the streaming copy of the same bytes, and for the
+    // training forward and backward the share of the schedule's traffic floor reached.
+    let floors: Vec<(String, f64)> = out[first..]
+        .iter()
+        .filter(|r| r.value["impl"] == "floor")
+        .map(|r| {
+            let op = r.value["op"].as_str().unwrap_or("").to_string();
+            (op, r.value["gbps"].as_f64().unwrap_or(0.0))
+        })
+        .collect();
     for r in &mut out[first..] {
         let v = &mut r.value;
         if v["impl"] != "bnorm" && v["impl"] != "bnorm-alloc" {
@@ -361,6 +430,13 @@ fn bench_bnorm<T: Element + Default>(
         if let Some(&nt) = nt_rates.get(&k) {
             v["copy_nt_gbps"] = json!(nt);
             v["ratio_nt"] = json!(v["gbps"].as_f64().unwrap_or(0.0) / nt);
+        }
+        if let Some(f) = floors
+            .iter()
+            .find(|(op, _)| v["op"] == *op && v["impl"] == "bnorm")
+        {
+            v["floor_gbps"] = json!(f.1);
+            v["ratio_floor"] = json!(v["gbps"].as_f64().unwrap_or(0.0) / f.1);
         }
     }
     Ok(())
@@ -487,7 +563,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         })
     };
     println!(
-        "{:<6} {:<6} {:<5} {:<10} {:>10} {:>9} {:>9} {:>7} {:>9} {:>8} {:>12} {:>9}",
+        "{:<6} {:<6} {:<5} {:<10} {:>10} {:>9} {:>9} {:>7} {:>9} {:>8} {:>8} {:>12} {:>9}",
         "shape",
         "layout",
         "dtype",
@@ -498,6 +574,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         "ratio",
         "NT copy",
         "NT ratio",
+        "of floor",
         "candle GB/s",
         "speed-up"
     );
@@ -513,7 +590,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 v["speedup_vs_candle"] = json!(c / m);
             }
             println!(
-                "{:<6} {:<6} {:<5} {:<10} {:>10.3} {:>9.2} {:>9.2} {:>7.2} {:>9.2} {:>8.2} {:>12} {:>9}",
+                "{:<6} {:<6} {:<5} {:<10} {:>10.3} {:>9.2} {:>9.2} {:>7.2} {:>9.2} {:>8.2} {:>8} {:>12} {:>9}",
                 shape,
                 v["layout"].as_str().unwrap_or(""),
                 dtype,
@@ -528,6 +605,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 v["ratio"].as_f64().unwrap_or(0.0),
                 v["copy_nt_gbps"].as_f64().unwrap_or(0.0),
                 v["ratio_nt"].as_f64().unwrap_or(0.0),
+                v.get("ratio_floor")
+                    .and_then(|s| s.as_f64())
+                    .map_or("-".into(), |s| format!("{s:.2}")),
                 find("candle-nn", op, shape, dtype)
                     .and_then(|c| c["gbps"].as_f64())
                     .map_or("-".into(), |g| format!("{g:.2}")),
@@ -539,6 +619,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         out.push(v);
     }
     println!("(* = allocating tier: a fresh output per call, page faults included)");
+    println!(
+        "(NT copy: the same bytes copied with streaming stores, which bnorm uses for outputs \
+         of 16 MB and more; of floor: share reached of the schedule's memory-traffic floor)"
+    );
     if !a.no_candle && wanted(&SHAPES[0]) {
         bench_candle_step(a)?;
     }
