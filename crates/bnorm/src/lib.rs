@@ -25,9 +25,12 @@
 //! * [`Mode::Frozen`] normalizes with the running statistics and never updates them, while
 //!   gradients still reach x, γ and β.
 //!
-//! Statistics are computed in f64 with two passes per cache-sized block merged by
-//! Chan's formula ([`Moments`]), never as `E[x²] − E[x]²`; the merge order is fixed by the
-//! shape, so results are bitwise identical for any number of threads.
+//! Statistics are computed in f64, per block in one pass over the values shifted by one
+//! of them (two passes where that would cancel), with blocks merged by Chan's formula
+//! ([`Moments`]), never as `E[x²] − E[x]²`; the merge order is fixed by the shape, so
+//! results are bitwise identical for any number of threads. The forward map of f32 and
+//! 16-bit storage runs in f32 with the mean split in two parts; the backward map runs in
+//! f64.
 //!
 //! ## Quick example: the classic question
 //!

@@ -245,6 +245,8 @@ pub(crate) fn run_dot<T: Element>(xs: &[T], ds: &[T], m: f64) -> (f64, f64) {
     (fold(a) + ta, fold(b) + tb)
 }
 
+/// Channels-last rows with few channels are processed as runs of `lanes_for(c)` elements
+/// (whole rows, at least 32 values), so the loops vectorize whatever C is; per-channel
 /// parameters are repeated to that length. From 32 channels on, a run is one row.
 #[inline(always)]
 fn lanes_for(c: usize) -> usize {
@@ -424,7 +426,7 @@ pub(crate) fn rows_dot<T: Element>(
         }
         return;
     }
-    // Four rows at a time (as `rows4`): a quarter of the accumulator traffic.
+    // Four rows at a time: a quarter of the accumulator traffic.
     let (sa, sb, center) = (&mut sa[..c], &mut sb[..c], &center[..c]);
     let mut xq = xs.chunks_exact(4 * c);
     let mut dq = ds.chunks_exact(4 * c);

@@ -10,6 +10,7 @@
 //! | [`affine2`] | `dx = a·dy + b·(x − center) + k` | backward |
 //! | [`backward_fused_cf`] | both backward passes, channel by channel, the second from cache | channels-first backward |
 //! | [`dot_relu`], [`affine2_relu`] | the same through a ReLU (mask from its output) | fused backward |
+//! | `stream` | the forward and backward maps with streaming stores (same bits) | f32 outputs of 16 MB and more |
 //!
 //! Reductions are cut into segments fixed by the shape alone (never by the number of
 //! threads), each reduced sequentially, then merged in segment order: the result is
