@@ -1,0 +1,88 @@
+//! Median and best time of one training forward, inference forward or backward on a
+//! benchmark shape (f32, both threads, 100 calls): a quick probe to compare two builds
+//! side by side in the same minutes, which on a noisy machine says more than two
+//! separate `bnorm bench` runs.
+//!
+//! Run: `cargo run --release -p bnorm --example step_time -- S1 train` (shapes S1, S3,
+//! S4, S5; operations `train`, `infer`, `bwd`).
+
+use bnorm::{
+    backward_into, forward_into, Config, Grads, Layout, Mode, Parallelism, Params, RunningState,
+    Saved, Workspace,
+};
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.len() < 3 {
+        eprintln!("usage: step_time S1|S3|S4|S5 train|infer|bwd");
+        std::process::exit(2);
+    }
+    let (layout, shape): (Layout, Vec<usize>) = match args[1].as_str() {
+        "S4" => (Layout::NHWC, vec![32, 56, 56, 64]),
+        "S3" => (Layout::NC, vec![4096, 1024]),
+        "S1" => (Layout::NCHW, vec![32, 64, 56, 56]),
+        _ => (Layout::NCHW, vec![64, 128, 56, 56]),
+    };
+    let op = args[2].clone();
+    let g = layout.geometry(&shape).unwrap();
+    let n = g.len();
+    let cfg = Config::torch(g.channels);
+    let p = Params::init(&cfg);
+    let x: Vec<f32> = (0..n).map(|i| (i % 97) as f32 * 0.1 + 3.0).collect();
+    let dy: Vec<f32> = (0..n).map(|i| (i % 13) as f32 * 0.2 - 1.0).collect();
+    let mut s = RunningState::init(&cfg);
+    let mut y = vec![0f32; n];
+    let mut dx = vec![0f32; n];
+    let (mut saved, mut ws, mut grads) = (Saved::default(), Workspace::default(), Grads::default());
+    let par = Parallelism::Rayon;
+    forward_into(
+        &cfg,
+        g,
+        &x,
+        &p,
+        s.as_mut(),
+        Mode::Train,
+        &mut y,
+        &mut saved,
+        &mut ws,
+        par,
+    )
+    .unwrap();
+    let reps = 100;
+    let mut ts = vec![];
+    for _ in 0..reps {
+        let t = std::time::Instant::now();
+        if op == "bwd" {
+            backward_into(
+                &cfg, g, &x, &dy, &p, &saved, &mut dx, &mut grads, &mut ws, par,
+            )
+            .unwrap();
+        } else {
+            forward_into(
+                &cfg,
+                g,
+                &x,
+                &p,
+                s.as_mut(),
+                if op == "train" {
+                    Mode::Train
+                } else {
+                    Mode::Inference
+                },
+                &mut y,
+                &mut saved,
+                &mut ws,
+                par,
+            )
+            .unwrap();
+        }
+        ts.push(t.elapsed().as_secs_f64());
+    }
+    ts.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "{} {} median {:.3} ms min {:.3} ms",
+        args[1],
+        op,
+        ts[reps / 2] * 1e3,
+        ts[0] * 1e3
+    );
+}
