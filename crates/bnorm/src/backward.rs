@@ -278,10 +278,10 @@ fn backward_impl<T: Element>(
         Some((y, d)) => (Some(y), d),
         None => (None, &mut []),
     };
-    // Channels-first plain backward: sums and dx per group of channels, the second pass
-    // from cache (same sums, in the same order, as the two-pass path).
+    // Channels-first backward (plain or through the ReLU): sums and dx per group of
+    // channels, the second pass from cache (same sums, in the same order, as the two-pass
+    // path).
     let fused = !ghost
-        && y.is_none()
         && g.inner > 1
         && g.channels.div_ceil(kernels::FUSE_GROUP) >= 2 * rayon::current_num_threads().min(64);
     if fused {
@@ -289,7 +289,9 @@ fn backward_impl<T: Element>(
             let one = channel_coefficients(g, params, saved, ch, sums);
             (one.a, one.b, one.k)
         };
-        kernels::backward_fused_cf(g, x, dy, &saved.mean[..c], &mut sums, dx, par, coef);
+        let relu = y.map(|y| (y, dres));
+        let center = &saved.mean[..c];
+        kernels::backward_fused_cf(g, x, dy, relu, center, &mut sums, dx, par, coef);
         let mut coef = std::mem::take(&mut ws.coef);
         coefficients(g, params, saved, &sums, grads, &mut coef);
         ws.coef = coef;

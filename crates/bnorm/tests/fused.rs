@@ -284,3 +284,46 @@ fn fused_relu_threaded_and_large_agrees_with_sequential() {
     );
     assert!(a.y == b.y && a.dx == b.dx && a.dres == b.dres && a.grads == b.grads);
 }
+
+/// The channels-first backward through the ReLU runs channel group by channel group (the
+/// second pass from cache) when there are enough groups for the threads, and as two
+/// passes otherwise: both must give the same bits, with and without the residual.
+#[test]
+fn fused_channel_groups_match_the_two_pass_path() {
+    let shp = [3, 16, 9, 11];
+    let n: usize = shp.iter().product();
+    let mut rng = Rng(11);
+    let x: Vec<f32> = rng.vec(n, 0.3, 1.0).iter().map(|&v| v as f32).collect();
+    let res: Vec<f32> = rng.vec(n, 0.0, 1.0).iter().map(|&v| v as f32).collect();
+    let dy: Vec<f32> = rng.vec(n, 0.0, 1.0).iter().map(|&v| v as f32).collect();
+    let cfg = Config::torch(16);
+    for r in [None, Some(&res[..])] {
+        // One thread: 4 groups of 4 channels >= 2 per thread, grouped. Sixteen threads:
+        // too few groups, two passes.
+        let run = |threads: usize| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap()
+                .install(|| {
+                    fused(
+                        &cfg,
+                        Layout::NCHW,
+                        &shp,
+                        &x,
+                        r,
+                        &dy,
+                        Mode::Train,
+                        Parallelism::Rayon,
+                    )
+                })
+        };
+        let (a, b) = (run(1), run(16));
+        assert!(a.y == b.y, "forward outputs differ");
+        assert!(a.dx == b.dx, "dx differs (residual: {})", r.is_some());
+        assert!(
+            a.dres == b.dres && a.grads == b.grads,
+            "dres or parameter gradients differ"
+        );
+    }
+}

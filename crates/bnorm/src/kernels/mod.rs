@@ -411,13 +411,16 @@ pub(crate) fn train_fused_cf<T: Element, F>(
 /// Channels-first backward, a few channels per task: the per-channel sums
 /// `(Σdy, Σdy·(x − center))` in exactly the order of [`dot`], then
 /// `dx = a·dy + b·(x − center) + k` with `coef(channel, sums) = (a, b, k)` while the
-/// group's rows of x and dy are still in cache. Writes every element of `dx` and the sums
-/// of every channel to `out`.
+/// group's rows of x and dy are still in cache. With `relu = Some((y, dres))` the same
+/// through a ReLU whose output was `y` (`dy·[y > 0]` in place of `dy`, as [`dot_relu`]
+/// and [`affine2_relu`]; `dres`, when not empty, receives that masked gradient). Writes
+/// every element of `dx` and the sums of every channel to `out`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward_fused_cf<T: Element, F>(
     g: Geometry,
     x: &[T],
     dy: &[T],
+    relu: Option<(&[T], &mut [T])>,
     center: &[f64],
     out: &mut [(f64, f64)],
     dx: &mut [T],
@@ -436,9 +439,18 @@ pub(crate) fn backward_fused_cf<T: Element, F>(
     );
     let c = g.channels;
     let inner = g.inner;
-    let nt = stream::wanted::<T>(dx.len());
+    let (y, dres) = match relu {
+        Some((y, dres)) => {
+            assert!(y.len() == g.len() && (dres.is_empty() || dres.len() == g.len()));
+            (Some(y), dres)
+        }
+        None => (None, &mut [][..]),
+    };
+    let with_res = !dres.is_empty();
+    let nt = y.is_none() && stream::wanted::<T>(dx.len());
     let group = FUSE_GROUP;
     let dx_ptr = SendPtr(dx.as_mut_ptr());
+    let dres_ptr = SendPtr(dres.as_mut_ptr());
     let task = |(gi, outs): (usize, &mut [(f64, f64)])| {
         let c0 = gi * group;
         let w = outs.len();
@@ -450,7 +462,12 @@ pub(crate) fn backward_fused_cf<T: Element, F>(
                 for (j, sj) in seg[..w].iter_mut().enumerate() {
                     let start = (n * c + c0 + j) * inner;
                     let r = start..start + inner;
-                    let (pa, pb) = run_dot(&x[r.clone()], &dy[r], center[c0 + j]);
+                    let (pa, pb) = match y {
+                        None => run_dot(&x[r.clone()], &dy[r], center[c0 + j]),
+                        Some(y) => {
+                            run_dot_relu(&x[r.clone()], &y[r.clone()], &dy[r], center[c0 + j])
+                        }
+                    };
                     sj.0 += pa;
                     sj.1 += pb;
                 }
@@ -464,7 +481,7 @@ pub(crate) fn backward_fused_cf<T: Element, F>(
             outs[j] = tot[j];
             coefs[j] = coef(c0 + j, tot[j]);
         }
-        let ptr = dx_ptr;
+        let (ptr, rptr) = (dx_ptr, dres_ptr);
         for n in 0..g.outer {
             for (j, &(a, b, k)) in coefs[..w].iter().enumerate() {
                 let start = (n * c + c0 + j) * inner;
@@ -474,7 +491,21 @@ pub(crate) fn backward_fused_cf<T: Element, F>(
                 // different channel groups write disjoint rows of `dx`, which the caller
                 // borrows exclusively for this call.
                 let dr = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(start), inner) };
-                run_affine2_nt(&x[r.clone()], &dy[r], dr, (center[c0 + j], a, b, k), nt);
+                let m = center[c0 + j];
+                match y {
+                    None => run_affine2_nt(&x[r.clone()], &dy[r], dr, (m, a, b, k), nt),
+                    Some(y) => {
+                        let rr: &mut [T] = if with_res {
+                            // SAFETY: as for `dr`: `dres` has the length of `dx` (asserted
+                            // above when not empty) and the row belongs to this task.
+                            unsafe { std::slice::from_raw_parts_mut(rptr.0.add(start), inner) }
+                        } else {
+                            &mut []
+                        };
+                        let (xs, ys) = (&x[r.clone()], &y[r.clone()]);
+                        run_affine2_relu(xs, ys, &dy[r], dr, rr, m, a, b, k);
+                    }
+                }
             }
         }
         if nt {
