@@ -6,12 +6,13 @@
 //! streams).
 
 use bnorm::{
-    backward_into, forward_into, forward_relu_into, with_simd_level, Config, Grads, Layout, Mode,
-    Parallelism, Params, RunningState, Saved, SimdLevel, Workspace,
+    backward_into, backward_relu_into, forward_into, forward_relu_into, with_simd_level, Config,
+    Grads, Layout, Mode, Parallelism, Params, RunningState, Saved, SimdLevel, Workspace,
 };
 
-/// (train y, inference y, train+ReLU y, dx), each written at `offset` elements into its
-/// buffer so the output starts misaligned when `offset` is odd.
+/// (train y, inference y, train+ReLU y, dx, train add+ReLU y, dx and d_residual through
+/// it, dx through the plain ReLU), each written at `offset` elements into its buffer so
+/// the output starts misaligned when `offset` is odd.
 fn run(
     layout: Layout,
     shp: &[usize],
@@ -19,7 +20,7 @@ fn run(
     dy: &[f32],
     offset: usize,
     par: Parallelism,
-) -> [Vec<f32>; 4] {
+) -> [Vec<f32>; 8] {
     let g = layout.geometry(shp).unwrap();
     let n = g.len();
     let cfg = Config::torch(g.channels);
@@ -84,7 +85,49 @@ fn run(
     let dx = out(&mut |dx| {
         backward_into(&cfg, g, x, dy, &p, &saved, dx, &mut grads, &mut ws, par).unwrap();
     });
-    [train, infer, relu, dx]
+    // Through the ReLU: the residual is dy reversed, so it differs from x and dy.
+    let res: Vec<f32> = dy.iter().rev().copied().collect();
+    let add_relu = out(&mut |y| {
+        forward_relu_into(
+            &cfg,
+            g,
+            x,
+            Some(&res),
+            &p,
+            state.as_mut(),
+            Mode::Train,
+            y,
+            &mut saved,
+            &mut ws,
+            par,
+        )
+        .unwrap();
+    });
+    let mut dres = vec![0f32; n];
+    let dx_add = out(&mut |dx| {
+        backward_relu_into(
+            &cfg,
+            g,
+            x,
+            &add_relu,
+            dy,
+            &p,
+            &saved,
+            dx,
+            Some(&mut dres),
+            &mut grads,
+            &mut ws,
+            par,
+        )
+        .unwrap();
+    });
+    let dx_relu = out(&mut |dx| {
+        backward_relu_into(
+            &cfg, g, x, &add_relu, dy, &p, &saved, dx, None, &mut grads, &mut ws, par,
+        )
+        .unwrap();
+    });
+    [train, infer, relu, dx, add_relu, dx_add, dres, dx_relu]
 }
 
 fn check(layout: Layout, shp: &[usize], offset: usize) {
@@ -113,10 +156,17 @@ fn check(layout: Layout, shp: &[usize], offset: usize) {
             Some(l) => with_simd_level(l, || run(layout, shp, &x, &dy, offset, par)),
             None => run(layout, shp, &x, &dy, offset, par),
         };
-        for (what, (g, w)) in ["train y", "inference y", "relu y", "dx"]
-            .iter()
-            .zip(got.iter().zip(&want))
-        {
+        let names = [
+            "train y",
+            "inference y",
+            "relu y",
+            "dx",
+            "add+relu y",
+            "dx through add+relu",
+            "d_residual",
+            "dx through relu",
+        ];
+        for (what, (g, w)) in names.iter().zip(got.iter().zip(&want)) {
             let bad = g
                 .iter()
                 .zip(w)

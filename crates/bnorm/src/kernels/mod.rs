@@ -92,12 +92,15 @@ fn run_affine_ep<T: Element>(
     (m, s, b): (f64, f64, f64),
     stream: bool,
 ) {
-    let relu = matches!(ep, Ep::Relu);
-    if stream
-        && !matches!(ep, Ep::AddRelu(_))
-        && stream::affine(xs, ys, inner::affine_coefs_f32(m, s, b), relu)
-    {
-        return;
+    if stream {
+        let (res, relu) = match ep {
+            Ep::None => (None, false),
+            Ep::Relu => (None, true),
+            Ep::AddRelu(r) => (Some(r), true),
+        };
+        if stream::affine(xs, res, ys, inner::affine_coefs_f32(m, s, b), relu) {
+            return;
+        }
     }
     match ep {
         Ep::None => run_affine(xs, ys, m, s, b),
@@ -115,8 +118,25 @@ fn run_affine2_nt<T: Element>(
     (m, a, b, k): (f64, f64, f64, f64),
     stream: bool,
 ) {
-    if !(stream && stream::affine2(xs, ds, os, [m, a, b, k])) {
+    if !(stream && stream::affine2(xs, None, ds, os, [m, a, b, k])) {
         run_affine2(xs, ds, os, m, a, b, k);
+    }
+}
+
+/// [`run_affine2_relu`], with streaming stores when `stream` (same bits).
+#[inline]
+#[allow(clippy::too_many_arguments)]
+fn run_affine2_relu_nt<T: Element>(
+    xs: &[T],
+    ys: &[T],
+    ds: &[T],
+    os: &mut [T],
+    rs: &mut [T],
+    (m, a, b, k): (f64, f64, f64, f64),
+    stream: bool,
+) {
+    if !(stream && stream::affine2(xs, Some((ys, &mut *rs)), ds, os, [m, a, b, k])) {
+        run_affine2_relu(xs, ys, ds, os, rs, m, a, b, k);
     }
 }
 
@@ -149,13 +169,17 @@ pub(crate) fn affine_ep<T: Element>(
     let chunk = rows_per_task(row) * row;
     let nt = stream::wanted::<T>(y.len());
     // The channels-last streaming kernels' coefficient table, built once for all tasks.
-    let table = (nt && g.inner == 1 && !matches!(ep, Ep::AddRelu(_)))
-        .then(|| inner::affine_table_f32(c, center, scale, shift));
+    let table = (nt && g.inner == 1).then(|| inner::affine_table_f32(c, center, scale, shift));
     let body = |(i, (xs, ys)): (usize, (&[T], &mut [T]))| {
         let ep = ep.slice(i * chunk..i * chunk + xs.len());
         if g.inner == 1 {
             if let Some(t) = &table {
-                if stream::rows_affine(xs, ys, (&t.0, t.1), matches!(ep, Ep::Relu)) {
+                let (res, relu) = match ep {
+                    Ep::None => (None, false),
+                    Ep::Relu => (None, true),
+                    Ep::AddRelu(r) => (Some(r), true),
+                };
+                if stream::rows_affine(xs, res, ys, (&t.0, t.1), relu) {
                     stream::fence();
                     return;
                 }
@@ -220,8 +244,16 @@ pub(crate) fn affine2_relu<T: Element>(
     let row = c * g.inner;
     let chunk = rows_per_task(row) * row;
     let with_res = !dres.is_empty();
+    let nt = stream::wanted::<T>(dx.len());
+    let table = (nt && g.inner == 1).then(|| inner::affine2_table_f64(c, center, a, b, k));
     let body = |(((xs, ys), ds), os): Chunk4<'_, T>, rs: &mut [T]| {
         if g.inner == 1 {
+            if let Some(t) = &table {
+                if stream::rows_affine2(xs, Some((ys, &mut *rs)), ds, os, (&t.0, t.1)) {
+                    stream::fence();
+                    return;
+                }
+            }
             rows_affine2_relu(xs, ys, ds, os, rs, c, center, a, b, k);
         } else {
             let n = xs.len() / g.inner;
@@ -233,17 +265,12 @@ pub(crate) fn affine2_relu<T: Element>(
                 } else {
                     &mut [][..]
                 };
-                run_affine2_relu(
-                    &xs[r.clone()],
-                    &ys[r.clone()],
-                    &ds[r.clone()],
-                    &mut os[r],
-                    rr,
-                    center[ch],
-                    a[ch],
-                    b[ch],
-                    k[ch],
-                );
+                let (xs, ys, ds) = (&xs[r.clone()], &ys[r.clone()], &ds[r.clone()]);
+                let coefs = (center[ch], a[ch], b[ch], k[ch]);
+                run_affine2_relu_nt(xs, ys, ds, &mut os[r], rr, coefs, nt);
+            }
+            if nt {
+                stream::fence();
             }
         }
     };
@@ -295,7 +322,7 @@ pub(crate) fn affine2<T: Element>(
     let body = |((xs, ds), os): ((&[T], &[T]), &mut [T])| {
         if g.inner == 1 {
             if let Some(t) = &table {
-                if stream::rows_affine2(xs, ds, os, (&t.0, t.1)) {
+                if stream::rows_affine2(xs, None, ds, os, (&t.0, t.1)) {
                     stream::fence();
                     return;
                 }
@@ -447,7 +474,7 @@ pub(crate) fn backward_fused_cf<T: Element, F>(
         None => (None, &mut [][..]),
     };
     let with_res = !dres.is_empty();
-    let nt = y.is_none() && stream::wanted::<T>(dx.len());
+    let nt = stream::wanted::<T>(dx.len());
     let group = FUSE_GROUP;
     let dx_ptr = SendPtr(dx.as_mut_ptr());
     let dres_ptr = SendPtr(dres.as_mut_ptr());
@@ -503,7 +530,7 @@ pub(crate) fn backward_fused_cf<T: Element, F>(
                             &mut []
                         };
                         let (xs, ys) = (&x[r.clone()], &y[r.clone()]);
-                        run_affine2_relu(xs, ys, &dy[r], dr, rr, m, a, b, k);
+                        run_affine2_relu_nt(xs, ys, &dy[r], dr, rr, (m, a, b, k), nt);
                     }
                 }
             }

@@ -45,68 +45,89 @@ pub(crate) fn fence() {
     };
 }
 
-/// Channels-first `y = (x − h)·s + b` (then ReLU when `relu`) with streaming stores.
-/// Returns false, having written nothing, when `T` is not f32 or the CPU lacks AVX2.
+/// The f32 views of an optional slice of `T` (`Some(&[])` for an absent one): `None` when
+/// `T` is not f32.
 #[inline]
-pub(crate) fn affine<T: Element>(xs: &[T], ys: &mut [T], coefs: [f32; 3], relu: bool) -> bool {
+fn opt32<T: Element>(v: Option<&[T]>) -> Option<&[f32]> {
+    match v {
+        Some(v) => T::as_f32s(v),
+        None => Some(&[]),
+    }
+}
+
+/// Channels-first `y = (x − h)·s + b (+ r)`, then ReLU when `relu`, with streaming stores
+/// (`r` the residual, added before the ReLU). Returns false, having written nothing, when
+/// `T` is not f32 or the CPU lacks AVX2.
+#[inline]
+pub(crate) fn affine<T: Element>(
+    xs: &[T],
+    res: Option<&[T]>,
+    ys: &mut [T],
+    coefs: [f32; 3],
+    relu: bool,
+) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if let (Some(xs), Some(ys), true) = (T::as_f32s(xs), T::as_f32s_mut(ys), available()) {
-        let src = x86::Broadcast(coefs);
+    if let (Some(xs), Some(rs), Some(ys), true) =
+        (T::as_f32s(xs), opt32(res), T::as_f32s_mut(ys), available())
+    {
         // SAFETY: `available()` checked that the CPU has AVX2.
-        unsafe {
-            if relu {
-                x86::map1_best::<_, true>(xs, ys, &src)
-            } else {
-                x86::map1_best::<_, false>(xs, ys, &src)
-            }
-        };
+        unsafe { x86::map1_any(xs, rs, ys, &x86::Broadcast(coefs), relu) };
         return true;
     }
-    let _ = (xs, ys, coefs, relu);
+    let _ = (xs, res, ys, coefs, relu);
     false
 }
 
-/// Channels-last [`affine`]: `xs`/`ys` start at a row, `table` is an f32 coefficient
-/// table (`hi`, scale, shift) with run length `run` from `inner::affine_table_f32`.
+/// Channels-last [`affine`]: `xs`/`ys` (and `res`) start at a row, `table` is an f32
+/// coefficient table (`hi`, scale, shift) with run length `run` from
+/// `inner::affine_table_f32`.
 #[inline]
 pub(crate) fn rows_affine<T: Element>(
     xs: &[T],
+    res: Option<&[T]>,
     ys: &mut [T],
     (table, run): (&Scratch<f32>, usize),
     relu: bool,
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if let (Some(xs), Some(ys), true) = (T::as_f32s(xs), T::as_f32s_mut(ys), available()) {
-        let src = x86::Table::new(table, run, 3);
+    if let (Some(xs), Some(rs), Some(ys), true) =
+        (T::as_f32s(xs), opt32(res), T::as_f32s_mut(ys), available())
+    {
         // SAFETY: `available()` checked that the CPU has AVX2.
-        unsafe {
-            if relu {
-                x86::map1_best::<_, true>(xs, ys, &src)
-            } else {
-                x86::map1_best::<_, false>(xs, ys, &src)
-            }
-        };
+        unsafe { x86::map1_any(xs, rs, ys, &x86::Table::new(table, run, 3), relu) };
         return true;
     }
-    let _ = (xs, ys, table, run, relu);
+    let _ = (xs, res, ys, table, run, relu);
     false
 }
 
-/// Channels-first `o = (a·dy + b·(x − m)) + k` in f64 (`coefs = [m, a, b, k]`), rounded
-/// to f32 and stored streaming; false (nothing written) when `T` is not f32 or the CPU
-/// lacks AVX2.
+/// Channels-first `o = (a·dz + b·(x − m)) + k` in f64 (`coefs = [m, a, b, k]`), rounded
+/// to f32 and stored streaming, with `dz = dy`, or through a ReLU whose output was `y`
+/// when `relu = Some((y, dres))` (`dz = dy·[y > 0]`, also written to `dres` unless it is
+/// empty). False (nothing written) when `T` is not f32 or the CPU lacks AVX2.
 #[inline]
-pub(crate) fn affine2<T: Element>(xs: &[T], ds: &[T], os: &mut [T], coefs: [f64; 4]) -> bool {
+pub(crate) fn affine2<T: Element>(
+    xs: &[T],
+    relu: Option<(&[T], &mut [T])>,
+    ds: &[T],
+    os: &mut [T],
+    coefs: [f64; 4],
+) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if let (Some(xs), Some(ds), Some(os), true) = (
-        T::as_f32s(xs),
-        T::as_f32s(ds),
-        T::as_f32s_mut(os),
-        available(),
-    ) {
+    if let Some(ok) = with_relu32(relu, |mask| {
+        let (Some(xs), Some(ds), Some(os), true) = (
+            T::as_f32s(xs),
+            T::as_f32s(ds),
+            T::as_f32s_mut(os),
+            available(),
+        ) else {
+            return false;
+        };
         // SAFETY: `available()` checked that the CPU has AVX2.
-        unsafe { x86::map2_best(xs, ds, os, &x86::Broadcast(coefs)) };
-        return true;
+        unsafe { x86::map2_any(xs, mask, ds, os, &x86::Broadcast(coefs)) };
+        true
+    }) {
+        return ok;
     }
     let _ = (xs, ds, os, coefs);
     false
@@ -117,23 +138,45 @@ pub(crate) fn affine2<T: Element>(xs: &[T], ds: &[T], os: &mut [T], coefs: [f64;
 #[inline]
 pub(crate) fn rows_affine2<T: Element>(
     xs: &[T],
+    relu: Option<(&[T], &mut [T])>,
     ds: &[T],
     os: &mut [T],
     (table, run): (&Scratch<f64>, usize),
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if let (Some(xs), Some(ds), Some(os), true) = (
-        T::as_f32s(xs),
-        T::as_f32s(ds),
-        T::as_f32s_mut(os),
-        available(),
-    ) {
+    if let Some(ok) = with_relu32(relu, |mask| {
+        let (Some(xs), Some(ds), Some(os), true) = (
+            T::as_f32s(xs),
+            T::as_f32s(ds),
+            T::as_f32s_mut(os),
+            available(),
+        ) else {
+            return false;
+        };
         // SAFETY: `available()` checked that the CPU has AVX2.
-        unsafe { x86::map2_best(xs, ds, os, &x86::Table::new(table, run, 4)) };
-        return true;
+        unsafe { x86::map2_any(xs, mask, ds, os, &x86::Table::new(table, run, 4)) };
+        true
+    }) {
+        return ok;
     }
     let _ = (xs, ds, os, table, run);
     false
+}
+
+/// The ReLU operands of a backward map as f32 (`None` inside: no ReLU), passed to `f`;
+/// `None` when `T` is not f32.
+#[inline]
+fn with_relu32<T: Element, R>(
+    relu: Option<(&[T], &mut [T])>,
+    f: impl FnOnce(Option<(&[f32], &mut [f32])>) -> R,
+) -> Option<R> {
+    match relu {
+        None => Some(f(None)),
+        Some((y, r)) => match (T::as_f32s(y), T::as_f32s_mut(r)) {
+            (Some(y), Some(r)) => Some(f(Some((y, r)))),
+            _ => None,
+        },
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -319,51 +362,90 @@ mod x86 {
         (head, head + (n - head) / 8 * 8)
     }
 
-    /// [`map1`] on AVX-512 when the current level has it (16 lanes: same operations,
-    /// same bits).
+    /// [`map1`] for any epilogue (`rs`: the residual, empty for none), on AVX-512 when
+    /// the current level has it (16 lanes: same operations, same bits).
     ///
     /// # Safety
     /// The CPU must support AVX2.
-    pub(super) unsafe fn map1_best<S: Source16, const RELU: bool>(
+    pub(super) unsafe fn map1_any<S: Source16>(
         xs: &[f32],
+        rs: &[f32],
         ys: &mut [f32],
         src: &S,
+        relu: bool,
     ) {
-        if super::super::simd::current() == super::super::simd::SimdLevel::Avx512 {
-            // SAFETY: the Avx512 level is only chosen when the CPU reports AVX-512F.
-            unsafe { map1_512::<S, RELU>(xs, ys, src) }
+        let wide = super::super::simd::current() == super::super::simd::SimdLevel::Avx512;
+        // SAFETY (all arms): the Avx512 level is only chosen when the CPU reports
+        // AVX-512F; the caller guarantees AVX2.
+        unsafe {
+            match (wide, relu, !rs.is_empty()) {
+                (true, false, _) => map1_512::<S, false, false>(xs, rs, ys, src),
+                (true, true, false) => map1_512::<S, true, false>(xs, rs, ys, src),
+                (true, true, true) => map1_512::<S, true, true>(xs, rs, ys, src),
+                (false, false, _) => map1::<S, false, false>(xs, rs, ys, src),
+                (false, true, false) => map1::<S, true, false>(xs, rs, ys, src),
+                (false, true, true) => map1::<S, true, true>(xs, rs, ys, src),
+            }
+        }
+    }
+
+    /// The scalar form of `map1`, for heads and tails: exactly the ordinary map's
+    /// operations.
+    #[inline(always)]
+    fn map1_one<S: Source<f32>, const RELU: bool, const ADD: bool>(
+        src: &S,
+        o: usize,
+        x: f32,
+        r: f32,
+    ) -> f32 {
+        let mut z = (x - src.at(0, o)) * src.at(1, o) + src.at(2, o);
+        if ADD {
+            z += r;
+        }
+        if RELU && z < 0.0 {
+            0.0
         } else {
-            // SAFETY: the caller guarantees AVX2.
-            unsafe { map1::<S, RELU>(xs, ys, src) }
+            z
         }
     }
 
     /// [`map1`] with 16-lane vectors and 64-byte streaming stores.
     ///
     /// # Safety
-    /// The CPU must support AVX-512F.
+    /// The CPU must support AVX-512F and AVX2; with `ADD`, `rs` must be as long as `xs`.
     #[target_feature(enable = "avx512f,avx2")]
-    unsafe fn map1_512<S: Source16, const RELU: bool>(xs: &[f32], ys: &mut [f32], src: &S) {
-        let n = xs.len().min(ys.len());
+    unsafe fn map1_512<S: Source16, const RELU: bool, const ADD: bool>(
+        xs: &[f32],
+        rs: &[f32],
+        ys: &mut [f32],
+        src: &S,
+    ) {
+        let n = if ADD {
+            xs.len().min(ys.len()).min(rs.len())
+        } else {
+            xs.len().min(ys.len())
+        };
         let run = src.run();
         let head = ys.as_ptr().align_offset(64).min(n);
         let body = head + (n - head) / 16 * 16;
         for i in (0..head).chain(body..n) {
-            let o = i % run;
-            let z = (xs[i] - src.at(0, o)) * src.at(1, o) + src.at(2, o);
-            ys[i] = if RELU && z < 0.0 { 0.0 } else { z };
+            let r = if ADD { rs[i] } else { 0.0 };
+            ys[i] = map1_one::<S, RELU, ADD>(src, i % run, xs[i], r);
         }
-        let (xp, yp) = (xs.as_ptr(), ys.as_mut_ptr());
+        let (xp, rp, yp) = (xs.as_ptr(), rs.as_ptr(), ys.as_mut_ptr());
         let zero = _mm512_setzero_ps();
         let (mut i, mut o) = (head, head % run);
         while i < body {
-            // SAFETY: `i + 16 <= body <= n` lies within both slices; `yp + i` is 64-byte
-            // aligned (`head` aligned it, steps are 64 bytes) as the streaming store
-            // requires; `o < run` for the table reads; AVX-512F is enabled.
+            // SAFETY: `i + 16 <= body <= n` lies within the slices (`rs` too when `ADD`);
+            // `yp + i` is 64-byte aligned (`head` aligned it, steps are 64 bytes) as the
+            // streaming store requires; `o < run` for the table reads; AVX-512F is enabled.
             unsafe {
                 let x = _mm512_loadu_ps(xp.add(i));
                 let t = _mm512_mul_ps(_mm512_sub_ps(x, src.vec16(0, o)), src.vec16(1, o));
                 let mut z = _mm512_add_ps(t, src.vec16(2, o));
+                if ADD {
+                    z = _mm512_add_ps(z, _mm512_loadu_ps(rp.add(i)));
+                }
                 if RELU {
                     // z < 0 → +0, anything else (NaN included) kept: as `relu`.
                     let neg = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(z, zero);
@@ -379,38 +461,42 @@ mod x86 {
         }
     }
 
-    /// `y = (x − c₀)·c₁ + c₂`, then ReLU when `RELU`.
+    /// `y = (x − c₀)·c₁ + c₂ (+ r when ADD)`, then ReLU when `RELU`.
     ///
     /// # Safety
-    /// The CPU must support AVX2.
+    /// The CPU must support AVX2; with `ADD`, `rs` must be as long as `xs`.
     #[target_feature(enable = "avx2")]
-    unsafe fn map1<S: Source<f32>, const RELU: bool>(xs: &[f32], ys: &mut [f32], src: &S) {
-        let n = xs.len().min(ys.len());
+    unsafe fn map1<S: Source<f32>, const RELU: bool, const ADD: bool>(
+        xs: &[f32],
+        rs: &[f32],
+        ys: &mut [f32],
+        src: &S,
+    ) {
+        let n = if ADD {
+            xs.len().min(ys.len()).min(rs.len())
+        } else {
+            xs.len().min(ys.len())
+        };
         let run = src.run();
         let (head, body) = split(ys.as_ptr(), n);
-        let scalar = |i: usize, x: f32| {
-            let o = i % run;
-            let z = (x - src.at(0, o)) * src.at(1, o) + src.at(2, o);
-            if RELU && z < 0.0 {
-                0.0
-            } else {
-                z
-            }
-        };
         for i in (0..head).chain(body..n) {
-            ys[i] = scalar(i, xs[i]);
+            let r = if ADD { rs[i] } else { 0.0 };
+            ys[i] = map1_one::<S, RELU, ADD>(src, i % run, xs[i], r);
         }
-        let (xp, yp) = (xs.as_ptr(), ys.as_mut_ptr());
+        let (xp, rp, yp) = (xs.as_ptr(), rs.as_ptr(), ys.as_mut_ptr());
         let zero = _mm256_setzero_ps();
         let (mut i, mut o) = (head, head % run);
         while i < body {
-            // SAFETY: `i + 8 <= body <= n` lies within both slices; `yp + i` is 32-byte
-            // aligned (`head` aligned it, steps are 32 bytes) as the streaming store
-            // requires; `o < run` for the table reads; AVX2 is enabled.
+            // SAFETY: `i + 8 <= body <= n` lies within the slices (`rs` too when `ADD`);
+            // `yp + i` is 32-byte aligned (`head` aligned it, steps are 32 bytes) as the
+            // streaming store requires; `o < run` for the table reads; AVX2 is enabled.
             unsafe {
                 let x = _mm256_loadu_ps(xp.add(i));
                 let t = _mm256_mul_ps(_mm256_sub_ps(x, src.vec(0, o)), src.vec(1, o));
                 let mut z = _mm256_add_ps(t, src.vec(2, o));
+                if ADD {
+                    z = _mm256_add_ps(z, _mm256_loadu_ps(rp.add(i)));
+                }
                 if RELU {
                     // z < 0 → +0, anything else (NaN included) kept: as `relu`.
                     z = _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(z, zero), z);
@@ -425,19 +511,61 @@ mod x86 {
         }
     }
 
-    /// [`map2`] on AVX-512 when the current level has it (one 8-lane f64 vector per 8
-    /// outputs instead of two 4-lane halves: same operations, same bits).
+    /// [`map2`] through an optional ReLU (`mask = Some((y, dres))`), on AVX-512 when the
+    /// current level has it (one 8-lane f64 vector per 8 outputs instead of two 4-lane
+    /// halves: same operations, same bits).
     ///
     /// # Safety
-    /// The CPU must support AVX2.
-    pub(super) unsafe fn map2_best<S: Source8>(xs: &[f32], ds: &[f32], os: &mut [f32], src: &S) {
-        if super::super::simd::current() == super::super::simd::SimdLevel::Avx512 {
-            // SAFETY: the Avx512 level is only chosen when the CPU reports AVX-512F.
-            unsafe { map2_512(xs, ds, os, src) }
-        } else {
-            // SAFETY: the caller guarantees AVX2.
-            unsafe { map2(xs, ds, os, src) }
+    /// The CPU must support AVX2; `y` (and `dres` unless empty) as long as `xs`.
+    pub(super) unsafe fn map2_any<S: Source8>(
+        xs: &[f32],
+        mask: Option<(&[f32], &mut [f32])>,
+        ds: &[f32],
+        os: &mut [f32],
+        src: &S,
+    ) {
+        let wide = super::super::simd::current() == super::super::simd::SimdLevel::Avx512;
+        let (ys, rs, relu): (&[f32], &mut [f32], bool) = match mask {
+            Some((y, r)) => (y, r, true),
+            None => (&[], &mut [], false),
+        };
+        // SAFETY (all arms): the Avx512 level is only chosen when the CPU reports
+        // AVX-512F; the caller guarantees AVX2 and the lengths.
+        unsafe {
+            match (wide, relu) {
+                (true, false) => map2_512::<S, false>(xs, ys, ds, os, rs, src),
+                (true, true) => map2_512::<S, true>(xs, ys, ds, os, rs, src),
+                (false, false) => map2::<S, false>(xs, ys, ds, os, rs, src),
+                (false, true) => map2::<S, true>(xs, ys, ds, os, rs, src),
+            }
         }
+    }
+
+    /// The scalar form of `map2` for heads and tails (and `dres` for every element):
+    /// exactly the ordinary map's operations. Returns `(dx, dz)`.
+    #[inline(always)]
+    fn map2_one<S: Source<f64>, const RELU: bool>(
+        src: &S,
+        o: usize,
+        x: f32,
+        y: f32,
+        d: f32,
+    ) -> (f32, f32) {
+        let dz = if !RELU || y > 0.0 { d } else { 0.0 };
+        let v = src.at(1, o) * dz as f64 + src.at(2, o) * (x as f64 - src.at(0, o)) + src.at(3, o);
+        (v as f32, dz)
+    }
+
+    /// `n` for a backward map: every slice that is read or written.
+    fn len2<const RELU: bool>(xs: &[f32], ys: &[f32], ds: &[f32], os: &[f32], rs: &[f32]) -> usize {
+        let mut n = xs.len().min(ds.len()).min(os.len());
+        if RELU {
+            n = n.min(ys.len());
+            if !rs.is_empty() {
+                n = n.min(rs.len());
+            }
+        }
+        n
     }
 
     /// [`map2`] with 8-lane f64 vectors.
@@ -445,23 +573,51 @@ mod x86 {
     /// # Safety
     /// The CPU must support AVX-512F and AVX2.
     #[target_feature(enable = "avx512f,avx2")]
-    unsafe fn map2_512<S: Source8>(xs: &[f32], ds: &[f32], os: &mut [f32], src: &S) {
-        let n = xs.len().min(ds.len()).min(os.len());
+    unsafe fn map2_512<S: Source8, const RELU: bool>(
+        xs: &[f32],
+        ys: &[f32],
+        ds: &[f32],
+        os: &mut [f32],
+        rs: &mut [f32],
+        src: &S,
+    ) {
+        let n = len2::<RELU>(xs, ys, ds, os, rs);
+        let with_res = RELU && !rs.is_empty();
         let run = src.run();
         let (head, body) = split(os.as_ptr(), n);
         for i in (0..head).chain(body..n) {
-            let o = i % run;
-            let (x, d) = (xs[i] as f64, ds[i] as f64);
-            os[i] = (src.at(1, o) * d + src.at(2, o) * (x - src.at(0, o)) + src.at(3, o)) as f32;
+            let y = if RELU { ys[i] } else { 0.0 };
+            let (v, dz) = map2_one::<S, RELU>(src, i % run, xs[i], y, ds[i]);
+            os[i] = v;
+            if with_res {
+                rs[i] = dz;
+            }
         }
-        let (xp, dp, op) = (xs.as_ptr(), ds.as_ptr(), os.as_mut_ptr());
+        let (xp, yp, dp, op, rp) = (
+            xs.as_ptr(),
+            ys.as_ptr(),
+            ds.as_ptr(),
+            os.as_mut_ptr(),
+            rs.as_mut_ptr(),
+        );
+        let zero = _mm256_setzero_ps();
         let (mut i, mut o) = (head, head % run);
         while i < body {
-            // SAFETY: as in `map1`: in bounds, `op + i` 32-byte aligned, `o < run`;
-            // AVX-512F and AVX2 are enabled.
+            // SAFETY: as in `map1`: `i + 8 <= n` lies within every slice used (`ys`, `rs`
+            // only when `RELU` / `with_res`, whose lengths `len2` included), `op + i` is
+            // 32-byte aligned, `o < run`; AVX-512F and AVX2 are enabled.
             unsafe {
+                let mut d8 = _mm256_loadu_ps(dp.add(i));
+                if RELU {
+                    // dy where y > 0, else +0 (NaN y included): as `masked`.
+                    let pos = _mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_loadu_ps(yp.add(i)), zero);
+                    d8 = _mm256_and_ps(pos, d8);
+                    if with_res {
+                        _mm256_storeu_ps(rp.add(i), d8);
+                    }
+                }
                 let x = _mm512_cvtps_pd(_mm256_loadu_ps(xp.add(i)));
-                let d = _mm512_cvtps_pd(_mm256_loadu_ps(dp.add(i)));
+                let d = _mm512_cvtps_pd(d8);
                 let ad = _mm512_mul_pd(src.vec8(1, o), d);
                 let bx = _mm512_mul_pd(src.vec8(2, o), _mm512_sub_pd(x, src.vec8(0, o)));
                 let r = _mm512_add_pd(_mm512_add_pd(ad, bx), src.vec8(3, o));
@@ -475,35 +631,67 @@ mod x86 {
         }
     }
 
-    /// `o = (c₁·dy + c₂·(x − c₀)) + c₃` in f64, rounded to f32.
+    /// `o = (c₁·dz + c₂·(x − c₀)) + c₃` in f64, rounded to f32, `dz = dy` or, with
+    /// `RELU`, `dy·[y > 0]` (written to `rs` unless it is empty).
     ///
     /// # Safety
     /// The CPU must support AVX2.
     #[target_feature(enable = "avx2")]
-    unsafe fn map2<S: Source<f64>>(xs: &[f32], ds: &[f32], os: &mut [f32], src: &S) {
-        let n = xs.len().min(ds.len()).min(os.len());
+    unsafe fn map2<S: Source<f64>, const RELU: bool>(
+        xs: &[f32],
+        ys: &[f32],
+        ds: &[f32],
+        os: &mut [f32],
+        rs: &mut [f32],
+        src: &S,
+    ) {
+        let n = len2::<RELU>(xs, ys, ds, os, rs);
+        let with_res = RELU && !rs.is_empty();
         let run = src.run();
         let (head, body) = split(os.as_ptr(), n);
         for i in (0..head).chain(body..n) {
-            let o = i % run;
-            let (x, d) = (xs[i] as f64, ds[i] as f64);
-            os[i] = (src.at(1, o) * d + src.at(2, o) * (x - src.at(0, o)) + src.at(3, o)) as f32;
+            let y = if RELU { ys[i] } else { 0.0 };
+            let (v, dz) = map2_one::<S, RELU>(src, i % run, xs[i], y, ds[i]);
+            os[i] = v;
+            if with_res {
+                rs[i] = dz;
+            }
         }
-        let (xp, dp, op) = (xs.as_ptr(), ds.as_ptr(), os.as_mut_ptr());
+        let (xp, yp, dp, op, rp) = (
+            xs.as_ptr(),
+            ys.as_ptr(),
+            ds.as_ptr(),
+            os.as_mut_ptr(),
+            rs.as_mut_ptr(),
+        );
+        let zero = _mm256_setzero_ps();
         let (mut i, mut o) = (head, head % run);
         while i < body {
-            // SAFETY: as in `map1`: in bounds, `op + i` 32-byte aligned, `o < run` (and
-            // `o + 4 < run + WRAP` for the second half's coefficients).
+            // SAFETY: as in `map2_512`; AVX2 is enabled.
             unsafe {
-                let half = |j: usize| {
-                    let x = _mm256_cvtps_pd(_mm_loadu_ps(xp.add(i + j)));
-                    let d = _mm256_cvtps_pd(_mm_loadu_ps(dp.add(i + j)));
+                let mut d8 = _mm256_loadu_ps(dp.add(i));
+                if RELU {
+                    let pos = _mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_loadu_ps(yp.add(i)), zero);
+                    d8 = _mm256_and_ps(pos, d8);
+                    if with_res {
+                        _mm256_storeu_ps(rp.add(i), d8);
+                    }
+                }
+                let x8 = _mm256_loadu_ps(xp.add(i));
+                let half = |x4: __m128, d4: __m128, j: usize| {
+                    let x = _mm256_cvtps_pd(x4);
+                    let d = _mm256_cvtps_pd(d4);
                     let ad = _mm256_mul_pd(src.vec(1, o + j), d);
                     let bx = _mm256_mul_pd(src.vec(2, o + j), _mm256_sub_pd(x, src.vec(0, o + j)));
                     _mm256_cvtpd_ps(_mm256_add_pd(_mm256_add_pd(ad, bx), src.vec(3, o + j)))
                 };
-                let r = _mm256_set_m128(half(4), half(0));
-                _mm256_stream_ps(op.add(i), r);
+                let lo = half(_mm256_castps256_ps128(x8), _mm256_castps256_ps128(d8), 0);
+                let hi = half(
+                    _mm256_extractf128_ps::<1>(x8),
+                    _mm256_extractf128_ps::<1>(d8),
+                    4,
+                );
+                _mm256_stream_ps(op.add(i), _mm256_set_m128(hi, lo));
             }
             i += 8;
             o += 8;
