@@ -572,9 +572,10 @@ pub(crate) fn rows_dot_relu<T: Element>(
 
 /// The arithmetic of the element-wise maps. The forward maps run in f64 for f64 storage
 /// and in f32 for every narrower type (twice the SIMD lanes, no conversions); the
-/// backward maps always run in f64, because their three terms cancel by design (dx sums
-/// to zero over a channel) and f32 would leave errors of the terms' size in small
-/// gradients. In f32 the center is split into a high
+/// backward maps run in f64 for f32 and f64 storage, because their three terms cancel by
+/// design (dx sums to zero over a channel) and f32 would leave errors of the terms' size
+/// in small gradients, and in f32 for the 16-bit types, whose own rounding is 2^13 times
+/// coarser. In f32 the center is split into a high
 /// part `hi` (the center rounded to f32) and the rest `lo`; the maps compute `x − hi`,
 /// which is exact when x lies near the center (Sterbenz), and fold `−lo·scale` into the
 /// shift in f64. So a channel mean of 1e4 with unit spread costs no accuracy, and the
@@ -651,6 +652,20 @@ macro_rules! by_arith {
             $f::<$t, f64>($($arg),*)
         } else {
             $f::<$t, f32>($($arg),*)
+        }
+    };
+}
+
+/// Calls `$f::<T, f32>` for 16-bit storage and `$f::<T, f64>` otherwise: the backward
+/// maps' arithmetic. Their terms cancel by design, so f32 and f64 storage get f64; for f16
+/// and bf16 (at most 11 significant bits) f32 arithmetic stays far below the storage's
+/// rounding unless the terms cancel to 1/8000 of their size.
+macro_rules! by_backward_arith {
+    ($f:ident::<$t:ident>($($arg:expr),* $(,)?)) => {
+        if $t::NARROW {
+            $f::<$t, f32>($($arg),*)
+        } else {
+            $f::<$t, f64>($($arg),*)
         }
     };
 }
@@ -806,7 +821,7 @@ pub(crate) fn run_affine2<T: Element>(
     b: f64,
     k: f64,
 ) {
-    run_affine2_in::<T, f64>(xs, ds, os, m, a, b, k)
+    by_backward_arith!(run_affine2_in::<T>(xs, ds, os, m, a, b, k))
 }
 
 #[inline(always)]
@@ -841,7 +856,7 @@ pub(crate) fn run_affine2_relu<T: Element>(
     b: f64,
     k: f64,
 ) {
-    run_affine2_relu_in::<T, f64>(xs, ys, ds, os, rs, m, a, b, k)
+    by_backward_arith!(run_affine2_relu_in::<T>(xs, ys, ds, os, rs, m, a, b, k))
 }
 
 #[inline(always)]
@@ -1002,7 +1017,19 @@ pub(crate) fn rows_affine2<T: Element>(
     b: &[f64],
     k: &[f64],
 ) {
-    rows_affine2_in::<T, f64>(xs, &[], ds, os, &mut [], c, center, a, b, k, false)
+    by_backward_arith!(rows_affine2_in::<T>(
+        xs,
+        &[],
+        ds,
+        os,
+        &mut [],
+        c,
+        center,
+        a,
+        b,
+        k,
+        false
+    ))
 }
 
 /// Channels-last `dx = a·dz + b·(x − center) + k` with `dz = dy·[y > 0]` (and `dr = dz`).
@@ -1020,7 +1047,9 @@ pub(crate) fn rows_affine2_relu<T: Element>(
     b: &[f64],
     k: &[f64],
 ) {
-    rows_affine2_in::<T, f64>(xs, ys, ds, os, rs, c, center, a, b, k, true)
+    by_backward_arith!(rows_affine2_in::<T>(
+        xs, ys, ds, os, rs, c, center, a, b, k, true
+    ))
 }
 
 #[inline(always)]
