@@ -30,7 +30,7 @@
 //! ([`Moments`]), never as `E[x²] − E[x]²`; the merge order is fixed by the shape, so
 //! results are bitwise identical for any number of threads. The forward map of f32 and
 //! 16-bit storage runs in f32 with the mean split in two parts; the backward map runs in
-//! f64.
+//! f64 (in f32 for the 16-bit types).
 //!
 //! ## Quick example: the classic question
 //!

@@ -15,8 +15,9 @@
 //! Reductions are cut into segments fixed by the shape alone (never by the number of
 //! threads), each reduced sequentially, then merged in segment order: the result is
 //! bitwise identical with 1 thread or 64, and the fused kernel follows the same order.
-//! Reductions and the backward maps run in f64 for every storage type; the forward maps
-//! run in f64 for f64 storage and in f32 (the center split in two parts) for the others. The inner loops ([`inner`]) are compiled for
+//! Reductions run in f64 for every storage type; the forward maps run in f64 for f64
+//! storage and in f32 (the center split in two parts) for the others; the backward maps in
+//! f64 for f32 and f64 storage, in f32 for f16 and bf16. The inner loops ([`inner`]) are compiled for
 //! several instruction sets and picked at run time ([`simd`]).
 
 mod inner;
