@@ -292,8 +292,8 @@ mod x86 {
         /// The run length (offsets wrap at it).
         fn run(&self) -> usize;
         fn at(&self, k: usize, o: usize) -> E;
-        /// `E::LANES` coefficients of column `k` from run offset `o` (`o < run + 8 −
-        /// E::LANES`).
+        /// `E::LANES` coefficients of column `k` from run offset `o` (the vector may run
+        /// past `run` into the table's `WRAP` repeat; implementations assert the bound).
         ///
         /// # Safety
         /// The CPU must support AVX.
