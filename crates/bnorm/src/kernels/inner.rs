@@ -8,25 +8,9 @@ use crate::element::{DType, Element};
 use crate::stats::Moments;
 
 thread_local! {
-    /// Per-thread scratch for the channels-last reductions (C values per pass), kept
-    /// between calls so a warmed-up step does not allocate.
-    static SCRATCH: std::cell::RefCell<Vec<f64>> = const { std::cell::RefCell::new(Vec::new()) };
     /// Per-thread buffers of [`Scratch`], one per value type.
     static SPARE64: std::cell::Cell<Vec<f64>> = const { std::cell::Cell::new(Vec::new()) };
     static SPARE32: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
-}
-
-/// Runs `f` with `n` zeroed f64 of this thread's scratch (a fresh buffer if the scratch
-/// is already in use further up the stack).
-pub(crate) fn with_scratch<R>(n: usize, f: impl FnOnce(&mut [f64]) -> R) -> R {
-    SCRATCH.with(|cell| match cell.try_borrow_mut() {
-        Ok(mut v) => {
-            v.clear();
-            v.resize(n, 0.0);
-            f(&mut v)
-        }
-        Err(_) => f(&mut vec![0.0; n]),
-    })
 }
 
 /// A value type with a per-thread spare buffer.
@@ -756,29 +740,13 @@ fn masked_store<T: Element>(y: T, dy: T) -> T {
 /// `y = (x − m)·s + b` over a contiguous run.
 #[inline(always)]
 pub(crate) fn run_affine<T: Element>(xs: &[T], ys: &mut [T], m: f64, s: f64, b: f64) {
-    by_arith!(run_affine_in::<T>(xs, ys, m, s, b))
-}
-
-#[inline(always)]
-fn run_affine_in<T: Element, A: Arith>(xs: &[T], ys: &mut [T], m: f64, s: f64, b: f64) {
-    let [h, s, b] = affine_coefs::<A>(m, s, b);
-    for (y, x) in ys.iter_mut().zip(xs) {
-        *y = ((A::load(*x) - h) * s + b).store();
-    }
+    by_arith!(run_affine_in::<T>(xs, &[], ys, m, s, b, false))
 }
 
 /// `y = relu((x − m)·s + b)` over a contiguous run.
 #[inline(always)]
 pub(crate) fn run_affine_relu<T: Element>(xs: &[T], ys: &mut [T], m: f64, s: f64, b: f64) {
-    by_arith!(run_affine_relu_in::<T>(xs, ys, m, s, b))
-}
-
-#[inline(always)]
-fn run_affine_relu_in<T: Element, A: Arith>(xs: &[T], ys: &mut [T], m: f64, s: f64, b: f64) {
-    let [h, s, b] = affine_coefs::<A>(m, s, b);
-    for (y, x) in ys.iter_mut().zip(xs) {
-        *y = relu((A::load(*x) - h) * s + b).store();
-    }
+    by_arith!(run_affine_in::<T>(xs, &[], ys, m, s, b, true))
 }
 
 /// `y = relu((x − m)·s + b + r)` over a contiguous run.
@@ -791,21 +759,36 @@ pub(crate) fn run_affine_add_relu<T: Element>(
     s: f64,
     b: f64,
 ) {
-    by_arith!(run_affine_add_relu_in::<T>(xs, rs, ys, m, s, b))
+    by_arith!(run_affine_in::<T>(xs, rs, ys, m, s, b, true))
 }
 
+/// The three run maps: `(x − m)·s + b`, plus `r` when `rs` is not empty, then ReLU when
+/// `with_relu` (a constant at every call site, so each keeps its own loop).
 #[inline(always)]
-fn run_affine_add_relu_in<T: Element, A: Arith>(
+#[allow(clippy::too_many_arguments)]
+fn run_affine_in<T: Element, A: Arith>(
     xs: &[T],
     rs: &[T],
     ys: &mut [T],
     m: f64,
     s: f64,
     b: f64,
+    with_relu: bool,
 ) {
     let [h, s, b] = affine_coefs::<A>(m, s, b);
-    for ((y, x), r) in ys.iter_mut().zip(xs).zip(rs) {
-        *y = relu((A::load(*x) - h) * s + b + A::load(*r)).store();
+    let z = |x: T| (A::load(x) - h) * s + b;
+    if !rs.is_empty() {
+        for ((y, x), r) in ys.iter_mut().zip(xs).zip(rs) {
+            *y = relu(z(*x) + A::load(*r)).store();
+        }
+    } else if with_relu {
+        for (y, x) in ys.iter_mut().zip(xs) {
+            *y = relu(z(*x)).store();
+        }
+    } else {
+        for (y, x) in ys.iter_mut().zip(xs) {
+            *y = z(*x).store();
+        }
     }
 }
 

@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use super::inner::with_scratch;
+use super::inner::Scratch;
 use super::{
     rows_dot, rows_dot_relu, rows_moments, rows_per_task, run_dot, run_dot_relu, run_moments,
 };
@@ -152,16 +152,15 @@ fn dot_impl<T: Element>(
         let task = |(s, part): (usize, &mut [(f64, f64)])| {
             let range = s * rps * c..((s + 1) * rps).min(g.outer) * c;
             let (xs, ds) = (&x[range.clone()], &dy[range.clone()]);
-            with_scratch(2 * c, |ab| {
-                let (a, b) = ab.split_at_mut(c);
-                match y {
-                    None => rows_dot(xs, ds, c, center, a, b),
-                    Some(y) => rows_dot_relu(xs, &y[range], ds, c, center, a, b),
-                }
-                for (p, (av, bv)) in part.iter_mut().zip(a.iter().zip(b.iter())) {
-                    *p = (*av, *bv);
-                }
-            });
+            let mut ab = Scratch::<f64>::take(2 * c);
+            let (a, b) = ab.split_at_mut(c);
+            match y {
+                None => rows_dot(xs, ds, c, center, a, b),
+                Some(y) => rows_dot_relu(xs, &y[range], ds, c, center, a, b),
+            }
+            for (p, (av, bv)) in part.iter_mut().zip(a.iter().zip(b.iter())) {
+                *p = (*av, *bv);
+            }
         };
         if parallel {
             ws.pairs.par_chunks_mut(c.max(1)).enumerate().for_each(task);

@@ -568,24 +568,28 @@ mod x86 {
         n
     }
 
-    /// [`map2`] with 8-lane f64 vectors.
+    /// The loop shared by [`map2`] and [`map2_512`]: scalar head and tail, then 8 values
+    /// at a time, `dz` masked through the ReLU (and stored to `rs`), `body(x, dz, o)`
+    /// giving the 8 outputs, streamed to the 32-byte aligned `os`.
     ///
     /// # Safety
-    /// The CPU must support AVX-512F and AVX2.
-    #[target_feature(enable = "avx512f,avx2")]
-    unsafe fn map2_512<S: Source8, const RELU: bool>(
+    /// The CPU must support AVX2 (`body` whatever it uses); inline into a function that
+    /// enables it.
+    #[inline(always)]
+    unsafe fn map2_loop<S: Source<f64>, const RELU: bool>(
         xs: &[f32],
         ys: &[f32],
         ds: &[f32],
         os: &mut [f32],
         rs: &mut [f32],
         src: &S,
+        body: impl Fn(__m256, __m256, usize) -> __m256,
     ) {
         let n = len2::<RELU>(xs, ys, ds, os, rs);
         let with_res = RELU && !rs.is_empty();
         let run = src.run();
-        let (head, body) = split(os.as_ptr(), n);
-        for i in (0..head).chain(body..n) {
+        let (head, end) = split(os.as_ptr(), n);
+        for i in (0..head).chain(end..n) {
             let y = if RELU { ys[i] } else { 0.0 };
             let (v, dz) = map2_one::<S, RELU>(src, i % run, xs[i], y, ds[i]);
             os[i] = v;
@@ -600,34 +604,55 @@ mod x86 {
             os.as_mut_ptr(),
             rs.as_mut_ptr(),
         );
-        let zero = _mm256_setzero_ps();
         let (mut i, mut o) = (head, head % run);
-        while i < body {
-            // SAFETY: as in `map1`: `i + 8 <= n` lies within every slice used (`ys`, `rs`
-            // only when `RELU` / `with_res`, whose lengths `len2` included), `op + i` is
-            // 32-byte aligned, `o < run`; AVX-512F and AVX2 are enabled.
+        while i < end {
+            // SAFETY: `i + 8 <= n` lies within every slice used (`ys`, `rs` only when
+            // `RELU` / `with_res`, whose lengths `len2` included); `op + i` is 32-byte
+            // aligned (`head` aligned it, steps are 32 bytes) as the streaming store
+            // requires; `o < run`; the caller guarantees AVX2.
             unsafe {
                 let mut d8 = _mm256_loadu_ps(dp.add(i));
                 if RELU {
                     // dy where y > 0, else +0 (NaN y included): as `masked`.
+                    let zero = _mm256_setzero_ps();
                     let pos = _mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_loadu_ps(yp.add(i)), zero);
                     d8 = _mm256_and_ps(pos, d8);
                     if with_res {
                         _mm256_storeu_ps(rp.add(i), d8);
                     }
                 }
-                let x = _mm512_cvtps_pd(_mm256_loadu_ps(xp.add(i)));
-                let d = _mm512_cvtps_pd(d8);
-                let ad = _mm512_mul_pd(src.vec8(1, o), d);
-                let bx = _mm512_mul_pd(src.vec8(2, o), _mm512_sub_pd(x, src.vec8(0, o)));
-                let r = _mm512_add_pd(_mm512_add_pd(ad, bx), src.vec8(3, o));
-                _mm256_stream_ps(op.add(i), _mm512_cvtpd_ps(r));
+                _mm256_stream_ps(op.add(i), body(_mm256_loadu_ps(xp.add(i)), d8, o));
             }
             i += 8;
             o += 8;
             if o >= run {
                 o -= run;
             }
+        }
+    }
+
+    /// [`map2`] with 8-lane f64 vectors.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F and AVX2.
+    #[target_feature(enable = "avx512f,avx2")]
+    unsafe fn map2_512<S: Source8, const RELU: bool>(
+        xs: &[f32],
+        ys: &[f32],
+        ds: &[f32],
+        os: &mut [f32],
+        rs: &mut [f32],
+        src: &S,
+    ) {
+        // SAFETY: AVX-512F and AVX2 are enabled here; `o < run` for the table reads.
+        unsafe {
+            map2_loop::<S, RELU>(xs, ys, ds, os, rs, src, |x8, d8, o| {
+                let x = _mm512_cvtps_pd(x8);
+                let d = _mm512_cvtps_pd(d8);
+                let ad = _mm512_mul_pd(src.vec8(1, o), d);
+                let bx = _mm512_mul_pd(src.vec8(2, o), _mm512_sub_pd(x, src.vec8(0, o)));
+                _mm512_cvtpd_ps(_mm512_add_pd(_mm512_add_pd(ad, bx), src.vec8(3, o)))
+            })
         }
     }
 
@@ -645,39 +670,9 @@ mod x86 {
         rs: &mut [f32],
         src: &S,
     ) {
-        let n = len2::<RELU>(xs, ys, ds, os, rs);
-        let with_res = RELU && !rs.is_empty();
-        let run = src.run();
-        let (head, body) = split(os.as_ptr(), n);
-        for i in (0..head).chain(body..n) {
-            let y = if RELU { ys[i] } else { 0.0 };
-            let (v, dz) = map2_one::<S, RELU>(src, i % run, xs[i], y, ds[i]);
-            os[i] = v;
-            if with_res {
-                rs[i] = dz;
-            }
-        }
-        let (xp, yp, dp, op, rp) = (
-            xs.as_ptr(),
-            ys.as_ptr(),
-            ds.as_ptr(),
-            os.as_mut_ptr(),
-            rs.as_mut_ptr(),
-        );
-        let zero = _mm256_setzero_ps();
-        let (mut i, mut o) = (head, head % run);
-        while i < body {
-            // SAFETY: as in `map2_512`; AVX2 is enabled.
-            unsafe {
-                let mut d8 = _mm256_loadu_ps(dp.add(i));
-                if RELU {
-                    let pos = _mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_loadu_ps(yp.add(i)), zero);
-                    d8 = _mm256_and_ps(pos, d8);
-                    if with_res {
-                        _mm256_storeu_ps(rp.add(i), d8);
-                    }
-                }
-                let x8 = _mm256_loadu_ps(xp.add(i));
+        // SAFETY: AVX2 is enabled here; `o + 4 < run + WRAP` for the table reads.
+        unsafe {
+            map2_loop::<S, RELU>(xs, ys, ds, os, rs, src, |x8, d8, o| {
                 let half = |x4: __m128, d4: __m128, j: usize| {
                     let x = _mm256_cvtps_pd(x4);
                     let d = _mm256_cvtps_pd(d4);
@@ -691,13 +686,8 @@ mod x86 {
                     _mm256_extractf128_ps::<1>(d8),
                     4,
                 );
-                _mm256_stream_ps(op.add(i), _mm256_set_m128(hi, lo));
-            }
-            i += 8;
-            o += 8;
-            if o >= run {
-                o -= run;
-            }
+                _mm256_set_m128(hi, lo)
+            })
         }
     }
 }
