@@ -8,6 +8,10 @@ backward: x and dy read once, dx written once. A plain copy of the same bytes
 (torch's `dst.copy_(src)`) is measured in the same run.
 
 Usage: python3 bench/peers.py [--threads 2] [--seconds 1.0] [--min-runs 20] [--json FILE]
+
+With THP_MEM_ALLOC_ENABLE=1 in the environment, PyTorch's CPU allocator asks for
+transparent huge pages on its buffers of 2 MB and more (the counterpart of
+`bnorm bench --huge-pages`); PyTorch rows then carry "huge_pages": true.
 """
 import argparse
 import json
@@ -80,7 +84,8 @@ def torch_rows(args, rows):
                     gbps = k * n_el * size / t / 1e9
                     rows.append(dict(impl="pytorch", op=op, shape=name, layout=layout, dtype=dname,
                                      median_s=t, gbps=gbps, copy_gbps=copy_gbps,
-                                     ratio=gbps / copy_gbps, version=torch.__version__))
+                                     ratio=gbps / copy_gbps, version=torch.__version__,
+                                     huge_pages=os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"))
 
 
 def tf_rows(args, rows):

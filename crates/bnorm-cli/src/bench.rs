@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use bnorm::{
-    backward_into, backward_relu_into, bf16, forward_into, forward_relu_into, Config, Element,
-    Grads, Layout, Mode, Parallelism, Params, RunningState, Saved, Workspace,
+    backward_into, backward_relu_into, bf16, forward_into, forward_relu_into, fused_channels,
+    zeroed_buffer, Config, Element, Grads, Layout, Mode, Parallelism, Params, RunningState, Saved,
+    Workspace,
 };
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
@@ -41,6 +42,11 @@ pub struct BenchArgs {
     /// Only these shapes (e.g. `--shapes S1,S4`).
     #[arg(long, value_delimiter = ',')]
     pub shapes: Vec<String>,
+    /// Allocate every buffer of bnorm's rows and of the copies with
+    /// `bnorm::zeroed_buffer` (transparent huge pages where the OS allows) instead of
+    /// `vec!` (JSON key `huge_pages`).
+    #[arg(long)]
+    pub huge_pages: bool,
 }
 
 struct Shape {
@@ -203,9 +209,6 @@ fn traffic_floor<T: Element>(ins: &[&[T]], out: &mut [T], chunk: Option<usize>) 
     }
 }
 
-/// Channels per task of bnorm's fused channels-first kernels (its `FUSE_GROUP`).
-const FUSE_CHANNELS: usize = 4;
-
 struct Row {
     value: Value,
 }
@@ -231,16 +234,26 @@ fn row(
     Row { value: v }
 }
 
-fn data<T: Element>(n: usize, seed: u64) -> Vec<T> {
+/// A zeroed buffer of `n` elements: from `bnorm::zeroed_buffer` when `huge`.
+fn buffer<T: Element + Default>(n: usize, huge: bool) -> Vec<T> {
+    if huge {
+        zeroed_buffer(n)
+    } else {
+        vec![T::default(); n]
+    }
+}
+
+/// `n` pseudo-random values in [1, 5) in a [`buffer`].
+fn data<T: Element + Default>(n: usize, seed: u64, huge: bool) -> Vec<T> {
     let mut s = seed;
-    (0..n)
-        .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            T::from_f64(((s >> 40) as f64 / (1u64 << 24) as f64) * 4.0 - 2.0 + 3.0)
-        })
-        .collect()
+    let mut v = buffer(n, huge);
+    for x in v.iter_mut() {
+        s = s
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        *x = T::from_f64(((s >> 40) as f64 / (1u64 << 24) as f64) * 4.0 - 2.0 + 3.0);
+    }
+    v
 }
 
 fn bench_bnorm<T: Element + Default>(
@@ -256,10 +269,11 @@ fn bench_bnorm<T: Element + Default>(
     let size = std::mem::size_of::<T>() as f64;
     let cfg = Config::torch(c);
     let p = Params::init(&cfg);
-    let x: Vec<T> = data(n, 1);
-    let dy: Vec<T> = data(n, 2);
-    let mut y = vec![T::default(); n];
-    let mut dx = vec![T::default(); n];
+    let huge = a.huge_pages;
+    let x: Vec<T> = data(n, 1, huge);
+    let dy: Vec<T> = data(n, 2, huge);
+    let mut y: Vec<T> = buffer(n, huge);
+    let mut dx: Vec<T> = buffer(n, huge);
     let mut state = RunningState::init(&cfg);
     let mut saved = Saved::default();
     let mut ws = Workspace::default();
@@ -273,8 +287,8 @@ fn bench_bnorm<T: Element + Default>(
     let mut nt_rates = std::collections::BTreeMap::new();
     for k in [2usize, 3, 4, 5] {
         let len = n * k / 2;
-        let src: Vec<T> = data(len, 3);
-        let mut dst = vec![T::default(); len];
+        let src: Vec<T> = data(len, 3, huge);
+        let mut dst: Vec<T> = buffer(len, huge);
         let bytes = k as f64 * n as f64 * size;
         let t = median(a.seconds, a.min_runs, || {
             par_copy(black_box(&src), &mut dst)
@@ -340,8 +354,8 @@ fn bench_bnorm<T: Element + Default>(
 
     // Fused epilogues: relu(bn(x)) reads x, writes y; relu(bn(x) + r) also reads r.
     // Backward through them reads x, y, dy and writes dx (and d_residual).
-    let res: Vec<T> = data(n, 4);
-    let mut dres = vec![T::default(); n];
+    let res: Vec<T> = data(n, 4, huge);
+    let mut dres: Vec<T> = buffer(n, huge);
     for (op, residual, kf) in [
         ("train_fwd_relu", None, 2),
         ("train_fwd_add_relu", Some(&res[..]), 3),
@@ -382,13 +396,13 @@ fn bench_bnorm<T: Element + Default>(
 
     // The traffic floor of the schedule bnorm uses for this layout (see `traffic_floor`):
     // what the training forward and the backward would take with free arithmetic.
-    let chunk = (g.inner > 1).then(|| FUSE_CHANNELS * g.outer * g.inner);
+    let chunk = |arrays| (g.inner > 1).then(|| fused_channels::<T>(g, arrays) * g.outer * g.inner);
     let t = median(a.seconds, a.min_runs, || {
-        traffic_floor(&[&x[..]], &mut y, chunk)
+        traffic_floor(&[&x[..]], &mut y, chunk(1))
     });
     out.push(row("floor", "train_fwd", s, dtype, t, bytes(2), copy(2)));
     let t = median(a.seconds, a.min_runs, || {
-        traffic_floor(&[&x[..], &dy[..]], &mut dx, chunk)
+        traffic_floor(&[&x[..], &dy[..]], &mut dx, chunk(2))
     });
     out.push(row("floor", "backward", s, dtype, t, bytes(3), copy(3)));
 
@@ -459,9 +473,9 @@ fn bench_candle(
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, dtype, &dev);
     let bn = candle_nn::batch_norm(g.channels, candle_nn::BatchNormConfig::default(), vb)?;
-    let x = Tensor::from_vec(data::<f32>(n, 1), s.dims, &dev)?.to_dtype(dtype)?;
+    let x = Tensor::from_vec(data::<f32>(n, 1, false), s.dims, &dev)?.to_dtype(dtype)?;
     let x = candle_core::Var::from_tensor(&x)?;
-    let dy = Tensor::from_vec(data::<f32>(n, 2), s.dims, &dev)?.to_dtype(dtype)?;
+    let dy = Tensor::from_vec(data::<f32>(n, 2, false), s.dims, &dev)?.to_dtype(dtype)?;
     let (fwd_bytes, bwd_bytes) = (2.0 * n as f64 * size, 3.0 * n as f64 * size);
     let runs = a.min_runs.min(5);
     // candle-nn cannot train every dtype (bf16 fails inside its BatchNorm): report it.
@@ -510,8 +524,9 @@ fn bench_candle_step(a: &BenchArgs) -> Result<()> {
     let dev = Device::Cpu;
     let n: usize = s.dims.iter().product();
     let c = s.dims[1];
-    let x = candle_core::Var::from_tensor(&Tensor::from_vec(data::<f32>(n, 1), s.dims, &dev)?)?;
-    let dy = Tensor::from_vec(data::<f32>(n, 2), s.dims, &dev)?;
+    let x =
+        candle_core::Var::from_tensor(&Tensor::from_vec(data::<f32>(n, 1, false), s.dims, &dev)?)?;
+    let dy = Tensor::from_vec(data::<f32>(n, 2, false), s.dims, &dev)?;
     let vm = VarMap::new();
     let vb = VarBuilder::from_varmap(&vm, DType::F32, &dev);
     let ours = bnorm_candle::BatchNorm::new(Config::torch(c), Layout::NCHW, vb.pp("ours"))?;
@@ -537,6 +552,9 @@ fn bench_candle_step(a: &BenchArgs) -> Result<()> {
 pub fn run(a: &BenchArgs) -> Result<()> {
     let threads = rayon::current_num_threads();
     println!("bnorm bench: {threads} threads; median of >= {} runs after a warm-up; GB/s = bytes read + written / time", a.min_runs);
+    if a.huge_pages {
+        println!("buffers of bnorm and of the copies from bnorm::zeroed_buffer (huge pages)");
+    }
     let mut rows = Vec::new();
     let wanted =
         |s: &Shape| a.shapes.is_empty() || a.shapes.iter().any(|w| w.eq_ignore_ascii_case(s.name));
@@ -581,6 +599,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let mut out = Vec::new();
     for v in &values {
         let mut v = v.clone();
+        v["huge_pages"] = json!(a.huge_pages);
         if v["impl"] == "bnorm" || v["impl"] == "bnorm-alloc" {
             let text = |k: &str| v[k].as_str().unwrap_or("").to_string();
             let (op, shape, dtype) = (text("op"), text("shape"), text("dtype"));

@@ -4,7 +4,10 @@
 //! separate `bnorm bench` runs.
 //!
 //! Run: `cargo run --release -p bnorm --example step_time -- S1 train` (shapes S1, S3,
-//! S4, S5; operations `train`, `infer`, `bwd`).
+//! S4, S5; operations `train`, `infer`, `bwd`). Shapes `C3` = NC (64, 1024) and
+//! `C4` = NHWC (4, 16, 16, 64) are small enough to stay in L2 and run on one thread
+//! (2000 calls): the arithmetic's cost without the memory's. With `HUGE=1` in the
+//! environment every buffer comes from `bnorm::zeroed_buffer` (huge pages).
 
 use bnorm::{
     backward_into, forward_into, Config, Grads, Layout, Mode, Parallelism, Params, RunningState,
@@ -13,13 +16,15 @@ use bnorm::{
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 3 {
-        eprintln!("usage: step_time S1|S3|S4|S5 train|infer|bwd");
+        eprintln!("usage: step_time S1|S3|S4|S5|C3|C4 train|infer|bwd");
         std::process::exit(2);
     }
     let (layout, shape): (Layout, Vec<usize>) = match args[1].as_str() {
         "S4" => (Layout::NHWC, vec![32, 56, 56, 64]),
         "S3" => (Layout::NC, vec![4096, 1024]),
         "S1" => (Layout::NCHW, vec![32, 64, 56, 56]),
+        "C3" => (Layout::NC, vec![64, 1024]),
+        "C4" => (Layout::NHWC, vec![4, 16, 16, 64]),
         _ => (Layout::NCHW, vec![64, 128, 56, 56]),
     };
     let op = args[2].clone();
@@ -27,13 +32,29 @@ fn main() {
     let n = g.len();
     let cfg = Config::torch(g.channels);
     let p = Params::init(&cfg);
-    let x: Vec<f32> = (0..n).map(|i| (i % 97) as f32 * 0.1 + 3.0).collect();
-    let dy: Vec<f32> = (0..n).map(|i| (i % 13) as f32 * 0.2 - 1.0).collect();
+    // HUGE=1: every buffer from `zeroed_buffer` (huge pages where the OS allows).
+    let huge = std::env::var_os("HUGE").is_some();
+    let buf = |n: usize| {
+        if huge {
+            bnorm::zeroed_buffer::<f32>(n)
+        } else {
+            vec![0f32; n]
+        }
+    };
+    let (mut x, mut dy) = (buf(n), buf(n));
+    for (i, (xv, dv)) in x.iter_mut().zip(dy.iter_mut()).enumerate() {
+        *xv = (i % 97) as f32 * 0.1 + 3.0;
+        *dv = (i % 13) as f32 * 0.2 - 1.0;
+    }
     let mut s = RunningState::init(&cfg);
-    let mut y = vec![0f32; n];
-    let mut dx = vec![0f32; n];
+    let (mut y, mut dx) = (buf(n), buf(n));
     let (mut saved, mut ws, mut grads) = (Saved::default(), Workspace::default(), Grads::default());
-    let par = Parallelism::Rayon;
+    let in_cache = args[1].starts_with('C');
+    let par = if in_cache {
+        Parallelism::Sequential
+    } else {
+        Parallelism::Rayon
+    };
     forward_into(
         &cfg,
         g,
@@ -47,7 +68,7 @@ fn main() {
         par,
     )
     .unwrap();
-    let reps = 100;
+    let reps = if in_cache { 2000 } else { 100 };
     let mut ts = vec![];
     for _ in 0..reps {
         let t = std::time::Instant::now();

@@ -283,7 +283,10 @@ fn backward_impl<T: Element>(
     // path).
     let fused = !ghost
         && g.inner > 1
-        && g.channels.div_ceil(kernels::FUSE_GROUP) >= 2 * rayon::current_num_threads().min(64);
+        && g.channels.div_ceil(kernels::fused_channels::<T>(
+            g,
+            if y.is_some() { 3 } else { 2 },
+        )) >= 2 * rayon::current_num_threads().min(64);
     if fused {
         let coef = |ch: usize, sums: (f64, f64)| {
             let one = channel_coefficients(g, params, saved, ch, sums);

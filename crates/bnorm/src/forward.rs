@@ -445,7 +445,8 @@ fn forward_core<T: Element>(
     let fused = ghost.is_none()
         && g.inner > 1
         && !(update && cfg.non_finite_policy() == NonFinitePolicy::Error)
-        && g.channels.div_ceil(kernels::FUSE_GROUP) >= 2 * rayon::current_num_threads().min(64);
+        && g.channels.div_ceil(kernels::fused_channels::<T>(g, 1))
+            >= 2 * rayon::current_num_threads().min(64);
     let mut m = std::mem::take(&mut ws.tmp);
     m.clear();
     m.resize(c, Moments::default());

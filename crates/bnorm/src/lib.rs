@@ -89,6 +89,7 @@ mod stats;
 pub mod sync;
 
 pub use backward::{backward, backward_into, backward_relu_into, Backward, Grads};
+pub use buffer::zeroed_buffer;
 pub use config::{
     ColdPolicy, Config, Ghost, GhostGrouping, GhostRemainder, GhostUpdate, Momentum,
     NonFinitePolicy, Renorm, RenormLimits, RenormSchedule, VarianceEstimator, Variant,
@@ -99,7 +100,7 @@ pub use forward::{
     forward, forward_into, forward_pending_into, forward_relu_into, Forward, Normalized, Saved,
     StepReport,
 };
-pub use kernels::{simd_level, with_simd_level, SimdLevel, Workspace};
+pub use kernels::{fused_channels, simd_level, with_simd_level, SimdLevel, Workspace};
 pub use layer::BatchNorm;
 pub use layout::{Geometry, Layout};
 pub use parallel::{Parallelism, PARALLEL_THRESHOLD};

@@ -5,9 +5,9 @@
 mod common;
 
 use bnorm::{
-    backward_into, backward_relu_into, bf16, forward_into, forward_relu_into, with_simd_level,
-    Config, Element, Grads, Layout, Mode, Parallelism, Params, RunningState, Saved, SimdLevel,
-    Workspace,
+    backward_into, backward_relu_into, bf16, forward_into, forward_relu_into, fused_channels,
+    with_simd_level, Config, Element, Grads, Layout, Mode, Parallelism, Params, RunningState,
+    Saved, SimdLevel, Workspace,
 };
 use common::{shape, Rng};
 
@@ -326,4 +326,71 @@ fn fused_channel_groups_match_the_two_pass_path() {
             "dres or parameter gradients differ"
         );
     }
+}
+
+/// With large channels the fused kernels take fewer channels per task (two for the plain
+/// backward, one through the ReLU, here): grouped and two-pass results must still agree
+/// bit for bit, for the training forward, the plain backward and the ReLU backward.
+#[test]
+fn smaller_channel_groups_of_large_channels_match_the_two_pass_path() {
+    let shp = [2, 8, 300, 300];
+    let g = Layout::NCHW.geometry(&shp).unwrap();
+    // The premise: 720 KB of f32 per channel and tensor.
+    assert_eq!(fused_channels::<f32>(g, 1), 4);
+    assert_eq!(fused_channels::<f32>(g, 2), 2);
+    assert_eq!(fused_channels::<f32>(g, 3), 1);
+    let n = g.len();
+    let mut rng = Rng(5);
+    let x: Vec<f32> = rng.vec(n, 0.3, 1.0).iter().map(|&v| v as f32).collect();
+    let dy: Vec<f32> = rng.vec(n, 0.0, 1.0).iter().map(|&v| v as f32).collect();
+    let cfg = Config::torch(8);
+    let p = Params::init(&cfg);
+    // One thread: 4 or 8 groups >= 2 per thread, grouped. Sixteen threads: two passes.
+    let run = |threads: usize| {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap()
+            .install(|| {
+                let mut state = RunningState::init(&cfg);
+                let (mut y, mut dx) = (vec![0f32; n], vec![0f32; n]);
+                let (mut saved, mut ws, mut grads) =
+                    (Saved::default(), Workspace::default(), Grads::default());
+                let par = Parallelism::Rayon;
+                forward_into(
+                    &cfg,
+                    g,
+                    &x,
+                    &p,
+                    state.as_mut(),
+                    Mode::Train,
+                    &mut y,
+                    &mut saved,
+                    &mut ws,
+                    par,
+                )
+                .unwrap();
+                backward_into(
+                    &cfg, g, &x, &dy, &p, &saved, &mut dx, &mut grads, &mut ws, par,
+                )
+                .unwrap();
+                let plain = (y, dx, grads.clone());
+                let mut dx = vec![0f32; n];
+                backward_relu_into(
+                    &cfg, g, &x, &plain.0, &dy, &p, &saved, &mut dx, None, &mut grads, &mut ws, par,
+                )
+                .unwrap();
+                (plain, dx, grads)
+            })
+    };
+    let (a, b) = (run(1), run(16));
+    assert!(a.0 .0 == b.0 .0, "training forward outputs differ");
+    assert!(
+        a.0 .1 == b.0 .1 && a.0 .2 == b.0 .2,
+        "plain backward differs"
+    );
+    assert!(
+        a.1 == b.1 && a.2 == b.2,
+        "backward through the ReLU differs"
+    );
 }

@@ -385,7 +385,7 @@ pub(crate) fn train_fused_cf<T: Element, F>(
     let c = g.channels;
     let inner = g.inner;
     let nt = stream::wanted::<T>(y.len());
-    let group = FUSE_GROUP;
+    let group = fused_channels::<T>(g, 1);
     let y_ptr = SendPtr(y.as_mut_ptr());
     // A task takes a few neighbouring channels, so that each sample's rows of the group
     // are one contiguous stretch of memory for both passes; each channel's moments are
@@ -476,7 +476,7 @@ pub(crate) fn backward_fused_cf<T: Element, F>(
     };
     let with_res = !dres.is_empty();
     let nt = stream::wanted::<T>(dx.len());
-    let group = FUSE_GROUP;
+    let group = fused_channels::<T>(g, if y.is_some() { 3 } else { 2 });
     let dx_ptr = SendPtr(dx.as_mut_ptr());
     let dres_ptr = SendPtr(dres.as_mut_ptr());
     let task = |(gi, outs): (usize, &mut [(f64, f64)])| {
@@ -547,5 +547,27 @@ pub(crate) fn backward_fused_cf<T: Element, F>(
     }
 }
 
-/// Channels per task of the fused channels-first training forward and backward.
+/// Most channels per task of the fused channels-first training forward and backward.
 pub(crate) const FUSE_GROUP: usize = 4;
+
+/// Bytes of the arrays a fused task reads twice (x for the training forward; x and dy, and
+/// y through a ReLU, for the backward), at most: two tasks' worth must stay in the L3 of
+/// a small machine between the passes. Measured on the 2-core VM of bench/RESULTS.md:
+/// with 6.4 MB per task (S5 backward, four channels) the backward ran 8% slower than
+/// with 3.2 MB.
+const FUSE_BYTES: usize = 4 << 20;
+
+/// Channels per task of the fused channels-first kernels for `g` with `arrays` tensors of
+/// `T` read twice: as many as fit [`FUSE_BYTES`], from 1 to [`FUSE_GROUP`]. Depends on
+/// the shape only (and never changes a result: each channel's sums have a fixed order).
+///
+/// ```
+/// use bnorm::{fused_channels, Layout};
+/// let g = Layout::NCHW.geometry(&[64, 128, 56, 56]).unwrap();
+/// assert_eq!(fused_channels::<f32>(g, 1), 4); // 800 KB per channel of x
+/// assert_eq!(fused_channels::<f32>(g, 2), 2); // x and dy
+/// ```
+pub fn fused_channels<T: Element>(g: Geometry, arrays: usize) -> usize {
+    let per_channel = g.outer * g.inner * std::mem::size_of::<T>() * arrays.max(1);
+    (FUSE_BYTES / per_channel.max(1)).clamp(1, FUSE_GROUP)
+}
