@@ -51,3 +51,22 @@ for shape in ["S1","S2","S3","S4","S5"]:
             fused.append(f"| {shape} | {dtype} | {name} | {b['median_s']*1e3:.2f} | {b['gbps']:.1f} | {b['copy_gbps']:.1f} | {b['ratio']:.2f} |")
 open('bench/table-fused.md','w').write("\n".join(fused)+"\n")
 print("\n".join(lines))
+
+# Huge-page buffers (one `bnorm bench --huge-pages --no-candle` run, one PyTorch run with
+# THP_MEM_ALLOC_ENABLE=1), beside the medians of the ordinary runs.
+import os
+if os.path.exists('bench/results-cpu-huge.json'):
+    huge={key(r): r for r in json.load(open('bench/results-cpu-huge.json'))}
+    thp={key(r): r for r in json.load(open('bench/results-peers-thp.json'))} if os.path.exists('bench/results-peers-thp.json') else {}
+    hl=["| shape | op | bnorm ms (vec!) | ratio | bnorm ms (huge pages) | copy GB/s (huge) | ratio (huge) | PyTorch ms | PyTorch ms (THP) | vs PyTorch (both huge) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for shape in ["S1","S2","S3","S4","S5"]:
+        for op in ["train_fwd","infer_fwd","backward"]:
+            b=ours.get(('bnorm',op,shape,'f32')); h=huge.get(('bnorm',op,shape,'f32'))
+            if not (b and h): continue
+            p=peers.get(('pytorch',op,shape,'f32')); t=thp.get(('pytorch',op,shape,'f32'))
+            f=lambda r: f"{r['median_s']*1e3:.2f}" if r else "—"
+            vs=f"{t['median_s']/h['median_s']:.2f}×" if t else "—"
+            hl.append(f"| {shape} | {op} | {b['median_s']*1e3:.2f} | {b['ratio']:.2f} | {h['median_s']*1e3:.2f} | {h['copy_gbps']:.1f} | {h['ratio']:.2f} | {f(p)} | {f(t)} | {vs} |")
+    open('bench/table-huge.md','w').write("\n".join(hl)+"\n")
+    print("\n".join(hl))
