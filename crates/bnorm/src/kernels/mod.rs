@@ -557,9 +557,13 @@ pub(crate) const FUSE_GROUP: usize = 4;
 /// with 3.2 MB.
 const FUSE_BYTES: usize = 4 << 20;
 
-/// Channels per task of the fused channels-first kernels for `g` with `arrays` tensors of
-/// `T` read twice: as many as fit [`FUSE_BYTES`], from 1 to [`FUSE_GROUP`]. Depends on
-/// the shape only (and never changes a result: each channel's sums have a fixed order).
+/// Channels per task of the fused channels-first training forward and backward for `g`
+/// with `arrays` tensors of `T` read twice (x for the training forward; x and dy for the
+/// backward, and y through a ReLU): as many as keep those bytes within 4 MB per task, so
+/// that two tasks' working sets stay in a small machine's L3 between the first and the
+/// second visit, from 1 to 4. Depends on the shape only, and never changes a result (each
+/// channel's sums have a fixed order); `bnorm bench` uses it to model the kernels'
+/// memory-traffic floor.
 ///
 /// ```
 /// use bnorm::{fused_channels, Layout};
