@@ -301,22 +301,10 @@ fn fused_channel_groups_match_the_two_pass_path() {
         // One thread: 4 groups of 4 channels >= 2 per thread, grouped. Sixteen threads:
         // too few groups, two passes.
         let run = |threads: usize| {
-            rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap()
-                .install(|| {
-                    fused(
-                        &cfg,
-                        Layout::NCHW,
-                        &shp,
-                        &x,
-                        r,
-                        &dy,
-                        Mode::Train,
-                        Parallelism::Rayon,
-                    )
-                })
+            in_pool(threads, || {
+                let par = Parallelism::Rayon;
+                fused(&cfg, Layout::NCHW, &shp, &x, r, &dy, Mode::Train, par)
+            })
         };
         let (a, b) = (run(1), run(16));
         assert!(a.y == b.y, "forward outputs differ");
@@ -347,41 +335,37 @@ fn smaller_channel_groups_of_large_channels_match_the_two_pass_path() {
     let p = Params::init(&cfg);
     // One thread: 4 or 8 groups >= 2 per thread, grouped. Sixteen threads: two passes.
     let run = |threads: usize| {
-        rayon::ThreadPoolBuilder::new()
-            .num_threads(threads)
-            .build()
-            .unwrap()
-            .install(|| {
-                let mut state = RunningState::init(&cfg);
-                let (mut y, mut dx) = (vec![0f32; n], vec![0f32; n]);
-                let (mut saved, mut ws, mut grads) =
-                    (Saved::default(), Workspace::default(), Grads::default());
-                let par = Parallelism::Rayon;
-                forward_into(
-                    &cfg,
-                    g,
-                    &x,
-                    &p,
-                    state.as_mut(),
-                    Mode::Train,
-                    &mut y,
-                    &mut saved,
-                    &mut ws,
-                    par,
-                )
-                .unwrap();
-                backward_into(
-                    &cfg, g, &x, &dy, &p, &saved, &mut dx, &mut grads, &mut ws, par,
-                )
-                .unwrap();
-                let plain = (y, dx, grads.clone());
-                let mut dx = vec![0f32; n];
-                backward_relu_into(
-                    &cfg, g, &x, &plain.0, &dy, &p, &saved, &mut dx, None, &mut grads, &mut ws, par,
-                )
-                .unwrap();
-                (plain, dx, grads)
-            })
+        in_pool(threads, || {
+            let mut state = RunningState::init(&cfg);
+            let (mut y, mut dx) = (vec![0f32; n], vec![0f32; n]);
+            let (mut saved, mut ws, mut grads) =
+                (Saved::default(), Workspace::default(), Grads::default());
+            let par = Parallelism::Rayon;
+            forward_into(
+                &cfg,
+                g,
+                &x,
+                &p,
+                state.as_mut(),
+                Mode::Train,
+                &mut y,
+                &mut saved,
+                &mut ws,
+                par,
+            )
+            .unwrap();
+            backward_into(
+                &cfg, g, &x, &dy, &p, &saved, &mut dx, &mut grads, &mut ws, par,
+            )
+            .unwrap();
+            let plain = (y, dx, grads.clone());
+            let mut dx = vec![0f32; n];
+            backward_relu_into(
+                &cfg, g, &x, &plain.0, &dy, &p, &saved, &mut dx, None, &mut grads, &mut ws, par,
+            )
+            .unwrap();
+            (plain, dx, grads)
+        })
     };
     let (a, b) = (run(1), run(16));
     assert!(a.0 .0 == b.0 .0, "training forward outputs differ");
@@ -393,4 +377,13 @@ fn smaller_channel_groups_of_large_channels_match_the_two_pass_path() {
         a.1 == b.1 && a.2 == b.2,
         "backward through the ReLU differs"
     );
+}
+
+/// `f` run inside a fresh rayon pool of `threads` threads.
+fn in_pool<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap()
+        .install(f)
 }
