@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use bnorm::{
     backward_into, backward_relu_into, bf16, forward_into, forward_relu_into, fused_channels,
-    zeroed_buffer, Config, Element, Grads, Layout, Mode, Parallelism, Params, RunningState, Saved,
-    Workspace,
+    zeroed_buffer, BackwardArithmetic, Config, Element, Grads, Layout, Mode, Parallelism, Params,
+    RunningState, Saved, Workspace,
 };
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
@@ -335,6 +335,25 @@ fn bench_bnorm<T: Element + Default>(
         .expect("valid input");
     });
     out.push(row("bnorm", "backward", s, dtype, t, bytes(3), copy(3)));
+    if T::DTYPE == bnorm::DType::F32 {
+        // The opt-in f32 backward map (`BackwardArithmetic::F32`), same saved statistics.
+        let fast = cfg.clone().backward_arithmetic(BackwardArithmetic::F32);
+        let t = median(a.seconds, a.min_runs, || {
+            backward_into(
+                &fast, g, &x, &dy, &p, &saved, &mut dx, &mut grads, &mut ws, par,
+            )
+            .expect("valid input");
+        });
+        out.push(row(
+            "bnorm",
+            "backward_f32map",
+            s,
+            dtype,
+            t,
+            bytes(3),
+            copy(3),
+        ));
+    }
     let t = median(a.seconds, a.min_runs, || {
         forward_into(
             &cfg,

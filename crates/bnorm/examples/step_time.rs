@@ -7,11 +7,12 @@
 //! S4, S5; operations `train`, `infer`, `bwd`). Shapes `C3` = NC (64, 1024) and
 //! `C4` = NHWC (4, 16, 16, 64) are small enough to stay in L2 and run on one thread
 //! (2000 calls): the arithmetic's cost without the memory's. With `HUGE=1` in the
-//! environment every buffer comes from `bnorm::zeroed_buffer` (huge pages).
+//! environment every buffer comes from `bnorm::zeroed_buffer` (huge pages); with
+//! `BWD=f32` the backward map runs in f32 (`BackwardArithmetic::F32`).
 
 use bnorm::{
-    backward_into, forward_into, Config, Grads, Layout, Mode, Parallelism, Params, RunningState,
-    Saved, Workspace,
+    backward_into, forward_into, BackwardArithmetic, Config, Grads, Layout, Mode, Parallelism,
+    Params, RunningState, Saved, Workspace,
 };
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -30,7 +31,11 @@ fn main() {
     let op = args[2].clone();
     let g = layout.geometry(&shape).unwrap();
     let n = g.len();
-    let cfg = Config::torch(g.channels);
+    // BWD=f32: the backward map in f32 (`BackwardArithmetic::F32`).
+    let mut cfg = Config::torch(g.channels);
+    if std::env::var("BWD").as_deref() == Ok("f32") {
+        cfg = cfg.backward_arithmetic(BackwardArithmetic::F32);
+    }
     let p = Params::init(&cfg);
     // HUGE=1: every buffer from `zeroed_buffer` (huge pages where the OS allows).
     let huge = std::env::var_os("HUGE").is_some();

@@ -13,8 +13,9 @@
 //! as above with `x̂` from the running statistics. Each is two passes over memory: one
 //! reduction (`Σdy`, `Σdy·(x − μ)`), one element-wise map.
 
+use crate::config::BackwardArithmetic;
 use crate::config::Config;
-use crate::element::Element;
+use crate::element::{DType, Element};
 use crate::error::{Error, Result};
 use crate::forward::{check_input, sample_geometry, Normalized, Saved};
 use crate::kernels::{self, Workspace};
@@ -253,6 +254,12 @@ pub(crate) fn channel_coefficients(
     }
 }
 
+/// Whether the element-wise map of `dx` runs in f32 for storage `T`: f32 storage with
+/// [`BackwardArithmetic::F32`] (16-bit storage always maps in f32, f64 in f64).
+pub(crate) fn f32_map<T: Element>(cfg: &Config) -> bool {
+    T::DTYPE == DType::F32 && cfg.backward_arithmetic_kind() == BackwardArithmetic::F32
+}
+
 #[allow(clippy::too_many_arguments)]
 fn backward_impl<T: Element>(
     cfg: &Config,
@@ -269,6 +276,7 @@ fn backward_impl<T: Element>(
 ) -> Result<()> {
     check_backward(cfg, g, x, dy, params, saved, dx)?;
     let c = g.channels;
+    let narrow = f32_map::<T>(cfg);
     let groups = saved.groups.max(1);
     let mut sums = std::mem::take(&mut ws.tmp_pairs);
     sums.clear();
@@ -294,7 +302,7 @@ fn backward_impl<T: Element>(
         };
         let relu = y.map(|y| (y, dres));
         let center = &saved.mean[..c];
-        kernels::backward_fused_cf(g, x, dy, relu, center, &mut sums, dx, par, coef);
+        kernels::backward_fused_cf(g, x, dy, relu, center, &mut sums, dx, narrow, par, coef);
         let mut coef = std::mem::take(&mut ws.coef);
         coefficients(g, params, saved, &sums, grads, &mut coef);
         ws.coef = coef;
@@ -343,8 +351,8 @@ fn backward_impl<T: Element>(
     if !ghost {
         let center = &saved.mean[..c];
         match y {
-            None => kernels::affine2(g, x, dy, center, a, b, k, dx, par),
-            Some(y) => kernels::affine2_relu(g, x, y, dy, center, a, b, k, dx, dres, par),
+            None => kernels::affine2(g, x, dy, center, a, b, k, dx, narrow, par),
+            Some(y) => kernels::affine2_relu(g, x, y, dy, center, a, b, k, dx, dres, narrow, par),
         }
     } else {
         let sub = sample_geometry(g);
@@ -357,7 +365,7 @@ fn backward_impl<T: Element>(
             let (ga, gb, gk) = (&a[o..o + c], &b[o..o + c], &k[o..o + c]);
             let (xs, ds) = (&x[r.clone()], &dy[r.clone()]);
             match y {
-                None => kernels::affine2(sub, xs, ds, center, ga, gb, gk, &mut dx[r], seq),
+                None => kernels::affine2(sub, xs, ds, center, ga, gb, gk, &mut dx[r], narrow, seq),
                 Some(y) => {
                     let dr: &mut [T] = if dres.is_empty() {
                         &mut []
@@ -365,7 +373,8 @@ fn backward_impl<T: Element>(
                         &mut dres[r.clone()]
                     };
                     let ys = &y[r.clone()];
-                    kernels::affine2_relu(sub, xs, ys, ds, center, ga, gb, gk, &mut dx[r], dr, seq)
+                    let dx = &mut dx[r];
+                    kernels::affine2_relu(sub, xs, ys, ds, center, ga, gb, gk, dx, dr, narrow, seq)
                 }
             }
         }

@@ -91,8 +91,8 @@ pub mod sync;
 pub use backward::{backward, backward_into, backward_relu_into, Backward, Grads};
 pub use buffer::zeroed_buffer;
 pub use config::{
-    ColdPolicy, Config, Ghost, GhostGrouping, GhostRemainder, GhostUpdate, Momentum,
-    NonFinitePolicy, Renorm, RenormLimits, RenormSchedule, VarianceEstimator, Variant,
+    BackwardArithmetic, ColdPolicy, Config, Ghost, GhostGrouping, GhostRemainder, GhostUpdate,
+    Momentum, NonFinitePolicy, Renorm, RenormLimits, RenormSchedule, VarianceEstimator, Variant,
 };
 pub use element::{DType, Element};
 pub use error::{Error, Result};

@@ -78,7 +78,9 @@ use std::sync::{Arc, Barrier, Mutex};
 
 use crate::backward::Grads;
 use crate::backward::{check_backward, coefficients};
-use crate::config::{Config, Momentum, NonFinitePolicy, VarianceEstimator, Variant};
+use crate::config::{
+    BackwardArithmetic, Config, Momentum, NonFinitePolicy, VarianceEstimator, Variant,
+};
 use crate::element::{DType, Element};
 use crate::error::{Error, Result};
 use crate::forward::{
@@ -319,6 +321,10 @@ fn config_fingerprint(cfg: &Config) -> Fnv {
     h.word(match cfg.non_finite_policy() {
         NonFinitePolicy::SkipChannel => 1,
         NonFinitePolicy::Error => 2,
+    });
+    h.word(match cfg.backward_arithmetic_kind() {
+        BackwardArithmetic::F64 => 1,
+        BackwardArithmetic::F32 => 2,
     });
     match cfg.variant_kind() {
         Variant::BatchNorm => h.word(1),
@@ -742,7 +748,8 @@ pub fn sync_backward_into<T: Element, C: Communicator + ?Sized>(
     coefficients(g, params, saved, &sums, grads, &mut coef);
     let (a, rest) = coef.split_at(c);
     let (b, k) = rest.split_at(c);
-    kernels::affine2(g, x, dy, &saved.mean, a, b, k, dx, par);
+    let narrow = crate::backward::f32_map::<T>(cfg);
+    kernels::affine2(g, x, dy, &saved.mean, a, b, k, dx, narrow, par);
     ws.tmp_pairs = sums;
     ws.coef = coef;
     Ok(())

@@ -5,7 +5,8 @@
 mod common;
 
 use bnorm::{
-    bf16, f16, reference, BatchNorm, Config, Element, Layout, Mode, Momentum, Params, RunningState,
+    bf16, f16, reference, BackwardArithmetic, BatchNorm, Config, Element, Layout, Mode, Momentum,
+    Params, RunningState,
 };
 use common::{assert_close, conventions, shape, Rng};
 use proptest::prelude::*;
@@ -329,6 +330,122 @@ fn outlier_first_values_keep_statistics_exact() {
                 0.0,
                 1e-12f64.max(1e-14 * cond),
             );
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    /// With the backward map in f32 every output still matches the reference within the
+    /// tolerance that scales dx's error with its cancelling terms.
+    #[test]
+    fn engine_matches_reference_f32_with_the_f32_backward_map(
+        layout in layout_strategy(),
+        n in 2usize..6,
+        c in 1usize..5,
+        s in prop::collection::vec(1usize..6, 1..4),
+        conv in 0usize..6,
+        seed in any::<u64>(),
+    ) {
+        let (_, cfg) = conventions(c).swap_remove(conv);
+        let cfg = cfg.backward_arithmetic(BackwardArithmetic::F32);
+        let shp = shape(layout, n, c, &s);
+        check::<f32>(&cfg, layout, &shp, &[Mode::Train, Mode::Train, Mode::Inference], seed, 3.0, 2e-6);
+    }
+}
+
+/// Element by element, on gradients built to cancel (dy close to a multiple of x̂, so
+/// each dx is 1/100 of its terms) and on plain random ones, in channels-first and
+/// channels-last f32: the default map gives every element within one f32 unit (2^-24
+/// relative) of the f64 reference, plus 1e-12 of its terms; the f32 map within 8 units of
+/// its terms `|γ|/σ·(|dy − mean dy| + |x̂|·|mean(dy·x̂)|)` plus one unit of dx, and on the
+/// cancelling gradients it does exceed the default's bound somewhere.
+#[test]
+fn backward_map_error_per_element_as_documented() {
+    let u = 2f64.powi(-24);
+    for layout in [Layout::NCHW, Layout::NHWC] {
+        let (c, shp) = (4, shape(layout, 6, 4, &[9, 7]));
+        let g = layout.geometry(&shp).unwrap();
+        let len = g.len();
+        let mut rng = Rng(77);
+        let xw: Vec<f64> = rng
+            .vec(len, 3.0, 1.5)
+            .iter()
+            .map(|&v| v as f32 as f64)
+            .collect();
+        let params = Params {
+            weight: Some(rng.vec(c, 1.0, 0.3)),
+            bias: Some(rng.vec(c, 0.0, 0.5)),
+        };
+        let cfg0 = Config::torch(c);
+        let r = reference::forward(&cfg0, layout, &shp, &xw, &params, None, Mode::Train).unwrap();
+        let ch_of = |i: usize| (i / g.inner) % c;
+        let xhat = |i: usize| {
+            let ch = ch_of(i);
+            (xw[i] - r.mean[0][ch]) / (r.var[0][ch] + cfg0.epsilon()).sqrt()
+        };
+        let noise = rng.vec(len, 0.0, 1.0);
+        for cancel in [true, false] {
+            let dyw: Vec<f64> = (0..len)
+                .map(|i| {
+                    let v = if cancel {
+                        0.7 * xhat(i) + 0.3 + 0.01 * noise[i]
+                    } else {
+                        noise[i]
+                    };
+                    v as f32 as f64
+                })
+                .collect();
+            let rb = reference::backward(&cfg0, layout, &shp, &xw, &dyw, &params, &r).unwrap();
+            // Per-channel mean of dy and of dy·x̂ (the terms' sizes).
+            let (mut mdy, mut mdx, mut cnt) = (vec![0.0; c], vec![0.0; c], vec![0.0; c]);
+            for i in 0..len {
+                mdy[ch_of(i)] += dyw[i];
+                mdx[ch_of(i)] += dyw[i] * xhat(i);
+                cnt[ch_of(i)] += 1.0;
+            }
+            let term = |i: usize| {
+                let ch = ch_of(i);
+                let a = params.gamma(ch).abs() / (r.var[0][ch] + cfg0.epsilon()).sqrt();
+                a * ((dyw[i] - mdy[ch] / cnt[ch]).abs() + xhat(i).abs() * (mdx[ch] / cnt[ch]).abs())
+            };
+            for arith in [BackwardArithmetic::F64, BackwardArithmetic::F32] {
+                let cfg = cfg0.clone().backward_arithmetic(arith);
+                let mut layer = BatchNorm::new(cfg).unwrap();
+                layer.set_params(params.clone()).unwrap();
+                let x: Vec<f32> = xw.iter().map(|&v| v as f32).collect();
+                let dy: Vec<f32> = dyw.iter().map(|&v| v as f32).collect();
+                layer.forward(&x, &shp, layout, Mode::Train).unwrap();
+                let b = layer.backward(&x, &dy, &shp, layout).unwrap();
+                // Elements outside the default map's bound.
+                let mut loose = 0;
+                for i in 0..len {
+                    let (got, want, t) = (b.dx[i] as f64, rb.dx[i], term(i));
+                    let bound = match arith {
+                        BackwardArithmetic::F64 => u * want.abs() * (1.0 + 1e-9) + 1e-12 * t,
+                        BackwardArithmetic::F32 => 8.0 * u * t + u * want.abs(),
+                    };
+                    let err = (got - want).abs();
+                    assert!(
+                        err <= bound,
+                        "{layout} cancel {cancel} {arith:?} element {i}: dx {got} vs {want} (terms {t})"
+                    );
+                    if err > u * want.abs() * (1.0 + 1e-9) + 1e-12 * t {
+                        loose += 1;
+                    }
+                }
+                if cancel {
+                    // The premise: these gradients do cancel to about 1/100 of the terms.
+                    let ratio = (0..len).map(|i| term(i) / rb.dx[i].abs().max(1e-300));
+                    assert!(ratio.fold(0.0, f64::max) > 30.0);
+                    // ... and the f32 map does show errors of the terms' size there (the
+                    // trade the documentation describes; the default bound is not loose).
+                    if arith == BackwardArithmetic::F32 {
+                        assert!(loose > 0, "{layout}: the f32 map rounded every dx once");
+                    }
+                }
+            }
         }
     }
 }

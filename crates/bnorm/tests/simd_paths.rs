@@ -6,8 +6,8 @@
 mod common;
 
 use bnorm::{
-    backward_into, bf16, f16, forward_into, reference, with_simd_level, Config, Element, Grads,
-    Layout, Mode, Parallelism, Params, RunningState, Saved, SimdLevel, Workspace,
+    backward_into, bf16, f16, forward_into, reference, with_simd_level, BackwardArithmetic, Config,
+    Element, Grads, Layout, Mode, Parallelism, Params, RunningState, Saved, SimdLevel, Workspace,
 };
 use common::{assert_close, Rng};
 
@@ -74,9 +74,13 @@ fn sweep<T: Element>(tol: f64) {
     }
     shapes.push((Layout::NCHW, vec![3, 5, 7, 9]));
     shapes.push((Layout::NDHWC, vec![2, 3, 5, 7, 11]));
-    for (i, (layout, shape)) in shapes.iter().enumerate() {
+    let cases = shapes
+        .iter()
+        .enumerate()
+        .flat_map(|s| [BackwardArithmetic::F64, BackwardArithmetic::F32].map(move |a| (s, a)));
+    for ((i, (layout, shape)), arith) in cases {
         let c = shape[layout.channel_axis()];
-        let cfg = Config::torch(c);
+        let cfg = Config::torch(c).backward_arithmetic(arith);
         let n: usize = shape.iter().product();
         let mut rng = Rng(i as u64 + 1);
         let x: Vec<T> = rng
@@ -106,10 +110,19 @@ fn sweep<T: Element>(tol: f64) {
         let base = step(SimdLevel::Scalar, &cfg, *layout, shape, &x, &dy);
         for &level in &levels {
             let (y, dx, grads, s) = step(level, &cfg, *layout, shape, &x, &dy);
-            let ctx = format!("{} {layout} {shape:?} {level:?}", T::DTYPE);
+            let ctx = format!("{} {layout} {shape:?} {level:?} {arith:?}", T::DTYPE);
             let w = |v: &[T]| v.iter().map(|e| e.to_f64()).collect::<Vec<_>>();
             assert_close(&format!("{ctx} y"), &w(&y), &r.y, tol, tol);
-            let scale = rb.dx.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+            let mut scale = rb.dx.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+            if arith == BackwardArithmetic::F32 {
+                // The f32 map's errors scale with its terms, |γ|/σ·|dy| (and as much
+                // again from the x̂ term), not with dx.
+                let max_dy = dyw.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+                for ch in 0..c {
+                    let sd = (r.var[0][ch] + cfg.epsilon()).sqrt();
+                    scale = scale.max(2.0 * p.gamma(ch).abs() / sd * max_dy);
+                }
+            }
             assert_close(&format!("{ctx} dx"), &w(&dx), &rb.dx, tol * scale, tol);
             assert_close(
                 &format!("{ctx} dweight"),

@@ -2,12 +2,13 @@
 //! CPU has them. They must give exactly the bits of the ordinary path: every layout
 //! family (channels-first runs, channels-last rows with a coefficient period that does
 //! not divide the vector width, wide rows), misaligned outputs, training, inference,
-//! ReLU and backward, sequential and threaded, against the scalar level (which never
-//! streams).
+//! ReLU and backward (with the backward map in f64 and in f32), sequential and threaded,
+//! against the scalar level (which never streams).
 
 use bnorm::{
-    backward_into, backward_relu_into, forward_into, forward_relu_into, with_simd_level, Config,
-    Grads, Layout, Mode, Parallelism, Params, RunningState, Saved, SimdLevel, Workspace,
+    backward_into, backward_relu_into, forward_into, forward_relu_into, with_simd_level,
+    BackwardArithmetic, Config, Grads, Layout, Mode, Parallelism, Params, RunningState, Saved,
+    SimdLevel, Workspace,
 };
 
 /// (train y, inference y, train+ReLU y, dx, train add+ReLU y, dx and d_residual through
@@ -20,10 +21,11 @@ fn run(
     dy: &[f32],
     offset: usize,
     par: Parallelism,
+    arith: BackwardArithmetic,
 ) -> [Vec<f32>; 8] {
     let g = layout.geometry(shp).unwrap();
     let n = g.len();
-    let cfg = Config::torch(g.channels);
+    let cfg = Config::torch(g.channels).backward_arithmetic(arith);
     let p = Params {
         weight: Some((0..g.channels).map(|c| 0.75 + 0.01 * c as f64).collect()),
         bias: Some((0..g.channels).map(|c| 0.1 - 0.02 * c as f64).collect()),
@@ -142,19 +144,37 @@ fn check(layout: Layout, shp: &[usize], offset: usize) {
     let dy: Vec<f32> = (0..n)
         .map(|i| ((i * 104_729 % 997) as f32) * 0.002 - 1.0)
         .collect();
-    let want = with_simd_level(SimdLevel::Scalar, || {
-        run(layout, shp, &x, &dy, offset, Parallelism::Sequential)
-    });
-    // The best level (sequential and threaded), then AVX2 forced (its own streaming
-    // kernels where the CPU also has AVX-512).
+    let mut dx = vec![];
+    for arith in [BackwardArithmetic::F64, BackwardArithmetic::F32] {
+        let want = with_simd_level(SimdLevel::Scalar, || {
+            run(layout, shp, &x, &dy, offset, Parallelism::Sequential, arith)
+        });
+        compare(layout, shp, &x, &dy, offset, arith, &want);
+        dx.push(want[3].clone());
+    }
+    // The two arithmetics are different paths (a few dx differ in the last bits).
+    assert!(dx[0] != dx[1], "the f32 backward map was not used");
+}
+
+/// The best level (sequential and threaded), then AVX2 forced (its own streaming kernels
+/// where the CPU also has AVX-512), against `want`.
+fn compare(
+    layout: Layout,
+    shp: &[usize],
+    x: &[f32],
+    dy: &[f32],
+    offset: usize,
+    arith: BackwardArithmetic,
+    want: &[Vec<f32>; 8],
+) {
     for (level, par) in [
         (None, Parallelism::Sequential),
         (None, Parallelism::Rayon),
         (Some(SimdLevel::Avx2), Parallelism::Sequential),
     ] {
         let got = match level {
-            Some(l) => with_simd_level(l, || run(layout, shp, &x, &dy, offset, par)),
-            None => run(layout, shp, &x, &dy, offset, par),
+            Some(l) => with_simd_level(l, || run(layout, shp, x, dy, offset, par, arith)),
+            None => run(layout, shp, x, dy, offset, par, arith),
         };
         let names = [
             "train y",
@@ -166,14 +186,14 @@ fn check(layout: Layout, shp: &[usize], offset: usize) {
             "d_residual",
             "dx through relu",
         ];
-        for (what, (g, w)) in names.iter().zip(got.iter().zip(&want)) {
+        for (what, (g, w)) in names.iter().zip(got.iter().zip(want)) {
             let bad = g
                 .iter()
                 .zip(w)
                 .position(|(a, b)| a.to_bits() != b.to_bits());
             assert_eq!(
                 bad, None,
-                "{layout} {shp:?} offset {offset} {level:?} {par:?} {what}: differs from the scalar path"
+                "{layout} {shp:?} offset {offset} {level:?} {par:?} {arith:?} {what}: differs from the scalar path"
             );
         }
     }

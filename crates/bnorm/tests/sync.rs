@@ -5,8 +5,8 @@ mod common;
 
 use bnorm::sync::{sync_backward_into, sync_forward_into, Communicator, ThreadComm};
 use bnorm::{
-    backward_into, forward_into, Config, DType, Element, Error, Ghost, Grads, Layout, Mode,
-    Parallelism, Params, RunningState, Saved, Variant, Workspace,
+    backward_into, forward_into, BackwardArithmetic, Config, DType, Element, Error, Ghost, Grads,
+    Layout, Mode, Parallelism, Params, RunningState, Saved, Variant, Workspace,
 };
 use common::{conventions, shape, Rng};
 
@@ -427,18 +427,18 @@ fn a_channel_with_mean_1e4_keeps_its_variance_in_f32() {
 
 #[test]
 fn one_rank_is_bitwise_forward_into_and_backward_into() {
-    for layout in [Layout::NCHW, Layout::NHWC] {
+    let configs = [
+        Config::keras(3),
+        Config::keras(3).backward_arithmetic(BackwardArithmetic::F32),
+    ];
+    for (layout, cfg) in [Layout::NCHW, Layout::NHWC]
+        .into_iter()
+        .flat_map(|l| configs.iter().map(move |c| (l, c)))
+    {
         let full = shape(layout, 5, 3, &[4, 3]);
         let steps = data(&full, layout, &TRAIN3, 2);
-        let want = reference::<f32>(&Config::keras(3), layout, &full, &steps);
-        let got = synchronized::<f32>(
-            &Config::keras(3),
-            layout,
-            &full,
-            &[5],
-            &steps,
-            Parallelism::Sequential,
-        );
+        let want = reference::<f32>(cfg, layout, &full, &steps);
+        let got = synchronized::<f32>(cfg, layout, &full, &[5], &steps, Parallelism::Sequential);
         let got = got[0].as_ref().unwrap();
         for (w, g) in want.iter().zip(got) {
             assert_eq!(bits(&w.y), bits(&g.y));
@@ -547,15 +547,19 @@ fn a_rank_in_inference_while_the_others_train_fails_everywhere() {
 
 #[test]
 fn another_configuration_fails_everywhere() {
-    let r = forward_each(vec![
-        (Config::torch(3), vec![2, 3, 2, 2], Mode::Train),
-        (Config::torch(3).eps(1e-3), vec![2, 3, 2, 2], Mode::Train),
-    ]);
-    for e in &r {
-        assert!(
-            matches!(e, Err(Error::SyncMismatch { rank: 1, what }) if what.starts_with("config")),
-            "{e:?}"
-        );
+    // Another eps, or only another backward arithmetic (dx would differ between ranks).
+    let f32_map = Config::torch(3).backward_arithmetic(BackwardArithmetic::F32);
+    for other in [Config::torch(3).eps(1e-3), f32_map] {
+        let r = forward_each(vec![
+            (Config::torch(3), vec![2, 3, 2, 2], Mode::Train),
+            (other, vec![2, 3, 2, 2], Mode::Train),
+        ]);
+        for e in &r {
+            assert!(
+                matches!(e, Err(Error::SyncMismatch { rank: 1, what }) if what.starts_with("config")),
+                "{e:?}"
+            );
+        }
     }
 }
 

@@ -558,8 +558,9 @@ pub(crate) fn rows_dot_relu<T: Element>(
 /// and in f32 for every narrower type (twice the SIMD lanes, no conversions); the
 /// backward maps run in f64 for f32 and f64 storage, because their three terms cancel by
 /// design (dx sums to zero over a channel) and f32 would leave errors of the terms' size
-/// in small gradients, and in f32 for the 16-bit types, whose own rounding is 2^13 times
-/// coarser. In f32 the center is split into a high
+/// in small gradients (f32 storage may ask for it: `BackwardArithmetic::F32`), and in f32
+/// for the 16-bit types, whose own rounding is 2^13 times coarser. In f32 the center is
+/// split into a high
 /// part `hi` (the center rounded to f32) and the rest `lo`; the maps compute `x − hi`,
 /// which is exact when x lies near the center (Sterbenz), and fold `−lo·scale` into the
 /// shift in f64. So a channel mean of 1e4 with unit spread costs no accuracy, and the
@@ -574,6 +575,8 @@ trait Arith:
     + std::ops::Mul<Output = Self>
 {
     const ZERO: Self;
+    /// Whether this is f32 (the backward maps then center `dz` too).
+    const NARROW: bool;
     fn load<T: Element>(v: T) -> Self;
     fn store<T: Element>(self) -> T;
     /// `(hi, lo)`: `hi` in this type, `lo = v − hi` in f64 (0 when `hi` is `v`).
@@ -583,6 +586,7 @@ trait Arith:
 
 impl Arith for f64 {
     const ZERO: f64 = 0.0;
+    const NARROW: bool = false;
     #[inline(always)]
     fn load<T: Element>(v: T) -> f64 {
         v.to_f64()
@@ -603,6 +607,7 @@ impl Arith for f64 {
 
 impl Arith for f32 {
     const ZERO: f32 = 0.0;
+    const NARROW: bool = true;
     #[inline(always)]
     fn load<T: Element>(v: T) -> f32 {
         v.to_f32()
@@ -640,13 +645,15 @@ macro_rules! by_arith {
     };
 }
 
-/// Calls `$f::<T, f32>` for 16-bit storage and `$f::<T, f64>` otherwise: the backward
-/// maps' arithmetic. Their terms cancel by design, so f32 and f64 storage get f64; for f16
-/// and bf16 (at most 11 significant bits) f32 arithmetic stays far below the storage's
-/// rounding unless the terms cancel to 1/8000 of their size.
+/// Calls `$f::<T, f32>` for 16-bit storage, and for f32 storage when `$narrow` (the
+/// caller's `BackwardArithmetic::F32`), `$f::<T, f64>` otherwise: the backward maps'
+/// arithmetic. Their terms cancel by design, so by default f32 storage gets f64 (each
+/// element rounded once from a value far more accurate than f32); for f16 and bf16 (at
+/// most 11 significant bits) f32 arithmetic stays far below the storage's rounding unless
+/// the terms cancel to 1/8000 of their size.
 macro_rules! by_backward_arith {
-    ($f:ident::<$t:ident>($($arg:expr),* $(,)?)) => {
-        if $t::NARROW {
+    ($narrow:expr, $f:ident::<$t:ident>($($arg:expr),* $(,)?)) => {
+        if $t::NARROW || ($narrow && $t::DTYPE == DType::F32) {
             $f::<$t, f32>($($arg),*)
         } else {
             $f::<$t, f64>($($arg),*)
@@ -683,8 +690,8 @@ pub(crate) fn affine_table_f32(
     (t, map_run(c))
 }
 
-/// The f64 [`coef_table`] of a channels-last backward map (center, a, b, k), as
-/// [`affine_table_f32`] with four columns.
+/// The f64 [`coef_table`] of a channels-last backward map (see [`affine2_coefs`]: five
+/// columns, the third zero), as [`affine_table_f32`].
 pub(crate) fn affine2_table_f64(
     c: usize,
     center: &[f64],
@@ -698,13 +705,62 @@ pub(crate) fn affine2_table_f64(
     (t, map_run(c))
 }
 
-/// `(hi, a, b, k')` with `o = a·dy + b·(x − hi) + k'` the map `o = a·dy + b·(x − m) + k`
-/// in `A`.
+/// The f32 [`coef_table`] of a channels-last backward map (see [`affine2_coefs`]).
+pub(crate) fn affine2_table_f32(
+    c: usize,
+    center: &[f64],
+    a: &[f64],
+    b: &[f64],
+    k: &[f64],
+) -> (Scratch<f32>, usize) {
+    let t = coef_table(c, |ch| {
+        affine2_coefs::<f32>(center[ch], a[ch], b[ch], k[ch])
+    });
+    (t, map_run(c))
+}
+
+/// [`affine2_coefs`] in f64 and f32, for the streaming kernels.
+#[inline]
+pub(crate) fn affine2_coefs_f64(m: f64, a: f64, b: f64, k: f64) -> [f64; 5] {
+    affine2_coefs::<f64>(m, a, b, k)
+}
+
+/// See [`affine2_coefs_f64`].
+#[inline]
+pub(crate) fn affine2_coefs_f32(m: f64, a: f64, b: f64, k: f64) -> [f32; 5] {
+    affine2_coefs::<f32>(m, a, b, k)
+}
+
+/// `[hi, a, d, b, k']` with `o = (a·(dz − d) + b·(x − hi)) + k'` the map
+/// `o = a·dz + b·(x − m) + k` in `A`. In f32, `d` is the map's own center of `dz`
+/// (`−k/a`, the mean of `dz` after a batch-statistics step) rounded to f32, so that
+/// `dz − d`, like `x − hi`, is exact near the center and the large terms `a·dz` and `k`
+/// never meet; the rounding residues of both centers are folded into `k'` in f64. In
+/// f64, `d = 0` and the map is the one given, term for term (`dz − 0` is not computed).
 #[inline(always)]
-fn affine2_coefs<A: Arith>(m: f64, a: f64, b: f64, k: f64) -> [A; 4] {
+fn affine2_coefs<A: Arith>(m: f64, a: f64, b: f64, k: f64) -> [A; 5] {
     let (hi, lo) = A::split(m);
-    let k = if lo != 0.0 { k - b * lo } else { k };
-    [hi, A::coef(a), A::coef(b), A::coef(k)]
+    let mut k = if lo != 0.0 { k - b * lo } else { k };
+    let mut d = A::ZERO;
+    if A::NARROW && a != 0.0 {
+        let (dh, _) = A::split(-k / a);
+        let dv: f64 = dh.store();
+        if dv.is_finite() {
+            d = dh;
+            k += a * dv;
+        }
+    }
+    [hi, A::coef(a), d, A::coef(b), A::coef(k)]
+}
+
+/// `dz − d` in f32 (see [`affine2_coefs`]); `dz` itself in f64, where `d` is zero.
+#[inline(always)]
+fn centered<A: Arith>(dz: A, d: A) -> A {
+    if A::NARROW {
+        dz - d
+    } else {
+        dz
+    }
 }
 
 /// ReLU that keeps NaN (as PyTorch's does): `z < 0 → 0`, otherwise `z`.
@@ -803,8 +859,9 @@ pub(crate) fn run_affine2<T: Element>(
     a: f64,
     b: f64,
     k: f64,
+    narrow: bool,
 ) {
-    by_backward_arith!(run_affine2_in::<T>(xs, ds, os, m, a, b, k))
+    by_backward_arith!(narrow, run_affine2_in::<T>(xs, ds, os, m, a, b, k))
 }
 
 #[inline(always)]
@@ -818,9 +875,9 @@ fn run_affine2_in<T: Element, A: Arith>(
     b: f64,
     k: f64,
 ) {
-    let [h, a, b, k] = affine2_coefs::<A>(m, a, b, k);
+    let [h, a, d0, b, k] = affine2_coefs::<A>(m, a, b, k);
     for ((o, x), d) in os.iter_mut().zip(xs).zip(ds) {
-        *o = (a * A::load(*d) + b * (A::load(*x) - h) + k).store();
+        *o = (a * centered(A::load(*d), d0) + b * (A::load(*x) - h) + k).store();
     }
 }
 
@@ -838,8 +895,12 @@ pub(crate) fn run_affine2_relu<T: Element>(
     a: f64,
     b: f64,
     k: f64,
+    narrow: bool,
 ) {
-    by_backward_arith!(run_affine2_relu_in::<T>(xs, ys, ds, os, rs, m, a, b, k))
+    by_backward_arith!(
+        narrow,
+        run_affine2_relu_in::<T>(xs, ys, ds, os, rs, m, a, b, k)
+    )
 }
 
 #[inline(always)]
@@ -855,10 +916,10 @@ fn run_affine2_relu_in<T: Element, A: Arith>(
     b: f64,
     k: f64,
 ) {
-    let [h, a, b, k] = affine2_coefs::<A>(m, a, b, k);
+    let [h, a, d0, b, k] = affine2_coefs::<A>(m, a, b, k);
     for (((o, x), y), d) in os.iter_mut().zip(xs).zip(ys).zip(ds) {
         let dz: A = masked(*y, *d);
-        *o = (a * dz + b * (A::load(*x) - h) + k).store();
+        *o = (a * centered(dz, d0) + b * (A::load(*x) - h) + k).store();
     }
     for ((r, y), d) in rs.iter_mut().zip(ys).zip(ds) {
         *r = masked_store(*y, *d);
@@ -987,7 +1048,8 @@ fn rows_affine_in<T: Element, A: Arith>(
     }
 }
 
-/// `o = a·dy + b·(x − center) + k` on channels-last rows.
+/// `o = a·dy + b·(x − center) + k` on channels-last rows, in f32 arithmetic for f32
+/// storage when `narrow` (see `by_backward_arith!`).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn rows_affine2<T: Element>(
@@ -999,23 +1061,16 @@ pub(crate) fn rows_affine2<T: Element>(
     a: &[f64],
     b: &[f64],
     k: &[f64],
+    narrow: bool,
 ) {
-    by_backward_arith!(rows_affine2_in::<T>(
-        xs,
-        &[],
-        ds,
-        os,
-        &mut [],
-        c,
-        center,
-        a,
-        b,
-        k,
-        false
-    ))
+    by_backward_arith!(
+        narrow,
+        rows_affine2_in::<T>(xs, &[], ds, os, &mut [], c, center, a, b, k, false)
+    )
 }
 
-/// Channels-last `dx = a·dz + b·(x − center) + k` with `dz = dy·[y > 0]` (and `dr = dz`).
+/// Channels-last `dx = a·dz + b·(x − center) + k` with `dz = dy·[y > 0]` (and `dr = dz`),
+/// in f32 arithmetic for f32 storage when `narrow`.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn rows_affine2_relu<T: Element>(
@@ -1029,10 +1084,12 @@ pub(crate) fn rows_affine2_relu<T: Element>(
     a: &[f64],
     b: &[f64],
     k: &[f64],
+    narrow: bool,
 ) {
-    by_backward_arith!(rows_affine2_in::<T>(
-        xs, ys, ds, os, rs, c, center, a, b, k, true
-    ))
+    by_backward_arith!(
+        narrow,
+        rows_affine2_in::<T>(xs, ys, ds, os, rs, c, center, a, b, k, true)
+    )
 }
 
 #[inline(always)]
@@ -1051,12 +1108,14 @@ fn rows_affine2_in<T: Element, A: Arith>(
     with_relu: bool,
 ) {
     let table = coef_table(c, |ch| affine2_coefs::<A>(center[ch], a[ch], b[ch], k[ch]));
-    let [hi, ca, cb, ck] = columns(&table, c);
+    let [hi, ca, cd, cb, ck] = columns(&table, c);
     {
         let l = hi.len();
-        type K4<'a, A> = ((&'a A, &'a A), (&'a A, &'a A));
-        let co = |x: T, dz: A, ((h, a), (b, k)): K4<'_, A>| *a * dz + *b * (A::load(x) - *h) + *k;
-        let cz = || hi.iter().zip(ca).zip(cb.iter().zip(ck));
+        type K5<'a, A> = (((&'a A, &'a A), &'a A), (&'a A, &'a A));
+        let co = |x: T, dz: A, (((h, a), d), (b, k)): K5<'_, A>| {
+            *a * centered(dz, *d) + *b * (A::load(x) - *h) + *k
+        };
+        let cz = || hi.iter().zip(ca).zip(cd).zip(cb.iter().zip(ck));
         if !with_relu {
             for ((xr, dr), or) in xs.chunks(l).zip(ds.chunks(l)).zip(os.chunks_mut(l)) {
                 for (((o, x), d), k) in or.iter_mut().zip(xr).zip(dr).zip(cz()) {

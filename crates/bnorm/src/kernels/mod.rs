@@ -47,18 +47,18 @@ simd::dispatch! {
     fn run_moments<T>(xs: &[T]) -> Moments;
     fn run_dot<T>(xs: &[T], ds: &[T], m: f64) -> (f64, f64);
     fn run_affine<T>(xs: &[T], ys: &mut [T], m: f64, s: f64, b: f64);
-    fn run_affine2<T>(xs: &[T], ds: &[T], os: &mut [T], m: f64, a: f64, b: f64, k: f64);
+    fn run_affine2<T>(xs: &[T], ds: &[T], os: &mut [T], m: f64, a: f64, b: f64, k: f64, narrow: bool);
     fn rows_moments<T>(rows: &[T], c: usize, out: &mut [Moments]);
     fn rows_dot<T>(xs: &[T], ds: &[T], c: usize, center: &[f64], sa: &mut [f64], sb: &mut [f64]);
     fn rows_affine<T>(xs: &[T], ys: &mut [T], c: usize, center: &[f64], scale: &[f64], shift: &[f64]);
-    fn rows_affine2<T>(xs: &[T], ds: &[T], os: &mut [T], c: usize, center: &[f64], a: &[f64], b: &[f64], k: &[f64]);
+    fn rows_affine2<T>(xs: &[T], ds: &[T], os: &mut [T], c: usize, center: &[f64], a: &[f64], b: &[f64], k: &[f64], narrow: bool);
     fn run_affine_relu<T>(xs: &[T], ys: &mut [T], m: f64, s: f64, b: f64);
     fn run_affine_add_relu<T>(xs: &[T], rs: &[T], ys: &mut [T], m: f64, s: f64, b: f64);
     fn rows_affine_relu<T>(xs: &[T], rs: &[T], ys: &mut [T], c: usize, center: &[f64], scale: &[f64], shift: &[f64]);
     fn run_dot_relu<T>(xs: &[T], ys: &[T], ds: &[T], m: f64) -> (f64, f64);
-    fn run_affine2_relu<T>(xs: &[T], ys: &[T], ds: &[T], os: &mut [T], rs: &mut [T], m: f64, a: f64, b: f64, k: f64);
+    fn run_affine2_relu<T>(xs: &[T], ys: &[T], ds: &[T], os: &mut [T], rs: &mut [T], m: f64, a: f64, b: f64, k: f64, narrow: bool);
     fn rows_dot_relu<T>(xs: &[T], ys: &[T], ds: &[T], c: usize, center: &[f64], sa: &mut [f64], sb: &mut [f64]);
-    fn rows_affine2_relu<T>(xs: &[T], ys: &[T], ds: &[T], os: &mut [T], rs: &mut [T], c: usize, center: &[f64], a: &[f64], b: &[f64], k: &[f64]);
+    fn rows_affine2_relu<T>(xs: &[T], ys: &[T], ds: &[T], os: &mut [T], rs: &mut [T], c: usize, center: &[f64], a: &[f64], b: &[f64], k: &[f64], narrow: bool);
 }
 
 /// What follows the normalization in the same pass.
@@ -117,10 +117,21 @@ fn run_affine2_nt<T: Element>(
     ds: &[T],
     os: &mut [T],
     (m, a, b, k): (f64, f64, f64, f64),
+    narrow: bool,
     stream: bool,
 ) {
-    if !(stream && stream::affine2(xs, None, ds, os, [m, a, b, k])) {
-        run_affine2(xs, ds, os, m, a, b, k);
+    if !(stream && stream::affine2(xs, None, ds, os, coefs2(m, a, b, k, narrow))) {
+        run_affine2(xs, ds, os, m, a, b, k, narrow);
+    }
+}
+
+/// The coefficients of one channel's backward map for the streaming kernels, in the
+/// arithmetic the ordinary map would use.
+fn coefs2(m: f64, a: f64, b: f64, k: f64, narrow: bool) -> stream::Coefs2 {
+    if narrow {
+        stream::Coefs2::F32(inner::affine2_coefs_f32(m, a, b, k))
+    } else {
+        stream::Coefs2::F64(inner::affine2_coefs_f64(m, a, b, k))
     }
 }
 
@@ -134,10 +145,12 @@ fn run_affine2_relu_nt<T: Element>(
     os: &mut [T],
     rs: &mut [T],
     (m, a, b, k): (f64, f64, f64, f64),
+    narrow: bool,
     stream: bool,
 ) {
-    if !(stream && stream::affine2(xs, Some((ys, &mut *rs)), ds, os, [m, a, b, k])) {
-        run_affine2_relu(xs, ys, ds, os, rs, m, a, b, k);
+    let coefs = coefs2(m, a, b, k, narrow);
+    if !(stream && stream::affine2(xs, Some((ys, &mut *rs)), ds, os, coefs)) {
+        run_affine2_relu(xs, ys, ds, os, rs, m, a, b, k, narrow);
     }
 }
 
@@ -218,12 +231,39 @@ pub(crate) fn affine_ep<T: Element>(
     }
 }
 
+/// The streaming kernels' coefficient table of a channels-last backward map, in the
+/// arithmetic the ordinary map would use (f32 when `narrow`: f32 storage is all the
+/// streaming kernels handle), built once for all tasks.
+enum Tables {
+    F64(inner::Scratch<f64>, usize),
+    F32(inner::Scratch<f32>, usize),
+}
+
+impl Tables {
+    fn new(c: usize, center: &[f64], a: &[f64], b: &[f64], k: &[f64], narrow: bool) -> Tables {
+        if narrow {
+            let (t, run) = inner::affine2_table_f32(c, center, a, b, k);
+            Tables::F32(t, run)
+        } else {
+            let (t, run) = inner::affine2_table_f64(c, center, a, b, k);
+            Tables::F64(t, run)
+        }
+    }
+
+    fn get(&self) -> stream::Table2<'_> {
+        match self {
+            Tables::F64(t, run) => stream::Table2::F64(t, *run),
+            Tables::F32(t, run) => stream::Table2::F32(t, *run),
+        }
+    }
+}
+
 /// One task's slices of x, y, dy and dx.
 type Chunk4<'a, T> = (((&'a [T], &'a [T]), &'a [T]), &'a mut [T]);
 
 /// Backward through batch norm and a ReLU whose output was `y` (and an added residual,
 /// whose gradient `dres` receives when not empty): `dz = dy·[y > 0]`,
-/// `dx = a·dz + b·(x − center) + k`.
+/// `dx = a·dz + b·(x − center) + k`; f32 storage in f32 arithmetic when `narrow`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn affine2_relu<T: Element>(
     g: Geometry,
@@ -236,6 +276,7 @@ pub(crate) fn affine2_relu<T: Element>(
     k: &[f64],
     dx: &mut [T],
     dres: &mut [T],
+    narrow: bool,
     par: Parallelism,
 ) {
     let c = g.channels;
@@ -246,16 +287,16 @@ pub(crate) fn affine2_relu<T: Element>(
     let chunk = rows_per_task(row) * row;
     let with_res = !dres.is_empty();
     let nt = stream::wanted::<T>(dx.len());
-    let table = (nt && g.inner == 1).then(|| inner::affine2_table_f64(c, center, a, b, k));
+    let table = (nt && g.inner == 1).then(|| Tables::new(c, center, a, b, k, narrow));
     let body = |(((xs, ys), ds), os): Chunk4<'_, T>, rs: &mut [T]| {
         if g.inner == 1 {
             if let Some(t) = &table {
-                if stream::rows_affine2(xs, Some((ys, &mut *rs)), ds, os, (&t.0, t.1)) {
+                if stream::rows_affine2(xs, Some((ys, &mut *rs)), ds, os, t.get()) {
                     stream::fence();
                     return;
                 }
             }
-            rows_affine2_relu(xs, ys, ds, os, rs, c, center, a, b, k);
+            rows_affine2_relu(xs, ys, ds, os, rs, c, center, a, b, k, narrow);
         } else {
             let n = xs.len() / g.inner;
             for j in 0..n {
@@ -268,7 +309,7 @@ pub(crate) fn affine2_relu<T: Element>(
                 };
                 let (xs, ys, ds) = (&xs[r.clone()], &ys[r.clone()], &ds[r.clone()]);
                 let coefs = (center[ch], a[ch], b[ch], k[ch]);
-                run_affine2_relu_nt(xs, ys, ds, &mut os[r], rr, coefs, nt);
+                run_affine2_relu_nt(xs, ys, ds, &mut os[r], rr, coefs, narrow, nt);
             }
             if nt {
                 stream::fence();
@@ -299,7 +340,8 @@ pub(crate) fn affine2_relu<T: Element>(
     }
 }
 
-/// `dx = a[c]·dy + b[c]·(x − center[c]) + k[c]` for every element.
+/// `dx = a[c]·dy + b[c]·(x − center[c]) + k[c]` for every element; f32 storage in f32
+/// arithmetic when `narrow`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn affine2<T: Element>(
     g: Geometry,
@@ -310,6 +352,7 @@ pub(crate) fn affine2<T: Element>(
     b: &[f64],
     k: &[f64],
     dx: &mut [T],
+    narrow: bool,
     par: Parallelism,
 ) {
     let c = g.channels;
@@ -319,16 +362,16 @@ pub(crate) fn affine2<T: Element>(
     let row = c * g.inner;
     let chunk = rows_per_task(row) * row;
     let nt = stream::wanted::<T>(dx.len());
-    let table = (nt && g.inner == 1).then(|| inner::affine2_table_f64(c, center, a, b, k));
+    let table = (nt && g.inner == 1).then(|| Tables::new(c, center, a, b, k, narrow));
     let body = |((xs, ds), os): ((&[T], &[T]), &mut [T])| {
         if g.inner == 1 {
             if let Some(t) = &table {
-                if stream::rows_affine2(xs, None, ds, os, (&t.0, t.1)) {
+                if stream::rows_affine2(xs, None, ds, os, t.get()) {
                     stream::fence();
                     return;
                 }
             }
-            rows_affine2(xs, ds, os, c, center, a, b, k);
+            rows_affine2(xs, ds, os, c, center, a, b, k, narrow);
         } else {
             for (j, ((xr, dr), or)) in xs
                 .chunks_exact(g.inner)
@@ -337,7 +380,7 @@ pub(crate) fn affine2<T: Element>(
                 .enumerate()
             {
                 let ch = j % c;
-                run_affine2_nt(xr, dr, or, (center[ch], a[ch], b[ch], k[ch]), nt);
+                run_affine2_nt(xr, dr, or, (center[ch], a[ch], b[ch], k[ch]), narrow, nt);
             }
             if nt {
                 stream::fence();
@@ -441,8 +484,9 @@ pub(crate) fn train_fused_cf<T: Element, F>(
 /// `dx = a·dy + b·(x − center) + k` with `coef(channel, sums) = (a, b, k)` while the
 /// group's rows of x and dy are still in cache. With `relu = Some((y, dres))` the same
 /// through a ReLU whose output was `y` (`dy·[y > 0]` in place of `dy`, as [`dot_relu`]
-/// and [`affine2_relu`]; `dres`, when not empty, receives that masked gradient). Writes
-/// every element of `dx` and the sums of every channel to `out`.
+/// and [`affine2_relu`]; `dres`, when not empty, receives that masked gradient). The map
+/// in f32 for f32 storage when `narrow`. Writes every element of `dx` and the sums of
+/// every channel to `out`.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward_fused_cf<T: Element, F>(
     g: Geometry,
@@ -452,6 +496,7 @@ pub(crate) fn backward_fused_cf<T: Element, F>(
     center: &[f64],
     out: &mut [(f64, f64)],
     dx: &mut [T],
+    narrow: bool,
     par: Parallelism,
     coef: F,
 ) where
@@ -521,7 +566,7 @@ pub(crate) fn backward_fused_cf<T: Element, F>(
                 let dr = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(start), inner) };
                 let m = center[c0 + j];
                 match y {
-                    None => run_affine2_nt(&x[r.clone()], &dy[r], dr, (m, a, b, k), nt),
+                    None => run_affine2_nt(&x[r.clone()], &dy[r], dr, (m, a, b, k), narrow, nt),
                     Some(y) => {
                         let rr: &mut [T] = if with_res {
                             // SAFETY: as for `dr`: `dres` has the length of `dx` (asserted
@@ -531,7 +576,7 @@ pub(crate) fn backward_fused_cf<T: Element, F>(
                             &mut []
                         };
                         let (xs, ys) = (&x[r.clone()], &y[r.clone()]);
-                        run_affine2_relu_nt(xs, ys, &dy[r], dr, rr, (m, a, b, k), nt);
+                        run_affine2_relu_nt(xs, ys, &dy[r], dr, rr, (m, a, b, k), narrow, nt);
                     }
                 }
             }

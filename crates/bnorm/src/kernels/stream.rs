@@ -5,8 +5,9 @@
 //! the output is larger than the last-level cache could keep anyway
 //! ([`STREAM_MIN_BYTES`]), only for f32 storage, and with exactly the arithmetic of the
 //! ordinary maps in [`super::inner`] (forward `(x − hi)·s + b` in f32, backward
-//! `(a·dy + b·(x − m)) + k` in f64, separate multiplies and adds, one rounding to f32 at
-//! the end): the same bits either way, tested.
+//! `(a·dy + b·(x − m)) + k` in f64, or `(a·(dy − d) + b·(x − hi)) + k` in f32 where the
+//! backward guard allows it; separate multiplies and adds, one rounding to f32 at the
+//! end): the same bits either way, tested.
 
 use super::inner::{Scratch, WRAP};
 use crate::element::Element;
@@ -101,17 +102,25 @@ pub(crate) fn rows_affine<T: Element>(
     false
 }
 
-/// Channels-first `o = (a·dz + b·(x − m)) + k` in f64 (`coefs = [m, a, b, k]`), rounded
-/// to f32 and stored streaming, with `dz = dy`, or through a ReLU whose output was `y`
-/// when `relu = Some((y, dres))` (`dz = dy·[y > 0]`, also written to `dres` unless it is
-/// empty). False (nothing written) when `T` is not f32 or the CPU lacks AVX2.
+/// The coefficients of a channels-first backward map, in the layout of
+/// `inner::affine2_coefs` (`[m, a, d, b, k]`): f64 (`d` zero) or f32.
+pub(crate) enum Coefs2 {
+    F64([f64; 5]),
+    F32([f32; 5]),
+}
+
+/// Channels-first `o = (a·dz + b·(x − m)) + k` in f64, or `(a·(dz − d) + b·(x − m)) + k`
+/// in f32, per `coefs`, rounded to f32 and stored streaming, with `dz = dy`, or through a
+/// ReLU whose output was `y` when `relu = Some((y, dres))` (`dz = dy·[y > 0]`, also
+/// written to `dres` unless it is empty). False (nothing written) when `T` is not f32 or
+/// the CPU lacks AVX2.
 #[inline]
 pub(crate) fn affine2<T: Element>(
     xs: &[T],
     relu: Option<(&[T], &mut [T])>,
     ds: &[T],
     os: &mut [T],
-    coefs: [f64; 4],
+    coefs: Coefs2,
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     if let Some(ok) = with_relu32(relu, |mask| {
@@ -124,7 +133,12 @@ pub(crate) fn affine2<T: Element>(
             return false;
         };
         // SAFETY: `available()` checked that the CPU has AVX2.
-        unsafe { x86::map2_any(xs, mask, ds, os, &x86::Broadcast(coefs)) };
+        unsafe {
+            match coefs {
+                Coefs2::F64(c) => x86::map2_any(xs, mask, ds, os, &x86::Broadcast(c)),
+                Coefs2::F32(c) => x86::map2f_any(xs, mask, ds, os, &x86::Broadcast(c)),
+            }
+        };
         true
     }) {
         return ok;
@@ -133,15 +147,22 @@ pub(crate) fn affine2<T: Element>(
     false
 }
 
-/// Channels-last [`affine2`] with an f64 table (center, a, b, k) from
-/// `inner::affine2_table_f64`.
+/// The coefficient table of a channels-last backward map and its run length: f64 from
+/// `inner::affine2_table_f64` or f32 from `inner::affine2_table_f32` (five columns each).
+pub(crate) enum Table2<'a> {
+    F64(&'a Scratch<f64>, usize),
+    F32(&'a Scratch<f32>, usize),
+}
+
+/// Channels-last [`affine2`] with a [`Table2`]: in f64, or in f32 as
+/// `o = (a·(dz − d) + b·(x − hi)) + k` with an f32 table.
 #[inline]
 pub(crate) fn rows_affine2<T: Element>(
     xs: &[T],
     relu: Option<(&[T], &mut [T])>,
     ds: &[T],
     os: &mut [T],
-    (table, run): (&Scratch<f64>, usize),
+    table: Table2<'_>,
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     if let Some(ok) = with_relu32(relu, |mask| {
@@ -154,12 +175,19 @@ pub(crate) fn rows_affine2<T: Element>(
             return false;
         };
         // SAFETY: `available()` checked that the CPU has AVX2.
-        unsafe { x86::map2_any(xs, mask, ds, os, &x86::Table::new(table, run, 4)) };
+        unsafe {
+            match table {
+                Table2::F64(t, run) => x86::map2_any(xs, mask, ds, os, &x86::Table::new(t, run, 5)),
+                Table2::F32(t, run) => {
+                    x86::map2f_any(xs, mask, ds, os, &x86::Table::new(t, run, 5))
+                }
+            }
+        };
         true
     }) {
         return ok;
     }
-    let _ = (xs, ds, os, table, run);
+    let _ = (xs, ds, os, table);
     false
 }
 
@@ -552,7 +580,7 @@ mod x86 {
         d: f32,
     ) -> (f32, f32) {
         let dz = if !RELU || y > 0.0 { d } else { 0.0 };
-        let v = src.at(1, o) * dz as f64 + src.at(2, o) * (x as f64 - src.at(0, o)) + src.at(3, o);
+        let v = src.at(1, o) * dz as f64 + src.at(3, o) * (x as f64 - src.at(0, o)) + src.at(4, o);
         (v as f32, dz)
     }
 
@@ -576,22 +604,23 @@ mod x86 {
     /// The CPU must support AVX2 (`body` whatever it uses); inline into a function that
     /// enables it.
     #[inline(always)]
-    unsafe fn map2_loop<S: Source<f64>, const RELU: bool>(
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn map2_loop<const RELU: bool>(
         xs: &[f32],
         ys: &[f32],
         ds: &[f32],
         os: &mut [f32],
         rs: &mut [f32],
-        src: &S,
+        run: usize,
+        one: impl Fn(usize, f32, f32, f32) -> (f32, f32),
         body: impl Fn(__m256, __m256, usize) -> __m256,
     ) {
         let n = len2::<RELU>(xs, ys, ds, os, rs);
         let with_res = RELU && !rs.is_empty();
-        let run = src.run();
         let (head, end) = split(os.as_ptr(), n);
         for i in (0..head).chain(end..n) {
             let y = if RELU { ys[i] } else { 0.0 };
-            let (v, dz) = map2_one::<S, RELU>(src, i % run, xs[i], y, ds[i]);
+            let (v, dz) = one(i % run, xs[i], y, ds[i]);
             os[i] = v;
             if with_res {
                 rs[i] = dz;
@@ -646,17 +675,19 @@ mod x86 {
     ) {
         // SAFETY: AVX-512F and AVX2 are enabled here; `o < run` for the table reads.
         unsafe {
-            map2_loop::<S, RELU>(xs, ys, ds, os, rs, src, |x8, d8, o| {
+            let one = |o, x, y, d| map2_one::<S, RELU>(src, o, x, y, d);
+            map2_loop::<RELU>(xs, ys, ds, os, rs, src.run(), one, |x8, d8, o| {
                 let x = _mm512_cvtps_pd(x8);
                 let d = _mm512_cvtps_pd(d8);
                 let ad = _mm512_mul_pd(src.vec8(1, o), d);
-                let bx = _mm512_mul_pd(src.vec8(2, o), _mm512_sub_pd(x, src.vec8(0, o)));
-                _mm512_cvtpd_ps(_mm512_add_pd(_mm512_add_pd(ad, bx), src.vec8(3, o)))
+                let bx = _mm512_mul_pd(src.vec8(3, o), _mm512_sub_pd(x, src.vec8(0, o)));
+                _mm512_cvtpd_ps(_mm512_add_pd(_mm512_add_pd(ad, bx), src.vec8(4, o)))
             })
         }
     }
 
-    /// `o = (c₁·dz + c₂·(x − c₀)) + c₃` in f64, rounded to f32, `dz = dy` or, with
+    /// `o = (c₁·dz + c₃·(x − c₀)) + c₄` in f64 (column 2, zero in f64, unused), rounded
+    /// to f32, `dz = dy` or, with
     /// `RELU`, `dy·[y > 0]` (written to `rs` unless it is empty).
     ///
     /// # Safety
@@ -672,13 +703,14 @@ mod x86 {
     ) {
         // SAFETY: AVX2 is enabled here; `o + 4 < run + WRAP` for the table reads.
         unsafe {
-            map2_loop::<S, RELU>(xs, ys, ds, os, rs, src, |x8, d8, o| {
+            let one = |o, x, y, d| map2_one::<S, RELU>(src, o, x, y, d);
+            map2_loop::<RELU>(xs, ys, ds, os, rs, src.run(), one, |x8, d8, o| {
                 let half = |x4: __m128, d4: __m128, j: usize| {
                     let x = _mm256_cvtps_pd(x4);
                     let d = _mm256_cvtps_pd(d4);
                     let ad = _mm256_mul_pd(src.vec(1, o + j), d);
-                    let bx = _mm256_mul_pd(src.vec(2, o + j), _mm256_sub_pd(x, src.vec(0, o + j)));
-                    _mm256_cvtpd_ps(_mm256_add_pd(_mm256_add_pd(ad, bx), src.vec(3, o + j)))
+                    let bx = _mm256_mul_pd(src.vec(3, o + j), _mm256_sub_pd(x, src.vec(0, o + j)));
+                    _mm256_cvtpd_ps(_mm256_add_pd(_mm256_add_pd(ad, bx), src.vec(4, o + j)))
                 };
                 let lo = half(_mm256_castps256_ps128(x8), _mm256_castps256_ps128(d8), 0);
                 let hi = half(
@@ -688,6 +720,142 @@ mod x86 {
                 );
                 _mm256_set_m128(hi, lo)
             })
+        }
+    }
+
+    /// The f32 backward map `o = (c₁·(dz − c₂) + c₃·(x − c₀)) + c₄` (the layout of
+    /// `inner::affine2_coefs::<f32>`), `dz` as in [`map2_any`], on AVX-512 (16 lanes)
+    /// when the current level has it, else AVX2 (8 lanes): same operations, same bits.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2; `y` (and `dres` unless empty) as long as `xs`.
+    pub(super) unsafe fn map2f_any<S: Source16>(
+        xs: &[f32],
+        mask: Option<(&[f32], &mut [f32])>,
+        ds: &[f32],
+        os: &mut [f32],
+        src: &S,
+    ) {
+        let wide = super::super::simd::current() == super::super::simd::SimdLevel::Avx512;
+        let (ys, rs, relu): (&[f32], &mut [f32], bool) = match mask {
+            Some((y, r)) => (y, r, true),
+            None => (&[], &mut [], false),
+        };
+        // SAFETY (all arms): the Avx512 level is only chosen when the CPU reports
+        // AVX-512F; the caller guarantees AVX2 and the lengths.
+        unsafe {
+            match (wide, relu) {
+                (true, false) => map2f_512::<S, false>(xs, ys, ds, os, rs, src),
+                (true, true) => map2f_512::<S, true>(xs, ys, ds, os, rs, src),
+                (false, false) => map2f::<S, false>(xs, ys, ds, os, rs, src),
+                (false, true) => map2f::<S, true>(xs, ys, ds, os, rs, src),
+            }
+        }
+    }
+
+    /// The scalar form of the f32 backward map, for heads and tails: exactly the ordinary
+    /// map's operations. Returns `(dx, dz)`.
+    #[inline(always)]
+    fn map2f_one<S: Source<f32>, const RELU: bool>(
+        src: &S,
+        o: usize,
+        x: f32,
+        y: f32,
+        d: f32,
+    ) -> (f32, f32) {
+        let dz = if !RELU || y > 0.0 { d } else { 0.0 };
+        let v =
+            src.at(1, o) * (dz - src.at(2, o)) + src.at(3, o) * (x - src.at(0, o)) + src.at(4, o);
+        (v, dz)
+    }
+
+    /// [`map2f_any`] with 8 lanes.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2.
+    #[target_feature(enable = "avx2")]
+    unsafe fn map2f<S: Source<f32>, const RELU: bool>(
+        xs: &[f32],
+        ys: &[f32],
+        ds: &[f32],
+        os: &mut [f32],
+        rs: &mut [f32],
+        src: &S,
+    ) {
+        // SAFETY: AVX2 is enabled here; `o < run` for the table reads.
+        unsafe {
+            let one = |o, x, y, d| map2f_one::<S, RELU>(src, o, x, y, d);
+            map2_loop::<RELU>(xs, ys, ds, os, rs, src.run(), one, |x, d, o| {
+                let ad = _mm256_mul_ps(src.vec(1, o), _mm256_sub_ps(d, src.vec(2, o)));
+                let bx = _mm256_mul_ps(src.vec(3, o), _mm256_sub_ps(x, src.vec(0, o)));
+                _mm256_add_ps(_mm256_add_ps(ad, bx), src.vec(4, o))
+            })
+        }
+    }
+
+    /// [`map2f_any`] with 16 lanes and 64-byte streaming stores.
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F and AVX2.
+    #[target_feature(enable = "avx512f,avx2")]
+    unsafe fn map2f_512<S: Source16, const RELU: bool>(
+        xs: &[f32],
+        ys: &[f32],
+        ds: &[f32],
+        os: &mut [f32],
+        rs: &mut [f32],
+        src: &S,
+    ) {
+        let n = len2::<RELU>(xs, ys, ds, os, rs);
+        let with_res = RELU && !rs.is_empty();
+        let run = src.run();
+        let head = os.as_ptr().align_offset(64).min(n);
+        let end = head + (n - head) / 16 * 16;
+        for i in (0..head).chain(end..n) {
+            let y = if RELU { ys[i] } else { 0.0 };
+            let (v, dz) = map2f_one::<S, RELU>(src, i % run, xs[i], y, ds[i]);
+            os[i] = v;
+            if with_res {
+                rs[i] = dz;
+            }
+        }
+        let (xp, yp, dp, op, rp) = (
+            xs.as_ptr(),
+            ys.as_ptr(),
+            ds.as_ptr(),
+            os.as_mut_ptr(),
+            rs.as_mut_ptr(),
+        );
+        let zero = _mm512_setzero_ps();
+        let (mut i, mut o) = (head, head % run);
+        while i < end {
+            // SAFETY: `i + 16 <= end <= n` lies within every slice used (`ys`, `rs` only
+            // when `RELU` / `with_res`, whose lengths `len2` included); `op + i` is
+            // 64-byte aligned (`head` aligned it, steps are 64 bytes) as the streaming
+            // store requires; `o < run` for the table reads; AVX-512F is enabled.
+            unsafe {
+                let mut d = _mm512_loadu_ps(dp.add(i));
+                if RELU {
+                    // dy where y > 0, else +0 (NaN y included): as `masked`.
+                    let pos = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(_mm512_loadu_ps(yp.add(i)), zero);
+                    d = _mm512_maskz_mov_ps(pos, d);
+                    if with_res {
+                        _mm512_storeu_ps(rp.add(i), d);
+                    }
+                }
+                let x = _mm512_loadu_ps(xp.add(i));
+                let ad = _mm512_mul_ps(src.vec16(1, o), _mm512_sub_ps(d, src.vec16(2, o)));
+                let bx = _mm512_mul_ps(src.vec16(3, o), _mm512_sub_ps(x, src.vec16(0, o)));
+                _mm512_stream_ps(
+                    op.add(i),
+                    _mm512_add_ps(_mm512_add_ps(ad, bx), src.vec16(4, o)),
+                );
+            }
+            i += 16;
+            o += 16;
+            if o >= run {
+                o -= run;
+            }
         }
     }
 }
