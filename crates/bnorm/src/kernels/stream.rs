@@ -5,8 +5,8 @@
 //! the output is larger than the last-level cache could keep anyway
 //! ([`STREAM_MIN_BYTES`]), only for f32 storage, and with exactly the arithmetic of the
 //! ordinary maps in [`super::inner`] (forward `(x − hi)·s + b` in f32, backward
-//! `(a·dy + b·(x − m)) + k` in f64, or `(a·(dy − d) + b·(x − hi)) + k` in f32 where the
-//! backward guard allows it; separate multiplies and adds, one rounding to f32 at the
+//! `(a·dy + b·(x − m)) + k` in f64, or `(a·(dy − d) + b·(x − hi)) + k` in f32 with
+//! `BackwardArithmetic::F32`; separate multiplies and adds, one rounding to f32 at the
 //! end): the same bits either way, tested.
 
 use super::inner::{Scratch, WRAP};
