@@ -148,8 +148,8 @@ fn run_affine2_relu_nt<T: Element>(
     narrow: bool,
     stream: bool,
 ) {
-    let coefs = coefs2(m, a, b, k, narrow);
-    if !(stream && stream::affine2(xs, Some((ys, &mut *rs)), ds, os, coefs)) {
+    let coefs = || coefs2(m, a, b, k, narrow);
+    if !(stream && stream::affine2(xs, Some((ys, &mut *rs)), ds, os, coefs())) {
         run_affine2_relu(xs, ys, ds, os, rs, m, a, b, k, narrow);
     }
 }

@@ -539,6 +539,30 @@ mod x86 {
         }
     }
 
+    /// A backward map through an optional ReLU (`mask = Some((y, dres))`): the AVX-512
+    /// loop `$wide` when the current level has it, else the AVX2 loop `$narrow`, each
+    /// with the mask's presence as a constant. Expands to unsafe calls: the caller
+    /// guarantees AVX2 and that `y` (and `dres` unless empty) are as long as `xs`.
+    macro_rules! dispatch_map2 {
+        ($wide:ident, $narrow:ident, $s:ty, $xs:expr, $mask:expr, $ds:expr, $os:expr, $src:expr) => {{
+            let wide = super::super::simd::current() == super::super::simd::SimdLevel::Avx512;
+            let (ys, rs, relu): (&[f32], &mut [f32], bool) = match $mask {
+                Some((y, r)) => (y, r, true),
+                None => (&[], &mut [], false),
+            };
+            // SAFETY (all arms): the Avx512 level is only chosen when the CPU reports
+            // AVX-512F; the caller guarantees AVX2 and the lengths.
+            unsafe {
+                match (wide, relu) {
+                    (true, false) => $wide::<$s, false>($xs, ys, $ds, $os, rs, $src),
+                    (true, true) => $wide::<$s, true>($xs, ys, $ds, $os, rs, $src),
+                    (false, false) => $narrow::<$s, false>($xs, ys, $ds, $os, rs, $src),
+                    (false, true) => $narrow::<$s, true>($xs, ys, $ds, $os, rs, $src),
+                }
+            }
+        }};
+    }
+
     /// [`map2`] through an optional ReLU (`mask = Some((y, dres))`), on AVX-512 when the
     /// current level has it (one 8-lane f64 vector per 8 outputs instead of two 4-lane
     /// halves: same operations, same bits).
@@ -552,21 +576,7 @@ mod x86 {
         os: &mut [f32],
         src: &S,
     ) {
-        let wide = super::super::simd::current() == super::super::simd::SimdLevel::Avx512;
-        let (ys, rs, relu): (&[f32], &mut [f32], bool) = match mask {
-            Some((y, r)) => (y, r, true),
-            None => (&[], &mut [], false),
-        };
-        // SAFETY (all arms): the Avx512 level is only chosen when the CPU reports
-        // AVX-512F; the caller guarantees AVX2 and the lengths.
-        unsafe {
-            match (wide, relu) {
-                (true, false) => map2_512::<S, false>(xs, ys, ds, os, rs, src),
-                (true, true) => map2_512::<S, true>(xs, ys, ds, os, rs, src),
-                (false, false) => map2::<S, false>(xs, ys, ds, os, rs, src),
-                (false, true) => map2::<S, true>(xs, ys, ds, os, rs, src),
-            }
-        }
+        dispatch_map2!(map2_512, map2, S, xs, mask, ds, os, src)
     }
 
     /// The scalar form of `map2` for heads and tails (and `dres` for every element):
@@ -736,21 +746,7 @@ mod x86 {
         os: &mut [f32],
         src: &S,
     ) {
-        let wide = super::super::simd::current() == super::super::simd::SimdLevel::Avx512;
-        let (ys, rs, relu): (&[f32], &mut [f32], bool) = match mask {
-            Some((y, r)) => (y, r, true),
-            None => (&[], &mut [], false),
-        };
-        // SAFETY (all arms): the Avx512 level is only chosen when the CPU reports
-        // AVX-512F; the caller guarantees AVX2 and the lengths.
-        unsafe {
-            match (wide, relu) {
-                (true, false) => map2f_512::<S, false>(xs, ys, ds, os, rs, src),
-                (true, true) => map2f_512::<S, true>(xs, ys, ds, os, rs, src),
-                (false, false) => map2f::<S, false>(xs, ys, ds, os, rs, src),
-                (false, true) => map2f::<S, true>(xs, ys, ds, os, rs, src),
-            }
-        }
+        dispatch_map2!(map2f_512, map2f, S, xs, mask, ds, os, src)
     }
 
     /// The scalar form of the f32 backward map, for heads and tails: exactly the ordinary
