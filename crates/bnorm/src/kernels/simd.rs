@@ -23,6 +23,7 @@ pub enum SimdLevel {
 impl SimdLevel {
     /// The levels this CPU supports, lowest first.
     pub fn supported() -> Vec<SimdLevel> {
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let mut v = vec![SimdLevel::Scalar];
         #[cfg(target_arch = "x86_64")]
         {

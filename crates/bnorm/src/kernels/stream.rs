@@ -7,9 +7,12 @@
 //! ordinary maps in [`super::inner`] (forward `(x − hi)·s + b` in f32, backward
 //! `(a·dy + b·(x − m)) + k` in f64, or `(a·(dy − d) + b·(x − hi)) + k` in f32 with
 //! `BackwardArithmetic::F32`; separate multiplies and adds, one rounding to f32 at the
-//! end): the same bits either way, tested.
+//! end): the same bits either way, tested. Elsewhere than x86-64 there are no streaming
+//! kernels: every entry point returns false and the ordinary path runs.
+// The helpers below serve the x86-64 kernels only.
+#![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 
-use super::inner::{Scratch, WRAP};
+use super::inner::Scratch;
 use crate::element::Element;
 
 /// Outputs from this size on (bytes) are written with streaming stores.
@@ -143,6 +146,8 @@ pub(crate) fn affine2<T: Element>(
     }) {
         return ok;
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = relu;
     let _ = (xs, ds, os, coefs);
     false
 }
@@ -187,6 +192,8 @@ pub(crate) fn rows_affine2<T: Element>(
     }) {
         return ok;
     }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = relu;
     let _ = (xs, ds, os, table);
     false
 }
@@ -211,7 +218,7 @@ fn with_relu32<T: Element, R>(
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::WRAP;
+    use super::super::inner::WRAP;
 
     /// A coefficient type: f32 (forward) or f64 (backward), with its AVX vector.
     pub(super) trait Coef: Copy {
