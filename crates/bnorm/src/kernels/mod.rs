@@ -231,33 +231,6 @@ pub(crate) fn affine_ep<T: Element>(
     }
 }
 
-/// The streaming kernels' coefficient table of a channels-last backward map, in the
-/// arithmetic the ordinary map would use (f32 when `narrow`: f32 storage is all the
-/// streaming kernels handle), built once for all tasks.
-enum Tables {
-    F64(inner::Scratch<f64>, usize),
-    F32(inner::Scratch<f32>, usize),
-}
-
-impl Tables {
-    fn new(c: usize, center: &[f64], a: &[f64], b: &[f64], k: &[f64], narrow: bool) -> Tables {
-        if narrow {
-            let (t, run) = inner::affine2_table_f32(c, center, a, b, k);
-            Tables::F32(t, run)
-        } else {
-            let (t, run) = inner::affine2_table_f64(c, center, a, b, k);
-            Tables::F64(t, run)
-        }
-    }
-
-    fn get(&self) -> stream::Table2<'_> {
-        match self {
-            Tables::F64(t, run) => stream::Table2::F64(t, *run),
-            Tables::F32(t, run) => stream::Table2::F32(t, *run),
-        }
-    }
-}
-
 /// One task's slices of x, y, dy and dx.
 type Chunk4<'a, T> = (((&'a [T], &'a [T]), &'a [T]), &'a mut [T]);
 
@@ -287,11 +260,11 @@ pub(crate) fn affine2_relu<T: Element>(
     let chunk = rows_per_task(row) * row;
     let with_res = !dres.is_empty();
     let nt = stream::wanted::<T>(dx.len());
-    let table = (nt && g.inner == 1).then(|| Tables::new(c, center, a, b, k, narrow));
+    let table = (nt && g.inner == 1).then(|| stream::Table2::new(c, center, a, b, k, narrow));
     let body = |(((xs, ys), ds), os): Chunk4<'_, T>, rs: &mut [T]| {
         if g.inner == 1 {
             if let Some(t) = &table {
-                if stream::rows_affine2(xs, Some((ys, &mut *rs)), ds, os, t.get()) {
+                if stream::rows_affine2(xs, Some((ys, &mut *rs)), ds, os, t) {
                     stream::fence();
                     return;
                 }
@@ -362,11 +335,11 @@ pub(crate) fn affine2<T: Element>(
     let row = c * g.inner;
     let chunk = rows_per_task(row) * row;
     let nt = stream::wanted::<T>(dx.len());
-    let table = (nt && g.inner == 1).then(|| Tables::new(c, center, a, b, k, narrow));
+    let table = (nt && g.inner == 1).then(|| stream::Table2::new(c, center, a, b, k, narrow));
     let body = |((xs, ds), os): ((&[T], &[T]), &mut [T])| {
         if g.inner == 1 {
             if let Some(t) = &table {
-                if stream::rows_affine2(xs, None, ds, os, t.get()) {
+                if stream::rows_affine2(xs, None, ds, os, t) {
                     stream::fence();
                     return;
                 }
@@ -597,9 +570,10 @@ pub(crate) const FUSE_GROUP: usize = 4;
 
 /// Bytes of the arrays a fused task reads twice (x for the training forward; x and dy, and
 /// y through a ReLU, for the backward), at most: two tasks' worth must stay in the L3 of
-/// a small machine between the passes. Measured on the 2-core VM of bench/RESULTS.md:
-/// with 6.4 MB per task (S5 backward, four channels) the backward ran 8% slower than
-/// with 3.2 MB.
+/// a small machine between the passes. Measured on the 2-core VM of bench/RESULTS.md
+/// ("This session's change, side by side"): with 6.4 MB per task (S5 backward, four
+/// channels) the backward reached 0.62–0.63 of the copy rate, with 3.2 MB 0.83; a 2 MB
+/// budget measured worse than 4 MB.
 const FUSE_BYTES: usize = 4 << 20;
 
 /// Channels per task of the fused channels-first training forward and backward for `g`

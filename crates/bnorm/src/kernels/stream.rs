@@ -152,11 +152,32 @@ pub(crate) fn affine2<T: Element>(
     false
 }
 
-/// The coefficient table of a channels-last backward map and its run length: f64 from
-/// `inner::affine2_table_f64` or f32 from `inner::affine2_table_f32` (five columns each).
-pub(crate) enum Table2<'a> {
-    F64(&'a Scratch<f64>, usize),
-    F32(&'a Scratch<f32>, usize),
+/// The coefficient table of a channels-last backward map and its run length, in the
+/// arithmetic the ordinary map would use: f64 from `inner::affine2_table_f64` or f32 from
+/// `inner::affine2_table_f32` (five columns each). Built once per call for all tasks.
+pub(crate) enum Table2 {
+    F64(Scratch<f64>, usize),
+    F32(Scratch<f32>, usize),
+}
+
+impl Table2 {
+    /// The table of `o = a·dz + b·(x − center) + k` for `c` channels, f32 when `narrow`.
+    pub(crate) fn new(
+        c: usize,
+        center: &[f64],
+        a: &[f64],
+        b: &[f64],
+        k: &[f64],
+        narrow: bool,
+    ) -> Table2 {
+        if narrow {
+            let (t, run) = super::inner::affine2_table_f32(c, center, a, b, k);
+            Table2::F32(t, run)
+        } else {
+            let (t, run) = super::inner::affine2_table_f64(c, center, a, b, k);
+            Table2::F64(t, run)
+        }
+    }
 }
 
 /// Channels-last [`affine2`] with a [`Table2`]: in f64, or in f32 as
@@ -167,7 +188,7 @@ pub(crate) fn rows_affine2<T: Element>(
     relu: Option<(&[T], &mut [T])>,
     ds: &[T],
     os: &mut [T],
-    table: Table2<'_>,
+    table: &Table2,
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     if let Some(ok) = with_relu32(relu, |mask| {
@@ -182,9 +203,11 @@ pub(crate) fn rows_affine2<T: Element>(
         // SAFETY: `available()` checked that the CPU has AVX2.
         unsafe {
             match table {
-                Table2::F64(t, run) => x86::map2_any(xs, mask, ds, os, &x86::Table::new(t, run, 5)),
+                Table2::F64(t, run) => {
+                    x86::map2_any(xs, mask, ds, os, &x86::Table::new(t, *run, 5))
+                }
                 Table2::F32(t, run) => {
-                    x86::map2f_any(xs, mask, ds, os, &x86::Table::new(t, run, 5))
+                    x86::map2f_any(xs, mask, ds, os, &x86::Table::new(t, *run, 5))
                 }
             }
         };
