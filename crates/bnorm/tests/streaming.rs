@@ -214,3 +214,20 @@ fn streaming_channels_last_small_c_matches_scalar() {
 fn streaming_wide_rows_matches_scalar() {
     check(Layout::NC, &[4100, 1027], 0);
 }
+
+#[test]
+fn streaming_row_blocked_channels_last_matches_scalar() {
+    // C a multiple of 16: the AVX-512 backward maps take rows in blocks (coefficients
+    // loaded once per block). C = 48 has a coefficient run of 528 values; the odd offset
+    // shifts the rows against the 64-byte lines, so each task ends with a partial block
+    // and 8-value steps before its scalar tail.
+    check(Layout::NHWC, &[3, 997, 35, 48], 5);
+}
+
+#[test]
+fn streaming_row_blocked_wide_rows_matches_scalar() {
+    // C = 1040 (65 × 16, run = C): blocks whose second coefficient half reaches into the
+    // table's wrap-around repeat, an odd row count, an aligned and a misaligned output.
+    check(Layout::NC, &[4099, 1040], 0);
+    check(Layout::NC, &[4099, 1040], 7);
+}

@@ -152,12 +152,20 @@ pub(crate) fn affine2<T: Element>(
     false
 }
 
-/// The coefficient table of a channels-last backward map and its run length, in the
-/// arithmetic the ordinary map would use: f64 from `inner::affine2_table_f64` or f32 from
-/// `inner::affine2_table_f32` (five columns each). Built once per call for all tasks.
-pub(crate) enum Table2 {
-    F64(Scratch<f64>, usize),
-    F32(Scratch<f32>, usize),
+/// The coefficient table of a channels-last backward map for `c` channels and its run
+/// length, in the arithmetic the ordinary map would use: f64 from
+/// `inner::affine2_table_f64` or f32 from `inner::affine2_table_f32` (five columns each).
+/// Built once per call for all tasks.
+pub(crate) struct Table2 {
+    c: usize,
+    run: usize,
+    t: Table2Data,
+}
+
+/// The columns of a [`Table2`] in their arithmetic.
+enum Table2Data {
+    F64(Scratch<f64>),
+    F32(Scratch<f32>),
 }
 
 impl Table2 {
@@ -170,13 +178,14 @@ impl Table2 {
         k: &[f64],
         narrow: bool,
     ) -> Table2 {
-        if narrow {
+        let (t, run) = if narrow {
             let (t, run) = super::inner::affine2_table_f32(c, center, a, b, k);
-            Table2::F32(t, run)
+            (Table2Data::F32(t), run)
         } else {
             let (t, run) = super::inner::affine2_table_f64(c, center, a, b, k);
-            Table2::F64(t, run)
-        }
+            (Table2Data::F64(t), run)
+        };
+        Table2 { c, run, t }
     }
 }
 
@@ -191,7 +200,7 @@ pub(crate) fn rows_affine2<T: Element>(
     table: &Table2,
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if let Some(ok) = with_relu32(relu, |mask| {
+    if let Some(ok) = with_relu32(relu, |mut mask| {
         let (Some(xs), Some(ds), Some(os), true) = (
             T::as_f32s(xs),
             T::as_f32s(ds),
@@ -202,12 +211,19 @@ pub(crate) fn rows_affine2<T: Element>(
         };
         // SAFETY: `available()` checked that the CPU has AVX2.
         unsafe {
-            match table {
-                Table2::F64(t, run) => {
-                    x86::map2_any(xs, mask, ds, os, &x86::Table::new(t, *run, 5))
+            let (c, run) = (table.c, table.run);
+            match &table.t {
+                Table2Data::F64(t) => {
+                    let t = x86::Table::new(t, run, 5);
+                    if !x86::map2_rows_any(xs, &mut mask, ds, os, &t, c) {
+                        x86::map2_any(xs, mask, ds, os, &t)
+                    }
                 }
-                Table2::F32(t, run) => {
-                    x86::map2f_any(xs, mask, ds, os, &x86::Table::new(t, *run, 5))
+                Table2Data::F32(t) => {
+                    let t = x86::Table::new(t, run, 5);
+                    if !x86::map2f_rows_any(xs, &mut mask, ds, os, &t, c) {
+                        x86::map2f_any(xs, mask, ds, os, &t)
+                    }
                 }
             }
         };
@@ -883,5 +899,308 @@ mod x86 {
                 o -= run;
             }
         }
+    }
+
+    /// Rows per block of the row-blocked backward maps: each coefficient vector loaded
+    /// once serves this many rows.
+    const BLOCK_ROWS: usize = 2;
+
+    /// Whether the row-blocked maps apply: the AVX-512 level and `c` a multiple of 16 (so
+    /// that the coefficient offsets of 64-byte aligned blocks repeat every `c` values).
+    fn rows_fit(c: usize) -> bool {
+        super::super::simd::current() == super::super::simd::SimdLevel::Avx512
+            && c > 0
+            && c.is_multiple_of(16)
+    }
+
+    /// The operands of a backward map through an optional ReLU: `(y, dres, relu)`, and
+    /// `n`, the values every slice holds.
+    fn operands<'a>(
+        xs: &[f32],
+        mask: &'a mut Option<(&[f32], &mut [f32])>,
+        ds: &[f32],
+        os: &[f32],
+    ) -> (&'a [f32], &'a mut [f32], bool, usize) {
+        let (ys, rs, relu): (&[f32], &mut [f32], bool) = match mask {
+            Some((y, r)) => (y, r, true),
+            None => (&[], &mut [], false),
+        };
+        let n = if relu {
+            len2::<true>(xs, ys, ds, os, rs)
+        } else {
+            len2::<false>(xs, ys, ds, os, rs)
+        };
+        (ys, rs, relu, n)
+    }
+
+    /// The element order of the row-blocked maps over `n` values from `head` (64-byte
+    /// aligned output): blocks of `BLOCK_ROWS` (shifted) rows of `c` values, in each the
+    /// 16-value steps at one channel offset for every row in turn (`block(i, o, rows)`:
+    /// first index, channel offset, rows in the block), then the rest of the vector body
+    /// 8 values at a time (`step(i, o)`), up to `end`.
+    #[inline(always)]
+    fn blocked(
+        head: usize,
+        end: usize,
+        c: usize,
+        mut block: impl FnMut(usize, usize, usize),
+        mut step: impl FnMut(usize, usize),
+    ) {
+        let rows = (end - head) / c;
+        let mut r0 = 0;
+        while r0 < rows {
+            let nr = BLOCK_ROWS.min(rows - r0);
+            for j in (0..c).step_by(16) {
+                block(head + r0 * c + j, (head + j) % c, nr);
+            }
+            r0 += nr;
+        }
+        let mut i = head + rows * c;
+        while i < end {
+            step(i, i % c);
+            i += 8;
+        }
+    }
+
+    /// The f64 backward map of [`map2_any`] with its coefficient loads hoisted out of
+    /// `BLOCK_ROWS` rows (see [`blocked`]): the flat loop reloads four table vectors per
+    /// 8 outputs, from L2 when C is large. Per element exactly the operations of
+    /// [`map2_512`]: same bits. Returns false, having written nothing, where
+    /// [`rows_fit`] does not hold.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2; `y` (and `dres` unless empty) as long as `xs`; `xs`
+    /// starts at channel 0 of a row and `src` is the table of `c` channels.
+    pub(super) unsafe fn map2_rows_any(
+        xs: &[f32],
+        mask: &mut Option<(&[f32], &mut [f32])>,
+        ds: &[f32],
+        os: &mut [f32],
+        src: &Table<'_, f64>,
+        c: usize,
+    ) -> bool {
+        if !rows_fit(c) || c > src.run() {
+            return false;
+        }
+        let (ys, rs, relu, n) = operands(xs, mask, ds, os);
+        // SAFETY: `rows_fit` found the AVX-512 level, only chosen when the CPU reports
+        // AVX-512F; `n` bounds every slice used.
+        unsafe {
+            if relu {
+                map2_rows_512::<true>(xs, ys, ds, os, rs, src, c, n)
+            } else {
+                map2_rows_512::<false>(xs, ys, ds, os, rs, src, c, n)
+            }
+        }
+        true
+    }
+
+    /// See [`map2_rows_any`].
+    ///
+    /// # Safety
+    /// The CPU must support AVX-512F and AVX2; every slice used holds `n` values;
+    /// `c % 16 == 0`, `0 < c <= src.run()`.
+    #[target_feature(enable = "avx512f,avx2")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn map2_rows_512<const RELU: bool>(
+        xs: &[f32],
+        ys: &[f32],
+        ds: &[f32],
+        os: &mut [f32],
+        rs: &mut [f32],
+        src: &Table<'_, f64>,
+        c: usize,
+        n: usize,
+    ) {
+        let with_res = RELU && !rs.is_empty();
+        let run = src.run();
+        let head = os.as_ptr().align_offset(64).min(n);
+        let end = head + (n - head) / 8 * 8;
+        for i in (0..head).chain(end..n) {
+            let y = if RELU { ys[i] } else { 0.0 };
+            let (v, dz) = map2_one::<_, RELU>(src, i % run, xs[i], y, ds[i]);
+            os[i] = v;
+            if with_res {
+                rs[i] = dz;
+            }
+        }
+        let (xp, yp, dp, op, rp) = (
+            xs.as_ptr(),
+            ys.as_ptr(),
+            ds.as_ptr(),
+            os.as_mut_ptr(),
+            rs.as_mut_ptr(),
+        );
+        // Eight outputs at `i` with the coefficients `(m, a, b, k)`.
+        // SAFETY (for every call below): `i + 8 <= end <= n`, within every slice used;
+        // `op + i` is 32-byte aligned (`head` is 64-byte aligned, steps are multiples of
+        // 8 values) as the streaming store requires; AVX-512F is enabled.
+        let eight = |i: usize, (m, a, b, k): (__m512d, __m512d, __m512d, __m512d)| unsafe {
+            let mut d8 = _mm256_loadu_ps(dp.add(i));
+            if RELU {
+                // dy where y > 0, else +0 (NaN y included): as `masked`.
+                let pos =
+                    _mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_loadu_ps(yp.add(i)), _mm256_setzero_ps());
+                d8 = _mm256_and_ps(pos, d8);
+                if with_res {
+                    _mm256_storeu_ps(rp.add(i), d8);
+                }
+            }
+            let x = _mm512_cvtps_pd(_mm256_loadu_ps(xp.add(i)));
+            let d = _mm512_cvtps_pd(d8);
+            let ad = _mm512_mul_pd(a, d);
+            let bx = _mm512_mul_pd(b, _mm512_sub_pd(x, m));
+            _mm256_stream_ps(
+                op.add(i),
+                _mm512_cvtpd_ps(_mm512_add_pd(_mm512_add_pd(ad, bx), k)),
+            );
+        };
+        // SAFETY: `o < c + 8 <= run + 8` (the second half of a block starts 8 past an
+        // offset below `c`), so the 8 values read end by `run + WRAP` and each `vec8` is
+        // in bounds (it asserts so); past `run` the table repeats its first channels, so
+        // offset `o` holds channel `o mod c`; AVX-512F is enabled.
+        let coef = |o: usize| unsafe {
+            (
+                src.vec8(0, o),
+                src.vec8(1, o),
+                src.vec8(3, o),
+                src.vec8(4, o),
+            )
+        };
+        blocked(
+            head,
+            end,
+            c,
+            |i, o, nr| {
+                let (lo, hi) = (coef(o), coef(o + 8));
+                for r in 0..nr {
+                    eight(i + r * c, lo);
+                    eight(i + r * c + 8, hi);
+                }
+            },
+            |i, o| eight(i, coef(o)),
+        );
+    }
+
+    /// The f32 backward map of [`map2f_any`] blocked as [`map2_rows_any`]: per element
+    /// exactly the operations of [`map2f_512`], same bits. Returns false, having written
+    /// nothing, where [`rows_fit`] does not hold.
+    ///
+    /// # Safety
+    /// As [`map2_rows_any`].
+    pub(super) unsafe fn map2f_rows_any(
+        xs: &[f32],
+        mask: &mut Option<(&[f32], &mut [f32])>,
+        ds: &[f32],
+        os: &mut [f32],
+        src: &Table<'_, f32>,
+        c: usize,
+    ) -> bool {
+        if !rows_fit(c) || c > src.run() {
+            return false;
+        }
+        let (ys, rs, relu, n) = operands(xs, mask, ds, os);
+        // SAFETY: as in `map2_rows_any`.
+        unsafe {
+            if relu {
+                map2f_rows_512::<true>(xs, ys, ds, os, rs, src, c, n)
+            } else {
+                map2f_rows_512::<false>(xs, ys, ds, os, rs, src, c, n)
+            }
+        }
+        true
+    }
+
+    /// See [`map2f_rows_any`].
+    ///
+    /// # Safety
+    /// As [`map2_rows_512`].
+    #[target_feature(enable = "avx512f,avx2")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn map2f_rows_512<const RELU: bool>(
+        xs: &[f32],
+        ys: &[f32],
+        ds: &[f32],
+        os: &mut [f32],
+        rs: &mut [f32],
+        src: &Table<'_, f32>,
+        c: usize,
+        n: usize,
+    ) {
+        let with_res = RELU && !rs.is_empty();
+        let run = src.run();
+        let head = os.as_ptr().align_offset(64).min(n);
+        // 16 values per vector step here: the last 8 of an 8-step tail go scalar.
+        let end = head + (n - head) / 16 * 16;
+        for i in (0..head).chain(end..n) {
+            let y = if RELU { ys[i] } else { 0.0 };
+            let (v, dz) = map2f_one::<_, RELU>(src, i % run, xs[i], y, ds[i]);
+            os[i] = v;
+            if with_res {
+                rs[i] = dz;
+            }
+        }
+        let (xp, yp, dp, op, rp) = (
+            xs.as_ptr(),
+            ys.as_ptr(),
+            ds.as_ptr(),
+            os.as_mut_ptr(),
+            rs.as_mut_ptr(),
+        );
+        type Coefs = (__m512, __m512, __m512, __m512, __m512);
+        // Sixteen outputs at `i` with the coefficients `(hi, a, d, b, k)`.
+        // SAFETY (for every call below): `i + 16 <= end <= n`, within every slice used;
+        // `op + i` is 64-byte aligned (`head` is, steps are multiples of 16 values) as
+        // the streaming store requires; AVX-512F is enabled.
+        let sixteen = |i: usize, (hi, a, dd, b, k): Coefs| unsafe {
+            let mut d = _mm512_loadu_ps(dp.add(i));
+            if RELU {
+                // dy where y > 0, else +0 (NaN y included): as `masked`.
+                let pos = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(
+                    _mm512_loadu_ps(yp.add(i)),
+                    _mm512_setzero_ps(),
+                );
+                d = _mm512_maskz_mov_ps(pos, d);
+                if with_res {
+                    _mm512_storeu_ps(rp.add(i), d);
+                }
+            }
+            let x = _mm512_loadu_ps(xp.add(i));
+            let ad = _mm512_mul_ps(a, _mm512_sub_ps(d, dd));
+            let bx = _mm512_mul_ps(b, _mm512_sub_ps(x, hi));
+            _mm512_stream_ps(op.add(i), _mm512_add_ps(_mm512_add_ps(ad, bx), k));
+        };
+        // SAFETY: `o < c <= run`, so `o + 16 <= run + WRAP` and each `vec16` is in
+        // bounds (it asserts so); past `run` the table repeats its first channels, so
+        // offset `o` holds channel `o mod c`; AVX-512F is enabled.
+        let coef = |o: usize| unsafe {
+            (
+                src.vec16(0, o),
+                src.vec16(1, o),
+                src.vec16(2, o),
+                src.vec16(3, o),
+                src.vec16(4, o),
+            )
+        };
+        // `end - head` is a multiple of 16 and so is `c`: the 8-value steps after the
+        // blocks come in pairs, each pair one 16-value step.
+        let mut pending = false;
+        blocked(
+            head,
+            end,
+            c,
+            |i, o, nr| {
+                let v = coef(o);
+                for r in 0..nr {
+                    sixteen(i + r * c, v);
+                }
+            },
+            |i, o| {
+                if !pending {
+                    sixteen(i, coef(o));
+                }
+                pending = !pending;
+            },
+        );
     }
 }
