@@ -227,7 +227,8 @@ fn streaming_row_blocked_channels_last_matches_scalar() {
 #[test]
 fn streaming_row_blocked_wide_rows_matches_scalar() {
     // C = 1040 (65 × 16, run = C): blocks whose second coefficient half reaches into the
-    // table's wrap-around repeat, an odd row count, an aligned and a misaligned output.
-    check(Layout::NC, &[4099, 1040], 0);
+    // table's wrap-around repeat, an odd row count, a misaligned output. C = 1032 (129 ×
+    // 8, not a multiple of 16): the 8-channel blocks on every level, aligned output.
     check(Layout::NC, &[4099, 1040], 7);
+    check(Layout::NC, &[4099, 1032], 0);
 }

@@ -905,12 +905,22 @@ mod x86 {
     /// once serves this many rows.
     const BLOCK_ROWS: usize = 2;
 
-    /// Whether the row-blocked maps apply: the AVX-512 level and `c` a multiple of 16 (so
-    /// that the coefficient offsets of 64-byte aligned blocks repeat every `c` values).
-    fn rows_fit(c: usize) -> bool {
-        super::super::simd::current() == super::super::simd::SimdLevel::Avx512
-            && c > 0
-            && c.is_multiple_of(16)
+    /// The block width of the row-blocked maps for `c` channels, `None` where they do not
+    /// apply: 16 on the AVX-512 level when `c` is a multiple of 16, else 8 on AVX2 (or
+    /// AVX-512) when `c` is a multiple of 8 — so that the coefficient offsets of aligned
+    /// blocks repeat every `c` values.
+    fn rows_width(c: usize) -> Option<usize> {
+        use super::super::simd::{current, SimdLevel};
+        let level = current();
+        if c == 0 {
+            None
+        } else if level == SimdLevel::Avx512 && c.is_multiple_of(16) {
+            Some(16)
+        } else if level >= SimdLevel::Avx2 && c.is_multiple_of(8) {
+            Some(8)
+        } else {
+            None
+        }
     }
 
     /// The operands of a backward map through an optional ReLU: `(y, dres, relu)`, and
@@ -933,13 +943,13 @@ mod x86 {
         (ys, rs, relu, n)
     }
 
-    /// The element order of the row-blocked maps over `n` values from `head` (64-byte
-    /// aligned output): blocks of `BLOCK_ROWS` (shifted) rows of `c` values, in each the
-    /// 16-value steps at one channel offset for every row in turn (`block(i, o, rows)`:
-    /// first index, channel offset, rows in the block), then the rest of the vector body
-    /// 8 values at a time (`step(i, o)`), up to `end`.
+    /// The element order of the row-blocked maps over the vector body `head..end` (the
+    /// output aligned at `head` to the store width): blocks of `BLOCK_ROWS` (shifted)
+    /// rows of `c` values, in each the `W`-value steps at one channel offset for every
+    /// row in turn (`block(i, o, rows)`: first index, channel offset, rows in the block),
+    /// then the rest of the body 8 values at a time (`step(i, o)`).
     #[inline(always)]
-    fn blocked(
+    fn blocked<const W: usize>(
         head: usize,
         end: usize,
         c: usize,
@@ -950,7 +960,7 @@ mod x86 {
         let mut r0 = 0;
         while r0 < rows {
             let nr = BLOCK_ROWS.min(rows - r0);
-            for j in (0..c).step_by(16) {
+            for j in (0..c).step_by(W) {
                 block(head + r0 * c + j, (head + j) % c, nr);
             }
             r0 += nr;
@@ -966,7 +976,7 @@ mod x86 {
     /// `BLOCK_ROWS` rows (see [`blocked`]): the flat loop reloads four table vectors per
     /// 8 outputs, from L2 when C is large. Per element exactly the operations of
     /// [`map2_512`]: same bits. Returns false, having written nothing, where
-    /// [`rows_fit`] does not hold.
+    /// [`rows_width`] gives no width.
     ///
     /// # Safety
     /// The CPU must support AVX2; `y` (and `dres` unless empty) as long as `xs`; `xs`
@@ -979,17 +989,19 @@ mod x86 {
         src: &Table<'_, f64>,
         c: usize,
     ) -> bool {
-        if !rows_fit(c) || c > src.run() {
+        let Some(w) = rows_width(c).filter(|_| c <= src.run()) else {
             return false;
-        }
+        };
         let (ys, rs, relu, n) = operands(xs, mask, ds, os);
-        // SAFETY: `rows_fit` found the AVX-512 level, only chosen when the CPU reports
-        // AVX-512F; `n` bounds every slice used.
+        // SAFETY: `rows_width` gives 16 only on the AVX-512 level (chosen only when the
+        // CPU reports AVX-512F), 8 on AVX2 or above, with `c` a multiple of it; `n` bounds
+        // every slice used.
         unsafe {
-            if relu {
-                map2_rows_512::<true>(xs, ys, ds, os, rs, src, c, n)
-            } else {
-                map2_rows_512::<false>(xs, ys, ds, os, rs, src, c, n)
+            match (w, relu) {
+                (16, true) => map2_rows_512::<true>(xs, ys, ds, os, rs, src, c, n),
+                (16, false) => map2_rows_512::<false>(xs, ys, ds, os, rs, src, c, n),
+                (_, true) => map2_rows_avx2::<true>(xs, ys, ds, os, rs, src, c, n),
+                (_, false) => map2_rows_avx2::<false>(xs, ys, ds, os, rs, src, c, n),
             }
         }
         true
@@ -1067,7 +1079,7 @@ mod x86 {
                 src.vec8(4, o),
             )
         };
-        blocked(
+        blocked::<16>(
             head,
             end,
             c,
@@ -1084,7 +1096,7 @@ mod x86 {
 
     /// The f32 backward map of [`map2f_any`] blocked as [`map2_rows_any`]: per element
     /// exactly the operations of [`map2f_512`], same bits. Returns false, having written
-    /// nothing, where [`rows_fit`] does not hold.
+    /// nothing, where [`rows_width`] gives no width.
     ///
     /// # Safety
     /// As [`map2_rows_any`].
@@ -1096,16 +1108,17 @@ mod x86 {
         src: &Table<'_, f32>,
         c: usize,
     ) -> bool {
-        if !rows_fit(c) || c > src.run() {
+        let Some(w) = rows_width(c).filter(|_| c <= src.run()) else {
             return false;
-        }
+        };
         let (ys, rs, relu, n) = operands(xs, mask, ds, os);
         // SAFETY: as in `map2_rows_any`.
         unsafe {
-            if relu {
-                map2f_rows_512::<true>(xs, ys, ds, os, rs, src, c, n)
-            } else {
-                map2f_rows_512::<false>(xs, ys, ds, os, rs, src, c, n)
+            match (w, relu) {
+                (16, true) => map2f_rows_512::<true>(xs, ys, ds, os, rs, src, c, n),
+                (16, false) => map2f_rows_512::<false>(xs, ys, ds, os, rs, src, c, n),
+                (_, true) => map2f_rows_avx2::<true>(xs, ys, ds, os, rs, src, c, n),
+                (_, false) => map2f_rows_avx2::<false>(xs, ys, ds, os, rs, src, c, n),
             }
         }
         true
@@ -1185,7 +1198,7 @@ mod x86 {
         // `end - head` is a multiple of 16 and so is `c`: the 8-value steps after the
         // blocks come in pairs, each pair one 16-value step.
         let mut pending = false;
-        blocked(
+        blocked::<16>(
             head,
             end,
             c,
@@ -1201,6 +1214,176 @@ mod x86 {
                 }
                 pending = !pending;
             },
+        );
+    }
+
+    /// [`map2_rows_any`] on AVX2: blocks of 8 channels (their coefficients in eight
+    /// 4-lane vectors), per element exactly the operations of [`map2`]: same bits.
+    ///
+    /// # Safety
+    /// The CPU must support AVX2; every slice used holds `n` values; `c % 8 == 0`,
+    /// `0 < c <= src.run()`.
+    #[target_feature(enable = "avx2")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn map2_rows_avx2<const RELU: bool>(
+        xs: &[f32],
+        ys: &[f32],
+        ds: &[f32],
+        os: &mut [f32],
+        rs: &mut [f32],
+        src: &Table<'_, f64>,
+        c: usize,
+        n: usize,
+    ) {
+        let with_res = RELU && !rs.is_empty();
+        let run = src.run();
+        let (head, end) = split(os.as_ptr(), n);
+        for i in (0..head).chain(end..n) {
+            let y = if RELU { ys[i] } else { 0.0 };
+            let (v, dz) = map2_one::<_, RELU>(src, i % run, xs[i], y, ds[i]);
+            os[i] = v;
+            if with_res {
+                rs[i] = dz;
+            }
+        }
+        let (xp, yp, dp, op, rp) = (
+            xs.as_ptr(),
+            ys.as_ptr(),
+            ds.as_ptr(),
+            os.as_mut_ptr(),
+            rs.as_mut_ptr(),
+        );
+        type Half = (__m256d, __m256d, __m256d, __m256d);
+        // Eight outputs at `i`, each half with its coefficients `(m, a, b, k)`.
+        // SAFETY (for every call below): `i + 8 <= end <= n`, within every slice used;
+        // `op + i` is 32-byte aligned (`head` is, steps are multiples of 8 values) as the
+        // streaming store requires; AVX2 is enabled.
+        let eight = |i: usize, lo: Half, hi: Half| unsafe {
+            let mut d8 = _mm256_loadu_ps(dp.add(i));
+            if RELU {
+                // dy where y > 0, else +0 (NaN y included): as `masked`.
+                let pos =
+                    _mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_loadu_ps(yp.add(i)), _mm256_setzero_ps());
+                d8 = _mm256_and_ps(pos, d8);
+                if with_res {
+                    _mm256_storeu_ps(rp.add(i), d8);
+                }
+            }
+            let x8 = _mm256_loadu_ps(xp.add(i));
+            let half = |x4: __m128, d4: __m128, (m, a, b, k): Half| {
+                let x = _mm256_cvtps_pd(x4);
+                let d = _mm256_cvtps_pd(d4);
+                let ad = _mm256_mul_pd(a, d);
+                let bx = _mm256_mul_pd(b, _mm256_sub_pd(x, m));
+                _mm256_cvtpd_ps(_mm256_add_pd(_mm256_add_pd(ad, bx), k))
+            };
+            let l = half(_mm256_castps256_ps128(x8), _mm256_castps256_ps128(d8), lo);
+            let h = half(
+                _mm256_extractf128_ps::<1>(x8),
+                _mm256_extractf128_ps::<1>(d8),
+                hi,
+            );
+            _mm256_stream_ps(op.add(i), _mm256_set_m128(h, l));
+        };
+        // SAFETY: `o < c + 4 <= run + 4` (a second half starts 4 past an offset below
+        // `c`), so the 4 values read end by `run + WRAP` and each `vec` is in bounds (it
+        // asserts so); past `run` the table repeats its first channels, so offset `o`
+        // holds channel `o mod c`; AVX2 is enabled.
+        let coef =
+            |o: usize| unsafe { (src.vec(0, o), src.vec(1, o), src.vec(3, o), src.vec(4, o)) };
+        blocked::<8>(
+            head,
+            end,
+            c,
+            |i, o, nr| {
+                let (lo, hi) = (coef(o), coef(o + 4));
+                for r in 0..nr {
+                    eight(i + r * c, lo, hi);
+                }
+            },
+            |i, o| eight(i, coef(o), coef(o + 4)),
+        );
+    }
+
+    /// [`map2f_rows_any`] on AVX2: blocks of 8 channels, per element exactly the
+    /// operations of [`map2f`]: same bits.
+    ///
+    /// # Safety
+    /// As [`map2_rows_avx2`].
+    #[target_feature(enable = "avx2")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn map2f_rows_avx2<const RELU: bool>(
+        xs: &[f32],
+        ys: &[f32],
+        ds: &[f32],
+        os: &mut [f32],
+        rs: &mut [f32],
+        src: &Table<'_, f32>,
+        c: usize,
+        n: usize,
+    ) {
+        let with_res = RELU && !rs.is_empty();
+        let run = src.run();
+        let (head, end) = split(os.as_ptr(), n);
+        for i in (0..head).chain(end..n) {
+            let y = if RELU { ys[i] } else { 0.0 };
+            let (v, dz) = map2f_one::<_, RELU>(src, i % run, xs[i], y, ds[i]);
+            os[i] = v;
+            if with_res {
+                rs[i] = dz;
+            }
+        }
+        let (xp, yp, dp, op, rp) = (
+            xs.as_ptr(),
+            ys.as_ptr(),
+            ds.as_ptr(),
+            os.as_mut_ptr(),
+            rs.as_mut_ptr(),
+        );
+        type Coefs = (__m256, __m256, __m256, __m256, __m256);
+        // Eight outputs at `i` with the coefficients `(hi, a, d, b, k)`.
+        // SAFETY (for every call below): `i + 8 <= end <= n`, within every slice used;
+        // `op + i` is 32-byte aligned (`head` is, steps are multiples of 8 values) as the
+        // streaming store requires; AVX2 is enabled.
+        let eight = |i: usize, (hi, a, dd, b, k): Coefs| unsafe {
+            let mut d = _mm256_loadu_ps(dp.add(i));
+            if RELU {
+                // dy where y > 0, else +0 (NaN y included): as `masked`.
+                let pos =
+                    _mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_loadu_ps(yp.add(i)), _mm256_setzero_ps());
+                d = _mm256_and_ps(pos, d);
+                if with_res {
+                    _mm256_storeu_ps(rp.add(i), d);
+                }
+            }
+            let x = _mm256_loadu_ps(xp.add(i));
+            let ad = _mm256_mul_ps(a, _mm256_sub_ps(d, dd));
+            let bx = _mm256_mul_ps(b, _mm256_sub_ps(x, hi));
+            _mm256_stream_ps(op.add(i), _mm256_add_ps(_mm256_add_ps(ad, bx), k));
+        };
+        // SAFETY: `o < c <= run`, so `o + 8 <= run + WRAP` and each `vec` is in bounds (it
+        // asserts so); past `run` the table repeats its first channels, so offset `o`
+        // holds channel `o mod c`; AVX2 is enabled.
+        let coef = |o: usize| unsafe {
+            (
+                src.vec(0, o),
+                src.vec(1, o),
+                src.vec(2, o),
+                src.vec(3, o),
+                src.vec(4, o),
+            )
+        };
+        blocked::<8>(
+            head,
+            end,
+            c,
+            |i, o, nr| {
+                let v = coef(o);
+                for r in 0..nr {
+                    eight(i + r * c, v);
+                }
+            },
+            |i, o| eight(i, coef(o)),
         );
     }
 }
