@@ -3,7 +3,7 @@
 //! side by side in the same minutes, which on a noisy machine says more than two
 //! separate `bnorm bench` runs.
 //!
-//! Run: `cargo run --release -p bnorm --example step_time -- S1 train` (shapes S1, S3,
+//! Run: `cargo run --release -p bnorm --example step_time -- S1 train` (shapes S1, S2, S3,
 //! S4, S5; operations `train`, `infer`, `bwd`). Shapes `C3` = NC (64, 1024) and
 //! `C4` = NHWC (4, 16, 16, 64) are small enough to stay in L2 and run on one thread
 //! (2000 calls): the arithmetic's cost without the memory's. With `HUGE=1` in the
@@ -17,13 +17,14 @@ use bnorm::{
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 3 {
-        eprintln!("usage: step_time S1|S3|S4|S5|C3|C4 train|infer|bwd");
+        eprintln!("usage: step_time S1|S2|S3|S4|S5|C3|C4 train|infer|bwd");
         std::process::exit(2);
     }
     let (layout, shape): (Layout, Vec<usize>) = match args[1].as_str() {
         "S4" => (Layout::NHWC, vec![32, 56, 56, 64]),
         "S3" => (Layout::NC, vec![4096, 1024]),
         "S1" => (Layout::NCHW, vec![32, 64, 56, 56]),
+        "S2" => (Layout::NCHW, vec![32, 256, 14, 14]),
         "C3" => (Layout::NC, vec![64, 1024]),
         "C4" => (Layout::NHWC, vec![4, 16, 16, 64]),
         _ => (Layout::NCHW, vec![64, 128, 56, 56]),

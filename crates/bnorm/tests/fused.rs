@@ -290,7 +290,15 @@ fn fused_relu_threaded_and_large_agrees_with_sequential() {
 /// passes otherwise: both must give the same bits, with and without the residual.
 #[test]
 fn fused_channel_groups_match_the_two_pass_path() {
-    let shp = [3, 16, 9, 11];
+    // Rows of 99 values (lanes in registers, channel by channel) and of 1155 (the rows in
+    // memory order, lanes in memory between them): 64-value chunks, 8-value chunks and
+    // single values each.
+    for shp in [[3, 16, 9, 11], [3, 16, 33, 35]] {
+        groups_match_two_passes(&shp);
+    }
+}
+
+fn groups_match_two_passes(shp: &[usize]) {
     let n: usize = shp.iter().product();
     let mut rng = Rng(11);
     let x: Vec<f32> = rng.vec(n, 0.3, 1.0).iter().map(|&v| v as f32).collect();
@@ -303,7 +311,7 @@ fn fused_channel_groups_match_the_two_pass_path() {
         let run = |threads: usize| {
             in_pool(threads, || {
                 let par = Parallelism::Rayon;
-                fused(&cfg, Layout::NCHW, &shp, &x, r, &dy, Mode::Train, par)
+                fused(&cfg, Layout::NCHW, shp, &x, r, &dy, Mode::Train, par)
             })
         };
         let (a, b) = (run(1), run(16));

@@ -206,27 +206,148 @@ fn shifted_sums<T: Element>(xs: &[T], s: f64) -> (f64, f64) {
     (fold(a) + ta, fold(b) + tb)
 }
 
-/// (Σdy, Σdy·(x − m)) over a contiguous run.
-#[inline(always)]
-pub(crate) fn run_dot<T: Element>(xs: &[T], ds: &[T], m: f64) -> (f64, f64) {
-    let mut a = [0.0f64; LANES2];
-    let mut b = [0.0f64; LANES2];
-    let mut xc = xs.chunks_exact(LANES2);
-    let mut dc = ds.chunks_exact(LANES2);
-    for (xl, dl) in (&mut xc).zip(&mut dc) {
-        for l in 0..LANES2 {
-            let d = dl[l].to_f64();
-            a[l] += d;
-            b[l] += d * (xl[l].to_f64() - m);
+/// The lanes of one channel's `(Σdz, Σdz·(x − m))` over a channels-first segment, which
+/// persist across its rows and are folded once ([`DotLanes::sums`]): each row adds its
+/// 64-value chunks to 64 lanes, then its 8-value chunks to 8 lanes, then its last values
+/// to one scalar each; the result is `(fold(64 lanes) + fold(8 lanes)) + scalar`.
+/// (Folding per row cost as much as the row's arithmetic for short rows such as 14×14
+/// maps.) The same bits whether the rows come in one call ([`seg_dot`]) or one at a time
+/// ([`dot_row`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DotLanes {
+    a: [f64; LANES2],
+    b: [f64; LANES2],
+    a8: [f64; 8],
+    b8: [f64; 8],
+    ta: f64,
+    tb: f64,
+}
+
+impl DotLanes {
+    /// No rows yet.
+    pub(crate) const ZERO: DotLanes = DotLanes {
+        a: [0.0; LANES2],
+        b: [0.0; LANES2],
+        a8: [0.0; 8],
+        b8: [0.0; 8],
+        ta: 0.0,
+        tb: 0.0,
+    };
+
+    /// Adds one row (`ys` the ReLU output when `RELU`, else ignored).
+    #[inline(always)]
+    fn add_row<T: Element, const RELU: bool>(&mut self, xs: &[T], ys: &[T], ds: &[T], m: f64) {
+        let dz = |y: &T, d: &T| {
+            if RELU {
+                through_relu(*y, *d)
+            } else {
+                d.to_f64()
+            }
+        };
+        let n = xs.len().min(ds.len());
+        let (xs, ds) = (&xs[..n], &ds[..n]);
+        // Without a ReLU `ys` is `ds` (unused): the same chunking, no extra slice.
+        let ys = if RELU { &ys[..n] } else { ds };
+        let (xb, xr) = xs.as_chunks::<LANES2>();
+        let (db, dr) = ds.as_chunks::<LANES2>();
+        let (yb, yr) = ys.as_chunks::<LANES2>();
+        for ((xc, dc), yc) in xb.iter().zip(db).zip(yb) {
+            for l in 0..LANES2 {
+                let d = dz(&yc[l], &dc[l]);
+                self.a[l] += d;
+                self.b[l] += d * (xc[l].to_f64() - m);
+            }
+        }
+        let (x8, xr) = xr.as_chunks::<8>();
+        let (d8, dr) = dr.as_chunks::<8>();
+        let (y8, yr) = yr.as_chunks::<8>();
+        for ((xc, dc), yc) in x8.iter().zip(d8).zip(y8) {
+            for l in 0..8 {
+                let d = dz(&yc[l], &dc[l]);
+                self.a8[l] += d;
+                self.b8[l] += d * (xc[l].to_f64() - m);
+            }
+        }
+        for ((xv, dv), yv) in xr.iter().zip(dr).zip(yr) {
+            let d = dz(yv, dv);
+            self.ta += d;
+            self.tb += d * (xv.to_f64() - m);
         }
     }
-    let (mut ta, mut tb) = (0.0, 0.0);
-    for (xv, dv) in xc.remainder().iter().zip(dc.remainder()) {
-        let d = dv.to_f64();
-        ta += d;
-        tb += d * (xv.to_f64() - m);
+
+    /// `(Σdz, Σdz·(x − m))` of the rows added.
+    #[inline(always)]
+    pub(crate) fn sums(&self) -> (f64, f64) {
+        (
+            (fold(self.a) + fold(self.a8)) + self.ta,
+            (fold(self.b) + fold(self.b8)) + self.tb,
+        )
     }
-    (fold(a) + ta, fold(b) + tb)
+}
+
+/// One channel's `(Σdy, Σdy·(x − m))` over a channels-first segment: `rows` rows of `len`
+/// values, row `r` at `start + r·stride`, in the order of [`DotLanes`].
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn seg_dot<T: Element>(
+    x: &[T],
+    dy: &[T],
+    start: usize,
+    stride: usize,
+    rows: usize,
+    len: usize,
+    m: f64,
+) -> (f64, f64) {
+    seg_dot_in::<T, false>(x, &[], dy, start, stride, rows, len, m)
+}
+
+/// [`seg_dot`] through a ReLU whose output was `y`: `dz = dy·[y > 0]`, same order.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn seg_dot_relu<T: Element>(
+    x: &[T],
+    y: &[T],
+    dy: &[T],
+    start: usize,
+    stride: usize,
+    rows: usize,
+    len: usize,
+    m: f64,
+) -> (f64, f64) {
+    seg_dot_in::<T, true>(x, y, dy, start, stride, rows, len, m)
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn seg_dot_in<T: Element, const RELU: bool>(
+    x: &[T],
+    y: &[T],
+    dy: &[T],
+    start: usize,
+    stride: usize,
+    rows: usize,
+    len: usize,
+    m: f64,
+) -> (f64, f64) {
+    let mut acc = DotLanes::ZERO;
+    for r in 0..rows {
+        let s = start + r * stride;
+        let ys = if RELU { &y[s..s + len] } else { &[] };
+        acc.add_row::<T, RELU>(&x[s..s + len], ys, &dy[s..s + len], m);
+    }
+    acc.sums()
+}
+
+/// Adds one row of `(x, dy)` to `acc` (see [`DotLanes`]).
+#[inline(always)]
+pub(crate) fn dot_row<T: Element>(acc: &mut DotLanes, xs: &[T], ds: &[T], m: f64) {
+    acc.add_row::<T, false>(xs, &[], ds, m)
+}
+
+/// Adds one row of `(x, dy)` through a ReLU whose output was `ys` to `acc`.
+#[inline(always)]
+pub(crate) fn dot_row_relu<T: Element>(acc: &mut DotLanes, xs: &[T], ys: &[T], ds: &[T], m: f64) {
+    acc.add_row::<T, true>(xs, ys, ds, m)
 }
 
 /// Channels-last rows with few channels are processed as runs of `lanes_for(c)` elements
@@ -461,35 +582,6 @@ fn through_relu<T: Element>(y: T, dy: T) -> f64 {
     } else {
         0.0
     }
-}
-
-/// (Σdz, Σdz·(x − m)) with `dz` the gradient through the ReLU of output `ys`.
-#[inline(always)]
-pub(crate) fn run_dot_relu<T: Element>(xs: &[T], ys: &[T], ds: &[T], m: f64) -> (f64, f64) {
-    let mut a = [0.0f64; LANES2];
-    let mut b = [0.0f64; LANES2];
-    let mut xc = xs.chunks_exact(LANES2);
-    let mut yc = ys.chunks_exact(LANES2);
-    let mut dc = ds.chunks_exact(LANES2);
-    for ((xl, yl), dl) in (&mut xc).zip(&mut yc).zip(&mut dc) {
-        for l in 0..LANES2 {
-            let d = through_relu(yl[l], dl[l]);
-            a[l] += d;
-            b[l] += d * (xl[l].to_f64() - m);
-        }
-    }
-    let (mut ta, mut tb) = (0.0, 0.0);
-    for ((xv, yv), dv) in xc
-        .remainder()
-        .iter()
-        .zip(yc.remainder())
-        .zip(dc.remainder())
-    {
-        let d = through_relu(*yv, *dv);
-        ta += d;
-        tb += d * (xv.to_f64() - m);
-    }
-    (fold(a) + ta, fold(b) + tb)
 }
 
 /// Channels-last per-channel sums through the ReLU, added into `sa`, `sb`.

@@ -35,6 +35,7 @@ use crate::element::Element;
 use crate::layout::Geometry;
 use crate::parallel::Parallelism;
 use crate::stats::Moments;
+use inner::DotLanes;
 
 /// Elements per parallel task (and per reduction segment). Fixed: it shapes the
 /// reduction order, so it must not depend on the machine.
@@ -45,7 +46,10 @@ pub(crate) const BLOCK: usize = 2048;
 
 simd::dispatch! {
     fn run_moments<T>(xs: &[T]) -> Moments;
-    fn run_dot<T>(xs: &[T], ds: &[T], m: f64) -> (f64, f64);
+    fn seg_dot<T>(x: &[T], dy: &[T], start: usize, stride: usize, rows: usize, len: usize, m: f64) -> (f64, f64);
+    fn seg_dot_relu<T>(x: &[T], y: &[T], dy: &[T], start: usize, stride: usize, rows: usize, len: usize, m: f64) -> (f64, f64);
+    fn dot_row<T>(acc: &mut DotLanes, xs: &[T], ds: &[T], m: f64);
+    fn dot_row_relu<T>(acc: &mut DotLanes, xs: &[T], ys: &[T], ds: &[T], m: f64);
     fn run_affine<T>(xs: &[T], ys: &mut [T], m: f64, s: f64, b: f64);
     fn run_affine2<T>(xs: &[T], ds: &[T], os: &mut [T], m: f64, a: f64, b: f64, k: f64, narrow: bool);
     fn rows_moments<T>(rows: &[T], c: usize, out: &mut [Moments]);
@@ -55,7 +59,6 @@ simd::dispatch! {
     fn run_affine_relu<T>(xs: &[T], ys: &mut [T], m: f64, s: f64, b: f64);
     fn run_affine_add_relu<T>(xs: &[T], rs: &[T], ys: &mut [T], m: f64, s: f64, b: f64);
     fn rows_affine_relu<T>(xs: &[T], rs: &[T], ys: &mut [T], c: usize, center: &[f64], scale: &[f64], shift: &[f64]);
-    fn run_dot_relu<T>(xs: &[T], ys: &[T], ds: &[T], m: f64) -> (f64, f64);
     fn run_affine2_relu<T>(xs: &[T], ys: &[T], ds: &[T], os: &mut [T], rs: &mut [T], m: f64, a: f64, b: f64, k: f64, narrow: bool);
     fn rows_dot_relu<T>(xs: &[T], ys: &[T], ds: &[T], c: usize, center: &[f64], sa: &mut [f64], sb: &mut [f64]);
     fn rows_affine2_relu<T>(xs: &[T], ys: &[T], ds: &[T], os: &mut [T], rs: &mut [T], c: usize, center: &[f64], a: &[f64], b: &[f64], k: &[f64], narrow: bool);
@@ -503,23 +506,36 @@ pub(crate) fn backward_fused_cf<T: Element, F>(
         let (rps, nseg) = reduce::segments(g);
         let mut tot = [(0.0f64, 0.0f64); FUSE_GROUP];
         for s in 0..nseg {
-            let mut seg = [(0.0f64, 0.0f64); FUSE_GROUP];
-            for n in s * rps..((s + 1) * rps).min(g.outer) {
-                for (j, sj) in seg[..w].iter_mut().enumerate() {
-                    let start = (n * c + c0 + j) * inner;
-                    let r = start..start + inner;
-                    let (pa, pb) = match y {
-                        None => run_dot(&x[r.clone()], &dy[r], center[c0 + j]),
-                        Some(y) => {
-                            run_dot_relu(&x[r.clone()], &y[r.clone()], &dy[r], center[c0 + j])
+            let (n0, n1) = (s * rps, ((s + 1) * rps).min(g.outer));
+            if inner >= INTERLEAVE_ROWS {
+                // Long rows: the group's rows in memory order (sample by sample), each
+                // channel's lanes kept in memory between its rows.
+                let mut lanes = [DotLanes::ZERO; FUSE_GROUP];
+                for n in n0..n1 {
+                    for (j, l) in lanes[..w].iter_mut().enumerate() {
+                        let start = (n * c + c0 + j) * inner;
+                        let r = start..start + inner;
+                        let m = center[c0 + j];
+                        match y {
+                            None => dot_row(l, &x[r.clone()], &dy[r], m),
+                            Some(y) => dot_row_relu(l, &x[r.clone()], &y[r.clone()], &dy[r], m),
                         }
-                    };
-                    sj.0 += pa;
-                    sj.1 += pb;
+                    }
                 }
-            }
-            for (t, sj) in tot[..w].iter_mut().zip(&seg[..w]) {
-                *t = (t.0 + sj.0, t.1 + sj.1);
+                for (t, l) in tot[..w].iter_mut().zip(&lanes[..w]) {
+                    let (pa, pb) = l.sums();
+                    *t = (t.0 + pa, t.1 + pb);
+                }
+            } else {
+                // Short rows: channel by channel, the lanes in registers.
+                for (j, t) in tot[..w].iter_mut().enumerate() {
+                    let (start, m) = ((n0 * c + c0 + j) * inner, center[c0 + j]);
+                    let (pa, pb) = match y {
+                        None => seg_dot(x, dy, start, c * inner, n1 - n0, inner, m),
+                        Some(y) => seg_dot_relu(x, y, dy, start, c * inner, n1 - n0, inner, m),
+                    };
+                    *t = (t.0 + pa, t.1 + pb);
+                }
             }
         }
         let mut coefs = [(0.0, 0.0, 0.0); FUSE_GROUP];
@@ -564,6 +580,15 @@ pub(crate) fn backward_fused_cf<T: Element, F>(
         out.chunks_mut(group).enumerate().for_each(task);
     }
 }
+
+/// Row length from which the fused backward reads a group's rows in memory order (the
+/// lanes of its channels' sums in memory between rows) rather than channel by channel
+/// (the lanes in registers): same bits either way ([`inner::DotLanes`]). Measured on the
+/// VM of bench/RESULTS.md (`step_time`, alternating builds): folding the lanes once per
+/// segment instead of once per row made 14×14 rows (S2) 25–30% faster; for 56×56 rows
+/// (S1, S5), whose first pass comes from memory, channel by channel was slower than
+/// memory order in 4 of 5 and 2 of 2 alternations.
+const INTERLEAVE_ROWS: usize = 1024;
 
 /// Most channels per task of the fused channels-first training forward and backward.
 pub(crate) const FUSE_GROUP: usize = 4;

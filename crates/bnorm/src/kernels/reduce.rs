@@ -4,7 +4,7 @@ use rayon::prelude::*;
 
 use super::inner::Scratch;
 use super::{
-    rows_dot, rows_dot_relu, rows_moments, rows_per_task, run_dot, run_dot_relu, run_moments,
+    rows_dot, rows_dot_relu, rows_moments, rows_per_task, run_moments, seg_dot, seg_dot_relu,
 };
 use crate::element::Element;
 use crate::layout::Geometry;
@@ -176,19 +176,12 @@ fn dot_impl<T: Element>(
     } else {
         let task = |(t, o): (usize, &mut (f64, f64))| {
             let (ch, s) = (t / nseg, t % nseg);
-            let (mut a, mut b) = (0.0, 0.0);
-            for n in s * rps..((s + 1) * rps).min(g.outer) {
-                let start = (n * c + ch) * g.inner;
-                let r = start..start + g.inner;
-                let (xs, ds) = (&x[r.clone()], &dy[r.clone()]);
-                let (pa, pb) = match y {
-                    None => run_dot(xs, ds, center[ch]),
-                    Some(y) => run_dot_relu(xs, &y[r], ds, center[ch]),
-                };
-                a += pa;
-                b += pb;
-            }
-            *o = (a, b);
+            let (n0, n1) = (s * rps, ((s + 1) * rps).min(g.outer));
+            let (start, stride, m) = ((n0 * c + ch) * g.inner, c * g.inner, center[ch]);
+            *o = match y {
+                None => seg_dot(x, dy, start, stride, n1 - n0, g.inner, m),
+                Some(y) => seg_dot_relu(x, y, dy, start, stride, n1 - n0, g.inner, m),
+            };
         };
         if parallel {
             ws.pairs.par_iter_mut().enumerate().for_each(task);
