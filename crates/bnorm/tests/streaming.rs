@@ -11,15 +11,30 @@ use bnorm::{
     SimdLevel, Workspace,
 };
 
+/// Where the outputs go.
+#[derive(Clone, Copy, Debug)]
+enum Place {
+    /// This many elements into a fresh buffer (misaligned when odd).
+    Offset(usize),
+    /// This many bytes past `x` modulo 4 KiB: outputs just past their inputs make the
+    /// streaming kernels run downwards (away from 4K aliasing).
+    PastX(usize),
+}
+
+/// The index in `buf` whose address is `addr` modulo 4 KiB (`addr` a multiple of 4).
+fn start_at(buf: &[f32], addr: usize) -> usize {
+    let have = buf.as_ptr() as usize % 4096;
+    ((addr % 4096 + 4096 - have) % 4096) / 4
+}
+
 /// (train y, inference y, train+ReLU y, dx, train add+ReLU y, dx and d_residual through
-/// it, dx through the plain ReLU), each written at `offset` elements into its buffer so
-/// the output starts misaligned when `offset` is odd.
+/// it, dx through the plain ReLU), each written where `place` says.
 fn run(
     layout: Layout,
     shp: &[usize],
     x: &[f32],
     dy: &[f32],
-    offset: usize,
+    place: Place,
     par: Parallelism,
     arith: BackwardArithmetic,
 ) -> [Vec<f32>; 8] {
@@ -33,9 +48,14 @@ fn run(
     let mut state = RunningState::init(&cfg);
     let (mut saved, mut ws, mut grads) = (Saved::default(), Workspace::default(), Grads::default());
     let out = |f: &mut dyn FnMut(&mut [f32])| {
-        let mut buf = vec![0f32; n + offset];
-        f(&mut buf[offset..]);
-        buf.drain(..offset);
+        let mut buf = vec![0f32; n + 1024];
+        let k = match place {
+            Place::Offset(k) => k,
+            Place::PastX(b) => start_at(&buf, x.as_ptr() as usize + b),
+        };
+        f(&mut buf[k..k + n]);
+        buf.drain(..k);
+        buf.truncate(n);
         buf
     };
     let relu = out(&mut |y| {
@@ -133,6 +153,12 @@ fn run(
 }
 
 fn check(layout: Layout, shp: &[usize], offset: usize) {
+    let (x, dy) = inputs(shp);
+    check_with(layout, shp, &x, &dy, Place::Offset(offset));
+}
+
+/// x and dy for `shp`: distinct, varied values.
+fn inputs(shp: &[usize]) -> (Vec<f32>, Vec<f32>) {
     let n: usize = shp.iter().product();
     assert!(
         n * 4 >= 16 << 20,
@@ -144,12 +170,16 @@ fn check(layout: Layout, shp: &[usize], offset: usize) {
     let dy: Vec<f32> = (0..n)
         .map(|i| ((i * 104_729 % 997) as f32) * 0.002 - 1.0)
         .collect();
+    (x, dy)
+}
+
+fn check_with(layout: Layout, shp: &[usize], x: &[f32], dy: &[f32], place: Place) {
     let mut dx = vec![];
     for arith in [BackwardArithmetic::F64, BackwardArithmetic::F32] {
         let want = with_simd_level(SimdLevel::Scalar, || {
-            run(layout, shp, &x, &dy, offset, Parallelism::Sequential, arith)
+            run(layout, shp, x, dy, place, Parallelism::Sequential, arith)
         });
-        compare(layout, shp, &x, &dy, offset, arith, &want);
+        compare(layout, shp, x, dy, place, arith, &want);
         dx.push(want[3].clone());
     }
     // The two arithmetics are different paths (a few dx differ in the last bits).
@@ -163,7 +193,7 @@ fn compare(
     shp: &[usize],
     x: &[f32],
     dy: &[f32],
-    offset: usize,
+    place: Place,
     arith: BackwardArithmetic,
     want: &[Vec<f32>; 8],
 ) {
@@ -173,8 +203,8 @@ fn compare(
         (Some(SimdLevel::Avx2), Parallelism::Sequential),
     ] {
         let got = match level {
-            Some(l) => with_simd_level(l, || run(layout, shp, x, dy, offset, par, arith)),
-            None => run(layout, shp, x, dy, offset, par, arith),
+            Some(l) => with_simd_level(l, || run(layout, shp, x, dy, place, par, arith)),
+            None => run(layout, shp, x, dy, place, par, arith),
         };
         let names = [
             "train y",
@@ -193,7 +223,7 @@ fn compare(
                 .position(|(a, b)| a.to_bits() != b.to_bits());
             assert_eq!(
                 bad, None,
-                "{layout} {shp:?} offset {offset} {level:?} {par:?} {arith:?} {what}: differs from the scalar path"
+                "{layout} {shp:?} {place:?} {level:?} {par:?} {arith:?} {what}: differs from the scalar path"
             );
         }
     }
@@ -231,4 +261,26 @@ fn streaming_row_blocked_wide_rows_matches_scalar() {
     // 8, not a multiple of 16): the 8-channel blocks on every level, aligned output.
     check(Layout::NC, &[4099, 1040], 7);
     check(Layout::NC, &[4099, 1032], 0);
+}
+
+#[test]
+fn streaming_downwards_matches_scalar() {
+    // x at the start of a 4 KiB page, dy 16 bytes past one, every output 48 bytes past
+    // x: an upward loop would keep loading where it just stored (4K aliasing), so the
+    // streaming kernels run downwards. Channels-first runs (one coefficient set) and
+    // channels-last rows in blocks (C = 48) with their tails.
+    for (layout, shp) in [
+        (Layout::NCHW, &[3, 5, 700, 401][..]),
+        (Layout::NHWC, &[3, 997, 35, 48][..]),
+    ] {
+        let (x0, dy0) = inputs(shp);
+        let n = x0.len();
+        let mut xb = vec![0f32; n + 1024];
+        let mut db = vec![0f32; n + 1024];
+        let (kx, kd) = (start_at(&xb, 0), start_at(&db, 16));
+        xb[kx..kx + n].copy_from_slice(&x0);
+        db[kd..kd + n].copy_from_slice(&dy0);
+        let (x, dy) = (&xb[kx..kx + n], &db[kd..kd + n]);
+        check_with(layout, shp, x, dy, Place::PastX(48));
+    }
 }

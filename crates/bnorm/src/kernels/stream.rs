@@ -7,7 +7,11 @@
 //! ordinary maps in [`super::inner`] (forward `(x − hi)·s + b` in f32, backward
 //! `(a·dy + b·(x − m)) + k` in f64, or `(a·(dy − d) + b·(x − hi)) + k` in f32 with
 //! `BackwardArithmetic::F32`; separate multiplies and adds, one rounding to f32 at the
-//! end): the same bits either way, tested. Elsewhere than x86-64 there are no streaming
+//! end): the same bits either way, tested. The order of the work never changes a bit,
+//! so it is chosen for speed: the channels-last backward maps take rows in blocks that
+//! share each coefficient vector they load, and every kernel runs downwards when an
+//! output lies just past one of its inputs modulo 4 KiB (`descending`: an upward loop
+//! would keep loading where it just stored). Elsewhere than x86-64 there are no streaming
 //! kernels: every entry point returns false and the ordinary path runs.
 // The helpers below serve the x86-64 kernels only.
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
@@ -429,6 +433,62 @@ mod x86 {
         }
     }
 
+    /// Bytes within which a store and a later load whose addresses agree in their low 12
+    /// bits falsely depend on each other ("4K aliasing": the load waits for the store).
+    /// Measured on the development VM (`step_time S3 bwd` with dx placed 16–48 bytes
+    /// past x modulo 4 KiB: 3.3–3.7 ms, against 2.0–2.7 ms from 128 bytes on).
+    const ALIAS_WINDOW: usize = 512;
+
+    /// Whether a streaming loop should run downwards: when an output lies a little
+    /// (up to [`ALIAS_WINDOW`] bytes, modulo 4 KiB) past an input, an upward loop's loads
+    /// keep meeting the addresses of its recent stores, and a downward loop's never do —
+    /// unless another input lies a little past the output, where the upward loop is the
+    /// safe one. Buffers allocated one after another (a heap hands them out 16 bytes
+    /// apart modulo 4 KiB) are the common case. Empty slices take no part.
+    fn descending(stores: &[&[f32]], loads: &[&[f32]]) -> bool {
+        let (mut up_bad, mut down_bad) = (false, false);
+        for s in stores.iter().filter(|v| !v.is_empty()) {
+            for l in loads.iter().filter(|v| !v.is_empty()) {
+                let d = (s.as_ptr() as usize).wrapping_sub(l.as_ptr() as usize) & 4095;
+                up_bad |= d != 0 && d <= ALIAS_WINDOW;
+                down_bad |= d != 0 && 4096 - d <= ALIAS_WINDOW;
+            }
+        }
+        up_bad && !down_bad
+    }
+
+    /// The vector steps `i = head, head + v, …` below `end` (`end − head` a multiple of
+    /// `v`, `v <= run`), upwards or, when `desc`, downwards: `f(i, o)` with `o = i mod run`.
+    /// Each step's arithmetic is independent of the order: same bits either way.
+    #[inline(always)]
+    fn steps(
+        head: usize,
+        end: usize,
+        v: usize,
+        run: usize,
+        desc: bool,
+        mut f: impl FnMut(usize, usize),
+    ) {
+        if desc {
+            let (mut i, mut o) = (end, end % run);
+            while i > head {
+                i -= v;
+                o = if o >= v { o - v } else { o + run - v };
+                f(i, o);
+            }
+        } else {
+            let (mut i, mut o) = (head, head % run);
+            while i < end {
+                f(i, o);
+                i += v;
+                o += v;
+                if o >= run {
+                    o -= run;
+                }
+            }
+        }
+    }
+
     /// `(head, body)`: scalar elements before the first 32-byte boundary of `p`, and
     /// the end of the vector body after it.
     fn split(p: *const f32, n: usize) -> (usize, usize) {
@@ -494,6 +554,7 @@ mod x86 {
         ys: &mut [f32],
         src: &S,
     ) {
+        let desc = descending(&[&*ys], &[xs, rs]);
         let n = if ADD {
             xs.len().min(ys.len()).min(rs.len())
         } else {
@@ -508,8 +569,7 @@ mod x86 {
         }
         let (xp, rp, yp) = (xs.as_ptr(), rs.as_ptr(), ys.as_mut_ptr());
         let zero = _mm512_setzero_ps();
-        let (mut i, mut o) = (head, head % run);
-        while i < body {
+        steps(head, body, 16, run, desc, |i, o| {
             // SAFETY: `i + 16 <= body <= n` lies within the slices (`rs` too when `ADD`);
             // `yp + i` is 64-byte aligned (`head` aligned it, steps are 64 bytes) as the
             // streaming store requires; `o < run` for the table reads; AVX-512F is enabled.
@@ -527,12 +587,7 @@ mod x86 {
                 }
                 _mm512_stream_ps(yp.add(i), z);
             }
-            i += 16;
-            o += 16;
-            if o >= run {
-                o -= run;
-            }
-        }
+        });
     }
 
     /// `y = (x − c₀)·c₁ + c₂ (+ r when ADD)`, then ReLU when `RELU`.
@@ -546,6 +601,7 @@ mod x86 {
         ys: &mut [f32],
         src: &S,
     ) {
+        let desc = descending(&[&*ys], &[xs, rs]);
         let n = if ADD {
             xs.len().min(ys.len()).min(rs.len())
         } else {
@@ -559,8 +615,7 @@ mod x86 {
         }
         let (xp, rp, yp) = (xs.as_ptr(), rs.as_ptr(), ys.as_mut_ptr());
         let zero = _mm256_setzero_ps();
-        let (mut i, mut o) = (head, head % run);
-        while i < body {
+        steps(head, body, 8, run, desc, |i, o| {
             // SAFETY: `i + 8 <= body <= n` lies within the slices (`rs` too when `ADD`);
             // `yp + i` is 32-byte aligned (`head` aligned it, steps are 32 bytes) as the
             // streaming store requires; `o < run` for the table reads; AVX2 is enabled.
@@ -577,12 +632,7 @@ mod x86 {
                 }
                 _mm256_stream_ps(yp.add(i), z);
             }
-            i += 8;
-            o += 8;
-            if o >= run {
-                o -= run;
-            }
-        }
+        });
     }
 
     /// A backward map through an optional ReLU (`mask = Some((y, dres))`): the AVX-512
@@ -671,6 +721,7 @@ mod x86 {
         one: impl Fn(usize, f32, f32, f32) -> (f32, f32),
         body: impl Fn(__m256, __m256, usize) -> __m256,
     ) {
+        let desc = descending(&[&*os, &*rs], &[xs, ds, ys]);
         let n = len2::<RELU>(xs, ys, ds, os, rs);
         let with_res = RELU && !rs.is_empty();
         let (head, end) = split(os.as_ptr(), n);
@@ -689,8 +740,7 @@ mod x86 {
             os.as_mut_ptr(),
             rs.as_mut_ptr(),
         );
-        let (mut i, mut o) = (head, head % run);
-        while i < end {
+        steps(head, end, 8, run, desc, |i, o| {
             // SAFETY: `i + 8 <= n` lies within every slice used (`ys`, `rs` only when
             // `RELU` / `with_res`, whose lengths `len2` included); `op + i` is 32-byte
             // aligned (`head` aligned it, steps are 32 bytes) as the streaming store
@@ -708,12 +758,7 @@ mod x86 {
                 }
                 _mm256_stream_ps(op.add(i), body(_mm256_loadu_ps(xp.add(i)), d8, o));
             }
-            i += 8;
-            o += 8;
-            if o >= run {
-                o -= run;
-            }
-        }
+        });
     }
 
     /// [`map2`] with 8-lane f64 vectors.
@@ -848,6 +893,7 @@ mod x86 {
         rs: &mut [f32],
         src: &S,
     ) {
+        let desc = descending(&[&*os, &*rs], &[xs, ds, ys]);
         let n = len2::<RELU>(xs, ys, ds, os, rs);
         let with_res = RELU && !rs.is_empty();
         let run = src.run();
@@ -869,8 +915,7 @@ mod x86 {
             rs.as_mut_ptr(),
         );
         let zero = _mm512_setzero_ps();
-        let (mut i, mut o) = (head, head % run);
-        while i < end {
+        steps(head, end, 16, run, desc, |i, o| {
             // SAFETY: `i + 16 <= end <= n` lies within every slice used (`ys`, `rs` only
             // when `RELU` / `with_res`, whose lengths `len2` included); `op + i` is
             // 64-byte aligned (`head` aligned it, steps are 64 bytes) as the streaming
@@ -893,12 +938,7 @@ mod x86 {
                     _mm512_add_ps(_mm512_add_ps(ad, bx), src.vec16(4, o)),
                 );
             }
-            i += 16;
-            o += 16;
-            if o >= run {
-                o -= run;
-            }
-        }
+        });
     }
 
     /// Rows per block of the row-blocked backward maps: each coefficient vector loaded
@@ -953,23 +993,40 @@ mod x86 {
         head: usize,
         end: usize,
         c: usize,
+        desc: bool,
         mut block: impl FnMut(usize, usize, usize),
         mut step: impl FnMut(usize, usize),
     ) {
         let rows = (end - head) / c;
-        let mut r0 = 0;
-        while r0 < rows {
-            let nr = BLOCK_ROWS.min(rows - r0);
-            for j in (0..c).step_by(W) {
-                block(head + r0 * c + j, (head + j) % c, nr);
+        let tail = head + rows * c;
+        if desc {
+            steps(tail, end, 8, c, true, &mut step);
+            let mut r1 = rows;
+            while r1 > 0 {
+                let nr = BLOCK_ROWS.min(r1);
+                let r0 = r1 - nr;
+                for j in (0..c).step_by(W).rev() {
+                    block(head + r0 * c + j, (head + j) % c, nr);
+                }
+                r1 = r0;
             }
-            r0 += nr;
+        } else {
+            let mut r0 = 0;
+            while r0 < rows {
+                let nr = BLOCK_ROWS.min(rows - r0);
+                for j in (0..c).step_by(W) {
+                    block(head + r0 * c + j, (head + j) % c, nr);
+                }
+                r0 += nr;
+            }
+            steps(tail, end, 8, c, false, &mut step);
         }
-        let mut i = head + rows * c;
-        while i < end {
-            step(i, i % c);
-            i += 8;
-        }
+    }
+
+    /// `0..nr`, downwards when `desc`.
+    #[inline(always)]
+    fn rows_in(nr: usize, desc: bool) -> impl Iterator<Item = usize> {
+        (0..nr).map(move |r| if desc { nr - 1 - r } else { r })
     }
 
     /// The f64 backward map of [`map2_any`] with its coefficient loads hoisted out of
@@ -1024,6 +1081,7 @@ mod x86 {
         c: usize,
         n: usize,
     ) {
+        let desc = descending(&[&*os, &*rs], &[xs, ds, ys]);
         let with_res = RELU && !rs.is_empty();
         let run = src.run();
         let head = os.as_ptr().align_offset(64).min(n);
@@ -1083,11 +1141,17 @@ mod x86 {
             head,
             end,
             c,
+            desc,
             |i, o, nr| {
                 let (lo, hi) = (coef(o), coef(o + 8));
-                for r in 0..nr {
-                    eight(i + r * c, lo);
-                    eight(i + r * c + 8, hi);
+                for r in rows_in(nr, desc) {
+                    if desc {
+                        eight(i + r * c + 8, hi);
+                        eight(i + r * c, lo);
+                    } else {
+                        eight(i + r * c, lo);
+                        eight(i + r * c + 8, hi);
+                    }
                 }
             },
             |i, o| eight(i, coef(o)),
@@ -1140,6 +1204,7 @@ mod x86 {
         c: usize,
         n: usize,
     ) {
+        let desc = descending(&[&*os, &*rs], &[xs, ds, ys]);
         let with_res = RELU && !rs.is_empty();
         let run = src.run();
         let head = os.as_ptr().align_offset(64).min(n);
@@ -1196,23 +1261,23 @@ mod x86 {
             )
         };
         // `end - head` is a multiple of 16 and so is `c`: the 8-value steps after the
-        // blocks come in pairs, each pair one 16-value step.
-        let mut pending = false;
+        // blocks come in pairs (in either order), each pair one 16-value step at its
+        // first value.
         blocked::<16>(
             head,
             end,
             c,
+            desc,
             |i, o, nr| {
                 let v = coef(o);
-                for r in 0..nr {
+                for r in rows_in(nr, desc) {
                     sixteen(i + r * c, v);
                 }
             },
             |i, o| {
-                if !pending {
+                if (i - head).is_multiple_of(16) {
                     sixteen(i, coef(o));
                 }
-                pending = !pending;
             },
         );
     }
@@ -1235,6 +1300,7 @@ mod x86 {
         c: usize,
         n: usize,
     ) {
+        let desc = descending(&[&*os, &*rs], &[xs, ds, ys]);
         let with_res = RELU && !rs.is_empty();
         let run = src.run();
         let (head, end) = split(os.as_ptr(), n);
@@ -1295,9 +1361,10 @@ mod x86 {
             head,
             end,
             c,
+            desc,
             |i, o, nr| {
                 let (lo, hi) = (coef(o), coef(o + 4));
-                for r in 0..nr {
+                for r in rows_in(nr, desc) {
                     eight(i + r * c, lo, hi);
                 }
             },
@@ -1322,6 +1389,7 @@ mod x86 {
         c: usize,
         n: usize,
     ) {
+        let desc = descending(&[&*os, &*rs], &[xs, ds, ys]);
         let with_res = RELU && !rs.is_empty();
         let run = src.run();
         let (head, end) = split(os.as_ptr(), n);
@@ -1377,9 +1445,10 @@ mod x86 {
             head,
             end,
             c,
+            desc,
             |i, o, nr| {
                 let v = coef(o);
-                for r in 0..nr {
+                for r in rows_in(nr, desc) {
                     eight(i + r * c, v);
                 }
             },
