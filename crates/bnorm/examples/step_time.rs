@@ -4,20 +4,20 @@
 //! separate `bnorm bench` runs.
 //!
 //! Run: `cargo run --release -p bnorm --example step_time -- S1 train` (shapes S1, S2, S3,
-//! S4, S5; operations `train`, `infer`, `bwd`). Shapes `C3` = NC (64, 1024) and
+//! S4, S5; operations `train`, `infer`, `bwd`, `bwdrelu`: the backward through a ReLU). Shapes `C3` = NC (64, 1024) and
 //! `C4` = NHWC (4, 16, 16, 64) are small enough to stay in L2 and run on one thread
 //! (2000 calls): the arithmetic's cost without the memory's. With `HUGE=1` in the
 //! environment every buffer comes from `bnorm::zeroed_buffer` (huge pages); with
 //! `BWD=f32` the backward map runs in f32 (`BackwardArithmetic::F32`).
 
 use bnorm::{
-    backward_into, forward_into, BackwardArithmetic, Config, Grads, Layout, Mode, Parallelism,
-    Params, RunningState, Saved, Workspace,
+    backward_into, backward_relu_into, forward_into, BackwardArithmetic, Config, Grads, Layout,
+    Mode, Parallelism, Params, RunningState, Saved, Workspace,
 };
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 3 {
-        eprintln!("usage: step_time S1|S2|S3|S4|S5|C3|C4 train|infer|bwd");
+        eprintln!("usage: step_time S1|S2|S3|S4|S5|C3|C4 train|infer|bwd|bwdrelu");
         std::process::exit(2);
     }
     let (layout, shape): (Layout, Vec<usize>) = match args[1].as_str() {
@@ -81,6 +81,13 @@ fn main() {
         if op == "bwd" {
             backward_into(
                 &cfg, g, &x, &dy, &p, &saved, &mut dx, &mut grads, &mut ws, par,
+            )
+            .unwrap();
+        } else if op == "bwdrelu" {
+            // Through a ReLU whose output was y (the training forward's output above:
+            // about half of it positive).
+            backward_relu_into(
+                &cfg, g, &x, &y, &dy, &p, &saved, &mut dx, None, &mut grads, &mut ws, par,
             )
             .unwrap();
         } else {

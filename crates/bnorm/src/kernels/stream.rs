@@ -457,34 +457,63 @@ mod x86 {
         up_bad && !down_bad
     }
 
-    /// The vector steps `i = head, head + v, …` below `end` (`end − head` a multiple of
-    /// `v`, `v <= run`), upwards or, when `desc`, downwards: `f(i, o)` with `o = i mod run`.
-    /// Each step's arithmetic is independent of the order: same bits either way.
-    #[inline(always)]
-    fn steps(
+    /// The vector steps `(i, o)`, `i = head, head + v, …` below `end` (`end − head` a
+    /// multiple of `v`, `v <= run`) with `o = i mod run`, upwards or, when `desc`,
+    /// downwards. Each step's arithmetic is independent of the order: same bits either
+    /// way. (An iterator, not a closure taking the loop body: the body stays in the
+    /// function that enables the target features, where its intrinsics inline.)
+    struct Steps {
+        i: usize,
+        o: usize,
         head: usize,
         end: usize,
         v: usize,
         run: usize,
         desc: bool,
-        mut f: impl FnMut(usize, usize),
-    ) {
-        if desc {
-            let (mut i, mut o) = (end, end % run);
-            while i > head {
-                i -= v;
-                o = if o >= v { o - v } else { o + run - v };
-                f(i, o);
+    }
+
+    impl Steps {
+        #[inline(always)]
+        fn new(head: usize, end: usize, v: usize, run: usize, desc: bool) -> Steps {
+            let i = if desc { end } else { head };
+            Steps {
+                i,
+                o: i % run,
+                head,
+                end,
+                v,
+                run,
+                desc,
             }
-        } else {
-            let (mut i, mut o) = (head, head % run);
-            while i < end {
-                f(i, o);
-                i += v;
-                o += v;
-                if o >= run {
-                    o -= run;
+        }
+    }
+
+    impl Iterator for Steps {
+        type Item = (usize, usize);
+        #[inline(always)]
+        fn next(&mut self) -> Option<(usize, usize)> {
+            if self.desc {
+                if self.i <= self.head {
+                    return None;
                 }
+                self.i -= self.v;
+                self.o = if self.o >= self.v {
+                    self.o - self.v
+                } else {
+                    self.o + self.run - self.v
+                };
+                Some((self.i, self.o))
+            } else {
+                if self.i >= self.end {
+                    return None;
+                }
+                let item = (self.i, self.o);
+                self.i += self.v;
+                self.o += self.v;
+                if self.o >= self.run {
+                    self.o -= self.run;
+                }
+                Some(item)
             }
         }
     }
@@ -569,7 +598,7 @@ mod x86 {
         }
         let (xp, rp, yp) = (xs.as_ptr(), rs.as_ptr(), ys.as_mut_ptr());
         let zero = _mm512_setzero_ps();
-        steps(head, body, 16, run, desc, |i, o| {
+        for (i, o) in Steps::new(head, body, 16, run, desc) {
             // SAFETY: `i + 16 <= body <= n` lies within the slices (`rs` too when `ADD`);
             // `yp + i` is 64-byte aligned (`head` aligned it, steps are 64 bytes) as the
             // streaming store requires; `o < run` for the table reads; AVX-512F is enabled.
@@ -587,7 +616,7 @@ mod x86 {
                 }
                 _mm512_stream_ps(yp.add(i), z);
             }
-        });
+        }
     }
 
     /// `y = (x − c₀)·c₁ + c₂ (+ r when ADD)`, then ReLU when `RELU`.
@@ -615,7 +644,7 @@ mod x86 {
         }
         let (xp, rp, yp) = (xs.as_ptr(), rs.as_ptr(), ys.as_mut_ptr());
         let zero = _mm256_setzero_ps();
-        steps(head, body, 8, run, desc, |i, o| {
+        for (i, o) in Steps::new(head, body, 8, run, desc) {
             // SAFETY: `i + 8 <= body <= n` lies within the slices (`rs` too when `ADD`);
             // `yp + i` is 32-byte aligned (`head` aligned it, steps are 32 bytes) as the
             // streaming store requires; `o < run` for the table reads; AVX2 is enabled.
@@ -632,7 +661,7 @@ mod x86 {
                 }
                 _mm256_stream_ps(yp.add(i), z);
             }
-        });
+        }
     }
 
     /// A backward map through an optional ReLU (`mask = Some((y, dres))`): the AVX-512
@@ -740,7 +769,7 @@ mod x86 {
             os.as_mut_ptr(),
             rs.as_mut_ptr(),
         );
-        steps(head, end, 8, run, desc, |i, o| {
+        for (i, o) in Steps::new(head, end, 8, run, desc) {
             // SAFETY: `i + 8 <= n` lies within every slice used (`ys`, `rs` only when
             // `RELU` / `with_res`, whose lengths `len2` included); `op + i` is 32-byte
             // aligned (`head` aligned it, steps are 32 bytes) as the streaming store
@@ -758,7 +787,7 @@ mod x86 {
                 }
                 _mm256_stream_ps(op.add(i), body(_mm256_loadu_ps(xp.add(i)), d8, o));
             }
-        });
+        }
     }
 
     /// [`map2`] with 8-lane f64 vectors.
@@ -915,7 +944,7 @@ mod x86 {
             rs.as_mut_ptr(),
         );
         let zero = _mm512_setzero_ps();
-        steps(head, end, 16, run, desc, |i, o| {
+        for (i, o) in Steps::new(head, end, 16, run, desc) {
             // SAFETY: `i + 16 <= end <= n` lies within every slice used (`ys`, `rs` only
             // when `RELU` / `with_res`, whose lengths `len2` included); `op + i` is
             // 64-byte aligned (`head` aligned it, steps are 64 bytes) as the streaming
@@ -938,7 +967,7 @@ mod x86 {
                     _mm512_add_ps(_mm512_add_ps(ad, bx), src.vec16(4, o)),
                 );
             }
-        });
+        }
     }
 
     /// Rows per block of the row-blocked backward maps: each coefficient vector loaded
@@ -1000,7 +1029,9 @@ mod x86 {
         let rows = (end - head) / c;
         let tail = head + rows * c;
         if desc {
-            steps(tail, end, 8, c, true, &mut step);
+            for (i, o) in Steps::new(tail, end, 8, c, true) {
+                step(i, o);
+            }
             let mut r1 = rows;
             while r1 > 0 {
                 let nr = BLOCK_ROWS.min(r1);
@@ -1019,7 +1050,9 @@ mod x86 {
                 }
                 r0 += nr;
             }
-            steps(tail, end, 8, c, false, &mut step);
+            for (i, o) in Steps::new(tail, end, 8, c, false) {
+                step(i, o);
+            }
         }
     }
 
