@@ -285,41 +285,12 @@ impl DotLanes {
     }
 }
 
-/// One channel's `(Σdy, Σdy·(x − m))` over a channels-first segment: `rows` rows of `len`
-/// values, row `r` at `start + r·stride`, in the order of [`DotLanes`].
+/// One channel's `(Σdz, Σdz·(x − m))` over a channels-first segment: `rows` rows of `len`
+/// values, row `r` at `start + r·stride`, in the order of [`DotLanes`]; `dz = dy`, or
+/// `dy·[y > 0]` through a ReLU whose output was `y` when `y` is not empty.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn seg_dot<T: Element>(
-    x: &[T],
-    dy: &[T],
-    start: usize,
-    stride: usize,
-    rows: usize,
-    len: usize,
-    m: f64,
-) -> (f64, f64) {
-    seg_dot_in::<T, false>(x, &[], dy, start, stride, rows, len, m)
-}
-
-/// [`seg_dot`] through a ReLU whose output was `y`: `dz = dy·[y > 0]`, same order.
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn seg_dot_relu<T: Element>(
-    x: &[T],
-    y: &[T],
-    dy: &[T],
-    start: usize,
-    stride: usize,
-    rows: usize,
-    len: usize,
-    m: f64,
-) -> (f64, f64) {
-    seg_dot_in::<T, true>(x, y, dy, start, stride, rows, len, m)
-}
-
-#[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn seg_dot_in<T: Element, const RELU: bool>(
     x: &[T],
     y: &[T],
     dy: &[T],
@@ -332,22 +303,25 @@ fn seg_dot_in<T: Element, const RELU: bool>(
     let mut acc = DotLanes::ZERO;
     for r in 0..rows {
         let s = start + r * stride;
-        let ys = if RELU { &y[s..s + len] } else { &[] };
-        acc.add_row::<T, RELU>(&x[s..s + len], ys, &dy[s..s + len], m);
+        let (xs, ds) = (&x[s..s + len], &dy[s..s + len]);
+        if y.is_empty() {
+            acc.add_row::<T, false>(xs, &[], ds, m);
+        } else {
+            acc.add_row::<T, true>(xs, &y[s..s + len], ds, m);
+        }
     }
     acc.sums()
 }
 
-/// Adds one row of `(x, dy)` to `acc` (see [`DotLanes`]).
+/// Adds one row of `(x, dy)` to `acc` (see [`DotLanes`]), through a ReLU whose output
+/// was `ys` when `ys` is not empty.
 #[inline(always)]
-pub(crate) fn dot_row<T: Element>(acc: &mut DotLanes, xs: &[T], ds: &[T], m: f64) {
-    acc.add_row::<T, false>(xs, &[], ds, m)
-}
-
-/// Adds one row of `(x, dy)` through a ReLU whose output was `ys` to `acc`.
-#[inline(always)]
-pub(crate) fn dot_row_relu<T: Element>(acc: &mut DotLanes, xs: &[T], ys: &[T], ds: &[T], m: f64) {
-    acc.add_row::<T, true>(xs, ys, ds, m)
+pub(crate) fn dot_row<T: Element>(acc: &mut DotLanes, xs: &[T], ys: &[T], ds: &[T], m: f64) {
+    if ys.is_empty() {
+        acc.add_row::<T, false>(xs, ys, ds, m)
+    } else {
+        acc.add_row::<T, true>(xs, ys, ds, m)
+    }
 }
 
 /// Channels-last rows with few channels are processed as runs of `lanes_for(c)` elements

@@ -46,10 +46,8 @@ pub(crate) const BLOCK: usize = 2048;
 
 simd::dispatch! {
     fn run_moments<T>(xs: &[T]) -> Moments;
-    fn seg_dot<T>(x: &[T], dy: &[T], start: usize, stride: usize, rows: usize, len: usize, m: f64) -> (f64, f64);
-    fn seg_dot_relu<T>(x: &[T], y: &[T], dy: &[T], start: usize, stride: usize, rows: usize, len: usize, m: f64) -> (f64, f64);
-    fn dot_row<T>(acc: &mut DotLanes, xs: &[T], ds: &[T], m: f64);
-    fn dot_row_relu<T>(acc: &mut DotLanes, xs: &[T], ys: &[T], ds: &[T], m: f64);
+    fn seg_dot<T>(x: &[T], y: &[T], dy: &[T], start: usize, stride: usize, rows: usize, len: usize, m: f64) -> (f64, f64);
+    fn dot_row<T>(acc: &mut DotLanes, xs: &[T], ys: &[T], ds: &[T], m: f64);
     fn run_affine<T>(xs: &[T], ys: &mut [T], m: f64, s: f64, b: f64);
     fn run_affine2<T>(xs: &[T], ds: &[T], os: &mut [T], m: f64, a: f64, b: f64, k: f64, narrow: bool);
     fn rows_moments<T>(rows: &[T], c: usize, out: &mut [Moments]);
@@ -516,10 +514,8 @@ pub(crate) fn backward_fused_cf<T: Element, F>(
                         let start = (n * c + c0 + j) * inner;
                         let r = start..start + inner;
                         let m = center[c0 + j];
-                        match y {
-                            None => dot_row(l, &x[r.clone()], &dy[r], m),
-                            Some(y) => dot_row_relu(l, &x[r.clone()], &y[r.clone()], &dy[r], m),
-                        }
+                        let ys = y.map_or(&[][..], |y| &y[r.clone()]);
+                        dot_row(l, &x[r.clone()], ys, &dy[r], m);
                     }
                 }
                 for (t, l) in tot[..w].iter_mut().zip(&lanes[..w]) {
@@ -530,10 +526,8 @@ pub(crate) fn backward_fused_cf<T: Element, F>(
                 // Short rows: channel by channel, the lanes in registers.
                 for (j, t) in tot[..w].iter_mut().enumerate() {
                     let (start, m) = ((n0 * c + c0 + j) * inner, center[c0 + j]);
-                    let (pa, pb) = match y {
-                        None => seg_dot(x, dy, start, c * inner, n1 - n0, inner, m),
-                        Some(y) => seg_dot_relu(x, y, dy, start, c * inner, n1 - n0, inner, m),
-                    };
+                    let ys = y.unwrap_or(&[]);
+                    let (pa, pb) = seg_dot(x, ys, dy, start, c * inner, n1 - n0, inner, m);
                     *t = (t.0 + pa, t.1 + pb);
                 }
             }

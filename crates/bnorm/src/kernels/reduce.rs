@@ -3,9 +3,7 @@
 use rayon::prelude::*;
 
 use super::inner::Scratch;
-use super::{
-    rows_dot, rows_dot_relu, rows_moments, rows_per_task, run_moments, seg_dot, seg_dot_relu,
-};
+use super::{rows_dot, rows_dot_relu, rows_moments, rows_per_task, run_moments, seg_dot};
 use crate::element::Element;
 use crate::layout::Geometry;
 use crate::parallel::Parallelism;
@@ -178,10 +176,7 @@ fn dot_impl<T: Element>(
             let (ch, s) = (t / nseg, t % nseg);
             let (n0, n1) = (s * rps, ((s + 1) * rps).min(g.outer));
             let (start, stride, m) = ((n0 * c + ch) * g.inner, c * g.inner, center[ch]);
-            *o = match y {
-                None => seg_dot(x, dy, start, stride, n1 - n0, g.inner, m),
-                Some(y) => seg_dot_relu(x, y, dy, start, stride, n1 - n0, g.inner, m),
-            };
+            *o = seg_dot(x, y.unwrap_or(&[]), dy, start, stride, n1 - n0, g.inner, m);
         };
         if parallel {
             ws.pairs.par_iter_mut().enumerate().for_each(task);

@@ -731,6 +731,28 @@ mod x86 {
         n
     }
 
+    /// The scalar elements `idx` of a backward map (the heads and tails around its vector
+    /// body): `(dx, dz) = one(i mod run, x, y, dy)`, `dz` also stored to `rs` unless it is
+    /// empty (with `RELU`).
+    #[inline(always)]
+    fn scalar2<const RELU: bool>(
+        idx: impl Iterator<Item = usize>,
+        run: usize,
+        (xs, ys, ds): (&[f32], &[f32], &[f32]),
+        (os, rs): (&mut [f32], &mut [f32]),
+        one: impl Fn(usize, f32, f32, f32) -> (f32, f32),
+    ) {
+        let with_res = RELU && !rs.is_empty();
+        for i in idx {
+            let y = if RELU { ys[i] } else { 0.0 };
+            let (v, dz) = one(i % run, xs[i], y, ds[i]);
+            os[i] = v;
+            if with_res {
+                rs[i] = dz;
+            }
+        }
+    }
+
     /// The loop shared by [`map2`] and [`map2_512`]: scalar head and tail, then 8 values
     /// at a time, `dz` masked through the ReLU (and stored to `rs`), `body(x, dz, o)`
     /// giving the 8 outputs, streamed to the 32-byte aligned `os`.
@@ -754,14 +776,13 @@ mod x86 {
         let n = len2::<RELU>(xs, ys, ds, os, rs);
         let with_res = RELU && !rs.is_empty();
         let (head, end) = split(os.as_ptr(), n);
-        for i in (0..head).chain(end..n) {
-            let y = if RELU { ys[i] } else { 0.0 };
-            let (v, dz) = one(i % run, xs[i], y, ds[i]);
-            os[i] = v;
-            if with_res {
-                rs[i] = dz;
-            }
-        }
+        scalar2::<RELU>(
+            (0..head).chain(end..n),
+            run,
+            (xs, ys, ds),
+            (&mut *os, &mut *rs),
+            &one,
+        );
         let (xp, yp, dp, op, rp) = (
             xs.as_ptr(),
             ys.as_ptr(),
@@ -928,14 +949,13 @@ mod x86 {
         let run = src.run();
         let head = os.as_ptr().align_offset(64).min(n);
         let end = head + (n - head) / 16 * 16;
-        for i in (0..head).chain(end..n) {
-            let y = if RELU { ys[i] } else { 0.0 };
-            let (v, dz) = map2f_one::<S, RELU>(src, i % run, xs[i], y, ds[i]);
-            os[i] = v;
-            if with_res {
-                rs[i] = dz;
-            }
-        }
+        scalar2::<RELU>(
+            (0..head).chain(end..n),
+            run,
+            (xs, ys, ds),
+            (&mut *os, &mut *rs),
+            |o, x, y, d| map2f_one::<S, RELU>(src, o, x, y, d),
+        );
         let (xp, yp, dp, op, rp) = (
             xs.as_ptr(),
             ys.as_ptr(),
@@ -1062,6 +1082,30 @@ mod x86 {
         (0..nr).map(move |r| if desc { nr - 1 - r } else { r })
     }
 
+    /// The row-blocked map for the width [`rows_width`] gives (`$wide` for 16, `$narrow`
+    /// for 8) with the ReLU's presence as a constant; false where it gives none. Expands
+    /// to unsafe calls: the caller guarantees AVX2 and the slices' lengths.
+    macro_rules! dispatch_rows {
+        ($wide:ident, $narrow:ident, $xs:expr, $mask:expr, $ds:expr, $os:expr, $src:expr, $c:expr) => {{
+            let Some(w) = rows_width($c).filter(|_| $c <= $src.run()) else {
+                return false;
+            };
+            let (ys, rs, relu, n) = operands($xs, $mask, $ds, $os);
+            // SAFETY: `rows_width` gives 16 only on the AVX-512 level (chosen only when
+            // the CPU reports AVX-512F), 8 on AVX2 or above, with `c` a multiple of it;
+            // `n` bounds every slice used.
+            unsafe {
+                match (w, relu) {
+                    (16, true) => $wide::<true>($xs, ys, $ds, $os, rs, $src, $c, n),
+                    (16, false) => $wide::<false>($xs, ys, $ds, $os, rs, $src, $c, n),
+                    (_, true) => $narrow::<true>($xs, ys, $ds, $os, rs, $src, $c, n),
+                    (_, false) => $narrow::<false>($xs, ys, $ds, $os, rs, $src, $c, n),
+                }
+            }
+            true
+        }};
+    }
+
     /// The f64 backward map of [`map2_any`] with its coefficient loads hoisted out of
     /// `BLOCK_ROWS` rows (see [`blocked`]): the flat loop reloads four table vectors per
     /// 8 outputs, from L2 when C is large. Per element exactly the operations of
@@ -1079,22 +1123,7 @@ mod x86 {
         src: &Table<'_, f64>,
         c: usize,
     ) -> bool {
-        let Some(w) = rows_width(c).filter(|_| c <= src.run()) else {
-            return false;
-        };
-        let (ys, rs, relu, n) = operands(xs, mask, ds, os);
-        // SAFETY: `rows_width` gives 16 only on the AVX-512 level (chosen only when the
-        // CPU reports AVX-512F), 8 on AVX2 or above, with `c` a multiple of it; `n` bounds
-        // every slice used.
-        unsafe {
-            match (w, relu) {
-                (16, true) => map2_rows_512::<true>(xs, ys, ds, os, rs, src, c, n),
-                (16, false) => map2_rows_512::<false>(xs, ys, ds, os, rs, src, c, n),
-                (_, true) => map2_rows_avx2::<true>(xs, ys, ds, os, rs, src, c, n),
-                (_, false) => map2_rows_avx2::<false>(xs, ys, ds, os, rs, src, c, n),
-            }
-        }
-        true
+        dispatch_rows!(map2_rows_512, map2_rows_avx2, xs, mask, ds, os, src, c)
     }
 
     /// See [`map2_rows_any`].
@@ -1119,14 +1148,13 @@ mod x86 {
         let run = src.run();
         let head = os.as_ptr().align_offset(64).min(n);
         let end = head + (n - head) / 8 * 8;
-        for i in (0..head).chain(end..n) {
-            let y = if RELU { ys[i] } else { 0.0 };
-            let (v, dz) = map2_one::<_, RELU>(src, i % run, xs[i], y, ds[i]);
-            os[i] = v;
-            if with_res {
-                rs[i] = dz;
-            }
-        }
+        scalar2::<RELU>(
+            (0..head).chain(end..n),
+            run,
+            (xs, ys, ds),
+            (&mut *os, &mut *rs),
+            |o, x, y, d| map2_one::<_, RELU>(src, o, x, y, d),
+        );
         let (xp, yp, dp, op, rp) = (
             xs.as_ptr(),
             ys.as_ptr(),
@@ -1205,20 +1233,7 @@ mod x86 {
         src: &Table<'_, f32>,
         c: usize,
     ) -> bool {
-        let Some(w) = rows_width(c).filter(|_| c <= src.run()) else {
-            return false;
-        };
-        let (ys, rs, relu, n) = operands(xs, mask, ds, os);
-        // SAFETY: as in `map2_rows_any`.
-        unsafe {
-            match (w, relu) {
-                (16, true) => map2f_rows_512::<true>(xs, ys, ds, os, rs, src, c, n),
-                (16, false) => map2f_rows_512::<false>(xs, ys, ds, os, rs, src, c, n),
-                (_, true) => map2f_rows_avx2::<true>(xs, ys, ds, os, rs, src, c, n),
-                (_, false) => map2f_rows_avx2::<false>(xs, ys, ds, os, rs, src, c, n),
-            }
-        }
-        true
+        dispatch_rows!(map2f_rows_512, map2f_rows_avx2, xs, mask, ds, os, src, c)
     }
 
     /// See [`map2f_rows_any`].
@@ -1243,14 +1258,13 @@ mod x86 {
         let head = os.as_ptr().align_offset(64).min(n);
         // 16 values per vector step here: the last 8 of an 8-step tail go scalar.
         let end = head + (n - head) / 16 * 16;
-        for i in (0..head).chain(end..n) {
-            let y = if RELU { ys[i] } else { 0.0 };
-            let (v, dz) = map2f_one::<_, RELU>(src, i % run, xs[i], y, ds[i]);
-            os[i] = v;
-            if with_res {
-                rs[i] = dz;
-            }
-        }
+        scalar2::<RELU>(
+            (0..head).chain(end..n),
+            run,
+            (xs, ys, ds),
+            (&mut *os, &mut *rs),
+            |o, x, y, d| map2f_one::<_, RELU>(src, o, x, y, d),
+        );
         let (xp, yp, dp, op, rp) = (
             xs.as_ptr(),
             ys.as_ptr(),
@@ -1337,14 +1351,13 @@ mod x86 {
         let with_res = RELU && !rs.is_empty();
         let run = src.run();
         let (head, end) = split(os.as_ptr(), n);
-        for i in (0..head).chain(end..n) {
-            let y = if RELU { ys[i] } else { 0.0 };
-            let (v, dz) = map2_one::<_, RELU>(src, i % run, xs[i], y, ds[i]);
-            os[i] = v;
-            if with_res {
-                rs[i] = dz;
-            }
-        }
+        scalar2::<RELU>(
+            (0..head).chain(end..n),
+            run,
+            (xs, ys, ds),
+            (&mut *os, &mut *rs),
+            |o, x, y, d| map2_one::<_, RELU>(src, o, x, y, d),
+        );
         let (xp, yp, dp, op, rp) = (
             xs.as_ptr(),
             ys.as_ptr(),
@@ -1426,14 +1439,13 @@ mod x86 {
         let with_res = RELU && !rs.is_empty();
         let run = src.run();
         let (head, end) = split(os.as_ptr(), n);
-        for i in (0..head).chain(end..n) {
-            let y = if RELU { ys[i] } else { 0.0 };
-            let (v, dz) = map2f_one::<_, RELU>(src, i % run, xs[i], y, ds[i]);
-            os[i] = v;
-            if with_res {
-                rs[i] = dz;
-            }
-        }
+        scalar2::<RELU>(
+            (0..head).chain(end..n),
+            run,
+            (xs, ys, ds),
+            (&mut *os, &mut *rs),
+            |o, x, y, d| map2f_one::<_, RELU>(src, o, x, y, d),
+        );
         let (xp, yp, dp, op, rp) = (
             xs.as_ptr(),
             ys.as_ptr(),
