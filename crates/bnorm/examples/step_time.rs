@@ -8,7 +8,8 @@
 //! `C4` = NHWC (4, 16, 16, 64) are small enough to stay in L2 and run on one thread
 //! (2000 calls): the arithmetic's cost without the memory's. With `HUGE=1` in the
 //! environment every buffer comes from `bnorm::zeroed_buffer` (huge pages); with
-//! `BWD=f32` the backward map runs in f32 (`BackwardArithmetic::F32`).
+//! `BWD=f32` the backward map runs in f32 (`BackwardArithmetic::F32`); with `DX_PAST_X=48`
+//! dx starts 48 bytes past x modulo 4 KiB (the 4K-aliasing case of heap-adjacent tensors).
 
 use bnorm::{
     backward_into, backward_relu_into, forward_into, BackwardArithmetic, Config, Grads, Layout,
@@ -53,7 +54,18 @@ fn main() {
         *dv = (i % 13) as f32 * 0.2 - 1.0;
     }
     let mut s = RunningState::init(&cfg);
-    let (mut y, mut dx) = (buf(n), buf(n));
+    let (mut y, mut dx_buf) = (buf(n), buf(n + 1024));
+    // DX_PAST_X=b: dx starts b bytes (a multiple of 4) past x modulo 4 KiB, as tensors
+    // allocated one after another from a heap do (a few bytes apart): the streaming
+    // kernels' 4K-aliasing case. Unset: 4 KiB-aligned offsets as fresh mappings give.
+    let dx_at = match std::env::var("DX_PAST_X").ok().and_then(|v| v.parse::<usize>().ok()) {
+        Some(b) => {
+            let want = (x.as_ptr() as usize + b) % 4096;
+            ((want + 4096 - dx_buf.as_ptr() as usize % 4096) % 4096) / 4
+        }
+        None => 0,
+    };
+    let dx = &mut dx_buf[dx_at..dx_at + n];
     let (mut saved, mut ws, mut grads) = (Saved::default(), Workspace::default(), Grads::default());
     let in_cache = args[1].starts_with('C');
     let par = if in_cache {
@@ -80,14 +92,14 @@ fn main() {
         let t = std::time::Instant::now();
         if op == "bwd" {
             backward_into(
-                &cfg, g, &x, &dy, &p, &saved, &mut dx, &mut grads, &mut ws, par,
+                &cfg, g, &x, &dy, &p, &saved, dx, &mut grads, &mut ws, par,
             )
             .unwrap();
         } else if op == "bwdrelu" {
             // Through a ReLU whose output was y (the training forward's output above:
             // about half of it positive).
             backward_relu_into(
-                &cfg, g, &x, &y, &dy, &p, &saved, &mut dx, None, &mut grads, &mut ws, par,
+                &cfg, g, &x, &y, &dy, &p, &saved, dx, None, &mut grads, &mut ws, par,
             )
             .unwrap();
         } else {
