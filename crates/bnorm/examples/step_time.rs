@@ -58,7 +58,10 @@ fn main() {
     // DX_PAST_X=b: dx starts b bytes (a multiple of 4) past x modulo 4 KiB, as tensors
     // allocated one after another from a heap do (a few bytes apart): the streaming
     // kernels' 4K-aliasing case. Unset: 4 KiB-aligned offsets as fresh mappings give.
-    let dx_at = match std::env::var("DX_PAST_X").ok().and_then(|v| v.parse::<usize>().ok()) {
+    let dx_at = match std::env::var("DX_PAST_X")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
         Some(b) => {
             let want = (x.as_ptr() as usize + b) % 4096;
             ((want + 4096 - dx_buf.as_ptr() as usize % 4096) % 4096) / 4
@@ -91,10 +94,7 @@ fn main() {
     for _ in 0..reps {
         let t = std::time::Instant::now();
         if op == "bwd" {
-            backward_into(
-                &cfg, g, &x, &dy, &p, &saved, dx, &mut grads, &mut ws, par,
-            )
-            .unwrap();
+            backward_into(&cfg, g, &x, &dy, &p, &saved, dx, &mut grads, &mut ws, par).unwrap();
         } else if op == "bwdrelu" {
             // Through a ReLU whose output was y (the training forward's output above:
             // about half of it positive).
