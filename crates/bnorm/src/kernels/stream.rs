@@ -263,6 +263,53 @@ mod x86 {
 
     use super::super::inner::WRAP;
 
+    /// The f64 backward map `(a·dz + b·(x − m)) + k` on one vector (`_mm256`: 4 lanes,
+    /// `_mm512`: 8): written once, so every kernel, flat or row-blocked, performs exactly
+    /// these operations in this order.
+    macro_rules! map2_f64 {
+        (_mm256, $x:expr, $d:expr, $m:expr, $a:expr, $b:expr, $k:expr) => {
+            _mm256_add_pd(
+                _mm256_add_pd(
+                    _mm256_mul_pd($a, $d),
+                    _mm256_mul_pd($b, _mm256_sub_pd($x, $m)),
+                ),
+                $k,
+            )
+        };
+        (_mm512, $x:expr, $d:expr, $m:expr, $a:expr, $b:expr, $k:expr) => {
+            _mm512_add_pd(
+                _mm512_add_pd(
+                    _mm512_mul_pd($a, $d),
+                    _mm512_mul_pd($b, _mm512_sub_pd($x, $m)),
+                ),
+                $k,
+            )
+        };
+    }
+
+    /// The f32 backward map `(a·(dz − d) + b·(x − hi)) + k` on one vector (`_mm256`: 8
+    /// lanes, `_mm512`: 16), written once as [`map2_f64`].
+    macro_rules! map2_f32 {
+        (_mm256, $x:expr, $dz:expr, $hi:expr, $a:expr, $d:expr, $b:expr, $k:expr) => {
+            _mm256_add_ps(
+                _mm256_add_ps(
+                    _mm256_mul_ps($a, _mm256_sub_ps($dz, $d)),
+                    _mm256_mul_ps($b, _mm256_sub_ps($x, $hi)),
+                ),
+                $k,
+            )
+        };
+        (_mm512, $x:expr, $dz:expr, $hi:expr, $a:expr, $d:expr, $b:expr, $k:expr) => {
+            _mm512_add_ps(
+                _mm512_add_ps(
+                    _mm512_mul_ps($a, _mm512_sub_ps($dz, $d)),
+                    _mm512_mul_ps($b, _mm512_sub_ps($x, $hi)),
+                ),
+                $k,
+            )
+        };
+    }
+
     /// A coefficient type: f32 (forward) or f64 (backward), with its AVX vector.
     pub(super) trait Coef: Copy {
         type V: Copy;
@@ -828,11 +875,14 @@ mod x86 {
         unsafe {
             let one = |o, x, y, d| map2_one::<S, RELU>(src, o, x, y, d);
             map2_loop::<RELU>(xs, ys, ds, os, rs, src.run(), one, |x8, d8, o| {
-                let x = _mm512_cvtps_pd(x8);
-                let d = _mm512_cvtps_pd(d8);
-                let ad = _mm512_mul_pd(src.vec8(1, o), d);
-                let bx = _mm512_mul_pd(src.vec8(3, o), _mm512_sub_pd(x, src.vec8(0, o)));
-                _mm512_cvtpd_ps(_mm512_add_pd(_mm512_add_pd(ad, bx), src.vec8(4, o)))
+                let (x, d) = (_mm512_cvtps_pd(x8), _mm512_cvtps_pd(d8));
+                let (m, a, b, k) = (
+                    src.vec8(0, o),
+                    src.vec8(1, o),
+                    src.vec8(3, o),
+                    src.vec8(4, o),
+                );
+                _mm512_cvtpd_ps(map2_f64!(_mm512, x, d, m, a, b, k))
             })
         }
     }
@@ -857,11 +907,10 @@ mod x86 {
             let one = |o, x, y, d| map2_one::<S, RELU>(src, o, x, y, d);
             map2_loop::<RELU>(xs, ys, ds, os, rs, src.run(), one, |x8, d8, o| {
                 let half = |x4: __m128, d4: __m128, j: usize| {
-                    let x = _mm256_cvtps_pd(x4);
-                    let d = _mm256_cvtps_pd(d4);
-                    let ad = _mm256_mul_pd(src.vec(1, o + j), d);
-                    let bx = _mm256_mul_pd(src.vec(3, o + j), _mm256_sub_pd(x, src.vec(0, o + j)));
-                    _mm256_cvtpd_ps(_mm256_add_pd(_mm256_add_pd(ad, bx), src.vec(4, o + j)))
+                    let (x, d) = (_mm256_cvtps_pd(x4), _mm256_cvtps_pd(d4));
+                    let (m, a) = (src.vec(0, o + j), src.vec(1, o + j));
+                    let (b, k) = (src.vec(3, o + j), src.vec(4, o + j));
+                    _mm256_cvtpd_ps(map2_f64!(_mm256, x, d, m, a, b, k))
                 };
                 let lo = half(_mm256_castps256_ps128(x8), _mm256_castps256_ps128(d8), 0);
                 let hi = half(
@@ -923,9 +972,9 @@ mod x86 {
         unsafe {
             let one = |o, x, y, d| map2f_one::<S, RELU>(src, o, x, y, d);
             map2_loop::<RELU>(xs, ys, ds, os, rs, src.run(), one, |x, d, o| {
-                let ad = _mm256_mul_ps(src.vec(1, o), _mm256_sub_ps(d, src.vec(2, o)));
-                let bx = _mm256_mul_ps(src.vec(3, o), _mm256_sub_ps(x, src.vec(0, o)));
-                _mm256_add_ps(_mm256_add_ps(ad, bx), src.vec(4, o))
+                let (hi, a, dd) = (src.vec(0, o), src.vec(1, o), src.vec(2, o));
+                let (b, k) = (src.vec(3, o), src.vec(4, o));
+                map2_f32!(_mm256, x, d, hi, a, dd, b, k)
             })
         }
     }
@@ -980,12 +1029,9 @@ mod x86 {
                     }
                 }
                 let x = _mm512_loadu_ps(xp.add(i));
-                let ad = _mm512_mul_ps(src.vec16(1, o), _mm512_sub_ps(d, src.vec16(2, o)));
-                let bx = _mm512_mul_ps(src.vec16(3, o), _mm512_sub_ps(x, src.vec16(0, o)));
-                _mm512_stream_ps(
-                    op.add(i),
-                    _mm512_add_ps(_mm512_add_ps(ad, bx), src.vec16(4, o)),
-                );
+                let (hi, a, dd) = (src.vec16(0, o), src.vec16(1, o), src.vec16(2, o));
+                let (b, k) = (src.vec16(3, o), src.vec16(4, o));
+                _mm512_stream_ps(op.add(i), map2_f32!(_mm512, x, d, hi, a, dd, b, k));
             }
         }
     }
@@ -1179,11 +1225,9 @@ mod x86 {
             }
             let x = _mm512_cvtps_pd(_mm256_loadu_ps(xp.add(i)));
             let d = _mm512_cvtps_pd(d8);
-            let ad = _mm512_mul_pd(a, d);
-            let bx = _mm512_mul_pd(b, _mm512_sub_pd(x, m));
             _mm256_stream_ps(
                 op.add(i),
-                _mm512_cvtpd_ps(_mm512_add_pd(_mm512_add_pd(ad, bx), k)),
+                _mm512_cvtpd_ps(map2_f64!(_mm512, x, d, m, a, b, k)),
             );
         };
         // SAFETY: `o < c + 8 <= run + 8` (the second half of a block starts 8 past an
@@ -1291,9 +1335,7 @@ mod x86 {
                 }
             }
             let x = _mm512_loadu_ps(xp.add(i));
-            let ad = _mm512_mul_ps(a, _mm512_sub_ps(d, dd));
-            let bx = _mm512_mul_ps(b, _mm512_sub_ps(x, hi));
-            _mm512_stream_ps(op.add(i), _mm512_add_ps(_mm512_add_ps(ad, bx), k));
+            _mm512_stream_ps(op.add(i), map2_f32!(_mm512, x, d, hi, a, dd, b, k));
         };
         // SAFETY: `o < c <= run`, so `o + 16 <= run + WRAP` and each `vec16` is in
         // bounds (it asserts so); past `run` the table repeats its first channels, so
@@ -1383,11 +1425,8 @@ mod x86 {
             }
             let x8 = _mm256_loadu_ps(xp.add(i));
             let half = |x4: __m128, d4: __m128, (m, a, b, k): Half| {
-                let x = _mm256_cvtps_pd(x4);
-                let d = _mm256_cvtps_pd(d4);
-                let ad = _mm256_mul_pd(a, d);
-                let bx = _mm256_mul_pd(b, _mm256_sub_pd(x, m));
-                _mm256_cvtpd_ps(_mm256_add_pd(_mm256_add_pd(ad, bx), k))
+                let (x, d) = (_mm256_cvtps_pd(x4), _mm256_cvtps_pd(d4));
+                _mm256_cvtpd_ps(map2_f64!(_mm256, x, d, m, a, b, k))
             };
             let l = half(_mm256_castps256_ps128(x8), _mm256_castps256_ps128(d8), lo);
             let h = half(
@@ -1470,9 +1509,7 @@ mod x86 {
                 }
             }
             let x = _mm256_loadu_ps(xp.add(i));
-            let ad = _mm256_mul_ps(a, _mm256_sub_ps(d, dd));
-            let bx = _mm256_mul_ps(b, _mm256_sub_ps(x, hi));
-            _mm256_stream_ps(op.add(i), _mm256_add_ps(_mm256_add_ps(ad, bx), k));
+            _mm256_stream_ps(op.add(i), map2_f32!(_mm256, x, d, hi, a, dd, b, k));
         };
         // SAFETY: `o < c <= run`, so `o + 8 <= run + WRAP` and each `vec` is in bounds (it
         // asserts so); past `run` the table repeats its first channels, so offset `o`
