@@ -45,9 +45,9 @@ pub(crate) const SEGMENT: usize = 1 << 15;
 pub(crate) const BLOCK: usize = 2048;
 
 simd::dispatch! {
-    fn run_moments<T>(xs: &[T]) -> Moments;
+    fn run_moments<T>(xs: &[T], next: &[T]) -> Moments;
     fn seg_dot<T>(x: &[T], y: &[T], dy: &[T], start: usize, stride: usize, rows: usize, len: usize, m: f64) -> (f64, f64);
-    fn dot_row<T>(acc: &mut DotLanes, xs: &[T], ys: &[T], ds: &[T], m: f64);
+    fn dot_row<T>(acc: &mut DotLanes, xs: &[T], ys: &[T], ds: &[T], m: f64, next: &[&[T]]);
     fn run_affine<T>(xs: &[T], ys: &mut [T], m: f64, s: f64, b: f64);
     fn run_affine2<T>(xs: &[T], ds: &[T], os: &mut [T], m: f64, a: f64, b: f64, k: f64, narrow: bool);
     fn rows_moments<T>(rows: &[T], c: usize, out: &mut [Moments]);
@@ -417,7 +417,9 @@ pub(crate) fn train_fused_cf<T: Element, F>(
             for n in s * rps..((s + 1) * rps).min(g.outer) {
                 for (j, m) in seg[..w].iter_mut().enumerate() {
                     let start = (n * c + c0 + j) * inner;
-                    *m = m.merge(run_moments(&x[start..start + inner]));
+                    // The channel's row of the next sample, prefetched alongside.
+                    let next = x.get(start + c * inner..start + (c + 1) * inner);
+                    *m = m.merge(run_moments(&x[start..start + inner], next.unwrap_or(&[])));
                 }
             }
             for (a, m) in acc[..w].iter_mut().zip(&seg[..w]) {
@@ -515,7 +517,14 @@ pub(crate) fn backward_fused_cf<T: Element, F>(
                         let r = start..start + inner;
                         let m = center[c0 + j];
                         let ys = y.map_or(&[][..], |y| &y[r.clone()]);
-                        dot_row(l, &x[r.clone()], ys, &dy[r], m);
+                        // The channel's rows of the next sample, prefetched alongside.
+                        let nr = start + c * inner..start + (c + 1) * inner;
+                        let next = match (x.get(nr.clone()), dy.get(nr.clone()), y) {
+                            (Some(xn), Some(dn), Some(y)) => [xn, dn, &y[nr]],
+                            (Some(xn), Some(dn), None) => [xn, dn, &[]],
+                            _ => [&[][..]; 3],
+                        };
+                        dot_row(l, &x[r.clone()], ys, &dy[r], m, &next);
                     }
                 }
                 for (t, l) in tot[..w].iter_mut().zip(&lanes[..w]) {

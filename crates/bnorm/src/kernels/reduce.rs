@@ -48,7 +48,7 @@ fn segment_moments_cf<T: Element>(
     let mut acc = Moments::default();
     for n in s * rps..((s + 1) * rps).min(g.outer) {
         let start = (n * g.channels + ch) * g.inner;
-        acc = acc.merge(run_moments(&x[start..start + g.inner]));
+        acc = acc.merge(run_moments(&x[start..start + g.inner], &[]));
     }
     acc
 }

@@ -1,0 +1,118 @@
+// Can a channels-first backward overlap its read phase with its write phase? The traffic
+// of bnorm's fused S5 backward (NCHW 64x128x56x56 f32, two channels per task): per task
+// the group's rows of x and dy read once (sums), then read again while dx is streamed
+// out. Schedule "phases" does that task after task (what bnorm does); "pipelined" reads
+// group g + 1 sample by sample between the sample rows of group g's output, so that
+// reads from memory and streaming writes are in flight at the same time on each core.
+// Two threads, best and median of 15 rounds.
+// Build and run (outside CI):
+//   gcc -O2 -mavx512f -mavx2 -mfma -fopenmp overlap.c -o overlap && OMP_NUM_THREADS=2 ./overlap
+#include <immintrin.h>
+#include <omp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+enum { N = 64, C = 128, HW = 3136, G = 2, TASKS = C / G, ROUNDS = 15 };
+static float *x, *dy, *dx;
+static double sums[C][2];
+
+static double now(void) {
+  struct timespec t;
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return t.tv_sec + t.tv_nsec * 1e-9;
+}
+static size_t at(int n, int t) { return ((size_t)n * C + (size_t)t * G) * HW; }
+
+// Pass 1 on sample n of task t: the sums of dy and dy*x over its G rows.
+static void reduce(int t, int n, __m512 *a, __m512 *b) {
+  const float *xp = x + at(n, t), *dp = dy + at(n, t);
+  for (int i = 0; i < G * HW; i += 16) {
+    __m512 d = _mm512_loadu_ps(dp + i);
+    *a = _mm512_add_ps(*a, d);
+    *b = _mm512_fmadd_ps(d, _mm512_loadu_ps(xp + i), *b);
+  }
+}
+// Pass 2 on sample n of task t: dx = k*dy + b*x + c, streamed.
+static void map(int t, int n, float k, float b, float c) {
+  const float *xp = x + at(n, t), *dp = dy + at(n, t);
+  float *op = dx + at(n, t);
+  __m512 kk = _mm512_set1_ps(k), bb = _mm512_set1_ps(b), cc = _mm512_set1_ps(c);
+  for (int i = 0; i < G * HW; i += 16) {
+    __m512 v = _mm512_fmadd_ps(kk, _mm512_loadu_ps(dp + i),
+                               _mm512_fmadd_ps(bb, _mm512_loadu_ps(xp + i), cc));
+    _mm512_stream_ps(op + i, v);
+  }
+}
+static void finish(int t, __m512 a, __m512 b) {
+  sums[t][0] = _mm512_reduce_add_ps(a);
+  sums[t][1] = _mm512_reduce_add_ps(b);
+}
+static float kof(int t) { return 1.0f + (float)(sums[t][0] * 1e-12); }
+
+static void phases(void) {
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int t = 0; t < TASKS; t++) {
+    __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+    for (int n = 0; n < N; n++) reduce(t, n, &a, &b);
+    finish(t, a, b);
+    for (int n = 0; n < N; n++) map(t, n, kof(t), 0.5f, 0.25f);
+    _mm_sfence();
+  }
+}
+
+static void pipelined(void) {
+#pragma omp parallel
+  {
+    int nt = omp_get_num_threads(), id = omp_get_thread_num();
+    int t0 = TASKS * id / nt, t1 = TASKS * (id + 1) / nt;
+    __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+    for (int n = 0; n < N; n++) reduce(t0, n, &a, &b);
+    finish(t0, a, b);
+    for (int t = t0; t < t1; t++) {
+      a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+      for (int n = 0; n < N; n++) {
+        if (t + 1 < t1) reduce(t + 1, n, &a, &b);
+        map(t, n, kof(t), 0.5f, 0.25f);
+      }
+      if (t + 1 < t1) finish(t + 1, a, b);
+    }
+    _mm_sfence();
+  }
+}
+
+static void copy(void) {
+  size_t n = (size_t)N * C * HW, ch = 32768;
+#pragma omp parallel for schedule(static)
+  for (size_t i = 0; i < n; i += ch) memcpy(dx + i, x + i, (i + ch < n ? ch : n - i) * 4);
+}
+
+static int cmp(const void *a, const void *b) {
+  double d = *(const double *)a - *(const double *)b;
+  return (d > 0) - (d < 0);
+}
+static void run(const char *name, void (*f)(void), double bytes) {
+  double t[ROUNDS];
+  f();
+  for (int r = 0; r < ROUNDS; r++) {
+    double s = now();
+    f();
+    t[r] = now() - s;
+  }
+  qsort(t, ROUNDS, sizeof t[0], cmp);
+  printf("%-10s best %6.2f ms  median %6.2f ms  (%5.1f GB/s at the median)\n", name,
+         t[0] * 1e3, t[ROUNDS / 2] * 1e3, bytes / t[ROUNDS / 2] / 1e9);
+}
+
+int main(void) {
+  size_t n = (size_t)N * C * HW;
+  x = aligned_alloc(4096, n * 4), dy = aligned_alloc(4096, n * 4), dx = aligned_alloc(4096, n * 4);
+  for (size_t i = 0; i < n; i++) x[i] = (float)(i % 97), dy[i] = (float)(i % 13), dx[i] = 0;
+  for (int rep = 0; rep < 3; rep++) {
+    run("phases", phases, 3.0 * n * 4);
+    run("pipelined", pipelined, 3.0 * n * 4);
+    run("copy", copy, 2.0 * n * 4);
+  }
+  return 0;
+}
