@@ -1,10 +1,15 @@
-// Can a channels-first backward overlap its read phase with its write phase? The traffic
-// of bnorm's fused S5 backward (NCHW 64x128x56x56 f32, two channels per task): per task
-// the group's rows of x and dy read once (sums), then read again while dx is streamed
-// out. Schedule "phases" does that task after task (what bnorm does); "pipelined" reads
-// group g + 1 sample by sample between the sample rows of group g's output, so that
-// reads from memory and streaming writes are in flight at the same time on each core.
-// Two threads, best and median of 15 rounds.
+// The traffic of bnorm's fused S5 backward (NCHW 64x128x56x56 f32, two channels per
+// task): per task the group's rows of x and dy read once (sums), then read again while dx
+// is streamed out. Two questions, two threads, best and median of 15 rounds:
+// 1. Can the read phase overlap the write phase? "phases" does one task after another
+//    (what bnorm does); "pipelined" reads group g + 1 sample by sample between the sample
+//    rows of group g's output, so that reads from memory and streaming writes are in
+//    flight at the same time on each core; "phases_pf" is "phases" with the prefetch of
+//    question 2 in its first pass.
+// 2. How fast can the read phase (the sums alone) go? "reduce" reads each sample's rows
+//    in turn (two streams: x, dy); "next_t1" does the same while prefetching (into L2) the
+//    same offsets of the next sample's rows, 1.6 MB further (four streams, same
+//    arithmetic order); "reduce2" reads two samples at once (four streams, other order).
 // Build and run (outside CI):
 //   gcc -O2 -mavx512f -mavx2 -mfma -fopenmp overlap.c -o overlap && OMP_NUM_THREADS=2 ./overlap
 #include <immintrin.h>
@@ -62,6 +67,31 @@ static void phases(void) {
   }
 }
 
+// "phases" with pass 1 prefetching the next sample's rows (what bnorm does since the
+// fifth session).
+static void reduce_next(int t, int n, __m512 *a, __m512 *b) {
+  const float *xp = x + at(n, t), *dp = dy + at(n, t);
+  int m = n + 1 < N ? n + 1 : n;
+  const float *xq = x + at(m, t), *dq = dy + at(m, t);
+  for (int i = 0; i < G * HW; i += 16) {
+    _mm_prefetch((const char *)(dq + i), _MM_HINT_T1);
+    _mm_prefetch((const char *)(xq + i), _MM_HINT_T1);
+    __m512 d = _mm512_loadu_ps(dp + i);
+    *a = _mm512_add_ps(*a, d);
+    *b = _mm512_fmadd_ps(d, _mm512_loadu_ps(xp + i), *b);
+  }
+}
+static void phases_pf(void) {
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int t = 0; t < TASKS; t++) {
+    __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+    for (int n = 0; n < N; n++) reduce_next(t, n, &a, &b);
+    finish(t, a, b);
+    for (int n = 0; n < N; n++) map(t, n, kof(t), 0.5f, 0.25f);
+    _mm_sfence();
+  }
+}
+
 static void pipelined(void) {
 #pragma omp parallel
   {
@@ -79,6 +109,42 @@ static void pipelined(void) {
       if (t + 1 < t1) finish(t + 1, a, b);
     }
     _mm_sfence();
+  }
+}
+
+static void only_reduce(void) {
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int t = 0; t < TASKS; t++) {
+    __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+    for (int n = 0; n < N; n++) reduce(t, n, &a, &b);
+    finish(t, a, b);
+  }
+}
+static void only_reduce_next(void) {
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int t = 0; t < TASKS; t++) {
+    __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+    for (int n = 0; n < N; n++) reduce_next(t, n, &a, &b);
+    finish(t, a, b);
+  }
+}
+static void only_reduce2(void) {
+#pragma omp parallel for schedule(dynamic, 1)
+  for (int t = 0; t < TASKS; t++) {
+    __m512 a = _mm512_setzero_ps(), b = _mm512_setzero_ps();
+    __m512 a2 = _mm512_setzero_ps(), b2 = _mm512_setzero_ps();
+    for (int n = 0; n < N; n += 2) {
+      const float *xp = x + at(n, t), *dp = dy + at(n, t);
+      const float *xq = x + at(n + 1, t), *dq = dy + at(n + 1, t);
+      for (int i = 0; i < G * HW; i += 16) {
+        __m512 d = _mm512_loadu_ps(dp + i), e = _mm512_loadu_ps(dq + i);
+        a = _mm512_add_ps(a, d);
+        a2 = _mm512_add_ps(a2, e);
+        b = _mm512_fmadd_ps(d, _mm512_loadu_ps(xp + i), b);
+        b2 = _mm512_fmadd_ps(e, _mm512_loadu_ps(xq + i), b2);
+      }
+    }
+    finish(t, _mm512_add_ps(a, a2), _mm512_add_ps(b, b2));
   }
 }
 
@@ -111,8 +177,15 @@ int main(void) {
   for (size_t i = 0; i < n; i++) x[i] = (float)(i % 97), dy[i] = (float)(i % 13), dx[i] = 0;
   for (int rep = 0; rep < 3; rep++) {
     run("phases", phases, 3.0 * n * 4);
+    run("phases_pf", phases_pf, 3.0 * n * 4);
     run("pipelined", pipelined, 3.0 * n * 4);
     run("copy", copy, 2.0 * n * 4);
+    run("reduce", only_reduce, 2.0 * n * 4);
+    run("next_t1", only_reduce_next, 2.0 * n * 4);
+    run("reduce2", only_reduce2, 2.0 * n * 4);
   }
+  double z = 0;  // keeps the sums (and so the reductions) live
+  for (int t = 0; t < C; t++) z += sums[t][0] + sums[t][1];
+  printf("(%g)\n", z);
   return 0;
 }

@@ -9,7 +9,8 @@
 //! (2000 calls): the arithmetic's cost without the memory's. With `HUGE=1` in the
 //! environment every buffer comes from `bnorm::zeroed_buffer` (huge pages); with
 //! `BWD=f32` the backward map runs in f32 (`BackwardArithmetic::F32`); with `DX_PAST_X=48`
-//! dx starts 48 bytes past x modulo 4 KiB (the 4K-aliasing case of heap-adjacent tensors).
+//! dx starts 48 bytes past x modulo 4 KiB (the 4K-aliasing case of heap-adjacent tensors),
+//! and with `DY_PAST_X=16` dy 16 bytes past x.
 
 use bnorm::{
     backward_into, backward_relu_into, forward_into, BackwardArithmetic, Config, Grads, Layout,
@@ -48,7 +49,10 @@ fn main() {
             vec![0f32; n]
         }
     };
-    let (mut x, mut dy) = (buf(n), buf(n));
+    let (mut x, mut dy_buf) = (buf(n), buf(n + 1024));
+    // DY_PAST_X=b: dy starts b bytes past x modulo 4 KiB (as DX_PAST_X below).
+    let dy_at = past_x(&x, &dy_buf, "DY_PAST_X");
+    let dy = &mut dy_buf[dy_at..dy_at + n];
     for (i, (xv, dv)) in x.iter_mut().zip(dy.iter_mut()).enumerate() {
         *xv = (i % 97) as f32 * 0.1 + 3.0;
         *dv = (i % 13) as f32 * 0.2 - 1.0;
@@ -58,16 +62,7 @@ fn main() {
     // DX_PAST_X=b: dx starts b bytes (a multiple of 4) past x modulo 4 KiB, as tensors
     // allocated one after another from a heap do (a few bytes apart): the streaming
     // kernels' 4K-aliasing case. Unset: 4 KiB-aligned offsets as fresh mappings give.
-    let dx_at = match std::env::var("DX_PAST_X")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-    {
-        Some(b) => {
-            let want = (x.as_ptr() as usize + b) % 4096;
-            ((want + 4096 - dx_buf.as_ptr() as usize % 4096) % 4096) / 4
-        }
-        None => 0,
-    };
+    let dx_at = past_x(&x, &dx_buf, "DX_PAST_X");
     let dx = &mut dx_buf[dx_at..dx_at + n];
     let (mut saved, mut ws, mut grads) = (Saved::default(), Workspace::default(), Grads::default());
     let in_cache = args[1].starts_with('C');
@@ -94,12 +89,12 @@ fn main() {
     for _ in 0..reps {
         let t = std::time::Instant::now();
         if op == "bwd" {
-            backward_into(&cfg, g, &x, &dy, &p, &saved, dx, &mut grads, &mut ws, par).unwrap();
+            backward_into(&cfg, g, &x, dy, &p, &saved, dx, &mut grads, &mut ws, par).unwrap();
         } else if op == "bwdrelu" {
             // Through a ReLU whose output was y (the training forward's output above:
             // about half of it positive).
             backward_relu_into(
-                &cfg, g, &x, &y, &dy, &p, &saved, dx, None, &mut grads, &mut ws, par,
+                &cfg, g, &x, &y, dy, &p, &saved, dx, None, &mut grads, &mut ws, par,
             )
             .unwrap();
         } else {
@@ -131,4 +126,20 @@ fn main() {
         ts[reps / 2] * 1e3,
         ts[0] * 1e3
     );
+}
+
+/// The index in `buf` (1024 values longer than needed) at which a tensor starts the
+/// number of bytes past `x` modulo 4 KiB that the environment variable `var` gives (a
+/// multiple of 4); 0 when it is unset.
+fn past_x(x: &[f32], buf: &[f32], var: &str) -> usize {
+    match std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        Some(b) => {
+            let want = (x.as_ptr() as usize + b) % 4096;
+            ((want + 4096 - buf.as_ptr() as usize % 4096) % 4096) / 4
+        }
+        None => 0,
+    }
 }
