@@ -1,6 +1,8 @@
 // The traffic of bnorm's fused S5 backward (NCHW 64x128x56x56 f32, two channels per
 // task): per task the group's rows of x and dy read once (sums), then read again while dx
-// is streamed out. Two questions, two threads, best and median of 15 rounds:
+// is streamed out. Two questions; two threads; the schedules of each question run
+// round-robin (so that the drift of a shared machine hits them alike), 25 rounds after a
+// warm-up, best and median of each:
 // 1. Can the read phase overlap the write phase? "phases" does one task after another
 //    (what bnorm does); "pipelined" reads group g + 1 sample by sample between the sample
 //    rows of group g's output, so that reads from memory and streaming writes are in
@@ -19,7 +21,7 @@
 #include <string.h>
 #include <time.h>
 
-enum { N = 64, C = 128, HW = 3136, G = 2, TASKS = C / G, ROUNDS = 15 };
+enum { N = 64, C = 128, HW = 3136, G = 2, TASKS = C / G, ROUNDS = 25 };
 static float *x, *dy, *dx;
 static double sums[C][2];
 
@@ -158,17 +160,22 @@ static int cmp(const void *a, const void *b) {
   double d = *(const double *)a - *(const double *)b;
   return (d > 0) - (d < 0);
 }
-static void run(const char *name, void (*f)(void), double bytes) {
-  double t[ROUNDS];
-  f();
-  for (int r = 0; r < ROUNDS; r++) {
-    double s = now();
-    f();
-    t[r] = now() - s;
+// Runs the schedules `f` round-robin (so that the machine's drift hits them alike),
+// ROUNDS times after one warm-up round, and prints each one's best and median.
+static void compare(int k, const char **names, void (**f)(void), double bytes) {
+  double t[8][ROUNDS];
+  for (int j = 0; j < k; j++) f[j]();
+  for (int r = 0; r < ROUNDS; r++)
+    for (int j = 0; j < k; j++) {
+      double s = now();
+      f[j]();
+      t[j][r] = now() - s;
+    }
+  for (int j = 0; j < k; j++) {
+    qsort(t[j], ROUNDS, sizeof t[j][0], cmp);
+    printf("%-10s best %6.2f ms  median %6.2f ms  (%5.1f GB/s at the median)\n", names[j],
+           t[j][0] * 1e3, t[j][ROUNDS / 2] * 1e3, bytes / t[j][ROUNDS / 2] / 1e9);
   }
-  qsort(t, ROUNDS, sizeof t[0], cmp);
-  printf("%-10s best %6.2f ms  median %6.2f ms  (%5.1f GB/s at the median)\n", name,
-         t[0] * 1e3, t[ROUNDS / 2] * 1e3, bytes / t[ROUNDS / 2] / 1e9);
 }
 
 int main(void) {
@@ -176,13 +183,16 @@ int main(void) {
   x = aligned_alloc(4096, n * 4), dy = aligned_alloc(4096, n * 4), dx = aligned_alloc(4096, n * 4);
   for (size_t i = 0; i < n; i++) x[i] = (float)(i % 97), dy[i] = (float)(i % 13), dx[i] = 0;
   for (int rep = 0; rep < 3; rep++) {
-    run("phases", phases, 3.0 * n * 4);
-    run("phases_pf", phases_pf, 3.0 * n * 4);
-    run("pipelined", pipelined, 3.0 * n * 4);
-    run("copy", copy, 2.0 * n * 4);
-    run("reduce", only_reduce, 2.0 * n * 4);
-    run("next_t1", only_reduce_next, 2.0 * n * 4);
-    run("reduce2", only_reduce2, 2.0 * n * 4);
+    const char *whole[] = {"phases", "phases_pf", "pipelined"};
+    void (*wf[])(void) = {phases, phases_pf, pipelined};
+    compare(3, whole, wf, 3.0 * n * 4);
+    const char *read[] = {"reduce", "next_t1", "reduce2"};
+    void (*rf[])(void) = {only_reduce, only_reduce_next, only_reduce2};
+    compare(3, read, rf, 2.0 * n * 4);
+    const char *cp[] = {"copy"};
+    void (*cf[])(void) = {copy};
+    compare(1, cp, cf, 2.0 * n * 4);
+    printf("\n");
   }
   double z = 0;  // keeps the sums (and so the reductions) live
   for (int t = 0; t < C; t++) z += sums[t][0] + sums[t][1];
