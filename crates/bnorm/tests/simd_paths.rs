@@ -68,7 +68,7 @@ fn sweep<T: Element>(tol: f64) {
     ] {
         shapes.push((Layout::NCL, vec![2, 3, inner]));
     }
-    for c in [1usize, 2, 3, 7, 8, 9, 15, 16, 17, 33, 63, 64, 65, 129] {
+    for c in [1usize, 2, 3, 7, 8, 9, 15, 16, 17, 32, 33, 63, 64, 65, 129] {
         shapes.push((Layout::NC, vec![5, c]));
         shapes.push((Layout::NLC, vec![2, 3, c]));
     }

@@ -421,8 +421,9 @@ pub(crate) fn rows_moments<T: Element>(rows: &[T], c: usize, out: &mut [Moments]
     }
     // One pass over all rows, shifted per channel by the first row (|Σ(x − s)²| is at
     // most (n + 1)·M2 when the shift is one of the values, so the subtraction below costs
-    // at most log2(n + 1) bits of f64), four rows at a time across the channels; one
-    // conversion to moments per channel, no merges. A channel whose sums are not finite
+    // at most log2(n + 1) bits of f64) — for 32 or 64 channels row by row with the sums
+    // in registers, else four rows at a time across the channels; one conversion to
+    // moments per channel, no merges. A channel whose sums are not finite
     // or cancel more than `MAX_CANCEL` is reduced again by two strided passes.
     let n = rows.len() / c;
     if n == 0 {
@@ -436,27 +437,10 @@ pub(crate) fn rows_moments<T: Element>(rows: &[T], c: usize, out: &mut [Moments]
     }
     let shift: &[f64] = shift;
     let (s1, s2) = (&mut s1[..c], &mut s2[..c]);
-    let mut quads = rows.chunks_exact(4 * c);
-    for q in &mut quads {
-        let (x0, x1, x2, x3) = (&q[..c], &q[c..2 * c], &q[2 * c..3 * c], &q[3 * c..4 * c]);
-        for ch in 0..c {
-            let sh = shift[ch];
-            let (d0, d1, d2, d3) = (
-                x0[ch].to_f64() - sh,
-                x1[ch].to_f64() - sh,
-                x2[ch].to_f64() - sh,
-                x3[ch].to_f64() - sh,
-            );
-            s1[ch] += (d0 + d1) + (d2 + d3);
-            s2[ch] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
-        }
-    }
-    for r in quads.remainder().chunks_exact(c) {
-        for ch in 0..c {
-            let d = r[ch].to_f64() - shift[ch];
-            s1[ch] += d;
-            s2[ch] += d * d;
-        }
+    match c {
+        32 => shifted_rows::<T, 32>(rows, shift, s1, s2),
+        64 => shifted_rows::<T, 64>(rows, shift, s1, s2),
+        _ => shifted_quads(rows, c, shift, s1, s2),
     }
     let nf = n as f64;
     for ch in 0..c {
@@ -481,6 +465,61 @@ pub(crate) fn rows_moments<T: Element>(rows: &[T], c: usize, out: &mut [Moments]
             mean,
             m2,
         });
+    }
+}
+
+/// Adds the shifted sums `Σ(x − shift)`, `Σ(x − shift)²` of channels-last rows of `c`
+/// channels into `s1`, `s2`: four rows at a time across the channels (a quarter of the
+/// accumulator traffic), then the last rows one by one.
+#[inline(always)]
+fn shifted_quads<T: Element>(rows: &[T], c: usize, shift: &[f64], s1: &mut [f64], s2: &mut [f64]) {
+    let mut quads = rows.chunks_exact(4 * c);
+    for q in &mut quads {
+        let (x0, x1, x2, x3) = (&q[..c], &q[c..2 * c], &q[2 * c..3 * c], &q[3 * c..4 * c]);
+        for ch in 0..c {
+            let sh = shift[ch];
+            let (d0, d1, d2, d3) = (
+                x0[ch].to_f64() - sh,
+                x1[ch].to_f64() - sh,
+                x2[ch].to_f64() - sh,
+                x3[ch].to_f64() - sh,
+            );
+            s1[ch] += (d0 + d1) + (d2 + d3);
+            s2[ch] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+        }
+    }
+    for r in quads.remainder().chunks_exact(c) {
+        for ch in 0..c {
+            let d = r[ch].to_f64() - shift[ch];
+            s1[ch] += d;
+            s2[ch] += d * d;
+        }
+    }
+}
+
+/// [`shifted_quads`] for exactly `C` channels, one row after another: the sums are
+/// fixed-size arrays, which the compiler keeps in registers for all the rows (the S4
+/// training forward, C = 64, took 15–18% longer with them in memory; bench/RESULTS.md).
+#[inline(always)]
+fn shifted_rows<T: Element, const C: usize>(
+    rows: &[T],
+    shift: &[f64],
+    s1: &mut [f64],
+    s2: &mut [f64],
+) {
+    let mut sh = [0.0f64; C];
+    sh.copy_from_slice(&shift[..C]);
+    let (mut a, mut b) = ([0.0f64; C], [0.0f64; C]);
+    for r in rows.as_chunks::<C>().0 {
+        for ch in 0..C {
+            let d = r[ch].to_f64() - sh[ch];
+            a[ch] += d;
+            b[ch] += d * d;
+        }
+    }
+    for ch in 0..C {
+        s1[ch] += a[ch];
+        s2[ch] += b[ch];
     }
 }
 
@@ -524,6 +563,67 @@ fn rows_moments_small<T: Element>(rows: &[T], c: usize, out: &mut [Moments]) {
     }
 }
 
+/// [`rows_dot`] (with `RELU`, [`rows_dot_relu`] through the ReLU output `ys`) where a
+/// run is exactly `L` values (`lanes_for(c) == L`: C divides 32, or C = 64). The lanes
+/// are fixed-size arrays, which the compiler keeps in registers for all the rows; with
+/// per-channel sums in memory, loaded and stored every few rows, the S4 backward (C =
+/// 64) took 10–17% longer (measured in one process alternating both, bench/RESULTS.md).
+/// Runs are added one after another, a last partial one (whole rows) into the first
+/// lanes; the lanes are folded to channels once. For C below 32 the same order as the
+/// general small-C loop.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn rows_dot_lanes<T: Element, const L: usize, const RELU: bool>(
+    xs: &[T],
+    ys: &[T],
+    ds: &[T],
+    c: usize,
+    center: &[f64],
+    sa: &mut [f64],
+    sb: &mut [f64],
+) {
+    let mut mbuf = [0.0f64; 64];
+    let mut me = [0.0f64; L];
+    me.copy_from_slice(&expand(center, c, &mut mbuf)[..L]);
+    let n = xs.len().min(ds.len());
+    let (xs, ds) = (&xs[..n], &ds[..n]);
+    // Without a ReLU `ys` is `ds` (unused): the same chunking, no extra slice.
+    let ys = if RELU { &ys[..n] } else { ds };
+    let dz = |y: &T, d: &T| {
+        if RELU {
+            through_relu(*y, *d)
+        } else {
+            d.to_f64()
+        }
+    };
+    let (mut a, mut b) = ([0.0f64; L], [0.0f64; L]);
+    let (xb, xr) = xs.as_chunks::<L>();
+    let (db, dr) = ds.as_chunks::<L>();
+    let (yb, yr) = ys.as_chunks::<L>();
+    for ((xc, dc), yc) in xb.iter().zip(db).zip(yb) {
+        for l in 0..L {
+            let d = dz(&yc[l], &dc[l]);
+            a[l] += d;
+            b[l] += d * (xc[l].to_f64() - me[l]);
+        }
+    }
+    for (l, ((x, d), y)) in xr.iter().zip(dr).zip(yr).enumerate() {
+        let d = dz(y, d);
+        a[l] += d;
+        b[l] += d * (x.to_f64() - me[l]);
+    }
+    let (mut a64, mut b64) = ([0.0f64; 64], [0.0f64; 64]);
+    a64[..L].copy_from_slice(&a);
+    b64[..L].copy_from_slice(&b);
+    let (mut fa, mut fb) = ([0.0f64; 64], [0.0f64; 64]);
+    fold_lanes(&a64, c, &mut fa);
+    fold_lanes(&b64, c, &mut fb);
+    for ch in 0..c {
+        sa[ch] += fa[ch];
+        sb[ch] += fb[ch];
+    }
+}
+
 /// Adds per-channel (Σdy, Σdy·(x − center)) of channels-last rows into `sa`, `sb`.
 #[inline(always)]
 pub(crate) fn rows_dot<T: Element>(
@@ -534,6 +634,11 @@ pub(crate) fn rows_dot<T: Element>(
     sa: &mut [f64],
     sb: &mut [f64],
 ) {
+    match lanes_for(c) {
+        32 => return rows_dot_lanes::<T, 32, false>(xs, &[], ds, c, center, sa, sb),
+        64 => return rows_dot_lanes::<T, 64, false>(xs, &[], ds, c, center, sa, sb),
+        _ => {}
+    }
     if c < 32 {
         let l = lanes_for(c);
         let mut mbuf = [0.0f64; 64];
@@ -620,6 +725,11 @@ pub(crate) fn rows_dot_relu<T: Element>(
     sa: &mut [f64],
     sb: &mut [f64],
 ) {
+    match lanes_for(c) {
+        32 => return rows_dot_lanes::<T, 32, true>(xs, ys, ds, c, center, sa, sb),
+        64 => return rows_dot_lanes::<T, 64, true>(xs, ys, ds, c, center, sa, sb),
+        _ => {}
+    }
     if c < 32 {
         let l = lanes_for(c);
         let mut mbuf = [0.0f64; 64];
