@@ -141,11 +141,11 @@ fn sum_sq_dev<T: Element>(xs: &[T], m: f64) -> f64 {
 /// into L2, for every slice in `next`: a hint that changes no value.
 ///
 /// The first pass of a channels-first kernel reads one row of a channel (x, dy) at a
-/// time from memory; the hardware prefetchers follow each of those few streams only so
-/// far ahead, and one core alone cannot keep enough reads in flight. Touching the same
-/// offsets of the channel's next row (megabytes away) while the current one is reduced
-/// doubles the streams and keeps the next row arriving: the read phase of the S5
-/// backward 25–30% faster in `bench/probes/overlap.c` (`next_t1` against `reduce`).
+/// time from memory, a few streams per core. Requesting the same offsets of the
+/// channel's next row (megabytes away) while the current one is reduced doubles the
+/// streams in flight: the S5 backward 3–5% and training forward 2.5–3.5% faster, S1 (in
+/// part served by the L3) unchanged — measured in one process alternating with and
+/// without it (bench/RESULTS.md, fifth session).
 #[inline(always)]
 fn ahead<T>(next: &[&[T]], i: usize, n: usize) {
     #[cfg(target_arch = "x86_64")]
@@ -615,13 +615,61 @@ fn rows_dot_lanes<T: Element, const L: usize, const RELU: bool>(
     let (mut a64, mut b64) = ([0.0f64; 64], [0.0f64; 64]);
     a64[..L].copy_from_slice(&a);
     b64[..L].copy_from_slice(&b);
+    add_folded(&a64, &b64, c, sa, sb);
+}
+
+/// Folds two sets of run lanes to channels ([`fold_lanes`]) and adds them into `sa`, `sb`.
+#[inline(always)]
+fn add_folded(a: &[f64; 64], b: &[f64; 64], c: usize, sa: &mut [f64], sb: &mut [f64]) {
     let (mut fa, mut fb) = ([0.0f64; 64], [0.0f64; 64]);
-    fold_lanes(&a64, c, &mut fa);
-    fold_lanes(&b64, c, &mut fb);
+    fold_lanes(a, c, &mut fa);
+    fold_lanes(b, c, &mut fb);
     for ch in 0..c {
         sa[ch] += fa[ch];
         sb[ch] += fb[ch];
     }
+}
+
+/// [`rows_dot_lanes`] for the other C below 32, whose runs (`lanes_for(c)` values, whole
+/// rows) are not a size known at compile time: the same order, the lanes in memory.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn rows_dot_runs<T: Element, const RELU: bool>(
+    xs: &[T],
+    ys: &[T],
+    ds: &[T],
+    c: usize,
+    center: &[f64],
+    sa: &mut [f64],
+    sb: &mut [f64],
+) {
+    let l = lanes_for(c);
+    let mut mbuf = [0.0f64; 64];
+    let me = expand(center, c, &mut mbuf);
+    let n = xs.len().min(ds.len());
+    let (xs, ds) = (&xs[..n], &ds[..n]);
+    // Without a ReLU `ys` is `ds` (unused): the same chunking, no extra slice.
+    let ys = if RELU { &ys[..n] } else { ds };
+    let (mut a, mut b) = ([0.0f64; 64], [0.0f64; 64]);
+    for ((xr, yr), dr) in xs.chunks(l).zip(ys.chunks(l)).zip(ds.chunks(l)) {
+        for (((((av, bv), x), y), d), m) in a
+            .iter_mut()
+            .zip(b.iter_mut())
+            .zip(xr)
+            .zip(yr)
+            .zip(dr)
+            .zip(me)
+        {
+            let dz = if RELU {
+                through_relu(*y, *d)
+            } else {
+                d.to_f64()
+            };
+            *av += dz;
+            *bv += dz * (x.to_f64() - m);
+        }
+    }
+    add_folded(&a, &b, c, sa, sb);
 }
 
 /// Adds per-channel (Σdy, Σdy·(x − center)) of channels-last rows into `sa`, `sb`.
@@ -640,25 +688,7 @@ pub(crate) fn rows_dot<T: Element>(
         _ => {}
     }
     if c < 32 {
-        let l = lanes_for(c);
-        let mut mbuf = [0.0f64; 64];
-        let me = expand(center, c, &mut mbuf);
-        let (mut a, mut b) = ([0.0f64; 64], [0.0f64; 64]);
-        for (xr, dr) in xs.chunks(l).zip(ds.chunks(l)) {
-            for ((((av, bv), x), d), m) in a.iter_mut().zip(b.iter_mut()).zip(xr).zip(dr).zip(me) {
-                let dv = d.to_f64();
-                *av += dv;
-                *bv += dv * (x.to_f64() - m);
-            }
-        }
-        let (mut fa, mut fb) = ([0.0f64; 64], [0.0f64; 64]);
-        fold_lanes(&a, c, &mut fa);
-        fold_lanes(&b, c, &mut fb);
-        for ch in 0..c {
-            sa[ch] += fa[ch];
-            sb[ch] += fb[ch];
-        }
-        return;
+        return rows_dot_runs::<T, false>(xs, &[], ds, c, center, sa, sb);
     }
     // Four rows at a time: a quarter of the accumulator traffic.
     let (sa, sb, center) = (&mut sa[..c], &mut sb[..c], &center[..c]);
@@ -731,32 +761,7 @@ pub(crate) fn rows_dot_relu<T: Element>(
         _ => {}
     }
     if c < 32 {
-        let l = lanes_for(c);
-        let mut mbuf = [0.0f64; 64];
-        let me = expand(center, c, &mut mbuf);
-        let (mut a, mut b) = ([0.0f64; 64], [0.0f64; 64]);
-        for ((xr, yr), dr) in xs.chunks(l).zip(ys.chunks(l)).zip(ds.chunks(l)) {
-            for (((((av, bv), x), y), d), m) in a
-                .iter_mut()
-                .zip(b.iter_mut())
-                .zip(xr)
-                .zip(yr)
-                .zip(dr)
-                .zip(me)
-            {
-                let dz = through_relu(*y, *d);
-                *av += dz;
-                *bv += dz * (x.to_f64() - m);
-            }
-        }
-        let (mut fa, mut fb) = ([0.0f64; 64], [0.0f64; 64]);
-        fold_lanes(&a, c, &mut fa);
-        fold_lanes(&b, c, &mut fb);
-        for ch in 0..c {
-            sa[ch] += fa[ch];
-            sb[ch] += fb[ch];
-        }
-        return;
+        return rows_dot_runs::<T, true>(xs, ys, ds, c, center, sa, sb);
     }
     for ((xr, yr), dr) in xs
         .chunks_exact(c)
