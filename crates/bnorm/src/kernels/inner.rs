@@ -499,7 +499,7 @@ fn shifted_quads<T: Element>(rows: &[T], c: usize, shift: &[f64], s1: &mut [f64]
 
 /// [`shifted_quads`] for exactly `C` channels, one row after another: the sums are
 /// fixed-size arrays, which the compiler keeps in registers for all the rows (the S4
-/// training forward, C = 64, took 15–18% longer with them in memory; bench/RESULTS.md).
+/// training forward, C = 64, took 8–12% longer with them in memory; bench/RESULTS.md).
 #[inline(always)]
 fn shifted_rows<T: Element, const C: usize>(
     rows: &[T],
@@ -567,7 +567,7 @@ fn rows_moments_small<T: Element>(rows: &[T], c: usize, out: &mut [Moments]) {
 /// run is exactly `L` values (`lanes_for(c) == L`: C divides 32, or C = 64). The lanes
 /// are fixed-size arrays, which the compiler keeps in registers for all the rows; with
 /// per-channel sums in memory, loaded and stored every few rows, the S4 backward (C =
-/// 64) took 10–17% longer (measured in one process alternating both, bench/RESULTS.md).
+/// 64) took 10–13% longer (measured in one process alternating both, bench/RESULTS.md).
 /// Runs are added one after another, a last partial one (whole rows) into the first
 /// lanes; the lanes are folded to channels once. For C below 32 the same order as the
 /// general small-C loop.
