@@ -597,12 +597,15 @@ const INTERLEAVE_ROWS: usize = 1024;
 pub(crate) const FUSE_GROUP: usize = 4;
 
 /// Bytes of the arrays a fused task reads twice (x for the training forward; x and dy, and
-/// y through a ReLU, for the backward), at most: two tasks' worth must stay in the L3 of
-/// a small machine between the passes. Measured on the 2-core VM of bench/RESULTS.md
-/// ("This session's change, side by side"): with 6.4 MB per task (S5 backward, four
-/// channels) the backward reached 0.62–0.63 of the copy rate, with 3.2 MB 0.83; a 2 MB
-/// budget measured worse than 4 MB.
-const FUSE_BYTES: usize = 4 << 20;
+/// y through a ReLU, for the backward), at most: every thread's task must stay in the L3
+/// of a small machine between the passes. Measured on the 2-core VM of bench/RESULTS.md:
+/// with 6.4 MB per task (S5 backward, four channels) the backward reached 0.62–0.63 of
+/// the copy rate, with 3.2 MB 0.83 (second session, separate runs). Alternated call by
+/// call in one process against 4 MB (fifth session, `bench/probes/ab/ab-fuse-bytes.patch`),
+/// 2 MB made the S5 backward (one channel per task instead of two) 6–7% faster, the S1
+/// backward (two instead of four) 2–4% and through a ReLU 4–11%, and left the training
+/// forwards unchanged (±3%); 1 MB measured the same as 2 MB.
+const FUSE_BYTES: usize = 2 << 20;
 
 /// Channels per task of the fused channels-first training forward and backward for `g`
 /// with `arrays` tensors of `T` read twice (x for the training forward; x and dy for the
