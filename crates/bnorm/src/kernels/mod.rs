@@ -609,17 +609,17 @@ const FUSE_BYTES: usize = 2 << 20;
 
 /// Channels per task of the fused channels-first training forward and backward for `g`
 /// with `arrays` tensors of `T` read twice (x for the training forward; x and dy for the
-/// backward, and y through a ReLU): as many as keep those bytes within 4 MB per task, so
-/// that two tasks' working sets stay in a small machine's L3 between the first and the
-/// second visit, from 1 to 4. Depends on the shape only, and never changes a result (each
+/// backward, and y through a ReLU): as many as keep those bytes within 2 MB per task, so
+/// that every thread's working set stays in a small machine's L3 between the first and
+/// the second visit, from 1 to 4. Depends on the shape only, and never changes a result (each
 /// channel's sums have a fixed order); `bnorm bench` uses it to model the kernels'
 /// memory-traffic floor.
 ///
 /// ```
 /// use bnorm::{fused_channels, Layout};
 /// let g = Layout::NCHW.geometry(&[64, 128, 56, 56]).unwrap();
-/// assert_eq!(fused_channels::<f32>(g, 1), 4); // 800 KB per channel of x
-/// assert_eq!(fused_channels::<f32>(g, 2), 2); // x and dy
+/// assert_eq!(fused_channels::<f32>(g, 1), 2); // 800 KB per channel of x
+/// assert_eq!(fused_channels::<f32>(g, 2), 1); // x and dy: 1.6 MB
 /// ```
 pub fn fused_channels<T: Element>(g: Geometry, arrays: usize) -> usize {
     let per_channel = g.outer * g.inner * std::mem::size_of::<T>() * arrays.max(1);
