@@ -278,24 +278,14 @@ impl DotLanes {
         m: f64,
         next: &[&[T]],
     ) {
-        let dz = |y: &T, d: &T| {
-            if RELU {
-                through_relu(*y, *d)
-            } else {
-                d.to_f64()
-            }
-        };
-        let n = xs.len().min(ds.len());
-        let (xs, ds) = (&xs[..n], &ds[..n]);
-        // Without a ReLU `ys` is `ds` (unused): the same chunking, no extra slice.
-        let ys = if RELU { &ys[..n] } else { ds };
+        let (xs, ys, ds) = dot_operands::<T, RELU>(xs, ys, ds);
         let (xb, xr) = xs.as_chunks::<LANES2>();
         let (db, dr) = ds.as_chunks::<LANES2>();
         let (yb, yr) = ys.as_chunks::<LANES2>();
         for (k, ((xc, dc), yc)) in xb.iter().zip(db).zip(yb).enumerate() {
             ahead(next, k * LANES2, LANES2);
             for l in 0..LANES2 {
-                let d = dz(&yc[l], &dc[l]);
+                let d = dz::<T, RELU>(yc[l], dc[l]);
                 self.a[l] += d;
                 self.b[l] += d * (xc[l].to_f64() - m);
             }
@@ -305,13 +295,13 @@ impl DotLanes {
         let (y8, yr) = yr.as_chunks::<8>();
         for ((xc, dc), yc) in x8.iter().zip(d8).zip(y8) {
             for l in 0..8 {
-                let d = dz(&yc[l], &dc[l]);
+                let d = dz::<T, RELU>(yc[l], dc[l]);
                 self.a8[l] += d;
                 self.b8[l] += d * (xc[l].to_f64() - m);
             }
         }
         for ((xv, dv), yv) in xr.iter().zip(dr).zip(yr) {
-            let d = dz(yv, dv);
+            let d = dz::<T, RELU>(*yv, *dv);
             self.ta += d;
             self.tb += d * (xv.to_f64() - m);
         }
@@ -585,30 +575,20 @@ fn rows_dot_lanes<T: Element, const L: usize, const RELU: bool>(
     let mut mbuf = [0.0f64; 64];
     let mut me = [0.0f64; L];
     me.copy_from_slice(&expand(center, c, &mut mbuf)[..L]);
-    let n = xs.len().min(ds.len());
-    let (xs, ds) = (&xs[..n], &ds[..n]);
-    // Without a ReLU `ys` is `ds` (unused): the same chunking, no extra slice.
-    let ys = if RELU { &ys[..n] } else { ds };
-    let dz = |y: &T, d: &T| {
-        if RELU {
-            through_relu(*y, *d)
-        } else {
-            d.to_f64()
-        }
-    };
+    let (xs, ys, ds) = dot_operands::<T, RELU>(xs, ys, ds);
     let (mut a, mut b) = ([0.0f64; L], [0.0f64; L]);
     let (xb, xr) = xs.as_chunks::<L>();
     let (db, dr) = ds.as_chunks::<L>();
     let (yb, yr) = ys.as_chunks::<L>();
     for ((xc, dc), yc) in xb.iter().zip(db).zip(yb) {
         for l in 0..L {
-            let d = dz(&yc[l], &dc[l]);
+            let d = dz::<T, RELU>(yc[l], dc[l]);
             a[l] += d;
             b[l] += d * (xc[l].to_f64() - me[l]);
         }
     }
     for (l, ((x, d), y)) in xr.iter().zip(dr).zip(yr).enumerate() {
-        let d = dz(y, d);
+        let d = dz::<T, RELU>(*y, *d);
         a[l] += d;
         b[l] += d * (x.to_f64() - me[l]);
     }
@@ -646,10 +626,7 @@ fn rows_dot_runs<T: Element, const RELU: bool>(
     let l = lanes_for(c);
     let mut mbuf = [0.0f64; 64];
     let me = expand(center, c, &mut mbuf);
-    let n = xs.len().min(ds.len());
-    let (xs, ds) = (&xs[..n], &ds[..n]);
-    // Without a ReLU `ys` is `ds` (unused): the same chunking, no extra slice.
-    let ys = if RELU { &ys[..n] } else { ds };
+    let (xs, ys, ds) = dot_operands::<T, RELU>(xs, ys, ds);
     let (mut a, mut b) = ([0.0f64; 64], [0.0f64; 64]);
     for ((xr, yr), dr) in xs.chunks(l).zip(ys.chunks(l)).zip(ds.chunks(l)) {
         for (((((av, bv), x), y), d), m) in a
@@ -660,13 +637,9 @@ fn rows_dot_runs<T: Element, const RELU: bool>(
             .zip(dr)
             .zip(me)
         {
-            let dz = if RELU {
-                through_relu(*y, *d)
-            } else {
-                d.to_f64()
-            };
-            *av += dz;
-            *bv += dz * (x.to_f64() - m);
+            let d = dz::<T, RELU>(*y, *d);
+            *av += d;
+            *bv += d * (x.to_f64() - m);
         }
     }
     add_folded(&a, &b, c, sa, sb);
@@ -741,6 +714,30 @@ fn through_relu<T: Element>(y: T, dy: T) -> f64 {
     } else {
         0.0
     }
+}
+
+/// The gradient summed by the backward reductions: `dy`, or with `RELU`
+/// [`through_relu`]`(y, dy)`.
+#[inline(always)]
+fn dz<T: Element, const RELU: bool>(y: T, dy: T) -> f64 {
+    if RELU {
+        through_relu(y, dy)
+    } else {
+        dy.to_f64()
+    }
+}
+
+/// `(x, y, dy)` cut to a common length for a backward reduction; without a ReLU `y` is
+/// `dy` (unused by [`dz`]): the same chunking, no extra slice.
+#[inline(always)]
+fn dot_operands<'a, T, const RELU: bool>(
+    xs: &'a [T],
+    ys: &'a [T],
+    ds: &'a [T],
+) -> (&'a [T], &'a [T], &'a [T]) {
+    let n = xs.len().min(ds.len());
+    let (xs, ds) = (&xs[..n], &ds[..n]);
+    (xs, if RELU { &ys[..n] } else { ds }, ds)
 }
 
 /// Channels-last per-channel sums through the ReLU, added into `sa`, `sb`.
