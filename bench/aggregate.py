@@ -17,7 +17,7 @@ def med(runs):
         m=dict(rs[0])
         m['median_s']=statistics.median(r['median_s'] for r in rs)
         m['gbps']=statistics.median(r['gbps'] for r in rs)
-        for k2 in ['copy_gbps','ratio','copy_nt_gbps','ratio_nt','floor_gbps','ratio_floor']:
+        for k2 in ['copy_gbps','ratio','ratio_paired','copy_paired_gbps','copy_nt_gbps','ratio_nt','floor_gbps','ratio_floor']:
             if all(k2 in r for r in rs):
                 m[k2]=statistics.median(r[k2] for r in rs)
         m['runs']=len(rs)
@@ -27,8 +27,8 @@ ours=med(load('bench/results-cpu-run*.json'))
 peers=med(load('bench/results-peers-run*.json'))
 json.dump(list(ours.values()), open('bench/results-cpu.json','w'), indent=1)
 json.dump(list(peers.values()), open('bench/results-peers.json','w'), indent=1)
-lines=["| shape | dtype | op | bnorm ms | bnorm GB/s | copy GB/s | ratio | NT-copy ratio | of floor | PyTorch ms | TensorFlow ms | candle-nn ms | vs PyTorch | vs TF | vs candle-nn |",
-       "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+lines=["| shape | dtype | op | bnorm ms | bnorm GB/s | copy GB/s | ratio | paired ratio | NT-copy ratio | of floor | PyTorch ms | TensorFlow ms | candle-nn ms | vs PyTorch | vs TF | vs candle-nn |",
+       "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
 for shape in ["S1","S2","S3","S4","S5"]:
     for dtype in ["f32","bf16"]:
         for op in ["train_fwd","infer_fwd","backward"]:
@@ -38,7 +38,7 @@ for shape in ["S1","S2","S3","S4","S5"]:
             f=lambda r: f"{r['median_s']*1e3:.2f}" if r else "—"
             vs=lambda r: f"{r['median_s']/b['median_s']:.2f}×" if r else "—"
             g=lambda k2: f"{b[k2]:.2f}" if k2 in b else "—"
-            lines.append(f"| {shape} {b['layout']} | {dtype} | {op} | {b['median_s']*1e3:.2f} | {b['gbps']:.1f} | {b['copy_gbps']:.1f} | {b['ratio']:.2f} | {g('ratio_nt')} | {g('ratio_floor')} | {f(p)} | {f(t)} | {f(c)} | {vs(p)} | {vs(t)} | {vs(c)} |")
+            lines.append(f"| {shape} {b['layout']} | {dtype} | {op} | {b['median_s']*1e3:.2f} | {b['gbps']:.1f} | {b['copy_gbps']:.1f} | {b['ratio']:.2f} | {g('ratio_paired')} | {g('ratio_nt')} | {g('ratio_floor')} | {f(p)} | {f(t)} | {f(c)} | {vs(p)} | {vs(t)} | {vs(c)} |")
 open('bench/table.md','w').write("\n".join(lines)+"\n")
 fused=["| shape | dtype | op | ms | GB/s | copy GB/s | ratio |","| --- | --- | --- | --- | --- | --- | --- |"]
 for shape in ["S1","S2","S3","S4","S5"]:

@@ -4,7 +4,10 @@
 //! Effective bandwidth = bytes of x read once + bytes of y written once, over the median
 //! time (backward: x and dy read once, dx written once). The copy row moves the same
 //! number of bytes (forward: copies x into y; backward: copies 1.5× as many elements) with
-//! the same threads, in the same chunks.
+//! the same threads, in the same chunks. Each ratio is measured twice: from medians taken
+//! one after the other (each operation warm from its own previous call), and paired
+//! (`ratio_paired`: the operation and the copy alternated call by call, so that the
+//! machine's drift and the cache's state hit both alike).
 
 use std::hint::black_box;
 use std::path::PathBuf;
@@ -96,6 +99,42 @@ fn median(seconds: f64, min_runs: usize, mut f: impl FnMut()) -> f64 {
     }
     times.sort_by(|a, b| a.total_cmp(b));
     times[times.len() / 2]
+}
+
+/// The target's ratio measured in the same minute: `op` and a plain copy of the same
+/// bytes (`copy`) alternated call by call, in the order op, copy, copy, op, so that the
+/// machine's drift (±30% over minutes on a shared VM) hits both alike. Returns the median
+/// over rounds of (copy time / op time) — the op's rate over the copy's, as both move the
+/// same bytes — and the median copy time.
+fn paired(
+    seconds: f64,
+    min_rounds: usize,
+    mut op: impl FnMut(),
+    mut copy: impl FnMut(),
+) -> (f64, f64) {
+    op(); // warm-up
+    copy();
+    let mut ratios = Vec::new();
+    let mut copies = Vec::new();
+    let budget = Duration::from_secs_f64(seconds);
+    let start = Instant::now();
+    let time = |f: &mut dyn FnMut()| {
+        let t = Instant::now();
+        f();
+        t.elapsed().as_secs_f64()
+    };
+    while ratios.len() < min_rounds || (start.elapsed() < budget && ratios.len() < 500) {
+        let a = time(&mut op);
+        let b = time(&mut copy) + time(&mut copy);
+        let a = a + time(&mut op);
+        ratios.push(b / a);
+        copies.push(b / 2.0);
+    }
+    let mid = |v: &mut Vec<f64>| {
+        v.sort_by(|a, b| a.total_cmp(b));
+        v[v.len() / 2]
+    };
+    (mid(&mut ratios), mid(&mut copies))
 }
 
 fn par_copy<T: Copy + Send + Sync>(src: &[T], dst: &mut [T]) {
@@ -285,6 +324,7 @@ fn bench_bnorm<T: Element + Default>(
     // The streaming-store copy (`copy-nt`) is the ceiling for outputs bnorm streams.
     let mut copy_rates = std::collections::BTreeMap::new();
     let mut nt_rates = std::collections::BTreeMap::new();
+    let mut pair_bufs = std::collections::BTreeMap::new();
     for k in [2usize, 3, 4, 5] {
         let len = n * k / 2;
         let src: Vec<T> = data(len, 3, huge);
@@ -308,7 +348,23 @@ fn bench_bnorm<T: Element + Default>(
             None,
         ));
         nt_rates.insert(k, bytes / t / 1e9);
+        if k <= 3 {
+            pair_bufs.insert(k, (src, dst));
+        }
     }
+    // The paired measurement of the three main operations: each alternated with the
+    // plain copy of its bytes (`paired`); the row gets `ratio_paired` and
+    // `copy_paired_gbps`.
+    let mut pair = |k: usize, r: &mut Row, op: &mut dyn FnMut()| {
+        let Some((src, dst)) = pair_bufs.get_mut(&k) else {
+            return;
+        };
+        let (ratio, tc) = paired(a.seconds, a.min_runs, op, || {
+            par_copy(black_box(&src[..]), dst)
+        });
+        r.value["ratio_paired"] = json!(ratio);
+        r.value["copy_paired_gbps"] = json!(k as f64 * n as f64 * size / tc / 1e9);
+    };
     let copy = |k: usize| copy_rates.get(&k).copied();
     let bytes = |k: usize| k as f64 * n as f64 * size;
 
@@ -327,14 +383,37 @@ fn bench_bnorm<T: Element + Default>(
         )
         .expect("valid input");
     });
-    out.push(row("bnorm", "train_fwd", s, dtype, t, bytes(2), copy(2)));
+    let mut r = row("bnorm", "train_fwd", s, dtype, t, bytes(2), copy(2));
+    pair(2, &mut r, &mut || {
+        forward_into(
+            &cfg,
+            g,
+            &x,
+            &p,
+            state.as_mut(),
+            Mode::Train,
+            &mut y,
+            &mut saved,
+            &mut ws,
+            par,
+        )
+        .expect("valid input");
+    });
+    out.push(r);
     let t = median(a.seconds, a.min_runs, || {
         backward_into(
             &cfg, g, &x, &dy, &p, &saved, &mut dx, &mut grads, &mut ws, par,
         )
         .expect("valid input");
     });
-    out.push(row("bnorm", "backward", s, dtype, t, bytes(3), copy(3)));
+    let mut r = row("bnorm", "backward", s, dtype, t, bytes(3), copy(3));
+    pair(3, &mut r, &mut || {
+        backward_into(
+            &cfg, g, &x, &dy, &p, &saved, &mut dx, &mut grads, &mut ws, par,
+        )
+        .expect("valid input");
+    });
+    out.push(r);
     if T::DTYPE == bnorm::DType::F32 {
         // The opt-in f32 backward map (`BackwardArithmetic::F32`), same saved statistics.
         let fast = cfg.clone().backward_arithmetic(BackwardArithmetic::F32);
@@ -369,7 +448,23 @@ fn bench_bnorm<T: Element + Default>(
         )
         .expect("valid input");
     });
-    out.push(row("bnorm", "infer_fwd", s, dtype, t, bytes(2), copy(2)));
+    let mut r = row("bnorm", "infer_fwd", s, dtype, t, bytes(2), copy(2));
+    pair(2, &mut r, &mut || {
+        forward_into(
+            &cfg,
+            g,
+            &x,
+            &p,
+            state.as_mut(),
+            Mode::Inference,
+            &mut y,
+            &mut saved,
+            &mut ws,
+            par,
+        )
+        .expect("valid input");
+    });
+    out.push(r);
 
     // Fused epilogues: relu(bn(x)) reads x, writes y; relu(bn(x) + r) also reads r.
     // Backward through them reads x, y, dy and writes dx (and d_residual).
@@ -600,7 +695,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         })
     };
     println!(
-        "{:<6} {:<6} {:<5} {:<10} {:>10} {:>9} {:>9} {:>7} {:>9} {:>8} {:>8} {:>12} {:>9}",
+        "{:<6} {:<6} {:<5} {:<10} {:>10} {:>9} {:>9} {:>7} {:>7} {:>9} {:>8} {:>8} {:>12} {:>9}",
         "shape",
         "layout",
         "dtype",
@@ -609,6 +704,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         "GB/s",
         "copy GB/s",
         "ratio",
+        "paired",
         "NT copy",
         "NT ratio",
         "of floor",
@@ -628,7 +724,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 v["speedup_vs_candle"] = json!(c / m);
             }
             println!(
-                "{:<6} {:<6} {:<5} {:<10} {:>10.3} {:>9.2} {:>9.2} {:>7.2} {:>9.2} {:>8.2} {:>8} {:>12} {:>9}",
+                "{:<6} {:<6} {:<5} {:<10} {:>10.3} {:>9.2} {:>9.2} {:>7.2} {:>7} {:>9.2} {:>8.2} {:>8} {:>12} {:>9}",
                 shape,
                 v["layout"].as_str().unwrap_or(""),
                 dtype,
@@ -641,6 +737,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 v["gbps"].as_f64().unwrap_or(0.0),
                 v["copy_gbps"].as_f64().unwrap_or(0.0),
                 v["ratio"].as_f64().unwrap_or(0.0),
+                v.get("ratio_paired")
+                    .and_then(|s| s.as_f64())
+                    .map_or("-".into(), |s| format!("{s:.2}")),
                 v["copy_nt_gbps"].as_f64().unwrap_or(0.0),
                 v["ratio_nt"].as_f64().unwrap_or(0.0),
                 v.get("ratio_floor")
@@ -657,6 +756,10 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         out.push(v);
     }
     println!("(* = allocating tier: a fresh output per call, page faults included)");
+    println!(
+        "(paired: the same ratio with bnorm and the plain copy alternated call by call, \
+         op, copy, copy, op: the median over rounds of copy time / op time, both cold)"
+    );
     println!(
         "(NT copy: the same bytes copied with streaming stores, which bnorm uses for outputs \
          of 16 MB and more; of floor: share reached of the schedule's memory-traffic floor)"
@@ -675,6 +778,28 @@ pub fn run(a: &BenchArgs) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paired_alternates_op_and_copy_in_abba_rounds() {
+        use std::cell::RefCell;
+        let calls = RefCell::new(String::new());
+        let (ratio, copy_s) = paired(
+            0.0,
+            3,
+            || {
+                calls.borrow_mut().push('o');
+                std::thread::sleep(Duration::from_micros(50));
+            },
+            || {
+                calls.borrow_mut().push('c');
+                std::thread::sleep(Duration::from_micros(50));
+            },
+        );
+        // One warm-up call of each, then rounds op, copy, copy, op.
+        assert_eq!(calls.into_inner(), "ococcooccoocco");
+        assert!(ratio.is_finite() && ratio > 0.0, "ratio {ratio}");
+        assert!(copy_s >= 0.0, "copy time {copy_s}");
+    }
 
     #[test]
     fn streaming_copy_copies_every_byte_at_any_alignment() {
