@@ -103,9 +103,12 @@ fn median(seconds: f64, min_runs: usize, mut f: impl FnMut()) -> f64 {
 
 /// The target's ratio measured in the same minute: `op` and a plain copy of the same
 /// bytes (`copy`) alternated call by call, in the order op, copy, copy, op, so that the
-/// machine's drift (±30% over minutes on a shared VM) hits both alike. Returns the median
-/// over rounds of (copy time / op time) — the op's rate over the copy's, as both move the
-/// same bytes — and the median copy time.
+/// machine's drift (±30% over minutes on a shared VM) hits both alike, and each runs as
+/// often right after the other (its data evicted from the caches) as right after itself
+/// (the run-alone medians give each the cache its own previous call left, which favours
+/// whichever fits the L3 better). Returns the median over rounds of (copy time / op
+/// time) — the op's rate over the copy's, as both move the same bytes — and the median
+/// of the copy's time per call.
 fn paired(
     seconds: f64,
     min_rounds: usize,
@@ -758,7 +761,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     println!("(* = allocating tier: a fresh output per call, page faults included)");
     println!(
         "(paired: the same ratio with bnorm and the plain copy alternated call by call, \
-         op, copy, copy, op: the median over rounds of copy time / op time, both cold)"
+         op, copy, copy, op: the median over rounds of copy time / op time)"
     );
     println!(
         "(NT copy: the same bytes copied with streaming stores, which bnorm uses for outputs \
