@@ -10,7 +10,9 @@
 //! environment every buffer comes from `bnorm::zeroed_buffer` (huge pages); with
 //! `BWD=f32` the backward map runs in f32 (`BackwardArithmetic::F32`); with `DX_PAST_X=48`
 //! dx starts 48 bytes past x modulo 4 KiB (the 4K-aliasing case of heap-adjacent tensors),
-//! and with `DY_PAST_X=16` dy 16 bytes past x.
+//! and with `DY_PAST_X=16` dy 16 bytes past x. With `COLD=1` a plain copy of as many
+//! bytes as the operation moves runs (untimed) before each call, as in the paired ratio
+//! of `bnorm bench`: the operation starts with its data out of the caches.
 
 use bnorm::{
     backward_into, backward_relu_into, forward_into, BackwardArithmetic, Config, Grads, Layout,
@@ -86,7 +88,21 @@ fn main() {
     .unwrap();
     let reps = if in_cache { 2000 } else { 100 };
     let mut ts = vec![];
+    // COLD=1: the copy that evicts the operation's data before each call.
+    let cold = std::env::var("COLD").is_ok_and(|v| v == "1");
+    let k = if op.starts_with("bwd") { 3 } else { 2 };
+    let (csrc, mut cdst) = if cold {
+        (vec![1f32; n * k / 2], vec![0f32; n * k / 2])
+    } else {
+        (vec![], vec![])
+    };
     for _ in 0..reps {
+        if cold {
+            use rayon::prelude::*;
+            cdst.par_chunks_mut(1 << 15)
+                .zip(csrc.par_chunks(1 << 15))
+                .for_each(|(d, s)| d.copy_from_slice(s));
+        }
         let t = std::time::Instant::now();
         if op == "bwd" {
             backward_into(&cfg, g, &x, dy, &p, &saved, dx, &mut grads, &mut ws, par).unwrap();
