@@ -355,23 +355,24 @@ fn bench_bnorm<T: Element + Default>(
             pair_bufs.insert(k, (src, dst));
         }
     }
-    // The paired measurement of the three main operations: each alternated with the
-    // plain copy of its bytes (`paired`); the row gets `ratio_paired` and
-    // `copy_paired_gbps`.
-    let mut pair = |k: usize, r: &mut Row, op: &mut dyn FnMut()| {
-        let Some((src, dst)) = pair_bufs.get_mut(&k) else {
-            return;
-        };
-        let (ratio, tc) = paired(a.seconds, a.min_runs, op, || {
-            par_copy(black_box(&src[..]), dst)
-        });
-        r.value["ratio_paired"] = json!(ratio);
-        r.value["copy_paired_gbps"] = json!(k as f64 * n as f64 * size / tc / 1e9);
-    };
     let copy = |k: usize| copy_rates.get(&k).copied();
     let bytes = |k: usize| k as f64 * n as f64 * size;
+    // The three main operations: the median of `op` alone, then `op` paired with the
+    // plain copy of its bytes (`paired`: the row's `ratio_paired`, `copy_paired_gbps`).
+    let mut timed = |name: &str, k: usize, op: &mut dyn FnMut()| {
+        let t = median(a.seconds, a.min_runs, &mut *op);
+        let mut r = row("bnorm", name, s, dtype, t, bytes(k), copy(k));
+        if let Some((src, dst)) = pair_bufs.get_mut(&k) {
+            let (ratio, tc) = paired(a.seconds, a.min_runs, op, || {
+                par_copy(black_box(&src[..]), dst)
+            });
+            r.value["ratio_paired"] = json!(ratio);
+            r.value["copy_paired_gbps"] = json!(bytes(k) / tc / 1e9);
+        }
+        r
+    };
 
-    let t = median(a.seconds, a.min_runs, || {
+    out.push(timed("train_fwd", 2, &mut || {
         forward_into(
             &cfg,
             g,
@@ -385,38 +386,13 @@ fn bench_bnorm<T: Element + Default>(
             par,
         )
         .expect("valid input");
-    });
-    let mut r = row("bnorm", "train_fwd", s, dtype, t, bytes(2), copy(2));
-    pair(2, &mut r, &mut || {
-        forward_into(
-            &cfg,
-            g,
-            &x,
-            &p,
-            state.as_mut(),
-            Mode::Train,
-            &mut y,
-            &mut saved,
-            &mut ws,
-            par,
-        )
-        .expect("valid input");
-    });
-    out.push(r);
-    let t = median(a.seconds, a.min_runs, || {
+    }));
+    out.push(timed("backward", 3, &mut || {
         backward_into(
             &cfg, g, &x, &dy, &p, &saved, &mut dx, &mut grads, &mut ws, par,
         )
         .expect("valid input");
-    });
-    let mut r = row("bnorm", "backward", s, dtype, t, bytes(3), copy(3));
-    pair(3, &mut r, &mut || {
-        backward_into(
-            &cfg, g, &x, &dy, &p, &saved, &mut dx, &mut grads, &mut ws, par,
-        )
-        .expect("valid input");
-    });
-    out.push(r);
+    }));
     if T::DTYPE == bnorm::DType::F32 {
         // The opt-in f32 backward map (`BackwardArithmetic::F32`), same saved statistics.
         let fast = cfg.clone().backward_arithmetic(BackwardArithmetic::F32);
@@ -436,7 +412,7 @@ fn bench_bnorm<T: Element + Default>(
             copy(3),
         ));
     }
-    let t = median(a.seconds, a.min_runs, || {
+    out.push(timed("infer_fwd", 2, &mut || {
         forward_into(
             &cfg,
             g,
@@ -450,24 +426,7 @@ fn bench_bnorm<T: Element + Default>(
             par,
         )
         .expect("valid input");
-    });
-    let mut r = row("bnorm", "infer_fwd", s, dtype, t, bytes(2), copy(2));
-    pair(2, &mut r, &mut || {
-        forward_into(
-            &cfg,
-            g,
-            &x,
-            &p,
-            state.as_mut(),
-            Mode::Inference,
-            &mut y,
-            &mut saved,
-            &mut ws,
-            par,
-        )
-        .expect("valid input");
-    });
-    out.push(r);
+    }));
 
     // Fused epilogues: relu(bn(x)) reads x, writes y; relu(bn(x) + r) also reads r.
     // Backward through them reads x, y, dy and writes dx (and d_residual).
