@@ -510,10 +510,21 @@ fn bench_bnorm<T: Element + Default>(
             (op, r.value["gbps"].as_f64().unwrap_or(0.0))
         })
         .collect();
+    // Where the caller-buffer tensors lie: each one's address modulo 4 KiB (the kernels'
+    // cost depends on their relative offsets; bench/RESULTS.md, "Buffer placement").
+    let page_offsets = json!({
+        "x": x.as_ptr() as usize % 4096,
+        "dy": dy.as_ptr() as usize % 4096,
+        "y": y.as_ptr() as usize % 4096,
+        "dx": dx.as_ptr() as usize % 4096,
+    });
     for r in &mut out[first..] {
         let v = &mut r.value;
         if v["impl"] != "bnorm" && v["impl"] != "bnorm-alloc" {
             continue;
+        }
+        if v["impl"] == "bnorm" {
+            v["page_offsets"] = page_offsets.clone();
         }
         let moved = v["gbps"].as_f64().unwrap_or(0.0) * v["median_s"].as_f64().unwrap_or(0.0);
         let k = (moved * 1e9 / (n as f64 * size)).round() as usize;
