@@ -259,6 +259,8 @@ fn streaming_row_blocked_wide_rows_matches_scalar() {
     // C = 1040 (65 × 16, run = C): blocks whose second coefficient half reaches into the
     // table's wrap-around repeat, an odd row count, a misaligned output. C = 1032 (129 ×
     // 8, not a multiple of 16): the 8-channel blocks on every level, aligned output.
+    // Both ask the L2 for the rows ahead in the backward maps (C >= 512), up to the end
+    // of each task's rows.
     check(Layout::NC, &[4099, 1040], 7);
     check(Layout::NC, &[4099, 1032], 0);
 }
@@ -267,11 +269,13 @@ fn streaming_row_blocked_wide_rows_matches_scalar() {
 fn streaming_downwards_matches_scalar() {
     // x at the start of a 4 KiB page, dy 16 bytes past one, every output 48 bytes past
     // x: an upward loop would keep loading where it just stored (4K aliasing), so the
-    // streaming kernels run downwards. Channels-first runs (one coefficient set) and
-    // channels-last rows in blocks (C = 48) with their tails.
+    // streaming kernels run downwards. Channels-first runs (one coefficient set),
+    // channels-last rows in blocks (C = 48) with their tails, and rows of C = 1040, for
+    // which the backward maps also ask the L2 for the rows ahead (below them here).
     for (layout, shp) in [
         (Layout::NCHW, &[3, 5, 700, 401][..]),
         (Layout::NHWC, &[3, 997, 35, 48][..]),
+        (Layout::NC, &[4099, 1040][..]),
     ] {
         let (x0, dy0) = inputs(shp);
         let n = x0.len();

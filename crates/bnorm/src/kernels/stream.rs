@@ -1152,6 +1152,46 @@ mod x86 {
         }};
     }
 
+    /// How far ahead of the values it maps (16 KiB of f32) a channels-last backward map
+    /// asks the L2 for its inputs ([`ask_l2`]).
+    const AHEAD: usize = 4096;
+
+    /// The fewest channels (2 KiB rows of f32) for which the channels-last backward maps
+    /// ask the L2 ahead ([`ask_l2`]): they take two rows at a time, and with rows this
+    /// long the hardware prefetcher, which stops at page boundaries, falls behind. In
+    /// one process, alternating call by call with the maps that do not
+    /// (`bench/probes/ab/ab-map-prefetch.patch`), NC (4096, 1024) ran 2–5% faster with
+    /// the f64 map, 4–7% with the f32 and AVX2 maps; NHWC (32, 56, 56, 64) measured
+    /// unchanged with the f64 map and 3% slower with the f32 and AVX2 maps, hence the
+    /// threshold.
+    const AHEAD_MIN_C: usize = 512;
+
+    /// Asks the L2 for the cache line `AHEAD` values past `at` (before it when `desc`)
+    /// of `x` and `dy` (and of `y` when `relu`) in `ps = [x, dy, y]`, where that lies
+    /// within `0..n`.
+    #[inline(always)]
+    fn ask_l2(ps: &[*const f32; 3], relu: bool, at: usize, n: usize, desc: bool) {
+        let to = if desc {
+            at.checked_sub(AHEAD)
+        } else {
+            Some(at + AHEAD).filter(|&t| t < n)
+        };
+        let Some(to) = to else {
+            return;
+        };
+        // SAFETY: `to < n`, and `x`, `dy` (and `y` when `relu`) hold `n` values, so each
+        // address lies within its input; a prefetch neither faults nor changes what the
+        // program can observe. SSE, which the instruction belongs to, is part of every
+        // x86-64.
+        unsafe {
+            _mm_prefetch::<_MM_HINT_T1>(ps[0].add(to).cast::<i8>());
+            _mm_prefetch::<_MM_HINT_T1>(ps[1].add(to).cast::<i8>());
+            if relu {
+                _mm_prefetch::<_MM_HINT_T1>(ps[2].add(to).cast::<i8>());
+            }
+        }
+    }
+
     /// The f64 backward map of [`map2_any`] with its coefficient loads hoisted out of
     /// `BLOCK_ROWS` rows (see [`blocked`]): the flat loop reloads four table vectors per
     /// 8 outputs, from L2 when C is large. Per element exactly the operations of
@@ -1208,28 +1248,32 @@ mod x86 {
             os.as_mut_ptr(),
             rs.as_mut_ptr(),
         );
-        // Eight outputs at `i` with the coefficients `(m, a, b, k)`.
-        // SAFETY (for every call below): `i + 8 <= end <= n`, within every slice used;
-        // `op + i` is 32-byte aligned (`head` is 64-byte aligned, steps are multiples of
-        // 8 values) as the streaming store requires; AVX-512F is enabled.
-        let eight = |i: usize, (m, a, b, k): (__m512d, __m512d, __m512d, __m512d)| unsafe {
-            let mut d8 = _mm256_loadu_ps(dp.add(i));
-            if RELU {
-                // dy where y > 0, else +0 (NaN y included): as `masked`.
-                let pos =
-                    _mm256_cmp_ps::<_CMP_GT_OQ>(_mm256_loadu_ps(yp.add(i)), _mm256_setzero_ps());
-                d8 = _mm256_and_ps(pos, d8);
-                if with_res {
-                    _mm256_storeu_ps(rp.add(i), d8);
+        // Eight outputs at `i` with the coefficients `(m, a, b, k)` (and their ReLU
+        // gradient stored when `with_res`): a macro, not a closure, so that it is always
+        // inlined (as a closure called from two others it was not, and its vectors went
+        // through memory).
+        // SAFETY (for every use below): `i + 8 <= end <= n`, within every slice used;
+        // AVX-512F is enabled.
+        macro_rules! eight {
+            ($i:expr, $coefs:expr) => {{
+                let (i, (m, a, b, k)): (usize, (__m512d, __m512d, __m512d, __m512d)) = ($i, $coefs);
+                let mut d8 = _mm256_loadu_ps(dp.add(i));
+                if RELU {
+                    // dy where y > 0, else +0 (NaN y included): as `masked`.
+                    let pos = _mm256_cmp_ps::<_CMP_GT_OQ>(
+                        _mm256_loadu_ps(yp.add(i)),
+                        _mm256_setzero_ps(),
+                    );
+                    d8 = _mm256_and_ps(pos, d8);
+                    if with_res {
+                        _mm256_storeu_ps(rp.add(i), d8);
+                    }
                 }
-            }
-            let x = _mm512_cvtps_pd(_mm256_loadu_ps(xp.add(i)));
-            let d = _mm512_cvtps_pd(d8);
-            _mm256_stream_ps(
-                op.add(i),
-                _mm512_cvtpd_ps(map2_f64!(_mm512, x, d, m, a, b, k)),
-            );
-        };
+                let x = _mm512_cvtps_pd(_mm256_loadu_ps(xp.add(i)));
+                let d = _mm512_cvtps_pd(d8);
+                _mm512_cvtpd_ps(map2_f64!(_mm512, x, d, m, a, b, k))
+            }};
+        }
         // SAFETY: `o < c + 8 <= run + 8` (the second half of a block starts 8 past an
         // offset below `c`), so the 8 values read end by `run + WRAP` and each `vec8` is
         // in bounds (it asserts so); past `run` the table repeats its first channels, so
@@ -1242,6 +1286,8 @@ mod x86 {
                 src.vec8(4, o),
             )
         };
+        let ps = [xp, dp, yp];
+        let ahead = c >= AHEAD_MIN_C;
         blocked::<16>(
             head,
             end,
@@ -1250,16 +1296,27 @@ mod x86 {
             |i, o, nr| {
                 let (lo, hi) = (coef(o), coef(o + 8));
                 for r in rows_in(nr, desc) {
-                    if desc {
-                        eight(i + r * c + 8, hi);
-                        eight(i + r * c, lo);
-                    } else {
-                        eight(i + r * c, lo);
-                        eight(i + r * c + 8, hi);
+                    let i = i + r * c;
+                    if ahead {
+                        ask_l2(&ps, RELU, i, n, desc);
+                    }
+                    // SAFETY: as `eight!`, with `i + 16 <= end`; `op + i` is 32-byte
+                    // aligned (`head` is 64-byte aligned, blocks start a multiple of 16
+                    // values past it) as the streaming store requires.
+                    unsafe {
+                        if desc {
+                            _mm256_stream_ps(op.add(i + 8), eight!(i + 8, hi));
+                            _mm256_stream_ps(op.add(i), eight!(i, lo));
+                        } else {
+                            _mm256_stream_ps(op.add(i), eight!(i, lo));
+                            _mm256_stream_ps(op.add(i + 8), eight!(i + 8, hi));
+                        }
                     }
                 }
             },
-            |i, o| eight(i, coef(o)),
+            // SAFETY: as `eight!`; `op + i` is 32-byte aligned (`head` is 64-byte
+            // aligned, steps are multiples of 8 values) as the streaming store requires.
+            |i, o| unsafe { _mm256_stream_ps(op.add(i), eight!(i, coef(o))) },
         );
     }
 
@@ -1352,6 +1409,8 @@ mod x86 {
         // `end - head` is a multiple of 16 and so is `c`: the 8-value steps after the
         // blocks come in pairs (in either order), each pair one 16-value step at its
         // first value.
+        let ps = [xp, dp, yp];
+        let ahead = c >= AHEAD_MIN_C;
         blocked::<16>(
             head,
             end,
@@ -1360,6 +1419,9 @@ mod x86 {
             |i, o, nr| {
                 let v = coef(o);
                 for r in rows_in(nr, desc) {
+                    if ahead {
+                        ask_l2(&ps, RELU, i + r * c, n, desc);
+                    }
                     sixteen(i + r * c, v);
                 }
             },
@@ -1442,6 +1504,8 @@ mod x86 {
         // holds channel `o mod c`; AVX2 is enabled.
         let coef =
             |o: usize| unsafe { (src.vec(0, o), src.vec(1, o), src.vec(3, o), src.vec(4, o)) };
+        let ps = [xp, dp, yp];
+        let ahead = c >= AHEAD_MIN_C;
         blocked::<8>(
             head,
             end,
@@ -1450,6 +1514,10 @@ mod x86 {
             |i, o, nr| {
                 let (lo, hi) = (coef(o), coef(o + 4));
                 for r in rows_in(nr, desc) {
+                    // One request per 64-byte line: every other 8-value step.
+                    if ahead && (i - head).is_multiple_of(16) {
+                        ask_l2(&ps, RELU, i + r * c, n, desc);
+                    }
                     eight(i + r * c, lo, hi);
                 }
             },
@@ -1523,6 +1591,8 @@ mod x86 {
                 src.vec(4, o),
             )
         };
+        let ps = [xp, dp, yp];
+        let ahead = c >= AHEAD_MIN_C;
         blocked::<8>(
             head,
             end,
@@ -1531,6 +1601,10 @@ mod x86 {
             |i, o, nr| {
                 let v = coef(o);
                 for r in rows_in(nr, desc) {
+                    // One request per 64-byte line: every other 8-value step.
+                    if ahead && (i - head).is_multiple_of(16) {
+                        ask_l2(&ps, RELU, i + r * c, n, desc);
+                    }
                     eight(i + r * c, v);
                 }
             },
