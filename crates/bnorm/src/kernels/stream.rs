@@ -1158,7 +1158,8 @@ mod x86 {
 
     /// The fewest channels (2 KiB rows of f32) for which the channels-last backward maps
     /// ask the L2 ahead ([`ask_l2`]): they take two rows at a time, and with rows this
-    /// long the hardware prefetcher, which stops at page boundaries, falls behind. In
+    /// long (a 4 KiB page each for S3) the hardware prefetchers, which do not cross page
+    /// boundaries, apparently fall behind. In
     /// one process, alternating call by call with the maps that do not
     /// (`bench/probes/ab/ab-map-prefetch.patch`), NC (4096, 1024) ran 2–5% faster with
     /// the f64 map, 4–7% with the f32 and AVX2 maps; NHWC (32, 56, 56, 64) measured
