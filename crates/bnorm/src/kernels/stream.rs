@@ -645,7 +645,14 @@ mod x86 {
         }
         let (xp, rp, yp) = (xs.as_ptr(), rs.as_ptr(), ys.as_mut_ptr());
         let zero = _mm512_setzero_ps();
+        // Channels-last tables (not the broadcast of a channels-first run) ask ahead for
+        // x (and the residual): S3 inference 11–15% faster, training 0–13%, S4 0–3%
+        // (`bench/probes/ab/ab-map-prefetch.patch`); channels-first runs gained nothing.
+        let (ahead, ps, k) = (run != usize::MAX, [xp, rp, xp], 1 + ADD as usize);
         for (i, o) in Steps::new(head, body, 16, run, desc) {
+            if ahead {
+                ask_l2(&ps, k, i, n, desc);
+            }
             // SAFETY: `i + 16 <= body <= n` lies within the slices (`rs` too when `ADD`);
             // `yp + i` is 64-byte aligned (`head` aligned it, steps are 64 bytes) as the
             // streaming store requires; `o < run` for the table reads; AVX-512F is enabled.
@@ -691,7 +698,12 @@ mod x86 {
         }
         let (xp, rp, yp) = (xs.as_ptr(), rs.as_ptr(), ys.as_mut_ptr());
         let zero = _mm256_setzero_ps();
+        // As in `map1_512`: channels-last tables ask ahead, once per 64-byte line.
+        let (ahead, ps, k) = (run != usize::MAX, [xp, rp, xp], 1 + ADD as usize);
         for (i, o) in Steps::new(head, body, 8, run, desc) {
+            if ahead && (i - head).is_multiple_of(16) {
+                ask_l2(&ps, k, i, n, desc);
+            }
             // SAFETY: `i + 8 <= body <= n` lies within the slices (`rs` too when `ADD`);
             // `yp + i` is 32-byte aligned (`head` aligned it, steps are 32 bytes) as the
             // streaming store requires; `o < run` for the table reads; AVX2 is enabled.
@@ -1152,26 +1164,24 @@ mod x86 {
         }};
     }
 
-    /// How far ahead of the values it maps (16 KiB of f32) a channels-last backward map
-    /// asks the L2 for its inputs ([`ask_l2`]).
+    /// How far ahead of the values it maps (16 KiB of f32) a channels-last map asks the
+    /// L2 for its inputs ([`ask_l2`]).
     const AHEAD: usize = 4096;
 
     /// The fewest channels (2 KiB rows of f32) for which the channels-last backward maps
     /// ask the L2 ahead ([`ask_l2`]): they take two rows at a time, and with rows this
     /// long (a 4 KiB page each for S3) the hardware prefetchers, which do not cross page
-    /// boundaries, apparently fall behind. In
-    /// one process, alternating call by call with the maps that do not
-    /// (`bench/probes/ab/ab-map-prefetch.patch`), NC (4096, 1024) ran 2–5% faster with
-    /// the f64 map, 4–7% with the f32 and AVX2 maps; NHWC (32, 56, 56, 64) measured
-    /// unchanged with the f64 map and 3% slower with the f32 and AVX2 maps, hence the
-    /// threshold.
+    /// boundaries, apparently fall behind. In one process, alternating call by call with
+    /// the maps that do not (`bench/probes/ab/ab-map-prefetch.patch`), NC (4096, 1024)
+    /// ran 2–5% faster with the f64 map, 4–7% with the f32 and AVX2 maps; NHWC (32, 56,
+    /// 56, 64) with requests too measured 1–5% slower, hence the threshold. (The
+    /// forward's channels-last map, one row at a time, asks ahead for every C.)
     const AHEAD_MIN_C: usize = 512;
 
     /// Asks the L2 for the cache line `AHEAD` values past `at` (before it when `desc`)
-    /// of `x` and `dy` (and of `y` when `relu`) in `ps = [x, dy, y]`, where that lies
-    /// within `0..n`.
+    /// of the first `k` inputs in `ps`, where that lies within `0..n`.
     #[inline(always)]
-    fn ask_l2(ps: &[*const f32; 3], relu: bool, at: usize, n: usize, desc: bool) {
+    fn ask_l2(ps: &[*const f32; 3], k: usize, at: usize, n: usize, desc: bool) {
         let to = if desc {
             at.checked_sub(AHEAD)
         } else {
@@ -1180,14 +1190,16 @@ mod x86 {
         let Some(to) = to else {
             return;
         };
-        // SAFETY: `to < n`, and `x`, `dy` (and `y` when `relu`) hold `n` values, so each
-        // address lies within its input; a prefetch neither faults nor changes what the
-        // program can observe. SSE, which the instruction belongs to, is part of every
-        // x86-64.
+        // SAFETY: `to < n`, and the first `k` inputs hold `n` values (the callers'
+        // contract), so each address lies within its input; a prefetch neither faults nor
+        // changes what the program can observe. SSE, which the instruction belongs to, is
+        // part of every x86-64.
         unsafe {
             _mm_prefetch::<_MM_HINT_T1>(ps[0].add(to).cast::<i8>());
-            _mm_prefetch::<_MM_HINT_T1>(ps[1].add(to).cast::<i8>());
-            if relu {
+            if k > 1 {
+                _mm_prefetch::<_MM_HINT_T1>(ps[1].add(to).cast::<i8>());
+            }
+            if k > 2 {
                 _mm_prefetch::<_MM_HINT_T1>(ps[2].add(to).cast::<i8>());
             }
         }
@@ -1299,7 +1311,7 @@ mod x86 {
                 for r in rows_in(nr, desc) {
                     let i = i + r * c;
                     if ahead {
-                        ask_l2(&ps, RELU, i, n, desc);
+                        ask_l2(&ps, 2 + RELU as usize, i, n, desc);
                     }
                     // SAFETY: as `eight!`, with `i + 16 <= end`; `op + i` is 32-byte
                     // aligned (`head` is 64-byte aligned, blocks start a multiple of 16
@@ -1421,7 +1433,7 @@ mod x86 {
                 let v = coef(o);
                 for r in rows_in(nr, desc) {
                     if ahead {
-                        ask_l2(&ps, RELU, i + r * c, n, desc);
+                        ask_l2(&ps, 2 + RELU as usize, i + r * c, n, desc);
                     }
                     sixteen(i + r * c, v);
                 }
@@ -1517,7 +1529,7 @@ mod x86 {
                 for r in rows_in(nr, desc) {
                     // One request per 64-byte line: every other 8-value step.
                     if ahead && (i - head).is_multiple_of(16) {
-                        ask_l2(&ps, RELU, i + r * c, n, desc);
+                        ask_l2(&ps, 2 + RELU as usize, i + r * c, n, desc);
                     }
                     eight(i + r * c, lo, hi);
                 }
@@ -1604,7 +1616,7 @@ mod x86 {
                 for r in rows_in(nr, desc) {
                     // One request per 64-byte line: every other 8-value step.
                     if ahead && (i - head).is_multiple_of(16) {
-                        ask_l2(&ps, RELU, i + r * c, n, desc);
+                        ask_l2(&ps, 2 + RELU as usize, i + r * c, n, desc);
                     }
                     eight(i + r * c, v);
                 }
