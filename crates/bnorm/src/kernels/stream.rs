@@ -646,8 +646,9 @@ mod x86 {
         let (xp, rp, yp) = (xs.as_ptr(), rs.as_ptr(), ys.as_mut_ptr());
         let zero = _mm512_setzero_ps();
         // Channels-last tables (not the broadcast of a channels-first run) ask ahead for
-        // x (and the residual): S3 inference 11–15% faster, training 0–13%, S4 0–3%
-        // (`bench/probes/ab/ab-map-prefetch.patch`); channels-first runs gained nothing.
+        // x (and the residual): in-process A/B (`bench/probes/ab/ab-map-prefetch.patch`),
+        // S3 inference 0–25% faster, S4 inference 0–7%, training −2–4%; channels-first
+        // runs measured nothing.
         let (ahead, ps, k) = (run != usize::MAX, [xp, rp, xp], 1 + ADD as usize);
         for (i, o) in Steps::new(head, body, 16, run, desc) {
             if ahead {
@@ -698,12 +699,9 @@ mod x86 {
         }
         let (xp, rp, yp) = (xs.as_ptr(), rs.as_ptr(), ys.as_mut_ptr());
         let zero = _mm256_setzero_ps();
-        // As in `map1_512`: channels-last tables ask ahead, once per 64-byte line.
-        let (ahead, ps, k) = (run != usize::MAX, [xp, rp, xp], 1 + ADD as usize);
+        // No requests ahead here, unlike `map1_512`: on AVX2 they made the S3 inference
+        // 3–10% slower (`bench/probes/ab/ab-map-prefetch.patch`, bit 256).
         for (i, o) in Steps::new(head, body, 8, run, desc) {
-            if ahead && (i - head).is_multiple_of(16) {
-                ask_l2(&ps, k, i, n, desc);
-            }
             // SAFETY: `i + 8 <= body <= n` lies within the slices (`rs` too when `ADD`);
             // `yp + i` is 32-byte aligned (`head` aligned it, steps are 32 bytes) as the
             // streaming store requires; `o < run` for the table reads; AVX2 is enabled.
