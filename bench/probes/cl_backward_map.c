@@ -3,11 +3,12 @@
 // over x and dy (as in the backward), alternating in rounds; medians and minima printed.
 // Build and run (outside CI):
 //   gcc -O2 -march=native -fopenmp cl_backward_map.c -o cl_backward_map &&
-//   OMP_NUM_THREADS=2 ./cl_backward_map 0
+//   for set in layout distance arith; do OMP_NUM_THREADS=2 ./cl_backward_map 0 $set; done
+// Sets: "layout" (rows per coefficient load, store width, prefetch), "distance"
+// (prefetch distance and hint), "arith" (f32 vs f64, three coefficients, 256-bit f64).
 // Quoted in bench/RESULTS.md ("Seventh session"): the f64 map with a prefetch to L2
 // 16 KiB ahead ran 1.7 ms against 2.1-2.2 ms without; a trivial streamed x + dy 1.0 ms.
 // The argument (dy's offset in floats) shifts dy against x.
-// S3 backward second pass variants. gcc -O2 -march=native -fopenmp sp.c
 #include <immintrin.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -181,8 +182,13 @@ int main(int argc,char**argv){
   fm=aligned_alloc(64,C*4);fa=aligned_alloc(64,C*4);fb=aligned_alloc(64,C*4);fk=aligned_alloc(64,C*4);
   tk2=aligned_alloc(64,C*8);tint=aligned_alloc(64,C*32);
   for(int c=0;c<C;c++){tk2[c]=0.02+0.01*(3+c*0.001);tint[(c/8)*32+c%8]=3+c*0.001;tint[(c/8)*32+8+c%8]=1.1;tint[(c/8)*32+16+c%8]=-0.01;tint[(c/8)*32+24+c%8]=0.02;tm[c]=fm[c]=3+c*0.001;ta[c]=fa[c]=1.1;tb[c]=fb[c]=-0.01;tk[c]=fk[c]=0.02;}
-  fn f[]={vflat,vtriv,p4t1,r2pf,r2pfz,r4pf,f32pf}; const char*nm[]={"flat f64","trivial add","p4t1","rows2+pf","rows2+pf+zmm store","rows4+pf","f32+pf"};
-  int V=7,R=40; double t[7][40];
+  const char*set=argc>2?argv[2]:"layout";
+  fn lf[]={vfloor,vflat,vtriv,vrows2,p4t1,r2pf,r2pfz,r4pf}; const char*ln[]={"floor(touch,touch,ntcopy)","flat f64","trivial add","rows2 f64","flat f64+pf4 T1","rows2+pf","rows2+pf+zmm store","rows4+pf"};
+  fn df[]={vflat,vtriv,vpre1,vpre,p2t1,p4t1,p8t1,p16t1,p4t0,p4t2,p8t2,p4nta,vpre4,trivpf}; const char*dn[]={"flat f64","trivial add","pf1 T0","pf2 T0","p2t1","p4t1","p8t1","p16t1","p4t0","p4t2","p8t2","p4nta","pf4 T1 (per 16)","triv+pf"};
+  fn af[]={vflat,vtriv,vf32,f32pf,vf32pf,v3coef,c3pf,vinter,f64y}; const char*an[]={"flat f64","trivial add","flat f32","f32+pf","f32+pf2 T0","f64 3coef","3coef+pf","f64 interleaved tbl","f64 ymm+pf"};
+  fn*f=lf; const char**nm=ln; int V=8;
+  if(!strcmp(set,"distance")){f=df;nm=dn;V=14;} else if(!strcmp(set,"arith")){f=af;nm=an;V=9;}
+  int R=30; double t[14][30];
   for(int r=0;r<R;r++) for(int q=0;q<V;q++){ int v=(r&1)?V-1-q:q; flush(); first(); double t0=now(); f[v](); t[v][r]=now()-t0; }
   for(int v=0;v<V;v++){ // median
     double*a=t[v]; for(int i=0;i<R;i++)for(int j=i+1;j<R;j++)if(a[j]<a[i]){double z=a[i];a[i]=a[j];a[j]=z;}

@@ -700,7 +700,7 @@ mod x86 {
         let (xp, rp, yp) = (xs.as_ptr(), rs.as_ptr(), ys.as_mut_ptr());
         let zero = _mm256_setzero_ps();
         // No requests ahead here, unlike `map1_512`: on AVX2 they made the S3 inference
-        // 3–10% slower (`bench/probes/ab/ab-map-prefetch.patch`, bit 256).
+        // 4–14% slower (`bench/probes/ab/ab-map-prefetch.patch`, bit 256).
         for (i, o) in Steps::new(head, body, 8, run, desc) {
             // SAFETY: `i + 8 <= body <= n` lies within the slices (`rs` too when `ADD`);
             // `yp + i` is 32-byte aligned (`head` aligned it, steps are 32 bytes) as the
