@@ -163,11 +163,12 @@ fn close<T: Element>(what: &str, a: &[T], b: &[T], tol: f64) {
 }
 
 fn check<T: Element>(tol: f64) {
-    // 5 channels, and the channel counts whose channels-last sums keep their lanes in
-    // registers (8 and 32: runs of 32 values; 64).
+    // 5 channels, the channel counts whose channels-last sums keep their lanes in
+    // registers (8 and 32: runs of 32 values; 64), and 40 (sums in memory, two rows at a
+    // time through the ReLU).
     for (layout, ch) in Layout::ALL
         .into_iter()
-        .flat_map(|l| [5usize, 8, 32, 64].map(move |c| (l, c)))
+        .flat_map(|l| [5usize, 8, 32, 40, 64].map(move |c| (l, c)))
     {
         for (k, mode) in [Mode::Train, Mode::Inference].into_iter().enumerate() {
             for with_res in [false, true] {

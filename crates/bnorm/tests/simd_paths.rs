@@ -72,6 +72,12 @@ fn sweep<T: Element>(tol: f64) {
         shapes.push((Layout::NC, vec![5, c]));
         shapes.push((Layout::NLC, vec![2, 3, c]));
     }
+    // Channels-last over 32 channels or more (not 64): 19 rows are two 8-row groups of
+    // the statistics and three rows after them, nine row pairs of the sums through a
+    // ReLU and one after them.
+    for c in [33usize, 65, 129] {
+        shapes.push((Layout::NC, vec![19, c]));
+    }
     shapes.push((Layout::NCHW, vec![3, 5, 7, 9]));
     shapes.push((Layout::NDHWC, vec![2, 3, 5, 7, 11]));
     let cases = shapes

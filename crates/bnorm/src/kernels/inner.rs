@@ -412,7 +412,7 @@ pub(crate) fn rows_moments<T: Element>(rows: &[T], c: usize, out: &mut [Moments]
     // One pass over all rows, shifted per channel by the first row (|Σ(x − s)²| is at
     // most (n + 1)·M2 when the shift is one of the values, so the subtraction below costs
     // at most log2(n + 1) bits of f64) — for 32 or 64 channels row by row with the sums
-    // in registers, else four rows at a time across the channels; one conversion to
+    // in registers, else `GROUP_ROWS` rows at a time across the channels; one conversion to
     // moments per channel, no merges. A channel whose sums are not finite
     // or cancel more than `MAX_CANCEL` is reduced again by two strided passes.
     let n = rows.len() / c;
@@ -430,7 +430,7 @@ pub(crate) fn rows_moments<T: Element>(rows: &[T], c: usize, out: &mut [Moments]
     match c {
         32 => shifted_rows::<T, 32>(rows, shift, s1, s2),
         64 => shifted_rows::<T, 64>(rows, shift, s1, s2),
-        _ => shifted_quads(rows, c, shift, s1, s2),
+        _ => shifted_groups(rows, c, shift, s1, s2),
     }
     let nf = n as f64;
     for ch in 0..c {
@@ -458,27 +458,55 @@ pub(crate) fn rows_moments<T: Element>(rows: &[T], c: usize, out: &mut [Moments]
     }
 }
 
-/// Adds the shifted sums `Σ(x − shift)`, `Σ(x − shift)²` of channels-last rows of `c`
-/// channels into `s1`, `s2`: four rows at a time across the channels (a quarter of the
-/// accumulator traffic), then the last rows one by one.
+/// Rows per group in the channels-last statistics over many channels
+/// ([`shifted_groups`]): each group's values are added across its rows in registers,
+/// then once into the per-channel sums in memory. Eight, not four: for C = 1024 the sums
+/// (16 KB) and the shift (8 KB) do not stay in L1 beside the rows, and halving their
+/// loads and stores made the S3 statistics pass faster; eight rows are also eight
+/// streams of reads in flight (bench/probes/stats_pass.c, bench/RESULTS.md, "Eighth
+/// session"). The backward sums read two tensors and stay at four rows (eight streams):
+/// eight rows of both, sixteen streams, were slower there.
+const GROUP_ROWS: usize = 8;
+
+/// The `GROUP_ROWS` consecutive rows of `c` values that `q` holds.
 #[inline(always)]
-fn shifted_quads<T: Element>(rows: &[T], c: usize, shift: &[f64], s1: &mut [f64], s2: &mut [f64]) {
-    let mut quads = rows.chunks_exact(4 * c);
-    for q in &mut quads {
-        let (x0, x1, x2, x3) = (&q[..c], &q[c..2 * c], &q[2 * c..3 * c], &q[3 * c..4 * c]);
+fn group_rows<T>(q: &[T], c: usize) -> [&[T]; GROUP_ROWS] {
+    let (q, c) = (&q[..GROUP_ROWS * c], c);
+    [
+        &q[..c],
+        &q[c..2 * c],
+        &q[2 * c..3 * c],
+        &q[3 * c..4 * c],
+        &q[4 * c..5 * c],
+        &q[5 * c..6 * c],
+        &q[6 * c..7 * c],
+        &q[7 * c..8 * c],
+    ]
+}
+
+/// The sum of a group's eight terms in a fixed pairwise order.
+#[inline(always)]
+fn tree8(v: [f64; GROUP_ROWS]) -> f64 {
+    ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]))
+}
+
+/// Adds the shifted sums `Σ(x − shift)`, `Σ(x − shift)²` of channels-last rows of `c`
+/// channels into `s1`, `s2`: [`GROUP_ROWS`] rows at a time across the channels, then
+/// the last rows one by one.
+#[inline(always)]
+fn shifted_groups<T: Element>(rows: &[T], c: usize, shift: &[f64], s1: &mut [f64], s2: &mut [f64]) {
+    let (shift, s1, s2) = (&shift[..c], &mut s1[..c], &mut s2[..c]);
+    let mut groups = rows.chunks_exact(GROUP_ROWS * c);
+    for q in &mut groups {
+        let r = group_rows(q, c);
         for ch in 0..c {
             let sh = shift[ch];
-            let (d0, d1, d2, d3) = (
-                x0[ch].to_f64() - sh,
-                x1[ch].to_f64() - sh,
-                x2[ch].to_f64() - sh,
-                x3[ch].to_f64() - sh,
-            );
-            s1[ch] += (d0 + d1) + (d2 + d3);
-            s2[ch] += (d0 * d0 + d1 * d1) + (d2 * d2 + d3 * d3);
+            let d: [f64; GROUP_ROWS] = std::array::from_fn(|k| r[k][ch].to_f64() - sh);
+            s1[ch] += tree8(d);
+            s2[ch] += tree8(d.map(|v| v * v));
         }
     }
-    for r in quads.remainder().chunks_exact(c) {
+    for r in groups.remainder().chunks_exact(c) {
         for ch in 0..c {
             let d = r[ch].to_f64() - shift[ch];
             s1[ch] += d;
@@ -487,7 +515,7 @@ fn shifted_quads<T: Element>(rows: &[T], c: usize, shift: &[f64], s1: &mut [f64]
     }
 }
 
-/// [`shifted_quads`] for exactly `C` channels, one row after another: the sums are
+/// [`shifted_groups`] for exactly `C` channels, one row after another: the sums are
 /// fixed-size arrays, which the compiler keeps in registers for all the rows (the S4
 /// training forward, C = 64, took 8–12% longer with them in memory; bench/RESULTS.md).
 #[inline(always)]
@@ -663,7 +691,9 @@ pub(crate) fn rows_dot<T: Element>(
     if c < 32 {
         return rows_dot_runs::<T, false>(xs, &[], ds, c, center, sa, sb);
     }
-    // Four rows at a time: a quarter of the accumulator traffic.
+    // Four rows at a time: a quarter of the accumulator traffic, and two tensors' four
+    // rows are eight streams of reads in flight (two rows: 4–9% slower on S3, eight rows:
+    // slower still; bench/RESULTS.md, "Eighth session").
     let (sa, sb, center) = (&mut sa[..c], &mut sb[..c], &center[..c]);
     let mut xq = xs.chunks_exact(4 * c);
     let mut dq = ds.chunks_exact(4 * c);
@@ -760,22 +790,58 @@ pub(crate) fn rows_dot_relu<T: Element>(
     if c < 32 {
         return rows_dot_runs::<T, true>(xs, ys, ds, c, center, sa, sb);
     }
-    for ((xr, yr), dr) in xs
+    rows_dot_pairs::<T, true>(xs, ys, ds, c, center, sa, sb);
+}
+
+/// [`rows_dot_relu`] for 32 channels or more (not 64 or a divisor of 32): two rows at a
+/// time across the channels, then the last row. Two rows of x, y and dy are six streams
+/// of reads in flight; in one process alternating the variants on S3 (C = 1024), one row
+/// at a time (before the eighth session) took 22–25% longer and four rows (twelve
+/// streams) 3% longer (bench/RESULTS.md, "Eighth session").
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn rows_dot_pairs<T: Element, const RELU: bool>(
+    xs: &[T],
+    ys: &[T],
+    ds: &[T],
+    c: usize,
+    center: &[f64],
+    sa: &mut [f64],
+    sb: &mut [f64],
+) {
+    let (sa, sb, center) = (&mut sa[..c], &mut sb[..c], &center[..c]);
+    let (xs, ys, ds) = dot_operands::<T, RELU>(xs, ys, ds);
+    let mut xq = xs.chunks_exact(2 * c);
+    let mut yq = ys.chunks_exact(2 * c);
+    let mut dq = ds.chunks_exact(2 * c);
+    for ((xq, yq), dq) in (&mut xq).zip(&mut yq).zip(&mut dq) {
+        let (x0, x1) = (&xq[..c], &xq[c..2 * c]);
+        let (y0, y1) = (&yq[..c], &yq[c..2 * c]);
+        let (d0, d1) = (&dq[..c], &dq[c..2 * c]);
+        for ch in 0..c {
+            let m = center[ch];
+            let (e0, e1) = (dz::<T, RELU>(y0[ch], d0[ch]), dz::<T, RELU>(y1[ch], d1[ch]));
+            sa[ch] += e0 + e1;
+            sb[ch] += e0 * (x0[ch].to_f64() - m) + e1 * (x1[ch].to_f64() - m);
+        }
+    }
+    for ((xr, yr), dr) in xq
+        .remainder()
         .chunks_exact(c)
-        .zip(ys.chunks_exact(c))
-        .zip(ds.chunks_exact(c))
+        .zip(yq.remainder().chunks_exact(c))
+        .zip(dq.remainder().chunks_exact(c))
     {
-        for (((((a, b), x), y), d), m) in sa[..c]
+        for (((((a, b), x), y), d), m) in sa
             .iter_mut()
-            .zip(sb[..c].iter_mut())
+            .zip(sb.iter_mut())
             .zip(xr)
             .zip(yr)
             .zip(dr)
-            .zip(&center[..c])
+            .zip(center)
         {
-            let dz = through_relu(*y, *d);
-            *a += dz;
-            *b += dz * (x.to_f64() - m);
+            let e = dz::<T, RELU>(*y, *d);
+            *a += e;
+            *b += e * (x.to_f64() - m);
         }
     }
 }

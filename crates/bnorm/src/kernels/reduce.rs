@@ -115,7 +115,7 @@ pub(crate) fn dot<T: Element>(
 }
 
 /// Per-channel `(Σdz, Σdz·(x − center))` with `dz = dy·[y > 0]` (backward through a ReLU
-/// whose output was `y`), in the same order as [`dot`].
+/// whose output was `y`), over the same segments as [`dot`].
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn dot_relu<T: Element>(
     g: Geometry,
