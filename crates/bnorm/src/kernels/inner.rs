@@ -460,12 +460,13 @@ pub(crate) fn rows_moments<T: Element>(rows: &[T], c: usize, out: &mut [Moments]
 
 /// Rows per group in the channels-last statistics over many channels
 /// ([`shifted_groups`]): each group's values are added across its rows in registers,
-/// then once into the per-channel sums in memory. Eight, not four: for C = 1024 the sums
-/// (16 KB) and the shift (8 KB) do not stay in L1 beside the rows, and halving their
-/// loads and stores made the S3 statistics pass faster; eight rows are also eight
-/// streams of reads in flight (bench/probes/stats_pass.c, bench/RESULTS.md, "Eighth
-/// session"). The backward sums read two tensors and stay at four rows (eight streams):
-/// eight rows of both, sixteen streams, were slower there.
+/// then once into the per-channel sums in memory. Eight, not four: eight rows are eight
+/// streams of reads in flight, and for C = 1024 half the loads and stores of sums (16 KB)
+/// and shift (8 KB) that do not stay in L1 beside the rows — the S3 training forward 0–4%
+/// faster from cold, the statistics pass alone 15–30% in a C probe
+/// (bench/probes/stats_pass.c; bench/RESULTS.md, "Eighth session"). The backward sums
+/// read two tensors and stay at four rows (eight streams): eight rows of both, sixteen
+/// streams, were slower there.
 const GROUP_ROWS: usize = 8;
 
 /// The `GROUP_ROWS` consecutive rows of `c` values that `q` holds.
@@ -796,8 +797,8 @@ pub(crate) fn rows_dot_relu<T: Element>(
 /// [`rows_dot_relu`] for 32 channels or more (not 64 or a divisor of 32): two rows at a
 /// time across the channels, then the last row. Two rows of x, y and dy are six streams
 /// of reads in flight; in one process alternating the variants on S3 (C = 1024), one row
-/// at a time (before the eighth session) took 22–25% longer and four rows (twelve
-/// streams) 3% longer (bench/RESULTS.md, "Eighth session").
+/// at a time (before the eighth session) took 13–17% longer and four rows (twelve
+/// streams) 4% longer (bench/RESULTS.md, "Eighth session").
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn rows_dot_pairs<T: Element, const RELU: bool>(
