@@ -115,29 +115,45 @@ fn paired(
     mut op: impl FnMut(),
     mut copy: impl FnMut(),
 ) -> (f64, f64) {
-    op(); // warm-up
-    copy();
-    let mut ratios = Vec::new();
-    let mut copies = Vec::new();
+    let rounds = alternate(seconds, min_rounds, &mut [&mut op, &mut copy]);
+    (
+        median_of(rounds.iter().map(|r| r[1] / r[0])),
+        median_of(rounds.iter().map(|r| r[1] / 2.0)),
+    )
+}
+
+/// Calls every function of `fs` once (a warm-up), then in rounds — each function in
+/// order, then each in reverse order (for two: a, b, b, a) — for `seconds` and at least
+/// `min_rounds` rounds (at most 500). Returns each round's time per function (its two
+/// calls together).
+fn alternate(seconds: f64, min_rounds: usize, fs: &mut [&mut dyn FnMut()]) -> Vec<Vec<f64>> {
+    for f in fs.iter_mut() {
+        f();
+    }
     let budget = Duration::from_secs_f64(seconds);
     let start = Instant::now();
-    let time = |f: &mut dyn FnMut()| {
-        let t = Instant::now();
-        f();
-        t.elapsed().as_secs_f64()
-    };
-    while ratios.len() < min_rounds || (start.elapsed() < budget && ratios.len() < 500) {
-        let a = time(&mut op);
-        let b = time(&mut copy) + time(&mut copy);
-        let a = a + time(&mut op);
-        ratios.push(b / a);
-        copies.push(b / 2.0);
+    let mut rounds = Vec::new();
+    while rounds.len() < min_rounds || (start.elapsed() < budget && rounds.len() < 500) {
+        let mut t = vec![0.0; fs.len()];
+        let order: Vec<usize> = (0..fs.len()).chain((0..fs.len()).rev()).collect();
+        for i in order {
+            let at = Instant::now();
+            fs[i]();
+            t[i] += at.elapsed().as_secs_f64();
+        }
+        rounds.push(t);
     }
-    let mid = |v: &mut Vec<f64>| {
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2]
-    };
-    (mid(&mut ratios), mid(&mut copies))
+    rounds
+}
+
+/// The median of some values (NaN for none).
+fn median_of(v: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = v.collect();
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
 }
 
 fn par_copy<T: Copy + Send + Sync>(src: &[T], dst: &mut [T]) {
@@ -481,6 +497,65 @@ fn bench_bnorm<T: Element + Default>(
         traffic_floor(&[&x[..], &dy[..]], &mut dx, chunk(2))
     });
     out.push(row("floor", "backward", s, dtype, t, bytes(3), copy(3)));
+    // The floor in the same minutes as the operation and the copy (`alternate`: op,
+    // floor, copy, copy, floor, op), on its own copies of the inputs so that neither
+    // warms the other's data: `floor_paired` (the floor's rate over the copy's: the
+    // highest paired ratio the schedule allows in those minutes) and
+    // `ratio_floor_paired` (the operation's rate over the floor's).
+    let (x2, dy2): (Vec<T>, Vec<T>) = (data(n, 1, huge), data(n, 2, huge));
+    let mut o2: Vec<T> = buffer(n, huge);
+    let mut same_minutes = |k: usize, op: &mut dyn FnMut(), floor: &mut dyn FnMut()| {
+        let Some((src, dst)) = pair_bufs.get_mut(&k) else {
+            return None;
+        };
+        let mut cp = || par_copy(black_box(&src[..]), dst);
+        let r = alternate(a.seconds, a.min_runs, &mut [op, floor, &mut cp]);
+        Some((
+            median_of(r.iter().map(|t| t[2] / t[1])),
+            median_of(r.iter().map(|t| t[1] / t[0])),
+        ))
+    };
+    let fwd = same_minutes(
+        2,
+        &mut || {
+            forward_into(
+                &cfg,
+                g,
+                &x,
+                &p,
+                state.as_mut(),
+                Mode::Train,
+                &mut y,
+                &mut saved,
+                &mut ws,
+                par,
+            )
+            .expect("valid input");
+        },
+        &mut || traffic_floor(&[&x2[..]], &mut o2, chunk(1)),
+    );
+    let bwd = same_minutes(
+        3,
+        &mut || {
+            backward_into(
+                &cfg, g, &x, &dy, &p, &saved, &mut dx, &mut grads, &mut ws, par,
+            )
+            .expect("valid input");
+        },
+        &mut || traffic_floor(&[&x2[..], &dy2[..]], &mut o2, chunk(2)),
+    );
+    for (op, m) in [("train_fwd", fwd), ("backward", bwd)] {
+        let Some((floor_paired, of_floor)) = m else {
+            continue;
+        };
+        if let Some(r) = out[first..]
+            .iter_mut()
+            .find(|r| r.value["impl"] == "bnorm" && r.value["op"] == op)
+        {
+            r.value["floor_paired"] = json!(floor_paired);
+            r.value["ratio_floor_paired"] = json!(of_floor);
+        }
+    }
 
     // The allocating tier, for comparison (fresh output every call).
     let mut layer = cfg.clone().build()?;
@@ -668,7 +743,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         })
     };
     println!(
-        "{:<6} {:<6} {:<5} {:<10} {:>10} {:>9} {:>9} {:>7} {:>7} {:>9} {:>8} {:>8} {:>12} {:>9}",
+        "{:<6} {:<6} {:<5} {:<10} {:>10} {:>9} {:>9} {:>7} {:>7} {:>9} {:>8} {:>8} {:>9} {:>9} {:>12} {:>9}",
         "shape",
         "layout",
         "dtype",
@@ -681,6 +756,8 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         "NT copy",
         "NT ratio",
         "of floor",
+        "floor pd",
+        "of fl pd",
         "candle GB/s",
         "speed-up"
     );
@@ -696,8 +773,13 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             if let (Some(c), Some(m)) = (cand, v["median_s"].as_f64()) {
                 v["speedup_vs_candle"] = json!(c / m);
             }
+            let opt = |k: &str| {
+                v.get(k)
+                    .and_then(|s| s.as_f64())
+                    .map_or("-".to_string(), |s| format!("{s:.2}"))
+            };
             println!(
-                "{:<6} {:<6} {:<5} {:<10} {:>10.3} {:>9.2} {:>9.2} {:>7.2} {:>7} {:>9.2} {:>8.2} {:>8} {:>12} {:>9}",
+                "{:<6} {:<6} {:<5} {:<10} {:>10.3} {:>9.2} {:>9.2} {:>7.2} {:>7} {:>9.2} {:>8.2} {:>8} {:>9} {:>9} {:>12} {:>9}",
                 shape,
                 v["layout"].as_str().unwrap_or(""),
                 dtype,
@@ -710,14 +792,12 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 v["gbps"].as_f64().unwrap_or(0.0),
                 v["copy_gbps"].as_f64().unwrap_or(0.0),
                 v["ratio"].as_f64().unwrap_or(0.0),
-                v.get("ratio_paired")
-                    .and_then(|s| s.as_f64())
-                    .map_or("-".into(), |s| format!("{s:.2}")),
+                opt("ratio_paired"),
                 v["copy_nt_gbps"].as_f64().unwrap_or(0.0),
                 v["ratio_nt"].as_f64().unwrap_or(0.0),
-                v.get("ratio_floor")
-                    .and_then(|s| s.as_f64())
-                    .map_or("-".into(), |s| format!("{s:.2}")),
+                opt("ratio_floor"),
+                opt("floor_paired"),
+                opt("ratio_floor_paired"),
                 find("candle-nn", op, shape, dtype)
                     .and_then(|c| c["gbps"].as_f64())
                     .map_or("-".into(), |g| format!("{g:.2}")),
@@ -736,6 +816,12 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     println!(
         "(NT copy: the same bytes copied with streaming stores, which bnorm uses for outputs \
          of 16 MB and more; of floor: share reached of the schedule's memory-traffic floor)"
+    );
+    println!(
+        "(floor pd: the floor's rate over the plain copy's, the two alternated with the \
+         operation call by call, op, floor, copy, copy, floor, op — the highest paired ratio \
+         the schedule allows in those minutes; of fl pd: the operation's rate over the \
+         floor's in the same rounds)"
     );
     if !a.no_candle && wanted(&SHAPES[0]) {
         bench_candle_step(a)?;
@@ -772,6 +858,26 @@ mod tests {
         assert_eq!(calls.into_inner(), "ococcooccoocco");
         assert!(ratio.is_finite() && ratio > 0.0, "ratio {ratio}");
         assert!(copy_s >= 0.0, "copy time {copy_s}");
+    }
+
+    #[test]
+    fn alternate_runs_each_round_forwards_then_backwards() {
+        use std::cell::RefCell;
+        let calls = RefCell::new(String::new());
+        let mut f = |c: char| {
+            let calls = &calls;
+            move || calls.borrow_mut().push(c)
+        };
+        let (mut a, mut b, mut c) = (f('a'), f('b'), f('c'));
+        let rounds = alternate(0.0, 2, &mut [&mut a, &mut b, &mut c]);
+        // One warm-up call of each, then rounds a, b, c, c, b, a.
+        assert_eq!(calls.into_inner(), "abcabccbaabccba");
+        assert_eq!(rounds.len(), 2);
+        assert!(rounds
+            .iter()
+            .all(|r| r.len() == 3 && r.iter().all(|t| *t >= 0.0)));
+        assert!(median_of([3.0, 1.0, 2.0].into_iter()) == 2.0);
+        assert!(median_of(std::iter::empty()).is_nan());
     }
 
     #[test]
