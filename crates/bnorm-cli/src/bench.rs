@@ -505,9 +505,7 @@ fn bench_bnorm<T: Element + Default>(
     let (x2, dy2): (Vec<T>, Vec<T>) = (data(n, 1, huge), data(n, 2, huge));
     let mut o2: Vec<T> = buffer(n, huge);
     let mut same_minutes = |k: usize, op: &mut dyn FnMut(), floor: &mut dyn FnMut()| {
-        let Some((src, dst)) = pair_bufs.get_mut(&k) else {
-            return None;
-        };
+        let (src, dst) = pair_bufs.get_mut(&k)?;
         let mut cp = || par_copy(black_box(&src[..]), dst);
         let r = alternate(a.seconds, a.min_runs, &mut [op, floor, &mut cp]);
         Some((
@@ -864,7 +862,7 @@ mod tests {
     fn alternate_runs_each_round_forwards_then_backwards() {
         use std::cell::RefCell;
         let calls = RefCell::new(String::new());
-        let mut f = |c: char| {
+        let f = |c: char| {
             let calls = &calls;
             move || calls.borrow_mut().push(c)
         };
