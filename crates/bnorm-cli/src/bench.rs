@@ -373,42 +373,70 @@ fn bench_bnorm<T: Element + Default>(
     }
     let copy = |k: usize| copy_rates.get(&k).copied();
     let bytes = |k: usize| k as f64 * n as f64 * size;
+    // The traffic floor of the schedule bnorm uses for this layout (see `traffic_floor`),
+    // on its own copies of the inputs (`x2`, `dy2`, output `o2`) so that it never warms
+    // the operation's data.
+    let chunk = |arrays| (g.inner > 1).then(|| fused_channels::<T>(g, arrays) * g.outer * g.inner);
+    let (x2, dy2): (Vec<T>, Vec<T>) = (data(n, 1, huge), data(n, 2, huge));
+    let mut o2: Vec<T> = buffer(n, huge);
     // The three main operations: the median of `op` alone, then `op` paired with the
-    // plain copy of its bytes (`paired`: the row's `ratio_paired`, `copy_paired_gbps`).
-    let mut timed = |name: &str, k: usize, op: &mut dyn FnMut()| {
-        let t = median(a.seconds, a.min_runs, &mut *op);
-        let mut r = row("bnorm", name, s, dtype, t, bytes(k), copy(k));
-        if let Some((src, dst)) = pair_bufs.get_mut(&k) {
-            let (ratio, tc) = paired(a.seconds, a.min_runs, op, || {
-                par_copy(black_box(&src[..]), dst)
-            });
-            r.value["ratio_paired"] = json!(ratio);
-            r.value["copy_paired_gbps"] = json!(bytes(k) / tc / 1e9);
-        }
-        r
-    };
+    // plain copy of its bytes (`paired`: the row's `ratio_paired`, `copy_paired_gbps`);
+    // with a `floor`, also the three alternated (`alternate`: op, floor, copy, copy,
+    // floor, op): `floor_paired` (the floor's rate over the copy's — the highest paired
+    // ratio the schedule allows in those minutes) and `ratio_floor_paired` (the
+    // operation's rate over the floor's).
+    let mut timed =
+        |name: &str, k: usize, op: &mut dyn FnMut(), floor: Option<&mut dyn FnMut()>| {
+            let t = median(a.seconds, a.min_runs, &mut *op);
+            let mut r = row("bnorm", name, s, dtype, t, bytes(k), copy(k));
+            if let Some((src, dst)) = pair_bufs.get_mut(&k) {
+                let (ratio, tc) = paired(a.seconds, a.min_runs, &mut *op, || {
+                    par_copy(black_box(&src[..]), dst)
+                });
+                r.value["ratio_paired"] = json!(ratio);
+                r.value["copy_paired_gbps"] = json!(bytes(k) / tc / 1e9);
+                if let Some(floor) = floor {
+                    let mut cp = || par_copy(black_box(&src[..]), dst);
+                    let rounds = alternate(a.seconds, a.min_runs, &mut [op, floor, &mut cp]);
+                    r.value["floor_paired"] = json!(median_of(rounds.iter().map(|t| t[2] / t[1])));
+                    r.value["ratio_floor_paired"] =
+                        json!(median_of(rounds.iter().map(|t| t[1] / t[0])));
+                }
+            }
+            r
+        };
 
-    out.push(timed("train_fwd", 2, &mut || {
-        forward_into(
-            &cfg,
-            g,
-            &x,
-            &p,
-            state.as_mut(),
-            Mode::Train,
-            &mut y,
-            &mut saved,
-            &mut ws,
-            par,
-        )
-        .expect("valid input");
-    }));
-    out.push(timed("backward", 3, &mut || {
-        backward_into(
-            &cfg, g, &x, &dy, &p, &saved, &mut dx, &mut grads, &mut ws, par,
-        )
-        .expect("valid input");
-    }));
+    out.push(timed(
+        "train_fwd",
+        2,
+        &mut || {
+            forward_into(
+                &cfg,
+                g,
+                &x,
+                &p,
+                state.as_mut(),
+                Mode::Train,
+                &mut y,
+                &mut saved,
+                &mut ws,
+                par,
+            )
+            .expect("valid input");
+        },
+        Some(&mut || traffic_floor(&[&x2[..]], &mut o2, chunk(1))),
+    ));
+    out.push(timed(
+        "backward",
+        3,
+        &mut || {
+            backward_into(
+                &cfg, g, &x, &dy, &p, &saved, &mut dx, &mut grads, &mut ws, par,
+            )
+            .expect("valid input");
+        },
+        Some(&mut || traffic_floor(&[&x2[..], &dy2[..]], &mut o2, chunk(2))),
+    ));
     if T::DTYPE == bnorm::DType::F32 {
         // The opt-in f32 backward map (`BackwardArithmetic::F32`), same saved statistics.
         let fast = cfg.clone().backward_arithmetic(BackwardArithmetic::F32);
@@ -428,21 +456,26 @@ fn bench_bnorm<T: Element + Default>(
             copy(3),
         ));
     }
-    out.push(timed("infer_fwd", 2, &mut || {
-        forward_into(
-            &cfg,
-            g,
-            &x,
-            &p,
-            state.as_mut(),
-            Mode::Inference,
-            &mut y,
-            &mut saved,
-            &mut ws,
-            par,
-        )
-        .expect("valid input");
-    }));
+    out.push(timed(
+        "infer_fwd",
+        2,
+        &mut || {
+            forward_into(
+                &cfg,
+                g,
+                &x,
+                &p,
+                state.as_mut(),
+                Mode::Inference,
+                &mut y,
+                &mut saved,
+                &mut ws,
+                par,
+            )
+            .expect("valid input");
+        },
+        None,
+    ));
 
     // Fused epilogues: relu(bn(x)) reads x, writes y; relu(bn(x) + r) also reads r.
     // Backward through them reads x, y, dy and writes dx (and d_residual).
@@ -486,9 +519,8 @@ fn bench_bnorm<T: Element + Default>(
     let copy_fwd = copy(2).unwrap_or(f64::NAN);
     let fwd_bytes = bytes(2);
 
-    // The traffic floor of the schedule bnorm uses for this layout (see `traffic_floor`):
-    // what the training forward and the backward would take with free arithmetic.
-    let chunk = |arrays| (g.inner > 1).then(|| fused_channels::<T>(g, arrays) * g.outer * g.inner);
+    // The floor alone: what the training forward and the backward would take with free
+    // arithmetic.
     let t = median(a.seconds, a.min_runs, || {
         traffic_floor(&[&x[..]], &mut y, chunk(1))
     });
@@ -497,63 +529,6 @@ fn bench_bnorm<T: Element + Default>(
         traffic_floor(&[&x[..], &dy[..]], &mut dx, chunk(2))
     });
     out.push(row("floor", "backward", s, dtype, t, bytes(3), copy(3)));
-    // The floor in the same minutes as the operation and the copy (`alternate`: op,
-    // floor, copy, copy, floor, op), on its own copies of the inputs so that neither
-    // warms the other's data: `floor_paired` (the floor's rate over the copy's: the
-    // highest paired ratio the schedule allows in those minutes) and
-    // `ratio_floor_paired` (the operation's rate over the floor's).
-    let (x2, dy2): (Vec<T>, Vec<T>) = (data(n, 1, huge), data(n, 2, huge));
-    let mut o2: Vec<T> = buffer(n, huge);
-    let mut same_minutes = |k: usize, op: &mut dyn FnMut(), floor: &mut dyn FnMut()| {
-        let (src, dst) = pair_bufs.get_mut(&k)?;
-        let mut cp = || par_copy(black_box(&src[..]), dst);
-        let r = alternate(a.seconds, a.min_runs, &mut [op, floor, &mut cp]);
-        Some((
-            median_of(r.iter().map(|t| t[2] / t[1])),
-            median_of(r.iter().map(|t| t[1] / t[0])),
-        ))
-    };
-    let fwd = same_minutes(
-        2,
-        &mut || {
-            forward_into(
-                &cfg,
-                g,
-                &x,
-                &p,
-                state.as_mut(),
-                Mode::Train,
-                &mut y,
-                &mut saved,
-                &mut ws,
-                par,
-            )
-            .expect("valid input");
-        },
-        &mut || traffic_floor(&[&x2[..]], &mut o2, chunk(1)),
-    );
-    let bwd = same_minutes(
-        3,
-        &mut || {
-            backward_into(
-                &cfg, g, &x, &dy, &p, &saved, &mut dx, &mut grads, &mut ws, par,
-            )
-            .expect("valid input");
-        },
-        &mut || traffic_floor(&[&x2[..], &dy2[..]], &mut o2, chunk(2)),
-    );
-    for (op, m) in [("train_fwd", fwd), ("backward", bwd)] {
-        let Some((floor_paired, of_floor)) = m else {
-            continue;
-        };
-        if let Some(r) = out[first..]
-            .iter_mut()
-            .find(|r| r.value["impl"] == "bnorm" && r.value["op"] == op)
-        {
-            r.value["floor_paired"] = json!(floor_paired);
-            r.value["ratio_floor_paired"] = json!(of_floor);
-        }
-    }
 
     // The allocating tier, for comparison (fresh output every call).
     let mut layer = cfg.clone().build()?;
