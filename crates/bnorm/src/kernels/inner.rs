@@ -462,8 +462,8 @@ pub(crate) fn rows_moments<T: Element>(rows: &[T], c: usize, out: &mut [Moments]
 /// ([`shifted_groups`]): each group's values are added across its rows in registers,
 /// then once into the per-channel sums in memory. Eight, not four: eight rows are eight
 /// streams of reads in flight, and for C = 1024 half the loads and stores of sums (16 KB)
-/// and shift (8 KB) that do not stay in L1 beside the rows — the S3 training forward 0–4%
-/// faster from cold, the statistics pass alone 15–30% in a C probe
+/// and shift (8 KB) that do not stay in L1 beside the rows — the S3 training forward 0–3%
+/// faster from cold, the statistics pass alone 20–27% in a C probe
 /// (bench/probes/stats_pass.c; bench/RESULTS.md, "Eighth session"). The backward sums
 /// read two tensors and stay at four rows (eight streams): eight rows of both, sixteen
 /// streams, were slower there.
