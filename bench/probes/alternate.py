@@ -18,6 +18,16 @@ SHAPES = {
     "S3": ((4096, 1024), False), "S4": ((32, 64, 56, 56), True), "S5": ((64, 128, 56, 56), False),
 }
 
+def median_ms(f):
+    """The median of 100 calls of `f` after 5 untimed ones, in ms."""
+    for _ in range(5):
+        f()
+    ts = []
+    for _ in range(100):
+        t = time.perf_counter(); f(); ts.append(time.perf_counter() - t)
+    return statistics.median(ts) * 1e3
+
+
 def torch_ms(shape, op):
     dims, cl = SHAPES[shape]
     x = torch.randn(*dims)
@@ -34,12 +44,7 @@ def torch_ms(shape, op):
             dy, x, w, rm, rv, sm, si, True, 1e-5, [True, True, True]),
     }[op]
     with torch.no_grad():
-        for _ in range(5):
-            f()
-        ts = []
-        for _ in range(100):
-            t = time.perf_counter(); f(); ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
+        return median_ms(f)
 
 _tf = {}
 
@@ -74,12 +79,7 @@ def tf_ms(shape, op):
             y_backprop=dy, x=x, scale=scale, reserve_space_1=fwd[3], reserve_space_2=fwd[4],
             reserve_space_3=fwd[5], epsilon=1e-3, data_format=fmt, is_training=True)[0]),
     }[op]
-    for _ in range(5):
-        f()
-    ts = []
-    for _ in range(100):
-        t = time.perf_counter(); f(); ts.append(time.perf_counter() - t)
-    return statistics.median(ts) * 1e3
+    return median_ms(f)
 
 
 def bnorm_ms(shape, op):

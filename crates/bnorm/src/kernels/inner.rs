@@ -791,7 +791,7 @@ pub(crate) fn rows_dot_relu<T: Element>(
     if c < 32 {
         return rows_dot_runs::<T, true>(xs, ys, ds, c, center, sa, sb);
     }
-    rows_dot_pairs::<T, true>(xs, ys, ds, c, center, sa, sb);
+    rows_dot_pairs(xs, ys, ds, c, center, sa, sb);
 }
 
 /// [`rows_dot_relu`] for 32 channels or more (not 64 or a divisor of 32): two rows at a
@@ -801,7 +801,7 @@ pub(crate) fn rows_dot_relu<T: Element>(
 /// streams) 4% longer (bench/RESULTS.md, "Eighth session").
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn rows_dot_pairs<T: Element, const RELU: bool>(
+fn rows_dot_pairs<T: Element>(
     xs: &[T],
     ys: &[T],
     ds: &[T],
@@ -811,7 +811,7 @@ fn rows_dot_pairs<T: Element, const RELU: bool>(
     sb: &mut [f64],
 ) {
     let (sa, sb, center) = (&mut sa[..c], &mut sb[..c], &center[..c]);
-    let (xs, ys, ds) = dot_operands::<T, RELU>(xs, ys, ds);
+    let (xs, ys, ds) = dot_operands::<T, true>(xs, ys, ds);
     let mut xq = xs.chunks_exact(2 * c);
     let mut yq = ys.chunks_exact(2 * c);
     let mut dq = ds.chunks_exact(2 * c);
@@ -821,7 +821,7 @@ fn rows_dot_pairs<T: Element, const RELU: bool>(
         let (d0, d1) = (&dq[..c], &dq[c..2 * c]);
         for ch in 0..c {
             let m = center[ch];
-            let (e0, e1) = (dz::<T, RELU>(y0[ch], d0[ch]), dz::<T, RELU>(y1[ch], d1[ch]));
+            let (e0, e1) = (through_relu(y0[ch], d0[ch]), through_relu(y1[ch], d1[ch]));
             sa[ch] += e0 + e1;
             sb[ch] += e0 * (x0[ch].to_f64() - m) + e1 * (x1[ch].to_f64() - m);
         }
@@ -840,7 +840,7 @@ fn rows_dot_pairs<T: Element, const RELU: bool>(
             .zip(dr)
             .zip(center)
         {
-            let e = dz::<T, RELU>(*y, *d);
+            let e = through_relu(*y, *d);
             *a += e;
             *b += e * (x.to_f64() - m);
         }
