@@ -559,7 +559,7 @@ fn bench_bnorm<T: Element + Default>(
         })
         .collect();
     // Where the caller-buffer tensors lie: each one's address modulo 4 KiB (the kernels'
-    // cost depends on their relative offsets; bench/RESULTS.md, "Buffer placement").
+    // cost depends on their relative offsets; bench/README.md, "Buffer placement").
     let page_offsets = json!({
         "x": x.as_ptr() as usize % 4096,
         "dy": dy.as_ptr() as usize % 4096,

@@ -3,9 +3,10 @@
 //! NC (3000, 40), values 1e4 ± 1 with every 512th value at 1e6, the first row among them)
 //! over seeds 1–39 instead of its one seed, against the float64 reference. Prints each
 //! seed's largest relative error of the mean over the channels, and how many seeds pass
-//! 1e-14 of |mean| (the test's tolerance before the eighth session) and 1e-14 of
-//! |outlier − mean| (its tolerance since). Quoted in bench/RESULTS.md ("Eighth session");
-//! the four-row order before that session is measured by building this example with
+//! 1e-14 of |mean| (the test's tolerance before commit 95206be) and 1e-14 of
+//! |outlier − mean| (its tolerance since). Its figures are quoted in commit 7fbb241
+//! (`git show 7fbb241:bench/RESULTS.md`); the four-row order before commit 95206be is
+//! measured by building this example with
 //! `git show 9083b99:crates/bnorm/src/kernels/inner.rs` in place of that file.
 //!
 //! Run: `cargo run --release -p bnorm --example outlier_seeds`

@@ -144,8 +144,8 @@ fn sum_sq_dev<T: Element>(xs: &[T], m: f64) -> f64 {
 /// time from memory, a few streams per core. Requesting the same offsets of the
 /// channel's next row (megabytes away) while the current one is reduced doubles the
 /// streams in flight: the S5 backward 3–5% and training forward 2.5–3.5% faster, S1 (in
-/// part served by the L3) unchanged — measured in one process alternating with and
-/// without it (bench/RESULTS.md, fifth session).
+/// part served by the L3) unchanged — measured on the 2-core development VM in one
+/// process alternating with and without it (commit db6decf).
 #[inline(always)]
 fn ahead<T>(next: &[&[T]], i: usize, n: usize) {
     #[cfg(target_arch = "x86_64")]
@@ -463,8 +463,8 @@ pub(crate) fn rows_moments<T: Element>(rows: &[T], c: usize, out: &mut [Moments]
 /// then once into the per-channel sums in memory. Eight, not four: eight rows are eight
 /// streams of reads in flight, and for C = 1024 half the loads and stores of sums (16 KB)
 /// and shift (8 KB) that do not stay in L1 beside the rows — the S3 training forward 0–3%
-/// faster from cold, the statistics pass alone 20–27% in a C probe
-/// (bench/probes/stats_pass.c; bench/RESULTS.md, "Eighth session"). The backward sums
+/// faster from cold, the statistics pass alone 20–27% in a C probe (2-core development
+/// VM; the probe and the in-process A/B are in commit 5b84ab7). The backward sums
 /// read two tensors and stay at four rows (eight streams): eight rows of both, sixteen
 /// streams, were slower there.
 const GROUP_ROWS: usize = 8;
@@ -518,7 +518,8 @@ fn shifted_groups<T: Element>(rows: &[T], c: usize, shift: &[f64], s1: &mut [f64
 
 /// [`shifted_groups`] for exactly `C` channels, one row after another: the sums are
 /// fixed-size arrays, which the compiler keeps in registers for all the rows (the S4
-/// training forward, C = 64, took 8–12% longer with them in memory; bench/RESULTS.md).
+/// training forward, C = 64, took 8–12% longer with them in memory: in-process A/B on
+/// the 2-core development VM, commit db6decf).
 #[inline(always)]
 fn shifted_rows<T: Element, const C: usize>(
     rows: &[T],
@@ -586,7 +587,8 @@ fn rows_moments_small<T: Element>(rows: &[T], c: usize, out: &mut [Moments]) {
 /// run is exactly `L` values (`lanes_for(c) == L`: C divides 32, or C = 64). The lanes
 /// are fixed-size arrays, which the compiler keeps in registers for all the rows; with
 /// per-channel sums in memory, loaded and stored every few rows, the S4 backward (C =
-/// 64) took 10–13% longer (measured in one process alternating both, bench/RESULTS.md).
+/// 64) took 10–13% longer (measured in one process alternating both on the 2-core
+/// development VM, commit db6decf).
 /// Runs are added one after another, a last partial one (whole rows) into the first
 /// lanes; the lanes are folded to channels once. For C below 32 the same order as the
 /// general small-C loop.
@@ -693,8 +695,8 @@ pub(crate) fn rows_dot<T: Element>(
         return rows_dot_runs::<T, false>(xs, &[], ds, c, center, sa, sb);
     }
     // Four rows at a time: a quarter of the accumulator traffic, and two tensors' four
-    // rows are eight streams of reads in flight (two rows: 4–9% slower on S3, eight rows:
-    // slower still; bench/RESULTS.md, "Eighth session").
+    // rows are eight streams of reads in flight (two rows: 2–5% slower on S3 in an
+    // in-process A/B, eight rows slower still in a C probe; both in commit 5b84ab7).
     let (sa, sb, center) = (&mut sa[..c], &mut sb[..c], &center[..c]);
     let mut xq = xs.chunks_exact(4 * c);
     let mut dq = ds.chunks_exact(4 * c);
@@ -797,8 +799,8 @@ pub(crate) fn rows_dot_relu<T: Element>(
 /// [`rows_dot_relu`] for 32 channels or more (not 64 or a divisor of 32): two rows at a
 /// time across the channels, then the last row. Two rows of x, y and dy are six streams
 /// of reads in flight; in one process alternating the variants on S3 (C = 1024), one row
-/// at a time (before the eighth session) took 13–17% longer and four rows (twelve
-/// streams) 4% longer (bench/RESULTS.md, "Eighth session").
+/// at a time (the code before commit 95206be) took 13–17% longer and four rows (twelve
+/// streams) 4% longer (2-core development VM, commit 5b84ab7).
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn rows_dot_pairs<T: Element>(

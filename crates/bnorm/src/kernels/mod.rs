@@ -587,10 +587,10 @@ pub(crate) fn backward_fused_cf<T: Element, F>(
 /// Row length from which the fused backward reads a group's rows in memory order (the
 /// lanes of its channels' sums in memory between rows) rather than channel by channel
 /// (the lanes in registers): same bits either way ([`inner::DotLanes`]). Measured on the
-/// VM of bench/RESULTS.md (`step_time`, alternating builds): folding the lanes once per
-/// segment instead of once per row made 14×14 rows (S2) 25–30% faster; for 56×56 rows
-/// (S1, S5), whose first pass comes from memory, channel by channel was slower than
-/// memory order in 4 of 5 and 2 of 2 alternations.
+/// 2-core development VM (`step_time`, alternating builds; commit 6606f0f): folding the
+/// lanes once per segment instead of once per row made 14×14 rows (S2) 25–30% faster; for
+/// 56×56 rows (S1, S5), whose first pass comes from memory, channel by channel was slower
+/// than memory order in 4 of 5 and 2 of 2 alternations.
 const INTERLEAVE_ROWS: usize = 1024;
 
 /// Most channels per task of the fused channels-first training forward and backward.
@@ -598,13 +598,13 @@ pub(crate) const FUSE_GROUP: usize = 4;
 
 /// Bytes of the arrays a fused task reads twice (x for the training forward; x and dy, and
 /// y through a ReLU, for the backward), at most: every thread's task must stay in the L3
-/// of a small machine between the passes. Measured on the 2-core VM of bench/RESULTS.md:
-/// with 6.4 MB per task (S5 backward, four channels) the backward reached 0.62–0.63 of
-/// the copy rate, with 3.2 MB 0.83 (second session, separate runs). Alternated call by
-/// call in one process against 4 MB (fifth session, `bench/probes/ab/ab-fuse-bytes.patch`),
-/// 2 MB made the S5 backward (one channel per task instead of two) 6–7% faster, the S1
-/// backward (two instead of four) 2–4% and through a ReLU 4–11%, and left the training
-/// forwards unchanged (±3%); 1 MB measured the same as 2 MB.
+/// of a small machine between the passes. Measured on the 2-core development VM: with
+/// 6.4 MB per task (S5 backward, four channels) the backward reached 0.62–0.63 of the
+/// copy rate, with 3.2 MB 0.83 (separate runs of commits 532963b and 11d289a, recorded in
+/// c6e94d9). Alternated call by call in one process against 4 MB (commit 53b55ad, the A/B
+/// patch in f9ae5b4), 2 MB made the S5 backward (one channel per task instead of two)
+/// 6–7% faster, the S1 backward (two instead of four) 2–4% and through a ReLU 4–11%, and
+/// left the training forwards unchanged (±3%); 1 MB measured the same as 2 MB.
 const FUSE_BYTES: usize = 2 << 20;
 
 /// Channels per task of the fused channels-first training forward and backward for `g`

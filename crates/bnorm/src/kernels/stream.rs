@@ -646,9 +646,9 @@ mod x86 {
         let (xp, rp, yp) = (xs.as_ptr(), rs.as_ptr(), ys.as_mut_ptr());
         let zero = _mm512_setzero_ps();
         // Channels-last tables (not the broadcast of a channels-first run) ask ahead for
-        // x (and the residual): in-process A/B (`bench/probes/ab/ab-map-prefetch.patch`),
-        // S3 inference 0–25% faster, S4 inference 0–7%, training −2–4%; channels-first
-        // runs measured nothing.
+        // x (and the residual): in-process A/B on the 2-core development VM (commit
+        // bec51f3), S3 inference 0–25% faster, S4 inference 0–7%, training −2–4%;
+        // channels-first runs measured nothing.
         let (ahead, ps, k) = (run != usize::MAX, [xp, rp, xp], 1 + ADD as usize);
         for (i, o) in Steps::new(head, body, 16, run, desc) {
             if ahead {
@@ -700,7 +700,7 @@ mod x86 {
         let (xp, rp, yp) = (xs.as_ptr(), rs.as_ptr(), ys.as_mut_ptr());
         let zero = _mm256_setzero_ps();
         // No requests ahead here, unlike `map1_512`: on AVX2 they made the S3 inference
-        // 4–14% slower (`bench/probes/ab/ab-map-prefetch.patch`, bit 256).
+        // 4–14% slower (in-process A/B, bit 256 of the patch in commit bec51f3).
         for (i, o) in Steps::new(head, body, 8, run, desc) {
             // SAFETY: `i + 8 <= body <= n` lies within the slices (`rs` too when `ADD`);
             // `yp + i` is 32-byte aligned (`head` aligned it, steps are 32 bytes) as the
@@ -1170,7 +1170,7 @@ mod x86 {
     /// ask the L2 ahead ([`ask_l2`]): they take two rows at a time, and with rows this
     /// long (a 4 KiB page each for S3) the hardware prefetchers, which do not cross page
     /// boundaries, apparently fall behind. In one process, alternating call by call with
-    /// the maps that do not (`bench/probes/ab/ab-map-prefetch.patch`), NC (4096, 1024)
+    /// the maps that do not (2-core development VM, commit 0f9d77a), NC (4096, 1024)
     /// ran 2–5% faster with the f64 map, 4–7% with the f32 and AVX2 maps; NHWC (32, 56,
     /// 56, 64) with requests too measured 1–5% slower, hence the threshold. (The
     /// forward's channels-last map, one row at a time, asks ahead for every C.)
