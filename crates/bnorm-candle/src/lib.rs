@@ -17,17 +17,27 @@
 //! let bn = BatchNorm::new(Config::torch(3), Layout::NCHW, vb.pp("bn"))?;
 //! let x = Tensor::randn(0f32, 1.0, (4, 3, 5, 5), &Device::Cpu)?;
 //! let y = bn.forward_mode(&x, Mode::Train)?;          // batch statistics, stats updated
-//! assert_eq!(bn.running_state().unwrap().updates, 1);
+//! assert_eq!(bn.running_state()?.unwrap().updates, 1);
 //! let y_eval = bn.forward_mode(&x, Mode::Inference)?; // running statistics
 //! assert_eq!(y.dims(), y_eval.dims());
 //! # Ok::<(), candle_core::Error>(())
 //! ```
 //!
 //! Running statistics are kept exactly (f64) inside the layer and mirrored into candle
-//! variables after every training step, so saving the `VarMap` saves them.
+//! variables after every training step, so saving the `VarMap` saves them. The variables
+//! stay the source of truth: values put into them from outside — the usual reload,
+//! `varmap.load(path)` after building the model — are what the next call uses.
 //! Only training steps update them: `ModuleT::forward_t(x, true)` is [`Mode::Train`],
 //! `false` is [`Mode::Inference`]; [`BatchNorm::forward_mode`] also takes
 //! [`Mode::Frozen`].
+//!
+//! The layer runs on **CPU tensors only** (a GPU tensor is refused with an error). If a
+//! trained model's accuracy in inference mode lags its accuracy in training mode, the
+//! running statistics do not describe the data: [`recalibrate`] replaces them with exact
+//! population statistics.
+//!
+//! Errors from bnorm keep their type inside `candle_core::Error`: [`bnorm_error`] gets
+//! the [`bnorm::Error`] back.
 
 #![deny(missing_docs)]
 
@@ -65,8 +75,19 @@ pub struct Snapshot {
 struct Inner {
     recal: Option<Recalibration>,
     state: Option<RunningState>,
+    /// What the candle variables held when `state` was last read from or written to them;
+    /// other values there were put in from outside (a `VarMap::load`) and replace `state`.
+    mirrored: Option<VarValues>,
     recent: VecDeque<BatchStats>,
     last_report: StepReport,
+}
+
+/// The running statistics as held by the candle variables (in their dtype, widened).
+#[derive(Debug, Clone, PartialEq)]
+struct VarValues {
+    mean: Vec<f64>,
+    var: Vec<f64>,
+    updates: i64,
 }
 
 /// A batch-normalization layer for candle, running bnorm's kernels.
@@ -107,6 +128,7 @@ impl BatchNorm {
         };
         let (mut running_mean, mut running_var, mut num_batches_tracked, mut state) =
             (None, None, None, None);
+        let mut mirrored = None;
         if cfg.tracks_running_stats() {
             let rm = vb.get_with_hints(c, "running_mean", Init::Const(0.0))?;
             let rv = vb.get_with_hints(c, "running_var", Init::Const(1.0))?;
@@ -119,10 +141,9 @@ impl BatchNorm {
                 }
                 Err(e) => return Err(e),
             };
-            let mean = rm.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-            let var = rv.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-            let updates = nbt.to_dtype(DType::I64)?.to_scalar::<i64>()?.max(0) as u64;
-            state = Some(RunningState::from_values(&cfg, mean, var, updates).map_err(wrap)?);
+            let values = var_values(&rm, &rv, &nbt)?;
+            state = Some(values.to_state(&cfg)?);
+            mirrored = Some(values);
             running_mean = Some(Var::from_tensor(&rm)?);
             running_var = Some(Var::from_tensor(&rv)?);
             num_batches_tracked = Some(Var::from_tensor(&nbt)?);
@@ -144,6 +165,7 @@ impl BatchNorm {
             inner: Arc::new(Mutex::new(Inner {
                 recal: None,
                 state,
+                mirrored,
                 recent: VecDeque::new(),
                 last_report: StepReport::default(),
             })),
@@ -170,25 +192,50 @@ impl BatchNorm {
         self.bias.as_ref()
     }
 
-    /// A copy of the exact running statistics (`None` when not tracked).
-    pub fn running_state(&self) -> Option<RunningState> {
-        lock(&self.inner).ok().and_then(|g| g.state.clone())
+    /// A copy of the running statistics the next call uses (`None` when not tracked):
+    /// the exact ones of the last training step, or what was loaded into the candle
+    /// variables since. Fails when values loaded there are invalid (NaN, a negative
+    /// variance, another length).
+    pub fn running_state(&self) -> Result<Option<RunningState>> {
+        Ok(self.synced()?.state.clone())
     }
 
     /// Whether the running statistics were never updated by a training step (a fresh
     /// layer, or a checkpoint loaded with `num_batches_tracked = 0` or without it):
     /// inference on them reports [`StepReport::cold_statistics`].
-    pub fn is_cold(&self) -> bool {
-        self.running_state().is_some_and(|s| s.updates == 0)
+    pub fn is_cold(&self) -> Result<bool> {
+        Ok(self.running_state()?.is_some_and(|s| s.updates == 0))
     }
 
     /// Replaces the running statistics (validated; on error nothing changes) and mirrors
     /// them into the candle variables.
     pub fn set_running_state(&self, state: RunningState) -> Result<()> {
+        if !self.cfg.tracks_running_stats() {
+            return Err(wrap(bnorm::Error::NoRunningStatistics));
+        }
         state.validate(&self.cfg).map_err(wrap)?;
-        self.mirror(&state)?;
-        lock(&self.inner)?.state = Some(state);
+        let mut g = lock(&self.inner)?;
+        self.mirror(&mut g, &state)?;
+        g.state = Some(state);
         Ok(())
+    }
+
+    /// The layer's state after taking in whatever was loaded into the candle variables
+    /// from outside since the layer last read or wrote them. On error nothing changes.
+    fn synced(&self) -> Result<std::sync::MutexGuard<'_, Inner>> {
+        let mut g = lock(&self.inner)?;
+        if let (Some(rm), Some(rv), Some(n)) = (
+            &self.running_mean,
+            &self.running_var,
+            &self.num_batches_tracked,
+        ) {
+            let now = var_values(rm, rv, n)?;
+            if g.mirrored.as_ref() != Some(&now) {
+                g.state = Some(now.to_state(&self.cfg)?);
+                g.mirrored = Some(now);
+            }
+        }
+        Ok(g)
     }
 
     /// Statistics of the most recent training batches (oldest first, at most
@@ -209,7 +256,7 @@ impl BatchNorm {
     /// Everything a forward step can change (running statistics and the recent batch
     /// statistics), to evaluate in training mode without leaving a trace.
     pub fn snapshot(&self) -> Result<Snapshot> {
-        let g = lock(&self.inner)?;
+        let g = self.synced()?;
         Ok(Snapshot {
             state: g.state.clone(),
             recent: g.recent.clone(),
@@ -218,25 +265,31 @@ impl BatchNorm {
 
     /// Puts back what [`snapshot`](BatchNorm::snapshot) took.
     pub fn restore(&self, snap: &Snapshot) -> Result<()> {
-        if let Some(s) = &snap.state {
-            self.mirror(s)?;
-        }
         let mut g = lock(&self.inner)?;
+        if let Some(s) = &snap.state {
+            self.mirror(&mut g, s)?;
+        }
         g.state = snap.state.clone();
         g.recent = snap.recent.clone();
         Ok(())
     }
 
-    fn mirror(&self, s: &RunningState) -> Result<()> {
+    /// Writes `s` into the candle variables and records what they now hold.
+    fn mirror(&self, g: &mut Inner, s: &RunningState) -> Result<()> {
         if let (Some(rm), Some(rv), Some(n)) = (
             &self.running_mean,
             &self.running_var,
             &self.num_batches_tracked,
         ) {
             let dev = rm.device();
-            rm.set(&Tensor::new(s.mean.as_slice(), dev)?.to_dtype(rm.dtype())?)?;
-            rv.set(&Tensor::new(s.var.as_slice(), dev)?.to_dtype(rv.dtype())?)?;
-            n.set(&Tensor::new(s.updates as i64, dev)?.to_dtype(n.dtype())?)?;
+            let mean = Tensor::new(s.mean.as_slice(), dev)?.to_dtype(rm.dtype())?;
+            let var = Tensor::new(s.var.as_slice(), dev)?.to_dtype(rv.dtype())?;
+            let updates =
+                Tensor::new(s.updates.min(i64::MAX as u64) as i64, dev)?.to_dtype(n.dtype())?;
+            rm.set(&mean)?;
+            rv.set(&var)?;
+            n.set(&updates)?;
+            g.mirrored = Some(var_values(rm, rv, n)?);
         }
         Ok(())
     }
@@ -252,7 +305,7 @@ impl BatchNorm {
     /// Ends recalibration and replaces the running statistics with the population
     /// statistics of every batch seen since [`start_recalibration`](BatchNorm::start_recalibration).
     pub fn finish_recalibration(&self) -> Result<()> {
-        let mut g = lock(&self.inner)?;
+        let mut g = self.synced()?;
         let recal = g
             .recal
             .take()
@@ -262,7 +315,7 @@ impl BatchNorm {
         };
         let mut next = state.clone();
         recal.apply(&self.cfg, &mut next).map_err(wrap)?;
-        self.mirror(&next)?;
+        self.mirror(&mut g, &next)?;
         g.state = Some(next);
         Ok(())
     }
@@ -271,7 +324,7 @@ impl BatchNorm {
     /// (and, during a recalibration, nothing does).
     pub fn forward_mode(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
         let (state_in, recalibrating) = {
-            let g = lock(&self.inner)?;
+            let g = self.synced()?;
             (g.state.clone(), g.recal.is_some())
         };
         let mode = if recalibrating { Mode::Train } else { mode };
@@ -328,7 +381,7 @@ impl BatchNorm {
         }
         if result.report.updated {
             if let Some(s) = &result.state {
-                self.mirror(s)?;
+                self.mirror(&mut inner, s)?;
                 inner.state = Some(s.clone());
             }
             let saved = &result.saved;
@@ -382,6 +435,62 @@ where
         }
     }
     result
+}
+
+/// Reads the running statistics out of the candle variables.
+fn var_values(rm: &Tensor, rv: &Tensor, n: &Tensor) -> Result<VarValues> {
+    Ok(VarValues {
+        mean: rm.to_dtype(DType::F64)?.to_vec1::<f64>()?,
+        var: rv.to_dtype(DType::F64)?.to_vec1::<f64>()?,
+        updates: n.to_dtype(DType::I64)?.to_scalar::<i64>()?,
+    })
+}
+
+impl VarValues {
+    /// The running state these values describe (validated).
+    fn to_state(&self, cfg: &Config) -> Result<RunningState> {
+        if self.updates < 0 {
+            return Err(wrap(bnorm::Error::InvalidConfig {
+                setting: "num_batches_tracked",
+                value: self.updates.to_string(),
+                expected: "a count of training steps (0 or more)",
+            }));
+        }
+        RunningState::from_values(
+            cfg,
+            self.mean.clone(),
+            self.var.clone(),
+            self.updates as u64,
+        )
+        .map_err(wrap)
+    }
+}
+
+/// The [`bnorm::Error`] inside an error of this crate's layer (through candle's context,
+/// path and backtrace wrappers), for code that handles a cause differently.
+///
+/// ```
+/// use bnorm::{Config, Layout, Mode};
+/// use bnorm_candle::{bnorm_error, BatchNorm};
+/// use candle_core::{DType, Device, Tensor};
+/// use candle_nn::{VarBuilder, VarMap};
+/// let varmap = VarMap::new();
+/// let bn = BatchNorm::new(Config::torch(3), Layout::NCHW,
+///                         VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))?;
+/// let one = Tensor::zeros((1, 3, 1, 1), DType::F32, &Device::Cpu)?; // one value per channel
+/// let err = bn.forward_mode(&one, Mode::Train).unwrap_err();
+/// assert!(matches!(bnorm_error(&err), Some(bnorm::Error::BatchTooSmall { .. })));
+/// # Ok::<(), candle_core::Error>(())
+/// ```
+pub fn bnorm_error(e: &candle_core::Error) -> Option<&bnorm::Error> {
+    use candle_core::Error as E;
+    match e {
+        E::WrappedContext { wrapped, .. } => wrapped.downcast_ref::<op::Typed>().map(|t| &t.0),
+        E::Context { inner, .. } | E::WithPath { inner, .. } | E::WithBacktrace { inner, .. } => {
+            bnorm_error(inner)
+        }
+        _ => None,
+    }
 }
 
 fn check_finite(what: &'static str, t: &Tensor) -> Result<()> {

@@ -27,8 +27,31 @@ pub(crate) struct BnOp {
     pub result: Mutex<OpResult>,
 }
 
+/// A [`bnorm::Error`] inside a `candle_core::Error`, kept typed (candle's `wrap` keeps
+/// only its text); [`crate::bnorm_error`] takes it out.
+pub(crate) struct Typed(pub bnorm::Error);
+
+impl std::fmt::Debug for Typed {
+    // candle prints a wrapped error with `{:?}`: show the message, not the structure.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl std::fmt::Display for Typed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+impl std::error::Error for Typed {}
+
 pub(crate) fn wrap(e: bnorm::Error) -> candle_core::Error {
-    candle_core::Error::wrap(e)
+    candle_core::Error::WrappedContext {
+        wrapped: Box::new(Typed(e)),
+        context: "bnorm".into(),
+    }
+    .bt()
 }
 
 /// The elements of a (possibly strided) CPU tensor in row-major order.

@@ -308,12 +308,11 @@ extern "C" __global__ void bn_coef_running(u32 C, const double* __restrict__ rme
     write_coef(coef, c, rmean[c], gamma[c] * invstd, beta[c]);
 }
 
-// Mirrors bnorm's running.rs for plain batch norm. conv 0: blend with new-batch weight a;
-// conv 1: zero-debiased decay d with denominator 1 − d^t. Non-finite channels are skipped
-// and flagged.
+// Mirrors bnorm's running.rs for plain batch norm: blend with the new-batch weight a of
+// the convention (Momentum::new_weight; the zero-debiased decay included). Non-finite
+// channels are skipped and flagged.
 extern "C" __global__ void bn_running_update(u32 C, double N, const double* __restrict__ stats,
-        double* __restrict__ rmean, double* __restrict__ rvar, double* __restrict__ dmean,
-        double* __restrict__ dvar, int conv, double a, double d, double denom, int unbiased,
+        double* __restrict__ rmean, double* __restrict__ rvar, double a, int unbiased,
         int* __restrict__ skipped) {
     u32 c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
@@ -323,12 +322,7 @@ extern "C" __global__ void bn_running_update(u32 C, double N, const double* __re
     skipped[c] = !finite;
     if (!finite) return;
     double var = unbiased ? biased * N / (N - 1.0) : biased;
-    if (conv == 1) {
-        dmean[c] = d * dmean[c] + (1.0 - d) * mean;
-        dvar[c] = d * dvar[c] + (1.0 - d) * var;
-        rmean[c] = dmean[c] / denom;
-        rvar[c] = dvar[c] / denom;
-    } else if (a == 1.0) {
+    if (a == 1.0) {
         rmean[c] = mean;
         rvar[c] = var;
     } else {

@@ -4,8 +4,8 @@
 use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 
 use bnorm::{
-    ColdPolicy, Config, DebiasState, Geometry, Grads, Mode, Moments, Momentum, NonFinitePolicy,
-    Normalized, Params, RunningState, StepReport, VarianceEstimator, Variant,
+    ColdPolicy, Config, Geometry, Grads, Mode, Moments, NonFinitePolicy, Normalized, Params,
+    RunningState, StepReport, VarianceEstimator, Variant,
 };
 
 use crate::kernels::{typed_name, BLOCK};
@@ -114,8 +114,6 @@ pub struct GpuBatchNorm {
     beta: CudaSlice<f64>,
     rmean: CudaSlice<f64>,
     rvar: CudaSlice<f64>,
-    dmean: CudaSlice<f64>,
-    dvar: CudaSlice<f64>,
     skipped: CudaSlice<i32>,
     flags_valid: bool,
     part: CudaSlice<f64>,
@@ -160,10 +158,9 @@ fn ensure<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
 
 fn check_channels(cfg: &Config, g: Geometry) -> Result<()> {
     if g.channels != cfg.num_channels() {
-        return Err(bnorm::Error::ShapeMismatch {
-            what: "x (channel axis)",
-            expected: vec![cfg.num_channels()],
-            got: vec![g.channels],
+        return Err(bnorm::Error::ChannelMismatch {
+            expected: cfg.num_channels(),
+            got: g.channels,
         }
         .into());
     }
@@ -227,8 +224,6 @@ impl GpuBatchNorm {
             beta: zeros(c)?,
             rmean: zeros(c)?,
             rvar: zeros(c)?,
-            dmean: zeros(c)?,
-            dvar: zeros(c)?,
             skipped: stream
                 .alloc_zeros(c.max(1))
                 .map_err(CudaError::driver("alloc"))?,
@@ -280,7 +275,7 @@ impl GpuBatchNorm {
         match (state, self.tracked) {
             (None, false) => Ok(()),
             (None, true) => Err(bnorm::Error::NoRunningStatistics.into()),
-            (Some(_), false) => Err(bnorm::Error::SavedMismatch {
+            (Some(_), false) => Err(bnorm::Error::StateMismatch {
                 reason: "running statistics given to a layer that does not track them",
             }
             .into()),
@@ -293,10 +288,6 @@ impl GpuBatchNorm {
                 };
                 up(&s.mean, &mut self.rmean)?;
                 up(&s.var, &mut self.rvar)?;
-                if let Some(db) = &s.debias {
-                    up(&db.mean, &mut self.dmean)?;
-                    up(&db.var, &mut self.dvar)?;
-                }
                 self.updates = s.updates;
                 self.flags_valid = false;
                 Ok(())
@@ -314,14 +305,12 @@ impl GpuBatchNorm {
                 .clone_dtoh(d)
                 .map_err(CudaError::driver("download running statistics"))
         };
-        let mut s = RunningState::from_values(&self.cfg, down(&self.rmean)?, down(&self.rvar)?, 0)?;
-        s.updates = self.updates;
-        if let Some(db) = s.debias.as_mut() {
-            *db = DebiasState {
-                mean: down(&self.dmean)?,
-                var: down(&self.dvar)?,
-            };
-        }
+        let s = RunningState::from_values(
+            &self.cfg,
+            down(&self.rmean)?,
+            down(&self.rvar)?,
+            self.updates,
+        )?;
         Ok(Some(s))
     }
 
@@ -470,12 +459,7 @@ impl GpuBatchNorm {
                 }
                 self.updates += 1;
                 let t = self.updates;
-                let (conv, a, d, denom) = match self.cfg.momentum_convention() {
-                    Momentum::DebiasedDecay(d) => {
-                        (1i32, 0.0, d, 1.0 - d.powi(t.min(i32::MAX as u64) as i32))
-                    }
-                    other => (0i32, other.new_weight(t).unwrap_or(0.0), 0.0, 1.0),
-                };
+                let a = self.cfg.momentum_convention().new_weight(t);
                 let unbiased =
                     i32::from(self.cfg.running_variance_estimator() == VarianceEstimator::Unbiased);
                 let f = self.gpu.function("bn_running_update")?;
@@ -485,12 +469,7 @@ impl GpuBatchNorm {
                     .arg(&*stats)
                     .arg(&mut self.rmean)
                     .arg(&mut self.rvar)
-                    .arg(&mut self.dmean)
-                    .arg(&mut self.dvar)
-                    .arg(&conv)
                     .arg(&a)
-                    .arg(&d)
-                    .arg(&denom)
                     .arg(&unbiased)
                     .arg(&mut self.skipped);
                 // SAFETY: arguments match bn_running_update; every buffer holds ≥ C values.

@@ -19,25 +19,36 @@ pub enum Momentum {
     Decay(f64),
     /// TensorFlow's `assign_moving_average(..., zero_debias=True)`: a hidden biased
     /// average `b ← d·b + (1 − d)·batch` starting at 0, published as `b / (1 − dᵗ)`.
+    ///
+    /// The published value alone is the whole state: it is the blend
+    /// `r ← (1 − a)·r + a·batch` with the new-batch weight `a = (1 − d)/(1 − dᵗ)` at the
+    /// t-th step (1 at the first), so a layer restored from its published statistics and
+    /// update count continues exactly as one that never stopped.
     DebiasedDecay(f64),
 }
 
 impl Momentum {
-    /// The weight of the new batch at training step `t` (1-based) for the plain
-    /// conventions; `None` for [`Momentum::DebiasedDecay`], which is not a plain blend.
+    /// The weight of the new batch at training step `t` (1-based):
+    /// `r ← (1 − a)·r + a·batch` for every convention.
     ///
     /// ```
     /// use bnorm::Momentum;
-    /// assert_eq!(Momentum::NewWeight(0.1).new_weight(7), Some(0.1));
-    /// assert!((Momentum::Decay(0.99).new_weight(1).unwrap() - 0.01).abs() < 1e-15);
-    /// assert_eq!(Momentum::Cumulative.new_weight(4), Some(0.25));
+    /// assert_eq!(Momentum::NewWeight(0.1).new_weight(7), 0.1);
+    /// assert!((Momentum::Decay(0.99).new_weight(1) - 0.01).abs() < 1e-15);
+    /// assert_eq!(Momentum::Cumulative.new_weight(4), 0.25);
+    /// // zero-debiased: the first step takes the batch, later ones less and less
+    /// assert_eq!(Momentum::DebiasedDecay(0.9).new_weight(1), 1.0);
+    /// assert!((Momentum::DebiasedDecay(0.9).new_weight(2) - 0.1 / 0.19).abs() < 1e-15);
     /// ```
-    pub fn new_weight(self, t: u64) -> Option<f64> {
+    pub fn new_weight(self, t: u64) -> f64 {
         match self {
-            Momentum::NewWeight(a) => Some(a),
-            Momentum::Cumulative => Some(1.0 / t.max(1) as f64),
-            Momentum::Decay(d) => Some(1.0 - d),
-            Momentum::DebiasedDecay(_) => None,
+            Momentum::NewWeight(a) => a,
+            Momentum::Cumulative => 1.0 / t.max(1) as f64,
+            Momentum::Decay(d) => 1.0 - d,
+            Momentum::DebiasedDecay(d) => {
+                let t = t.clamp(1, i32::MAX as u64) as i32;
+                (1.0 - d) / (1.0 - d.powi(t))
+            }
         }
     }
 }
@@ -190,7 +201,7 @@ pub enum BackwardArithmetic {
     /// f32, like PyTorch's CPU kernels, as `(a·(dz − d) + b·(x − m')) + k'` with `d`, `m'`
     /// the map's centers rounded to f32: no conversions and twice the vector lanes (a
     /// backward whose data sits in cache runs 17–20% faster; from memory, on the 2-core
-    /// development machine, 0–17%: see bench/RESULTS.md). Each element's
+    /// development machine, 0–17%: commit c84ee82). Each element's
     /// error is then a few f32 units of the terms `|a·(dz − mean dz)|` and `|b·(x − μ)|`,
     /// not of dx itself: elements much smaller than the channel's typical gradient lose
     /// relative accuracy (as in PyTorch), while the gradient as a whole keeps f32 accuracy.
@@ -347,7 +358,10 @@ impl Config {
     }
 
     /// Keras 3 / tf_keras `BatchNormalization` defaults: momentum 0.99 (decay), eps 1e-3,
-    /// biased moving variance, gamma and beta.
+    /// biased moving variance, gamma and beta. Also `tf.compat.v1.layers.
+    /// batch_normalization` (the same defaults) and Flax's `nn.BatchNorm` with
+    /// `momentum=0.99, epsilon=1e-3` (Flax's own defaults are 0.99 and 1e-5: set
+    /// [`eps`](Config::eps)).
     pub fn keras(channels: usize) -> Config {
         Config {
             eps: 1e-3,
@@ -357,9 +371,16 @@ impl Config {
         }
     }
 
-    /// TensorFlow's classic low-level recipe (`tf.nn.moments` + `assign_moving_average`
-    /// with its default zero-debiasing + `tf.nn.batch_normalization`), with the defaults of
-    /// `tf.contrib.layers.batch_norm`: decay 0.999, eps 1e-3, beta but no gamma.
+    /// TensorFlow's classic low-level recipe: `tf.nn.moments`, then
+    /// `tf.compat.v1.train.assign_moving_average(var, value, 0.999)` — whose default
+    /// `zero_debias=True` makes it [`Momentum::DebiasedDecay`] — then
+    /// `tf.nn.batch_normalization` with eps 1e-3, beta but no gamma.
+    ///
+    /// `tf.contrib.layers.batch_norm` has the same decay, eps and parameters but does
+    /// **not** zero-debias by default (`zero_debias_moving_mean=False`): for it use
+    /// `Config::tensorflow(c).momentum(Momentum::Decay(0.999))`. The recipe that updates
+    /// the averages by hand (`pop_mean * decay + batch_mean * (1 - decay)`) is that
+    /// plain decay too.
     pub fn tensorflow(channels: usize) -> Config {
         Config {
             eps: 1e-3,

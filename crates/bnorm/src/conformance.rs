@@ -350,7 +350,10 @@ impl Worst {
 fn kind(e: &Error) -> &'static str {
     match e {
         Error::BatchTooSmall { .. } => "batch_too_small",
-        Error::ShapeMismatch { .. } | Error::RankMismatch { .. } => "shape_mismatch",
+        Error::ShapeMismatch { .. }
+        | Error::RankMismatch { .. }
+        | Error::ChannelMismatch { .. }
+        | Error::LengthMismatch { .. } => "shape_mismatch",
         _ => "other",
     }
 }

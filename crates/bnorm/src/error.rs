@@ -19,6 +19,34 @@ pub enum Error {
         /// What the setting accepts.
         expected: &'static str,
     },
+    /// The input's channel axis (as the layout places it) does not hold the layer's
+    /// channel count.
+    ChannelMismatch {
+        /// Channels of the layer.
+        expected: usize,
+        /// Channels on the input's channel axis.
+        got: usize,
+    },
+    /// A buffer does not hold as many values as its shape says.
+    LengthMismatch {
+        /// Which buffer (`"x"`, `"y"`, `"dy"`, `"dx"`, `"residual"`).
+        what: &'static str,
+        /// Values the shape needs.
+        expected: usize,
+        /// Values the buffer holds.
+        got: usize,
+    },
+    /// A parameter or statistic the configuration has was not given.
+    MissingParameter {
+        /// Which (`"weight"`, `"bias"`, `"running_mean"`, ...).
+        what: &'static str,
+    },
+    /// A parameter the configuration does not have was given (for example a `weight` for
+    /// a layer built with `scale(false)`).
+    UnexpectedParameter {
+        /// Which.
+        what: &'static str,
+    },
     /// A tensor does not have the shape the call needs.
     ShapeMismatch {
         /// Which tensor (`"x"`, `"dy"`, `"weight"`, `"running_mean"`, ...).
@@ -41,9 +69,16 @@ pub enum Error {
         /// Values per channel in the batch (or in one ghost batch).
         channel_values: usize,
     },
-    /// A parameter or running statistic holds a value that is not finite, or a running
-    /// variance is negative.
+    /// A parameter or running statistic holds a value that is not finite (NaN or
+    /// infinite).
     NonFiniteParameter {
+        /// Which tensor.
+        what: &'static str,
+        /// The first offending channel.
+        channel: usize,
+    },
+    /// A variance (running or renorm) is negative.
+    NegativeVariance {
         /// Which tensor.
         what: &'static str,
         /// The first offending channel.
@@ -74,6 +109,13 @@ pub enum Error {
         /// What differs.
         reason: &'static str,
     },
+    /// Running statistics (or a pending update of them) do not fit the layer's
+    /// configuration: given to a layer that does not track them, renorm statistics
+    /// missing or extra, ghost-batch updates merged.
+    StateMismatch {
+        /// What differs.
+        reason: &'static str,
+    },
     /// The ranks of a synchronized step ([`mod@crate::sync`]) were not called consistently:
     /// a rank has another channel count, configuration, mode or dtype than rank 0, or a
     /// rank failed its own checks (that rank returns its own error, every other rank this
@@ -100,14 +142,38 @@ impl fmt::Display for Error {
                 value,
                 expected,
             } => write!(f, "invalid {setting} = {value}: expected {expected}"),
+            Error::ChannelMismatch { expected, got } => write!(
+                f,
+                "the input has {got} channel(s) on its channel axis, the layer {expected}: \
+                 check the layout (NC, NCL, NCHW, NCDHW put channels second; NLC, NHWC, \
+                 NDHWC last) and the layer's channel count"
+            ),
+            Error::LengthMismatch {
+                what,
+                expected,
+                got,
+            } => write!(
+                f,
+                "{what} holds {got} value(s), its shape needs {expected}: pass the shape \
+                 of this buffer"
+            ),
+            Error::MissingParameter { what } => write!(
+                f,
+                "{what} is missing, but the configuration has it: pass {what}, or configure \
+                 the layer without it (scale, center, track_running_stats)"
+            ),
+            Error::UnexpectedParameter { what } => write!(
+                f,
+                "{what} was given, but the configuration has none: drop it, or configure \
+                 the layer with it (scale, center, track_running_stats)"
+            ),
             Error::ShapeMismatch {
                 what,
                 expected,
                 got,
             } => write!(
                 f,
-                "shape mismatch for {what}: expected {expected:?}, got {got:?} \
-                 (check the channel count and the layout)"
+                "shape mismatch for {what}: expected {expected:?}, got {got:?}"
             ),
             Error::RankMismatch { layout, shape } => write!(
                 f,
@@ -121,7 +187,13 @@ impl fmt::Display for Error {
             ),
             Error::NonFiniteParameter { what, channel } => write!(
                 f,
-                "{what}[{channel}] is not finite (or is a negative variance): load valid values"
+                "{what}[{channel}] is NaN or infinite: load finite values (a NaN in gamma or \
+                 beta usually means training diverged)"
+            ),
+            Error::NegativeVariance { what, channel } => write!(
+                f,
+                "{what}[{channel}] is a negative variance: load the variance, not a standard \
+                 deviation or a log-variance"
             ),
             Error::NonFiniteStatistics { channels } => write!(
                 f,
@@ -149,6 +221,10 @@ impl fmt::Display for Error {
             Error::SavedMismatch { reason } => write!(
                 f,
                 "saved statistics do not belong to this backward call: {reason}"
+            ),
+            Error::StateMismatch { reason } => write!(
+                f,
+                "the running statistics do not fit this layer's configuration: {reason}"
             ),
             Error::SyncMismatch { rank, what } => write!(
                 f,

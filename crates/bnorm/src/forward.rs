@@ -118,17 +118,16 @@ pub struct Forward<T> {
 /// Checks the common arguments of every call.
 pub(crate) fn check_input(cfg: &Config, g: Geometry, len: usize, what: &'static str) -> Result<()> {
     if g.channels != cfg.num_channels() {
-        return Err(Error::ShapeMismatch {
-            what: "x (channel axis)",
-            expected: vec![cfg.num_channels()],
-            got: vec![g.channels],
+        return Err(Error::ChannelMismatch {
+            expected: cfg.num_channels(),
+            got: g.channels,
         });
     }
     if len != g.len() {
-        return Err(Error::ShapeMismatch {
+        return Err(Error::LengthMismatch {
             what,
-            expected: vec![g.len()],
-            got: vec![len],
+            expected: g.len(),
+            got: len,
         });
     }
     Ok(())
@@ -344,9 +343,34 @@ pub fn forward_relu_into<T: Element>(
     forward_ep(cfg, g, x, ep, params, state, mode, y, saved, ws, par)
 }
 
-/// Everything of a forward step except the running-statistics update.
+/// Everything of a forward step except the running-statistics update. `saved` changes
+/// only when the step succeeds: the step fills the workspace's spare, then the two swap.
 #[allow(clippy::too_many_arguments)]
 fn forward_core<T: Element>(
+    cfg: &Config,
+    g: Geometry,
+    x: &[T],
+    ep: Ep<'_, T>,
+    params: &Params,
+    state: Option<&RunningState>,
+    mode: Mode,
+    y: &mut [T],
+    saved: &mut Saved,
+    ws: &mut Workspace,
+    par: Parallelism,
+) -> Result<StepReport> {
+    let mut next = std::mem::take(&mut ws.next_saved);
+    let result = forward_step(cfg, g, x, ep, params, state, mode, y, &mut next, ws, par);
+    if result.is_ok() {
+        std::mem::swap(saved, &mut next);
+    }
+    ws.next_saved = next;
+    result
+}
+
+/// [`forward_core`] into a scratch `saved`, which is left in any state on error.
+#[allow(clippy::too_many_arguments)]
+fn forward_step<T: Element>(
     cfg: &Config,
     g: Geometry,
     x: &[T],
@@ -368,7 +392,7 @@ fn forward_core<T: Element>(
         (None, false) => {}
         (None, true) => return Err(Error::NoRunningStatistics),
         (Some(_), false) => {
-            return Err(Error::SavedMismatch {
+            return Err(Error::StateMismatch {
                 reason: "running statistics given to a layer that does not track them",
             })
         }

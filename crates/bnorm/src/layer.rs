@@ -15,6 +15,17 @@ use crate::state::{Mode, Params, RunningState};
 /// A batch-normalization layer. Each forward call names its [`Mode`]; the layer keeps
 /// what the last forward step saved, so `backward` can follow it.
 ///
+/// **`backward` differentiates whichever forward ran last**, in the mode it ran: after a
+/// [`Mode::Train`] step the gradient flows through the batch statistics; after
+/// [`Mode::Inference`] or [`Mode::Frozen`] the running statistics are constants (the
+/// gradient of frozen-statistics fine-tuning). Run the forward you want to differentiate
+/// last — an evaluation forward in between replaces what backward uses. A forward call
+/// that fails leaves everything as it was, the statistics saved for backward included.
+///
+/// Porting a layer: [`BatchNorm::from_torch`] takes PyTorch's five tensors;
+/// [`interop::Layer::to_batchnorm`](crate::interop::Layer::to_batchnorm) builds a layer
+/// from any framework's checkpoint.
+///
 /// ```
 /// use bnorm::{BatchNorm, Config, Layout, Mode};
 /// let mut bn = Config::torch(3).build()?;
@@ -30,6 +41,9 @@ use crate::state::{Mode, Params, RunningState};
 pub struct BatchNorm {
     cfg: Config,
     params: Params,
+    /// The values before the last [`update_params`](BatchNorm::update_params), kept to
+    /// undo a step that diverged without allocating.
+    params_before: Params,
     state: Option<RunningState>,
     saved: Saved,
     ws: Workspace,
@@ -50,6 +64,7 @@ impl BatchNorm {
         cfg.validate()?;
         Ok(BatchNorm {
             params: Params::init(&cfg),
+            params_before: Params::default(),
             state: RunningState::init(&cfg),
             cfg,
             saved: Saved::default(),
@@ -74,6 +89,103 @@ impl BatchNorm {
         params.validate(&self.cfg)?;
         self.params = params;
         Ok(())
+    }
+
+    /// Updates gamma and beta in place — an optimizer step without allocating: `f` gets
+    /// gamma and beta (`None` for one the configuration does not have) and may change
+    /// their values. If a value comes out NaN or infinite, the old values are put back and
+    /// the call fails with [`Error::NonFiniteParameter`]. Returns what `f` returns.
+    ///
+    /// ```
+    /// use bnorm::{Config, Layout, Mode};
+    /// let mut bn = Config::torch(2).build()?;
+    /// let x = [1.0f32, 10.0, 2.0, 20.0, 4.0, 40.0];
+    /// let (y, _) = bn.forward(&x, &[3, 2], Layout::NC, Mode::Train)?;
+    /// let g = bn.backward(&x, &y, &[3, 2], Layout::NC)?; // dy = y: loss ½Σy²
+    /// let (dw, db) = (g.dweight.unwrap(), g.dbias.unwrap());
+    /// let lr = 0.1;
+    /// bn.update_params(|w, b| {
+    ///     w.unwrap().iter_mut().zip(&dw).for_each(|(p, g)| *p -= lr * g);
+    ///     b.unwrap().iter_mut().zip(&db).for_each(|(p, g)| *p -= lr * g);
+    /// })?;
+    /// assert!(bn.params().weight.as_ref().unwrap()[0] < 1.0);
+    /// // a step that diverges is refused and changes nothing
+    /// let before = bn.params().clone();
+    /// assert!(bn.update_params(|w, _| w.unwrap()[1] = f64::NAN).is_err());
+    /// assert_eq!(bn.params(), &before);
+    /// # Ok::<(), bnorm::Error>(())
+    /// ```
+    pub fn update_params<R>(
+        &mut self,
+        f: impl FnOnce(Option<&mut [f64]>, Option<&mut [f64]>) -> R,
+    ) -> Result<R> {
+        // field by field: a derived `clone_from` would allocate new vectors
+        let (before, now) = (&mut self.params_before, &self.params);
+        before.weight.clone_from(&now.weight);
+        before.bias.clone_from(&now.bias);
+        let r = f(
+            self.params.weight.as_deref_mut(),
+            self.params.bias.as_deref_mut(),
+        );
+        if let Err(e) = self.params.validate(&self.cfg) {
+            std::mem::swap(&mut self.params, &mut self.params_before);
+            return Err(e);
+        }
+        Ok(r)
+    }
+
+    /// A layer with PyTorch's semantics from a `torch.nn.BatchNorm*d`'s five tensors —
+    /// `weight`, `bias`, `running_mean`, `running_var` (`None` for `affine=False` or
+    /// `track_running_stats=False`), `num_batches_tracked` — and its `eps` and `momentum`
+    /// (`None` is PyTorch's `momentum=None`, the cumulative average). Values are checked
+    /// (lengths, finiteness, non-negative variances) and used as given.
+    ///
+    /// ```
+    /// use bnorm::{BatchNorm, Layout, Mode};
+    /// let (w, b) = (vec![1.5f32, 0.5], vec![0.1f32, -0.1]);
+    /// let (rm, rv) = (vec![2.0f32, -1.0], vec![4.0f32, 0.25]);
+    /// let mut bn = BatchNorm::from_torch(Some(&w), Some(&b), Some(&rm), Some(&rv), 100, 1e-5, Some(0.1))?;
+    /// let (y, _) = bn.forward(&[2.0f32, -1.0], &[1, 2], Layout::NC, Mode::Inference)?;
+    /// assert_eq!(y, vec![0.1, -0.1]); // the running mean maps to beta
+    /// # Ok::<(), bnorm::Error>(())
+    /// ```
+    pub fn from_torch<T: Element>(
+        weight: Option<&[T]>,
+        bias: Option<&[T]>,
+        running_mean: Option<&[T]>,
+        running_var: Option<&[T]>,
+        num_batches_tracked: u64,
+        eps: f64,
+        momentum: Option<f64>,
+    ) -> Result<BatchNorm> {
+        let widen = |v: Option<&[T]>| v.map(|v| v.iter().map(|x| x.to_f64()).collect::<Vec<_>>());
+        let (weight, bias) = (widen(weight), widen(bias));
+        let (mean, var) = (widen(running_mean), widen(running_var));
+        let channels = [&weight, &bias, &mean, &var]
+            .iter()
+            .find_map(|v| v.as_ref().map(Vec::len))
+            .ok_or(Error::MissingParameter {
+                what: "weight, bias or running statistics (the channel count)",
+            })?;
+        let cfg = crate::Config::torch(channels)
+            .eps(eps)
+            .momentum(momentum.map_or(crate::Momentum::Cumulative, crate::Momentum::NewWeight))
+            .scale(weight.is_some())
+            .center(bias.is_some())
+            .track_running_stats(mean.is_some() || var.is_some());
+        let mut bn = cfg.build()?;
+        bn.set_params(Params { weight, bias })?;
+        if bn.cfg.tracks_running_stats() {
+            let mean = mean.ok_or(Error::MissingParameter {
+                what: "running_mean",
+            })?;
+            let var = var.ok_or(Error::MissingParameter {
+                what: "running_var",
+            })?;
+            let state = RunningState::from_values(&bn.cfg, mean, var, num_batches_tracked)?;
+            bn.set_running(state)?;
+        }
+        Ok(bn)
     }
 
     /// The running statistics (`None` when not tracked).
@@ -245,7 +357,8 @@ impl BatchNorm {
         Ok(())
     }
 
-    /// Backward of the last forward step (same `x`, shape and layout).
+    /// Backward of the last forward step (same `x`, shape and layout), in the mode it ran
+    /// (see the [type's documentation](BatchNorm)).
     pub fn backward<T: Element>(
         &mut self,
         x: &[T],
@@ -263,7 +376,8 @@ impl BatchNorm {
         })
     }
 
-    /// Backward of the last forward step into caller buffers.
+    /// Backward of the last forward step into caller buffers (no allocation once warmed
+    /// up; see the `alloc_free_training` example).
     pub fn backward_into<T: Element>(
         &mut self,
         x: &[T],

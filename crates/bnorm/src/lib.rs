@@ -106,7 +106,7 @@ pub use layout::{Geometry, Layout};
 pub use parallel::{Parallelism, PARALLEL_THRESHOLD};
 pub use recalibrate::Recalibration;
 pub use running::PendingUpdate;
-pub use state::{DebiasState, Mode, Params, RenormState, RunningState};
+pub use state::{Mode, Params, RenormState, RunningState};
 pub use stats::Moments;
 
 /// Re-export of the `half` crate's 16-bit float types used as storage.

@@ -94,8 +94,8 @@ impl Recalibration {
 
     /// Replaces the running mean and variance (biased or unbiased per the configuration)
     /// with the population statistics. Only the batch-norm state changes. The update
-    /// counter becomes at least 1 (the statistics are no longer cold); zero-debias and
-    /// renorm bookkeeping are set consistently with the new values. Refused (nothing
+    /// counter becomes at least 1 (the statistics are no longer cold); the renorm
+    /// statistics are set consistently with the new values. Refused (nothing
     /// changes) when a channel has fewer than two values or non-finite statistics.
     pub fn apply(&self, cfg: &Config, state: &mut RunningState) -> Result<()> {
         state.validate(cfg)?;
@@ -127,13 +127,6 @@ impl Recalibration {
         for (ch, m) in self.moments.iter().enumerate() {
             state.mean[ch] = m.mean;
             state.var[ch] = var[ch];
-            if let (Some(db), crate::Momentum::DebiasedDecay(d)) =
-                (state.debias.as_mut(), cfg.momentum_convention())
-            {
-                let scale = 1.0 - d.powi(state.updates.min(i32::MAX as u64) as i32);
-                db.mean[ch] = m.mean * scale;
-                db.var[ch] = var[ch] * scale;
-            }
             if let Some(rs) = state.renorm.as_mut() {
                 rs.mean[ch] = m.mean;
                 rs.stddev[ch] = (m.variance_biased() + eps).sqrt();

@@ -213,14 +213,10 @@ pub fn forward(
                     Momentum::NewWeight(a) => a,
                     Momentum::Cumulative => 1.0 / t as f64,
                     Momentum::Decay(dd) => 1.0 - dd,
-                    Momentum::DebiasedDecay(dd) => {
-                        let db = s.debias.as_mut().ok_or(Error::NoRunningStatistics)?;
-                        db.mean[k] = dd * db.mean[k] + (1.0 - dd) * bm;
-                        db.var[k] = dd * db.var[k] + (1.0 - dd) * rv;
-                        s.mean[k] = db.mean[k] / (1.0 - dd.powi(t as i32));
-                        s.var[k] = db.var[k] / (1.0 - dd.powi(t as i32));
-                        continue;
-                    }
+                    // TensorFlow publishes b / (1 − dᵗ) of a hidden b ← d·b + (1 − d)·batch
+                    // starting at 0: as a blend of the published value, the new batch
+                    // weighs (1 − d) / (1 − dᵗ).
+                    Momentum::DebiasedDecay(dd) => (1.0 - dd) / (1.0 - dd.powi(t as i32)),
                 };
                 if let (Variant::Renorm(rn), Some(rs)) = (cfg.variant_kind(), s.renorm.as_mut()) {
                     let ra = 1.0 - rn.momentum;

@@ -4,7 +4,7 @@
 //! Called only after a training step has computed valid batch statistics; channels listed
 //! in `skipped` (non-finite batch statistics) keep their values.
 
-use crate::config::{Config, GhostUpdate, Momentum, VarianceEstimator, Variant};
+use crate::config::{Config, GhostUpdate, VarianceEstimator, Variant};
 use crate::error::{Error, Result};
 use crate::state::RunningState;
 use crate::stats::Moments;
@@ -59,7 +59,7 @@ fn update_once(cfg: &Config, state: &mut RunningState, st: BatchStats<'_>, skipp
     let c = state.mean.len();
     let groups = st.groups.max(1);
     state.updates += 1;
-    let t = state.updates;
+    let a = cfg.momentum_convention().new_weight(state.updates);
     for ch in 0..c {
         if skipped.contains(&ch) {
             continue;
@@ -79,7 +79,6 @@ fn update_once(cfg: &Config, state: &mut RunningState, st: BatchStats<'_>, skipp
         if let Some(rs) = state.renorm.as_mut() {
             // tf_keras: renorm mean/stddev and moving stddev move first, then the running
             // variance is published from the moving stddev.
-            let a = cfg.momentum_convention().new_weight(t).unwrap_or(0.0);
             let eps = cfg.epsilon();
             let ra = match cfg.variant_kind() {
                 Variant::Renorm(r) => 1.0 - r.momentum,
@@ -93,22 +92,8 @@ fn update_once(cfg: &Config, state: &mut RunningState, st: BatchStats<'_>, skipp
             state.var[ch] = (rs.moving_stddev[ch] * rs.moving_stddev[ch] - eps).max(0.0);
             continue;
         }
-        match cfg.momentum_convention() {
-            Momentum::DebiasedDecay(d) => {
-                if let Some(db) = state.debias.as_mut() {
-                    db.mean[ch] = d * db.mean[ch] + (1.0 - d) * mean;
-                    db.var[ch] = d * db.var[ch] + (1.0 - d) * var;
-                    let denom = 1.0 - d.powi(t.min(i32::MAX as u64) as i32);
-                    state.mean[ch] = db.mean[ch] / denom;
-                    state.var[ch] = db.var[ch] / denom;
-                }
-            }
-            other => {
-                let a = other.new_weight(t).unwrap_or(0.0);
-                state.mean[ch] = blend(state.mean[ch], mean, a);
-                state.var[ch] = blend(state.var[ch], var, a);
-            }
-        }
+        state.mean[ch] = blend(state.mean[ch], mean, a);
+        state.var[ch] = blend(state.var[ch], var, a);
     }
 }
 
@@ -180,7 +165,7 @@ impl PendingUpdate {
     /// ```
     pub fn merge(&mut self, other: &PendingUpdate) -> Result<()> {
         if self.groups > 1 || other.groups > 1 {
-            return Err(Error::SavedMismatch {
+            return Err(Error::StateMismatch {
                 reason: "ghost-batch updates are per group and cannot be merged",
             });
         }

@@ -1,6 +1,6 @@
 //! Learned parameters, running statistics, and the mode of a call.
 
-use crate::config::{Config, Momentum, Variant};
+use crate::config::{Config, Variant};
 use crate::error::{Error, Result};
 
 /// What a forward call does. Every call names its mode: there is no hidden global flag and
@@ -72,39 +72,24 @@ pub(crate) fn check_vec(
     non_negative: bool,
 ) -> Result<()> {
     match v {
-        None if required => Err(Error::ShapeMismatch {
-            what,
-            expected: vec![c],
-            got: vec![],
-        }),
-        Some(v) if !required => Err(Error::ShapeMismatch {
-            what,
-            expected: vec![],
-            got: vec![v.len()],
-        }),
+        None if required => Err(Error::MissingParameter { what }),
+        Some(_) if !required => Err(Error::UnexpectedParameter { what }),
         Some(v) if v.len() != c => Err(Error::ShapeMismatch {
             what,
             expected: vec![c],
             got: vec![v.len()],
         }),
-        Some(v) => match v
-            .iter()
-            .position(|x| !x.is_finite() || (non_negative && *x < 0.0))
-        {
-            Some(channel) => Err(Error::NonFiniteParameter { what, channel }),
-            None => Ok(()),
-        },
+        Some(v) => {
+            if let Some(channel) = v.iter().position(|x| !x.is_finite()) {
+                return Err(Error::NonFiniteParameter { what, channel });
+            }
+            match v.iter().position(|x| non_negative && *x < 0.0) {
+                Some(channel) => Err(Error::NegativeVariance { what, channel }),
+                None => Ok(()),
+            }
+        }
         None => Ok(()),
     }
-}
-
-/// Hidden state of TensorFlow's zero-debiased moving average.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DebiasState {
-    /// The biased average of the batch means, starting at 0.
-    pub mean: Vec<f64>,
-    /// The biased average of the batch variances, starting at 0.
-    pub var: Vec<f64>,
 }
 
 /// Batch renormalization's extra statistics (tf_keras names).
@@ -128,8 +113,6 @@ pub struct RunningState {
     /// Training steps folded in so far (PyTorch's `num_batches_tracked`; it drives the
     /// cumulative average and the zero-debiasing, and tells never-updated statistics).
     pub updates: u64,
-    /// TensorFlow zero-debiasing accumulators, for [`Momentum::DebiasedDecay`].
-    pub debias: Option<DebiasState>,
     /// Batch renormalization statistics, for [`Variant::Renorm`].
     pub renorm: Option<RenormState>,
 }
@@ -149,8 +132,34 @@ impl RunningState {
 
     /// Running statistics loaded from a checkpoint (`updates` = its
     /// `num_batches_tracked`). Checks lengths, finiteness and non-negative variances.
-    /// The renorm statistics start as tf_keras starts them: `renorm_mean = mean`,
-    /// `renorm_stddev = sqrt(var)`, `moving_stddev = 1`.
+    ///
+    /// Mean, variance and update count are the whole state of every momentum convention
+    /// (the zero-debiased one included, see [`Momentum::DebiasedDecay`](crate::Momentum::DebiasedDecay)): training on from
+    /// here gives the same bits as training that never stopped.
+    ///
+    /// Batch renormalization keeps three more statistics; from published values they
+    /// start as tf_keras starts them — `renorm_mean = mean`, `renorm_stddev =
+    /// sqrt(var)`, and `moving_stddev = sqrt(var)` before the first update and
+    /// `sqrt(var + eps)` after (the running variance is published as
+    /// `moving_stddev² − eps`). To resume renormalization exactly, restore the whole
+    /// [`RunningState`], [`renorm`](RunningState::renorm) included.
+    ///
+    /// ```
+    /// use bnorm::{Config, Layout, Mode};
+    /// let cfg = Config::tensorflow(1);
+    /// let (mut a, mut b) = (cfg.clone().build()?, cfg.clone().build()?);
+    /// let batch = |k: f64| [k, 2.0 * k, 4.0 * k];
+    /// for k in 1..=3 {
+    ///     a.forward(&batch(k as f64), &[3, 1], Layout::NC, Mode::Train)?;
+    /// }
+    /// // b resumes from a's published mean, variance and update count only
+    /// let s = a.running().unwrap();
+    /// b.set_running(bnorm::RunningState::from_values(&cfg, s.mean.clone(), s.var.clone(), s.updates)?)?;
+    /// a.forward(&batch(4.0), &[3, 1], Layout::NC, Mode::Train)?;
+    /// b.forward(&batch(4.0), &[3, 1], Layout::NC, Mode::Train)?;
+    /// assert_eq!(a.running(), b.running());
+    /// # Ok::<(), bnorm::Error>(())
+    /// ```
     pub fn from_values(
         cfg: &Config,
         mean: Vec<f64>,
@@ -163,21 +172,18 @@ impl RunningState {
         let c = cfg.num_channels();
         check_vec("running_mean", Some(&mean), true, c, false)?;
         check_vec("running_var", Some(&var), true, c, true)?;
-        let debias =
-            matches!(cfg.momentum_convention(), Momentum::DebiasedDecay(_)).then(|| DebiasState {
-                mean: vec![0.0; c],
-                var: vec![0.0; c],
-            });
-        let renorm = matches!(cfg.variant_kind(), Variant::Renorm(_)).then(|| RenormState {
-            mean: mean.clone(),
-            stddev: var.iter().map(|v| v.sqrt()).collect(),
-            moving_stddev: vec![1.0; c],
+        let renorm = matches!(cfg.variant_kind(), Variant::Renorm(_)).then(|| {
+            let eps = if updates == 0 { 0.0 } else { cfg.epsilon() };
+            RenormState {
+                mean: mean.clone(),
+                stddev: var.iter().map(|v| v.sqrt()).collect(),
+                moving_stddev: var.iter().map(|v| (v + eps).sqrt()).collect(),
+            }
         });
         Ok(RunningState {
             mean,
             var,
             updates,
-            debias,
             renorm,
         })
     }
@@ -188,19 +194,6 @@ impl RunningState {
         let c = cfg.num_channels();
         check_vec("running_mean", Some(&self.mean), true, c, false)?;
         check_vec("running_var", Some(&self.var), true, c, true)?;
-        let debiased = matches!(cfg.momentum_convention(), Momentum::DebiasedDecay(_));
-        match (&self.debias, debiased) {
-            (Some(d), true) => {
-                check_vec("debias.mean", Some(&d.mean), true, c, false)?;
-                check_vec("debias.var", Some(&d.var), true, c, true)?;
-            }
-            (None, false) => {}
-            _ => {
-                return Err(Error::SavedMismatch {
-                    reason: "zero-debias state present without DebiasedDecay, or missing",
-                })
-            }
-        }
         let renorm = matches!(cfg.variant_kind(), Variant::Renorm(_));
         match (&self.renorm, renorm) {
             (Some(r), true) => {
@@ -209,7 +202,7 @@ impl RunningState {
                 check_vec("moving_stddev", Some(&r.moving_stddev), true, c, true)
             }
             (None, false) => Ok(()),
-            _ => Err(Error::SavedMismatch {
+            _ => Err(Error::StateMismatch {
                 reason: "renorm state present without Variant::Renorm, or missing",
             }),
         }

@@ -436,7 +436,7 @@ fn forward_checks<T: Element>(
         (None, false) => {}
         (None, true) => return Err(Error::NoRunningStatistics),
         (Some(_), false) => {
-            return Err(Error::SavedMismatch {
+            return Err(Error::StateMismatch {
                 reason: "running statistics given to a layer that does not track them",
             })
         }

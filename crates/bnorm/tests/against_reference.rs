@@ -330,8 +330,8 @@ fn outlier_first_values_keep_statistics_exact() {
             // so the mean is `shift + Σ(x − shift)/n` and the sum's rounding is relative to
             // |outlier − mean|, not |mean|: allow 1e-14 of that distance. (With the outlier at
             // 1e6 and a mean near 2.6e4, the sum's order alone moves the mean by 2e-15 to
-            // 8e-14 of itself over seeds 1–39, in the four-row order before the eighth
-            // session as in the eight-row order since: `examples/outlier_seeds.rs`.)
+            // 8e-14 of itself over seeds 1–39, in the four-row order before commit
+            // 95206be as in the eight-row order since: `examples/outlier_seeds.rs`.)
             let reach = rs.mean.iter().fold(1.0f64, |a, m| {
                 a.max(outlier.map_or(0.0, |o| (o - m).abs() / m.abs()))
             });

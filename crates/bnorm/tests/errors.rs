@@ -95,12 +95,26 @@ fn shape_errors_are_typed_and_change_nothing() {
     let e = bn
         .forward(&x, &[2, 4, 3, 1], Layout::NCHW, Mode::Train)
         .unwrap_err();
-    assert!(matches!(e, Error::ShapeMismatch { .. }), "{e}");
+    assert_eq!(
+        e,
+        Error::ChannelMismatch {
+            expected: 3,
+            got: 4
+        }
+    );
+    assert!(e.to_string().contains("channel axis"), "{e}");
     // data length does not match shape
     let e = bn
         .forward(&x[..20], &[2, 3, 2, 2], Layout::NCHW, Mode::Train)
         .unwrap_err();
-    assert!(matches!(e, Error::ShapeMismatch { .. }), "{e}");
+    assert_eq!(
+        e,
+        Error::LengthMismatch {
+            what: "x",
+            expected: 24,
+            got: 20
+        }
+    );
     // rank does not match layout
     let e = bn
         .forward(&x, &[2, 3, 4], Layout::NCHW, Mode::Train)
@@ -122,7 +136,7 @@ fn shape_errors_are_typed_and_change_nothing() {
     let e = bn
         .backward(&x, &x[..12], &[2, 3, 2, 2], Layout::NCHW)
         .unwrap_err();
-    assert!(matches!(e, Error::ShapeMismatch { .. }), "{e}");
+    assert!(matches!(e, Error::LengthMismatch { what: "dy", .. }), "{e}");
 }
 
 #[test]
@@ -130,35 +144,72 @@ fn bad_parameters_and_statistics_are_refused() {
     let cfg = Config::torch(3);
     let mut bn = cfg.clone().build().unwrap();
     let good = bn.params().clone();
-    for p in [
-        Params {
-            weight: Some(vec![1.0; 2]),
-            bias: Some(vec![0.0; 3]),
-        },
-        Params {
-            weight: Some(vec![1.0, f64::NAN, 1.0]),
-            bias: Some(vec![0.0; 3]),
-        },
-        Params {
-            weight: None,
-            bias: Some(vec![0.0; 3]),
-        },
-        Params {
-            weight: Some(vec![1.0; 3]),
-            bias: Some(vec![f64::INFINITY; 3]),
-        },
+    // each cause its own error: a wrong length, a NaN, a missing and an unexpected one
+    for (p, want) in [
+        (
+            Params {
+                weight: Some(vec![1.0; 2]),
+                bias: Some(vec![0.0; 3]),
+            },
+            Error::ShapeMismatch {
+                what: "weight",
+                expected: vec![3],
+                got: vec![2],
+            },
+        ),
+        (
+            Params {
+                weight: Some(vec![1.0, f64::NAN, 1.0]),
+                bias: Some(vec![0.0; 3]),
+            },
+            Error::NonFiniteParameter {
+                what: "weight",
+                channel: 1,
+            },
+        ),
+        (
+            Params {
+                weight: None,
+                bias: Some(vec![0.0; 3]),
+            },
+            Error::MissingParameter { what: "weight" },
+        ),
+        (
+            Params {
+                weight: Some(vec![1.0; 3]),
+                bias: Some(vec![f64::INFINITY; 3]),
+            },
+            Error::NonFiniteParameter {
+                what: "bias",
+                channel: 0,
+            },
+        ),
     ] {
-        assert!(bn.set_params(p).is_err());
+        assert_eq!(bn.set_params(p).unwrap_err(), want);
         assert_eq!(bn.params(), &good);
     }
+    let mut no_scale = Config::torch(3).scale(false).build().unwrap();
+    let e = no_scale.set_params(good.clone()).unwrap_err();
+    assert_eq!(e, Error::UnexpectedParameter { what: "weight" });
+    // a NaN in gamma is not called a negative variance, nor the other way round
+    let nan_gamma = Params {
+        weight: Some(vec![f64::NAN; 3]),
+        bias: Some(vec![0.0; 3]),
+    };
+    assert!(!bn
+        .set_params(nan_gamma)
+        .unwrap_err()
+        .to_string()
+        .contains("negative"));
     let e = RunningState::from_values(&cfg, vec![0.0; 3], vec![1.0, -1.0, 1.0], 0).unwrap_err();
     assert_eq!(
         e,
-        Error::NonFiniteParameter {
+        Error::NegativeVariance {
             what: "running_var",
             channel: 1
         }
     );
+    assert!(e.to_string().contains("negative variance"), "{e}");
     let e = RunningState::from_values(&cfg, vec![0.0; 4], vec![1.0; 3], 0).unwrap_err();
     assert!(matches!(
         e,

@@ -114,3 +114,36 @@ fn a_warmed_up_training_step_does_not_allocate() {
         step(true);
     }
 }
+
+/// The layer's own loop: `forward_into`, `backward_into`, and the optimizer step through
+/// `update_params` (see the `alloc_free_training` example).
+#[test]
+fn a_warmed_up_layer_step_with_an_optimizer_update_does_not_allocate() {
+    let shape = [4usize, 8, 10, 10];
+    let n: usize = shape.iter().product();
+    let mut bn = Config::torch(8).build().unwrap();
+    bn.set_parallelism(Parallelism::Sequential);
+    let x: Vec<f32> = (0..n).map(|i| (i % 17) as f32).collect();
+    let (mut y, mut dx, mut grads) = (vec![0f32; n], vec![0f32; n], Grads::default());
+    let mut step = || {
+        let before = allocations();
+        bn.forward_into(&x, &shape, Layout::NCHW, Mode::Train, &mut y)
+            .unwrap();
+        bn.backward_into(&x, &y, &shape, Layout::NCHW, &mut dx, &mut grads)
+            .unwrap();
+        bn.update_params(|w, b| {
+            for (p, g) in w.into_iter().flatten().zip(&grads.dweight) {
+                *p -= 0.01 * g;
+            }
+            for (p, g) in b.into_iter().flatten().zip(&grads.dbias) {
+                *p -= 0.01 * g;
+            }
+        })
+        .unwrap();
+        allocations() - before
+    };
+    assert!(step() > 0, "the warm-up step should allocate");
+    step();
+    assert_eq!(step(), 0, "allocations in a warmed-up layer step");
+    assert_eq!(step(), 0, "allocations in a warmed-up layer step");
+}

@@ -66,13 +66,10 @@ pub fn rel(a: &[f64], b: &[f64]) -> f64 {
         .fold(0.0, f64::max)
 }
 
-/// The running statistics as vectors (mean, var, updates, debias, renorm).
+/// The running statistics as vectors (mean, var, updates, renorm).
 pub fn state_vecs(s: Option<&RunningState>) -> Vec<Vec<f64>> {
     let Some(s) = s else { return vec![] };
     let mut v = vec![s.mean.clone(), s.var.clone(), vec![s.updates as f64]];
-    if let Some(d) = &s.debias {
-        v.extend([d.mean.clone(), d.var.clone()]);
-    }
     if let Some(r) = &s.renorm {
         v.extend([r.mean.clone(), r.stddev.clone(), r.moving_stddev.clone()]);
     }

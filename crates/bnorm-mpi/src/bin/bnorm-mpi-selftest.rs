@@ -206,7 +206,7 @@ fn inconsistent(comm: &MpiComm, what: &str) -> bnorm::Result<bool> {
         Parallelism::Rayon,
     );
     let ok = match (what, &r) {
-        ("local", Err(Error::ShapeMismatch { .. })) => rank == bad,
+        ("local", Err(Error::ChannelMismatch { .. })) => rank == bad,
         (_, Err(Error::SyncMismatch { rank: r, .. })) => {
             *r == bad && (what != "local" || rank != bad)
         }

@@ -934,10 +934,13 @@ impl Layer {
             }
             (Momentum::DebiasedDecay(d), _) => {
                 note(
-                    false,
-                    "zero-debiased moving averages: the published values are kept, the \
-                     hidden accumulators are not carried"
-                        .into(),
+                    d.powi(t.min(i32::MAX as u64) as i32) < 1e-12,
+                    format!(
+                        "zero-debiased moving averages become plain ones in {to}: the \
+                         published values are kept; the next batch weighs {} instead of \
+                         (1 - d)/(1 - d^t) (the same once d^t is negligible; t = {t})",
+                        1.0 - d
+                    ),
                 );
                 if to == Format::Torch {
                     Momentum::NewWeight(flip(d))

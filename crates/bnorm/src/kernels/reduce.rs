@@ -18,6 +18,9 @@ pub struct Workspace {
     pub(crate) tmp: Vec<Moments>,
     pub(crate) tmp_pairs: Vec<(f64, f64)>,
     pub(crate) coef: Vec<f64>,
+    /// The statistics a forward step fills before it can fail; they replace the caller's
+    /// [`Saved`](crate::Saved) only when the step succeeds.
+    pub(crate) next_saved: crate::forward::Saved,
 }
 
 /// Rows per segment and number of segments (per channel for channels-first, in total for
