@@ -121,6 +121,9 @@ pub struct GpuBatchNorm {
     grads: CudaSlice<f64>,
     grads_valid: bool,
     bcoef: CudaSlice<f32>,
+    /// What a forward step fills before it can fail; it replaces the caller's
+    /// [`GpuSaved`] only when the step succeeds.
+    next_saved: GpuSaved,
 }
 
 impl std::fmt::Debug for GpuBatchNorm {
@@ -228,6 +231,7 @@ impl GpuBatchNorm {
                 .alloc_zeros(c.max(1))
                 .map_err(CudaError::driver("alloc"))?,
             flags_valid: false,
+            next_saved: GpuSaved::new(),
             part: zeros(1)?,
             shift: zeros(c)?,
             grads: zeros(2 * c)?,
@@ -366,8 +370,28 @@ impl GpuBatchNorm {
 
     /// Forward step into `y` (same shape and layout as `x`): writes `y`, updates the
     /// running statistics on a training step, fills `saved`. Asynchronous: returns once
-    /// the kernels are queued. On error nothing has been written.
+    /// the kernels are queued. On error nothing has been written: not `y`, not the
+    /// running statistics, not `saved` (the step fills a spare that replaces it on
+    /// success).
     pub fn forward_into<T: GpuElement>(
+        &mut self,
+        x: &DeviceTensor<T>,
+        mode: Mode,
+        y: &mut DeviceTensor<T>,
+        saved: &mut GpuSaved,
+    ) -> Result<StepReport> {
+        let mut next = std::mem::take(&mut self.next_saved);
+        let result = self.forward_step(x, mode, y, &mut next);
+        if result.is_ok() {
+            std::mem::swap(saved, &mut next);
+        }
+        self.next_saved = next;
+        result
+    }
+
+    /// [`forward_into`](GpuBatchNorm::forward_into) into a scratch `saved`, left in any
+    /// state on error.
+    fn forward_step<T: GpuElement>(
         &mut self,
         x: &DeviceTensor<T>,
         mode: Mode,

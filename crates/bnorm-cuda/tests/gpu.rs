@@ -177,3 +177,73 @@ fn unsupported_variants_and_bad_shapes_are_typed_errors() {
         Err(CudaError::Core(bnorm::Error::BatchTooSmall { .. }))
     ));
 }
+
+/// State on the GPU: what is loaded is what is used, resuming from downloaded statistics
+/// equals never stopping (bit for bit), and a failed forward changes nothing — not the
+/// running statistics, not `saved`, not `y`.
+#[test]
+fn gpu_state_survives_reload_resume_and_failure() {
+    let Some(gpu) = gpu("gpu_state_survives_reload_resume_and_failure") else {
+        return;
+    };
+    let shape = [6usize, 3, 4, 4];
+    let n: usize = shape.iter().product();
+    for cfg in [Config::torch(3), Config::keras(3), Config::tensorflow(3)] {
+        let p = Params::init(&cfg);
+        let upload = |s: u64| DeviceTensor::upload(&gpu, &data(n, s, 1.0), &shape, Layout::NCHW);
+        let mut a =
+            GpuBatchNorm::new(&gpu, cfg.clone(), p.clone(), RunningState::init(&cfg)).unwrap();
+        let mut y = DeviceTensor::zeros(&gpu, &shape, Layout::NCHW).unwrap();
+        let mut saved = GpuSaved::new();
+        for s in 0..4 {
+            a.forward_into(&upload(s).unwrap(), Mode::Train, &mut y, &mut saved)
+                .unwrap();
+        }
+        // resume: a second layer loaded with the first one's downloaded state
+        let state = a.running_state().unwrap();
+        let mut b = GpuBatchNorm::new(&gpu, cfg.clone(), p.clone(), state.clone()).unwrap();
+        assert_eq!(b.running_state().unwrap(), state, "{cfg:?}: loaded state");
+        let mut yb = DeviceTensor::zeros(&gpu, &shape, Layout::NCHW).unwrap();
+        let mut saved_b = GpuSaved::new();
+        for s in 4..6 {
+            let x = upload(s).unwrap();
+            a.forward_into(&x, Mode::Train, &mut y, &mut saved).unwrap();
+            b.forward_into(&x, Mode::Train, &mut yb, &mut saved_b)
+                .unwrap();
+            assert_eq!(y.download().unwrap(), yb.download().unwrap(), "{cfg:?}: y");
+        }
+        assert_eq!(
+            a.running_state().unwrap(),
+            b.running_state().unwrap(),
+            "{cfg:?}"
+        );
+
+        // failure: a batch of one value per channel, after a good step
+        let x = upload(9).unwrap();
+        a.forward_into(&x, Mode::Train, &mut y, &mut saved).unwrap();
+        let (before_state, before_saved) = (a.running_state().unwrap(), saved.download().unwrap());
+        let one = DeviceTensor::upload(&gpu, &[1.0f32; 3], &[1, 3], Layout::NC).unwrap();
+        let mut y1 = DeviceTensor::upload(&gpu, &[-7.0f32; 3], &[1, 3], Layout::NC).unwrap();
+        assert!(a
+            .forward_into(&one, Mode::Train, &mut y1, &mut saved)
+            .is_err());
+        assert_eq!(y1.download().unwrap(), vec![-7.0f32; 3]);
+        assert_eq!(a.running_state().unwrap(), before_state);
+        assert_eq!(saved.download().unwrap(), before_saved);
+
+        // failure after the statistics were computed: NaN refused by the policy
+        let strict = cfg.clone().non_finite(bnorm::NonFinitePolicy::Error);
+        let mut c =
+            GpuBatchNorm::new(&gpu, strict.clone(), p.clone(), before_state.clone()).unwrap();
+        c.forward_into(&x, Mode::Train, &mut y, &mut saved).unwrap();
+        let (state_c, saved_c) = (c.running_state().unwrap(), saved.download().unwrap());
+        let mut nan = data(n, 3, 0.0);
+        nan[5] = f32::NAN;
+        let xn = DeviceTensor::upload(&gpu, &nan, &shape, Layout::NCHW).unwrap();
+        assert!(c
+            .forward_into(&xn, Mode::Train, &mut y, &mut saved)
+            .is_err());
+        assert_eq!(c.running_state().unwrap(), state_c);
+        assert_eq!(saved.download().unwrap(), saved_c);
+    }
+}
