@@ -13,7 +13,7 @@ use std::hint::black_box;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use bnorm::{
     backward_into, backward_relu_into, bf16, forward_into, forward_relu_into, fused_channels,
     zeroed_buffer, BackwardArithmetic, Config, Element, Grads, Layout, Mode, Parallelism, Params,
@@ -42,8 +42,9 @@ pub struct BenchArgs {
     /// Skip the candle-nn comparison rows.
     #[arg(long)]
     pub no_candle: bool,
-    /// Only these shapes (e.g. `--shapes S1,S4`).
-    #[arg(long, value_delimiter = ',')]
+    /// Only these shapes (e.g. `--shapes S1,S4`; the list is generated from the shape
+    /// table).
+    #[arg(long, value_delimiter = ',', value_parser = parse_shape, help = shapes_help())]
     pub shapes: Vec<String>,
     /// Allocate every buffer of bnorm's rows and of the copies with
     /// `bnorm::zeroed_buffer` (transparent huge pages where the OS allows) instead of
@@ -85,6 +86,36 @@ const SHAPES: &[Shape] = &[
         dims: &[64, 128, 56, 56],
     },
 ];
+
+/// Every shape of [`SHAPES`] with its layout and dimensions: `S1 (NCHW 32x64x56x56), ...`.
+fn shape_list() -> String {
+    SHAPES
+        .iter()
+        .map(|s| {
+            let dims: Vec<String> = s.dims.iter().map(usize::to_string).collect();
+            format!("{} ({} {})", s.name, s.layout.name(), dims.join("x"))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The help of `--shapes`, listing [`SHAPES`].
+fn shapes_help() -> String {
+    format!(
+        "Only these shapes (e.g. `--shapes S1,S4`): {}",
+        shape_list()
+    )
+}
+
+/// Parses one `--shapes` entry (any case) to its name in [`SHAPES`]; an unknown name is
+/// an error listing the shapes.
+fn parse_shape(s: &str) -> std::result::Result<String, String> {
+    SHAPES
+        .iter()
+        .find(|sh| sh.name.eq_ignore_ascii_case(s.trim()))
+        .map(|sh| sh.name.to_string())
+        .ok_or_else(|| format!("no shape {s:?}; the shapes are {}", shape_list()))
+}
 
 /// Median wall time of `f` over at least `min_runs` runs and about `seconds` seconds.
 fn median(seconds: f64, min_runs: usize, mut f: impl FnMut()) -> f64 {
@@ -616,10 +647,10 @@ fn bench_candle(
     // candle-nn cannot train every dtype (bf16 fails inside its BatchNorm): report it.
     if let Err(e) = bn.forward_t(x.as_tensor(), true) {
         let first = e.to_string().lines().next().unwrap_or("").to_string();
-        println!(
+        outln!(
             "candle-nn {} {dname}: training forward fails ({first}); no candle rows",
             s.name
-        );
+        )?;
         return Ok(());
     }
     let t = median(a.seconds, runs, || {
@@ -674,25 +705,34 @@ fn bench_candle_step(a: &BenchArgs) -> Result<()> {
     };
     let t_ours = median(a.seconds, runs, || step(&ours));
     let t_theirs = median(a.seconds, runs, || step(&theirs));
-    println!(
+    outln!(
         "training step through candle autograd, S1 NCHW f32: bnorm-candle {:.2} ms, candle-nn {:.2} ms: {:.1}x faster",
         t_ours * 1e3,
         t_theirs * 1e3,
         t_theirs / t_ours
-    );
+    )?;
     Ok(())
 }
 
 /// Runs every measurement and prints the table.
 pub fn run(a: &BenchArgs) -> Result<()> {
     let threads = rayon::current_num_threads();
-    println!("bnorm bench: {threads} threads; median of >= {} runs after a warm-up; GB/s = bytes read + written / time", a.min_runs);
+    outln!("bnorm bench: {threads} threads; median of >= {} runs after a warm-up; GB/s = bytes read + written / time", a.min_runs)?;
     if a.huge_pages {
-        println!("buffers of bnorm and of the copies from bnorm::zeroed_buffer (huge pages)");
+        outln!("buffers of bnorm and of the copies from bnorm::zeroed_buffer (huge pages)")?;
     }
     let mut rows = Vec::new();
+    // `--shapes` holds names of `SHAPES` only (checked by `parse_shape`); still, a
+    // selection matching nothing is an error, not an empty table.
     let wanted =
         |s: &Shape| a.shapes.is_empty() || a.shapes.iter().any(|w| w.eq_ignore_ascii_case(s.name));
+    if !SHAPES.iter().any(&wanted) {
+        bail!(
+            "--shapes {} selects no shape; the shapes are {}",
+            a.shapes.join(","),
+            shape_list()
+        );
+    }
     for s in SHAPES.iter().filter(|s| wanted(s)) {
         bench_bnorm::<f32>(s, "f32", a, &mut rows)?;
         if !a.no_candle {
@@ -715,7 +755,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             v["impl"] == imp && v["op"] == op && v["shape"] == shape && v["dtype"] == dtype
         })
     };
-    println!(
+    outln!(
         "{:<6} {:<6} {:<5} {:<10} {:>10} {:>9} {:>9} {:>7} {:>7} {:>9} {:>8} {:>8} {:>9} {:>9} {:>12} {:>9}",
         "shape",
         "layout",
@@ -733,7 +773,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         "of fl pd",
         "candle GB/s",
         "speed-up"
-    );
+    )?;
     let mut out = Vec::new();
     for v in &values {
         let mut v = v.clone();
@@ -751,7 +791,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                     .and_then(|s| s.as_f64())
                     .map_or("-".to_string(), |s| format!("{s:.2}"))
             };
-            println!(
+            outln!(
                 "{:<6} {:<6} {:<5} {:<10} {:>10.3} {:>9.2} {:>9.2} {:>7.2} {:>7} {:>9.2} {:>8.2} {:>8} {:>9} {:>9} {:>12} {:>9}",
                 shape,
                 v["layout"].as_str().unwrap_or(""),
@@ -777,32 +817,32 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 v.get("speedup_vs_candle")
                     .and_then(|s| s.as_f64())
                     .map_or("-".into(), |s| format!("{s:.1}x")),
-            );
+            )?;
         }
         out.push(v);
     }
-    println!("(* = allocating tier: a fresh output per call, page faults included)");
-    println!(
+    outln!("(* = allocating tier: a fresh output per call, page faults included)")?;
+    outln!(
         "(paired: the same ratio with bnorm and the plain copy alternated call by call, \
          op, copy, copy, op: the median over rounds of copy time / op time)"
-    );
-    println!(
+    )?;
+    outln!(
         "(NT copy: the same bytes copied with streaming stores, which bnorm uses for outputs \
          of 16 MB and more; of floor: share reached of the schedule's memory-traffic floor)"
-    );
-    println!(
+    )?;
+    outln!(
         "(floor pd: the floor's rate over the plain copy's, the two alternated with the \
          operation call by call, op, floor, copy, copy, floor, op — the highest paired ratio \
          the schedule allows in those minutes; of fl pd: the operation's rate over the \
          floor's in the same rounds)"
-    );
+    )?;
     if !a.no_candle && wanted(&SHAPES[0]) {
         bench_candle_step(a)?;
     }
     if let Some(path) = &a.json {
         write_atomic(path, serde_json::to_string_pretty(&out)?.as_bytes())
             .with_context(|| format!("writing {}", path.display()))?;
-        println!("wrote {}", path.display());
+        outln!("wrote {}", path.display())?;
     }
     Ok(())
 }

@@ -15,16 +15,18 @@ pub fn run(dir: &Path) -> Result<ExitCode> {
     let mut failed = 0;
     for r in &results {
         if r.passed {
-            println!(
+            outln!(
                 "ok    {:<40} {} values; worst {}",
-                r.name, r.compared, r.detail
-            );
+                r.name,
+                r.compared,
+                r.detail
+            )?;
         } else {
             failed += 1;
-            println!("FAIL  {:<40} {}", r.name, r.detail);
+            outln!("FAIL  {:<40} {}", r.name, r.detail)?;
         }
     }
-    println!("{} passed, {} failed", results.len() - failed, failed);
+    outln!("{} passed, {} failed", results.len() - failed, failed)?;
     Ok(if failed == 0 {
         ExitCode::SUCCESS
     } else {

@@ -13,6 +13,8 @@ use bnorm::{Momentum, VarianceEstimator};
 use clap::Args;
 use serde_json::json;
 
+use crate::convention;
+
 /// Arguments of `bnorm inspect`.
 #[derive(Args, Debug)]
 pub struct InspectArgs {
@@ -44,8 +46,9 @@ pub struct ConvertArgs {
     pub input: PathBuf,
     /// Where to write the converted checkpoint (atomically).
     pub output: PathBuf,
-    /// Target convention: torch, keras or flax.
-    #[arg(long, value_parser = parse_format)]
+    /// Target convention (the names `demo --convention` and the conformance files use;
+    /// `tf`, TensorFlow's low-level recipe, has no checkpoint names of its own).
+    #[arg(long, ignore_case = true, value_parser = convention::format_parser())]
     pub to: Format,
     /// Values per channel in a training batch (N for (N, C) input, N*H*W for images):
     /// needed to convert between biased and unbiased running variances. `N` applies to
@@ -69,10 +72,6 @@ fn parse_batch_size(s: &str) -> std::result::Result<(Option<String>, usize), Str
     Ok((layer, n))
 }
 
-fn parse_format(s: &str) -> std::result::Result<Format, String> {
-    Format::parse(s).ok_or_else(|| format!("unknown format {s:?}: use torch, keras or flax"))
-}
-
 fn read(path: &Path) -> Result<Checkpoint> {
     Checkpoint::read(path).with_context(|| format!("reading {}", path.display()))
 }
@@ -93,32 +92,99 @@ fn variance(v: VarianceEstimator) -> &'static str {
     }
 }
 
+/// Whether the last part of `prefix` names a LayerNorm, GroupNorm, InstanceNorm or RMSNorm
+/// (`ln_f`, `ln1`, `gn`, `LayerNorm`, `layer_norm`, `input_layernorm`), normalizations
+/// whose PyTorch tensors have batch norm's names without running statistics.
+fn names_another_norm(prefix: &str) -> bool {
+    let last = prefix.rsplit(['.', '/']).next().unwrap_or(prefix);
+    let last = last.to_ascii_lowercase();
+    let joined: String = last.chars().filter(|c| !matches!(c, '_' | '-')).collect();
+    ["layernorm", "groupnorm", "instancenorm", "rmsnorm"]
+        .iter()
+        .any(|n| joined.contains(n))
+        || last
+            .split(['_', '-'])
+            .map(|t| t.trim_end_matches(|c: char| c.is_ascii_digit()))
+            .any(|t| t == "ln" || t == "gn")
+}
+
+/// PyTorch batch-norm layers saved with `track_running_stats=False`, which
+/// [`Checkpoint::layers`] does not find (it finds layers by their running statistics or by
+/// bnorm's metadata): prefixes `P` whose only tensors `P.*` are a 1-D floating-point
+/// `P.weight` and `P.bias` of one length, not among `known` and not named like another
+/// normalization ([`names_another_norm`]). A LayerNorm over one dimension, a GroupNorm or
+/// an affine InstanceNorm has the same names: callers say so. A prefix the library cannot
+/// read as a PyTorch layer is not one of them.
+fn weight_and_bias_only(ckpt: &Checkpoint, known: &[Layer]) -> Vec<Layer> {
+    let mut leaves: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
+    for name in ckpt.tensors.keys() {
+        if let Some((prefix, leaf)) = name.rsplit_once('.') {
+            leaves.entry(prefix).or_default().push(leaf);
+        }
+    }
+    let mut out = Vec::new();
+    for (prefix, mut l) in leaves {
+        l.sort_unstable();
+        if l != ["bias", "weight"]
+            || known.iter().any(|k| k.name == prefix)
+            || names_another_norm(prefix)
+        {
+            continue;
+        }
+        let (w, b) = (
+            &ckpt.tensors[&format!("{prefix}.weight")],
+            &ckpt.tensors[&format!("{prefix}.bias")],
+        );
+        let one_dim = |t: &Tensor| t.shape.len() == 1 && t.float_dtype().is_some();
+        if !(one_dim(w) && one_dim(b) && w.shape == b.shape && w.shape[0] > 0) {
+            continue;
+        }
+        match ckpt.layer(prefix, Format::Torch) {
+            Ok(layer) if layer.running_mean.is_none() => out.push(layer),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// What `inspect` and `convert` say of a layer found by [`weight_and_bias_only`].
+const WEIGHT_AND_BIAS_ONLY: &str = "found by its weight and bias alone, as PyTorch saves a \
+     BatchNorm with track_running_stats=False; a LayerNorm, GroupNorm or InstanceNorm has the \
+     same names";
+
 /// `bnorm inspect FILE [--json]`.
 pub fn inspect(args: &InspectArgs) -> Result<ExitCode> {
     let ckpt = read(&args.file)?;
-    let layers = ckpt
+    let mut layers = ckpt
         .layers()
         .with_context(|| format!("reading the batch-norm layers of {}", args.file.display()))?;
+    let guessed = weight_and_bias_only(&ckpt, &layers);
+    let is_guessed = |l: &Layer| guessed.iter().any(|g| g.name == l.name);
+    layers.extend(guessed.iter().cloned());
+    layers.sort_by(|a, b| a.name.cmp(&b.name));
     if args.json {
         let out: Vec<_> = layers
             .iter()
             .map(|l| {
+                let tracked = l.running_mean.is_some();
                 json!({
                     "name": l.name,
                     "format": l.format.name(),
                     "channels": l.channels,
                     "dtype": l.dtype.name(),
                     "eps": l.eps,
-                    "momentum": momentum(l.momentum),
-                    "running_variance": variance(l.variance),
+                    "running_statistics": tracked,
+                    "momentum": tracked.then(|| momentum(l.momentum)),
+                    "running_variance": tracked.then(|| variance(l.variance)),
                     "conventions": if l.conventions_recorded { "recorded" } else { "assumed from format defaults" },
                     "affine": { "scale": l.weight.is_some(), "center": l.bias.is_some() },
                     "num_batches_tracked": l.num_batches_tracked,
+                    "found_by": if is_guessed(l) { "weight_and_bias_only" } else { "names" },
                     "problems": health(l).iter().map(|p| p.code()).collect::<Vec<_>>(),
                 })
             })
             .collect();
-        println!("{}", serde_json::to_string_pretty(&out)?);
+        outln!("{}", serde_json::to_string_pretty(&out)?)?;
         return Ok(ExitCode::SUCCESS);
     }
     let mut unhealthy = 0;
@@ -129,33 +195,53 @@ pub fn inspect(args: &InspectArgs) -> Result<ExitCode> {
         } else {
             "guessed from names"
         };
-        let count = l
-            .num_batches_tracked
-            .map_or(String::new(), |n| format!(", {n} updates"));
-        println!(
-            "{:<32} {:>5} ch  {:<4} {} ({conv}: eps {:e}, momentum {}, {} variance{count})  {}",
+        let details = if l.running_mean.is_none() {
+            format!(
+                "no running statistics: normalizes with batch statistics even at inference; \
+                 eps {:e}",
+                l.eps
+            )
+        } else {
+            let count = l
+                .num_batches_tracked
+                .map_or(String::new(), |n| format!(", {n} updates"));
+            format!(
+                "{conv}: eps {:e}, momentum {}, {} variance{count}",
+                l.eps,
+                momentum(l.momentum),
+                variance(l.variance)
+            )
+        };
+        outln!(
+            "{:<32} {:>5} ch  {:<4} {} ({details})  {}",
             l.name,
             l.channels,
             l.dtype.name(),
             l.format,
-            l.eps,
-            momentum(l.momentum),
-            variance(l.variance),
             if problems.is_empty() {
                 "ok"
             } else {
                 "PROBLEMS"
             }
-        );
+        )?;
         for p in &problems {
-            println!("    {:<28} {}", p.code(), p.explain());
+            outln!("    {:<28} {}", p.code(), p.explain())?;
+        }
+        if is_guessed(l) {
+            outln!("    ({WEIGHT_AND_BIAS_ONLY})")?;
         }
         unhealthy += usize::from(!problems.is_empty());
     }
-    println!(
-        "{} batch-norm layer(s), {unhealthy} with problems",
-        layers.len()
-    );
+    let without = layers.iter().filter(|l| l.running_mean.is_none()).count();
+    outln!(
+        "{} batch-norm layer(s), {unhealthy} with problems{}",
+        layers.len(),
+        if without > 0 {
+            format!(", {without} without running statistics")
+        } else {
+            String::new()
+        }
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -189,6 +275,7 @@ fn find_layer(layers: &[Layer], ckpt: &Checkpoint, name: &str) -> Result<Layer> 
 pub fn fold(args: &FoldArgs) -> Result<ExitCode> {
     let mut ckpt = read(&args.input)?;
     let layers = ckpt.layers()?;
+    let mut report = Vec::new();
     for spec in &args.pairs {
         let (name, bn_name, kind) = parse_pair(spec)?;
         let bn = find_layer(&layers, &ckpt, &bn_name)?;
@@ -221,14 +308,18 @@ pub fn fold(args: &FoldArgs) -> Result<ExitCode> {
             .insert(wname, Tensor::from_f64(&folded.weight, shape, dtype));
         ckpt.tensors
             .insert(bname, Tensor::from_f64(&folded.bias, vec![out_ch], dtype));
-        println!(
+        report.push(format!(
             "folded {bn_name} into {name} ({dtype}): max error {:.3e} on a probe (max |output| {:.3e})",
             folded.max_error, folded.max_output
-        );
+        ));
     }
     ckpt.write(&args.output)
         .with_context(|| format!("writing {}", args.output.display()))?;
-    println!("wrote {}", args.output.display());
+    // Printed once the file is written, so that a closed stdout cannot leave it unwritten.
+    for line in report {
+        outln!("{line}")?;
+    }
+    outln!("wrote {}", args.output.display())?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -236,8 +327,17 @@ pub fn fold(args: &FoldArgs) -> Result<ExitCode> {
 pub fn convert(args: &ConvertArgs) -> Result<ExitCode> {
     let mut ckpt = read(&args.input)?;
     let layers = ckpt.layers()?;
+    let left = weight_and_bias_only(&ckpt, &layers);
     if layers.is_empty() {
-        bail!("no batch-norm layer found in {}", args.input.display());
+        bail!(
+            "no batch-norm layer with running statistics found in {}{}",
+            args.input.display(),
+            if left.is_empty() {
+                ""
+            } else {
+                " (only layers with weight and bias alone: see `bnorm inspect`)"
+            }
+        );
     }
     for (name, _) in &args.batch_size {
         if let Some(name) = name {
@@ -251,6 +351,7 @@ pub fn convert(args: &ConvertArgs) -> Result<ExitCode> {
         .iter()
         .find(|(l, _)| l.is_none())
         .map(|b| b.1);
+    let mut report = Vec::new();
     for layer in &layers {
         let own = args
             .batch_size
@@ -264,17 +365,27 @@ pub fn convert(args: &ConvertArgs) -> Result<ExitCode> {
         let (converted, notes) = layer.convert(args.to, &opts)?;
         ckpt.remove_layer(&layer.name, layer.format);
         ckpt.insert_layer(&converted, layer.dtype)?;
-        for n in notes {
-            println!("{n}");
+        report.extend(notes.iter().map(ToString::to_string));
+    }
+    if args.to != Format::Torch {
+        for l in &left {
+            report.push(format!(
+                "note: {}: left under its PyTorch names, not converted: {WEIGHT_AND_BIAS_ONLY}",
+                l.name
+            ));
         }
     }
     ckpt.write(&args.output)
         .with_context(|| format!("writing {}", args.output.display()))?;
-    println!(
+    // Printed once the file is written, so that a closed stdout cannot leave it unwritten.
+    for line in report {
+        outln!("{line}")?;
+    }
+    outln!(
         "converted {} layer(s) to {}; wrote {}",
         layers.len(),
         args.to,
         args.output.display()
-    );
+    )?;
     Ok(ExitCode::SUCCESS)
 }

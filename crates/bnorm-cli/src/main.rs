@@ -1,18 +1,28 @@
 //! `bnorm`: the command-line tool.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+#[macro_use]
+mod output;
 mod bench;
 mod conformance;
+mod convention;
 mod demo;
 mod interop;
 
-/// Batch normalization done completely: conformance replay, demo, benchmarks.
+/// Batch normalization done completely: replay the conformance cases, train the demo, run
+/// the benchmarks, and inspect, fold or convert the batch-norm layers of checkpoints.
 #[derive(Parser)]
-#[command(name = "bnorm", version, about)]
+#[command(
+    name = "bnorm",
+    version,
+    after_help = "Without a command, bnorm runs `demo`. `bnorm help COMMAND` (or `bnorm COMMAND --help`) \
+                  describes a command's options."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -51,9 +61,10 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("bnorm: {e:#}");
+        Err(e) => output::exit_code(&e).unwrap_or_else(|| {
+            // Nothing more can be done when stderr is closed too.
+            let _ = writeln!(std::io::stderr(), "bnorm: {}", output::error_text(&e));
             ExitCode::FAILURE
-        }
+        }),
     }
 }

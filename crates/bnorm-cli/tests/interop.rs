@@ -117,13 +117,122 @@ fn inspect_reads_the_real_pytorch_checkpoint() {
         .iter()
         .map(|l| l["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["bn1", "bn3", "bn4"]);
-    assert!(v
+    // bn2 is a BatchNorm2d(track_running_stats=False): weight and bias only.
+    assert_eq!(names, ["bn1", "bn2", "bn3", "bn4"]);
+    for l in v.as_array().unwrap() {
+        let stats_free = l["name"] == "bn2";
+        let want: &[&str] = if stats_free {
+            &["no_running_statistics"]
+        } else {
+            &[]
+        };
+        assert_eq!(l["problems"], serde_json::json!(want), "{l}");
+        assert_eq!(l["running_statistics"], !stats_free, "{l}");
+    }
+    assert_eq!(v[0]["num_batches_tracked"], 5);
+    let bn2 = &v[1];
+    assert_eq!(bn2["channels"], 4);
+    assert_eq!(bn2["found_by"], "weight_and_bias_only");
+    assert_eq!(
+        bn2["affine"],
+        serde_json::json!({"scale": true, "center": true})
+    );
+    assert!(bn2["momentum"].is_null() && bn2["running_variance"].is_null());
+
+    let plain = bnorm(&["inspect", s(&file)]);
+    assert!(plain.status.success(), "{}", text(&plain));
+    let t = text(&plain);
+    let line = t
+        .lines()
+        .find(|l| l.starts_with("bn2 "))
+        .expect("bn2 listed");
+    assert!(
+        line.contains("no running statistics")
+            && line.contains("batch statistics even at inference"),
+        "{t}"
+    );
+    assert!(t.contains("track_running_stats=False"), "{t}");
+    assert!(
+        t.contains("4 batch-norm layer(s), 1 with problems, 1 without running statistics"),
+        "{t}"
+    );
+}
+
+#[test]
+fn inspect_lists_layers_without_running_statistics_but_not_other_norms() {
+    let dir = TempDir::new("stats-free");
+    let mut ckpt = Checkpoint::default();
+    let f = |n: usize, k: f64| (0..n).map(|i| i as f64 * k + 0.5).collect::<Vec<f64>>();
+    let put = |ckpt: &mut Checkpoint, name: &str, v: Vec<f64>, shape: Vec<usize>| {
+        ckpt.tensors
+            .insert(name.to_string(), Tensor::from_f64(&v, shape, DType::F32));
+    };
+    // A convolution, then a batch norm saved with track_running_stats=False.
+    put(
+        &mut ckpt,
+        "stem.conv.weight",
+        f(3 * 2 * 9, 0.01),
+        vec![3, 2, 3, 3],
+    );
+    put(&mut ckpt, "stem.conv.bias", f(3, 0.1), vec![3]);
+    put(&mut ckpt, "stem.bn.weight", f(3, 0.2), vec![3]);
+    put(&mut ckpt, "stem.bn.bias", f(3, -0.1), vec![3]);
+    // A trained batch norm, found by its running statistics.
+    ckpt.insert_layer(&trained("head.bn", Format::Torch, 2), DType::F32)
+        .unwrap();
+    // Normalizations with the same names that are not batch norms, and a linear layer.
+    for ln in [
+        "encoder.ln_1",
+        "encoder.LayerNorm",
+        "blocks.0.gn",
+        "norm.group_norm",
+    ] {
+        put(&mut ckpt, &format!("{ln}.weight"), f(3, 0.2), vec![3]);
+        put(&mut ckpt, &format!("{ln}.bias"), f(3, 0.1), vec![3]);
+    }
+    put(&mut ckpt, "fc.weight", f(6, 0.1), vec![2, 3]);
+    put(&mut ckpt, "fc.bias", f(2, 0.1), vec![2]);
+    let file = dir.path("model.safetensors");
+    ckpt.write(&file).unwrap();
+
+    let out = bnorm(&["inspect", s(&file), "--json"]);
+    assert!(out.status.success(), "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = v
         .as_array()
         .unwrap()
         .iter()
-        .all(|l| l["problems"] == serde_json::json!([])));
-    assert_eq!(v[0]["num_batches_tracked"], 5);
+        .map(|l| l["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["head.bn", "stem.bn"]);
+    assert_eq!(v[1]["channels"], 3);
+    assert_eq!(v[1]["running_statistics"], false);
+    assert_eq!(
+        v[1]["problems"],
+        serde_json::json!(["no_running_statistics"])
+    );
+    assert_eq!(v[0]["running_statistics"], true);
+    assert_eq!(v[0]["found_by"], "names");
+
+    // convert moves the layers it can and says which one it left under PyTorch names.
+    let keras = dir.path("keras.safetensors");
+    let out = bnorm(&[
+        "convert",
+        s(&file),
+        s(&keras),
+        "--to",
+        "keras",
+        "--keep-variance",
+    ]);
+    assert!(out.status.success(), "{}", text(&out));
+    let t = text(&out);
+    assert!(
+        t.contains("note: stem.bn: left under its PyTorch names"),
+        "{t}"
+    );
+    let k = Checkpoint::read(&keras).unwrap();
+    assert!(k.tensors.contains_key("head.bn/moving_variance"));
+    assert!(k.tensors.contains_key("stem.bn.weight"));
 }
 
 #[test]

@@ -19,7 +19,7 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
 
-pub use model::Convention;
+pub use crate::convention::Convention;
 use model::Net;
 
 /// Options of `bnorm demo` (also the default command).
@@ -31,10 +31,12 @@ pub struct DemoArgs {
     /// Training batch size (at least 2: batch statistics need two values per channel).
     #[arg(long, default_value_t = 32)]
     pub batch_size: usize,
-    /// Batch-norm semantics.
-    #[arg(long, value_enum, default_value_t = Convention::Torch)]
+    /// Batch-norm conventions (framework defaults) of every layer; the same names as
+    /// `convert --to` and the conformance files.
+    #[arg(long, value_enum, ignore_case = true, default_value_t = Convention::Torch)]
     pub convention: Convention,
-    /// Momentum, in the convention's own meaning (torch: new-batch weight; keras/tf: decay).
+    /// Momentum, in the convention's own meaning (torch: new-batch weight; keras, flax:
+    /// decay; tf: zero-debiased decay).
     #[arg(long)]
     pub momentum: Option<f64>,
     /// Seed of the weight initialization and the batch order.
@@ -208,10 +210,10 @@ pub fn run(args: &DemoArgs) -> Result<Value> {
         },
     )?;
 
-    println!(
+    outln!(
         "bnorm demo: {} | {} training / {} test images | convention {} | batch {} | {} epochs | seed {}",
         source, train.len(), test.len(), args.convention.name(), args.batch_size, args.epochs, args.seed
-    );
+    )?;
     let tty = std::io::stderr().is_terminal();
     let mut epochs = Vec::new();
     for epoch in 1..=args.epochs {
@@ -262,10 +264,10 @@ pub fn run(args: &DemoArgs) -> Result<Value> {
             "test_accuracy_inference": test_inference,
             "test_accuracy_train_mode": test_train,
         });
-        println!(
+        outln!(
             "epoch {epoch:>2}: loss {:.4}  train acc {:.3}  test acc: inference mode {:.3}, training mode (batches of {}) {:.3}",
             loss_sum / seen as f64, ok as f64 / seen as f64, test_inference, args.batch_size, test_train
-        );
+        )?;
         epochs.push(e);
     }
 
@@ -295,7 +297,7 @@ pub fn run(args: &DemoArgs) -> Result<Value> {
         .enumerate()
         .filter_map(|(i, bn)| {
             let recent = bn.recent_batch_stats();
-            let s = bn.running_state()?;
+            let s = bn.running_state().ok().flatten()?;
             let c = s.mean.len();
             let eps = bn.config().epsilon();
             let k = recent.len().max(1) as f64;
@@ -329,12 +331,13 @@ pub fn run(args: &DemoArgs) -> Result<Value> {
     })?;
     let (recal, recal_s) = row(Mode::Inference, 256);
 
-    println!();
-    println!("Test accuracy of the same trained network, by what batch norm normalizes with:");
-    println!(
+    outln!()?;
+    outln!("Test accuracy of the same trained network, by what batch norm normalizes with:")?;
+    outln!(
         "  {:<58} {:>10}",
-        "batch-norm statistics used at test time", "accuracy"
-    );
+        "batch-norm statistics used at test time",
+        "accuracy"
+    )?;
     let rows = [
         ("1. running statistics (inference mode — the right way)", &running_s,
          "The running averages estimate the training population, so each example is normalized as in training, independently of its batch."),
@@ -348,37 +351,41 @@ pub fn run(args: &DemoArgs) -> Result<Value> {
          "Exact population statistics of each layer's input over all training batches replace the moving averages, which lag behind the last weights."),
     ];
     for (name, acc, why) in rows {
-        println!("  {name:<58} {acc:>10}");
-        println!("       {why}");
+        outln!("  {name:<58} {acc:>10}")?;
+        outln!("       {why}")?;
     }
 
-    println!();
-    println!(
+    outln!()?;
+    outln!(
         "Drift of the last training batches' statistics from the running statistics, per layer"
-    );
-    println!("(measured before recalibration):");
-    println!(
+    )?;
+    outln!("(measured before recalibration):")?;
+    outln!(
         "  {:<6} {:>8} {:>22} {:>22} {:>18}",
-        "layer", "channels", "mean |Δμ|/σ_running", "max |Δμ|/σ_running", "mean σ²_batch/σ²_run"
-    );
+        "layer",
+        "channels",
+        "mean |Δμ|/σ_running",
+        "max |Δμ|/σ_running",
+        "mean σ²_batch/σ²_run"
+    )?;
     for d in &drift {
-        println!(
+        outln!(
             "  {:<6} {:>8} {:>22.4} {:>22.4} {:>18.4}",
             d["layer"].as_str().unwrap_or(""),
             d["channels"].as_u64().unwrap_or(0),
             d["mean_abs_mean_shift"].as_f64().unwrap_or(f64::NAN),
             d["max_abs_mean_shift"].as_f64().unwrap_or(f64::NAN),
             d["mean_variance_ratio"].as_f64().unwrap_or(f64::NAN)
-        );
+        )?;
     }
-    println!(
+    outln!(
         "  (Δμ: average batch mean of the last {} training batches minus the running mean.)",
         bnorm_candle::RECENT_BATCHES
-    );
+    )?;
 
     plot::write(&args.plot, &epochs)?;
-    println!();
-    println!("plot written to {}", args.plot.display());
+    outln!()?;
+    outln!("plot written to {}", args.plot.display())?;
     let seconds = start.elapsed().as_secs_f64();
     let report = json!({
         "data": source,
@@ -405,8 +412,8 @@ pub fn run(args: &DemoArgs) -> Result<Value> {
     });
     if let Some(r) = &args.report {
         write_atomic(r, serde_json::to_string_pretty(&report)?.as_bytes())?;
-        println!("report written to {}", r.display());
+        outln!("report written to {}", r.display())?;
     }
-    println!("finished in {seconds:.1} s");
+    outln!("finished in {seconds:.1} s")?;
     Ok(report)
 }

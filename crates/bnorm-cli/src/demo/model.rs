@@ -5,51 +5,12 @@
 //! every channel is forced to mean 0 there, and the pooled features lose how strongly
 //! each pattern is present.
 
-use bnorm::{Config, Layout, Mode};
+use bnorm::{Layout, Mode};
 use bnorm_candle::{BatchNorm, Snapshot};
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{conv2d_no_bias, linear, Conv2d, Conv2dConfig, Linear, VarBuilder, VarMap};
 
-/// Which framework's batch-norm semantics the demo uses.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Convention {
-    /// PyTorch: momentum = new-batch weight (0.1), eps 1e-5, unbiased running variance.
-    Torch,
-    /// Keras: momentum = decay (0.99), eps 1e-3, biased.
-    Keras,
-    /// TensorFlow's low-level recipe: zero-debiased decay 0.999, eps 1e-3, no gamma.
-    Tf,
-}
-
-impl Convention {
-    /// The layer configuration for `c` channels, with an optional momentum override
-    /// (read in the convention's own meaning).
-    pub fn config(self, c: usize, momentum: Option<f64>) -> Config {
-        use bnorm::Momentum;
-        match self {
-            Convention::Torch => {
-                let cfg = Config::torch(c);
-                momentum.map_or(cfg.clone(), |m| cfg.momentum(Momentum::NewWeight(m)))
-            }
-            Convention::Keras => {
-                let cfg = Config::keras(c);
-                momentum.map_or(cfg.clone(), |m| cfg.momentum(Momentum::Decay(m)))
-            }
-            Convention::Tf => {
-                let cfg = Config::tensorflow(c);
-                momentum.map_or(cfg.clone(), |m| cfg.momentum(Momentum::DebiasedDecay(m)))
-            }
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Convention::Torch => "torch",
-            Convention::Keras => "keras",
-            Convention::Tf => "tf",
-        }
-    }
-}
+use crate::convention::Convention;
 
 /// Output channels of the four convolutions.
 pub const CHANNELS: [usize; 4] = [16, 32, 32, 64];
