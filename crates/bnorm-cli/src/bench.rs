@@ -15,9 +15,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bnorm::{
-    backward_into, backward_relu_into, bf16, forward_into, forward_relu_into, fused_channels,
-    zeroed_buffer, BackwardArithmetic, Config, Element, Grads, Layout, Mode, Parallelism, Params,
-    RunningState, Saved, Workspace,
+    backward_into, bf16, forward_into, fused_channels, zeroed_buffer, BackwardArithmetic, Config,
+    Element, Grads, Layout, Mode, Parallelism, Params, RunningState, Saved, Workspace,
 };
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
@@ -517,18 +516,18 @@ fn bench_bnorm<T: Element + Default>(
         ("train_fwd_add_relu", Some(&res[..]), 3),
     ] {
         let t = median(a.seconds, a.min_runs, || {
-            forward_relu_into(
+            bnorm::forward_into(
                 &cfg,
                 g,
                 &x,
-                residual,
                 &p,
                 state.as_mut(),
                 Mode::Train,
                 &mut y,
                 &mut saved,
                 &mut ws,
-                par,
+                bnorm::Options::from(par)
+                    .epilogue(residual.map_or(bnorm::Epilogue::Relu, bnorm::Epilogue::AddRelu)),
             )
             .expect("valid input");
         });
@@ -540,8 +539,20 @@ fn bench_bnorm<T: Element + Default>(
         };
         let t = median(a.seconds, a.min_runs, || {
             let dr = residual.map(|_| &mut dres[..]);
-            backward_relu_into(
-                &cfg, g, &x, &y, &dy, &p, &saved, &mut dx, dr, &mut grads, &mut ws, par,
+            bnorm::backward_into(
+                &cfg,
+                g,
+                &x,
+                &dy,
+                &p,
+                &saved,
+                &mut dx,
+                &mut grads,
+                &mut ws,
+                bnorm::BackwardOptions::from(par).epilogue(match dr {
+                    Some(dresidual) => bnorm::BackwardEpilogue::AddRelu { y: &y, dresidual },
+                    None => bnorm::BackwardEpilogue::Relu { y: &y },
+                }),
             )
             .expect("valid input");
         });

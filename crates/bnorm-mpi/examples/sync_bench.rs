@@ -19,7 +19,7 @@
 use std::cell::Cell;
 use std::time::{Duration, Instant};
 
-use bnorm::sync::{sync_backward_into, sync_forward_into, Communicator};
+use bnorm::sync::Communicator;
 use bnorm::{
     backward_into, forward_into, Config, Grads, Layout, Mode, Parallelism, Params, RunningState,
     Saved, Workspace,
@@ -87,8 +87,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         comm.inner().barrier();
         timed.spent.set(Duration::ZERO);
         let t = Instant::now();
-        sync_forward_into(
-            &timed,
+        bnorm::forward_into(
             &cfg,
             g,
             &x,
@@ -98,10 +97,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &mut y,
             &mut saved,
             &mut ws,
-            par,
+            bnorm::Options::from(par).synchronized(&timed),
         )?;
-        sync_backward_into(
-            &timed, &cfg, g, &x, &dy, &p, &saved, &mut dx, &mut grads, &mut ws, par,
+        bnorm::backward_into(
+            &cfg,
+            g,
+            &x,
+            &dy,
+            &p,
+            &saved,
+            &mut dx,
+            &mut grads,
+            &mut ws,
+            bnorm::BackwardOptions::from(par).synchronized(&timed),
         )?;
         let s = t.elapsed().as_secs_f64();
         let cs = timed.spent.get().as_secs_f64();

@@ -24,7 +24,7 @@ mod harness;
 
 use std::process::ExitCode;
 
-use bnorm::sync::{sync_backward_into, sync_forward_into, Communicator};
+use bnorm::sync::Communicator;
 use bnorm::{
     backward_into, forward_into, Config, Grads, Layout, Mode, Parallelism, Params, RunningState,
     Saved, Workspace,
@@ -74,8 +74,7 @@ impl Trainer {
         let par = Parallelism::Rayon;
         let (p, st, ws) = (&self.p, self.state.as_mut(), &mut self.ws);
         match comm {
-            Some(c) => sync_forward_into(
-                c,
+            Some(c) => bnorm::forward_into(
                 cfg,
                 g,
                 x,
@@ -85,7 +84,7 @@ impl Trainer {
                 &mut self.y,
                 &mut self.saved,
                 ws,
-                par,
+                bnorm::Options::from(par).synchronized(c),
             )?,
             None => forward_into(
                 cfg,
@@ -110,8 +109,7 @@ impl Trainer {
             .collect();
         let (s, ws) = (&self.saved, &mut self.ws);
         match comm {
-            Some(c) => sync_backward_into(
-                c,
+            Some(c) => bnorm::backward_into(
                 cfg,
                 g,
                 x,
@@ -121,7 +119,7 @@ impl Trainer {
                 &mut self.dx,
                 &mut self.grads,
                 ws,
-                par,
+                bnorm::BackwardOptions::from(par).synchronized(c),
             )?,
             None => backward_into(cfg, g, x, &dy, p, s, &mut self.dx, &mut self.grads, ws, par)?,
         }

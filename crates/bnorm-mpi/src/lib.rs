@@ -11,7 +11,7 @@
 //! machines (see the README). A program started without `mpirun` is a world of one rank.
 //!
 //! ```
-//! use bnorm::sync::{sync_forward_into, Communicator};
+//! use bnorm::sync::Communicator;
 //! use bnorm::{Config, Layout, Mode, Parallelism, Params, RunningState, Saved, Workspace};
 //! let universe = mpi::initialize().ok_or("MPI was already initialized")?;
 //! let comm = bnorm_mpi::MpiComm::world(&universe);
@@ -21,8 +21,7 @@
 //! let g = Layout::NC.geometry(&[2, 2])?;
 //! let (p, mut st) = (Params::init(&cfg), RunningState::init(&cfg));
 //! let (mut y, mut saved, mut ws) = (vec![0.0f32; 4], Saved::default(), Workspace::default());
-//! sync_forward_into(&comm, &cfg, g, &x, &p, st.as_mut(), Mode::Train, &mut y, &mut saved,
-//!                   &mut ws, Parallelism::Rayon)?;
+//! bnorm::forward_into(&cfg, g, &x, &p, st.as_mut(), Mode::Train, &mut y, &mut saved, //!                   &mut ws, bnorm::Options::from(Parallelism::Rayon).synchronized(&comm))?;
 //! assert_eq!(saved.mean().len(), 2);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```

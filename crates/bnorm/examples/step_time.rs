@@ -15,8 +15,8 @@
 //! of `bnorm bench`: the operation starts with its data out of the caches.
 
 use bnorm::{
-    backward_into, backward_relu_into, forward_into, BackwardArithmetic, Config, Grads, Layout,
-    Mode, Parallelism, Params, RunningState, Saved, Workspace,
+    backward_into, forward_into, BackwardArithmetic, Config, Grads, Layout, Mode, Parallelism,
+    Params, RunningState, Saved, Workspace,
 };
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -109,8 +109,17 @@ fn main() {
         } else if op == "bwdrelu" {
             // Through a ReLU whose output was y (the training forward's output above:
             // about half of it positive).
-            backward_relu_into(
-                &cfg, g, &x, &y, dy, &p, &saved, dx, None, &mut grads, &mut ws, par,
+            bnorm::backward_into(
+                &cfg,
+                g,
+                &x,
+                dy,
+                &p,
+                &saved,
+                dx,
+                &mut grads,
+                &mut ws,
+                bnorm::BackwardOptions::from(par).epilogue(bnorm::BackwardEpilogue::Relu { y: &y }),
             )
             .unwrap();
         } else {

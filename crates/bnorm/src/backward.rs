@@ -13,15 +13,16 @@
 //! as above with `x̂` from the running statistics. Each is two passes over memory: one
 //! reduction (`Σdy`, `Σdy·(x − μ)`), one element-wise map.
 
-use crate::config::BackwardArithmetic;
-use crate::config::Config;
+use crate::config::{BackwardArithmetic, Config};
 use crate::element::{DType, Element};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::forward::{check_input, sample_geometry, Normalized, Saved};
 use crate::kernels::{self, Workspace};
 use crate::layout::Geometry;
 use crate::parallel::Parallelism;
+use crate::plan::{BackwardEpilogue, BackwardOptions, BackwardPlan};
 use crate::state::Params;
+use crate::sync::Communicator;
 
 /// Parameter gradients of one backward step, f64, one per channel. Both are computed
 /// whether or not the layer has the parameter (`dweight` is then the gradient a gamma
@@ -91,8 +92,29 @@ pub fn backward<T: Element>(
 }
 
 /// Backward pass into caller buffers. On error nothing has been written.
+///
+/// `opts` ([`BackwardOptions`], or just a [`Parallelism`]): the epilogue of the forward
+/// step (through a ReLU the mask comes from its output `y`; with a residual, the
+/// residual's gradient — the gradient at the ReLU's input — is written to `dresidual`),
+/// threads, and synchronization over the ranks of the synchronized forward step.
+///
+/// ```
+/// use bnorm::{backward_into, forward_into, BackwardEpilogue, BackwardOptions, Config, Epilogue,
+///             Grads, Layout, Mode, Options, Params, RunningState, Saved, Workspace};
+/// let cfg = Config::torch(1);
+/// let g = Layout::NC.geometry(&[4, 1])?;
+/// let (p, mut s) = (Params::init(&cfg), RunningState::init(&cfg));
+/// let (x, mut y, mut saved, mut ws) = ([1.0, 2.0, 3.0, 4.0], vec![0.0f64; 4], Saved::default(), Workspace::default());
+/// let opts = Options::default().epilogue(Epilogue::Relu);
+/// forward_into(&cfg, g, &x, &p, s.as_mut(), Mode::Train, &mut y, &mut saved, &mut ws, opts)?;
+/// let (mut dx, mut grads) = (vec![0.0; 4], Grads::default());
+/// let opts = BackwardOptions::default().epilogue(BackwardEpilogue::Relu { y: &y });
+/// backward_into(&cfg, g, &x, &[1.0; 4], &p, &saved, &mut dx, &mut grads, &mut ws, opts)?;
+/// assert_eq!(grads.dbias, vec![2.0]); // only the two values the ReLU let through
+/// # Ok::<(), bnorm::Error>(())
+/// ```
 #[allow(clippy::too_many_arguments)]
-pub fn backward_into<T: Element>(
+pub fn backward_into<'a, T: Element>(
     cfg: &Config,
     g: Geometry,
     x: &[T],
@@ -102,79 +124,35 @@ pub fn backward_into<T: Element>(
     dx: &mut [T],
     grads: &mut Grads,
     ws: &mut Workspace,
-    par: Parallelism,
+    opts: impl Into<BackwardOptions<'a, T>>,
 ) -> Result<()> {
-    backward_impl(cfg, g, x, dy, None, params, saved, dx, grads, ws, par)
-}
-
-/// Backward of [`forward_relu_into`](crate::forward_relu_into): through the ReLU (mask
-/// taken from the output `y`, which is all it needs besides what plain backward needs),
-/// then through batch norm. With a residual, its gradient (the gradient at the ReLU's
-/// input) is written to `dresidual`. Two passes over memory, like plain backward.
-#[allow(clippy::too_many_arguments)]
-pub fn backward_relu_into<T: Element>(
-    cfg: &Config,
-    g: Geometry,
-    x: &[T],
-    y: &[T],
-    dy: &[T],
-    params: &Params,
-    saved: &Saved,
-    dx: &mut [T],
-    dresidual: Option<&mut [T]>,
-    grads: &mut Grads,
-    ws: &mut Workspace,
-    par: Parallelism,
-) -> Result<()> {
-    check_input(cfg, g, y.len(), "y")?;
-    let dres = match dresidual {
-        Some(r) => {
-            check_input(cfg, g, r.len(), "dresidual")?;
-            r
-        }
-        None => &mut [][..],
+    let opts = opts.into();
+    let planned = BackwardPlan::new(cfg, g, params, saved, &opts);
+    let BackwardOptions { epilogue, sync, .. } = opts;
+    let (relu, dres, residual): (Option<&[T]>, &mut [T], bool) = match epilogue {
+        BackwardEpilogue::None => (None, &mut [], false),
+        BackwardEpilogue::Relu { y } => (Some(y), &mut [], false),
+        BackwardEpilogue::AddRelu { y, dresidual } => (Some(y), dresidual, true),
     };
-    backward_impl(
-        cfg,
-        g,
-        x,
-        dy,
-        Some((y, dres)),
-        params,
-        saved,
-        dx,
-        grads,
-        ws,
-        par,
-    )
-}
-
-/// Checks the arguments of a backward step against each other and the saved statistics.
-pub(crate) fn check_backward<T: Element>(
-    cfg: &Config,
-    g: Geometry,
-    x: &[T],
-    dy: &[T],
-    params: &Params,
-    saved: &Saved,
-    dx: &[T],
-) -> Result<()> {
-    params.validate(cfg)?;
-    check_input(cfg, g, x.len(), "x")?;
-    check_input(cfg, g, dy.len(), "dy")?;
-    check_input(cfg, g, dx.len(), "dx")?;
-    if saved.geometry != Some(g) {
-        return Err(Error::SavedMismatch {
-            reason: "the forward step saw another shape (or no forward step ran)",
-        });
+    let planned = planned.and_then(|p| {
+        check_input(cfg, g, x.len(), "x")?;
+        check_input(cfg, g, dy.len(), "dy")?;
+        check_input(cfg, g, dx.len(), "dx")?;
+        if let Some(y) = relu {
+            check_input(cfg, g, y.len(), "y")?;
+        }
+        if residual {
+            check_input(cfg, g, dres.len(), "dresidual")?;
+        }
+        Ok(p)
+    });
+    if let Some(comm) = sync {
+        let local = planned.as_ref().map(|_| ()).map_err(Clone::clone);
+        crate::sync::agree_backward::<T>(comm, cfg, g, saved, local)?;
     }
-    let n = saved.groups.max(1) * g.channels;
-    if saved.mean.len() != n || saved.invstd.len() != n || saved.count.len() != n {
-        return Err(Error::SavedMismatch {
-            reason: "saved statistics have another channel count",
-        });
-    }
-    Ok(())
+    let plan = planned?;
+    let relu = relu.map(|y| (y, dres));
+    backward_impl(&plan, x, dy, relu, params, saved, dx, grads, ws, sync)
 }
 
 /// From per (group, channel) sums `(Σdz, Σdz·(x − μ))`: accumulates `dγ`, `dβ` into
@@ -262,8 +240,7 @@ pub(crate) fn f32_map<T: Element>(cfg: &Config) -> bool {
 
 #[allow(clippy::too_many_arguments)]
 fn backward_impl<T: Element>(
-    cfg: &Config,
-    g: Geometry,
+    plan: &BackwardPlan,
     x: &[T],
     dy: &[T],
     relu: Option<(&[T], &mut [T])>,
@@ -272,12 +249,12 @@ fn backward_impl<T: Element>(
     dx: &mut [T],
     grads: &mut Grads,
     ws: &mut Workspace,
-    par: Parallelism,
+    comm: Option<&dyn Communicator>,
 ) -> Result<()> {
-    check_backward(cfg, g, x, dy, params, saved, dx)?;
+    let g = plan.geometry;
+    let (par, narrow) = (plan.parallelism, plan.f32_map);
     let c = g.channels;
-    let narrow = f32_map::<T>(cfg);
-    let groups = saved.groups.max(1);
+    let groups = plan.groups;
     let mut sums = std::mem::take(&mut ws.tmp_pairs);
     sums.clear();
     sums.resize(groups * c, (0.0, 0.0));
@@ -289,13 +266,7 @@ fn backward_impl<T: Element>(
     // Channels-first backward (plain or through the ReLU): sums and dx per group of
     // channels, the second pass from cache (same sums, in the same order, as the two-pass
     // path).
-    let fused = !ghost
-        && g.inner > 1
-        && g.channels.div_ceil(kernels::fused_channels::<T>(
-            g,
-            if y.is_some() { 3 } else { 2 },
-        )) >= 2 * rayon::current_num_threads().min(64);
-    if fused {
+    if plan.fused {
         let coef = |ch: usize, sums: (f64, f64)| {
             let one = channel_coefficients(g, params, saved, ch, sums);
             (one.a, one.b, one.k)
@@ -313,6 +284,12 @@ fn backward_impl<T: Element>(
         match y {
             None => kernels::dot(g, x, dy, &saved.mean[..c], &mut sums, ws, par),
             Some(y) => kernels::dot_relu(g, x, y, dy, &saved.mean[..c], &mut sums, ws, par),
+        }
+        if let Some(comm) = comm {
+            if let Err(e) = crate::sync::combine_sums(comm, &mut sums) {
+                ws.tmp_pairs = sums;
+                return Err(e);
+            }
         }
     } else {
         let sub = sample_geometry(g);

@@ -5,15 +5,17 @@
 //! state in place, and reuses `saved` and the [`Workspace`] so a warmed-up training step
 //! allocates nothing. Both validate everything before writing anything.
 
-use crate::config::{ColdPolicy, Config, NonFinitePolicy, Variant};
+use crate::config::Config;
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::kernels::{self, Ep, Workspace};
 use crate::layout::Geometry;
 use crate::parallel::Parallelism;
+use crate::plan::{Epilogue, ForwardPlan, Options, Update};
 use crate::running::{self, BatchStats, PendingUpdate};
 use crate::state::{Mode, Params, RunningState};
 use crate::stats::Moments;
+use crate::sync::{self, Communicator};
 
 /// Which statistics a step normalized with; backward differs between the two.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -94,12 +96,15 @@ pub struct StepReport {
     /// Whether the running statistics were updated.
     pub updated: bool,
     /// Channels whose batch statistics were not finite and whose running statistics were
-    /// therefore left unchanged ([`NonFinitePolicy::SkipChannel`]).
+    /// therefore left unchanged ([`NonFinitePolicy::SkipChannel`](crate::NonFinitePolicy::SkipChannel)).
     pub skipped_channels: Vec<usize>,
     /// The step normalized with running statistics that no training step ever updated
     /// (`updates == 0`): a model evaluated before training, or a checkpoint without its
-    /// statistics ([`ColdPolicy::Report`]).
+    /// statistics ([`ColdPolicy::Report`](crate::ColdPolicy::Report)).
     pub cold_statistics: bool,
+    /// The training step's update of the running statistics, when it was deferred
+    /// ([`Update::Defer`]): commit it, merge it, or drop it.
+    pub pending: Option<PendingUpdate>,
 }
 
 /// Output of the allocating [`forward`].
@@ -188,7 +193,17 @@ fn resize(v: &mut Vec<f64>, n: usize) {
 }
 
 /// Forward pass into caller buffers: writes `y`, updates `state` in place (training
-/// steps), fills `saved` for backward. On error nothing has been written.
+/// steps), fills `saved` for backward. On error nothing has been written: not `y`, not the
+/// state, not `saved`.
+///
+/// `opts` ([`Options`], or just a [`Parallelism`]) adds what the plain step lacks, in any
+/// combination: an [`Epilogue`](crate::Epilogue) (`relu(bn(x))`, `relu(bn(x) +
+/// residual)`, in the same pass over memory), a deferred update
+/// ([`Update::Defer`](crate::Update::Defer): the step's update of the running statistics
+/// comes back in [`StepReport::pending`] instead of changing `state`), and synchronized
+/// statistics over the ranks of a [`Communicator`](crate::sync::Communicator) (see
+/// [`mod@crate::sync`]: collective, every rank makes the same call; a failure on any rank is
+/// an error on every rank).
 ///
 /// ```
 /// use bnorm::{forward_into, Config, Layout, Mode, Parallelism, Params, RunningState, Saved, Workspace};
@@ -202,228 +217,115 @@ fn resize(v: &mut Vec<f64>, n: usize) {
 /// assert!((state.as_ref().unwrap().mean[0] - 0.025).abs() < 1e-12); // 0.99·0 + 0.01·2.5
 /// # Ok::<(), bnorm::Error>(())
 /// ```
-#[allow(clippy::too_many_arguments)]
-pub fn forward_into<T: Element>(
-    cfg: &Config,
-    g: Geometry,
-    x: &[T],
-    params: &Params,
-    state: Option<&mut RunningState>,
-    mode: Mode,
-    y: &mut [T],
-    saved: &mut Saved,
-    ws: &mut Workspace,
-    par: Parallelism,
-) -> Result<StepReport> {
-    forward_ep(cfg, g, x, Ep::None, params, state, mode, y, saved, ws, par)
-}
-
-/// A forward step with an epilogue, then the running-statistics update.
-#[allow(clippy::too_many_arguments)]
-fn forward_ep<T: Element>(
-    cfg: &Config,
-    g: Geometry,
-    x: &[T],
-    ep: Ep<'_, T>,
-    params: &Params,
-    state: Option<&mut RunningState>,
-    mode: Mode,
-    y: &mut [T],
-    saved: &mut Saved,
-    ws: &mut Workspace,
-    par: Parallelism,
-) -> Result<StepReport> {
-    let mut report = forward_core(
-        cfg,
-        g,
-        x,
-        ep,
-        params,
-        state.as_deref(),
-        mode,
-        y,
-        saved,
-        ws,
-        par,
-    )?;
-    if let (Mode::Train, Some(s)) = (mode, state) {
-        running::update(cfg, s, saved.batch_stats(), &report.skipped_channels);
-        report.updated = true;
-    }
-    Ok(report)
-}
-
-/// Training forward whose running-statistics update is returned instead of applied:
-/// `state` is only read. Commit the [`PendingUpdate`] later (or drop it): a skipped
-/// mixed-precision step, or gradient accumulation over micro-batches (merge the pending
-/// updates, then commit once: exactly the update of the concatenated batch).
+///
+/// With a ReLU epilogue and the update deferred:
 ///
 /// ```
-/// use bnorm::{forward_pending_into, Config, Layout, Mode, Parallelism, Params, RunningState, Saved, Workspace};
-/// let cfg = Config::torch(1);
-/// let g = Layout::NC.geometry(&[2, 1])?;
-/// let (p, mut state) = (Params::init(&cfg), RunningState::init(&cfg).unwrap());
-/// let (mut y, mut saved, mut ws) = (vec![0.0f64; 2], Saved::default(), Workspace::default());
-/// let (_, pending) = forward_pending_into(&cfg, g, &[1.0, 3.0], &p, Some(&state), &mut y,
-///                                         &mut saved, &mut ws, Parallelism::Sequential)?;
-/// assert_eq!(state.updates, 0); // nothing applied yet
-/// pending.unwrap().commit(&cfg, &mut state)?;
-/// assert!((state.mean[0] - 0.2).abs() < 1e-12);
-/// # Ok::<(), bnorm::Error>(())
-/// ```
-#[allow(clippy::too_many_arguments)]
-pub fn forward_pending_into<T: Element>(
-    cfg: &Config,
-    g: Geometry,
-    x: &[T],
-    params: &Params,
-    state: Option<&RunningState>,
-    y: &mut [T],
-    saved: &mut Saved,
-    ws: &mut Workspace,
-    par: Parallelism,
-) -> Result<(StepReport, Option<PendingUpdate>)> {
-    let report = forward_core(
-        cfg,
-        g,
-        x,
-        Ep::None,
-        params,
-        state,
-        Mode::Train,
-        y,
-        saved,
-        ws,
-        par,
-    )?;
-    let pending =
-        state.map(|_| PendingUpdate::from_stats(saved.batch_stats(), &report.skipped_channels));
-    Ok((report, pending))
-}
-
-/// Batch norm followed by ReLU, `y = relu(bn(x))`, or by a residual add and ReLU,
-/// `y = relu(bn(x) + residual)` (the ResNet block ending), in the same pass over memory as
-/// plain batch norm; otherwise exactly [`forward_into`]. Backward:
-/// [`backward_relu_into`](crate::backward_relu_into), which needs only `x`, `y` and the
-/// saved statistics.
-///
-/// ```
-/// use bnorm::{forward_relu_into, Config, Layout, Mode, Parallelism, Params, RunningState, Saved, Workspace};
+/// use bnorm::{forward_into, Config, Epilogue, Layout, Mode, Options, Params, RunningState, Saved, Workspace};
 /// let cfg = Config::torch(1);
 /// let g = Layout::NC.geometry(&[4, 1])?;
 /// let (p, mut s) = (Params::init(&cfg), RunningState::init(&cfg));
 /// let mut y = vec![0.0f64; 4];
-/// forward_relu_into(&cfg, g, &[1.0, 2.0, 3.0, 4.0], None, &p, s.as_mut(), Mode::Train, &mut y,
-///                   &mut Saved::default(), &mut Workspace::default(), Parallelism::Sequential)?;
+/// let opts = Options::default().epilogue(Epilogue::Relu).defer();
+/// let report = forward_into(&cfg, g, &[1.0, 2.0, 3.0, 4.0], &p, s.as_mut(), Mode::Train, &mut y,
+///                           &mut Saved::default(), &mut Workspace::default(), opts)?;
 /// assert_eq!(&y[..2], &[0.0, 0.0]); // the two values below the mean are cut
-/// assert!(y[3] > y[2] && y[2] > 0.0);
+/// assert_eq!(s.as_ref().unwrap().updates, 0); // deferred: nothing applied yet
+/// report.pending.unwrap().commit(&cfg, s.as_mut().unwrap())?;
+/// assert!((s.unwrap().mean[0] - 0.25).abs() < 1e-12);
 /// # Ok::<(), bnorm::Error>(())
 /// ```
 #[allow(clippy::too_many_arguments)]
-pub fn forward_relu_into<T: Element>(
+pub fn forward_into<'a, T: Element>(
     cfg: &Config,
     g: Geometry,
     x: &[T],
-    residual: Option<&[T]>,
     params: &Params,
     state: Option<&mut RunningState>,
     mode: Mode,
     y: &mut [T],
     saved: &mut Saved,
     ws: &mut Workspace,
-    par: Parallelism,
+    opts: impl Into<Options<'a, T>>,
 ) -> Result<StepReport> {
-    let ep = match residual {
-        Some(r) => {
+    let opts = opts.into();
+    let planned = ForwardPlan::new(cfg, g, params, state.as_deref(), mode, &opts).and_then(|p| {
+        check_input(cfg, g, x.len(), "x")?;
+        check_input(cfg, g, y.len(), "y")?;
+        if let Epilogue::AddRelu(r) = opts.epilogue {
             check_input(cfg, g, r.len(), "residual")?;
-            Ep::AddRelu(r)
         }
-        None => Ep::Relu,
-    };
-    forward_ep(cfg, g, x, ep, params, state, mode, y, saved, ws, par)
-}
-
-/// Everything of a forward step except the running-statistics update. `saved` changes
-/// only when the step succeeds: the step fills the workspace's spare, then the two swap.
-#[allow(clippy::too_many_arguments)]
-fn forward_core<T: Element>(
-    cfg: &Config,
-    g: Geometry,
-    x: &[T],
-    ep: Ep<'_, T>,
-    params: &Params,
-    state: Option<&RunningState>,
-    mode: Mode,
-    y: &mut [T],
-    saved: &mut Saved,
-    ws: &mut Workspace,
-    par: Parallelism,
-) -> Result<StepReport> {
+        Ok(p)
+    });
+    if let Some(comm) = opts.sync {
+        // Every rank learns whether every rank can go on before anything is written.
+        let local = planned.as_ref().map(|_| ()).map_err(Clone::clone);
+        sync::agree_forward::<T>(comm, cfg, g, state.as_deref(), mode, local)?;
+    }
+    let plan = planned?;
     let mut next = std::mem::take(&mut ws.next_saved);
-    let result = forward_step(cfg, g, x, ep, params, state, mode, y, &mut next, ws, par);
+    let ep = opts.epilogue.kernel();
+    let result = execute(
+        cfg,
+        &plan,
+        x,
+        ep,
+        params,
+        state.as_deref(),
+        y,
+        &mut next,
+        ws,
+        opts.sync,
+    );
     if result.is_ok() {
         std::mem::swap(saved, &mut next);
     }
     ws.next_saved = next;
-    result
+    let mut report = result?;
+    match (plan.update, state) {
+        (Some(Update::Apply), Some(s)) => {
+            running::update(cfg, s, saved.batch_stats(), &report.skipped_channels);
+            report.updated = true;
+        }
+        (Some(Update::Defer), Some(_)) => {
+            report.pending = Some(PendingUpdate::from_stats(
+                saved.batch_stats(),
+                &report.skipped_channels,
+            ));
+        }
+        _ => {}
+    }
+    Ok(report)
 }
 
-/// [`forward_core`] into a scratch `saved`, which is left in any state on error.
+/// Executes a plan into a scratch `saved` (left in any state on error): statistics (local
+/// or combined over the ranks), coefficients, output.
 #[allow(clippy::too_many_arguments)]
-fn forward_step<T: Element>(
+fn execute<T: Element>(
     cfg: &Config,
-    g: Geometry,
+    plan: &ForwardPlan,
     x: &[T],
     ep: Ep<'_, T>,
     params: &Params,
     state: Option<&RunningState>,
-    mode: Mode,
     y: &mut [T],
     saved: &mut Saved,
     ws: &mut Workspace,
-    par: Parallelism,
+    comm: Option<&dyn Communicator>,
 ) -> Result<StepReport> {
-    cfg.validate()?;
-    params.validate(cfg)?;
-    check_input(cfg, g, x.len(), "x")?;
-    check_input(cfg, g, y.len(), "y")?;
-    match (&state, cfg.tracks_running_stats()) {
-        (Some(s), true) => s.validate(cfg)?,
-        (None, false) => {}
-        (None, true) => return Err(Error::NoRunningStatistics),
-        (Some(_), false) => {
-            return Err(Error::StateMismatch {
-                reason: "running statistics given to a layer that does not track them",
-            })
-        }
-    }
-    let c = g.channels;
-    let normalized = match (mode, state.is_some()) {
-        (Mode::Train, _) | (Mode::Inference, false) => Normalized::Batch,
-        (Mode::Inference, true) | (Mode::Frozen, true) => Normalized::Running,
-        (Mode::Frozen, false) => return Err(Error::NoRunningStatistics),
-    };
-    let ghost = match (cfg.variant_kind(), normalized) {
-        (Variant::Ghost(gh), Normalized::Batch) => Some(gh),
-        _ => None,
-    };
-    saved.normalized = normalized;
+    let g = plan.geometry;
+    let (c, eps, par) = (g.channels, cfg.epsilon(), plan.parallelism);
+    saved.normalized = plan.normalized;
     saved.geometry = Some(g);
     saved.r.clear();
     saved.d.clear();
-    let mut report = StepReport::default();
+    let mut report = StepReport {
+        cold_statistics: plan.cold_statistics,
+        ..StepReport::default()
+    };
 
-    if normalized == Normalized::Running {
-        let Some(s) = state else {
-            return Err(Error::NoRunningStatistics);
-        };
-        if s.updates == 0 {
-            match cfg.cold_policy() {
-                ColdPolicy::Error => return Err(Error::ColdStatistics),
-                ColdPolicy::Report => report.cold_statistics = true,
-                ColdPolicy::Allow => {}
-            }
-        }
+    if plan.normalized == Normalized::Running {
+        let s = state.ok_or(Error::NoRunningStatistics)?;
         saved.groups = 1;
         saved.group_of.clear();
         resize(&mut saved.count, c);
@@ -433,7 +335,7 @@ fn forward_step<T: Element>(
         saved.var.extend_from_slice(&s.var);
         resize(&mut saved.invstd, c);
         for ch in 0..c {
-            saved.invstd[ch] = 1.0 / (s.var[ch] + cfg.epsilon()).sqrt();
+            saved.invstd[ch] = 1.0 / (s.var[ch] + eps).sqrt();
         }
         set_coefficients(g, params, saved);
         write_output(g, x, ep, saved, y, par);
@@ -441,40 +343,19 @@ fn forward_step<T: Element>(
     }
 
     // Batch statistics, per ghost group.
-    if g.per_channel() <= 1 {
-        return Err(Error::BatchTooSmall {
-            channel_values: g.per_channel(),
-        });
-    }
-    let (group_of, groups) = match ghost {
-        Some(gh) => gh.assign(g.batch)?,
-        None => (Vec::new(), 1),
-    };
+    let groups = plan.groups;
+    let ghost = !plan.group_of.is_empty();
     saved.groups = groups;
-    saved.group_of = group_of;
+    saved.group_of.clone_from(&plan.group_of);
     resize(&mut saved.count, groups * c);
     resize(&mut saved.mean, groups * c);
     resize(&mut saved.var, groups * c);
     resize(&mut saved.invstd, groups * c);
-    let update = mode == Mode::Train && state.is_some();
-    let renorm = match (cfg.variant_kind(), update, state) {
-        (Variant::Renorm(rn), true, Some(s)) => {
-            s.renorm.as_ref().map(|rs| (rn.limits(s.updates), rs))
-        }
-        _ => None,
-    };
-    let eps = cfg.epsilon();
-    // Channels-first, one group, and no policy that could refuse the step after y is
-    // written: statistics and normalization fused per channel (same bits as unfused).
-    let fused = ghost.is_none()
-        && g.inner > 1
-        && !(update && cfg.non_finite_policy() == NonFinitePolicy::Error)
-        && g.channels.div_ceil(kernels::fused_channels::<T>(g, 1))
-            >= 2 * rayon::current_num_threads().min(64);
+    let renorm = plan.renorm.zip(state.and_then(|s| s.renorm.as_ref()));
     let mut m = std::mem::take(&mut ws.tmp);
     m.clear();
     m.resize(c, Moments::default());
-    if fused {
+    if plan.fused {
         let coef = |ch: usize, mo: Moments| {
             let var = mo.variance_biased();
             let invstd = 1.0 / (var + eps).sqrt();
@@ -485,23 +366,35 @@ fn forward_step<T: Element>(
             (mo.mean, gamma * invstd * r, params.beta(ch) + gamma * d)
         };
         kernels::train_fused_cf(g, x, ep, y, &mut m, par, coef);
-    } else if ghost.is_none() {
+    } else if !ghost {
         kernels::moments(g, x, &mut m, ws, par);
     }
-    if ghost.is_none() {
+    let combined = match comm {
+        Some(comm) if !ghost => sync::combine_moments(comm, &mut m),
+        _ => Ok(()),
+    };
+    if ghost {
+        ws.tmp = m;
+        ghost_moments(g, x, saved, ws)?;
+    } else {
         for (ch, mo) in m.iter().enumerate() {
             saved.count[ch] = mo.count;
             saved.mean[ch] = mo.mean;
             saved.var[ch] = mo.variance_biased();
         }
-    } else {
-        ghost_moments(g, x, saved, ws)?;
+        let global = m.first().map_or(0.0, |mo| mo.count);
+        ws.tmp = m;
+        combined?;
+        if global <= 1.0 {
+            return Err(Error::BatchTooSmall {
+                channel_values: global as usize,
+            });
+        }
     }
-    ws.tmp = m;
     for i in 0..groups * c {
         saved.invstd[i] = 1.0 / (saved.var[i] + eps).sqrt();
     }
-    if update {
+    if plan.update.is_some() {
         for ch in 0..c {
             let finite = (0..groups).all(|gi| {
                 saved.mean[gi * c + ch].is_finite() && saved.var[gi * c + ch].is_finite()
@@ -510,8 +403,7 @@ fn forward_step<T: Element>(
                 report.skipped_channels.push(ch);
             }
         }
-        if !report.skipped_channels.is_empty() && cfg.non_finite_policy() == NonFinitePolicy::Error
-        {
+        if !report.skipped_channels.is_empty() && plan.refuse_non_finite {
             return Err(Error::NonFiniteStatistics {
                 channels: std::mem::take(&mut report.skipped_channels),
             });
@@ -527,7 +419,7 @@ fn forward_step<T: Element>(
         }
     }
     set_coefficients(g, params, saved);
-    if !fused {
+    if !plan.fused {
         write_output(g, x, ep, saved, y, par);
     }
     Ok(report)

@@ -9,6 +9,7 @@ use crate::forward::{forward_into, Saved, StepReport};
 use crate::kernels::Workspace;
 use crate::layout::Layout;
 use crate::parallel::Parallelism;
+use crate::plan::{BackwardEpilogue, BackwardOptions, Epilogue, Options};
 use crate::running::PendingUpdate;
 use crate::state::{Mode, Params, RunningState};
 
@@ -235,22 +236,52 @@ impl BatchNorm {
         mode: Mode,
         y: &mut [T],
     ) -> Result<StepReport> {
+        let opts = Options::from(self.par);
+        self.forward_with(x, shape, layout, mode, y, opts)
+    }
+
+    /// Forward step into a caller buffer with [`Options`]: an epilogue, a deferred update
+    /// (returned in [`StepReport::pending`]), threads (the options' replace the layer's),
+    /// synchronization over ranks — in any combination.
+    ///
+    /// ```
+    /// use bnorm::{Config, Epilogue, Layout, Mode, Options};
+    /// let mut bn = Config::torch(1).build()?;
+    /// let mut y = vec![0.0f64; 4];
+    /// let opts = Options::default().epilogue(Epilogue::Relu).defer();
+    /// let report = bn.forward_with(&[1.0, 2.0, 3.0, 4.0], &[4, 1], Layout::NC, Mode::Train, &mut y, opts)?;
+    /// assert_eq!(&y[..2], &[0.0, 0.0]);
+    /// assert_eq!(bn.running().unwrap().updates, 0); // deferred
+    /// bn.commit(&report.pending.unwrap())?;
+    /// assert_eq!(bn.running().unwrap().updates, 1);
+    /// # Ok::<(), bnorm::Error>(())
+    /// ```
+    pub fn forward_with<'a, T: Element>(
+        &mut self,
+        x: &[T],
+        shape: &[usize],
+        layout: Layout,
+        mode: Mode,
+        y: &mut [T],
+        opts: Options<'a, T>,
+    ) -> Result<StepReport> {
         let g = layout.geometry(shape)?;
+        let (state, saved, ws) = (self.state.as_mut(), &mut self.saved, &mut self.ws);
         forward_into(
             &self.cfg,
             g,
             x,
             &self.params,
-            self.state.as_mut(),
+            state,
             mode,
             y,
-            &mut self.saved,
-            &mut self.ws,
-            self.par,
+            saved,
+            ws,
+            opts,
         )
     }
 
-    /// Fused `y = relu(bn(x) [+ residual])` (see [`forward_relu_into`](crate::forward_relu_into)).
+    /// Fused `y = relu(bn(x) [+ residual])` (see [`Epilogue`]), allocating its output.
     pub fn forward_relu<T: Element>(
         &mut self,
         x: &[T],
@@ -259,21 +290,10 @@ impl BatchNorm {
         layout: Layout,
         mode: Mode,
     ) -> Result<(Vec<T>, StepReport)> {
-        let g = layout.geometry(shape)?;
         let mut y = crate::buffer::output::<T>(x.len());
-        let report = crate::forward::forward_relu_into(
-            &self.cfg,
-            g,
-            x,
-            residual,
-            &self.params,
-            self.state.as_mut(),
-            mode,
-            &mut y,
-            &mut self.saved,
-            &mut self.ws,
-            self.par,
-        )?;
+        let ep = residual.map_or(Epilogue::Relu, Epilogue::AddRelu);
+        let opts = Options::from(self.par).epilogue(ep);
+        let report = self.forward_with(x, shape, layout, mode, &mut y, opts)?;
         Ok((y, report))
     }
 
@@ -288,24 +308,15 @@ impl BatchNorm {
         layout: Layout,
         with_residual: bool,
     ) -> Result<(Backward<T>, Option<Vec<T>>)> {
-        let g = layout.geometry(shape)?;
         let mut dx = crate::buffer::output::<T>(x.len());
         let mut dres = with_residual.then(|| crate::buffer::output::<T>(x.len()));
         let mut grads = Grads::default();
-        crate::backward::backward_relu_into(
-            &self.cfg,
-            g,
-            x,
-            y,
-            dy,
-            &self.params,
-            &self.saved,
-            &mut dx,
-            dres.as_deref_mut(),
-            &mut grads,
-            &mut self.ws,
-            self.par,
-        )?;
+        let ep = match dres.as_deref_mut() {
+            Some(dresidual) => BackwardEpilogue::AddRelu { y, dresidual },
+            None => BackwardEpilogue::Relu { y },
+        };
+        let opts = BackwardOptions::from(self.par).epilogue(ep);
+        self.backward_with(x, dy, shape, layout, &mut dx, &mut grads, opts)?;
         let b = Backward {
             dx,
             dweight: self.cfg.has_scale().then_some(grads.dweight),
@@ -314,8 +325,8 @@ impl BatchNorm {
         Ok((b, dres))
     }
 
-    /// Training step whose running-statistics update is returned, not applied (see
-    /// [`forward_pending_into`](crate::forward_pending_into)); apply it with
+    /// Training step whose running-statistics update is returned, not applied
+    /// ([`Update::Defer`](crate::Update::Defer)); apply it with
     /// [`commit`](BatchNorm::commit).
     pub fn forward_pending<T: Element>(
         &mut self,
@@ -323,19 +334,10 @@ impl BatchNorm {
         shape: &[usize],
         layout: Layout,
     ) -> Result<(Vec<T>, StepReport, Option<PendingUpdate>)> {
-        let g = layout.geometry(shape)?;
         let mut y = crate::buffer::output::<T>(x.len());
-        let (report, pending) = crate::forward::forward_pending_into(
-            &self.cfg,
-            g,
-            x,
-            &self.params,
-            self.state.as_ref(),
-            &mut y,
-            &mut self.saved,
-            &mut self.ws,
-            self.par,
-        )?;
+        let opts = Options::from(self.par).defer();
+        let mut report = self.forward_with(x, shape, layout, Mode::Train, &mut y, opts)?;
+        let pending = report.pending.take();
         Ok((y, report, pending))
     }
 
@@ -387,18 +389,25 @@ impl BatchNorm {
         dx: &mut [T],
         grads: &mut Grads,
     ) -> Result<()> {
+        let opts = BackwardOptions::from(self.par);
+        self.backward_with(x, dy, shape, layout, dx, grads, opts)
+    }
+
+    /// Backward of the last forward step with [`BackwardOptions`] (the forward step's
+    /// epilogue, threads, synchronization).
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_with<'a, T: Element>(
+        &mut self,
+        x: &[T],
+        dy: &[T],
+        shape: &[usize],
+        layout: Layout,
+        dx: &mut [T],
+        grads: &mut Grads,
+        opts: BackwardOptions<'a, T>,
+    ) -> Result<()> {
         let g = layout.geometry(shape)?;
-        backward_into(
-            &self.cfg,
-            g,
-            x,
-            dy,
-            &self.params,
-            &self.saved,
-            dx,
-            grads,
-            &mut self.ws,
-            self.par,
-        )
+        let (cfg, params, saved) = (&self.cfg, &self.params, &self.saved);
+        backward_into(cfg, g, x, dy, params, saved, dx, grads, &mut self.ws, opts)
     }
 }

@@ -81,6 +81,7 @@ mod kernels;
 mod layer;
 mod layout;
 mod parallel;
+pub mod plan;
 mod recalibrate;
 pub mod reference;
 mod running;
@@ -88,7 +89,7 @@ mod state;
 mod stats;
 pub mod sync;
 
-pub use backward::{backward, backward_into, backward_relu_into, Backward, Grads};
+pub use backward::{backward, backward_into, Backward, Grads};
 pub use buffer::zeroed_buffer;
 pub use config::{
     BackwardArithmetic, ColdPolicy, Config, Ghost, GhostGrouping, GhostRemainder, GhostUpdate,
@@ -96,14 +97,14 @@ pub use config::{
 };
 pub use element::{DType, Element};
 pub use error::{Error, Result};
-pub use forward::{
-    forward, forward_into, forward_pending_into, forward_relu_into, Forward, Normalized, Saved,
-    StepReport,
-};
+pub use forward::{forward, forward_into, Forward, Normalized, Saved, StepReport};
 pub use kernels::{fused_channels, simd_level, with_simd_level, SimdLevel, Workspace};
 pub use layer::BatchNorm;
 pub use layout::{Geometry, Layout};
 pub use parallel::{Parallelism, PARALLEL_THRESHOLD};
+pub use plan::{
+    BackwardEpilogue, BackwardOptions, BackwardPlan, Epilogue, ForwardPlan, Options, Update,
+};
 pub use recalibrate::Recalibration;
 pub use running::PendingUpdate;
 pub use state::{Mode, Params, RenormState, RunningState};

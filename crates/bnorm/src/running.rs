@@ -97,9 +97,9 @@ fn update_once(cfg: &Config, state: &mut RunningState, st: BatchStats<'_>, skipp
     }
 }
 
-/// A training step's running-statistics update, held back (see
-/// [`forward_pending_into`](crate::forward_pending_into)). Commit it, merge several into
-/// one, or drop it to discard.
+/// A training step's running-statistics update, held back ([`Update::Defer`](crate::Update::Defer):
+/// it comes back in [`StepReport::pending`](crate::StepReport::pending)). Commit it, merge
+/// several into one, or drop it to discard.
 ///
 /// * Committing pending updates one by one equals running those training steps in that
 ///   order (for the exponential conventions that is *not* the update of their
@@ -148,15 +148,15 @@ impl PendingUpdate {
     /// either stays skipped.
     ///
     /// ```
-    /// use bnorm::{forward_pending_into, Config, Layout, Parallelism, Params, RunningState, Saved, Workspace};
+    /// use bnorm::{forward_into, Config, Layout, Mode, Options, Params, RunningState, Saved, Workspace};
     /// let cfg = Config::torch(1);
     /// let p = Params::init(&cfg);
-    /// let state = RunningState::init(&cfg).unwrap();
+    /// let mut state = RunningState::init(&cfg);
     /// let mut pending = |x: &[f64]| {
     ///     let g = Layout::NC.geometry(&[x.len(), 1]).unwrap();
     ///     let mut y = vec![0.0; x.len()];
-    ///     forward_pending_into(&cfg, g, x, &p, Some(&state), &mut y, &mut Saved::default(),
-    ///         &mut Workspace::default(), Parallelism::Sequential).unwrap().1.unwrap()
+    ///     forward_into(&cfg, g, x, &p, state.as_mut(), Mode::Train, &mut y, &mut Saved::default(),
+    ///         &mut Workspace::default(), Options::default().defer()).unwrap().pending.unwrap()
     /// };
     /// let mut a = pending(&[1.0, 2.0]);
     /// a.merge(&pending(&[3.0, 4.0, 5.0]))?;

@@ -2,9 +2,11 @@
 //! data-parallel ranks, exactly.
 //!
 //! In data-parallel training each rank (a thread, a process, a machine) holds a slice of
-//! the batch. [`sync_forward_into`] and [`sync_backward_into`] are [`forward_into`] and
-//! [`backward_into`] over the concatenation of every rank's slice, with each rank reading
-//! and writing only its own slice:
+//! the batch. [`forward_into`] and [`backward_into`] with options
+//! [`synchronized`](crate::Options::synchronized) over a [`Communicator`] compute the step
+//! over the concatenation of every rank's slice, with each rank reading and writing only
+//! its own slice — the same plan as a local step with a statistics-combine step, so every
+//! option (epilogues, deferred updates) combines with it:
 //!
 //! * forward: every rank computes per-channel [`Moments`] `(count, mean, M2)` of its slice,
 //!   they are all-gathered as f64, and every rank merges them **in rank order** with
@@ -40,8 +42,9 @@
 //! ranks (averaging identical values is harmless).
 //!
 //! ```
-//! use bnorm::sync::{sync_backward_into, sync_forward_into, Communicator, ThreadComm};
-//! use bnorm::{Config, Grads, Layout, Mode, Parallelism, Params, RunningState, Saved, Workspace};
+//! use bnorm::sync::{Communicator, ThreadComm};
+//! use bnorm::{backward_into, forward_into, BackwardOptions, Config, Grads, Layout, Mode, Options,
+//!             Parallelism, Params, RunningState, Saved, Workspace};
 //! let cfg = Config::torch(2);
 //! let x = [1.0f32, 10.0, 2.0, 20.0, 3.0, 30.0, 4.0, 40.0, 5.0, 50.0]; // NC, 5 samples
 //! let shards = [&x[..2], &x[2..]]; // uneven: 1 and 4 samples
@@ -52,11 +55,12 @@
 //!             let g = Layout::NC.geometry(&[xs.len() / 2, 2])?;
 //!             let (p, mut st) = (Params::init(cfg), RunningState::init(cfg));
 //!             let (mut y, mut saved, mut ws) = (vec![0.0f32; xs.len()], Saved::default(), Workspace::default());
-//!             sync_forward_into(&comm, cfg, g, xs, &p, st.as_mut(), Mode::Train, &mut y,
-//!                               &mut saved, &mut ws, Parallelism::Sequential)?;
+//!             let opts = Options::from(Parallelism::Sequential).synchronized(&comm);
+//!             forward_into(cfg, g, xs, &p, st.as_mut(), Mode::Train, &mut y, &mut saved,
+//!                          &mut ws, opts)?;
 //!             let (mut dx, mut grads) = (vec![0.0f32; xs.len()], Grads::default());
-//!             sync_backward_into(&comm, cfg, g, xs, &y, &p, &saved, &mut dx, &mut grads,
-//!                                &mut ws, Parallelism::Sequential)?;
+//!             let opts = BackwardOptions::from(Parallelism::Sequential).synchronized(&comm);
+//!             backward_into(cfg, g, xs, &y, &p, &saved, &mut dx, &mut grads, &mut ws, opts)?;
 //!             Ok((saved.mean().to_vec(), st.unwrap(), grads))
 //!         })
 //!     }).collect();
@@ -76,26 +80,20 @@
 
 use std::sync::{Arc, Barrier, Mutex};
 
-use crate::backward::Grads;
-use crate::backward::{check_backward, coefficients};
 use crate::config::{
     BackwardArithmetic, Config, Momentum, NonFinitePolicy, VarianceEstimator, Variant,
 };
 use crate::element::{DType, Element};
 use crate::error::{Error, Result};
-use crate::forward::{
-    check_input, forward_into, renorm_rd, set_coefficients, Normalized, Saved, StepReport,
-};
-use crate::kernels::{self, Workspace};
+use crate::forward::{Normalized, Saved};
 use crate::layout::Geometry;
-use crate::parallel::Parallelism;
-use crate::running;
-use crate::state::{Mode, Params, RunningState};
+use crate::state::{Mode, RunningState};
 use crate::stats::Moments;
 
 /// The collectives synchronized batch norm needs: rank, size, and an all-gather of f64
 /// buffers. Implement it for another transport (NCCL, gloo, a test double) to use
-/// [`sync_forward_into`] and [`sync_backward_into`] over it.
+/// [`forward_into`](crate::forward_into) and [`backward_into`](crate::backward_into) over it (options
+/// [`synchronized`](crate::Options::synchronized)).
 ///
 /// Every rank of the group must make the same sequence of calls. The synchronized steps
 /// guarantee that the buffers they pass have the same length on every rank (they first
@@ -396,97 +394,16 @@ fn agree<C: Communicator + ?Sized>(
     }
 }
 
-fn resize(v: &mut Vec<f64>, n: usize) {
-    v.clear();
-    v.resize(n, 0.0);
-}
-
-fn refuse_ghost(cfg: &Config) -> Result<()> {
-    if let Variant::Ghost(_) = cfg.variant_kind() {
-        return Err(Error::InvalidConfig {
-            setting: "variant",
-            value: "Ghost".to_string(),
-            expected: "BatchNorm or Renorm: ghost batches are per-device statistics, \
-                       synchronizing them is not defined",
-        });
-    }
-    Ok(())
-}
-
-// ---------------------------------------------------------------------------------------
-// Forward.
-
-/// The statistics a step normalizes with, or the error of this rank's own checks.
-fn forward_checks<T: Element>(
+/// The header of a forward step, agreed on every rank before anything is written:
+/// `local` is this rank's own validation. The step goes on only where every rank's did.
+pub(crate) fn agree_forward<T: Element>(
+    comm: &dyn Communicator,
     cfg: &Config,
     g: Geometry,
-    x: &[T],
-    params: &Params,
     state: Option<&RunningState>,
     mode: Mode,
-    y: &[T],
-) -> Result<Normalized> {
-    cfg.validate()?;
-    refuse_ghost(cfg)?;
-    params.validate(cfg)?;
-    check_input(cfg, g, x.len(), "x")?;
-    check_input(cfg, g, y.len(), "y")?;
-    match (state, cfg.tracks_running_stats()) {
-        (Some(s), true) => s.validate(cfg)?,
-        (None, false) => {}
-        (None, true) => return Err(Error::NoRunningStatistics),
-        (Some(_), false) => {
-            return Err(Error::StateMismatch {
-                reason: "running statistics given to a layer that does not track them",
-            })
-        }
-    }
-    match (mode, state.is_some()) {
-        (Mode::Train, _) | (Mode::Inference, false) => Ok(Normalized::Batch),
-        (Mode::Inference, true) | (Mode::Frozen, true) => Ok(Normalized::Running),
-        (Mode::Frozen, false) => Err(Error::NoRunningStatistics),
-    }
-}
-
-/// [`forward_into`] over the global batch of every rank of `comm`:
-/// this rank passes its own slice `x` (any number of samples, zero included) and gets its
-/// slice of the output in `y`; the statistics in `saved`, the running statistics and the
-/// report are those of the concatenated batch and bit-identical on every rank.
-///
-/// Collective: every rank of `comm` must call it for the same step. If any rank's
-/// arguments are invalid or inconsistent with rank 0's, every rank returns an error
-/// (that rank its own, the others [`Error::SyncMismatch`]) and nothing is written.
-/// [`Error::BatchTooSmall`] refers to the global batch. Ghost batches are refused.
-///
-/// ```
-/// use bnorm::sync::{sync_forward_into, ThreadComm};
-/// use bnorm::{Config, Layout, Mode, Parallelism, Params, RunningState, Saved, Workspace};
-/// // One rank: exactly forward_into.
-/// let comm = &ThreadComm::group(1)[0];
-/// let cfg = Config::keras(1);
-/// let g = Layout::NC.geometry(&[4, 1])?;
-/// let (params, mut state) = (Params::init(&cfg), RunningState::init(&cfg));
-/// let (mut y, mut saved, mut ws) = (vec![0.0f64; 4], Saved::default(), Workspace::default());
-/// sync_forward_into(comm, &cfg, g, &[1.0, 2.0, 3.0, 4.0], &params, state.as_mut(), Mode::Train,
-///                   &mut y, &mut saved, &mut ws, Parallelism::Sequential)?;
-/// assert!((state.as_ref().unwrap().mean[0] - 0.025).abs() < 1e-12);
-/// # Ok::<(), bnorm::Error>(())
-/// ```
-#[allow(clippy::too_many_arguments)]
-pub fn sync_forward_into<T: Element, C: Communicator + ?Sized>(
-    comm: &C,
-    cfg: &Config,
-    g: Geometry,
-    x: &[T],
-    params: &Params,
-    state: Option<&mut RunningState>,
-    mode: Mode,
-    y: &mut [T],
-    saved: &mut Saved,
-    ws: &mut Workspace,
-    par: Parallelism,
-) -> Result<StepReport> {
-    let checked = forward_checks(cfg, g, x, params, state.as_deref(), mode, y);
+    local: Result<()>,
+) -> Result<()> {
     let mut header = [0.0; HEADER];
     header[H_OP] = OP_FORWARD;
     header[H_MODE] = match mode {
@@ -497,36 +414,21 @@ pub fn sync_forward_into<T: Element, C: Communicator + ?Sized>(
     header[H_CHANNELS] = cfg.num_channels() as f64;
     config_fingerprint(cfg).put(&mut header, H_CFG_LO, H_CFG_HI);
     header[H_DTYPE] = dtype_code(T::DTYPE);
-    header[H_UPDATES] = state.as_deref().map_or(-1.0, |s| s.updates as f64);
+    header[H_UPDATES] = state.map_or(-1.0, |s| s.updates as f64);
     header[H_COUNT] = g.per_channel() as f64;
-    let mut gathered = Vec::new();
-    let (local, normalized) = match checked {
-        Ok(n) => (Ok(()), n),
-        Err(e) => (Err(e), Normalized::Batch),
-    };
-    agree(comm, header, local, &mut gathered)?;
+    agree(comm, header, local, &mut Vec::new())
+}
 
-    if normalized == Normalized::Running {
-        // Running statistics are the same on every rank (checked by the header's step
-        // count): nothing to combine.
-        return forward_into(cfg, g, x, params, state, mode, y, saved, ws, par);
-    }
-
-    // Local moments, gathered, merged in rank order.
-    let c = g.channels;
-    let mut m = std::mem::take(&mut ws.tmp);
-    m.clear();
-    m.resize(c, Moments::default());
-    kernels::moments(g, x, &mut m, ws, par);
+/// Replaces each rank's per-channel moments by those of the global batch: all-gathered
+/// as `(count, mean, M2)` and merged in rank order (bit-identical on every rank).
+pub(crate) fn combine_moments(comm: &dyn Communicator, m: &mut [Moments]) -> Result<()> {
+    let c = m.len();
     let mut payload = Vec::with_capacity(3 * c);
-    for mo in &m {
+    for mo in m.iter() {
         payload.extend_from_slice(&[mo.count, mo.mean, mo.m2]);
     }
-    let gathered_ok = comm.all_gather_f64(&payload, &mut gathered);
-    if let Err(e) = gathered_ok {
-        ws.tmp = m;
-        return Err(e);
-    }
+    let mut gathered = Vec::new();
+    comm.all_gather_f64(&payload, &mut gathered)?;
     for (ch, mo) in m.iter_mut().enumerate() {
         *mo = gathered
             .chunks_exact(3 * c)
@@ -537,80 +439,8 @@ pub fn sync_forward_into<T: Element, C: Communicator + ?Sized>(
             })
             .fold(Moments::default(), Moments::merge);
     }
-    let global = m.first().map_or(0.0, |mo| mo.count);
-    if global <= 1.0 {
-        ws.tmp = m;
-        return Err(Error::BatchTooSmall {
-            channel_values: global as usize,
-        });
-    }
-
-    // From here on, exactly forward_into's steps with the global statistics.
-    let mut report = StepReport::default();
-    let update = mode == Mode::Train && state.is_some();
-    if update {
-        for (ch, mo) in m.iter().enumerate() {
-            if !(mo.mean.is_finite() && mo.variance_biased().is_finite()) {
-                report.skipped_channels.push(ch);
-            }
-        }
-        if !report.skipped_channels.is_empty() && cfg.non_finite_policy() == NonFinitePolicy::Error
-        {
-            ws.tmp = m;
-            return Err(Error::NonFiniteStatistics {
-                channels: report.skipped_channels,
-            });
-        }
-    }
-    saved.normalized = Normalized::Batch;
-    saved.geometry = Some(g);
-    saved.groups = 1;
-    saved.group_of.clear();
-    saved.r.clear();
-    saved.d.clear();
-    resize(&mut saved.count, c);
-    resize(&mut saved.mean, c);
-    resize(&mut saved.var, c);
-    resize(&mut saved.invstd, c);
-    for (ch, mo) in m.iter().enumerate() {
-        saved.count[ch] = mo.count;
-        saved.mean[ch] = mo.mean;
-        saved.var[ch] = mo.variance_biased();
-        saved.invstd[ch] = 1.0 / (saved.var[ch] + cfg.epsilon()).sqrt();
-    }
-    ws.tmp = m;
-    if let (Variant::Renorm(rn), true, Some(s)) = (cfg.variant_kind(), update, state.as_deref()) {
-        if let Some(rs) = &s.renorm {
-            let lim = rn.limits(s.updates);
-            resize(&mut saved.r, c);
-            resize(&mut saved.d, c);
-            for ch in 0..c {
-                let (r, d) = renorm_rd(lim, rs, ch, saved.mean[ch], saved.var[ch], cfg.epsilon());
-                saved.r[ch] = r;
-                saved.d[ch] = d;
-            }
-        }
-    }
-    set_coefficients(g, params, saved);
-    kernels::affine_ep(
-        g,
-        x,
-        kernels::Ep::None,
-        &saved.mean,
-        &saved.scale,
-        &saved.shift,
-        y,
-        par,
-    );
-    if let (true, Some(s)) = (update, state) {
-        running::update(cfg, s, saved.batch_stats(), &report.skipped_channels);
-        report.updated = true;
-    }
-    Ok(report)
+    Ok(())
 }
-
-// ---------------------------------------------------------------------------------------
-// Backward.
 
 fn saved_fingerprint(saved: &Saved) -> Fnv {
     let mut h = Fnv::new();
@@ -623,67 +453,16 @@ fn saved_fingerprint(saved: &Saved) -> Fnv {
     h
 }
 
-#[allow(clippy::too_many_arguments)]
-fn backward_checks<T: Element>(
+/// The header of a backward step, agreed on every rank: `local` is this rank's own
+/// validation; the saved statistics must be the same on every rank and, with batch
+/// statistics, count exactly the values of all ranks.
+pub(crate) fn agree_backward<T: Element>(
+    comm: &dyn Communicator,
     cfg: &Config,
     g: Geometry,
-    x: &[T],
-    dy: &[T],
-    params: &Params,
     saved: &Saved,
-    dx: &[T],
+    local: Result<()>,
 ) -> Result<()> {
-    refuse_ghost(cfg)?;
-    check_backward(cfg, g, x, dy, params, saved, dx)?;
-    if saved.groups > 1 || !saved.group_of.is_empty() {
-        return Err(Error::SavedMismatch {
-            reason: "saved statistics of ghost batches",
-        });
-    }
-    Ok(())
-}
-
-/// [`backward_into`](crate::backward_into) over the global batch: this rank passes its
-/// slices of `x` and `dy` (the gradient of the global loss with respect to its slice of
-/// `y`) and the `saved` of its [`sync_forward_into`]; it gets its slice of `dx`, and
-/// `grads` holds `dγ`, `dβ` over the global batch, bit-identical on every rank.
-///
-/// Collective, with the same error behaviour as [`sync_forward_into`]; `saved` must come
-/// from the synchronized forward step of the same ranks (checked: the saved statistics
-/// must agree on every rank and count the global batch).
-///
-/// ```
-/// use bnorm::sync::{sync_backward_into, sync_forward_into, ThreadComm};
-/// use bnorm::{Config, Grads, Layout, Mode, Parallelism, Params, RunningState, Saved, Workspace};
-/// let comm = &ThreadComm::group(1)[0];
-/// let cfg = Config::torch(1);
-/// let g = Layout::NC.geometry(&[4, 1])?;
-/// let (x, p, mut st) = ([1.0f64, 2.0, 4.0, 8.0], Params::init(&cfg), RunningState::init(&cfg));
-/// let (mut y, mut saved, mut ws) = (vec![0.0; 4], Saved::default(), Workspace::default());
-/// sync_forward_into(comm, &cfg, g, &x, &p, st.as_mut(), Mode::Train, &mut y, &mut saved,
-///                   &mut ws, Parallelism::Sequential)?;
-/// let (mut dx, mut grads) = (vec![0.0; 4], Grads::default());
-/// sync_backward_into(comm, &cfg, g, &x, &[1.0, 0.0, 0.0, 0.0], &p, &saved, &mut dx,
-///                    &mut grads, &mut ws, Parallelism::Sequential)?;
-/// assert!(dx.iter().sum::<f64>().abs() < 1e-12);
-/// assert_eq!(grads.dbias, vec![1.0]);
-/// # Ok::<(), bnorm::Error>(())
-/// ```
-#[allow(clippy::too_many_arguments)]
-pub fn sync_backward_into<T: Element, C: Communicator + ?Sized>(
-    comm: &C,
-    cfg: &Config,
-    g: Geometry,
-    x: &[T],
-    dy: &[T],
-    params: &Params,
-    saved: &Saved,
-    dx: &mut [T],
-    grads: &mut Grads,
-    ws: &mut Workspace,
-    par: Parallelism,
-) -> Result<()> {
-    let checked = backward_checks(cfg, g, x, dy, params, saved, dx);
     let mut header = [0.0; HEADER];
     header[H_OP] = OP_BACKWARD;
     header[H_MODE] = match saved.normalized {
@@ -697,8 +476,7 @@ pub fn sync_backward_into<T: Element, C: Communicator + ?Sized>(
     saved_fingerprint(saved).put(&mut header, H_SAVED_LO, H_SAVED_HI);
     header[H_COUNT] = g.per_channel() as f64;
     let mut gathered = Vec::new();
-    agree(comm, header, checked, &mut gathered)?;
-    // The saved statistics must be the same on every rank ...
+    agree(comm, header, local, &mut gathered)?;
     if let Some(r) = gathered.chunks_exact(HEADER).position(|h| {
         h[H_SAVED_LO].to_bits() != gathered[H_SAVED_LO].to_bits()
             || h[H_SAVED_HI].to_bits() != gathered[H_SAVED_HI].to_bits()
@@ -708,8 +486,6 @@ pub fn sync_backward_into<T: Element, C: Communicator + ?Sized>(
             what: "saved statistics (another forward step, or one not synchronized)",
         });
     }
-    // ... and, with batch statistics, count exactly the values of all ranks.
-    let c = g.channels;
     if saved.normalized == Normalized::Batch {
         let total: f64 = gathered.chunks_exact(HEADER).map(|h| h[H_COUNT]).sum();
         if saved.count.first() != Some(&total) {
@@ -719,20 +495,19 @@ pub fn sync_backward_into<T: Element, C: Communicator + ?Sized>(
             });
         }
     }
+    Ok(())
+}
 
-    let mut sums = std::mem::take(&mut ws.tmp_pairs);
-    sums.clear();
-    sums.resize(c, (0.0, 0.0));
-    kernels::dot(g, x, dy, &saved.mean, &mut sums, ws, par);
+/// Replaces each rank's per-channel gradient sums `(Σdy, Σdy·(x − μ))` by those of the
+/// global batch, summed in rank order.
+pub(crate) fn combine_sums(comm: &dyn Communicator, sums: &mut [(f64, f64)]) -> Result<()> {
+    let c = sums.len();
     let mut payload = Vec::with_capacity(2 * c);
-    for &(a, b) in &sums {
+    for &(a, b) in sums.iter() {
         payload.extend_from_slice(&[a, b]);
     }
-    let gathered_ok = comm.all_gather_f64(&payload, &mut gathered);
-    if let Err(e) = gathered_ok {
-        ws.tmp_pairs = sums;
-        return Err(e);
-    }
+    let mut gathered = Vec::new();
+    comm.all_gather_f64(&payload, &mut gathered)?;
     for (ch, s) in sums.iter_mut().enumerate() {
         let mut ranks = gathered.chunks_exact(2 * c);
         let Some(first) = ranks.next() else {
@@ -742,15 +517,5 @@ pub fn sync_backward_into<T: Element, C: Communicator + ?Sized>(
             (acc.0 + r[2 * ch], acc.1 + r[2 * ch + 1])
         });
     }
-
-    // dx = a·dy + b·(x − μ) + k with the global sums and the global count.
-    let mut coef = std::mem::take(&mut ws.coef);
-    coefficients(g, params, saved, &sums, grads, &mut coef);
-    let (a, rest) = coef.split_at(c);
-    let (b, k) = rest.split_at(c);
-    let narrow = crate::backward::f32_map::<T>(cfg);
-    kernels::affine2(g, x, dy, &saved.mean, a, b, k, dx, narrow, par);
-    ws.tmp_pairs = sums;
-    ws.coef = coef;
     Ok(())
 }

@@ -5,9 +5,9 @@
 mod common;
 
 use bnorm::{
-    forward_into, forward_pending_into, ColdPolicy, Config, Error, Ghost, GhostGrouping,
-    GhostRemainder, GhostUpdate, Layout, Mode, Momentum, Parallelism, Params, Recalibration,
-    Renorm, RenormSchedule, RunningState, Saved, Variant, Workspace,
+    forward_into, ColdPolicy, Config, Error, Ghost, GhostGrouping, GhostRemainder, GhostUpdate,
+    Layout, Mode, Momentum, Parallelism, Params, Recalibration, Renorm, RenormSchedule,
+    RunningState, Saved, Variant, Workspace,
 };
 use common::Rng;
 use proptest::prelude::*;
@@ -123,19 +123,21 @@ fn step(cfg: &Config, x: &[f64], c: usize, state: &mut RunningState) {
 fn pending(cfg: &Config, x: &[f64], c: usize, state: &RunningState) -> bnorm::PendingUpdate {
     let g = Layout::NC.geometry(&[x.len() / c, c]).unwrap();
     let mut y = vec![0.0; x.len()];
-    let (_, p) = forward_pending_into(
+    let mut state = state.clone(); // deferred: only read
+    let report = forward_into(
         cfg,
         g,
         x,
         &Params::init(cfg),
-        Some(state),
+        Some(&mut state),
+        Mode::Train,
         &mut y,
         &mut Saved::default(),
         &mut Workspace::default(),
-        Parallelism::Sequential,
+        bnorm::Options::from(Parallelism::Sequential).defer(),
     )
     .unwrap();
-    p.unwrap()
+    report.pending.unwrap()
 }
 
 #[test]

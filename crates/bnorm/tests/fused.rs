@@ -5,9 +5,8 @@
 mod common;
 
 use bnorm::{
-    backward_into, backward_relu_into, bf16, forward_into, forward_relu_into, fused_channels,
-    with_simd_level, Config, Element, Grads, Layout, Mode, Parallelism, Params, RunningState,
-    Saved, SimdLevel, Workspace,
+    backward_into, bf16, forward_into, fused_channels, with_simd_level, Config, Element, Grads,
+    Layout, Mode, Parallelism, Params, RunningState, Saved, SimdLevel, Workspace,
 };
 use common::{shape, Rng};
 
@@ -43,23 +42,35 @@ fn fused<T: Element>(
     let zero = T::from_f64(0.0);
     let (mut y, mut dx, mut dres) = (vec![zero; n], vec![zero; n], vec![zero; n]);
     let (mut saved, mut ws, mut grads) = (Saved::default(), Workspace::default(), Grads::default());
-    forward_relu_into(
+    bnorm::forward_into(
         cfg,
         g,
         x,
-        res,
         &p,
         state.as_mut(),
         mode,
         &mut y,
         &mut saved,
         &mut ws,
-        par,
+        bnorm::Options::from(par)
+            .epilogue(res.map_or(bnorm::Epilogue::Relu, bnorm::Epilogue::AddRelu)),
     )
     .unwrap();
     let dr = res.map(|_| &mut dres[..]);
-    backward_relu_into(
-        cfg, g, x, &y, dy, &p, &saved, &mut dx, dr, &mut grads, &mut ws, par,
+    bnorm::backward_into(
+        cfg,
+        g,
+        x,
+        dy,
+        &p,
+        &saved,
+        &mut dx,
+        &mut grads,
+        &mut ws,
+        bnorm::BackwardOptions::from(par).epilogue(match dr {
+            Some(dresidual) => bnorm::BackwardEpilogue::AddRelu { y: &y, dresidual },
+            None => bnorm::BackwardEpilogue::Relu { y: &y },
+        }),
     )
     .unwrap();
     Out {
@@ -377,8 +388,18 @@ fn smaller_channel_groups_of_large_channels_match_the_two_pass_path() {
             .unwrap();
             let plain = (y, dx, grads.clone());
             let mut dx = vec![0f32; n];
-            backward_relu_into(
-                &cfg, g, &x, &plain.0, &dy, &p, &saved, &mut dx, None, &mut grads, &mut ws, par,
+            bnorm::backward_into(
+                &cfg,
+                g,
+                &x,
+                &dy,
+                &p,
+                &saved,
+                &mut dx,
+                &mut grads,
+                &mut ws,
+                bnorm::BackwardOptions::from(par)
+                    .epilogue(bnorm::BackwardEpilogue::Relu { y: &plain.0 }),
             )
             .unwrap();
             (plain, dx, grads)

@@ -9,11 +9,11 @@
 mod common;
 
 use bnorm::interop::{Checkpoint, Layer};
-use bnorm::sync::{sync_backward_into, sync_forward_into, ThreadComm};
+use bnorm::sync::ThreadComm;
 use bnorm::{
-    backward_into, forward_into, forward_pending_into, BatchNorm, ColdPolicy, Config, DType, Error,
-    Ghost, Grads, Layout, Mode, Momentum, NonFinitePolicy, Parallelism, Params, Recalibration,
-    RunningState, Saved, Variant, Workspace,
+    backward_into, forward_into, BatchNorm, ColdPolicy, Config, DType, Error, Ghost, Grads, Layout,
+    Mode, Momentum, NonFinitePolicy, Parallelism, Params, Recalibration, RunningState, Saved,
+    Variant, Workspace,
 };
 use common::{assert_close, conventions, Rng};
 
@@ -289,16 +289,19 @@ fn a_failed_forward_of_the_expert_tier_leaves_saved_statistics_alone() {
             assert_eq!(c, cold);
             assert!(y2.iter().all(|&v| v == -7.0));
             let short = &x[..x.len() - 1];
-            forward_pending_into(
+            let mut w = warm.clone();
+            let defer = bnorm::Options::from(SEQ).defer();
+            forward_into(
                 &cfg,
                 g,
                 short,
                 &p,
-                Some(&warm),
+                Some(&mut w),
+                Mode::Train,
                 &mut y2,
                 &mut saved,
                 &mut ws,
-                SEQ,
+                defer,
             )
             .unwrap_err();
         }
@@ -400,8 +403,7 @@ fn a_failed_synchronized_step_changes_nothing_on_any_rank() {
                         let (mut saved, mut ws) = (Saved::default(), Workspace::default());
                         let mut y = vec![0.0; g.len()];
                         let st = state.as_mut();
-                        sync_forward_into(
-                            &comm,
+                        bnorm::forward_into(
                             &cfg,
                             g,
                             &x,
@@ -411,7 +413,7 @@ fn a_failed_synchronized_step_changes_nothing_on_any_rank() {
                             &mut y,
                             &mut saved,
                             &mut ws,
-                            SEQ,
+                            bnorm::Options::from(SEQ).synchronized(&comm),
                         )
                         .unwrap();
                         if fail {
@@ -428,8 +430,7 @@ fn a_failed_synchronized_step_changes_nothing_on_any_rank() {
                                 Layout::NC.geometry(&[0, 3]).unwrap()
                             };
                             let before = state.clone();
-                            let e = sync_forward_into(
-                                &comm,
+                            let e = bnorm::forward_into(
                                 &cfg,
                                 g1,
                                 x1,
@@ -439,15 +440,24 @@ fn a_failed_synchronized_step_changes_nothing_on_any_rank() {
                                 y1,
                                 &mut saved,
                                 &mut ws,
-                                SEQ,
+                                bnorm::Options::from(SEQ).synchronized(&comm),
                             );
                             assert!(e.is_err());
                             assert_eq!(state, before);
                             assert!(ys.iter().all(|&v| v == -7.0 || comm_rank(&comm) == 1));
                         }
                         let (mut dx, mut grads) = (vec![0.0; g.len()], Grads::default());
-                        sync_backward_into(
-                            &comm, &cfg, g, &x, &x, &p, &saved, &mut dx, &mut grads, &mut ws, SEQ,
+                        bnorm::backward_into(
+                            &cfg,
+                            g,
+                            &x,
+                            &x,
+                            &p,
+                            &saved,
+                            &mut dx,
+                            &mut grads,
+                            &mut ws,
+                            bnorm::BackwardOptions::from(SEQ).synchronized(&comm),
                         )
                         .unwrap();
                         let mut bits: Vec<u64> = dx.iter().map(|v| v.to_bits()).collect();

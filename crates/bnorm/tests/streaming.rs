@@ -6,9 +6,8 @@
 //! against the scalar level (which never streams).
 
 use bnorm::{
-    backward_into, backward_relu_into, forward_into, forward_relu_into, with_simd_level,
-    BackwardArithmetic, Config, Grads, Layout, Mode, Parallelism, Params, RunningState, Saved,
-    SimdLevel, Workspace,
+    backward_into, forward_into, with_simd_level, BackwardArithmetic, Config, Grads, Layout, Mode,
+    Parallelism, Params, RunningState, Saved, SimdLevel, Workspace,
 };
 
 /// Where the outputs go.
@@ -59,18 +58,17 @@ fn run(
         buf
     };
     let relu = out(&mut |y| {
-        forward_relu_into(
+        bnorm::forward_into(
             &cfg,
             g,
             x,
-            None,
             &p,
             state.as_mut(),
             Mode::Train,
             y,
             &mut saved,
             &mut ws,
-            par,
+            bnorm::Options::from(par).epilogue(bnorm::Epilogue::Relu),
         )
         .unwrap();
     });
@@ -110,42 +108,52 @@ fn run(
     // Through the ReLU: the residual is dy reversed, so it differs from x and dy.
     let res: Vec<f32> = dy.iter().rev().copied().collect();
     let add_relu = out(&mut |y| {
-        forward_relu_into(
+        bnorm::forward_into(
             &cfg,
             g,
             x,
-            Some(&res),
             &p,
             state.as_mut(),
             Mode::Train,
             y,
             &mut saved,
             &mut ws,
-            par,
+            bnorm::Options::from(par).epilogue(bnorm::Epilogue::AddRelu(&res)),
         )
         .unwrap();
     });
     let mut dres = vec![0f32; n];
     let dx_add = out(&mut |dx| {
-        backward_relu_into(
+        bnorm::backward_into(
             &cfg,
             g,
             x,
-            &add_relu,
             dy,
             &p,
             &saved,
             dx,
-            Some(&mut dres),
             &mut grads,
             &mut ws,
-            par,
+            bnorm::BackwardOptions::from(par).epilogue(bnorm::BackwardEpilogue::AddRelu {
+                y: &add_relu,
+                dresidual: &mut dres,
+            }),
         )
         .unwrap();
     });
     let dx_relu = out(&mut |dx| {
-        backward_relu_into(
-            &cfg, g, x, &add_relu, dy, &p, &saved, dx, None, &mut grads, &mut ws, par,
+        bnorm::backward_into(
+            &cfg,
+            g,
+            x,
+            dy,
+            &p,
+            &saved,
+            dx,
+            &mut grads,
+            &mut ws,
+            bnorm::BackwardOptions::from(par)
+                .epilogue(bnorm::BackwardEpilogue::Relu { y: &add_relu }),
         )
         .unwrap();
     });

@@ -3,7 +3,7 @@
 
 mod common;
 
-use bnorm::sync::{sync_backward_into, sync_forward_into, Communicator, ThreadComm};
+use bnorm::sync::{Communicator, ThreadComm};
 use bnorm::{
     backward_into, forward_into, BackwardArithmetic, Config, DType, Element, Error, Ghost, Grads,
     Layout, Mode, Parallelism, Params, RunningState, Saved, Variant, Workspace,
@@ -142,8 +142,7 @@ fn synchronized<T: Element>(
                         let mut y = vec![T::from_f64(0.0); x.len()];
                         let mut dx = y.clone();
                         let mut saved = Saved::default();
-                        let rep = sync_forward_into(
-                            &comm,
+                        let rep = bnorm::forward_into(
                             cfg,
                             g,
                             &x,
@@ -153,11 +152,20 @@ fn synchronized<T: Element>(
                             &mut y,
                             &mut saved,
                             &mut ws,
-                            par,
+                            bnorm::Options::from(par).synchronized(&comm),
                         )?;
                         let mut grads = Grads::default();
-                        sync_backward_into(
-                            &comm, cfg, g, &x, &dy, &p, &saved, &mut dx, &mut grads, &mut ws, par,
+                        bnorm::backward_into(
+                            cfg,
+                            g,
+                            &x,
+                            &dy,
+                            &p,
+                            &saved,
+                            &mut dx,
+                            &mut grads,
+                            &mut ws,
+                            bnorm::BackwardOptions::from(par).synchronized(&comm),
                         )?;
                         out.push(Step {
                             y: y.iter().map(|v| v.to_f64()).collect(),
@@ -486,8 +494,7 @@ fn forward_each(calls: Vec<(Config, Vec<usize>, Mode)>) -> Vec<Result<(), Error>
                     let mut st = RunningState::init(&cfg);
                     let (mut saved, mut ws) = (Saved::default(), Workspace::default());
                     let p = Params::init(&cfg);
-                    sync_forward_into(
-                        &comm,
+                    bnorm::forward_into(
                         &cfg,
                         g,
                         &x,
@@ -497,7 +504,7 @@ fn forward_each(calls: Vec<(Config, Vec<usize>, Mode)>) -> Vec<Result<(), Error>
                         &mut y,
                         &mut saved,
                         &mut ws,
-                        Parallelism::Sequential,
+                        bnorm::Options::from(Parallelism::Sequential).synchronized(&comm),
                     )?;
                     Ok(())
                 })
@@ -642,8 +649,7 @@ fn backward_with_unsynchronized_saved_statistics_fails_everywhere() {
                     )?;
                     // ... then a synchronized backward.
                     let (mut dx, mut grads) = (vec![0.0; 6], Grads::default());
-                    sync_backward_into(
-                        &comm,
+                    bnorm::backward_into(
                         &cfg,
                         g,
                         &x,
@@ -653,7 +659,7 @@ fn backward_with_unsynchronized_saved_statistics_fails_everywhere() {
                         &mut dx,
                         &mut grads,
                         &mut ws,
-                        Parallelism::Sequential,
+                        bnorm::BackwardOptions::from(Parallelism::Sequential).synchronized(&comm),
                     )
                 })
             })

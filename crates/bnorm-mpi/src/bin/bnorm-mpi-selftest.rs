@@ -11,7 +11,7 @@ mod harness;
 
 use std::process::ExitCode;
 
-use bnorm::sync::{sync_backward_into, sync_forward_into, Communicator};
+use bnorm::sync::Communicator;
 use bnorm::{
     backward_into, forward_into, Config, DType, Element, Error, Grads, Layout, Mode, Momentum,
     Parallelism, Params, Renorm, RunningState, Saved, Variant, Workspace,
@@ -59,8 +59,7 @@ fn step<T: Element>(
     let par = Parallelism::Rayon;
     match comm {
         Some(c) => {
-            sync_forward_into(
-                c,
+            bnorm::forward_into(
                 cfg,
                 g,
                 &x,
@@ -70,9 +69,20 @@ fn step<T: Element>(
                 &mut y,
                 &mut saved,
                 ws,
-                par,
+                bnorm::Options::from(par).synchronized(c),
             )?;
-            sync_backward_into(c, cfg, g, &x, &dy, p, &saved, &mut dx, &mut grads, ws, par)?;
+            bnorm::backward_into(
+                cfg,
+                g,
+                &x,
+                &dy,
+                p,
+                &saved,
+                &mut dx,
+                &mut grads,
+                ws,
+                bnorm::BackwardOptions::from(par).synchronized(c),
+            )?;
         }
         None => {
             forward_into(
@@ -192,8 +202,7 @@ fn inconsistent(comm: &MpiComm, what: &str) -> bnorm::Result<bool> {
     let x = vec![1.0f32; g.len()];
     let mut y = vec![0.0f32; g.len() + y_extra];
     let mut st = RunningState::init(&cfg);
-    let r = sync_forward_into(
-        comm,
+    let r = bnorm::forward_into(
         &cfg,
         g,
         &x,
@@ -203,7 +212,7 @@ fn inconsistent(comm: &MpiComm, what: &str) -> bnorm::Result<bool> {
         &mut y,
         &mut Saved::default(),
         &mut Workspace::default(),
-        Parallelism::Rayon,
+        bnorm::Options::from(Parallelism::Rayon).synchronized(comm),
     );
     let ok = match (what, &r) {
         ("local", Err(Error::ChannelMismatch { .. })) => rank == bad,

@@ -1,0 +1,463 @@
+//! The plan of a step: every decision of a forward or backward step, made once from the
+//! configuration, the geometry, the parameters, the state, the mode and the [`Options`],
+//! before any data is touched.
+//!
+//! [`ForwardPlan::new`] and [`BackwardPlan::new`] validate everything that does not need
+//! the data and resolve what the step will do: normalize with batch or running statistics,
+//! ghost groups, renorm limits, the cold-statistics report, the update policy (apply,
+//! defer, none), fused or two-pass, the thread count, synchronized or local statistics.
+//! [`forward_into`](crate::forward_into) and [`backward_into`](crate::backward_into)
+//! build the plan and execute it; the plan can be inspected on its own (it is what the
+//! tests of those decisions check, without data).
+
+use crate::config::{ColdPolicy, Config, NonFinitePolicy, RenormLimits, Variant};
+use crate::element::Element;
+use crate::error::{Error, Result};
+use crate::forward::{Normalized, Saved};
+use crate::kernels::{self, Ep};
+use crate::layout::Geometry;
+use crate::parallel::Parallelism;
+use crate::state::{Mode, Params, RunningState};
+use crate::sync::Communicator;
+
+/// What follows the normalization in the same pass over memory (forward).
+#[derive(Debug, Clone, Copy)]
+pub enum Epilogue<'a, T> {
+    /// Nothing: `y = bn(x)`.
+    None,
+    /// `y = relu(bn(x))`.
+    Relu,
+    /// `y = relu(bn(x) + residual)`, the ResNet block ending.
+    AddRelu(&'a [T]),
+}
+
+impl<'a, T> Epilogue<'a, T> {
+    pub(crate) fn kernel(self) -> Ep<'a, T> {
+        match self {
+            Epilogue::None => Ep::None,
+            Epilogue::Relu => Ep::Relu,
+            Epilogue::AddRelu(r) => Ep::AddRelu(r),
+        }
+    }
+}
+
+/// What the backward of a step with an [`Epilogue`] needs besides `x` and `dy`.
+#[derive(Debug)]
+pub enum BackwardEpilogue<'a, T> {
+    /// The step had no epilogue.
+    None,
+    /// The step ended with a ReLU: its output `y` (the gradient is cut where `y = 0`).
+    Relu {
+        /// The forward step's output.
+        y: &'a [T],
+    },
+    /// The step ended with `relu(bn(x) + residual)`: its output, and where to write the
+    /// residual's gradient.
+    AddRelu {
+        /// The forward step's output.
+        y: &'a [T],
+        /// The residual's gradient (written).
+        dresidual: &'a mut [T],
+    },
+}
+
+/// What a training step does with its update of the running statistics.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Update {
+    /// Apply it to the state (the running statistics change).
+    #[default]
+    Apply,
+    /// Return it as [`StepReport::pending`](crate::StepReport::pending) and leave the state
+    /// alone: commit it later, merge micro-batches, or drop it (a skipped mixed-precision
+    /// step).
+    Defer,
+}
+
+/// How a forward step runs: its epilogue, its update policy, its threads, and whether its
+/// statistics are those of one rank or of the global batch of several. Every combination
+/// is allowed. A [`Parallelism`] converts into the default options with it.
+///
+/// ```
+/// use bnorm::{Epilogue, Options, Parallelism, Update};
+/// let o: Options<'_, f32> = Options::default().epilogue(Epilogue::Relu).defer();
+/// assert_eq!(o.update, Update::Defer);
+/// let p: Options<'_, f32> = Parallelism::Sequential.into();
+/// assert_eq!(p.parallelism, Parallelism::Sequential);
+/// ```
+#[derive(Clone, Copy)]
+pub struct Options<'a, T> {
+    /// What follows the normalization.
+    pub epilogue: Epilogue<'a, T>,
+    /// What a training step does with its running-statistics update.
+    pub update: Update,
+    /// Threads.
+    pub parallelism: Parallelism,
+    /// Synchronized batch norm: the statistics of the global batch of the communicator's
+    /// ranks (see [`mod@crate::sync`]). Every rank must make the same call.
+    pub sync: Option<&'a dyn Communicator>,
+}
+
+impl<T> std::fmt::Debug for Options<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Options")
+            .field("epilogue", &self.epilogue_name())
+            .field("update", &self.update)
+            .field("parallelism", &self.parallelism)
+            .field("synchronized", &self.sync.is_some())
+            .finish()
+    }
+}
+
+impl<T> Default for Options<'_, T> {
+    fn default() -> Self {
+        Options {
+            epilogue: Epilogue::None,
+            update: Update::Apply,
+            parallelism: Parallelism::Rayon,
+            sync: None,
+        }
+    }
+}
+
+impl<T> From<Parallelism> for Options<'_, T> {
+    fn from(parallelism: Parallelism) -> Self {
+        Options {
+            parallelism,
+            ..Options::default()
+        }
+    }
+}
+
+impl<'a, T> Options<'a, T> {
+    /// With this epilogue.
+    pub fn epilogue(self, epilogue: Epilogue<'a, T>) -> Self {
+        Options { epilogue, ..self }
+    }
+    /// With the training step's update deferred ([`Update::Defer`]).
+    pub fn defer(self) -> Self {
+        Options {
+            update: Update::Defer,
+            ..self
+        }
+    }
+    /// With these threads.
+    pub fn parallelism(self, parallelism: Parallelism) -> Self {
+        Options {
+            parallelism,
+            ..self
+        }
+    }
+    /// Synchronized over `comm`'s ranks.
+    pub fn synchronized(self, comm: &'a dyn Communicator) -> Self {
+        Options {
+            sync: Some(comm),
+            ..self
+        }
+    }
+    fn epilogue_name(&self) -> &'static str {
+        match self.epilogue {
+            Epilogue::None => "none",
+            Epilogue::Relu => "relu",
+            Epilogue::AddRelu(_) => "add+relu",
+        }
+    }
+}
+
+/// How a backward step runs: the epilogue of its forward step, its threads, and whether
+/// it is synchronized. A [`Parallelism`] converts into the default options with it.
+pub struct BackwardOptions<'a, T> {
+    /// The epilogue of the forward step being differentiated.
+    pub epilogue: BackwardEpilogue<'a, T>,
+    /// Threads.
+    pub parallelism: Parallelism,
+    /// Synchronized over these ranks (the forward step must have been).
+    pub sync: Option<&'a dyn Communicator>,
+}
+
+impl<T> std::fmt::Debug for BackwardOptions<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackwardOptions")
+            .field("parallelism", &self.parallelism)
+            .field("synchronized", &self.sync.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T> Default for BackwardOptions<'_, T> {
+    fn default() -> Self {
+        BackwardOptions {
+            epilogue: BackwardEpilogue::None,
+            parallelism: Parallelism::Rayon,
+            sync: None,
+        }
+    }
+}
+
+impl<T> From<Parallelism> for BackwardOptions<'_, T> {
+    fn from(parallelism: Parallelism) -> Self {
+        BackwardOptions {
+            parallelism,
+            ..BackwardOptions::default()
+        }
+    }
+}
+
+impl<'a, T> BackwardOptions<'a, T> {
+    /// Through this epilogue.
+    pub fn epilogue(self, epilogue: BackwardEpilogue<'a, T>) -> Self {
+        BackwardOptions { epilogue, ..self }
+    }
+    /// With these threads.
+    pub fn parallelism(self, parallelism: Parallelism) -> Self {
+        BackwardOptions {
+            parallelism,
+            ..self
+        }
+    }
+    /// Synchronized over `comm`'s ranks.
+    pub fn synchronized(self, comm: &'a dyn Communicator) -> Self {
+        BackwardOptions {
+            sync: Some(comm),
+            ..self
+        }
+    }
+}
+
+/// Threads a step may use: what it can split its work over.
+fn threads(par: Parallelism) -> usize {
+    match par {
+        Parallelism::Sequential => 1,
+        Parallelism::Rayon => rayon::current_num_threads().min(64),
+    }
+}
+
+/// Every decision of one forward step.
+///
+/// ```
+/// use bnorm::{Config, ForwardPlan, Layout, Mode, Normalized, Options, Params, RunningState};
+/// let cfg = Config::torch(8);
+/// let g = Layout::NCHW.geometry(&[4, 8, 16, 16])?;
+/// let (p, s) = (Params::init(&cfg), RunningState::init(&cfg));
+/// let opts = Options::<f32>::default();
+/// let train = ForwardPlan::new(&cfg, g, &p, s.as_ref(), Mode::Train, &opts)?;
+/// assert_eq!(train.normalized, Normalized::Batch);
+/// assert!(train.update.is_some());
+/// let infer = ForwardPlan::new(&cfg, g, &p, s.as_ref(), Mode::Inference, &opts)?;
+/// assert_eq!(infer.normalized, Normalized::Running);
+/// assert!(infer.cold_statistics && infer.update.is_none()); // never trained: reported
+/// # Ok::<(), bnorm::Error>(())
+/// ```
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct ForwardPlan {
+    /// The data's geometry.
+    pub geometry: Geometry,
+    /// Batch or running statistics.
+    pub normalized: Normalized,
+    /// Ghost groups (1 for plain batch norm).
+    pub groups: usize,
+    /// The group of each sample (empty unless ghost batches).
+    pub group_of: Vec<usize>,
+    /// Batch renormalization's limits at this step (`None` unless a renorm training step).
+    pub renorm: Option<RenormLimits>,
+    /// The step normalizes with never-updated running statistics and says so.
+    pub cold_statistics: bool,
+    /// What happens to the running statistics (`None`: nothing, as in inference).
+    pub update: Option<Update>,
+    /// Non-finite batch statistics refuse the step (rather than skip the channel).
+    pub refuse_non_finite: bool,
+    /// Statistics and output in one pass per group of channels (channels-first).
+    pub fused: bool,
+    /// The statistics are those of the global batch of several ranks.
+    pub synchronized: bool,
+    /// Threads.
+    pub parallelism: Parallelism,
+}
+
+impl ForwardPlan {
+    /// Validates the configuration, parameters, state and mode against each other and
+    /// the geometry, and makes every decision of the step. Buffers are checked when the
+    /// step runs.
+    pub fn new<T: Element>(
+        cfg: &Config,
+        g: Geometry,
+        params: &Params,
+        state: Option<&RunningState>,
+        mode: Mode,
+        opts: &Options<'_, T>,
+    ) -> Result<ForwardPlan> {
+        cfg.validate()?;
+        params.validate(cfg)?;
+        if g.channels != cfg.num_channels() {
+            return Err(Error::ChannelMismatch {
+                expected: cfg.num_channels(),
+                got: g.channels,
+            });
+        }
+        match (state, cfg.tracks_running_stats()) {
+            (Some(s), true) => s.validate(cfg)?,
+            (None, false) => {}
+            (None, true) => return Err(Error::NoRunningStatistics),
+            (Some(_), false) => {
+                return Err(Error::StateMismatch {
+                    reason: "running statistics given to a layer that does not track them",
+                })
+            }
+        }
+        let synchronized = opts.sync.is_some();
+        let ghost = match cfg.variant_kind() {
+            Variant::Ghost(gh) => Some(gh),
+            _ => None,
+        };
+        if synchronized && ghost.is_some() {
+            return Err(Error::InvalidConfig {
+                setting: "variant",
+                value: "Ghost".into(),
+                expected: "plain batch norm or renorm: synchronized ghost batches are not \
+                           defined (each rank's groups would be local)",
+            });
+        }
+        let normalized = match (mode, state.is_some()) {
+            (Mode::Train, _) | (Mode::Inference, false) => Normalized::Batch,
+            (Mode::Inference, true) | (Mode::Frozen, true) => Normalized::Running,
+            (Mode::Frozen, false) => return Err(Error::NoRunningStatistics),
+        };
+        let mut plan = ForwardPlan {
+            geometry: g,
+            normalized,
+            groups: 1,
+            group_of: Vec::new(),
+            renorm: None,
+            cold_statistics: false,
+            update: None,
+            refuse_non_finite: false,
+            fused: false,
+            synchronized,
+            parallelism: opts.parallelism,
+        };
+        if normalized == Normalized::Running {
+            if state.is_some_and(|s| s.updates == 0) {
+                match cfg.cold_policy() {
+                    ColdPolicy::Error => return Err(Error::ColdStatistics),
+                    ColdPolicy::Report => plan.cold_statistics = true,
+                    ColdPolicy::Allow => {}
+                }
+            }
+            return Ok(plan);
+        }
+        // Batch statistics: enough values per channel (per group), the groups, renorm.
+        // A synchronized step checks the global count once it is known.
+        if !synchronized && g.per_channel() <= 1 {
+            return Err(Error::BatchTooSmall {
+                channel_values: g.per_channel(),
+            });
+        }
+        if let Some(gh) = ghost {
+            let (group_of, groups) = gh.assign(g.batch)?;
+            let per_sample = g.per_channel() / g.batch.max(1);
+            let mut count = vec![0usize; groups];
+            group_of.iter().for_each(|&gi| count[gi] += per_sample);
+            if let Some(&smallest) = count.iter().min().filter(|&&n| n <= 1) {
+                return Err(Error::BatchTooSmall {
+                    channel_values: smallest,
+                });
+            }
+            (plan.group_of, plan.groups) = (group_of, groups);
+        }
+        if mode == Mode::Train {
+            if let Some(s) = state {
+                plan.update = Some(opts.update);
+                if let Variant::Renorm(rn) = cfg.variant_kind() {
+                    plan.renorm = s.renorm.as_ref().map(|_| rn.limits(s.updates));
+                }
+            }
+        }
+        plan.refuse_non_finite =
+            plan.update.is_some() && cfg.non_finite_policy() == NonFinitePolicy::Error;
+        // Channels-first and one group, and no policy that could refuse the step after y
+        // is written: statistics and normalization fused per group of channels (same bits
+        // as two passes), when there are enough groups to keep every thread busy.
+        plan.fused = !synchronized
+            && ghost.is_none()
+            && g.inner > 1
+            && !plan.refuse_non_finite
+            && g.channels.div_ceil(kernels::fused_channels::<T>(g, 1))
+                >= 2 * threads(opts.parallelism);
+        Ok(plan)
+    }
+}
+
+/// Every decision of one backward step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub struct BackwardPlan {
+    /// The data's geometry.
+    pub geometry: Geometry,
+    /// Which statistics the forward step normalized with.
+    pub normalized: Normalized,
+    /// Ghost groups of the forward step (1 for plain batch norm).
+    pub groups: usize,
+    /// Sums and map in one pass per group of channels (channels-first).
+    pub fused: bool,
+    /// The map runs in f32 ([`BackwardArithmetic::F32`](crate::BackwardArithmetic::F32)
+    /// on f32 data).
+    pub f32_map: bool,
+    /// The sums are those of the global batch of several ranks.
+    pub synchronized: bool,
+    /// Threads.
+    pub parallelism: Parallelism,
+}
+
+impl BackwardPlan {
+    /// Validates the parameters and the saved statistics against the configuration and
+    /// the geometry, and makes every decision of the backward step.
+    pub fn new<T: Element>(
+        cfg: &Config,
+        g: Geometry,
+        params: &Params,
+        saved: &Saved,
+        opts: &BackwardOptions<'_, T>,
+    ) -> Result<BackwardPlan> {
+        let relu = !matches!(opts.epilogue, BackwardEpilogue::None);
+        params.validate(cfg)?;
+        if g.channels != cfg.num_channels() {
+            return Err(Error::ChannelMismatch {
+                expected: cfg.num_channels(),
+                got: g.channels,
+            });
+        }
+        if saved.geometry != Some(g) {
+            return Err(Error::SavedMismatch {
+                reason: "the forward step saw another shape (or no forward step ran)",
+            });
+        }
+        let groups = saved.groups.max(1);
+        let n = groups * g.channels;
+        if saved.mean.len() != n || saved.invstd.len() != n || saved.count.len() != n {
+            return Err(Error::SavedMismatch {
+                reason: "saved statistics have another channel count",
+            });
+        }
+        let ghost = groups > 1 || !saved.group_of.is_empty();
+        let synchronized = opts.sync.is_some();
+        if synchronized && ghost {
+            return Err(Error::SavedMismatch {
+                reason: "saved statistics of ghost batches",
+            });
+        }
+        let arrays = if relu { 3 } else { 2 };
+        Ok(BackwardPlan {
+            geometry: g,
+            normalized: saved.normalized,
+            groups,
+            fused: !synchronized
+                && !ghost
+                && g.inner > 1
+                && g.channels.div_ceil(kernels::fused_channels::<T>(g, arrays))
+                    >= 2 * threads(opts.parallelism),
+            f32_map: crate::backward::f32_map::<T>(cfg),
+            synchronized,
+            parallelism: opts.parallelism,
+        })
+    }
+}
