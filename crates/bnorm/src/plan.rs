@@ -461,3 +461,184 @@ impl BackwardPlan {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The decisions of a step, checked without data.
+    use super::*;
+    use crate::config::{Ghost, GhostGrouping, GhostRemainder, GhostUpdate, Renorm};
+    use crate::layout::Layout;
+    use crate::sync::ThreadComm;
+
+    fn plan(cfg: &Config, shape: &[usize], layout: Layout, mode: Mode) -> Result<ForwardPlan> {
+        plan_with(cfg, shape, layout, mode, &Options::<f32>::default())
+    }
+
+    fn plan_with(
+        cfg: &Config,
+        shape: &[usize],
+        layout: Layout,
+        mode: Mode,
+        opts: &Options<'_, f32>,
+    ) -> Result<ForwardPlan> {
+        let g = layout.geometry(shape)?;
+        let mut state = RunningState::init(cfg);
+        if let Some(s) = state.as_mut() {
+            s.updates = 5;
+        }
+        ForwardPlan::new(cfg, g, &Params::init(cfg), state.as_ref(), mode, opts)
+    }
+
+    #[test]
+    fn the_mode_decides_the_statistics_and_the_update() {
+        let cfg = Config::torch(4);
+        let shape = [8, 4, 3, 3];
+        let train = plan(&cfg, &shape, Layout::NCHW, Mode::Train).unwrap();
+        assert_eq!(
+            (train.normalized, train.update),
+            (Normalized::Batch, Some(Update::Apply))
+        );
+        for mode in [Mode::Inference, Mode::Frozen] {
+            let p = plan(&cfg, &shape, Layout::NCHW, mode).unwrap();
+            assert_eq!((p.normalized, p.update), (Normalized::Running, None));
+        }
+        let untracked = Config::torch(4).track_running_stats(false);
+        let p = plan(&untracked, &shape, Layout::NCHW, Mode::Inference).unwrap();
+        assert_eq!((p.normalized, p.update), (Normalized::Batch, None));
+        assert_eq!(
+            plan(&untracked, &shape, Layout::NCHW, Mode::Frozen),
+            Err(Error::NoRunningStatistics)
+        );
+        let defer = Options::default().defer();
+        let p = plan_with(&cfg, &shape, Layout::NCHW, Mode::Train, &defer).unwrap();
+        assert_eq!(p.update, Some(Update::Defer));
+    }
+
+    #[test]
+    fn ghost_groups_are_assigned_and_each_needs_two_values() {
+        let cfg = Config::keras(2).variant(Variant::Ghost(Ghost {
+            virtual_batch_size: 2,
+            grouping: GhostGrouping::Contiguous,
+            remainder: GhostRemainder::SmallerLastGroup,
+            update: GhostUpdate::Averaged,
+        }));
+        let p = plan(&cfg, &[6, 2], Layout::NC, Mode::Train).unwrap();
+        assert_eq!((p.groups, p.group_of.clone()), (3, vec![0, 0, 1, 1, 2, 2]));
+        assert!(!p.fused, "ghost batches are never fused");
+        // five samples: the last group holds one value per channel, refused before any
+        // data is read
+        assert_eq!(
+            plan(&cfg, &[5, 2], Layout::NC, Mode::Train),
+            Err(Error::BatchTooSmall { channel_values: 1 })
+        );
+        // with two values per sample it is enough
+        let p = plan(&cfg, &[5, 2, 2], Layout::NCL, Mode::Train).unwrap();
+        assert_eq!(p.group_of, vec![0, 0, 1, 1, 2]);
+        let cfg1 = Config::keras(2).variant(Variant::Ghost(Ghost {
+            virtual_batch_size: 1,
+            grouping: GhostGrouping::Contiguous,
+            remainder: GhostRemainder::Error,
+            update: GhostUpdate::Averaged,
+        }));
+        assert_eq!(
+            plan(&cfg1, &[4, 2], Layout::NC, Mode::Train),
+            Err(Error::BatchTooSmall { channel_values: 1 })
+        );
+        // in inference the groups play no part
+        let p = plan(&cfg, &[5, 2], Layout::NC, Mode::Inference).unwrap();
+        assert_eq!((p.groups, p.group_of.len()), (1, 0));
+    }
+
+    #[test]
+    fn renorm_limits_follow_the_schedule_in_training_only() {
+        let rn = Renorm {
+            rmax: 3.0,
+            rmin: 1.0 / 3.0,
+            dmax: 5.0,
+            momentum: 0.99,
+            schedule: None,
+        };
+        let cfg = Config::keras(2).variant(Variant::Renorm(rn));
+        let p = plan(&cfg, &[4, 2], Layout::NC, Mode::Train).unwrap();
+        assert_eq!(p.renorm, Some(rn.limits(5)));
+        let p = plan(&cfg, &[4, 2], Layout::NC, Mode::Inference).unwrap();
+        assert_eq!(p.renorm, None);
+    }
+
+    #[test]
+    fn cold_statistics_are_reported_or_refused_before_anything_runs() {
+        let g = Layout::NC.geometry(&[4, 2]).unwrap();
+        let opts = Options::<f32>::default();
+        for (policy, want) in [
+            (ColdPolicy::Report, Ok(true)),
+            (ColdPolicy::Allow, Ok(false)),
+            (ColdPolicy::Error, Err(Error::ColdStatistics)),
+        ] {
+            let cfg = Config::torch(2).cold_statistics(policy);
+            let cold = RunningState::init(&cfg);
+            let p = ForwardPlan::new(
+                &cfg,
+                g,
+                &Params::init(&cfg),
+                cold.as_ref(),
+                Mode::Frozen,
+                &opts,
+            );
+            assert_eq!(p.map(|p| p.cold_statistics), want, "{policy:?}");
+        }
+    }
+
+    #[test]
+    fn fusion_needs_channels_first_and_work_for_every_thread() {
+        let cfg = Config::torch(64);
+        let seq = Options::default().parallelism(Parallelism::Sequential);
+        let cf = plan_with(&cfg, &[8, 64, 32, 32], Layout::NCHW, Mode::Train, &seq).unwrap();
+        assert!(cf.fused);
+        let cl = plan_with(&cfg, &[8, 32, 32, 64], Layout::NHWC, Mode::Train, &seq).unwrap();
+        assert!(!cl.fused, "channels-last is never fused");
+        let strict = Config::torch(64).non_finite(NonFinitePolicy::Error);
+        let p = plan_with(&strict, &[8, 64, 32, 32], Layout::NCHW, Mode::Train, &seq).unwrap();
+        assert!(
+            p.refuse_non_finite && !p.fused,
+            "a step that may refuse writes y last"
+        );
+        // one channel cannot be split over two tasks
+        let one = Config::torch(1);
+        let p = plan_with(&one, &[8, 1, 32, 32], Layout::NCHW, Mode::Train, &seq).unwrap();
+        assert!(!p.fused);
+    }
+
+    #[test]
+    fn a_synchronized_plan_waits_for_the_global_count_and_refuses_ghosts() {
+        let comms = ThreadComm::group(1);
+        let opts = Options::<f32>::default().synchronized(&comms[0]);
+        let cfg = Config::torch(2);
+        // one value per channel here may be many over the ranks
+        let p = plan_with(&cfg, &[1, 2], Layout::NC, Mode::Train, &opts).unwrap();
+        assert!(p.synchronized && !p.fused);
+        assert_eq!(
+            plan(&cfg, &[1, 2], Layout::NC, Mode::Train),
+            Err(Error::BatchTooSmall { channel_values: 1 })
+        );
+        let ghost = Config::keras(2).variant(Variant::Ghost(Ghost::strided(2)));
+        assert!(matches!(
+            plan_with(&ghost, &[4, 2], Layout::NC, Mode::Train, &opts),
+            Err(Error::InvalidConfig {
+                setting: "variant",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_backward_plan_checks_the_saved_statistics() {
+        let cfg = Config::torch(2);
+        let g = Layout::NC.geometry(&[4, 2]).unwrap();
+        let opts = BackwardOptions::<f32>::default();
+        let none = Saved::default();
+        assert!(matches!(
+            BackwardPlan::new(&cfg, g, &Params::init(&cfg), &none, &opts),
+            Err(Error::SavedMismatch { .. })
+        ));
+    }
+}

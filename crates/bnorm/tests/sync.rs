@@ -5,8 +5,9 @@ mod common;
 
 use bnorm::sync::{Communicator, ThreadComm};
 use bnorm::{
-    backward_into, forward_into, BackwardArithmetic, Config, DType, Element, Error, Ghost, Grads,
-    Layout, Mode, Parallelism, Params, RunningState, Saved, Variant, Workspace,
+    backward_into, forward_into, BackwardArithmetic, BackwardEpilogue, BackwardOptions, Config,
+    DType, Element, Epilogue, Error, Ghost, Grads, Layout, Mode, Options, Parallelism, Params,
+    RunningState, Saved, Variant, Workspace,
 };
 use common::{conventions, shape, Rng};
 
@@ -697,4 +698,109 @@ fn thread_comm_reports_buffers_of_different_lengths() {
     let mut out = Vec::new();
     comms[0].all_gather_f64(&[3.0], &mut out).unwrap();
     assert_eq!(out, vec![3.0]);
+}
+
+/// What one step with an epilogue and a deferred update produced on one rank.
+type EpStep = (Vec<f64>, Vec<f64>, Vec<f64>, Grads, Vec<f64>, RunningState);
+
+/// A synchronized step is the local plan with a combine step, so every option combines
+/// with it: `relu(bn(x) + residual)` and a deferred update, over uneven slices, equal one
+/// process over the concatenated batch; committing the deferred update equals applying it.
+#[test]
+fn synchronized_steps_take_every_option() {
+    let cfg = Config::torch(3);
+    let full = [7usize, 3, 2, 2];
+    let per: usize = full[1..].iter().product();
+    let n: usize = full.iter().product();
+    let mut rng = Rng(77);
+    let (x, r, dy) = (
+        rng.vec(n, 1.0, 2.0),
+        rng.vec(n, 0.0, 1.0),
+        rng.vec(n, 0.0, 1.0),
+    );
+    let p = params(&cfg, 3);
+    let step = |comm: Option<&ThreadComm>, lo: usize, hi: usize| -> EpStep {
+        let mut shp = full;
+        shp[0] = hi - lo;
+        let g = Layout::NCHW.geometry(&shp).unwrap();
+        let range = lo * per..hi * per;
+        let (xs, rs, ds) = (&x[range.clone()], &r[range.clone()], &dy[range]);
+        let mut state = RunningState::init(&cfg).unwrap();
+        let (mut y, mut dx, mut dres) = (
+            vec![0.0; xs.len()],
+            vec![0.0; xs.len()],
+            vec![0.0; xs.len()],
+        );
+        let (mut saved, mut ws, mut grads) =
+            (Saved::default(), Workspace::default(), Grads::default());
+        let mut opts = Options::from(Parallelism::Sequential)
+            .epilogue(Epilogue::AddRelu(rs))
+            .defer();
+        if let Some(c) = comm {
+            opts = opts.synchronized(c);
+        }
+        let report = forward_into(
+            &cfg,
+            g,
+            xs,
+            &p,
+            Some(&mut state),
+            Mode::Train,
+            &mut y,
+            &mut saved,
+            &mut ws,
+            opts,
+        )
+        .unwrap();
+        assert_eq!(state.updates, 0, "deferred: the state is only read");
+        let pending = report.pending.expect("a deferred update");
+        let mut bopts =
+            BackwardOptions::from(Parallelism::Sequential).epilogue(BackwardEpilogue::AddRelu {
+                y: &y,
+                dresidual: &mut dres,
+            });
+        if let Some(c) = comm {
+            bopts = bopts.synchronized(c);
+        }
+        backward_into(
+            &cfg, g, xs, ds, &p, &saved, &mut dx, &mut grads, &mut ws, bopts,
+        )
+        .unwrap();
+        pending.commit(&cfg, &mut state).unwrap();
+        (y, dx, dres, grads, pending.mean().to_vec(), state)
+    };
+    let whole = step(None, 0, full[0]);
+    let bounds = [(0, 1), (1, 5), (5, 7)];
+    let ranks: Vec<EpStep> = std::thread::scope(|s| {
+        let hs: Vec<_> = ThreadComm::group(3)
+            .into_iter()
+            .map(|comm| {
+                let (lo, hi) = bounds[comm.rank()];
+                let step = &step;
+                s.spawn(move || step(Some(&comm), lo, hi))
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let cat = |f: &dyn Fn(&EpStep) -> &Vec<f64>| -> Vec<f64> {
+        ranks.iter().flat_map(|r| f(r).iter().copied()).collect()
+    };
+    assert!(rel(&cat(&|r| &r.0), &whole.0) < 1e-12, "y");
+    assert!(rel(&cat(&|r| &r.1), &whole.1) < 1e-12, "dx");
+    assert!(rel(&cat(&|r| &r.2), &whole.2) < 1e-12, "dresidual");
+    for r in &ranks {
+        assert!(rel(&r.3.dweight, &whole.3.dweight) < 1e-12, "dgamma");
+        assert!(rel(&r.3.dbias, &whole.3.dbias) < 1e-12, "dbeta");
+        assert!(rel(&r.4, &whole.4) < 1e-12, "pending mean");
+        assert_eq!(
+            r.5, ranks[0].5,
+            "committed state bit-identical on every rank"
+        );
+        assert!(
+            rel(&r.5.var, &whole.5.var) < 1e-12,
+            "committed running variance"
+        );
+    }
+    // the ReLU cut something, so the epilogue was really applied
+    assert!(whole.0.iter().any(|&v| v == 0.0));
 }

@@ -383,7 +383,14 @@ pub fn run(args: &DemoArgs) -> Result<Value> {
         bnorm_candle::RECENT_BATCHES
     )?;
 
-    plot::write(&args.plot, &epochs)?;
+    let accuracy = json!({
+        "running": running,
+        "batch1_train": batch1,
+        "full_batch_train": full,
+        "never_updated": never,
+        "recalibrated": recal,
+    });
+    plot::write(&args.plot, &epochs, &plot::bars(&accuracy)?)?;
     outln!()?;
     outln!("plot written to {}", args.plot.display())?;
     let seconds = start.elapsed().as_secs_f64();
@@ -392,13 +399,7 @@ pub fn run(args: &DemoArgs) -> Result<Value> {
         "convention": args.convention.name(),
         "batch_size": args.batch_size,
         "seed": args.seed,
-        "accuracy": {
-            "running": running,
-            "batch1_train": batch1,
-            "full_batch_train": full,
-            "never_updated": never,
-            "recalibrated": recal,
-        },
+        "accuracy": accuracy,
         "errors": {
             "running": running.is_null().then_some(&running_s),
             "batch1_train": batch1.is_null().then_some(&batch1_s),
