@@ -46,7 +46,8 @@ mod op;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
-use bnorm::{Config, Layout, Mode, Moments, Recalibration, RunningState, StepReport};
+use bnorm::expert::Moments;
+use bnorm::{Config, Layout, Mode, Recalibration, RunningState, StepReport};
 use candle_core::{DType, Result, Tensor, Var};
 use candle_nn::{Init, ModuleT, VarBuilder};
 

@@ -3,7 +3,9 @@
 use std::borrow::Cow;
 use std::sync::Mutex;
 
-use bnorm::{Config, Element, Grads, Layout, Mode, Params, RunningState, Saved, StepReport};
+use bnorm::element::Element;
+use bnorm::expert::{Grads, Saved};
+use bnorm::{Config, Layout, Mode, Params, RunningState, StepReport};
 use candle_core::{
     backend::BackendStorage, CpuStorage, CustomOp3, DType, Layout as CLayout, Result, Shape,
     Storage, Tensor, WithDType,
@@ -108,7 +110,7 @@ impl BnOp {
             .map_err(|_| candle_core::Error::msg("poisoned"))?;
         let r = &mut *guard;
         let mut state = self.state_in.clone();
-        let report = bnorm::forward_into(
+        let report = bnorm::expert::forward_into(
             &self.cfg,
             g,
             &x,
@@ -117,8 +119,8 @@ impl BnOp {
             self.mode,
             &mut y,
             &mut r.saved,
-            &mut bnorm::Workspace::default(),
-            bnorm::Parallelism::Rayon,
+            &mut bnorm::expert::Workspace::default(),
+            bnorm::expert::Parallelism::Rayon,
         )
         .map_err(wrap)?;
         r.state = state;
@@ -153,7 +155,7 @@ impl BnOp {
             .map_err(|_| candle_core::Error::msg("poisoned"))?;
         let mut dx = vec![<T as Element>::from_f64(0.0); xs.len()];
         let mut grads = Grads::default();
-        bnorm::backward_into(
+        bnorm::expert::backward_into(
             &self.cfg,
             g,
             &xs,
@@ -162,8 +164,8 @@ impl BnOp {
             &guard.saved,
             &mut dx,
             &mut grads,
-            &mut bnorm::Workspace::default(),
-            bnorm::Parallelism::Rayon,
+            &mut bnorm::expert::Workspace::default(),
+            bnorm::expert::Parallelism::Rayon,
         )
         .map_err(wrap)?;
         drop((xs, dys));

@@ -14,10 +14,11 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use bnorm::{
-    backward_into, bf16, forward_into, fused_channels, zeroed_buffer, BackwardArithmetic, Config,
-    Element, Grads, Layout, Mode, Parallelism, Params, RunningState, Saved, Workspace,
-};
+use bnorm::config::BackwardArithmetic;
+use bnorm::element::{bf16, Element};
+use bnorm::expert::{backward_into, forward_into, Grads, Parallelism, Saved, Workspace};
+use bnorm::tuning::{fused_channels, zeroed_buffer};
+use bnorm::{Config, Layout, Mode, Params, RunningState};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{ModuleT, VarBuilder, VarMap};
 use clap::Args;
@@ -46,7 +47,7 @@ pub struct BenchArgs {
     #[arg(long, value_delimiter = ',', value_parser = parse_shape, help = shapes_help())]
     pub shapes: Vec<String>,
     /// Allocate every buffer of bnorm's rows and of the copies with
-    /// `bnorm::zeroed_buffer` (transparent huge pages where the OS allows) instead of
+    /// `bnorm::tuning::zeroed_buffer` (transparent huge pages where the OS allows) instead of
     /// `vec!` (JSON key `huge_pages`).
     #[arg(long)]
     pub huge_pages: bool,
@@ -322,7 +323,7 @@ fn row(
     Row { value: v }
 }
 
-/// A zeroed buffer of `n` elements: from `bnorm::zeroed_buffer` when `huge`.
+/// A zeroed buffer of `n` elements: from `bnorm::tuning::zeroed_buffer` when `huge`.
 fn buffer<T: Element + Default>(n: usize, huge: bool) -> Vec<T> {
     if huge {
         zeroed_buffer(n)
@@ -467,7 +468,7 @@ fn bench_bnorm<T: Element + Default>(
         },
         Some(&mut || traffic_floor(&[&x2[..], &dy2[..]], &mut o2, chunk(2))),
     ));
-    if T::DTYPE == bnorm::DType::F32 {
+    if T::DTYPE == bnorm::element::DType::F32 {
         // The opt-in f32 backward map (`BackwardArithmetic::F32`), same saved statistics.
         let fast = cfg.clone().backward_arithmetic(BackwardArithmetic::F32);
         let t = median(a.seconds, a.min_runs, || {
@@ -516,7 +517,7 @@ fn bench_bnorm<T: Element + Default>(
         ("train_fwd_add_relu", Some(&res[..]), 3),
     ] {
         let t = median(a.seconds, a.min_runs, || {
-            bnorm::forward_into(
+            bnorm::expert::forward_into(
                 &cfg,
                 g,
                 &x,
@@ -526,8 +527,10 @@ fn bench_bnorm<T: Element + Default>(
                 &mut y,
                 &mut saved,
                 &mut ws,
-                bnorm::Options::from(par)
-                    .epilogue(residual.map_or(bnorm::Epilogue::Relu, bnorm::Epilogue::AddRelu)),
+                bnorm::expert::Options::from(par).epilogue(residual.map_or(
+                    bnorm::expert::Epilogue::Relu,
+                    bnorm::expert::Epilogue::AddRelu,
+                )),
             )
             .expect("valid input");
         });
@@ -539,7 +542,7 @@ fn bench_bnorm<T: Element + Default>(
         };
         let t = median(a.seconds, a.min_runs, || {
             let dr = residual.map(|_| &mut dres[..]);
-            bnorm::backward_into(
+            bnorm::expert::backward_into(
                 &cfg,
                 g,
                 &x,
@@ -549,9 +552,11 @@ fn bench_bnorm<T: Element + Default>(
                 &mut dx,
                 &mut grads,
                 &mut ws,
-                bnorm::BackwardOptions::from(par).epilogue(match dr {
-                    Some(dresidual) => bnorm::BackwardEpilogue::AddRelu { y: &y, dresidual },
-                    None => bnorm::BackwardEpilogue::Relu { y: &y },
+                bnorm::expert::BackwardOptions::from(par).epilogue(match dr {
+                    Some(dresidual) => {
+                        bnorm::expert::BackwardEpilogue::AddRelu { y: &y, dresidual }
+                    }
+                    None => bnorm::expert::BackwardEpilogue::Relu { y: &y },
                 }),
             )
             .expect("valid input");
@@ -730,7 +735,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let threads = rayon::current_num_threads();
     outln!("bnorm bench: {threads} threads; median of >= {} runs after a warm-up; GB/s = bytes read + written / time", a.min_runs)?;
     if a.huge_pages {
-        outln!("buffers of bnorm and of the copies from bnorm::zeroed_buffer (huge pages)")?;
+        outln!(
+            "buffers of bnorm and of the copies from bnorm::tuning::zeroed_buffer (huge pages)"
+        )?;
     }
     let mut rows = Vec::new();
     // `--shapes` holds names of `SHAPES` only (checked by `parse_shape`); still, a

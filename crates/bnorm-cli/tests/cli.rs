@@ -6,8 +6,8 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+use bnorm::element::DType;
 use bnorm::interop::{Checkpoint, Format, Layer, Tensor};
-use bnorm::DType;
 
 fn bnorm(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_bnorm"))

@@ -4,8 +4,8 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use bnorm::element::DType;
 use bnorm::interop::{Checkpoint, Format, Layer, Tensor};
-use bnorm::DType;
 
 fn bnorm(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_bnorm"))

@@ -13,10 +13,10 @@
 use std::fmt::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use bnorm::{
-    backward_into, bf16, f16, forward_into, Config, Element, Grads, Layout, Mode, NonFinitePolicy,
-    Parallelism, Params, RunningState, Saved, Workspace,
-};
+use bnorm::config::NonFinitePolicy;
+use bnorm::element::{bf16, f16, Element};
+use bnorm::expert::{backward_into, forward_into, Grads, Parallelism, Saved, Workspace};
+use bnorm::{Config, Layout, Mode, Params, RunningState};
 use bnorm_cuda::{CudaError, DeviceTensor, Gpu, GpuBatchNorm, GpuElement, GpuSaved};
 use cudarc::driver::sys::CUevent_flags;
 

@@ -3,10 +3,9 @@
 
 use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 
-use bnorm::{
-    ColdPolicy, Config, Geometry, Grads, Mode, Moments, NonFinitePolicy, Normalized, Params,
-    RunningState, StepReport, VarianceEstimator, Variant,
-};
+use bnorm::config::{ColdPolicy, NonFinitePolicy, Variant};
+use bnorm::expert::{Geometry, Grads, Moments, Normalized};
+use bnorm::{Config, Mode, Params, RunningState, StepReport, VarianceEstimator};
 
 use crate::kernels::{typed_name, BLOCK};
 use crate::plan::{channel_grid, elementwise_grid, plan_split, FastDiv, Split};

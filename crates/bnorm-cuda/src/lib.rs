@@ -2,13 +2,13 @@
 //!
 //! Kernels for the training forward step (statistics, running update, normalization),
 //! the inference/frozen forward step and the backward step, for every layout of the core
-//! ([`bnorm::Layout`]: channels-first and channels-last) and for `f32`, [`bnorm::f16`] and
-//! [`bnorm::bf16`] storage. The CUDA C source is compiled by NVRTC when a [`Gpu`] is
+//! ([`bnorm::Layout`]: channels-first and channels-last) and for `f32`, [`bnorm::element::f16`] and
+//! [`bnorm::element::bf16`] storage. The CUDA C source is compiled by NVRTC when a [`Gpu`] is
 //! opened; the CUDA libraries are loaded at run time (cudarc's dynamic loading), so the
 //! crate builds, links and tests on machines without CUDA: there, [`Gpu::new`] returns
 //! [`CudaError::Unavailable`] instead of panicking.
 //!
-//! Semantics are the core's ([`bnorm::forward_into`], [`bnorm::backward_into`]) for plain
+//! Semantics are the core's ([`bnorm::expert::forward_into`], [`bnorm::expert::backward_into`]) for plain
 //! batch norm in every momentum convention; batch renormalization and ghost batches are
 //! refused with [`CudaError::Unsupported`].
 //!

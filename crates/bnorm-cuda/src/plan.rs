@@ -1,7 +1,7 @@
 //! Launch planning, pure host logic: fast division constants, how each reduction splits
 //! the work, and grid sizes. Everything here is unit-tested without a GPU.
 
-use bnorm::Geometry;
+use bnorm::expert::Geometry;
 
 use crate::kernels::{BLOCK, CL_TILE};
 use crate::CudaError;

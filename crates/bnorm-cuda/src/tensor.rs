@@ -2,7 +2,9 @@
 
 use cudarc::driver::{CudaSlice, DeviceRepr, ValidAsZeroBits};
 
-use bnorm::{bf16, f16, Element, Geometry, Layout};
+use bnorm::element::{bf16, f16, Element};
+use bnorm::expert::Geometry;
+use bnorm::Layout;
 
 use crate::{CudaError, Gpu, Result};
 
@@ -43,8 +45,8 @@ impl DTypeTag {
 mod sealed {
     pub trait Sealed {}
     impl Sealed for f32 {}
-    impl Sealed for bnorm::f16 {}
-    impl Sealed for bnorm::bf16 {}
+    impl Sealed for bnorm::element::f16 {}
+    impl Sealed for bnorm::element::bf16 {}
 }
 
 /// A storage type with GPU kernels: `f32`, [`struct@f16`], [`struct@bf16`]. Statistics accumulate in

@@ -1,9 +1,7 @@
 //! Tests that need a GPU skip (saying why) where CUDA is unavailable; the rest run here.
 
-use bnorm::{
-    backward_into, forward_into, Config, Grads, Layout, Mode, Parallelism, Params, RunningState,
-    Saved, Workspace,
-};
+use bnorm::expert::{backward_into, forward_into, Grads, Parallelism, Saved, Workspace};
+use bnorm::{Config, Layout, Mode, Params, RunningState};
 use bnorm_cuda::{CudaError, DeviceTensor, Gpu, GpuBatchNorm, GpuSaved};
 
 /// The GPU, or `None` after printing why the test is skipped.
@@ -150,7 +148,9 @@ fn unsupported_variants_and_bad_shapes_are_typed_errors() {
     let Some(gpu) = gpu("unsupported_variants_and_bad_shapes_are_typed_errors") else {
         return;
     };
-    let cfg = Config::keras(2).variant(bnorm::Variant::Ghost(bnorm::Ghost::strided(2)));
+    let cfg = Config::keras(2).variant(bnorm::config::Variant::Ghost(
+        bnorm::config::Ghost::strided(2),
+    ));
     let r = GpuBatchNorm::new(
         &gpu,
         cfg.clone(),
@@ -232,7 +232,9 @@ fn gpu_state_survives_reload_resume_and_failure() {
         assert_eq!(saved.download().unwrap(), before_saved);
 
         // failure after the statistics were computed: NaN refused by the policy
-        let strict = cfg.clone().non_finite(bnorm::NonFinitePolicy::Error);
+        let strict = cfg
+            .clone()
+            .non_finite(bnorm::config::NonFinitePolicy::Error);
         let mut c =
             GpuBatchNorm::new(&gpu, strict.clone(), p.clone(), before_state.clone()).unwrap();
         c.forward_into(&x, Mode::Train, &mut y, &mut saved).unwrap();

@@ -19,11 +19,9 @@
 use std::cell::Cell;
 use std::time::{Duration, Instant};
 
+use bnorm::expert::{backward_into, forward_into, Grads, Parallelism, Saved, Workspace};
 use bnorm::sync::Communicator;
-use bnorm::{
-    backward_into, forward_into, Config, Grads, Layout, Mode, Parallelism, Params, RunningState,
-    Saved, Workspace,
-};
+use bnorm::{Config, Layout, Mode, Params, RunningState};
 use bnorm_mpi::MpiComm;
 use mpi::traits::CommunicatorCollectives as _;
 
@@ -87,7 +85,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         comm.inner().barrier();
         timed.spent.set(Duration::ZERO);
         let t = Instant::now();
-        bnorm::forward_into(
+        bnorm::expert::forward_into(
             &cfg,
             g,
             &x,
@@ -97,9 +95,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &mut y,
             &mut saved,
             &mut ws,
-            bnorm::Options::from(par).synchronized(&timed),
+            bnorm::expert::Options::from(par).synchronized(&timed),
         )?;
-        bnorm::backward_into(
+        bnorm::expert::backward_into(
             &cfg,
             g,
             &x,
@@ -109,7 +107,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &mut dx,
             &mut grads,
             &mut ws,
-            bnorm::BackwardOptions::from(par).synchronized(&timed),
+            bnorm::expert::BackwardOptions::from(par).synchronized(&timed),
         )?;
         let s = t.elapsed().as_secs_f64();
         let cs = timed.spent.get().as_secs_f64();

@@ -24,11 +24,9 @@ mod harness;
 
 use std::process::ExitCode;
 
+use bnorm::expert::{backward_into, forward_into, Grads, Parallelism, Saved, Workspace};
 use bnorm::sync::Communicator;
-use bnorm::{
-    backward_into, forward_into, Config, Grads, Layout, Mode, Parallelism, Params, RunningState,
-    Saved, Workspace,
-};
+use bnorm::{Config, Layout, Mode, Params, RunningState};
 use bnorm_mpi::MpiComm;
 use harness::{agree, hash, rel, starts, state_vecs, uneven, Rng};
 
@@ -67,14 +65,14 @@ impl Trainer {
         &mut self,
         comm: Option<&MpiComm>,
         cfg: &Config,
-        g: bnorm::Geometry,
+        g: bnorm::expert::Geometry,
         x: &[f32],
         target: &[f32],
     ) -> bnorm::Result<()> {
         let par = Parallelism::Rayon;
         let (p, st, ws) = (&self.p, self.state.as_mut(), &mut self.ws);
         match comm {
-            Some(c) => bnorm::forward_into(
+            Some(c) => bnorm::expert::forward_into(
                 cfg,
                 g,
                 x,
@@ -84,7 +82,7 @@ impl Trainer {
                 &mut self.y,
                 &mut self.saved,
                 ws,
-                bnorm::Options::from(par).synchronized(c),
+                bnorm::expert::Options::from(par).synchronized(c),
             )?,
             None => forward_into(
                 cfg,
@@ -109,7 +107,7 @@ impl Trainer {
             .collect();
         let (s, ws) = (&self.saved, &mut self.ws);
         match comm {
-            Some(c) => bnorm::backward_into(
+            Some(c) => bnorm::expert::backward_into(
                 cfg,
                 g,
                 x,
@@ -119,7 +117,7 @@ impl Trainer {
                 &mut self.dx,
                 &mut self.grads,
                 ws,
-                bnorm::BackwardOptions::from(par).synchronized(c),
+                bnorm::expert::BackwardOptions::from(par).synchronized(c),
             )?,
             None => backward_into(cfg, g, x, &dy, p, s, &mut self.dx, &mut self.grads, ws, par)?,
         }

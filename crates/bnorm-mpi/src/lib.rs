@@ -1,8 +1,10 @@
 //! # bnorm-mpi — synchronized batch normalization over MPI
 //!
 //! [`MpiComm`] implements [`bnorm::sync::Communicator`] over an MPI communicator (the
-//! [`mpi`] crate, rsmpi), so that [`bnorm::sync::sync_forward_into`] and
-//! [`bnorm::sync::sync_backward_into`] normalize with the statistics of the global batch
+//! [`mpi`] crate, rsmpi), so that [`bnorm::expert::forward_into`] and
+//! [`bnorm::expert::backward_into`] with options
+//! [`synchronized`](bnorm::expert::Options::synchronized) over it normalize with the
+//! statistics of the global batch
 //! spread over processes and machines. Statistics are exchanged as plain f64 buffers by
 //! `MPI_Allgather` (no user-defined reduction, no reliance on MPI's reduction order) and
 //! merged in rank order on every rank, so every rank gets bit-identical statistics.
@@ -12,7 +14,8 @@
 //!
 //! ```
 //! use bnorm::sync::Communicator;
-//! use bnorm::{Config, Layout, Mode, Parallelism, Params, RunningState, Saved, Workspace};
+//! use bnorm::{Config, Layout, Mode, Params, RunningState};
+//! use bnorm::expert::{forward_into, Options, Parallelism, Saved, Workspace};
 //! let universe = mpi::initialize().ok_or("MPI was already initialized")?;
 //! let comm = bnorm_mpi::MpiComm::world(&universe);
 //! let cfg = Config::torch(2);
@@ -21,7 +24,8 @@
 //! let g = Layout::NC.geometry(&[2, 2])?;
 //! let (p, mut st) = (Params::init(&cfg), RunningState::init(&cfg));
 //! let (mut y, mut saved, mut ws) = (vec![0.0f32; 4], Saved::default(), Workspace::default());
-//! bnorm::forward_into(&cfg, g, &x, &p, st.as_mut(), Mode::Train, &mut y, &mut saved, //!                   &mut ws, bnorm::Options::from(Parallelism::Rayon).synchronized(&comm))?;
+//! let opts = Options::from(Parallelism::Rayon).synchronized(&comm);
+//! forward_into(&cfg, g, &x, &p, st.as_mut(), Mode::Train, &mut y, &mut saved, &mut ws, opts)?;
 //! assert_eq!(saved.mean().len(), 2);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```

@@ -9,10 +9,8 @@
 //! `cargo run --release -p bnorm --example alloc_free_training`
 //! (tests/no_alloc.rs counts the allocations of both loops.)
 
-use bnorm::{
-    backward_into, forward_into, Config, Grads, Layout, Mode, Parallelism, Params, RunningState,
-    Saved, Workspace,
-};
+use bnorm::expert::{backward_into, forward_into, Grads, Parallelism, Saved, Workspace};
+use bnorm::{Config, Layout, Mode, Params, RunningState};
 
 fn main() -> Result<(), bnorm::Error> {
     let shape = [8, 4, 6, 6]; // N, C, H, W

@@ -5,10 +5,9 @@
 
 use std::time::Instant;
 
-use bnorm::{
-    backward_into, forward_into, with_simd_level, Config, Grads, Layout, Mode, Parallelism, Params,
-    RunningState, Saved, SimdLevel, Workspace,
-};
+use bnorm::expert::{backward_into, forward_into, Grads, Parallelism, Saved, Workspace};
+use bnorm::tuning::{with_simd_level, SimdLevel};
+use bnorm::{Config, Layout, Mode, Params, RunningState};
 
 fn best_of<F: FnMut()>(runs: usize, mut f: F) -> f64 {
     (0..runs)

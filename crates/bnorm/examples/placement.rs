@@ -10,10 +10,8 @@
 //! allocated one after another; `0 0` where fresh mappings put them (each at the same
 //! offset of its first page).
 
-use bnorm::{
-    backward_into, forward_into, Config, Grads, Layout, Mode, Parallelism, Params, RunningState,
-    Saved, Workspace,
-};
+use bnorm::expert::{backward_into, forward_into, Grads, Parallelism, Saved, Workspace};
+use bnorm::{Config, Layout, Mode, Params, RunningState};
 
 /// The index in `buf` at which a tensor starts `b` bytes past `x` modulo 4 KiB.
 fn place(x: &[f32], buf: &[f32], b: usize) -> usize {

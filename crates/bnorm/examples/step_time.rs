@@ -7,17 +7,16 @@
 //! S4, S5; operations `train`, `infer`, `bwd`, `bwdrelu`: the backward through a ReLU). Shapes `C3` = NC (64, 1024) and
 //! `C4` = NHWC (4, 16, 16, 64) are small enough to stay in L2 and run on one thread
 //! (2000 calls): the arithmetic's cost without the memory's. With `HUGE=1` in the
-//! environment every buffer comes from `bnorm::zeroed_buffer` (huge pages); with
+//! environment every buffer comes from `bnorm::tuning::zeroed_buffer` (huge pages); with
 //! `BWD=f32` the backward map runs in f32 (`BackwardArithmetic::F32`); with `DX_PAST_X=48`
 //! dx starts 48 bytes past x modulo 4 KiB (the 4K-aliasing case of heap-adjacent tensors),
 //! and with `DY_PAST_X=16` dy 16 bytes past x. With `COLD=1` a plain copy of as many
 //! bytes as the operation moves runs (untimed) before each call, as in the paired ratio
 //! of `bnorm bench`: the operation starts with its data out of the caches.
 
-use bnorm::{
-    backward_into, forward_into, BackwardArithmetic, Config, Grads, Layout, Mode, Parallelism,
-    Params, RunningState, Saved, Workspace,
-};
+use bnorm::config::BackwardArithmetic;
+use bnorm::expert::{backward_into, forward_into, Grads, Parallelism, Saved, Workspace};
+use bnorm::{Config, Layout, Mode, Params, RunningState};
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.len() < 3 {
@@ -46,7 +45,7 @@ fn main() {
     let huge = std::env::var_os("HUGE").is_some();
     let buf = |n: usize| {
         if huge {
-            bnorm::zeroed_buffer::<f32>(n)
+            bnorm::tuning::zeroed_buffer::<f32>(n)
         } else {
             vec![0f32; n]
         }
@@ -109,7 +108,7 @@ fn main() {
         } else if op == "bwdrelu" {
             // Through a ReLU whose output was y (the training forward's output above:
             // about half of it positive).
-            bnorm::backward_into(
+            bnorm::expert::backward_into(
                 &cfg,
                 g,
                 &x,
@@ -119,7 +118,8 @@ fn main() {
                 dx,
                 &mut grads,
                 &mut ws,
-                bnorm::BackwardOptions::from(par).epilogue(bnorm::BackwardEpilogue::Relu { y: &y }),
+                bnorm::expert::BackwardOptions::from(par)
+                    .epilogue(bnorm::expert::BackwardEpilogue::Relu { y: &y }),
             )
             .unwrap();
         } else {

@@ -49,7 +49,8 @@ pub struct Backward<T> {
 /// Backward pass that allocates its outputs.
 ///
 /// ```
-/// use bnorm::{backward, forward, Config, Layout, Mode, Params, RunningState};
+/// use bnorm::{Config, Layout, Mode, Params, RunningState};
+/// use bnorm::expert::{backward, forward};
 /// let cfg = Config::torch(1);
 /// let g = Layout::NC.geometry(&[4, 1])?;
 /// let x = [1.0f64, 2.0, 4.0, 8.0];
@@ -99,8 +100,8 @@ pub fn backward<T: Element>(
 /// threads, and synchronization over the ranks of the synchronized forward step.
 ///
 /// ```
-/// use bnorm::{backward_into, forward_into, BackwardEpilogue, BackwardOptions, Config, Epilogue,
-///             Grads, Layout, Mode, Options, Params, RunningState, Saved, Workspace};
+/// use bnorm::{Config, Layout, Mode, Params, RunningState};
+/// use bnorm::expert::{backward_into, forward_into, BackwardEpilogue, BackwardOptions, Epilogue, Grads, Options, Saved, Workspace};
 /// let cfg = Config::torch(1);
 /// let g = Layout::NC.geometry(&[4, 1])?;
 /// let (p, mut s) = (Params::init(&cfg), RunningState::init(&cfg));

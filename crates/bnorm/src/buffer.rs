@@ -26,7 +26,7 @@ pub(crate) fn output<T: Element>(n: usize) -> Vec<T> {
 /// through `backward_into` ran about 12% faster on such buffers than on `vec!` ones.
 ///
 /// ```
-/// let mut x = bnorm::zeroed_buffer::<f32>(1 << 21); // 8 MB
+/// let mut x = bnorm::tuning::zeroed_buffer::<f32>(1 << 21); // 8 MB
 /// assert!(x.iter().all(|&v| v == 0.0));
 /// x[12345] = 1.0;
 /// assert_eq!(x.iter().sum::<f32>(), 1.0);

@@ -121,7 +121,7 @@ impl Renorm {
     /// The limits at training step `t` (the number of updates before this step).
     ///
     /// ```
-    /// use bnorm::{Renorm, RenormSchedule};
+    /// use bnorm::config::{Renorm, RenormSchedule};
     /// let rn = Renorm { schedule: Some(RenormSchedule { r_start: 10, r_end: 30, d_start: 10, d_end: 20 }),
     ///                   ..Renorm::default() };
     /// assert_eq!(rn.limits(0).rmax, 1.0);      // before the warm-up: plain batch norm
@@ -187,7 +187,8 @@ pub enum ColdPolicy {
 /// (`Σdz`, `Σdz·(x − μ)`, hence `dγ`, `dβ`) are f64 either way.
 ///
 /// ```
-/// use bnorm::{BackwardArithmetic, Config};
+/// use bnorm::Config;
+/// use bnorm::config::BackwardArithmetic;
 /// assert_eq!(Config::torch(8).backward_arithmetic_kind(), BackwardArithmetic::F64);
 /// let fast = Config::torch(8).backward_arithmetic(BackwardArithmetic::F32);
 /// assert_eq!(fast.backward_arithmetic_kind(), BackwardArithmetic::F32);
@@ -265,7 +266,7 @@ impl Ghost {
     /// The group of each of `batch` samples and the number of groups.
     ///
     /// ```
-    /// use bnorm::{Ghost, GhostGrouping, GhostRemainder};
+    /// use bnorm::config::{Ghost, GhostGrouping, GhostRemainder};
     /// let (groups, g) = Ghost::strided(2).assign(6)?;
     /// assert_eq!((groups, g), (vec![0, 1, 2, 0, 1, 2], 3));
     /// let contiguous = Ghost { grouping: GhostGrouping::Contiguous,

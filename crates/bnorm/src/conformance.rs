@@ -21,7 +21,7 @@ use crate::error::Error;
 use crate::layer::BatchNorm;
 use crate::layout::Layout;
 use crate::state::{Mode, Params, RunningState};
-use crate::{bf16, f16};
+use crate::element::{bf16, f16};
 
 /// Why a case file could not be read or understood (distinct from a case that fails).
 #[derive(Debug)]

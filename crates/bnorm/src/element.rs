@@ -4,7 +4,8 @@
 
 use std::fmt;
 
-use half::{bf16, f16};
+/// Re-export of the `half` crate's 16-bit float types used as storage.
+pub use half::{bf16, f16};
 
 /// Names of the storage types, as in the conformance files.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -26,7 +27,7 @@ impl DType {
     /// Parses `"f32"`, `"f64"`, `"f16"`, `"bf16"`.
     ///
     /// ```
-    /// assert_eq!(bnorm::DType::parse("bf16"), Some(bnorm::DType::BF16));
+    /// assert_eq!(bnorm::element::DType::parse("bf16"), Some(bnorm::element::DType::BF16));
     /// ```
     pub fn parse(name: &str) -> Option<DType> {
         DType::ALL.into_iter().find(|d| d.name() == name)

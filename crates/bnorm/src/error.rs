@@ -85,7 +85,7 @@ pub enum Error {
         channel: usize,
     },
     /// The batch statistics of some channels were not finite and the configuration's
-    /// [`NonFinitePolicy`](crate::NonFinitePolicy) is `Error`.
+    /// [`NonFinitePolicy`](crate::config::NonFinitePolicy) is `Error`.
     NonFiniteStatistics {
         /// Channels whose batch mean or variance was NaN or infinite.
         channels: Vec<usize>,
@@ -102,7 +102,7 @@ pub enum Error {
         virtual_batch_size: usize,
     },
     /// Inference on running statistics that no training step updated, refused by
-    /// [`ColdPolicy::Error`](crate::ColdPolicy::Error).
+    /// [`ColdPolicy::Error`](crate::config::ColdPolicy::Error).
     ColdStatistics,
     /// `backward` was given saved statistics of another shape or configuration.
     SavedMismatch {

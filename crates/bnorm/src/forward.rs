@@ -96,11 +96,11 @@ pub struct StepReport {
     /// Whether the running statistics were updated.
     pub updated: bool,
     /// Channels whose batch statistics were not finite and whose running statistics were
-    /// therefore left unchanged ([`NonFinitePolicy::SkipChannel`](crate::NonFinitePolicy::SkipChannel)).
+    /// therefore left unchanged ([`NonFinitePolicy::SkipChannel`](crate::config::NonFinitePolicy::SkipChannel)).
     pub skipped_channels: Vec<usize>,
     /// The step normalized with running statistics that no training step ever updated
     /// (`updates == 0`): a model evaluated before training, or a checkpoint without its
-    /// statistics ([`ColdPolicy::Report`](crate::ColdPolicy::Report)).
+    /// statistics ([`ColdPolicy::Report`](crate::config::ColdPolicy::Report)).
     pub cold_statistics: bool,
     /// The training step's update of the running statistics, when it was deferred
     /// ([`Update::Defer`]): commit it, merge it, or drop it.
@@ -142,7 +142,8 @@ pub(crate) fn check_input(cfg: &Config, g: Geometry, len: usize, what: &'static 
 /// untouched.
 ///
 /// ```
-/// use bnorm::{forward, Config, Layout, Mode, Params, RunningState};
+/// use bnorm::{Config, Layout, Mode, Params, RunningState};
+/// use bnorm::expert::forward;
 /// let cfg = Config::torch(2);
 /// let g = Layout::NC.geometry(&[3, 2])?;
 /// let x = [1.0f32, 10.0, 2.0, 20.0, 3.0, 30.0];
@@ -197,16 +198,17 @@ fn resize(v: &mut Vec<f64>, n: usize) {
 /// state, not `saved`.
 ///
 /// `opts` ([`Options`], or just a [`Parallelism`]) adds what the plain step lacks, in any
-/// combination: an [`Epilogue`](crate::Epilogue) (`relu(bn(x))`, `relu(bn(x) +
+/// combination: an [`Epilogue`](crate::expert::Epilogue) (`relu(bn(x))`, `relu(bn(x) +
 /// residual)`, in the same pass over memory), a deferred update
-/// ([`Update::Defer`](crate::Update::Defer): the step's update of the running statistics
+/// ([`Update::Defer`](crate::expert::Update::Defer): the step's update of the running statistics
 /// comes back in [`StepReport::pending`] instead of changing `state`), and synchronized
 /// statistics over the ranks of a [`Communicator`](crate::sync::Communicator) (see
 /// [`mod@crate::sync`]: collective, every rank makes the same call; a failure on any rank is
 /// an error on every rank).
 ///
 /// ```
-/// use bnorm::{forward_into, Config, Layout, Mode, Parallelism, Params, RunningState, Saved, Workspace};
+/// use bnorm::{Config, Layout, Mode, Params, RunningState};
+/// use bnorm::expert::{forward_into, Parallelism, Saved, Workspace};
 /// let cfg = Config::keras(1);
 /// let g = Layout::NC.geometry(&[4, 1])?;
 /// let (params, mut state) = (Params::init(&cfg), RunningState::init(&cfg));
@@ -221,7 +223,8 @@ fn resize(v: &mut Vec<f64>, n: usize) {
 /// With a ReLU epilogue and the update deferred:
 ///
 /// ```
-/// use bnorm::{forward_into, Config, Epilogue, Layout, Mode, Options, Params, RunningState, Saved, Workspace};
+/// use bnorm::{Config, Layout, Mode, Params, RunningState};
+/// use bnorm::expert::{forward_into, Epilogue, Options, Saved, Workspace};
 /// let cfg = Config::torch(1);
 /// let g = Layout::NC.geometry(&[4, 1])?;
 /// let (p, mut s) = (Params::init(&cfg), RunningState::init(&cfg));

@@ -245,7 +245,8 @@ impl BatchNorm {
     /// synchronization over ranks — in any combination.
     ///
     /// ```
-    /// use bnorm::{Config, Epilogue, Layout, Mode, Options};
+    /// use bnorm::{Config, Layout, Mode};
+    /// use bnorm::expert::{Epilogue, Options};
     /// let mut bn = Config::torch(1).build()?;
     /// let mut y = vec![0.0f64; 4];
     /// let opts = Options::default().epilogue(Epilogue::Relu).defer();
@@ -326,7 +327,7 @@ impl BatchNorm {
     }
 
     /// Training step whose running-statistics update is returned, not applied
-    /// ([`Update::Defer`](crate::Update::Defer)); apply it with
+    /// ([`Update::Defer`](crate::expert::Update::Defer)); apply it with
     /// [`commit`](BatchNorm::commit).
     pub fn forward_pending<T: Element>(
         &mut self,

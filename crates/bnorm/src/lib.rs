@@ -27,7 +27,7 @@
 //!
 //! Statistics are computed in f64, per block in one pass over the values shifted by one
 //! of them (two passes where that would cancel), with blocks merged by Chan's formula
-//! ([`Moments`]), never as `E[x²] − E[x]²`; the merge order is fixed by the shape, so
+//! ([`expert::Moments`]), never as `E[x²] − E[x]²`; the merge order is fixed by the shape, so
 //! results are bitwise identical for any number of threads. The forward map of f32 and
 //! 16-bit storage runs in f32 with the mean split in two parts; the backward map runs in
 //! f64 (in f32 for the 16-bit types).
@@ -55,11 +55,15 @@
 //!
 //! ## Layers of the API
 //!
-//! * [`BatchNorm`] — the stateful layer (configuration, parameters, running state).
-//! * [`forward`] / [`backward`] — the pure functional core, allocating.
-//! * [`forward_into`] / [`backward_into`] — the expert tier: caller buffers, a reusable
-//!   [`Workspace`], explicit [`Parallelism`]; no allocation in a warmed-up training step
-//!   (ghost batches excepted).
+//! * The front door, at the crate root: [`BatchNorm`] — the stateful layer
+//!   (configuration, parameters, running state) — with [`Config`], [`Mode`], [`Layout`],
+//!   [`Momentum`], [`VarianceEstimator`], [`Params`], [`RunningState`], [`Error`].
+//! * [`mod@config`] — every setting: variants (renorm, ghost batches), policies.
+//! * [`expert`] — the functional core over caller buffers: [`expert::forward_into`] /
+//!   [`expert::backward_into`] with [`expert::Options`] (epilogues, deferred updates,
+//!   threads, synchronization) and the plan of a step ([`expert::ForwardPlan`]).
+//! * [`element`] — the storage types (f32, f64, f16, bf16).
+//! * [`tuning`] — speed knobs that never change results.
 //! * [`mod@reference`] — a plain float64 implementation every fast path is tested against.
 //! * [`conformance`] — reads and replays the recorded framework cases.
 //! * [`mod@sync`] — synchronized batch norm: statistics of the global batch of several
@@ -71,9 +75,9 @@
 
 mod backward;
 mod buffer;
-mod config;
+pub mod config;
 pub mod conformance;
-mod element;
+pub mod element;
 mod error;
 mod forward;
 pub mod interop;
@@ -81,7 +85,7 @@ mod kernels;
 mod layer;
 mod layout;
 mod parallel;
-pub mod plan;
+mod plan;
 mod recalibrate;
 pub mod reference;
 mod running;
@@ -89,26 +93,42 @@ mod state;
 mod stats;
 pub mod sync;
 
-pub use backward::{backward, backward_into, Backward, Grads};
-pub use buffer::zeroed_buffer;
-pub use config::{
-    BackwardArithmetic, ColdPolicy, Config, Ghost, GhostGrouping, GhostRemainder, GhostUpdate,
-    Momentum, NonFinitePolicy, Renorm, RenormLimits, RenormSchedule, VarianceEstimator, Variant,
-};
-pub use element::{DType, Element};
+pub use config::{Config, Momentum, VarianceEstimator};
 pub use error::{Error, Result};
-pub use forward::{forward, forward_into, Forward, Normalized, Saved, StepReport};
-pub use kernels::{fused_channels, simd_level, with_simd_level, SimdLevel, Workspace};
+pub use forward::StepReport;
 pub use layer::BatchNorm;
-pub use layout::{Geometry, Layout};
-pub use parallel::{Parallelism, PARALLEL_THRESHOLD};
-pub use plan::{
-    BackwardEpilogue, BackwardOptions, BackwardPlan, Epilogue, ForwardPlan, Options, Update,
-};
+pub use layout::Layout;
 pub use recalibrate::Recalibration;
-pub use running::PendingUpdate;
-pub use state::{Mode, Params, RenormState, RunningState};
-pub use stats::Moments;
+pub use state::{Mode, Params, RunningState};
 
-/// Re-export of the `half` crate's 16-bit float types used as storage.
-pub use half::{bf16, f16};
+pub mod expert {
+    //! The expert tier: the functional core over caller buffers.
+    //!
+    //! [`forward_into`] and [`backward_into`] take the configuration, the parameters, the
+    //! state and caller buffers explicitly, reuse a [`Workspace`], and take [`Options`]
+    //! (an [`Epilogue`], a deferred [`Update`], [`Parallelism`], a communicator for
+    //! synchronized batch norm) so that every combination exists. Each call builds a
+    //! [`ForwardPlan`] or [`BackwardPlan`] — every decision of the step, validated before
+    //! any data is touched — and executes it. [`forward`] and [`backward`] allocate their
+    //! outputs. A warmed-up training step of this tier allocates nothing (ghost batches
+    //! excepted).
+    pub use crate::backward::{backward, backward_into, Backward, Grads};
+    pub use crate::forward::{forward, forward_into, Forward, Normalized, Saved, StepReport};
+    pub use crate::kernels::Workspace;
+    pub use crate::layout::Geometry;
+    pub use crate::parallel::Parallelism;
+    pub use crate::plan::{
+        BackwardEpilogue, BackwardOptions, BackwardPlan, Epilogue, ForwardPlan, Options, Update,
+    };
+    pub use crate::running::PendingUpdate;
+    pub use crate::state::RenormState;
+    pub use crate::stats::Moments;
+}
+
+pub mod tuning {
+    //! Knobs for speed that never change results: the instruction-set level, the
+    //! parallelism threshold, channel grouping of the fused passes, huge-page buffers.
+    pub use crate::buffer::zeroed_buffer;
+    pub use crate::kernels::{fused_channels, simd_level, with_simd_level, SimdLevel};
+    pub use crate::parallel::PARALLEL_THRESHOLD;
+}

@@ -23,7 +23,7 @@ impl Parallelism {
     /// Whether a batch of `len` elements is split over threads.
     ///
     /// ```
-    /// use bnorm::Parallelism;
+    /// use bnorm::expert::Parallelism;
     /// assert!(!Parallelism::Rayon.is_parallel(10));
     /// assert!(!Parallelism::Sequential.is_parallel(1 << 30));
     /// ```

@@ -6,7 +6,7 @@
 //! the data and resolve what the step will do: normalize with batch or running statistics,
 //! ghost groups, renorm limits, the cold-statistics report, the update policy (apply,
 //! defer, none), fused or two-pass, the thread count, synchronized or local statistics.
-//! [`forward_into`](crate::forward_into) and [`backward_into`](crate::backward_into)
+//! [`forward_into`](crate::expert::forward_into) and [`backward_into`](crate::expert::backward_into)
 //! build the plan and execute it; the plan can be inspected on its own (it is what the
 //! tests of those decisions check, without data).
 
@@ -78,7 +78,7 @@ pub enum Update {
 /// is allowed. A [`Parallelism`] converts into the default options with it.
 ///
 /// ```
-/// use bnorm::{Epilogue, Options, Parallelism, Update};
+/// use bnorm::expert::{Epilogue, Options, Parallelism, Update};
 /// let o: Options<'_, f32> = Options::default().epilogue(Epilogue::Relu).defer();
 /// assert_eq!(o.update, Update::Defer);
 /// let p: Options<'_, f32> = Parallelism::Sequential.into();
@@ -234,7 +234,8 @@ fn threads(par: Parallelism) -> usize {
 /// Every decision of one forward step.
 ///
 /// ```
-/// use bnorm::{Config, ForwardPlan, Layout, Mode, Normalized, Options, Params, RunningState};
+/// use bnorm::{Config, Layout, Mode, Params, RunningState};
+/// use bnorm::expert::{ForwardPlan, Normalized, Options};
 /// let cfg = Config::torch(8);
 /// let g = Layout::NCHW.geometry(&[4, 8, 16, 16])?;
 /// let (p, s) = (Params::init(&cfg), RunningState::init(&cfg));
@@ -399,7 +400,7 @@ pub struct BackwardPlan {
     pub groups: usize,
     /// Sums and map in one pass per group of channels (channels-first).
     pub fused: bool,
-    /// The map runs in f32 ([`BackwardArithmetic::F32`](crate::BackwardArithmetic::F32)
+    /// The map runs in f32 ([`BackwardArithmetic::F32`](crate::config::BackwardArithmetic::F32)
     /// on f32 data).
     pub f32_map: bool,
     /// The sums are those of the global batch of several ranks.

@@ -66,7 +66,7 @@ impl Recalibration {
     }
 
     /// Adds per-channel moments computed elsewhere (for example from a forward step's
-    /// [`Saved`](crate::Saved) statistics, or from another process).
+    /// [`Saved`](crate::expert::Saved) statistics, or from another process).
     pub fn add_moments(&mut self, m: &[Moments]) -> Result<()> {
         if m.len() != self.moments.len() {
             return Err(Error::ShapeMismatch {

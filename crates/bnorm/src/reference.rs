@@ -125,7 +125,7 @@ pub fn forward(
                 }
                 GhostGrouping::Contiguous
                     if n.is_multiple_of(v)
-                        || g.remainder == crate::GhostRemainder::SmallerLastGroup =>
+                        || g.remainder == crate::config::GhostRemainder::SmallerLastGroup =>
                 {
                     ((0..n).map(|s| s / v).collect(), n.div_ceil(v))
                 }
@@ -184,8 +184,7 @@ pub fn forward(
             params.gamma(k) * (xhat * r[k] + d[k]) + params.beta(k)
         })
         .collect();
-    let per_group =
-        matches!(cfg.variant_kind(), Variant::Ghost(g) if g.update == crate::GhostUpdate::PerGroup);
+    let per_group = matches!(cfg.variant_kind(), Variant::Ghost(g) if g.update == crate::config::GhostUpdate::PerGroup);
     // Each update folds the average over `sets` of groups: all groups at once (tf_keras),
     // or one group at a time in order.
     let sets: Vec<Vec<usize>> = if per_group {

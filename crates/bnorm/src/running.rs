@@ -97,7 +97,7 @@ fn update_once(cfg: &Config, state: &mut RunningState, st: BatchStats<'_>, skipp
     }
 }
 
-/// A training step's running-statistics update, held back ([`Update::Defer`](crate::Update::Defer):
+/// A training step's running-statistics update, held back ([`Update::Defer`](crate::expert::Update::Defer):
 /// it comes back in [`StepReport::pending`](crate::StepReport::pending)). Commit it, merge
 /// several into one, or drop it to discard.
 ///
@@ -148,7 +148,8 @@ impl PendingUpdate {
     /// either stays skipped.
     ///
     /// ```
-    /// use bnorm::{forward_into, Config, Layout, Mode, Options, Params, RunningState, Saved, Workspace};
+    /// use bnorm::{Config, Layout, Mode, Params, RunningState};
+    /// use bnorm::expert::{forward_into, Options, Saved, Workspace};
     /// let cfg = Config::torch(1);
     /// let p = Params::init(&cfg);
     /// let mut state = RunningState::init(&cfg);

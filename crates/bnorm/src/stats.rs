@@ -28,7 +28,7 @@ impl Moments {
     /// Moments of a slice, by two passes in f64.
     ///
     /// ```
-    /// let m = bnorm::Moments::of(&[1.0, 2.0, 3.0, 4.0]);
+    /// let m = bnorm::expert::Moments::of(&[1.0, 2.0, 3.0, 4.0]);
     /// assert_eq!((m.count, m.mean, m.m2), (4.0, 2.5, 5.0));
     /// ```
     pub fn of(values: &[f64]) -> Moments {
@@ -45,7 +45,7 @@ impl Moments {
     /// returns the other operand unchanged.
     ///
     /// ```
-    /// use bnorm::Moments;
+    /// use bnorm::expert::Moments;
     /// let all = Moments::of(&[1.0, 2.0, 3.0, 10.0, 20.0]);
     /// let merged = Moments::of(&[1.0, 2.0, 3.0]).merge(Moments::of(&[10.0, 20.0]));
     /// assert!((all.mean - merged.mean).abs() < 1e-12 && (all.m2 - merged.m2).abs() < 1e-9);

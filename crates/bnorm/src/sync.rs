@@ -3,7 +3,7 @@
 //!
 //! In data-parallel training each rank (a thread, a process, a machine) holds a slice of
 //! the batch. [`forward_into`] and [`backward_into`] with options
-//! [`synchronized`](crate::Options::synchronized) over a [`Communicator`] compute the step
+//! [`synchronized`](crate::expert::Options::synchronized) over a [`Communicator`] compute the step
 //! over the concatenation of every rank's slice, with each rank reading and writing only
 //! its own slice — the same plan as a local step with a statistics-combine step, so every
 //! option (epilogues, deferred updates) combines with it:
@@ -43,8 +43,8 @@
 //!
 //! ```
 //! use bnorm::sync::{Communicator, ThreadComm};
-//! use bnorm::{backward_into, forward_into, BackwardOptions, Config, Grads, Layout, Mode, Options,
-//!             Parallelism, Params, RunningState, Saved, Workspace};
+//! use bnorm::{Config, Layout, Mode, Params, RunningState};
+//! use bnorm::expert::{backward_into, forward_into, BackwardOptions, Grads, Options, Parallelism, Saved, Workspace};
 //! let cfg = Config::torch(2);
 //! let x = [1.0f32, 10.0, 2.0, 20.0, 3.0, 30.0, 4.0, 40.0, 5.0, 50.0]; // NC, 5 samples
 //! let shards = [&x[..2], &x[2..]]; // uneven: 1 and 4 samples
@@ -73,10 +73,10 @@
 //! # Ok::<(), bnorm::Error>(())
 //! ```
 //!
-//! [`forward_into`]: crate::forward_into
-//! [`backward_into`]: crate::backward_into
-//! [`Variant::Renorm`]: crate::Variant::Renorm
-//! [`Variant::Ghost`]: crate::Variant::Ghost
+//! [`forward_into`]: crate::expert::forward_into
+//! [`backward_into`]: crate::expert::backward_into
+//! [`Variant::Renorm`]: crate::config::Variant::Renorm
+//! [`Variant::Ghost`]: crate::config::Variant::Ghost
 
 use std::sync::{Arc, Barrier, Mutex};
 
@@ -92,8 +92,8 @@ use crate::stats::Moments;
 
 /// The collectives synchronized batch norm needs: rank, size, and an all-gather of f64
 /// buffers. Implement it for another transport (NCCL, gloo, a test double) to use
-/// [`forward_into`](crate::forward_into) and [`backward_into`](crate::backward_into) over it (options
-/// [`synchronized`](crate::Options::synchronized)).
+/// [`forward_into`](crate::expert::forward_into) and [`backward_into`](crate::expert::backward_into) over it (options
+/// [`synchronized`](crate::expert::Options::synchronized)).
 ///
 /// Every rank of the group must make the same sequence of calls. The synchronized steps
 /// guarantee that the buffers they pass have the same length on every rank (they first

@@ -4,10 +4,9 @@
 
 mod common;
 
-use bnorm::{
-    bf16, f16, reference, BackwardArithmetic, BatchNorm, Config, Element, Layout, Mode, Momentum,
-    Params, RunningState,
-};
+use bnorm::config::BackwardArithmetic;
+use bnorm::element::{bf16, f16, Element};
+use bnorm::{reference, BatchNorm, Config, Layout, Mode, Momentum, Params, RunningState};
 use common::{assert_close, conventions, shape, Rng};
 use proptest::prelude::*;
 

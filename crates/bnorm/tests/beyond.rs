@@ -4,11 +4,11 @@
 
 mod common;
 
-use bnorm::{
-    forward_into, ColdPolicy, Config, Error, Ghost, GhostGrouping, GhostRemainder, GhostUpdate,
-    Layout, Mode, Momentum, Parallelism, Params, Recalibration, Renorm, RenormSchedule,
-    RunningState, Saved, Variant, Workspace,
+use bnorm::config::{
+    ColdPolicy, Ghost, GhostGrouping, GhostRemainder, GhostUpdate, Renorm, RenormSchedule, Variant,
 };
+use bnorm::expert::{forward_into, Parallelism, Saved, Workspace};
+use bnorm::{Config, Error, Layout, Mode, Momentum, Params, Recalibration, RunningState};
 use common::Rng;
 use proptest::prelude::*;
 
@@ -120,7 +120,12 @@ fn step(cfg: &Config, x: &[f64], c: usize, state: &mut RunningState) {
     .unwrap();
 }
 
-fn pending(cfg: &Config, x: &[f64], c: usize, state: &RunningState) -> bnorm::PendingUpdate {
+fn pending(
+    cfg: &Config,
+    x: &[f64],
+    c: usize,
+    state: &RunningState,
+) -> bnorm::expert::PendingUpdate {
     let g = Layout::NC.geometry(&[x.len() / c, c]).unwrap();
     let mut y = vec![0.0; x.len()];
     let mut state = state.clone(); // deferred: only read
@@ -134,7 +139,7 @@ fn pending(cfg: &Config, x: &[f64], c: usize, state: &RunningState) -> bnorm::Pe
         &mut y,
         &mut Saved::default(),
         &mut Workspace::default(),
-        bnorm::Options::from(Parallelism::Sequential).defer(),
+        bnorm::expert::Options::from(Parallelism::Sequential).defer(),
     )
     .unwrap();
     report.pending.unwrap()
@@ -303,7 +308,7 @@ fn renorm_schedule_starts_as_plain_batch_norm_and_relaxes() {
             // r = 1, d = 0: exactly plain batch norm
             assert_eq!(
                 lim,
-                bnorm::RenormLimits {
+                bnorm::config::RenormLimits {
                     rmin: 1.0,
                     rmax: 1.0,
                     dmax: 0.0

@@ -3,9 +3,8 @@
 
 mod common;
 
-use bnorm::{
-    Config, Error, Ghost, Layout, Mode, Momentum, NonFinitePolicy, Params, RunningState, Variant,
-};
+use bnorm::config::{Ghost, NonFinitePolicy, Variant};
+use bnorm::{Config, Error, Layout, Mode, Momentum, Params, RunningState};
 use common::Rng;
 
 fn trained_layer(cfg: Config) -> bnorm::BatchNorm {

@@ -4,10 +4,10 @@
 
 mod common;
 
-use bnorm::{
-    backward_into, bf16, forward_into, fused_channels, with_simd_level, Config, Element, Grads,
-    Layout, Mode, Parallelism, Params, RunningState, Saved, SimdLevel, Workspace,
-};
+use bnorm::element::{bf16, Element};
+use bnorm::expert::{backward_into, forward_into, Grads, Parallelism, Saved, Workspace};
+use bnorm::tuning::{fused_channels, with_simd_level, SimdLevel};
+use bnorm::{Config, Layout, Mode, Params, RunningState};
 use common::{shape, Rng};
 
 struct Out<T> {
@@ -42,7 +42,7 @@ fn fused<T: Element>(
     let zero = T::from_f64(0.0);
     let (mut y, mut dx, mut dres) = (vec![zero; n], vec![zero; n], vec![zero; n]);
     let (mut saved, mut ws, mut grads) = (Saved::default(), Workspace::default(), Grads::default());
-    bnorm::forward_into(
+    bnorm::expert::forward_into(
         cfg,
         g,
         x,
@@ -52,12 +52,14 @@ fn fused<T: Element>(
         &mut y,
         &mut saved,
         &mut ws,
-        bnorm::Options::from(par)
-            .epilogue(res.map_or(bnorm::Epilogue::Relu, bnorm::Epilogue::AddRelu)),
+        bnorm::expert::Options::from(par).epilogue(res.map_or(
+            bnorm::expert::Epilogue::Relu,
+            bnorm::expert::Epilogue::AddRelu,
+        )),
     )
     .unwrap();
     let dr = res.map(|_| &mut dres[..]);
-    bnorm::backward_into(
+    bnorm::expert::backward_into(
         cfg,
         g,
         x,
@@ -67,9 +69,9 @@ fn fused<T: Element>(
         &mut dx,
         &mut grads,
         &mut ws,
-        bnorm::BackwardOptions::from(par).epilogue(match dr {
-            Some(dresidual) => bnorm::BackwardEpilogue::AddRelu { y: &y, dresidual },
-            None => bnorm::BackwardEpilogue::Relu { y: &y },
+        bnorm::expert::BackwardOptions::from(par).epilogue(match dr {
+            Some(dresidual) => bnorm::expert::BackwardEpilogue::AddRelu { y: &y, dresidual },
+            None => bnorm::expert::BackwardEpilogue::Relu { y: &y },
         }),
     )
     .unwrap();
@@ -388,7 +390,7 @@ fn smaller_channel_groups_of_large_channels_match_the_two_pass_path() {
             .unwrap();
             let plain = (y, dx, grads.clone());
             let mut dx = vec![0f32; n];
-            bnorm::backward_into(
+            bnorm::expert::backward_into(
                 &cfg,
                 g,
                 &x,
@@ -398,8 +400,8 @@ fn smaller_channel_groups_of_large_channels_match_the_two_pass_path() {
                 &mut dx,
                 &mut grads,
                 &mut ws,
-                bnorm::BackwardOptions::from(par)
-                    .epilogue(bnorm::BackwardEpilogue::Relu { y: &plain.0 }),
+                bnorm::expert::BackwardOptions::from(par)
+                    .epilogue(bnorm::expert::BackwardEpilogue::Relu { y: &plain.0 }),
             )
             .unwrap();
             (plain, dx, grads)

@@ -4,7 +4,8 @@
 
 mod common;
 
-use bnorm::{backward, forward, Config, Layout, Mode, Params, RunningState};
+use bnorm::expert::{backward, forward};
+use bnorm::{Config, Layout, Mode, Params, RunningState};
 use common::{conventions, shape, Rng};
 
 /// Loss L = Σ w ⊙ y with fixed random weights w, so dL/dy = w.

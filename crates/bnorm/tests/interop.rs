@@ -3,11 +3,13 @@
 
 use std::path::{Path, PathBuf};
 
+use bnorm::element::DType;
+use bnorm::expert::RenormState;
 use bnorm::interop::{
     fold_into_following, fold_into_preceding, inspect, read_layers, write_atomic, BnAffine,
     Checkpoint, ConvertOptions, Format, InteropError, Layer, LinearKind, Problem, Tensor,
 };
-use bnorm::{Config, DType, Layout, Mode, Momentum, Params, RenormState, VarianceEstimator};
+use bnorm::{Config, Layout, Mode, Momentum, Params, VarianceEstimator};
 
 fn data(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -248,8 +250,8 @@ fn f16_and_bf16_storage_round_once() {
         assert_eq!(back.dtype, dtype);
         let round = |v: f64| match dtype {
             DType::F32 => v as f32 as f64,
-            DType::F16 => bnorm::f16::from_f64(v).to_f64(),
-            _ => bnorm::bf16::from_f64(v).to_f64(),
+            DType::F16 => bnorm::element::f16::from_f64(v).to_f64(),
+            _ => bnorm::element::bf16::from_f64(v).to_f64(),
         };
         let want: Vec<f64> = l.running_var.unwrap().into_iter().map(round).collect();
         assert_eq!(back.running_var.unwrap(), want);
@@ -812,7 +814,7 @@ fn half_precision_folds_round_once_and_report_the_error() {
     )
     .unwrap();
     for (h, e) in half.weight.iter().zip(&exact.weight) {
-        assert_eq!(*h, bnorm::f16::from_f64(*e).to_f64()); // one rounding of the f64 result
+        assert_eq!(*h, bnorm::element::f16::from_f64(*e).to_f64()); // one rounding of the f64 result
     }
     assert!(half.max_error > exact.max_error);
     assert!(half.max_error < 1e-2 * half.max_output);

@@ -4,10 +4,8 @@
 
 mod common;
 
-use bnorm::{
-    backward, forward, forward_into, BatchNorm, Config, Layout, Mode, Parallelism, Params,
-    RunningState, Saved, Workspace,
-};
+use bnorm::expert::{backward, forward, forward_into, Parallelism, Saved, Workspace};
+use bnorm::{BatchNorm, Config, Layout, Mode, Params, RunningState};
 use common::{shape, transpose, Rng};
 
 #[test]

@@ -6,10 +6,8 @@
 use std::alloc::{GlobalAlloc, Layout as AllocLayout, System};
 use std::cell::Cell;
 
-use bnorm::{
-    backward_into, forward_into, Config, Grads, Layout, Mode, Parallelism, Params, RunningState,
-    Saved, Workspace,
-};
+use bnorm::expert::{backward_into, forward_into, Grads, Parallelism, Saved, Workspace};
+use bnorm::{Config, Layout, Mode, Params, RunningState};
 
 struct Counting;
 thread_local! {

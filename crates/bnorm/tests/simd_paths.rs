@@ -5,10 +5,11 @@
 
 mod common;
 
-use bnorm::{
-    backward_into, bf16, f16, forward_into, reference, with_simd_level, BackwardArithmetic, Config,
-    Element, Grads, Layout, Mode, Parallelism, Params, RunningState, Saved, SimdLevel, Workspace,
-};
+use bnorm::config::BackwardArithmetic;
+use bnorm::element::{bf16, f16, Element};
+use bnorm::expert::{backward_into, forward_into, Grads, Parallelism, Saved, Workspace};
+use bnorm::tuning::{with_simd_level, SimdLevel};
+use bnorm::{reference, Config, Layout, Mode, Params, RunningState};
 use common::{assert_close, Rng};
 
 /// One training step and its backward, sequentially on this thread at `level`.

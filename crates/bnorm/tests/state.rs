@@ -8,12 +8,13 @@
 
 mod common;
 
+use bnorm::config::{ColdPolicy, Ghost, NonFinitePolicy, Variant};
+use bnorm::element::DType;
+use bnorm::expert::{backward_into, forward_into, Grads, Parallelism, Saved, Workspace};
 use bnorm::interop::{Checkpoint, Layer};
 use bnorm::sync::ThreadComm;
 use bnorm::{
-    backward_into, forward_into, BatchNorm, ColdPolicy, Config, DType, Error, Ghost, Grads, Layout,
-    Mode, Momentum, NonFinitePolicy, Parallelism, Params, Recalibration, RunningState, Saved,
-    Variant, Workspace,
+    BatchNorm, Config, Error, Layout, Mode, Momentum, Params, Recalibration, RunningState,
 };
 use common::{assert_close, conventions, Rng};
 
@@ -290,7 +291,7 @@ fn a_failed_forward_of_the_expert_tier_leaves_saved_statistics_alone() {
             assert!(y2.iter().all(|&v| v == -7.0));
             let short = &x[..x.len() - 1];
             let mut w = warm.clone();
-            let defer = bnorm::Options::from(SEQ).defer();
+            let defer = bnorm::expert::Options::from(SEQ).defer();
             forward_into(
                 &cfg,
                 g,
@@ -403,7 +404,7 @@ fn a_failed_synchronized_step_changes_nothing_on_any_rank() {
                         let (mut saved, mut ws) = (Saved::default(), Workspace::default());
                         let mut y = vec![0.0; g.len()];
                         let st = state.as_mut();
-                        bnorm::forward_into(
+                        bnorm::expert::forward_into(
                             &cfg,
                             g,
                             &x,
@@ -413,7 +414,7 @@ fn a_failed_synchronized_step_changes_nothing_on_any_rank() {
                             &mut y,
                             &mut saved,
                             &mut ws,
-                            bnorm::Options::from(SEQ).synchronized(&comm),
+                            bnorm::expert::Options::from(SEQ).synchronized(&comm),
                         )
                         .unwrap();
                         if fail {
@@ -430,7 +431,7 @@ fn a_failed_synchronized_step_changes_nothing_on_any_rank() {
                                 Layout::NC.geometry(&[0, 3]).unwrap()
                             };
                             let before = state.clone();
-                            let e = bnorm::forward_into(
+                            let e = bnorm::expert::forward_into(
                                 &cfg,
                                 g1,
                                 x1,
@@ -440,14 +441,14 @@ fn a_failed_synchronized_step_changes_nothing_on_any_rank() {
                                 y1,
                                 &mut saved,
                                 &mut ws,
-                                bnorm::Options::from(SEQ).synchronized(&comm),
+                                bnorm::expert::Options::from(SEQ).synchronized(&comm),
                             );
                             assert!(e.is_err());
                             assert_eq!(state, before);
                             assert!(ys.iter().all(|&v| v == -7.0 || comm_rank(&comm) == 1));
                         }
                         let (mut dx, mut grads) = (vec![0.0; g.len()], Grads::default());
-                        bnorm::backward_into(
+                        bnorm::expert::backward_into(
                             &cfg,
                             g,
                             &x,
@@ -457,7 +458,7 @@ fn a_failed_synchronized_step_changes_nothing_on_any_rank() {
                             &mut dx,
                             &mut grads,
                             &mut ws,
-                            bnorm::BackwardOptions::from(SEQ).synchronized(&comm),
+                            bnorm::expert::BackwardOptions::from(SEQ).synchronized(&comm),
                         )
                         .unwrap();
                         let mut bits: Vec<u64> = dx.iter().map(|v| v.to_bits()).collect();

@@ -5,10 +5,10 @@
 //! ReLU and backward (with the backward map in f64 and in f32), sequential and threaded,
 //! against the scalar level (which never streams).
 
-use bnorm::{
-    backward_into, forward_into, with_simd_level, BackwardArithmetic, Config, Grads, Layout, Mode,
-    Parallelism, Params, RunningState, Saved, SimdLevel, Workspace,
-};
+use bnorm::config::BackwardArithmetic;
+use bnorm::expert::{backward_into, forward_into, Grads, Parallelism, Saved, Workspace};
+use bnorm::tuning::{with_simd_level, SimdLevel};
+use bnorm::{Config, Layout, Mode, Params, RunningState};
 
 /// Where the outputs go.
 #[derive(Clone, Copy, Debug)]
@@ -58,7 +58,7 @@ fn run(
         buf
     };
     let relu = out(&mut |y| {
-        bnorm::forward_into(
+        bnorm::expert::forward_into(
             &cfg,
             g,
             x,
@@ -68,7 +68,7 @@ fn run(
             y,
             &mut saved,
             &mut ws,
-            bnorm::Options::from(par).epilogue(bnorm::Epilogue::Relu),
+            bnorm::expert::Options::from(par).epilogue(bnorm::expert::Epilogue::Relu),
         )
         .unwrap();
     });
@@ -108,7 +108,7 @@ fn run(
     // Through the ReLU: the residual is dy reversed, so it differs from x and dy.
     let res: Vec<f32> = dy.iter().rev().copied().collect();
     let add_relu = out(&mut |y| {
-        bnorm::forward_into(
+        bnorm::expert::forward_into(
             &cfg,
             g,
             x,
@@ -118,13 +118,13 @@ fn run(
             y,
             &mut saved,
             &mut ws,
-            bnorm::Options::from(par).epilogue(bnorm::Epilogue::AddRelu(&res)),
+            bnorm::expert::Options::from(par).epilogue(bnorm::expert::Epilogue::AddRelu(&res)),
         )
         .unwrap();
     });
     let mut dres = vec![0f32; n];
     let dx_add = out(&mut |dx| {
-        bnorm::backward_into(
+        bnorm::expert::backward_into(
             &cfg,
             g,
             x,
@@ -134,15 +134,17 @@ fn run(
             dx,
             &mut grads,
             &mut ws,
-            bnorm::BackwardOptions::from(par).epilogue(bnorm::BackwardEpilogue::AddRelu {
-                y: &add_relu,
-                dresidual: &mut dres,
-            }),
+            bnorm::expert::BackwardOptions::from(par).epilogue(
+                bnorm::expert::BackwardEpilogue::AddRelu {
+                    y: &add_relu,
+                    dresidual: &mut dres,
+                },
+            ),
         )
         .unwrap();
     });
     let dx_relu = out(&mut |dx| {
-        bnorm::backward_into(
+        bnorm::expert::backward_into(
             &cfg,
             g,
             x,
@@ -152,8 +154,8 @@ fn run(
             dx,
             &mut grads,
             &mut ws,
-            bnorm::BackwardOptions::from(par)
-                .epilogue(bnorm::BackwardEpilogue::Relu { y: &add_relu }),
+            bnorm::expert::BackwardOptions::from(par)
+                .epilogue(bnorm::expert::BackwardEpilogue::Relu { y: &add_relu }),
         )
         .unwrap();
     });

@@ -3,12 +3,14 @@
 
 mod common;
 
-use bnorm::sync::{Communicator, ThreadComm};
-use bnorm::{
-    backward_into, forward_into, BackwardArithmetic, BackwardEpilogue, BackwardOptions, Config,
-    DType, Element, Epilogue, Error, Ghost, Grads, Layout, Mode, Options, Parallelism, Params,
-    RunningState, Saved, Variant, Workspace,
+use bnorm::config::{BackwardArithmetic, Ghost, Variant};
+use bnorm::element::{DType, Element};
+use bnorm::expert::{
+    backward_into, forward_into, BackwardEpilogue, BackwardOptions, Epilogue, Grads, Options,
+    Parallelism, Saved, Workspace,
 };
+use bnorm::sync::{Communicator, ThreadComm};
+use bnorm::{Config, Error, Layout, Mode, Params, RunningState};
 use common::{conventions, shape, Rng};
 
 /// What one rank (or the reference) produced in one step.
@@ -143,7 +145,7 @@ fn synchronized<T: Element>(
                         let mut y = vec![T::from_f64(0.0); x.len()];
                         let mut dx = y.clone();
                         let mut saved = Saved::default();
-                        let rep = bnorm::forward_into(
+                        let rep = bnorm::expert::forward_into(
                             cfg,
                             g,
                             &x,
@@ -153,10 +155,10 @@ fn synchronized<T: Element>(
                             &mut y,
                             &mut saved,
                             &mut ws,
-                            bnorm::Options::from(par).synchronized(&comm),
+                            bnorm::expert::Options::from(par).synchronized(&comm),
                         )?;
                         let mut grads = Grads::default();
-                        bnorm::backward_into(
+                        bnorm::expert::backward_into(
                             cfg,
                             g,
                             &x,
@@ -166,7 +168,7 @@ fn synchronized<T: Element>(
                             &mut dx,
                             &mut grads,
                             &mut ws,
-                            bnorm::BackwardOptions::from(par).synchronized(&comm),
+                            bnorm::expert::BackwardOptions::from(par).synchronized(&comm),
                         )?;
                         out.push(Step {
                             y: y.iter().map(|v| v.to_f64()).collect(),
@@ -383,12 +385,12 @@ fn every_layout_dtype_and_convention() {
                 match dtype {
                     DType::F32 => check::<f32>(&n, &cfg, layout, &full, &sizes, &steps, tol, 1e-9),
                     DType::F64 => check::<f64>(&n, &cfg, layout, &full, &sizes, &steps, tol, 1e-9),
-                    DType::F16 => {
-                        check::<bnorm::f16>(&n, &cfg, layout, &full, &sizes, &steps, tol, 1e-9)
-                    }
-                    DType::BF16 => {
-                        check::<bnorm::bf16>(&n, &cfg, layout, &full, &sizes, &steps, tol, 1e-9)
-                    }
+                    DType::F16 => check::<bnorm::element::f16>(
+                        &n, &cfg, layout, &full, &sizes, &steps, tol, 1e-9,
+                    ),
+                    DType::BF16 => check::<bnorm::element::bf16>(
+                        &n, &cfg, layout, &full, &sizes, &steps, tol, 1e-9,
+                    ),
                 };
             }
         }
@@ -495,7 +497,7 @@ fn forward_each(calls: Vec<(Config, Vec<usize>, Mode)>) -> Vec<Result<(), Error>
                     let mut st = RunningState::init(&cfg);
                     let (mut saved, mut ws) = (Saved::default(), Workspace::default());
                     let p = Params::init(&cfg);
-                    bnorm::forward_into(
+                    bnorm::expert::forward_into(
                         &cfg,
                         g,
                         &x,
@@ -505,7 +507,7 @@ fn forward_each(calls: Vec<(Config, Vec<usize>, Mode)>) -> Vec<Result<(), Error>
                         &mut y,
                         &mut saved,
                         &mut ws,
-                        bnorm::Options::from(Parallelism::Sequential).synchronized(&comm),
+                        bnorm::expert::Options::from(Parallelism::Sequential).synchronized(&comm),
                     )?;
                     Ok(())
                 })
@@ -650,7 +652,7 @@ fn backward_with_unsynchronized_saved_statistics_fails_everywhere() {
                     )?;
                     // ... then a synchronized backward.
                     let (mut dx, mut grads) = (vec![0.0; 6], Grads::default());
-                    bnorm::backward_into(
+                    bnorm::expert::backward_into(
                         &cfg,
                         g,
                         &x,
@@ -660,7 +662,8 @@ fn backward_with_unsynchronized_saved_statistics_fails_everywhere() {
                         &mut dx,
                         &mut grads,
                         &mut ws,
-                        bnorm::BackwardOptions::from(Parallelism::Sequential).synchronized(&comm),
+                        bnorm::expert::BackwardOptions::from(Parallelism::Sequential)
+                            .synchronized(&comm),
                     )
                 })
             })
@@ -802,5 +805,5 @@ fn synchronized_steps_take_every_option() {
         );
     }
     // the ReLU cut something, so the epilogue was really applied
-    assert!(whole.0.iter().any(|&v| v == 0.0));
+    assert!(whole.0.contains(&0.0));
 }

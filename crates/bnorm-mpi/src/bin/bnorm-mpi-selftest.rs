@@ -11,11 +11,11 @@ mod harness;
 
 use std::process::ExitCode;
 
+use bnorm::config::{Renorm, Variant};
+use bnorm::element::{DType, Element};
+use bnorm::expert::{backward_into, forward_into, Grads, Parallelism, Saved, Workspace};
 use bnorm::sync::Communicator;
-use bnorm::{
-    backward_into, forward_into, Config, DType, Element, Error, Grads, Layout, Mode, Momentum,
-    Parallelism, Params, Renorm, RunningState, Saved, Variant, Workspace,
-};
+use bnorm::{Config, Error, Layout, Mode, Momentum, Params, RunningState};
 use bnorm_mpi::MpiComm;
 use harness::{agree, hash, rel, starts, state_vecs, uneven, Rng};
 
@@ -43,7 +43,7 @@ struct Outcome {
 fn step<T: Element>(
     comm: Option<&MpiComm>,
     cfg: &Config,
-    g: bnorm::Geometry,
+    g: bnorm::expert::Geometry,
     x: &[f64],
     dy: &[f64],
     p: &Params,
@@ -59,7 +59,7 @@ fn step<T: Element>(
     let par = Parallelism::Rayon;
     match comm {
         Some(c) => {
-            bnorm::forward_into(
+            bnorm::expert::forward_into(
                 cfg,
                 g,
                 &x,
@@ -69,9 +69,9 @@ fn step<T: Element>(
                 &mut y,
                 &mut saved,
                 ws,
-                bnorm::Options::from(par).synchronized(c),
+                bnorm::expert::Options::from(par).synchronized(c),
             )?;
-            bnorm::backward_into(
+            bnorm::expert::backward_into(
                 cfg,
                 g,
                 &x,
@@ -81,7 +81,7 @@ fn step<T: Element>(
                 &mut dx,
                 &mut grads,
                 ws,
-                bnorm::BackwardOptions::from(par).synchronized(c),
+                bnorm::expert::BackwardOptions::from(par).synchronized(c),
             )?;
         }
         None => {
@@ -202,7 +202,7 @@ fn inconsistent(comm: &MpiComm, what: &str) -> bnorm::Result<bool> {
     let x = vec![1.0f32; g.len()];
     let mut y = vec![0.0f32; g.len() + y_extra];
     let mut st = RunningState::init(&cfg);
-    let r = bnorm::forward_into(
+    let r = bnorm::expert::forward_into(
         &cfg,
         g,
         &x,
@@ -212,7 +212,7 @@ fn inconsistent(comm: &MpiComm, what: &str) -> bnorm::Result<bool> {
         &mut y,
         &mut Saved::default(),
         &mut Workspace::default(),
-        bnorm::Options::from(Parallelism::Rayon).synchronized(comm),
+        bnorm::expert::Options::from(Parallelism::Rayon).synchronized(comm),
     );
     let ok = match (what, &r) {
         ("local", Err(Error::ChannelMismatch { .. })) => rank == bad,
@@ -256,8 +256,8 @@ fn run(comm: &MpiComm) -> bnorm::Result<bool> {
                 let (d, h, _) = match dtype {
                     DType::F32 => case::<f32>(comm, cfg, layout, seed)?,
                     DType::F64 => case::<f64>(comm, cfg, layout, seed)?,
-                    DType::F16 => case::<bnorm::f16>(comm, cfg, layout, seed)?,
-                    DType::BF16 => case::<bnorm::bf16>(comm, cfg, layout, seed)?,
+                    DType::F16 => case::<bnorm::element::f16>(comm, cfg, layout, seed)?,
+                    DType::BF16 => case::<bnorm::element::bf16>(comm, cfg, layout, seed)?,
                 };
                 let (d, same) = agree(comm, d, h)?;
                 if rank == 0 && (d > 1e-6 || !same) {

@@ -26,7 +26,7 @@ fuzz_target!(|data: &[u8]| {
             };
             if let Ok((converted, _)) = layer.convert(to, &opts) {
                 let mut out = Checkpoint::default();
-                let _ = out.insert_layer(&converted, bnorm::DType::F32);
+                let _ = out.insert_layer(&converted, bnorm::element::DType::F32);
             }
         }
     }

@@ -15,7 +15,7 @@ use crate::config::{Config, Momentum, VarianceEstimator};
 use crate::element::DType;
 use crate::layer::BatchNorm;
 use crate::state::{Params, RenormState, RunningState};
-use crate::{bf16, f16};
+use crate::element::{bf16, f16};
 
 /// Largest header this reader accepts (the safetensors crate's own limit is 100 MB).
 const MAX_HEADER: u64 = 100_000_000;
@@ -195,9 +195,9 @@ impl Tensor {
     ///
     /// ```
     /// use bnorm::interop::Tensor;
-    /// let t = Tensor::from_f64(&[1.0, 0.1], vec![2], bnorm::DType::F16);
+    /// let t = Tensor::from_f64(&[1.0, 0.1], vec![2], bnorm::element::DType::F16);
     /// assert_eq!(t.bytes.len(), 4);
-    /// assert_eq!(t.to_f64("t")?[1], bnorm::f16::from_f64(0.1).to_f64());
+    /// assert_eq!(t.to_f64("t")?[1], bnorm::element::f16::from_f64(0.1).to_f64());
     /// # Ok::<(), bnorm::interop::InteropError>(())
     /// ```
     pub fn from_f64(values: &[f64], shape: Vec<usize>, dtype: DType) -> Tensor {

@@ -15,7 +15,7 @@ use super::error::InteropError;
 use super::Result;
 use crate::element::{DType, Element};
 use crate::state::Params;
-use crate::{bf16, f16};
+use crate::element::{bf16, f16};
 
 /// The kind of layer batch norm is folded into. Weights use PyTorch's layouts: linear
 /// `(out, in)`, convolution `(out, in/groups, k…)`, transposed convolution
@@ -232,7 +232,7 @@ fn channel_mismatch(what: &str, layer_ch: usize, bn: usize) -> InteropError {
 /// // Linear 1 -> 2, then batch norm with scale (2, 0.5) and shift (1, -1).
 /// let bn = BnAffine { scale: vec![2.0, 0.5], shift: vec![1.0, -1.0] };
 /// let f = fold_into_preceding(&[3.0, 4.0], &[2, 1], Some(&[0.0, 2.0]), LinearKind::Linear,
-///                             &bn, bnorm::DType::F64)?;
+///                             &bn, bnorm::element::DType::F64)?;
 /// assert_eq!(f.weight, vec![6.0, 2.0]);
 /// assert_eq!(f.bias, vec![1.0, 0.0]);
 /// assert!(f.max_error < 1e-12);
@@ -292,11 +292,11 @@ pub fn fold_into_preceding(
 /// use bnorm::interop::{fold_into_following, BnAffine, LinearKind, InteropError};
 /// let bn = BnAffine { scale: vec![2.0, 0.5], shift: vec![1.0, -1.0] };
 /// let f = fold_into_following(&[1.0, 1.0], &[1, 2], None, LinearKind::Linear, &bn, false,
-///                             bnorm::DType::F32)?;
+///                             bnorm::element::DType::F32)?;
 /// assert_eq!(f.weight, vec![2.0, 0.5]);
 /// assert_eq!(f.bias, vec![0.0]);
 /// let padded = fold_into_following(&[1.0; 18], &[1, 2, 3, 3], None,
-///     LinearKind::Conv { groups: 1 }, &bn, true, bnorm::DType::F32);
+///     LinearKind::Conv { groups: 1 }, &bn, true, bnorm::element::DType::F32);
 /// assert!(matches!(padded, Err(InteropError::FoldNotExact { .. })));
 /// # Ok::<(), InteropError>(())
 /// ```

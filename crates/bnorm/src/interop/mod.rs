@@ -30,7 +30,7 @@
 //! layer.running_var = Some(vec![2.0, 0.25]);
 //! layer.num_batches_tracked = Some(10);
 //! let mut ckpt = Checkpoint::default();
-//! ckpt.insert_layer(&layer, bnorm::DType::F32)?;
+//! ckpt.insert_layer(&layer, bnorm::element::DType::F32)?;
 //! let bytes = ckpt.to_bytes()?;
 //!
 //! let back = Checkpoint::from_bytes(&bytes)?.layers()?;

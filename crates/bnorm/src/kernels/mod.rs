@@ -616,7 +616,8 @@ const FUSE_BYTES: usize = 2 << 20;
 /// memory-traffic floor.
 ///
 /// ```
-/// use bnorm::{fused_channels, Layout};
+/// use bnorm::Layout;
+/// use bnorm::tuning::fused_channels;
 /// let g = Layout::NCHW.geometry(&[64, 128, 56, 56]).unwrap();
 /// assert_eq!(fused_channels::<f32>(g, 1), 2); // 800 KB per channel of x
 /// assert_eq!(fused_channels::<f32>(g, 2), 1); // x and dy: 1.6 MB

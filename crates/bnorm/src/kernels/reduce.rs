@@ -19,7 +19,7 @@ pub struct Workspace {
     pub(crate) tmp_pairs: Vec<(f64, f64)>,
     pub(crate) coef: Vec<f64>,
     /// The statistics a forward step fills before it can fail; they replace the caller's
-    /// [`Saved`](crate::Saved) only when the step succeeds.
+    /// [`Saved`](crate::expert::Saved) only when the step succeeds.
     pub(crate) next_saved: crate::forward::Saved,
 }
 

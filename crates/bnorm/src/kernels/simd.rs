@@ -56,8 +56,8 @@ static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
 /// The level the kernels use: the best the CPU supports, capped by `BNORM_SIMD`.
 ///
 /// ```
-/// let level = bnorm::simd_level();
-/// assert!(bnorm::SimdLevel::supported().contains(&level));
+/// let level = bnorm::tuning::simd_level();
+/// assert!(bnorm::tuning::SimdLevel::supported().contains(&level));
 /// ```
 pub fn simd_level() -> SimdLevel {
     *LEVEL.get_or_init(|| {

@@ -1,10 +1,10 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use bnorm::{
-    Config, Ghost, GhostGrouping, GhostRemainder, GhostUpdate, Layout, Momentum, Renorm,
-    RenormSchedule, Variant,
+use bnorm::config::{
+    Ghost, GhostGrouping, GhostRemainder, GhostUpdate, Renorm, RenormSchedule, Variant,
 };
+use bnorm::{Config, Layout, Momentum};
 
 /// A small deterministic generator (SplitMix64), so tests need no extra crate.
 pub struct Rng(pub u64);
