@@ -62,7 +62,8 @@ fn step<T: Element>(
 }
 
 fn sweep<T: Element>(tol: f64) {
-    let levels = SimdLevel::supported();
+    let levels = common::simd_levels();
+    let mut ran = Vec::new();
     let mut shapes: Vec<(Layout, Vec<usize>)> = Vec::new();
     for inner in [
         1usize, 2, 3, 7, 8, 9, 15, 16, 17, 31, 33, 63, 65, 2047, 2049,
@@ -116,6 +117,7 @@ fn sweep<T: Element>(tol: f64) {
         let rb = reference::backward(&cfg, *layout, shape, &xw, &dyw, &p, &r).unwrap();
         let base = step(SimdLevel::Scalar, &cfg, *layout, shape, &x, &dy);
         for &level in &levels {
+            ran.push(level);
             let (y, dx, grads, s) = step(level, &cfg, *layout, shape, &x, &dy);
             let ctx = format!("{} {layout} {shape:?} {level:?} {arith:?}", T::DTYPE);
             let w = |v: &[T]| v.iter().map(|e| e.to_f64()).collect::<Vec<_>>();
@@ -152,6 +154,26 @@ fn sweep<T: Element>(tol: f64) {
             );
         }
     }
+    common::simd_ran(&format!("simd_paths {}", T::DTYPE), &ran);
+}
+
+/// `BNORM_REQUIRE_SIMD` turns a level the CPU lacks, or an unknown name, into an error.
+#[test]
+fn require_simd_refuses_missing_and_unknown_levels() {
+    use common::required_simd_levels as req;
+    let avx2_cpu = [SimdLevel::Scalar, SimdLevel::Avx2];
+    assert_eq!(req("", &avx2_cpu), Ok(vec![]));
+    assert_eq!(
+        req(" avx2 ,scalar,", &avx2_cpu),
+        Ok(vec![SimdLevel::Avx2, SimdLevel::Scalar])
+    );
+    let e = req("avx2,avx512", &avx2_cpu).unwrap_err();
+    assert!(
+        e.contains("requires SIMD level avx512") && e.contains("only scalar, avx2"),
+        "{e}"
+    );
+    let e = req("avx2,avx3", &avx2_cpu).unwrap_err();
+    assert!(e.contains("unknown SIMD level \"avx3\""), "{e}");
 }
 
 #[test]

@@ -5,9 +5,11 @@
 //! ReLU and backward (with the backward map in f64 and in f32), sequential and threaded,
 //! against the scalar level (which never streams).
 
+mod common;
+
 use bnorm::config::BackwardArithmetic;
 use bnorm::expert::{backward_into, forward_into, Grads, Parallelism, Saved, Workspace};
-use bnorm::tuning::{with_simd_level, SimdLevel};
+use bnorm::tuning::{simd_level, with_simd_level, SimdLevel};
 use bnorm::{Config, Layout, Mode, Params, RunningState};
 
 /// Where the outputs go.
@@ -185,19 +187,22 @@ fn inputs(shp: &[usize]) -> (Vec<f32>, Vec<f32>) {
 
 fn check_with(layout: Layout, shp: &[usize], x: &[f32], dy: &[f32], place: Place) {
     let mut dx = vec![];
+    let mut ran = vec![SimdLevel::Scalar];
     for arith in [BackwardArithmetic::F64, BackwardArithmetic::F32] {
         let want = with_simd_level(SimdLevel::Scalar, || {
             run(layout, shp, x, dy, place, Parallelism::Sequential, arith)
         });
-        compare(layout, shp, x, dy, place, arith, &want);
+        ran.extend(compare(layout, shp, x, dy, place, arith, &want));
         dx.push(want[3].clone());
     }
     // The two arithmetics are different paths (a few dx differ in the last bits).
     assert!(dx[0] != dx[1], "the f32 backward map was not used");
+    common::simd_ran(&format!("streaming {layout} {shp:?} {place:?}"), &ran);
 }
 
-/// The best level (sequential and threaded), then AVX2 forced (its own streaming kernels
-/// where the CPU also has AVX-512), against `want`.
+/// Every level above scalar the CPU has, forced, sequentially (AVX2 has its own
+/// streaming kernels where the CPU also has AVX-512), then the process-wide level
+/// threaded, against `want`. Returns the levels it ran.
 fn compare(
     layout: Layout,
     shp: &[usize],
@@ -206,12 +211,16 @@ fn compare(
     place: Place,
     arith: BackwardArithmetic,
     want: &[Vec<f32>; 8],
-) {
-    for (level, par) in [
-        (None, Parallelism::Sequential),
-        (None, Parallelism::Rayon),
-        (Some(SimdLevel::Avx2), Parallelism::Sequential),
-    ] {
+) -> Vec<SimdLevel> {
+    let mut runs: Vec<(Option<SimdLevel>, Parallelism)> = common::simd_levels()
+        .into_iter()
+        .filter(|&l| l != SimdLevel::Scalar)
+        .map(|l| (Some(l), Parallelism::Sequential))
+        .collect();
+    runs.push((None, Parallelism::Rayon));
+    let mut ran = vec![];
+    for (level, par) in runs {
+        ran.push(level.unwrap_or_else(simd_level));
         let got = match level {
             Some(l) => with_simd_level(l, || run(layout, shp, x, dy, place, par, arith)),
             None => run(layout, shp, x, dy, place, par, arith),
@@ -237,6 +246,7 @@ fn compare(
             );
         }
     }
+    ran
 }
 
 #[test]

@@ -4,7 +4,9 @@
 use bnorm::config::{
     Ghost, GhostGrouping, GhostRemainder, GhostUpdate, Renorm, RenormSchedule, Variant,
 };
+use bnorm::tuning::SimdLevel;
 use bnorm::{Config, Layout, Momentum};
+use std::io::Write;
 
 /// A small deterministic generator (SplitMix64), so tests need no extra crate.
 pub struct Rng(pub u64);
@@ -148,6 +150,101 @@ pub fn assert_close(what: &str, got: &[f64], want: &[f64], atol: f64, rtol: f64)
         assert!(
             (g - w).abs() <= tol || (g.is_nan() && w.is_nan()),
             "{what}[{i}]: got {g}, want {w} (tol {tol})"
+        );
+    }
+}
+
+/// Every SIMD level there is, lowest first.
+fn all_simd_levels() -> [SimdLevel; 3] {
+    // Exhaustive on purpose: a new level stops this build until it is listed below.
+    match SimdLevel::Scalar {
+        SimdLevel::Scalar | SimdLevel::Avx2 | SimdLevel::Avx512 => {}
+    }
+    [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512]
+}
+
+fn simd_names(levels: &[SimdLevel]) -> String {
+    let names: Vec<&str> = levels.iter().map(|l| l.name()).collect();
+    names.join(", ")
+}
+
+/// The levels `required` (the value of `BNORM_REQUIRE_SIMD`: comma-separated level
+/// names, empty for none) asks for, checked against the levels the CPU has
+/// (`supported`): an error names an unknown level, or a required level the CPU lacks.
+pub fn required_simd_levels(
+    required: &str,
+    supported: &[SimdLevel],
+) -> Result<Vec<SimdLevel>, String> {
+    let known = all_simd_levels();
+    let mut out = Vec::new();
+    for name in required.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let level = known
+            .iter()
+            .copied()
+            .find(|l| l.name().eq_ignore_ascii_case(name))
+            .ok_or_else(|| {
+                format!(
+                    "BNORM_REQUIRE_SIMD={required:?}: unknown SIMD level {name:?} (known: {})",
+                    simd_names(&known)
+                )
+            })?;
+        if !supported.contains(&level) {
+            return Err(format!(
+                "BNORM_REQUIRE_SIMD={required:?} requires SIMD level {}, but this CPU has only \
+                 {} (SimdLevel::supported()): the tests would skip it",
+                level.name(),
+                simd_names(supported)
+            ));
+        }
+        if !out.contains(&level) {
+            out.push(level);
+        }
+    }
+    Ok(out)
+}
+
+/// The levels `BNORM_REQUIRE_SIMD` requires; panics when it names an unknown level or
+/// one this CPU lacks.
+pub fn required_simd() -> Vec<SimdLevel> {
+    let required = match std::env::var("BNORM_REQUIRE_SIMD") {
+        Ok(v) => v,
+        Err(std::env::VarError::NotPresent) => String::new(),
+        Err(e) => panic!("BNORM_REQUIRE_SIMD: {e}"),
+    };
+    required_simd_levels(&required, &SimdLevel::supported()).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// The levels a test of every SIMD path runs: all this CPU supports, after checking
+/// that they include every level `BNORM_REQUIRE_SIMD` requires (a panic otherwise, so
+/// that a CI machine without the promised instructions fails instead of skipping them).
+pub fn simd_levels() -> Vec<SimdLevel> {
+    required_simd();
+    SimdLevel::supported()
+}
+
+/// Reports the levels `test` ran (on stderr, past the test harness's capture, so that
+/// the log shows them) and panics unless they include every required level.
+pub fn simd_ran(test: &str, ran: &[SimdLevel]) {
+    let mut ran = ran.to_vec();
+    ran.sort();
+    ran.dedup();
+    let required = required_simd();
+    let line = format!(
+        "{test}: ran SIMD levels {} (BNORM_REQUIRE_SIMD: {})\n",
+        simd_names(&ran),
+        if required.is_empty() {
+            "none".to_string()
+        } else {
+            simd_names(&required)
+        }
+    );
+    let _ = std::io::stderr().write_all(line.as_bytes());
+    for level in required {
+        assert!(
+            ran.contains(&level),
+            "{test}: BNORM_REQUIRE_SIMD requires SIMD level {}, but the test ran only {}",
+            level.name(),
+            simd_names(&ran)
         );
     }
 }
