@@ -52,6 +52,7 @@ fn demo_runs_end_to_end_and_reports_every_number() {
         "batch1_train",
         "full_batch_train",
         "never_updated",
+        "recalibrated",
     ] {
         let v = &r["accuracy"][key];
         assert!(
@@ -80,7 +81,171 @@ fn demo_runs_end_to_end_and_reports_every_number() {
     assert_eq!(r["drift"].as_array().unwrap().len(), 4);
     let png = std::fs::read(dir.join("p.png")).unwrap();
     assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+    let image = Rgb::decode(&png);
+    assert_eq!((image.width, image.height), (1100, 820));
+    assert_bars_show(&image, &r["accuracy"]);
     std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A decoded 8-bit RGB PNG (what the demo's plot writes).
+struct Rgb {
+    width: usize,
+    height: usize,
+    pixels: Vec<u8>,
+}
+
+impl Rgb {
+    fn decode(png: &[u8]) -> Rgb {
+        use std::io::Read;
+        let be = |b: &[u8]| u32::from_be_bytes(b.try_into().unwrap()) as usize;
+        let (mut pos, mut width, mut height, mut zlib) = (8, 0, 0, Vec::new());
+        while pos + 8 <= png.len() {
+            let len = be(&png[pos..pos + 4]);
+            let (kind, body) = (&png[pos + 4..pos + 8], &png[pos + 8..pos + 8 + len]);
+            match kind {
+                b"IHDR" => {
+                    (width, height) = (be(&body[..4]), be(&body[4..8]));
+                    assert_eq!(
+                        (body[8], body[9], body[12]),
+                        (8, 2, 0),
+                        "not 8-bit RGB, non-interlaced"
+                    );
+                }
+                b"IDAT" => zlib.extend_from_slice(body),
+                _ => {}
+            }
+            pos += 12 + len;
+        }
+        let mut raw = Vec::new();
+        flate2::read::ZlibDecoder::new(&zlib[..])
+            .read_to_end(&mut raw)
+            .unwrap();
+        let stride = width * 3;
+        assert_eq!(raw.len(), height * (stride + 1));
+        let mut pixels = vec![0u8; height * stride];
+        for y in 0..height {
+            let filter = raw[y * (stride + 1)];
+            for i in 0..stride {
+                let x = raw[y * (stride + 1) + 1 + i];
+                let a = if i >= 3 {
+                    pixels[y * stride + i - 3]
+                } else {
+                    0
+                } as i16;
+                let b = if y > 0 {
+                    pixels[(y - 1) * stride + i]
+                } else {
+                    0
+                } as i16;
+                let c = if y > 0 && i >= 3 {
+                    pixels[(y - 1) * stride + i - 3]
+                } else {
+                    0
+                } as i16;
+                let predicted = match filter {
+                    0 => 0,
+                    1 => a,
+                    2 => b,
+                    3 => (a + b) / 2,
+                    4 => {
+                        let p = a + b - c;
+                        let (pa, pb, pc) = ((p - a).abs(), (p - b).abs(), (p - c).abs());
+                        if pa <= pb && pa <= pc {
+                            a
+                        } else if pb <= pc {
+                            b
+                        } else {
+                            c
+                        }
+                    }
+                    f => panic!("PNG filter {f}"),
+                };
+                pixels[y * stride + i] = x.wrapping_add(predicted as u8);
+            }
+        }
+        Rgb {
+            width,
+            height,
+            pixels,
+        }
+    }
+
+    fn at(&self, x: usize, y: usize) -> [u8; 3] {
+        let i = (y * self.width + x) * 3;
+        self.pixels[i..i + 3].try_into().unwrap()
+    }
+}
+
+/// The bar chart below the curves shows the report's five accuracies in table order: the
+/// first (running statistics) as the one green bar on top, the rest as grey bars below it,
+/// each as long as its accuracy says (bars share their left end; lengths are compared as
+/// ratios, so the axis scale does not matter).
+fn assert_bars_show(image: &Rgb, accuracy: &serde_json::Value) {
+    const GREEN: [u8; 3] = [0, 150, 60];
+    const GREY: [u8; 3] = [120, 130, 150];
+    let keys = [
+        "running",
+        "batch1_train",
+        "full_batch_train",
+        "never_updated",
+        "recalibrated",
+    ];
+    let values: Vec<Option<f64>> = keys.iter().map(|k| accuracy[*k].as_f64()).collect();
+    if values.iter().any(|v| !v.is_some_and(|a| a >= 0.03)) {
+        // A refused row or a bar too short to find: nothing to measure.
+        return;
+    }
+    // Horizontal bands of rows holding a bar colour below the curve panels (440 pixels
+    // high, where green also draws a curve): (colour, first x, last x) per band.
+    let mut bands: Vec<([u8; 3], usize, usize)> = Vec::new();
+    let mut in_band = false;
+    for y in 440..image.height {
+        let row: Vec<(usize, [u8; 3])> = (0..image.width)
+            .map(|x| (x, image.at(x, y)))
+            .filter(|(_, p)| *p == GREEN || *p == GREY)
+            .collect();
+        let Some(&(first, colour)) = row.first() else {
+            in_band = false;
+            continue;
+        };
+        let last = row.last().unwrap().0;
+        if !in_band {
+            bands.push((colour, first, last));
+            in_band = true;
+        } else {
+            let b = bands.last_mut().unwrap();
+            assert_eq!(b.0, colour, "a band of two colours at y = {y}");
+            (b.1, b.2) = (b.1.min(first), b.2.max(last));
+        }
+    }
+    let colours: Vec<[u8; 3]> = bands.iter().map(|b| b.0).collect();
+    assert_eq!(
+        colours,
+        [GREEN, GREY, GREY, GREY, GREY],
+        "bars by colour, top to bottom: {bands:?}"
+    );
+    let x0 = bands[0].1;
+    let lengths: Vec<f64> = bands
+        .iter()
+        .map(|b| {
+            assert!(
+                b.1.abs_diff(x0) <= 1,
+                "bars start at different x: {bands:?}"
+            );
+            (b.2 + 1 - x0) as f64
+        })
+        .collect();
+    let per_unit = lengths[0] / values[0].unwrap();
+    for (i, (len, v)) in lengths.iter().zip(&values).enumerate() {
+        let want = v.unwrap() * per_unit;
+        assert!(
+            (len - want).abs() <= 3.0,
+            "bar {} ({}) is {len} pixels, expected {want:.1} for accuracy {}",
+            i + 1,
+            keys[i],
+            v.unwrap()
+        );
+    }
 }
 
 fn be32(v: u32) -> [u8; 4] {

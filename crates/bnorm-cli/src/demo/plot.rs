@@ -69,6 +69,12 @@ fn series(epochs: &[Value], key: &str) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// How many epoch labels the curve panels ask for: as many as epochs (up to 15), so that
+/// every label falls on a whole epoch.
+fn epoch_labels(epochs: &[Value]) -> usize {
+    epochs.len().clamp(2, 15)
+}
+
 /// Draws the plot into `path` (through a temporary file and a rename).
 pub fn write(path: &Path, epochs: &[Value], bars: &[Bar]) -> Result<()> {
     plotters::style::register_font("sans-serif", FontStyle::Normal, FONT)
@@ -114,6 +120,7 @@ fn loss_panel(area: &Area, epochs: &[Value]) -> DrawResult {
         .build_cartesian_2d(1.0..n, 0.0..max_loss)?;
     chart
         .configure_mesh()
+        .x_labels(epoch_labels(epochs))
         .x_desc("epoch")
         .y_desc("cross-entropy")
         .x_label_formatter(&|v| format!("{v:.0}"))
@@ -146,6 +153,7 @@ fn accuracy_panel(area: &Area, epochs: &[Value]) -> DrawResult {
         .build_cartesian_2d(1.0..n, lo..1.0)?;
     chart
         .configure_mesh()
+        .x_labels(epoch_labels(epochs))
         .x_desc("epoch")
         .y_desc("accuracy")
         .x_label_formatter(&|v| format!("{v:.0}"))
@@ -173,6 +181,9 @@ fn accuracy_panel(area: &Area, epochs: &[Value]) -> DrawResult {
 /// (row 1) in green, each bar's accuracy printed on it (or beside it when the bar is short).
 fn comparison_panel(area: &Area, bars: &[Bar]) -> DrawResult {
     let n = bars.len();
+    if n == 0 {
+        return Ok(());
+    }
     // Segment i from the bottom holds bar n-1-i, so the table's first row is on top.
     let bar_at = |i: usize| n - 1 - i;
     let mut chart = ChartBuilder::on(area)
@@ -184,10 +195,12 @@ fn comparison_panel(area: &Area, bars: &[Bar]) -> DrawResult {
         .margin_right(30)
         .x_label_area_size(40)
         .y_label_area_size(290)
-        .build_cartesian_2d(0.0..100.0, (0..n).into_segmented())?;
+        // An integer range includes its end: 0..n-1 is n segments.
+        .build_cartesian_2d(0.0..100.0, (0..n - 1).into_segmented())?;
     chart
         .configure_mesh()
         .disable_y_mesh()
+        .light_line_style(WHITE)
         .y_labels(n)
         .x_labels(11)
         .x_desc("test accuracy")
@@ -199,7 +212,10 @@ fn comparison_panel(area: &Area, bars: &[Bar]) -> DrawResult {
         .y_label_style(("sans-serif", 17))
         .draw()?;
     chart.draw_series((0..n).map(|i| {
-        let (bar, color) = (&bars[bar_at(i)], if i == n - 1 { RIGHT_WAY } else { OTHER_WAY });
+        let (bar, color) = (
+            &bars[bar_at(i)],
+            if bar_at(i) == 0 { RIGHT_WAY } else { OTHER_WAY },
+        );
         let end = bar.accuracy.unwrap_or(0.0) * 100.0;
         let mut r = Rectangle::new(
             [
@@ -266,7 +282,13 @@ mod tests {
         let values: Vec<Option<f64>> = b.iter().map(|b| b.accuracy).collect();
         assert_eq!(
             values,
-            [Some(0.971), Some(0.123), Some(0.965), Some(0.402), Some(0.974)]
+            [
+                Some(0.971),
+                Some(0.123),
+                Some(0.965),
+                Some(0.402),
+                Some(0.974)
+            ]
         );
     }
 
