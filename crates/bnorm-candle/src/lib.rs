@@ -116,13 +116,13 @@ impl BatchNorm {
     /// non-negative variances). A checkpoint without `num_batches_tracked` loads as 0.
     pub fn new(cfg: Config, layout: Layout, vb: VarBuilder) -> Result<BatchNorm> {
         cfg.validate().map_err(wrap)?;
-        let c = cfg.num_channels();
-        let weight = if cfg.has_scale() {
+        let c = cfg.get_channels();
+        let weight = if cfg.get_scale() {
             Some(vb.get_with_hints(c, "weight", Init::Const(1.0))?)
         } else {
             None
         };
-        let bias = if cfg.has_center() {
+        let bias = if cfg.get_center() {
             Some(vb.get_with_hints(c, "bias", Init::Const(0.0))?)
         } else {
             None
@@ -130,7 +130,7 @@ impl BatchNorm {
         let (mut running_mean, mut running_var, mut num_batches_tracked, mut state) =
             (None, None, None, None);
         let mut mirrored = None;
-        if cfg.tracks_running_stats() {
+        if cfg.get_track_running_stats() {
             let rm = vb.get_with_hints(c, "running_mean", Init::Const(0.0))?;
             let rv = vb.get_with_hints(c, "running_var", Init::Const(1.0))?;
             let nbt =
@@ -211,7 +211,7 @@ impl BatchNorm {
     /// Replaces the running statistics (validated; on error nothing changes) and mirrors
     /// them into the candle variables.
     pub fn set_running_state(&self, state: RunningState) -> Result<()> {
-        if !self.cfg.tracks_running_stats() {
+        if !self.cfg.get_track_running_stats() {
             return Err(wrap(bnorm::Error::NoRunningStatistics));
         }
         state.validate(&self.cfg).map_err(wrap)?;
@@ -299,7 +299,7 @@ impl BatchNorm {
     /// every forward normalizes with batch statistics (as in training), leaves the running
     /// statistics alone, and accumulates the exact population statistics of its input.
     pub fn start_recalibration(&self) -> Result<()> {
-        lock(&self.inner)?.recal = Some(Recalibration::new(self.cfg.num_channels()));
+        lock(&self.inner)?.recal = Some(Recalibration::new(self.cfg.get_channels()));
         Ok(())
     }
 
@@ -337,7 +337,7 @@ impl BatchNorm {
             result: Mutex::new(OpResult::default()),
         });
         let dev = x.device();
-        let c = self.cfg.num_channels();
+        let c = self.cfg.get_channels();
         let ones;
         let w = match &self.weight {
             Some(w) => w,

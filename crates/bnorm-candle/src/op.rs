@@ -193,8 +193,8 @@ impl CustomOp3 for BnOp {
         l3: &CLayout,
     ) -> Result<(CpuStorage, Shape)> {
         let params = Params {
-            weight: params_of(s2, l2, self.cfg.has_scale())?,
-            bias: params_of(s3, l3, self.cfg.has_center())?,
+            weight: params_of(s2, l2, self.cfg.get_scale())?,
+            bias: params_of(s3, l3, self.cfg.get_center())?,
         };
         match s1 {
             CpuStorage::F32(x) => self.fwd_typed(x, l1, params),
@@ -221,8 +221,8 @@ impl CustomOp3 for BnOp {
             }
         };
         let params = Params {
-            weight: to_f64(w, self.cfg.has_scale())?,
-            bias: to_f64(b, self.cfg.has_center())?,
+            weight: to_f64(w, self.cfg.get_scale())?,
+            bias: to_f64(b, self.cfg.get_center())?,
         };
         let (dx, dw, db) = match x.dtype() {
             DType::F32 => self.bwd_typed::<f32>(x, w, dy, &params)?,
@@ -233,8 +233,8 @@ impl CustomOp3 for BnOp {
         };
         Ok((
             Some(dx),
-            self.cfg.has_scale().then_some(dw),
-            self.cfg.has_center().then_some(db),
+            self.cfg.get_scale().then_some(dw),
+            self.cfg.get_center().then_some(db),
         ))
     }
 }

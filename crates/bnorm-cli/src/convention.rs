@@ -174,10 +174,10 @@ mod tests {
     #[test]
     fn configs_follow_the_framework_defaults() {
         let flax = Convention::Flax.config(3, None);
-        assert_eq!(flax.epsilon(), 1e-5);
-        assert_eq!(flax.momentum_convention(), Momentum::Decay(0.99));
+        assert_eq!(flax.get_eps(), 1e-5);
+        assert_eq!(flax.get_momentum(), Momentum::Decay(0.99));
         assert_eq!(
-            Convention::Tf.config(3, Some(0.9)).momentum_convention(),
+            Convention::Tf.config(3, Some(0.9)).get_momentum(),
             Momentum::DebiasedDecay(0.9)
         );
     }

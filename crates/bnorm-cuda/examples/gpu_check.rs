@@ -142,7 +142,7 @@ fn verify_dtype<T: GpuElement>(gpu: &Gpu, rng: &mut Rng, t: &mut Tally) -> Resul
                 let xd = DeviceTensor::upload(gpu, &x, &shape, layout)?;
                 let dyd = DeviceTensor::upload(gpu, &dyh, &shape, layout)?;
                 let mut ws = Workspace::default();
-                let modes: &[Mode] = if cfg.tracks_running_stats() {
+                let modes: &[Mode] = if cfg.get_track_running_stats() {
                     &[Mode::Train, Mode::Train, Mode::Inference, Mode::Frozen]
                 } else {
                     &[Mode::Train, Mode::Inference]

@@ -159,9 +159,9 @@ fn ensure<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
 }
 
 fn check_channels(cfg: &Config, g: Geometry) -> Result<()> {
-    if g.channels != cfg.num_channels() {
+    if g.channels != cfg.get_channels() {
         return Err(bnorm::Error::ChannelMismatch {
-            expected: cfg.num_channels(),
+            expected: cfg.get_channels(),
             got: g.channels,
         }
         .into());
@@ -196,7 +196,7 @@ impl GpuBatchNorm {
         state: Option<RunningState>,
     ) -> Result<GpuBatchNorm> {
         cfg.validate()?;
-        match cfg.variant_kind() {
+        match cfg.get_variant() {
             Variant::BatchNorm => {}
             Variant::Renorm(_) => {
                 return Err(CudaError::Unsupported {
@@ -210,7 +210,7 @@ impl GpuBatchNorm {
             }
         }
         params.validate(&cfg)?;
-        let c = cfg.num_channels();
+        let c = cfg.get_channels();
         let stream = gpu.stream.clone();
         let zeros = |n: usize| -> Result<CudaSlice<f64>> {
             stream
@@ -220,7 +220,7 @@ impl GpuBatchNorm {
         let mut bn = GpuBatchNorm {
             gpu: gpu.clone(),
             stream: stream.clone(),
-            tracked: cfg.tracks_running_stats(),
+            tracked: cfg.get_track_running_stats(),
             updates: 0,
             gamma: zeros(c)?,
             beta: zeros(c)?,
@@ -259,7 +259,7 @@ impl GpuBatchNorm {
     /// Replaces gamma and beta (checked against the configuration).
     pub fn set_params(&mut self, params: Params) -> Result<()> {
         params.validate(&self.cfg)?;
-        let c = self.cfg.num_channels();
+        let c = self.cfg.get_channels();
         let gamma: Vec<f64> = (0..c).map(|ch| params.gamma(ch)).collect();
         let beta: Vec<f64> = (0..c).map(|ch| params.beta(ch)).collect();
         self.stream
@@ -329,7 +329,7 @@ impl GpuBatchNorm {
             .map_err(CudaError::driver("download flags"))?;
         Ok(flags
             .iter()
-            .take(self.cfg.num_channels())
+            .take(self.cfg.get_channels())
             .enumerate()
             .filter(|(_, &f)| f != 0)
             .map(|(c, _)| c)
@@ -348,7 +348,7 @@ impl GpuBatchNorm {
             .stream
             .clone_dtoh(&self.grads)
             .map_err(CudaError::driver("download gradients"))?;
-        let c = self.cfg.num_channels();
+        let c = self.cfg.get_channels();
         Ok(Grads {
             dweight: g[..c].to_vec(),
             dbias: g[c..2 * c].to_vec(),
@@ -409,7 +409,7 @@ impl GpuBatchNorm {
         };
         let mut report = StepReport::default();
         if normalized == Normalized::Running && self.updates == 0 {
-            match self.cfg.cold_policy() {
+            match self.cfg.get_cold_statistics() {
                 ColdPolicy::Error => return Err(bnorm::Error::ColdStatistics.into()),
                 ColdPolicy::Report => report.cold_statistics = true,
                 ColdPolicy::Allow => {}
@@ -431,7 +431,7 @@ impl GpuBatchNorm {
             unreachable!("ensured above")
         };
         let c32 = c as u32;
-        let eps = self.cfg.epsilon();
+        let eps = self.cfg.get_eps();
         let cgrid = launch_cfg((channel_grid(c), 1, 1), (BLOCK, 1, 1));
         if normalized == Normalized::Running {
             saved.count = 0.0;
@@ -469,7 +469,7 @@ impl GpuBatchNorm {
             // by the reduction just queued on the same stream; stats 3·C, coef 4·C.
             unsafe { b.launch(cgrid) }.map_err(CudaError::driver("bn_finalize_train"))?;
             if mode == Mode::Train && self.tracked {
-                if self.cfg.non_finite_policy() == NonFinitePolicy::Error {
+                if self.cfg.get_non_finite() == NonFinitePolicy::Error {
                     let s = stream
                         .clone_dtoh(&*stats)
                         .map_err(CudaError::driver("download statistics"))?;
@@ -482,9 +482,9 @@ impl GpuBatchNorm {
                 }
                 self.updates += 1;
                 let t = self.updates;
-                let a = self.cfg.momentum_convention().new_weight(t);
+                let a = self.cfg.get_momentum().new_weight(t);
                 let unbiased =
-                    i32::from(self.cfg.running_variance_estimator() == VarianceEstimator::Unbiased);
+                    i32::from(self.cfg.get_running_variance() == VarianceEstimator::Unbiased);
                 let f = self.gpu.function("bn_running_update")?;
                 let mut b = stream.launch_builder(&f);
                 b.arg(&c32)
@@ -524,7 +524,7 @@ impl GpuBatchNorm {
             unreachable!("ensured above")
         };
         let n = g.per_channel() as f64;
-        let (c32, s32, eps) = (c as u32, split.splits(), self.cfg.epsilon());
+        let (c32, s32, eps) = (c as u32, split.splits(), self.cfg.get_eps());
         let f = self.gpu.function("bn_finalize_train")?;
         let mut b = stream.launch_builder(&f);
         b.arg(&c32)

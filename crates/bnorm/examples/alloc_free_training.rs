@@ -39,7 +39,7 @@ fn main() -> Result<(), bnorm::Error> {
             }
         })?;
     }
-    let s = bn.running().expect("tracked");
+    let s = bn.running_state().expect("tracked");
     println!(
         "layer: after {} steps, gamma {:?}, running mean {:.3?}",
         s.updates,

@@ -64,7 +64,7 @@ fn main() {
             Mode::Train,
         )
         .unwrap();
-        let (got, want) = (&bn.running().unwrap().mean, &r.state.unwrap().mean);
+        let (got, want) = (&bn.running_state().unwrap().mean, &r.state.unwrap().mean);
         let rel = got
             .iter()
             .zip(want)

@@ -26,7 +26,7 @@ fn main() -> Result<(), bnorm::Error> {
             .collect();
         let (_, report) = bn.forward(&x, &shape, Layout::NCHW, Mode::Train)?;
         if step % 10 == 0 {
-            let s = bn.running().expect("tracked");
+            let s = bn.running_state().expect("tracked");
             println!(
                 "step {step:>2}: running mean {:?}  running var {:?}  (updated: {})",
                 round(&s.mean),
@@ -41,9 +41,13 @@ fn main() -> Result<(), bnorm::Error> {
         .iter()
         .flat_map(|&v| [v; 9])
         .collect();
-    let before = bn.running().cloned();
+    let before = bn.running_state().cloned();
     let (y, _) = bn.forward(&one, &[1, 4, 3, 3], Layout::NCHW, Mode::Inference)?;
-    assert_eq!(bn.running().cloned(), before, "inference never updates");
+    assert_eq!(
+        bn.running_state().cloned(),
+        before,
+        "inference never updates"
+    );
     println!(
         "inference on one example (channel means 10, 20, 30, 44): y = {:?}",
         [y[0], y[9], y[18], y[27]]

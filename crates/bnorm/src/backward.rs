@@ -87,8 +87,8 @@ pub fn backward<T: Element>(
     )?;
     Ok(Backward {
         dx,
-        dweight: cfg.has_scale().then_some(grads.dweight),
-        dbias: cfg.has_center().then_some(grads.dbias),
+        dweight: cfg.get_scale().then_some(grads.dweight),
+        dbias: cfg.get_center().then_some(grads.dbias),
     })
 }
 
@@ -236,7 +236,7 @@ pub(crate) fn channel_coefficients(
 /// Whether the element-wise map of `dx` runs in f32 for storage `T`: f32 storage with
 /// [`BackwardArithmetic::F32`] (16-bit storage always maps in f32, f64 in f64).
 pub(crate) fn f32_map<T: Element>(cfg: &Config) -> bool {
-    T::DTYPE == DType::F32 && cfg.backward_arithmetic_kind() == BackwardArithmetic::F32
+    T::DTYPE == DType::F32 && cfg.get_backward_arithmetic() == BackwardArithmetic::F32
 }
 
 #[allow(clippy::too_many_arguments)]

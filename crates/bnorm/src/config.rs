@@ -189,9 +189,9 @@ pub enum ColdPolicy {
 /// ```
 /// use bnorm::Config;
 /// use bnorm::config::BackwardArithmetic;
-/// assert_eq!(Config::torch(8).backward_arithmetic_kind(), BackwardArithmetic::F64);
+/// assert_eq!(Config::torch(8).get_backward_arithmetic(), BackwardArithmetic::F64);
 /// let fast = Config::torch(8).backward_arithmetic(BackwardArithmetic::F32);
-/// assert_eq!(fast.backward_arithmetic_kind(), BackwardArithmetic::F32);
+/// assert_eq!(fast.get_backward_arithmetic(), BackwardArithmetic::F32);
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum BackwardArithmetic {
@@ -320,7 +320,7 @@ pub enum Variant {
 /// use bnorm::{Config, Momentum, VarianceEstimator};
 /// let cfg = Config::keras(64).eps(1e-5).momentum(Momentum::Decay(0.9));
 /// cfg.validate()?;
-/// assert_eq!(cfg.running_variance_estimator(), VarianceEstimator::Biased);
+/// assert_eq!(cfg.get_running_variance(), VarianceEstimator::Biased);
 /// assert!(Config::torch(8).eps(0.0).validate().is_err());
 /// # Ok::<(), bnorm::Error>(())
 /// ```
@@ -464,48 +464,57 @@ impl Config {
         self
     }
 
+    // Getters: the setter's name with `get_` (the std builder convention, as
+    // `Command::get_args`).
+
     /// Number of channels.
-    pub fn num_channels(&self) -> usize {
+    ///
+    /// ```
+    /// let cfg = bnorm::Config::keras(8).eps(1e-5);
+    /// assert_eq!((cfg.get_channels(), cfg.get_eps()), (8, 1e-5));
+    /// assert_eq!(cfg.get_momentum(), bnorm::Momentum::Decay(0.99));
+    /// ```
+    pub fn get_channels(&self) -> usize {
         self.channels
     }
     /// eps.
-    pub fn epsilon(&self) -> f64 {
+    pub fn get_eps(&self) -> f64 {
         self.eps
     }
     /// The momentum convention.
-    pub fn momentum_convention(&self) -> Momentum {
+    pub fn get_momentum(&self) -> Momentum {
         self.momentum
     }
     /// The running-variance estimator.
-    pub fn running_variance_estimator(&self) -> VarianceEstimator {
+    pub fn get_running_variance(&self) -> VarianceEstimator {
         self.running_variance
     }
     /// Whether gamma exists.
-    pub fn has_scale(&self) -> bool {
+    pub fn get_scale(&self) -> bool {
         self.scale
     }
     /// Whether beta exists.
-    pub fn has_center(&self) -> bool {
+    pub fn get_center(&self) -> bool {
         self.center
     }
     /// Whether running statistics exist.
-    pub fn tracks_running_stats(&self) -> bool {
+    pub fn get_track_running_stats(&self) -> bool {
         self.track_running_stats
     }
     /// The non-finite policy.
-    pub fn non_finite_policy(&self) -> NonFinitePolicy {
+    pub fn get_non_finite(&self) -> NonFinitePolicy {
         self.non_finite
     }
     /// The cold-statistics policy.
-    pub fn cold_policy(&self) -> ColdPolicy {
+    pub fn get_cold_statistics(&self) -> ColdPolicy {
         self.cold
     }
     /// The variant.
-    pub fn variant_kind(&self) -> Variant {
+    pub fn get_variant(&self) -> Variant {
         self.variant
     }
     /// The backward map's arithmetic for f32 storage.
-    pub fn backward_arithmetic_kind(&self) -> BackwardArithmetic {
+    pub fn get_backward_arithmetic(&self) -> BackwardArithmetic {
         self.backward
     }
 

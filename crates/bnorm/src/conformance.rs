@@ -16,12 +16,12 @@ use std::path::{Path, PathBuf};
 use safetensors::{Dtype, SafeTensors};
 
 use crate::config::{Config, Ghost, Momentum, Renorm, Variant};
+use crate::element::{bf16, f16};
 use crate::element::{DType, Element};
 use crate::error::Error;
 use crate::layer::BatchNorm;
 use crate::layout::Layout;
 use crate::state::{Mode, Params, RunningState};
-use crate::element::{bf16, f16};
 
 /// Why a case file could not be read or understood (distinct from a case that fails).
 #[derive(Debug)]
@@ -402,7 +402,7 @@ fn replay_typed<T: Element>(case: &Case) -> Result<Worst, String> {
             layer.set_params(params.clone())?;
         }
         if let (Some(rm), Some(rv)) = (rm.clone(), rv.clone()) {
-            layer.set_running(RunningState::from_values(&cfg, rm, rv, 0)?)?;
+            layer.set_running_state(RunningState::from_values(&cfg, rm, rv, 0)?)?;
         }
         Ok(())
     })();
@@ -420,14 +420,14 @@ fn replay_typed<T: Element>(case: &Case) -> Result<Worst, String> {
             .tensor(&format!("step{k}.x"))
             .ok_or_else(|| format!("step{k}.x missing"))?;
         let xt: Vec<T> = x.data.iter().map(|&v| T::from_f64(v)).collect();
-        let before = layer.running().cloned();
+        let before = layer.running_state().cloned();
         let fwd = layer.forward(&xt, &x.shape, case.layout, mode);
         let (y, _) = match (fwd, &expect_error) {
             (Err(e), Some(want)) => {
                 if kind(&e) != want {
                     return Err(format!("step {k}: expected {want}, got: {e}"));
                 }
-                if layer.running() != before.as_ref() {
+                if layer.running_state() != before.as_ref() {
                     return Err(format!(
                         "step {k}: refused step changed the running statistics"
                     ));
@@ -458,7 +458,7 @@ fn replay_typed<T: Element>(case: &Case) -> Result<Worst, String> {
                 check(&mut worst, "dbias", db);
             }
         }
-        if let Some(s) = layer.running() {
+        if let Some(s) = layer.running_state() {
             check(&mut worst, "running_mean", &s.mean);
             check(&mut worst, "running_var", &s.var);
             if let Some(r) = &s.renorm {

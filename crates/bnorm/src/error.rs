@@ -131,6 +131,9 @@ pub enum Error {
     Communication {
         /// What went wrong.
         reason: String,
+        /// The transport's own error, when it has one
+        /// ([`std::error::Error::source`] returns it).
+        source: Option<ErrorSource>,
     },
 }
 
@@ -231,14 +234,61 @@ impl fmt::Display for Error {
                 "synchronized batch norm: rank {rank} differs from rank 0 in {what}; every \
                  rank must make the same call (same configuration, channels, mode, dtype)"
             ),
-            Error::Communication { reason } => {
+            Error::Communication { reason, .. } => {
                 write!(f, "synchronized batch norm: communication failed: {reason}")
             }
         }
     }
 }
 
-impl std::error::Error for Error {}
+impl std::error::Error for Error {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Error::Communication {
+                source: Some(s), ..
+            } => Some(&*s.0),
+            _ => None,
+        }
+    }
+}
+
+impl Error {
+    /// A communication failure of a [`Communicator`](crate::sync::Communicator)
+    /// implementation, keeping the transport's error as its source.
+    ///
+    /// ```
+    /// use std::error::Error as _;
+    /// let io = std::io::Error::new(std::io::ErrorKind::BrokenPipe, "peer 3 went away");
+    /// let e = bnorm::Error::communication("all_gather over TCP", Some(io));
+    /// assert_eq!(e.source().unwrap().to_string(), "peer 3 went away");
+    /// ```
+    pub fn communication<E: std::error::Error + Send + Sync + 'static>(
+        reason: impl Into<String>,
+        source: Option<E>,
+    ) -> Error {
+        Error::Communication {
+            reason: reason.into(),
+            source: source.map(|s| ErrorSource(std::sync::Arc::new(s))),
+        }
+    }
+}
+
+/// The underlying error of an [`Error::Communication`], shared so that [`Error`] stays
+/// `Clone`; two are equal when they are the same error or print the same.
+#[derive(Debug, Clone)]
+pub struct ErrorSource(pub std::sync::Arc<dyn std::error::Error + Send + Sync>);
+
+impl PartialEq for ErrorSource {
+    fn eq(&self, other: &Self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &other.0) || self.0.to_string() == other.0.to_string()
+    }
+}
+
+impl fmt::Display for ErrorSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
 
 /// Shorthand for results of this crate.
 pub type Result<T> = std::result::Result<T, Error>;

@@ -122,9 +122,9 @@ pub struct Forward<T> {
 
 /// Checks the common arguments of every call.
 pub(crate) fn check_input(cfg: &Config, g: Geometry, len: usize, what: &'static str) -> Result<()> {
-    if g.channels != cfg.num_channels() {
+    if g.channels != cfg.get_channels() {
         return Err(Error::ChannelMismatch {
-            expected: cfg.num_channels(),
+            expected: cfg.get_channels(),
             got: g.channels,
         });
     }
@@ -317,7 +317,7 @@ fn execute<T: Element>(
     comm: Option<&dyn Communicator>,
 ) -> Result<StepReport> {
     let g = plan.geometry;
-    let (c, eps, par) = (g.channels, cfg.epsilon(), plan.parallelism);
+    let (c, eps, par) = (g.channels, cfg.get_eps(), plan.parallelism);
     saved.normalized = plan.normalized;
     saved.geometry = Some(g);
     saved.r.clear();

@@ -33,7 +33,7 @@ use crate::state::{Mode, Params, RunningState};
 /// let x: Vec<f32> = (0..24).map(|i| i as f32).collect();
 /// let (y, _) = bn.forward(&x, &[2, 3, 2, 2], Layout::NCHW, Mode::Train)?;
 /// assert_eq!(y.len(), x.len());
-/// assert_eq!(bn.running().unwrap().updates, 1);
+/// assert_eq!(bn.running_state().unwrap().updates, 1);
 /// let (y_eval, _) = bn.forward(&x, &[2, 3, 2, 2], Layout::NCHW, Mode::Inference)?;
 /// assert_ne!(y, y_eval); // inference uses the running statistics
 /// # Ok::<(), bnorm::Error>(())
@@ -176,7 +176,7 @@ impl BatchNorm {
             .track_running_stats(mean.is_some() || var.is_some());
         let mut bn = cfg.build()?;
         bn.set_params(Params { weight, bias })?;
-        if bn.cfg.tracks_running_stats() {
+        if bn.cfg.get_track_running_stats() {
             let mean = mean.ok_or(Error::MissingParameter {
                 what: "running_mean",
             })?;
@@ -184,19 +184,19 @@ impl BatchNorm {
                 what: "running_var",
             })?;
             let state = RunningState::from_values(&bn.cfg, mean, var, num_batches_tracked)?;
-            bn.set_running(state)?;
+            bn.set_running_state(state)?;
         }
         Ok(bn)
     }
 
     /// The running statistics (`None` when not tracked).
-    pub fn running(&self) -> Option<&RunningState> {
+    pub fn running_state(&self) -> Option<&RunningState> {
         self.state.as_ref()
     }
 
     /// Replaces the running statistics after validation; on error the layer is unchanged.
-    pub fn set_running(&mut self, state: RunningState) -> Result<()> {
-        if !self.cfg.tracks_running_stats() {
+    pub fn set_running_state(&mut self, state: RunningState) -> Result<()> {
+        if !self.cfg.get_track_running_stats() {
             return Err(Error::NoRunningStatistics);
         }
         state.validate(&self.cfg)?;
@@ -252,9 +252,9 @@ impl BatchNorm {
     /// let opts = Options::default().epilogue(Epilogue::Relu).defer();
     /// let report = bn.forward_with(&[1.0, 2.0, 3.0, 4.0], &[4, 1], Layout::NC, Mode::Train, &mut y, opts)?;
     /// assert_eq!(&y[..2], &[0.0, 0.0]);
-    /// assert_eq!(bn.running().unwrap().updates, 0); // deferred
+    /// assert_eq!(bn.running_state().unwrap().updates, 0); // deferred
     /// bn.commit(&report.pending.unwrap())?;
-    /// assert_eq!(bn.running().unwrap().updates, 1);
+    /// assert_eq!(bn.running_state().unwrap().updates, 1);
     /// # Ok::<(), bnorm::Error>(())
     /// ```
     pub fn forward_with<'a, T: Element>(
@@ -320,8 +320,8 @@ impl BatchNorm {
         self.backward_with(x, dy, shape, layout, &mut dx, &mut grads, opts)?;
         let b = Backward {
             dx,
-            dweight: self.cfg.has_scale().then_some(grads.dweight),
-            dbias: self.cfg.has_center().then_some(grads.dbias),
+            dweight: self.cfg.get_scale().then_some(grads.dweight),
+            dbias: self.cfg.get_center().then_some(grads.dbias),
         };
         Ok((b, dres))
     }
@@ -374,8 +374,8 @@ impl BatchNorm {
         self.backward_into(x, dy, shape, layout, &mut dx, &mut grads)?;
         Ok(Backward {
             dx,
-            dweight: self.cfg.has_scale().then_some(grads.dweight),
-            dbias: self.cfg.has_center().then_some(grads.dbias),
+            dweight: self.cfg.get_scale().then_some(grads.dweight),
+            dbias: self.cfg.get_center().then_some(grads.dbias),
         })
     }
 

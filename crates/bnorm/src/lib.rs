@@ -45,10 +45,10 @@
 //!     let x: Vec<f32> = (0..8).map(|i| (i * (step + 1)) as f32).collect();
 //!     bn.forward(&x, &shape, Layout::NC, Mode::Train)?; // updates running stats
 //! }
-//! let before = bn.running().unwrap().clone();
+//! let before = bn.running_state().unwrap().clone();
 //! let (y, _) = bn.forward(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0], &shape,
 //!                         Layout::NC, Mode::Inference)?;
-//! assert_eq!(bn.running().unwrap(), &before); // inference changed nothing
+//! assert_eq!(bn.running_state().unwrap(), &before); // inference changed nothing
 //! # let _ = y;
 //! # Ok::<(), bnorm::Error>(())
 //! ```
@@ -94,7 +94,7 @@ mod stats;
 pub mod sync;
 
 pub use config::{Config, Momentum, VarianceEstimator};
-pub use error::{Error, Result};
+pub use error::{Error, ErrorSource, Result};
 pub use forward::StepReport;
 pub use layer::BatchNorm;
 pub use layout::Layout;

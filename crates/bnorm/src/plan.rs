@@ -289,13 +289,13 @@ impl ForwardPlan {
     ) -> Result<ForwardPlan> {
         cfg.validate()?;
         params.validate(cfg)?;
-        if g.channels != cfg.num_channels() {
+        if g.channels != cfg.get_channels() {
             return Err(Error::ChannelMismatch {
-                expected: cfg.num_channels(),
+                expected: cfg.get_channels(),
                 got: g.channels,
             });
         }
-        match (state, cfg.tracks_running_stats()) {
+        match (state, cfg.get_track_running_stats()) {
             (Some(s), true) => s.validate(cfg)?,
             (None, false) => {}
             (None, true) => return Err(Error::NoRunningStatistics),
@@ -306,7 +306,7 @@ impl ForwardPlan {
             }
         }
         let synchronized = opts.sync.is_some();
-        let ghost = match cfg.variant_kind() {
+        let ghost = match cfg.get_variant() {
             Variant::Ghost(gh) => Some(gh),
             _ => None,
         };
@@ -338,7 +338,7 @@ impl ForwardPlan {
         };
         if normalized == Normalized::Running {
             if state.is_some_and(|s| s.updates == 0) {
-                match cfg.cold_policy() {
+                match cfg.get_cold_statistics() {
                     ColdPolicy::Error => return Err(Error::ColdStatistics),
                     ColdPolicy::Report => plan.cold_statistics = true,
                     ColdPolicy::Allow => {}
@@ -368,13 +368,13 @@ impl ForwardPlan {
         if mode == Mode::Train {
             if let Some(s) = state {
                 plan.update = Some(opts.update);
-                if let Variant::Renorm(rn) = cfg.variant_kind() {
+                if let Variant::Renorm(rn) = cfg.get_variant() {
                     plan.renorm = s.renorm.as_ref().map(|_| rn.limits(s.updates));
                 }
             }
         }
         plan.refuse_non_finite =
-            plan.update.is_some() && cfg.non_finite_policy() == NonFinitePolicy::Error;
+            plan.update.is_some() && cfg.get_non_finite() == NonFinitePolicy::Error;
         // Channels-first and one group, and no policy that could refuse the step after y
         // is written: statistics and normalization fused per group of channels (same bits
         // as two passes), when there are enough groups to keep every thread busy.
@@ -421,9 +421,9 @@ impl BackwardPlan {
     ) -> Result<BackwardPlan> {
         let relu = !matches!(opts.epilogue, BackwardEpilogue::None);
         params.validate(cfg)?;
-        if g.channels != cfg.num_channels() {
+        if g.channels != cfg.get_channels() {
             return Err(Error::ChannelMismatch {
-                expected: cfg.num_channels(),
+                expected: cfg.get_channels(),
                 got: g.channels,
             });
         }

@@ -99,10 +99,10 @@ impl Recalibration {
     /// changes) when a channel has fewer than two values or non-finite statistics.
     pub fn apply(&self, cfg: &Config, state: &mut RunningState) -> Result<()> {
         state.validate(cfg)?;
-        if self.moments.len() != cfg.num_channels() {
+        if self.moments.len() != cfg.get_channels() {
             return Err(Error::ShapeMismatch {
                 what: "recalibration",
-                expected: vec![cfg.num_channels()],
+                expected: vec![cfg.get_channels()],
                 got: vec![self.moments.len()],
             });
         }
@@ -113,7 +113,7 @@ impl Recalibration {
                     channel_values: m.count as usize,
                 });
             }
-            let v = match cfg.running_variance_estimator() {
+            let v = match cfg.get_running_variance() {
                 VarianceEstimator::Biased => m.variance_biased(),
                 VarianceEstimator::Unbiased => m.variance_unbiased(),
             };
@@ -123,7 +123,7 @@ impl Recalibration {
             var.push(v);
         }
         state.updates = state.updates.max(1);
-        let eps = cfg.epsilon();
+        let eps = cfg.get_eps();
         for (ch, m) in self.moments.iter().enumerate() {
             state.mean[ch] = m.mean;
             state.var[ch] = var[ch];

@@ -97,10 +97,10 @@ pub fn forward(
     cfg.validate()?;
     params.validate(cfg)?;
     let (c, ch, sample) = index(layout, shape)?;
-    if c != cfg.num_channels() || x.len() != ch.len() {
+    if c != cfg.get_channels() || x.len() != ch.len() {
         return Err(Error::ShapeMismatch {
             what: "x",
-            expected: vec![cfg.num_channels()],
+            expected: vec![cfg.get_channels()],
             got: shape.to_vec(),
         });
     }
@@ -116,7 +116,7 @@ pub fn forward(
         }
     };
     let mut new_state = state.cloned();
-    let (group_of, groups) = match (cfg.variant_kind(), batch_stats) {
+    let (group_of, groups) = match (cfg.get_variant(), batch_stats) {
         (Variant::Ghost(g), true) => {
             let v = g.virtual_batch_size;
             match g.grouping {
@@ -164,10 +164,10 @@ pub fn forward(
         mean[0] = s.mean.clone();
         var[0] = s.var.clone();
     }
-    let eps = cfg.epsilon();
+    let eps = cfg.get_eps();
     let (mut r, mut d) = (vec![1.0; c], vec![0.0; c]);
     let train_update = mode == Mode::Train && state.is_some();
-    if let (Variant::Renorm(rn), true, Some(s)) = (cfg.variant_kind(), train_update, state) {
+    if let (Variant::Renorm(rn), true, Some(s)) = (cfg.get_variant(), train_update, state) {
         let rs = s.renorm.as_ref().ok_or(Error::NoRunningStatistics)?;
         let lim = rn.limits(s.updates);
         for k in 0..c {
@@ -184,7 +184,7 @@ pub fn forward(
             params.gamma(k) * (xhat * r[k] + d[k]) + params.beta(k)
         })
         .collect();
-    let per_group = matches!(cfg.variant_kind(), Variant::Ghost(g) if g.update == crate::config::GhostUpdate::PerGroup);
+    let per_group = matches!(cfg.get_variant(), Variant::Ghost(g) if g.update == crate::config::GhostUpdate::PerGroup);
     // Each update folds the average over `sets` of groups: all groups at once (tf_keras),
     // or one group at a time in order.
     let sets: Vec<Vec<usize>> = if per_group {
@@ -204,11 +204,11 @@ pub fn forward(
                     continue;
                 }
                 let m = set.iter().map(|&gi| count[gi][k] as f64).sum::<f64>() / ng;
-                let rv = match cfg.running_variance_estimator() {
+                let rv = match cfg.get_running_variance() {
                     VarianceEstimator::Biased => bv,
                     VarianceEstimator::Unbiased => bv * m / (m - 1.0),
                 };
-                let a = match cfg.momentum_convention() {
+                let a = match cfg.get_momentum() {
                     Momentum::NewWeight(a) => a,
                     Momentum::Cumulative => 1.0 / t as f64,
                     Momentum::Decay(dd) => 1.0 - dd,
@@ -217,7 +217,7 @@ pub fn forward(
                     // weighs (1 − d) / (1 − dᵗ).
                     Momentum::DebiasedDecay(dd) => (1.0 - dd) / (1.0 - dd.powi(t as i32)),
                 };
-                if let (Variant::Renorm(rn), Some(rs)) = (cfg.variant_kind(), s.renorm.as_mut()) {
+                if let (Variant::Renorm(rn), Some(rs)) = (cfg.get_variant(), s.renorm.as_mut()) {
                     let ra = 1.0 - rn.momentum;
                     rs.mean[k] += ra * (bm - rs.mean[k]);
                     rs.stddev[k] += ra * ((bv + eps).sqrt() - rs.stddev[k]);
@@ -254,7 +254,7 @@ pub fn backward(
     fwd: &RefForward,
 ) -> Result<RefBackward> {
     let (c, ch, sample) = index(layout, shape)?;
-    let eps = cfg.epsilon();
+    let eps = cfg.get_eps();
     let groups = fwd.mean.len();
     let mut dweight = vec![0.0; c];
     let mut dbias = vec![0.0; c];

@@ -37,7 +37,7 @@ pub(crate) fn update(
     skipped: &[usize],
 ) {
     let per_group =
-        matches!(cfg.variant_kind(), Variant::Ghost(g) if g.update == GhostUpdate::PerGroup);
+        matches!(cfg.get_variant(), Variant::Ghost(g) if g.update == GhostUpdate::PerGroup);
     if per_group && st.groups > 1 {
         let c = state.mean.len();
         for gi in 0..st.groups {
@@ -59,7 +59,7 @@ fn update_once(cfg: &Config, state: &mut RunningState, st: BatchStats<'_>, skipp
     let c = state.mean.len();
     let groups = st.groups.max(1);
     state.updates += 1;
-    let a = cfg.momentum_convention().new_weight(state.updates);
+    let a = cfg.get_momentum().new_weight(state.updates);
     for ch in 0..c {
         if skipped.contains(&ch) {
             continue;
@@ -72,15 +72,15 @@ fn update_once(cfg: &Config, state: &mut RunningState, st: BatchStats<'_>, skipp
         }
         let (mean, biased) = (mean / groups as f64, var / groups as f64);
         let m = count / groups as f64;
-        let var = match cfg.running_variance_estimator() {
+        let var = match cfg.get_running_variance() {
             VarianceEstimator::Biased => biased,
             VarianceEstimator::Unbiased => biased * m / (m - 1.0),
         };
         if let Some(rs) = state.renorm.as_mut() {
             // tf_keras: renorm mean/stddev and moving stddev move first, then the running
             // variance is published from the moving stddev.
-            let eps = cfg.epsilon();
-            let ra = match cfg.variant_kind() {
+            let eps = cfg.get_eps();
+            let ra = match cfg.get_variant() {
                 Variant::Renorm(r) => 1.0 - r.momentum,
                 _ => a,
             };
@@ -205,10 +205,10 @@ impl PendingUpdate {
     /// Applies the update to `state` as a training step would have.
     pub fn commit(&self, cfg: &Config, state: &mut RunningState) -> Result<()> {
         state.validate(cfg)?;
-        if self.mean.len() != self.groups.max(1) * cfg.num_channels() {
+        if self.mean.len() != self.groups.max(1) * cfg.get_channels() {
             return Err(Error::ShapeMismatch {
                 what: "pending update",
-                expected: vec![cfg.num_channels()],
+                expected: vec![cfg.get_channels()],
                 got: vec![self.channels()],
             });
         }

@@ -37,10 +37,10 @@ impl Params {
     /// assert_eq!(p.bias, Some(vec![0.0; 3]));
     /// ```
     pub fn init(cfg: &Config) -> Params {
-        let c = cfg.num_channels();
+        let c = cfg.get_channels();
         Params {
-            weight: cfg.has_scale().then(|| vec![1.0; c]),
-            bias: cfg.has_center().then(|| vec![0.0; c]),
+            weight: cfg.get_scale().then(|| vec![1.0; c]),
+            bias: cfg.get_center().then(|| vec![0.0; c]),
         }
     }
 
@@ -58,9 +58,9 @@ impl Params {
 
     /// Checks presence against the configuration, lengths and finiteness.
     pub fn validate(&self, cfg: &Config) -> Result<()> {
-        let c = cfg.num_channels();
-        check_vec("weight", self.weight.as_deref(), cfg.has_scale(), c, false)?;
-        check_vec("bias", self.bias.as_deref(), cfg.has_center(), c, false)
+        let c = cfg.get_channels();
+        check_vec("weight", self.weight.as_deref(), cfg.get_scale(), c, false)?;
+        check_vec("bias", self.bias.as_deref(), cfg.get_center(), c, false)
     }
 }
 
@@ -126,7 +126,7 @@ impl RunningState {
     /// assert_eq!((s.mean, s.var, s.updates), (vec![0.0; 2], vec![1.0; 2], 0));
     /// ```
     pub fn init(cfg: &Config) -> Option<RunningState> {
-        let c = cfg.num_channels();
+        let c = cfg.get_channels();
         RunningState::from_values(cfg, vec![0.0; c], vec![1.0; c], 0).ok()
     }
 
@@ -153,11 +153,11 @@ impl RunningState {
     ///     a.forward(&batch(k as f64), &[3, 1], Layout::NC, Mode::Train)?;
     /// }
     /// // b resumes from a's published mean, variance and update count only
-    /// let s = a.running().unwrap();
-    /// b.set_running(bnorm::RunningState::from_values(&cfg, s.mean.clone(), s.var.clone(), s.updates)?)?;
+    /// let s = a.running_state().unwrap();
+    /// b.set_running_state(bnorm::RunningState::from_values(&cfg, s.mean.clone(), s.var.clone(), s.updates)?)?;
     /// a.forward(&batch(4.0), &[3, 1], Layout::NC, Mode::Train)?;
     /// b.forward(&batch(4.0), &[3, 1], Layout::NC, Mode::Train)?;
-    /// assert_eq!(a.running(), b.running());
+    /// assert_eq!(a.running_state(), b.running_state());
     /// # Ok::<(), bnorm::Error>(())
     /// ```
     pub fn from_values(
@@ -166,14 +166,14 @@ impl RunningState {
         var: Vec<f64>,
         updates: u64,
     ) -> Result<RunningState> {
-        if !cfg.tracks_running_stats() {
+        if !cfg.get_track_running_stats() {
             return Err(Error::NoRunningStatistics);
         }
-        let c = cfg.num_channels();
+        let c = cfg.get_channels();
         check_vec("running_mean", Some(&mean), true, c, false)?;
         check_vec("running_var", Some(&var), true, c, true)?;
-        let renorm = matches!(cfg.variant_kind(), Variant::Renorm(_)).then(|| {
-            let eps = if updates == 0 { 0.0 } else { cfg.epsilon() };
+        let renorm = matches!(cfg.get_variant(), Variant::Renorm(_)).then(|| {
+            let eps = if updates == 0 { 0.0 } else { cfg.get_eps() };
             RenormState {
                 mean: mean.clone(),
                 stddev: var.iter().map(|v| v.sqrt()).collect(),
@@ -191,10 +191,10 @@ impl RunningState {
     /// Checks this state against a configuration (lengths, finiteness, the extra state the
     /// convention needs).
     pub fn validate(&self, cfg: &Config) -> Result<()> {
-        let c = cfg.num_channels();
+        let c = cfg.get_channels();
         check_vec("running_mean", Some(&self.mean), true, c, false)?;
         check_vec("running_var", Some(&self.var), true, c, true)?;
-        let renorm = matches!(cfg.variant_kind(), Variant::Renorm(_));
+        let renorm = matches!(cfg.get_variant(), Variant::Renorm(_));
         match (&self.renorm, renorm) {
             (Some(r), true) => {
                 check_vec("renorm_mean", Some(&r.mean), true, c, false)?;

@@ -185,6 +185,7 @@ impl ThreadComm {
 fn poisoned<T>(_: T) -> Error {
     Error::Communication {
         reason: "a rank of the in-process group panicked".to_string(),
+        source: None,
     }
 }
 
@@ -217,6 +218,7 @@ impl Communicator for ThreadComm {
                             self.rank,
                             local.len()
                         ),
+                        source: None,
                     });
                 }
                 out.extend_from_slice(&slot);
@@ -302,29 +304,29 @@ impl Fnv {
 /// Every setting of a configuration except the channel count (compared on its own).
 fn config_fingerprint(cfg: &Config) -> Fnv {
     let mut h = Fnv::new();
-    h.f(cfg.epsilon());
-    match cfg.momentum_convention() {
+    h.f(cfg.get_eps());
+    match cfg.get_momentum() {
         Momentum::NewWeight(a) => (h.word(1), h.f(a)),
         Momentum::Cumulative => (h.word(2), h.f(0.0)),
         Momentum::Decay(d) => (h.word(3), h.f(d)),
         Momentum::DebiasedDecay(d) => (h.word(4), h.f(d)),
     };
-    h.word(match cfg.running_variance_estimator() {
+    h.word(match cfg.get_running_variance() {
         VarianceEstimator::Biased => 1,
         VarianceEstimator::Unbiased => 2,
     });
-    h.word(cfg.has_scale() as u64);
-    h.word(cfg.has_center() as u64);
-    h.word(cfg.tracks_running_stats() as u64);
-    h.word(match cfg.non_finite_policy() {
+    h.word(cfg.get_scale() as u64);
+    h.word(cfg.get_center() as u64);
+    h.word(cfg.get_track_running_stats() as u64);
+    h.word(match cfg.get_non_finite() {
         NonFinitePolicy::SkipChannel => 1,
         NonFinitePolicy::Error => 2,
     });
-    h.word(match cfg.backward_arithmetic_kind() {
+    h.word(match cfg.get_backward_arithmetic() {
         BackwardArithmetic::F64 => 1,
         BackwardArithmetic::F32 => 2,
     });
-    match cfg.variant_kind() {
+    match cfg.get_variant() {
         Variant::BatchNorm => h.word(1),
         Variant::Renorm(r) => {
             h.word(2);
@@ -369,6 +371,7 @@ fn agree<C: Communicator + ?Sized>(
                 gathered.len(),
                 size * HEADER
             ),
+            source: None,
         });
     }
     let h0 = &gathered[..HEADER];
@@ -411,7 +414,7 @@ pub(crate) fn agree_forward<T: Element>(
         Mode::Inference => 1.0,
         Mode::Frozen => 2.0,
     };
-    header[H_CHANNELS] = cfg.num_channels() as f64;
+    header[H_CHANNELS] = cfg.get_channels() as f64;
     config_fingerprint(cfg).put(&mut header, H_CFG_LO, H_CFG_HI);
     header[H_DTYPE] = dtype_code(T::DTYPE);
     header[H_UPDATES] = state.map_or(-1.0, |s| s.updates as f64);
@@ -469,7 +472,7 @@ pub(crate) fn agree_backward<T: Element>(
         Normalized::Batch => 0.0,
         Normalized::Running => 1.0,
     };
-    header[H_CHANNELS] = cfg.num_channels() as f64;
+    header[H_CHANNELS] = cfg.get_channels() as f64;
     config_fingerprint(cfg).put(&mut header, H_CFG_LO, H_CFG_HI);
     header[H_DTYPE] = dtype_code(T::DTYPE);
     header[H_UPDATES] = -1.0;

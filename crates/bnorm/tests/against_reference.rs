@@ -21,12 +21,12 @@ fn check<T: Element>(
     tol: f64,
 ) {
     let mut rng = Rng(seed);
-    let c = cfg.num_channels();
+    let c = cfg.get_channels();
     let len: usize = shp.iter().product();
     let mut layer = BatchNorm::new(cfg.clone()).unwrap();
     let params = Params {
-        weight: cfg.has_scale().then(|| rng.vec(c, 1.0, 0.3)),
-        bias: cfg.has_center().then(|| rng.vec(c, 0.0, 0.5)),
+        weight: cfg.get_scale().then(|| rng.vec(c, 1.0, 0.3)),
+        bias: cfg.get_center().then(|| rng.vec(c, 0.0, 0.5)),
     };
     layer.set_params(params.clone()).unwrap();
     let mut state = RunningState::init(cfg);
@@ -39,7 +39,7 @@ fn check<T: Element>(
         )
         .unwrap();
         *s = init.clone();
-        layer.set_running(init).unwrap();
+        layer.set_running_state(init).unwrap();
     }
     for (k, &mode) in modes.iter().enumerate() {
         // Storage rounding first: both sides see the same stored values.
@@ -71,7 +71,7 @@ fn check<T: Element>(
         let round = T::DTYPE.unit_roundoff() * 2.0;
         assert_close(&format!("{ctx} y"), &yw, &r.y, tol, tol.max(round));
         state = r.state.clone();
-        match (layer.running(), &r.state) {
+        match (layer.running_state(), &r.state) {
             (Some(a), Some(b)) => {
                 assert_close(
                     &format!("{ctx} running_mean"),
@@ -96,7 +96,7 @@ fn check<T: Element>(
         let mut term = 0.0f64;
         for (gm, gv) in r.mean.iter().zip(&r.var) {
             for ch in 0..gm.len().min(gv.len()) {
-                let sd = (gv[ch] + cfg.epsilon()).sqrt();
+                let sd = (gv[ch] + cfg.get_eps()).sqrt();
                 term = term.max(params.gamma(ch).abs() * r.r[ch].abs() / sd * max_dy);
             }
         }
@@ -259,7 +259,7 @@ fn large_mean_is_exact_in_every_layout() {
         let yw: Vec<f64> = y.iter().map(|&v| v as f64).collect();
         // f32 output rounding only: |y| < 5, so 5 ulp-ish is plenty and far below 5e-2.
         assert_close(&format!("{layout} y"), &yw, &r.y, 2e-6, 2e-7);
-        let s = bn.running().unwrap();
+        let s = bn.running_state().unwrap();
         let rs = r.state.unwrap();
         assert_close(
             &format!("{layout} running_var"),
@@ -316,7 +316,7 @@ fn outlier_first_values_keep_statistics_exact() {
                 Mode::Train,
             )
             .unwrap();
-            let (s, rs) = (bn.running().unwrap(), r.state.unwrap());
+            let (s, rs) = (bn.running_state().unwrap(), r.state.unwrap());
             let ctx = format!("{layout} {shp:?} outlier {outlier:?} {center} ± {spread}");
             // Blocks are merged through their means, each rounded relative to |mean|, so
             // the variance can carry an error of eps·|mean|/σ: allow that, at least 1e-12.
@@ -380,7 +380,7 @@ fn backward_map_error_per_element_as_documented() {
         let ch_of = |i: usize| (i / g.inner) % c;
         let xhat = |i: usize| {
             let ch = ch_of(i);
-            (xw[i] - r.mean[0][ch]) / (r.var[0][ch] + cfg0.epsilon()).sqrt()
+            (xw[i] - r.mean[0][ch]) / (r.var[0][ch] + cfg0.get_eps()).sqrt()
         };
         let noise = rng.vec(len, 0.0, 1.0);
         for cancel in [true, false] {
@@ -404,7 +404,7 @@ fn backward_map_error_per_element_as_documented() {
             }
             let term = |i: usize| {
                 let ch = ch_of(i);
-                let a = params.gamma(ch).abs() / (r.var[0][ch] + cfg0.epsilon()).sqrt();
+                let a = params.gamma(ch).abs() / (r.var[0][ch] + cfg0.get_eps()).sqrt();
                 a * ((dyw[i] - mdy[ch] / cnt[ch]).abs() + xhat(i).abs() * (mdx[ch] / cnt[ch]).abs())
             };
             for arith in [BackwardArithmetic::F64, BackwardArithmetic::F32] {

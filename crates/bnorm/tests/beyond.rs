@@ -198,16 +198,16 @@ fn the_layer_commits_or_discards() {
     let x = [1.0f32, 2.0, 3.0, 5.0];
     let (_, _, p) = bn.forward_pending(&x, &[2, 2], Layout::NC).unwrap();
     assert_eq!(
-        bn.running().unwrap().updates,
+        bn.running_state().unwrap().updates,
         0,
         "nothing applied before commit"
     );
     drop(p); // discarded: a skipped mixed-precision step
-    assert_eq!(bn.running().unwrap().updates, 0);
+    assert_eq!(bn.running_state().unwrap().updates, 0);
     let (_, _, p) = bn.forward_pending(&x, &[2, 2], Layout::NC).unwrap();
     bn.commit(&p.unwrap()).unwrap();
-    assert_eq!(bn.running().unwrap().updates, 1);
-    assert!((bn.running().unwrap().mean[0] - 0.02).abs() < 1e-12);
+    assert_eq!(bn.running_state().unwrap().updates, 1);
+    assert!((bn.running_state().unwrap().mean[0] - 0.02).abs() < 1e-12);
 }
 
 #[test]
@@ -235,7 +235,7 @@ fn cold_statistics_are_reported_or_refused() {
     );
     // a checkpoint loaded with a zero counter is cold too, whatever its values
     let loaded = RunningState::from_values(strict.config(), vec![0.5; 2], vec![2.0; 2], 0).unwrap();
-    strict.set_running(loaded).unwrap();
+    strict.set_running_state(loaded).unwrap();
     assert_eq!(
         strict
             .forward(&x, &[2, 2], Layout::NC, Mode::Inference)
@@ -355,7 +355,7 @@ fn per_group_ghost_updates_equal_one_step_per_group() {
         seq.forward(&x[lo * c..hi * c], &[hi - lo, c], Layout::NC, Mode::Train)
             .unwrap();
     }
-    let (a, b) = (g.running().unwrap(), seq.running().unwrap());
+    let (a, b) = (g.running_state().unwrap(), seq.running_state().unwrap());
     assert_eq!(a.updates, 3);
     for k in 0..c {
         assert!((a.mean[k] - b.mean[k]).abs() < 1e-12 && (a.var[k] - b.var[k]).abs() < 1e-12);

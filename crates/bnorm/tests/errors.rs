@@ -50,7 +50,7 @@ fn invalid_settings_are_refused_when_the_layer_is_built() {
 #[test]
 fn one_value_per_channel_is_batch_too_small_and_updates_nothing() {
     let mut bn = trained_layer(Config::torch(3));
-    let before = bn.running().unwrap().clone();
+    let before = bn.running_state().unwrap().clone();
     let x = [1.0f32, 2.0, 3.0];
     for (shape, layout) in [
         (vec![1, 3], Layout::NC),
@@ -63,7 +63,7 @@ fn one_value_per_channel_is_batch_too_small_and_updates_nothing() {
             .unwrap_err();
         assert_eq!(e, Error::BatchTooSmall { channel_values: 1 });
         assert_eq!(y, [7.0; 3], "output written on error");
-        assert_eq!(bn.running().unwrap(), &before);
+        assert_eq!(bn.running_state().unwrap(), &before);
     }
     // Inference with running statistics is fine with one value per channel.
     bn.forward(&x, &[1, 3], Layout::NC, Mode::Inference)
@@ -88,7 +88,7 @@ fn one_value_per_channel_is_batch_too_small_and_updates_nothing() {
 #[test]
 fn shape_errors_are_typed_and_change_nothing() {
     let mut bn = trained_layer(Config::torch(3));
-    let before = bn.running().unwrap().clone();
+    let before = bn.running_state().unwrap().clone();
     let x = vec![0.5f64; 24];
     // channel mismatch
     let e = bn
@@ -124,7 +124,7 @@ fn shape_errors_are_typed_and_change_nothing() {
         .forward(&x, &[usize::MAX, 3, 2, 2], Layout::NCHW, Mode::Train)
         .unwrap_err();
     assert!(matches!(e, Error::ShapeMismatch { .. }), "{e}");
-    assert_eq!(bn.running().unwrap(), &before);
+    assert_eq!(bn.running_state().unwrap(), &before);
     // backward with another shape than the forward step
     bn.forward(&x, &[2, 3, 2, 2], Layout::NCHW, Mode::Train)
         .unwrap();
@@ -224,7 +224,7 @@ fn bad_parameters_and_statistics_are_refused() {
 #[test]
 fn non_finite_input_never_poisons_running_statistics() {
     let mut bn = trained_layer(Config::torch(3));
-    let before = bn.running().unwrap().clone();
+    let before = bn.running_state().unwrap().clone();
     let mut x = vec![1.0f32; 24];
     for (i, v) in x.iter_mut().enumerate() {
         *v = i as f32;
@@ -240,19 +240,19 @@ fn non_finite_input_never_poisons_running_statistics() {
         "NaN propagates to its channel's output"
     );
     assert!(y[0..4].iter().all(|v| v.is_finite()));
-    let after = bn.running().unwrap();
+    let after = bn.running_state().unwrap();
     assert_eq!(after.mean[1], before.mean[1]);
     assert_eq!(after.var[1], before.var[1]);
     assert_ne!(after.mean[0], before.mean[0]);
     // With the Error policy, the step is refused and nothing changes.
     let mut strict = trained_layer(Config::torch(3).non_finite(NonFinitePolicy::Error));
-    let before = strict.running().unwrap().clone();
+    let before = strict.running_state().unwrap().clone();
     let mut y = vec![9.0f32; 24];
     let e = strict
         .forward_into(&x, &[2, 3, 2, 2], Layout::NCHW, Mode::Train, &mut y)
         .unwrap_err();
     assert_eq!(e, Error::NonFiniteStatistics { channels: vec![1] });
-    assert_eq!(strict.running().unwrap(), &before);
+    assert_eq!(strict.running_state().unwrap(), &before);
     assert!(y.iter().all(|&v| v == 9.0));
     // Infinity too.
     x[5] = f32::INFINITY;
@@ -268,7 +268,7 @@ fn ghost_batches_that_do_not_divide_are_refused() {
         .variant(Variant::Ghost(Ghost::strided(4)))
         .build()
         .unwrap();
-    let before = bn.running().unwrap().clone();
+    let before = bn.running_state().unwrap().clone();
     let e = bn
         .forward(&[0.0f32; 12], &[6, 2], Layout::NC, Mode::Train)
         .unwrap_err();
@@ -279,7 +279,7 @@ fn ghost_batches_that_do_not_divide_are_refused() {
             virtual_batch_size: 4
         }
     );
-    assert_eq!(bn.running().unwrap(), &before);
+    assert_eq!(bn.running_state().unwrap(), &before);
     // A group with one value per channel is too small.
     let mut bn = Config::keras(2)
         .variant(Variant::Ghost(Ghost::strided(1)))
@@ -304,4 +304,28 @@ fn errors_explain_what_to_do() {
         .unwrap_err()
         .to_string();
     assert!(msg.contains("eps") && msg.contains("> 0"), "{msg}");
+}
+
+/// A printed error chain names each cause once: a message that already ends with its
+/// cause does not return it again as its source.
+#[test]
+fn error_chains_name_each_cause_once() {
+    use std::error::Error as _;
+    let e = bnorm::interop::Checkpoint::read(std::path::Path::new("/no/such/file.safetensors"))
+        .unwrap_err();
+    let mut chain = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        chain.push_str(&format!(": {c}"));
+        cause = c.source();
+    }
+    assert_eq!(chain.matches("No such file").count(), 1, "{chain}");
+    // a transport's error is kept as the source of a communication failure
+    let io = std::io::Error::other("peer went away");
+    let e = Error::communication("all_gather", Some(io));
+    assert_eq!(
+        e.source().map(|s| s.to_string()),
+        Some("peer went away".into())
+    );
+    assert!(!e.to_string().contains("peer went away"));
 }

@@ -31,11 +31,11 @@ fn fused<T: Element>(
     let g = layout.geometry(shp).unwrap();
     let p = Params {
         weight: Some(
-            (0..cfg.num_channels())
+            (0..cfg.get_channels())
                 .map(|c| 0.5 + c as f64 * 0.25)
                 .collect(),
         ),
-        bias: Some(vec![0.1; cfg.num_channels()]),
+        bias: Some(vec![0.1; cfg.get_channels()]),
     };
     let mut state = RunningState::init(cfg);
     let n = x.len();
@@ -100,11 +100,11 @@ fn composed<T: Element>(
     let g = layout.geometry(shp).unwrap();
     let p = Params {
         weight: Some(
-            (0..cfg.num_channels())
+            (0..cfg.get_channels())
                 .map(|c| 0.5 + c as f64 * 0.25)
                 .collect(),
         ),
-        bias: Some(vec![0.1; cfg.num_channels()]),
+        bias: Some(vec![0.1; cfg.get_channels()]),
     };
     let mut state = RunningState::init(cfg);
     let n = x.len();

@@ -26,14 +26,14 @@ fn loss(
 
 fn check_gradients(name: &str, cfg: &Config, layout: Layout, mode: Mode, seed: u64) {
     let mut rng = Rng(seed);
-    let c = cfg.num_channels();
+    let c = cfg.get_channels();
     let shp = shape(layout, 6, c, &[3, 2]);
     let len: usize = shp.iter().product();
     let x = rng.vec(len, 0.3, 1.5);
     let w = rng.vec(len, 0.0, 1.0);
     let p = Params {
-        weight: cfg.has_scale().then(|| rng.vec(c, 1.0, 0.4)),
-        bias: cfg.has_center().then(|| rng.vec(c, 0.0, 0.4)),
+        weight: cfg.get_scale().then(|| rng.vec(c, 1.0, 0.4)),
+        bias: cfg.get_center().then(|| rng.vec(c, 0.0, 0.4)),
     };
     let state = RunningState::init(cfg).map(|_| {
         RunningState::from_values(cfg, rng.vec(c, 0.2, 0.3), rng.vec(c, 1.3, 0.1), 3).unwrap()
@@ -133,7 +133,7 @@ fn renorm_dx_treats_r_and_d_as_constants() {
             let mu = idx.iter().map(|&i| x[i]).sum::<f64>() / m;
             let var = idx.iter().map(|&i| (x[i] - mu).powi(2)).sum::<f64>() / m;
             for &i in &idx {
-                let xh = (x[i] - mu) / (var + cfg.epsilon()).sqrt();
+                let xh = (x[i] - mu) / (var + cfg.get_eps()).sqrt();
                 total += w[i] * (p.gamma(ch) * (xh * r[ch] + d[ch]) + p.beta(ch));
             }
         }

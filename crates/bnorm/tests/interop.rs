@@ -376,7 +376,7 @@ fn converted_statistics_keep_training_consistently() {
     let (keras, _) = layer.convert(Format::Keras, &opts).unwrap();
     let mut keras_bn = keras.to_batchnorm().unwrap();
     assert_eq!(
-        keras_bn.config().running_variance_estimator(),
+        keras_bn.config().get_running_variance(),
         VarianceEstimator::Biased
     );
     for step in 3..8 {
@@ -387,7 +387,10 @@ fn converted_statistics_keep_training_consistently() {
         keras_bn
             .forward(&x, &[n, c], Layout::NC, Mode::Train)
             .unwrap();
-        let (t, k) = (torch_bn.running().unwrap(), keras_bn.running().unwrap());
+        let (t, k) = (
+            torch_bn.running_state().unwrap(),
+            keras_bn.running_state().unwrap(),
+        );
         for ch in 0..c {
             let want = t.var[ch] * (n as f64 - 1.0) / n as f64;
             assert!((k.var[ch] - want).abs() <= 1e-12 * want, "step {step}");

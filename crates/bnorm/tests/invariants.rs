@@ -63,11 +63,11 @@ fn inference_is_an_affine_map_and_changes_nothing() {
         bn.forward(&rng.vec(48, 2.0, 1.0), &shp, Layout::NCHW, Mode::Train)
             .unwrap();
     }
-    let before = bn.running().unwrap().clone();
+    let before = bn.running_state().unwrap().clone();
     let x = rng.vec(48, 0.0, 1.0);
     let (y1, r) = bn.forward(&x, &shp, Layout::NCHW, Mode::Inference).unwrap();
     assert!(!r.updated);
-    assert_eq!(bn.running().unwrap(), &before);
+    assert_eq!(bn.running_state().unwrap(), &before);
     // f(a·x1 + (1-a)·x2) = a·f(x1) + (1-a)·f(x2) for an affine f
     let x2 = rng.vec(48, 5.0, 2.0);
     let (y2, _) = bn
@@ -83,7 +83,7 @@ fn inference_is_an_affine_map_and_changes_nothing() {
     // Frozen: same output, also no update.
     let (yf, _) = bn.forward(&x, &shp, Layout::NCHW, Mode::Frozen).unwrap();
     assert_eq!(yf, y1);
-    assert_eq!(bn.running().unwrap(), &before);
+    assert_eq!(bn.running_state().unwrap(), &before);
 }
 
 #[test]
@@ -114,7 +114,7 @@ fn channels_first_and_channels_last_agree() {
             for (p, q) in ga.dweight.unwrap().iter().zip(gb.dweight.unwrap()) {
                 assert!((p - q).abs() < 1e-10);
             }
-            let (sa, sb) = (a.running().unwrap(), b.running().unwrap());
+            let (sa, sb) = (a.running_state().unwrap(), b.running_state().unwrap());
             for ch in 0..5 {
                 assert!((sa.mean[ch] - sb.mean[ch]).abs() < 1e-13);
                 assert!((sa.var[ch] - sb.var[ch]).abs() < 1e-13);
@@ -139,7 +139,7 @@ fn step_in_pool(
         let mut bn = Config::torch(shp[layout.channel_axis()]).build().unwrap();
         let (y, _) = bn.forward(x, shp, layout, Mode::Train).unwrap();
         let b = bn.backward(x, dy, shp, layout).unwrap();
-        let s = bn.running().unwrap();
+        let s = bn.running_state().unwrap();
         let mut stats = s.mean.clone();
         stats.extend(&s.var);
         (y, stats, b.dx, b.dweight.unwrap())
@@ -214,6 +214,6 @@ fn the_layer_is_a_thin_wrapper_over_the_functional_core() {
             .unwrap();
         assert_eq!(f.y, y);
         state = f.state;
-        assert_eq!(bn.running(), state.as_ref());
+        assert_eq!(bn.running_state(), state.as_ref());
     }
 }

@@ -128,7 +128,7 @@ fn sweep<T: Element>(tol: f64) {
                 // again from the x̂ term), not with dx.
                 let max_dy = dyw.iter().fold(0.0f64, |a, v| a.max(v.abs()));
                 for ch in 0..c {
-                    let sd = (r.var[0][ch] + cfg.epsilon()).sqrt();
+                    let sd = (r.var[0][ch] + cfg.get_eps()).sqrt();
                     scale = scale.max(2.0 * p.gamma(ch).abs() / sd * max_dy);
                 }
             }
@@ -212,7 +212,13 @@ fn fused_and_unfused_training_steps_agree_bitwise() {
                 let mut bn = Config::keras(c).build().unwrap();
                 let (y, _) = bn.forward(&x, &shape, Layout::NCHW, Mode::Train).unwrap();
                 let b = bn.backward(&x, &dy, &shape, Layout::NCHW).unwrap();
-                (y, b.dx, b.dweight, b.dbias, bn.running().unwrap().clone())
+                (
+                    y,
+                    b.dx,
+                    b.dweight,
+                    b.dbias,
+                    bn.running_state().unwrap().clone(),
+                )
             })
         };
         let fused = run(1); // c/4 groups >= 2 × 1 thread: fused forward and backward

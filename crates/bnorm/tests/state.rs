@@ -31,10 +31,10 @@ fn batch(step: u64) -> Vec<f64> {
 
 fn trained_params(cfg: &Config) -> Params {
     let mut rng = Rng(5);
-    let c = cfg.num_channels();
+    let c = cfg.get_channels();
     Params {
-        weight: cfg.has_scale().then(|| rng.vec(c, 1.0, 0.3)),
-        bias: cfg.has_center().then(|| rng.vec(c, 0.0, 0.3)),
+        weight: cfg.get_scale().then(|| rng.vec(c, 1.0, 0.3)),
+        bias: cfg.get_center().then(|| rng.vec(c, 0.0, 0.3)),
     }
 }
 
@@ -60,14 +60,14 @@ fn train(bn: &mut BatchNorm, first: u64, steps: u64) -> Vec<Vec<u64>> {
 #[test]
 fn resuming_from_published_statistics_equals_never_stopping() {
     for (name, cfg) in conventions(3) {
-        if !cfg.tracks_running_stats() || matches!(cfg.variant_kind(), Variant::Renorm(_)) {
+        if !cfg.get_track_running_stats() || matches!(cfg.get_variant(), Variant::Renorm(_)) {
             continue; // renormalization keeps more state: the next test
         }
         for t in [1u64, 7] {
             let mut a = layer(&cfg);
             train(&mut a, 0, t);
             // b starts where a stopped, from a's published mean, variance and step count
-            let s = a.running().unwrap();
+            let s = a.running_state().unwrap();
             let restored =
                 RunningState::from_values(&cfg, s.mean.clone(), s.var.clone(), s.updates).unwrap();
             assert_eq!(
@@ -75,15 +75,15 @@ fn resuming_from_published_statistics_equals_never_stopping() {
                 "{name}: the published values are the whole state"
             );
             let mut b = layer(&cfg);
-            b.set_running(restored).unwrap();
+            b.set_running_state(restored).unwrap();
             assert_eq!(
                 train(&mut a, t, 5),
                 train(&mut b, t, 5),
                 "{name}, t = {t}: outputs"
             );
             assert_eq!(
-                a.running(),
-                b.running(),
+                a.running_state(),
+                b.running_state(),
                 "{name}, t = {t}: running statistics"
             );
         }
@@ -93,22 +93,22 @@ fn resuming_from_published_statistics_equals_never_stopping() {
 #[test]
 fn renormalization_resumes_exactly_from_its_whole_state_and_closely_from_published_values() {
     for (name, cfg) in conventions(3) {
-        if !matches!(cfg.variant_kind(), Variant::Renorm(_)) {
+        if !matches!(cfg.get_variant(), Variant::Renorm(_)) {
             continue;
         }
         let mut a = layer(&cfg);
         train(&mut a, 0, 6);
-        let whole = a.running().unwrap().clone();
+        let whole = a.running_state().unwrap().clone();
         let published =
             RunningState::from_values(&cfg, whole.mean.clone(), whole.var.clone(), whole.updates)
                 .unwrap();
         let (mut b, mut c) = (layer(&cfg), layer(&cfg));
-        b.set_running(whole).unwrap();
-        c.set_running(published).unwrap();
+        b.set_running_state(whole).unwrap();
+        c.set_running_state(published).unwrap();
         let ya = train(&mut a, 6, 3);
         assert_eq!(ya, train(&mut b, 6, 3), "{name}: whole state");
         train(&mut c, 6, 3);
-        let (sa, sc) = (a.running().unwrap(), c.running().unwrap());
+        let (sa, sc) = (a.running_state().unwrap(), c.running_state().unwrap());
         assert_close(&format!("{name} mean"), &sc.mean, &sa.mean, 1e-12, 1e-9);
         // the moving standard deviation is recovered from the published variance
         assert_close(&format!("{name} var"), &sc.var, &sa.var, 1e-12, 1e-9);
@@ -134,7 +134,7 @@ fn zero_debiasing_is_tensorflows_hidden_average_and_survives_a_restore() {
         let denom = 1.0 - d.powi(t as i32);
         let want_mean: Vec<f64> = hidden_mean.iter().map(|b| b / denom).collect();
         let want_var: Vec<f64> = hidden_var.iter().map(|b| b / denom).collect();
-        let s = bn.running().unwrap();
+        let s = bn.running_state().unwrap();
         assert_close(&format!("step {t} mean"), &s.mean, &want_mean, 1e-13, 1e-12);
         assert_close(&format!("step {t} var"), &s.var, &want_var, 1e-13, 1e-12);
     }
@@ -144,11 +144,11 @@ fn zero_debiasing_is_tensorflows_hidden_average_and_survives_a_restore() {
     // averages restarted at 0).
     let cfg = Config::tensorflow(1);
     let mut bn = cfg.clone().build().unwrap();
-    bn.set_running(RunningState::from_values(&cfg, vec![5.0], vec![2.0], 1000).unwrap())
+    bn.set_running_state(RunningState::from_values(&cfg, vec![5.0], vec![2.0], 1000).unwrap())
         .unwrap();
     let x = [5.0 - 2f64.sqrt(), 5.0 + 2f64.sqrt()];
     bn.forward(&x, &[2, 1], Layout::NC, Mode::Train).unwrap();
-    let s = bn.running().unwrap();
+    let s = bn.running_state().unwrap();
     assert!((s.mean[0] - 5.0).abs() < 1e-12, "mean {}", s.mean[0]);
     assert!((s.var[0] - 2.0).abs() < 1e-12, "var {}", s.var[0]);
 }
@@ -229,14 +229,18 @@ fn a_failed_forward_leaves_the_layer_as_it_was() {
         // forward, failed forward, backward
         let mut b = layer(cfg);
         b.forward(&x, &SHAPE, Layout::NCHW, Mode::Train).unwrap();
-        let state = b.running().cloned();
+        let state = b.running_state().cloned();
         let n: usize = bad.shape.iter().product();
         let xb = vec![bad.fill; n];
         let mut y = vec![-7.0; n];
         b.forward_into(&xb, &bad.shape, bad.layout, bad.mode, &mut y)
             .expect_err(name);
         assert!(y.iter().all(|&v| v == -7.0), "{name}: output written");
-        assert_eq!(b.running().cloned(), state, "{name}: running statistics");
+        assert_eq!(
+            b.running_state().cloned(),
+            state,
+            "{name}: running statistics"
+        );
         let got = b.backward(&x, &x, &SHAPE, Layout::NCHW).unwrap();
         assert_eq!(got.dx, want.dx, "{name}: dx");
         assert_eq!(got.dweight, want.dweight, "{name}: dgamma");
@@ -321,7 +325,7 @@ fn deferred_updates_and_recalibration_change_nothing_when_refused() {
     let cfg = Config::torch(3);
     let mut bn = layer(&cfg);
     train(&mut bn, 0, 2);
-    let before = bn.running().unwrap().clone();
+    let before = bn.running_state().unwrap().clone();
     // a pending update of another channel count
     let other = Config::torch(2);
     let mut small = layer(&other);
@@ -329,7 +333,7 @@ fn deferred_updates_and_recalibration_change_nothing_when_refused() {
         .forward_pending(&batch(0)[..48], &[6, 2, 2, 2], Layout::NCHW)
         .unwrap();
     assert!(bn.commit(&pending.unwrap()).is_err());
-    assert_eq!(bn.running().unwrap(), &before);
+    assert_eq!(bn.running_state().unwrap(), &before);
     // a recalibration that saw one value per channel
     let mut recal = Recalibration::new(3);
     bn.set_parallelism(SEQ);
@@ -339,7 +343,7 @@ fn deferred_updates_and_recalibration_change_nothing_when_refused() {
         bn.recalibrate(&recal),
         Err(Error::BatchTooSmall { .. })
     ));
-    assert_eq!(bn.running().unwrap(), &before);
+    assert_eq!(bn.running_state().unwrap(), &before);
     // a pending update committed later equals the training step it held back
     let mut direct = bn.clone();
     let (_, _, pending) = bn.forward_pending(&batch(9), &SHAPE, Layout::NCHW).unwrap();
@@ -347,13 +351,13 @@ fn deferred_updates_and_recalibration_change_nothing_when_refused() {
     direct
         .forward(&batch(9), &SHAPE, Layout::NCHW, Mode::Train)
         .unwrap();
-    assert_eq!(bn.running(), direct.running());
+    assert_eq!(bn.running_state(), direct.running_state());
 }
 
 #[test]
 fn a_checkpoint_loads_what_was_saved_and_training_resumes_exactly() {
     for (name, cfg) in conventions(3) {
-        if !cfg.tracks_running_stats() || !matches!(cfg.variant_kind(), Variant::BatchNorm) {
+        if !cfg.get_track_running_stats() || !matches!(cfg.get_variant(), Variant::BatchNorm) {
             continue;
         }
         let mut a = layer(&cfg);
@@ -366,7 +370,11 @@ fn a_checkpoint_loads_what_was_saved_and_training_resumes_exactly() {
         let loaded = back.layers().unwrap().remove(0);
         let mut b = loaded.to_batchnorm().unwrap();
         b.set_parallelism(SEQ);
-        assert_eq!(b.running(), a.running(), "{name}: loaded statistics");
+        assert_eq!(
+            b.running_state(),
+            a.running_state(),
+            "{name}: loaded statistics"
+        );
         assert_eq!(b.params(), a.params(), "{name}: loaded parameters");
         let x = batch(11);
         let (ya, _) = a
@@ -381,7 +389,7 @@ fn a_checkpoint_loads_what_was_saved_and_training_resumes_exactly() {
             train(&mut b, 4, 3),
             "{name}: resumed training"
         );
-        assert_eq!(a.running(), b.running(), "{name}");
+        assert_eq!(a.running_state(), b.running_state(), "{name}");
     }
 }
 

@@ -35,10 +35,10 @@ struct Data {
 
 fn params(cfg: &Config, seed: u64) -> Params {
     let mut rng = Rng(seed);
-    let c = cfg.num_channels();
+    let c = cfg.get_channels();
     Params {
-        weight: cfg.has_scale().then(|| rng.vec(c, 1.0, 0.3)),
-        bias: cfg.has_center().then(|| rng.vec(c, 0.0, 0.3)),
+        weight: cfg.get_scale().then(|| rng.vec(c, 1.0, 0.3)),
+        bias: cfg.get_center().then(|| rng.vec(c, 0.0, 0.3)),
     }
 }
 
@@ -368,10 +368,10 @@ fn every_layout_dtype_and_convention() {
         let full = shape(layout, 6, 3, &[4, 3]);
         let sizes = [2, 0, 3, 1];
         for (name, cfg) in conventions(3) {
-            if matches!(cfg.variant_kind(), Variant::Ghost(_)) {
+            if matches!(cfg.get_variant(), Variant::Ghost(_)) {
                 continue;
             }
-            let modes: Vec<Mode> = if cfg.tracks_running_stats() {
+            let modes: Vec<Mode> = if cfg.get_track_running_stats() {
                 modes.to_vec()
             } else {
                 vec![Mode::Train, Mode::Inference]

@@ -299,7 +299,7 @@ pub fn run(args: &DemoArgs) -> Result<Value> {
             let recent = bn.recent_batch_stats();
             let s = bn.running_state().ok().flatten()?;
             let c = s.mean.len();
-            let eps = bn.config().epsilon();
+            let eps = bn.config().get_eps();
             let k = recent.len().max(1) as f64;
             let (mut sum_shift, mut max_shift, mut sum_ratio) = (0.0f64, 0.0f64, 0.0f64);
             for ch in 0..c {

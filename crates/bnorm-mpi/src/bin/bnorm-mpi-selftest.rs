@@ -123,7 +123,7 @@ fn case<T: Element>(
     seed: u64,
 ) -> bnorm::Result<(f64, u64, f64)> {
     let (rank, size) = (comm.rank(), comm.size());
-    let c = cfg.num_channels();
+    let c = cfg.get_channels();
     let full = shape(layout, 3 * size + 2, c);
     let fg = layout.geometry(&full)?;
     let sizes = uneven(size, full[0]);
@@ -137,15 +137,15 @@ fn case<T: Element>(
     let mut rng = Rng(seed);
     let p = Params {
         weight: cfg
-            .has_scale()
+            .get_scale()
             .then(|| (0..c).map(|_| 1.0 + 0.3 * rng.normal()).collect()),
         bias: cfg
-            .has_center()
+            .get_center()
             .then(|| (0..c).map(|_| 0.3 * rng.normal()).collect()),
     };
     let (mut st_sync, mut st_ref) = (RunningState::init(cfg), RunningState::init(cfg));
     let (mut ws1, mut ws2) = (Workspace::default(), Workspace::default());
-    let modes: &[Mode] = if cfg.tracks_running_stats() {
+    let modes: &[Mode] = if cfg.get_track_running_stats() {
         &[Mode::Train, Mode::Train, Mode::Inference, Mode::Frozen]
     } else {
         &[Mode::Train, Mode::Inference]

@@ -13,9 +13,9 @@ use super::error::InteropError;
 use super::Result;
 use crate::config::{Config, Momentum, VarianceEstimator};
 use crate::element::DType;
+use crate::element::{bf16, f16};
 use crate::layer::BatchNorm;
 use crate::state::{Params, RenormState, RunningState};
-use crate::element::{bf16, f16};
 
 /// Largest header this reader accepts (the safetensors crate's own limit is 100 MB).
 const MAX_HEADER: u64 = 100_000_000;
@@ -861,7 +861,7 @@ impl Layer {
                 v.clone(),
                 self.num_batches_tracked.unwrap_or(0),
             )?;
-            bn.set_running(state)?;
+            bn.set_running_state(state)?;
         }
         Ok(bn)
     }
@@ -869,11 +869,11 @@ impl Layer {
     /// A layer holding the statistics of a trained [`BatchNorm`], in `format`'s names.
     pub fn from_batchnorm(name: &str, format: Format, bn: &BatchNorm) -> Layer {
         let cfg = bn.config();
-        let running = bn.running();
+        let running = bn.running_state();
         Layer {
             name: name.to_string(),
             format,
-            channels: cfg.num_channels(),
+            channels: cfg.get_channels(),
             dtype: DType::F32,
             weight: bn.params().weight.clone(),
             bias: bn.params().bias.clone(),
@@ -881,9 +881,9 @@ impl Layer {
             running_var: running.map(|r| r.var.clone()),
             num_batches_tracked: running.map(|r| r.updates),
             renorm: running.and_then(|r| r.renorm.clone()),
-            eps: cfg.epsilon(),
-            momentum: cfg.momentum_convention(),
-            variance: cfg.running_variance_estimator(),
+            eps: cfg.get_eps(),
+            momentum: cfg.get_momentum(),
+            variance: cfg.get_running_variance(),
             conventions_recorded: true,
         }
     }

@@ -155,10 +155,11 @@ impl fmt::Display for InteropError {
 }
 
 impl std::error::Error for InteropError {
+    // The message of `Io` already ends with its cause and `Core` prints the core error:
+    // neither repeats it as a source (a printed chain would say it twice).
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
-            InteropError::Io { source, .. } => Some(source),
-            InteropError::Core(e) => Some(e),
+            InteropError::Core(e) => e.source(),
             _ => None,
         }
     }

@@ -13,9 +13,9 @@
 use super::checkpoint::Layer;
 use super::error::InteropError;
 use super::Result;
+use crate::element::{bf16, f16};
 use crate::element::{DType, Element};
 use crate::state::Params;
-use crate::element::{bf16, f16};
 
 /// The kind of layer batch norm is folded into. Weights use PyTorch's layouts: linear
 /// `(out, in)`, convolution `(out, in/groups, k…)`, transposed convolution
