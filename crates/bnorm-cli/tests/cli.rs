@@ -254,9 +254,23 @@ fn a_reader_that_stops_early_ends_inspect_quietly() {
 
 /// The `- name: description` lines of a `--help` text's possible values.
 fn value_lines(help: &str) -> Vec<String> {
-    help.lines()
-        .map(str::trim)
-        .filter(|l| l.starts_with("- "))
+    // A described value may wrap onto indented continuation lines: join them.
+    let mut out: Vec<String> = Vec::new();
+    let mut open = false;
+    for l in help.lines().map(str::trim) {
+        if l.starts_with("- ") {
+            out.push(l.to_string());
+            open = true;
+        } else if l.is_empty() || l.starts_with('[') || l.starts_with('-') {
+            open = false;
+        } else if open {
+            if let Some(last) = out.last_mut() {
+                last.push(' ');
+                last.push_str(l);
+            }
+        }
+    }
+    out.iter()
         .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
         .collect()
 }

@@ -10,8 +10,8 @@
 //! Everything is computed in f64 and rounded once to the target dtype; the result carries
 //! the largest error of the folded layer against the unfolded pair on a random probe input.
 
-use super::checkpoint::Layer;
 use super::error::InteropError;
+use super::layer::Layer;
 use super::Result;
 use crate::element::{bf16, f16};
 use crate::element::{DType, Element};

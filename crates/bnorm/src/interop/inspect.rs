@@ -2,7 +2,8 @@
 
 use std::fmt;
 
-use super::checkpoint::{Format, Layer};
+use super::format::Format;
+use super::layer::Layer;
 use crate::element::DType;
 
 /// A problem [`inspect`] found in a layer.

@@ -51,14 +51,16 @@
 mod checkpoint;
 mod error;
 mod fold;
+mod format;
 mod inspect;
+mod layer;
 
-pub use checkpoint::{
-    read_layers, write_atomic, Checkpoint, ConvertOptions, Format, Layer, Note, Tensor,
-};
+pub use checkpoint::{read_layers, write_atomic, Checkpoint, Tensor};
 pub use error::InteropError;
 pub use fold::{fold_into_following, fold_into_preceding, BnAffine, Folded, LinearKind};
+pub use format::Format;
 pub use inspect::{inspect, Problem};
+pub use layer::{ConvertOptions, Layer, Note};
 
 /// Shorthand for results of this module.
 pub type Result<T> = std::result::Result<T, InteropError>;
