@@ -4,7 +4,7 @@
 //! read again; a streaming store writes whole lines straight to memory. Used only where
 //! the output is larger than the last-level cache could keep anyway
 //! ([`STREAM_MIN_BYTES`]), only for f32 storage, and with exactly the arithmetic of the
-//! ordinary maps in [`super::inner`] (forward `(x − hi)·s + b` in f32, backward
+//! ordinary maps of [`super::forward_map`] and [`super::backward_map`] (forward `(x − hi)·s + b` in f32, backward
 //! `(a·dy + b·(x − m)) + k` in f64, or `(a·(dy − d) + b·(x − hi)) + k` in f32 with
 //! `BackwardArithmetic::F32`; separate multiplies and adds, one rounding to f32 at the
 //! end): the same bits either way, tested. The order of the work never changes a bit,
@@ -16,7 +16,7 @@
 // The helpers below serve the x86-64 kernels only.
 #![cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 
-use super::inner::Scratch;
+use super::schedule::Scratch;
 use crate::element::Element;
 
 /// Outputs from this size on (bytes) are written with streaming stores.
@@ -183,10 +183,10 @@ impl Table2 {
         narrow: bool,
     ) -> Table2 {
         let (t, run) = if narrow {
-            let (t, run) = super::inner::affine2_table_f32(c, center, a, b, k);
+            let (t, run) = super::backward_map::affine2_table_f32(c, center, a, b, k);
             (Table2Data::F32(t), run)
         } else {
-            let (t, run) = super::inner::affine2_table_f64(c, center, a, b, k);
+            let (t, run) = super::backward_map::affine2_table_f64(c, center, a, b, k);
             (Table2Data::F64(t), run)
         };
         Table2 { c, run, t }
@@ -261,7 +261,7 @@ fn with_relu32<T: Element, R>(
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::super::inner::WRAP;
+    use super::super::coefs::WRAP;
 
     /// The f64 backward map `(a·dz + b·(x − m)) + k` on one vector (`_mm256`: 4 lanes,
     /// `_mm512`: 8): written once, so every kernel, flat or row-blocked, performs exactly
