@@ -7,12 +7,17 @@
 
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use super::coefs::x86::{Broadcast, Table};
 use super::coefs::{coef_table, columns, map_run, Arith};
 use super::schedule::{rows_per_task, Scratch};
-use super::{simd, stream};
+use super::{simd, stream_fence, stream_wanted};
 use crate::element::{DType, Element};
 use crate::layout::Geometry;
 use crate::parallel::Parallelism;
+
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 simd::dispatch! {
     fn run_affine2<T>(xs: &[T], ds: &[T], os: &mut [T], m: f64, a: f64, b: f64, k: f64, narrow: bool);
@@ -42,13 +47,13 @@ pub(crate) fn affine2<T: Element>(
     }
     let row = c * g.inner;
     let chunk = rows_per_task(row) * row;
-    let nt = stream::wanted::<T>(dx.len());
-    let table = (nt && g.inner == 1).then(|| stream::Table2::new(c, center, a, b, k, narrow));
+    let nt = stream_wanted::<T>(dx.len());
+    let table = (nt && g.inner == 1).then(|| Table2::new(c, center, a, b, k, narrow));
     let body = |((xs, ds), os): ((&[T], &[T]), &mut [T])| {
         if g.inner == 1 {
             if let Some(t) = &table {
-                if stream::rows_affine2(xs, None, ds, os, t) {
-                    stream::fence();
+                if stream_rows_affine2(xs, None, ds, os, t) {
+                    stream_fence();
                     return;
                 }
             }
@@ -64,7 +69,7 @@ pub(crate) fn affine2<T: Element>(
                 run_affine2_nt(xr, dr, or, (center[ch], a[ch], b[ch], k[ch]), narrow, nt);
             }
             if nt {
-                stream::fence();
+                stream_fence();
             }
         }
     };
@@ -109,13 +114,13 @@ pub(crate) fn affine2_relu<T: Element>(
     let row = c * g.inner;
     let chunk = rows_per_task(row) * row;
     let with_res = !dres.is_empty();
-    let nt = stream::wanted::<T>(dx.len());
-    let table = (nt && g.inner == 1).then(|| stream::Table2::new(c, center, a, b, k, narrow));
+    let nt = stream_wanted::<T>(dx.len());
+    let table = (nt && g.inner == 1).then(|| Table2::new(c, center, a, b, k, narrow));
     let body = |(((xs, ys), ds), os): Chunk4<'_, T>, rs: &mut [T]| {
         if g.inner == 1 {
             if let Some(t) = &table {
-                if stream::rows_affine2(xs, Some((ys, &mut *rs)), ds, os, t) {
-                    stream::fence();
+                if stream_rows_affine2(xs, Some((ys, &mut *rs)), ds, os, t) {
+                    stream_fence();
                     return;
                 }
             }
@@ -135,7 +140,7 @@ pub(crate) fn affine2_relu<T: Element>(
                 run_affine2_relu_nt(xs, ys, ds, &mut os[r], rr, coefs, narrow, nt);
             }
             if nt {
-                stream::fence();
+                stream_fence();
             }
         }
     };
@@ -173,18 +178,18 @@ pub(super) fn run_affine2_nt<T: Element>(
     narrow: bool,
     stream: bool,
 ) {
-    if !(stream && stream::affine2(xs, None, ds, os, coefs2(m, a, b, k, narrow))) {
+    if !(stream && stream_run_affine2(xs, None, ds, os, coefs2(m, a, b, k, narrow))) {
         by_level::run_affine2(xs, ds, os, m, a, b, k, narrow);
     }
 }
 
 /// The coefficients of one channel's backward map for the streaming kernels, in the
 /// arithmetic the ordinary map would use.
-fn coefs2(m: f64, a: f64, b: f64, k: f64, narrow: bool) -> stream::Coefs2 {
+fn coefs2(m: f64, a: f64, b: f64, k: f64, narrow: bool) -> Coefs2 {
     if narrow {
-        stream::Coefs2::F32(affine2_coefs_f32(m, a, b, k))
+        Coefs2::F32(affine2_coefs_f32(m, a, b, k))
     } else {
-        stream::Coefs2::F64(affine2_coefs_f64(m, a, b, k))
+        Coefs2::F64(affine2_coefs_f64(m, a, b, k))
     }
 }
 
@@ -202,8 +207,155 @@ pub(super) fn run_affine2_relu_nt<T: Element>(
     stream: bool,
 ) {
     let coefs = || coefs2(m, a, b, k, narrow);
-    if !(stream && stream::affine2(xs, Some((ys, &mut *rs)), ds, os, coefs())) {
+    if !(stream && stream_run_affine2(xs, Some((ys, &mut *rs)), ds, os, coefs())) {
         by_level::run_affine2_relu(xs, ys, ds, os, rs, m, a, b, k, narrow);
+    }
+}
+
+// ─── Streaming stores ────────────────────────────────────────────────────────────────────
+
+/// The coefficients of a channels-first backward map, in the layout of
+/// [`affine2_coefs`] (`[m, a, d, b, k]`): f64 (`d` zero) or f32.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(super) enum Coefs2 {
+    F64([f64; 5]),
+    F32([f32; 5]),
+}
+
+/// Channels-first `o = (a·dz + b·(x − m)) + k` in f64, or `(a·(dz − d) + b·(x − m)) + k`
+/// in f32, per `coefs`, rounded to f32 and stored streaming, with `dz = dy`, or through a
+/// ReLU whose output was `y` when `relu = Some((y, dres))` (`dz = dy·[y > 0]`, also
+/// written to `dres` unless it is empty). False (nothing written) when `T` is not f32 or
+/// the CPU lacks AVX2.
+#[inline]
+fn stream_run_affine2<T: Element>(
+    xs: &[T],
+    relu: Option<(&[T], &mut [T])>,
+    ds: &[T],
+    os: &mut [T],
+    coefs: Coefs2,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(ok) = with_relu32(relu, |mask| {
+        let (Some(xs), Some(ds), Some(os), true) = (
+            T::as_f32s(xs),
+            T::as_f32s(ds),
+            T::as_f32s_mut(os),
+            super::stream_available(),
+        ) else {
+            return false;
+        };
+        // SAFETY: `stream_available()` checked that the CPU has AVX2.
+        unsafe {
+            match coefs {
+                Coefs2::F64(c) => x86::map2_any(xs, mask, ds, os, &Broadcast(c)),
+                Coefs2::F32(c) => x86::map2f_any(xs, mask, ds, os, &Broadcast(c)),
+            }
+        };
+        true
+    }) {
+        return ok;
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = relu;
+    let _ = (xs, ds, os, coefs);
+    false
+}
+
+/// The coefficient table of a channels-last backward map for `c` channels and its run
+/// length, in the arithmetic the ordinary map would use: f64 from
+/// [`affine2_table_f64`] or f32 from [`affine2_table_f32`] (five columns each).
+/// Built once per call for all tasks.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(super) struct Table2 {
+    c: usize,
+    run: usize,
+    t: Table2Data,
+}
+
+/// The columns of a [`Table2`] in their arithmetic.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+enum Table2Data {
+    F64(Scratch<f64>),
+    F32(Scratch<f32>),
+}
+
+impl Table2 {
+    /// The table of `o = a·dz + b·(x − center) + k` for `c` channels, f32 when `narrow`.
+    fn new(c: usize, center: &[f64], a: &[f64], b: &[f64], k: &[f64], narrow: bool) -> Table2 {
+        let (t, run) = if narrow {
+            let (t, run) = affine2_table_f32(c, center, a, b, k);
+            (Table2Data::F32(t), run)
+        } else {
+            let (t, run) = affine2_table_f64(c, center, a, b, k);
+            (Table2Data::F64(t), run)
+        };
+        Table2 { c, run, t }
+    }
+}
+
+/// Channels-last [`stream_run_affine2`] with a [`Table2`]: in f64, or in f32 as
+/// `o = (a·(dz − d) + b·(x − hi)) + k` with an f32 table.
+#[inline]
+fn stream_rows_affine2<T: Element>(
+    xs: &[T],
+    relu: Option<(&[T], &mut [T])>,
+    ds: &[T],
+    os: &mut [T],
+    table: &Table2,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(ok) = with_relu32(relu, |mut mask| {
+        let (Some(xs), Some(ds), Some(os), true) = (
+            T::as_f32s(xs),
+            T::as_f32s(ds),
+            T::as_f32s_mut(os),
+            super::stream_available(),
+        ) else {
+            return false;
+        };
+        // SAFETY: `stream_available()` checked that the CPU has AVX2.
+        unsafe {
+            let (c, run) = (table.c, table.run);
+            match &table.t {
+                Table2Data::F64(t) => {
+                    let t = Table::new(t, run, 5);
+                    if !x86::map2_rows_any(xs, &mut mask, ds, os, &t, c) {
+                        x86::map2_any(xs, mask, ds, os, &t)
+                    }
+                }
+                Table2Data::F32(t) => {
+                    let t = Table::new(t, run, 5);
+                    if !x86::map2f_rows_any(xs, &mut mask, ds, os, &t, c) {
+                        x86::map2f_any(xs, mask, ds, os, &t)
+                    }
+                }
+            }
+        };
+        true
+    }) {
+        return ok;
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = relu;
+    let _ = (xs, ds, os, table);
+    false
+}
+
+/// The ReLU operands of a backward map as f32 (`None` inside: no ReLU), passed to `f`;
+/// `None` when `T` is not f32.
+#[inline]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn with_relu32<T: Element, R>(
+    relu: Option<(&[T], &mut [T])>,
+    f: impl FnOnce(Option<(&[f32], &mut [f32])>) -> R,
+) -> Option<R> {
+    match relu {
+        None => Some(f(None)),
+        Some((y, r)) => match (T::as_f32s(y), T::as_f32s_mut(r)) {
+            (Some(y), Some(r)) => Some(f(Some((y, r)))),
+            _ => None,
+        },
     }
 }
 

@@ -128,3 +128,183 @@ pub(super) fn columns<A: Arith, const K: usize>(t: &[A], c: usize) -> [&[A]; K] 
     let (l, stride) = (map_run(c), column_stride(c));
     std::array::from_fn(|k| &t[k * stride..k * stride + l])
 }
+
+/// The coefficients as vectors, for the streaming kernels: one value per column for a
+/// whole channels-first run ([`Broadcast`](x86::Broadcast)) or the columns of a
+/// [`coef_table`] ([`Table`](x86::Table)).
+#[cfg(target_arch = "x86_64")]
+pub(super) mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::WRAP;
+
+    /// A coefficient type: f32 (forward) or f64 (backward), with its AVX vector.
+    pub(crate) trait Coef: Copy {
+        type V: Copy;
+        /// `LANES` values from `p`.
+        ///
+        /// # Safety
+        /// `p` must be valid for `LANES` reads and the CPU must support AVX.
+        unsafe fn load(p: *const Self) -> Self::V;
+        /// The value in every lane.
+        ///
+        /// # Safety
+        /// The CPU must support AVX.
+        unsafe fn splat(v: Self) -> Self::V;
+        const LANES: usize;
+    }
+
+    impl Coef for f32 {
+        type V = __m256;
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m256 {
+            // SAFETY: the caller's contract.
+            unsafe { _mm256_loadu_ps(p) }
+        }
+        #[inline(always)]
+        unsafe fn splat(v: f32) -> __m256 {
+            // SAFETY: the caller's contract (AVX).
+            unsafe { _mm256_set1_ps(v) }
+        }
+        const LANES: usize = 8;
+    }
+
+    impl Coef for f64 {
+        type V = __m256d;
+        #[inline(always)]
+        unsafe fn load(p: *const f64) -> __m256d {
+            // SAFETY: the caller's contract.
+            unsafe { _mm256_loadu_pd(p) }
+        }
+        #[inline(always)]
+        unsafe fn splat(v: f64) -> __m256d {
+            // SAFETY: the caller's contract (AVX).
+            unsafe { _mm256_set1_pd(v) }
+        }
+        const LANES: usize = 4;
+    }
+
+    /// Sixteen f32 coefficients for the AVX-512 path.
+    pub(crate) trait Source16: Source<f32> {
+        /// Column `k` from run offset `o` (`o < run`).
+        ///
+        /// # Safety
+        /// The CPU must support AVX-512F.
+        unsafe fn vec16(&self, k: usize, o: usize) -> __m512;
+    }
+
+    impl<const K: usize> Source16 for Broadcast<f32, K> {
+        #[inline(always)]
+        unsafe fn vec16(&self, k: usize, _: usize) -> __m512 {
+            // SAFETY: the caller guarantees AVX-512F.
+            unsafe { _mm512_set1_ps(self.0[k]) }
+        }
+    }
+
+    impl Source16 for Table<'_, f32> {
+        #[inline(always)]
+        unsafe fn vec16(&self, k: usize, o: usize) -> __m512 {
+            let i = k * self.stride + o;
+            assert!(i + 16 <= self.t.len());
+            // SAFETY: `i + 16 <= t.len()` (asserted; `o < run` and `run + WRAP <= stride`
+            // with `WRAP >= 16`), and the caller guarantees AVX-512F.
+            unsafe { _mm512_loadu_ps(self.t.as_ptr().add(i)) }
+        }
+    }
+
+    /// Eight f64 coefficients for the AVX-512 path.
+    pub(crate) trait Source8: Source<f64> {
+        /// Column `k` from run offset `o` (`o < run`).
+        ///
+        /// # Safety
+        /// The CPU must support AVX-512F.
+        unsafe fn vec8(&self, k: usize, o: usize) -> __m512d;
+    }
+
+    impl<const K: usize> Source8 for Broadcast<f64, K> {
+        #[inline(always)]
+        unsafe fn vec8(&self, k: usize, _: usize) -> __m512d {
+            // SAFETY: the caller guarantees AVX-512F.
+            unsafe { _mm512_set1_pd(self.0[k]) }
+        }
+    }
+
+    impl Source8 for Table<'_, f64> {
+        #[inline(always)]
+        unsafe fn vec8(&self, k: usize, o: usize) -> __m512d {
+            let i = k * self.stride + o;
+            assert!(i + 8 <= self.t.len());
+            // SAFETY: `i + 8 <= t.len()` (asserted; `o < run` and `run + WRAP <= stride`
+            // with `WRAP >= 8`), and the caller guarantees AVX-512F.
+            unsafe { _mm512_loadu_pd(self.t.as_ptr().add(i)) }
+        }
+    }
+
+    /// Per-element coefficients: column `k` at run offset `o`.
+    pub(crate) trait Source<E: Coef> {
+        /// The run length (offsets wrap at it).
+        fn run(&self) -> usize;
+        fn at(&self, k: usize, o: usize) -> E;
+        /// `E::LANES` coefficients of column `k` from run offset `o` (the vector may run
+        /// past `run` into the table's `WRAP` repeat; implementations assert the bound).
+        ///
+        /// # Safety
+        /// The CPU must support AVX.
+        unsafe fn vec(&self, k: usize, o: usize) -> E::V;
+    }
+
+    /// One value per column for the whole run (channels-first rows).
+    pub(crate) struct Broadcast<E, const K: usize>(pub(crate) [E; K]);
+
+    impl<E: Coef, const K: usize> Source<E> for Broadcast<E, K> {
+        fn run(&self) -> usize {
+            usize::MAX
+        }
+        #[inline(always)]
+        fn at(&self, k: usize, _: usize) -> E {
+            self.0[k]
+        }
+        #[inline(always)]
+        unsafe fn vec(&self, k: usize, _: usize) -> E::V {
+            // SAFETY: the caller guarantees AVX.
+            unsafe { E::splat(self.0[k]) }
+        }
+    }
+
+    /// Columns of a channels-last coefficient table.
+    pub(crate) struct Table<'a, E> {
+        t: &'a [E],
+        run: usize,
+        stride: usize,
+    }
+
+    impl<'a, E> Table<'a, E> {
+        pub(crate) fn new(t: &'a [E], run: usize, columns: usize) -> Table<'a, E> {
+            let stride = t.len() / columns;
+            assert!(
+                run > 0 && run + WRAP <= stride,
+                "coefficient table too short"
+            );
+            Table { t, run, stride }
+        }
+    }
+
+    impl<E: Coef> Source<E> for Table<'_, E> {
+        fn run(&self) -> usize {
+            self.run
+        }
+        #[inline(always)]
+        fn at(&self, k: usize, o: usize) -> E {
+            self.t[k * self.stride + o]
+        }
+        #[inline(always)]
+        unsafe fn vec(&self, k: usize, o: usize) -> E::V {
+            let i = k * self.stride + o;
+            assert!(i + E::LANES <= self.t.len());
+            // SAFETY: `i + LANES <= t.len()` (asserted; `o < run + 4` and
+            // `run + WRAP <= stride` make it hold for every column), and the caller
+            // guarantees AVX.
+            unsafe { E::load(self.t.as_ptr().add(i)) }
+        }
+    }
+}

@@ -6,12 +6,17 @@
 
 use rayon::prelude::*;
 
+#[cfg(target_arch = "x86_64")]
+use super::coefs::x86::{Broadcast, Table};
 use super::coefs::{coef_table, columns, map_run, Arith};
 use super::schedule::{rows_per_task, Scratch};
-use super::{simd, stream};
+use super::{simd, stream_fence, stream_wanted};
 use crate::element::{DType, Element};
 use crate::layout::Geometry;
 use crate::parallel::Parallelism;
+
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
 simd::dispatch! {
     fn run_affine<T>(xs: &[T], ys: &mut [T], m: f64, s: f64, b: f64);
@@ -64,7 +69,7 @@ pub(crate) fn affine_ep<T: Element>(
     }
     let row = c * g.inner;
     let chunk = rows_per_task(row) * row;
-    let nt = stream::wanted::<T>(y.len());
+    let nt = stream_wanted::<T>(y.len());
     // The channels-last streaming kernels' coefficient table, built once for all tasks.
     let table = (nt && g.inner == 1).then(|| affine_table_f32(c, center, scale, shift));
     let body = |(i, (xs, ys)): (usize, (&[T], &mut [T]))| {
@@ -76,8 +81,8 @@ pub(crate) fn affine_ep<T: Element>(
                     Ep::Relu => (None, true),
                     Ep::AddRelu(r) => (Some(r), true),
                 };
-                if stream::rows_affine(xs, res, ys, (&t.0, t.1), relu) {
-                    stream::fence();
+                if stream_rows_affine(xs, res, ys, (&t.0, t.1), relu) {
+                    stream_fence();
                     return;
                 }
             }
@@ -97,7 +102,7 @@ pub(crate) fn affine_ep<T: Element>(
                 run_affine_ep(xr, e, yr, (center[ch], scale[ch], shift[ch]), nt);
             }
             if nt {
-                stream::fence();
+                stream_fence();
             }
         }
     };
@@ -130,7 +135,7 @@ pub(super) fn run_affine_ep<T: Element>(
             Ep::Relu => (None, true),
             Ep::AddRelu(r) => (Some(r), true),
         };
-        if stream::affine(xs, res, ys, affine_coefs_f32(m, s, b), relu) {
+        if stream_run_affine(xs, res, ys, affine_coefs_f32(m, s, b), relu) {
             return;
         }
     }
@@ -139,6 +144,71 @@ pub(super) fn run_affine_ep<T: Element>(
         Ep::Relu => by_level::run_affine_relu(xs, ys, m, s, b),
         Ep::AddRelu(r) => by_level::run_affine_add_relu(xs, r, ys, m, s, b),
     }
+}
+
+// ─── Streaming stores ────────────────────────────────────────────────────────────────────
+
+/// The f32 views of an optional slice of `T` (`Some(&[])` for an absent one): `None` when
+/// `T` is not f32.
+#[inline]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn opt32<T: Element>(v: Option<&[T]>) -> Option<&[f32]> {
+    match v {
+        Some(v) => T::as_f32s(v),
+        None => Some(&[]),
+    }
+}
+
+/// Channels-first `y = (x − h)·s + b (+ r)`, then ReLU when `relu`, with streaming stores
+/// (`r` the residual, added before the ReLU). Returns false, having written nothing, when
+/// `T` is not f32 or the CPU lacks AVX2.
+#[inline]
+fn stream_run_affine<T: Element>(
+    xs: &[T],
+    res: Option<&[T]>,
+    ys: &mut [T],
+    coefs: [f32; 3],
+    relu: bool,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(xs), Some(rs), Some(ys), true) = (
+        T::as_f32s(xs),
+        opt32(res),
+        T::as_f32s_mut(ys),
+        super::stream_available(),
+    ) {
+        // SAFETY: `stream_available()` checked that the CPU has AVX2.
+        unsafe { x86::map1_any(xs, rs, ys, &Broadcast(coefs), relu) };
+        return true;
+    }
+    let _ = (xs, res, ys, coefs, relu);
+    false
+}
+
+/// Channels-last [`stream_run_affine`]: `xs`/`ys` (and `res`) start at a row, `table` is an f32
+/// coefficient table (`hi`, scale, shift) with run length `run` from
+/// [`affine_table_f32`].
+#[inline]
+fn stream_rows_affine<T: Element>(
+    xs: &[T],
+    res: Option<&[T]>,
+    ys: &mut [T],
+    (table, run): (&Scratch<f32>, usize),
+    relu: bool,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(xs), Some(rs), Some(ys), true) = (
+        T::as_f32s(xs),
+        opt32(res),
+        T::as_f32s_mut(ys),
+        super::stream_available(),
+    ) {
+        // SAFETY: `stream_available()` checked that the CPU has AVX2.
+        unsafe { x86::map1_any(xs, rs, ys, &Table::new(table, run, 3), relu) };
+        return true;
+    }
+    let _ = (xs, res, ys, table, run, relu);
+    false
 }
 
 // ─── The inner loops ────────────────────────────────────────────────────────────────────

@@ -11,9 +11,9 @@ use super::backward_map::{run_affine2_nt, run_affine2_relu_nt};
 use super::forward_map::{run_affine_ep, Ep};
 use super::schedule::{segments, SendPtr};
 use super::stats::by_level::run_moments;
-use super::stream;
 use super::sums::by_level::{dot_row, seg_dot};
 use super::sums::DotLanes;
+use super::{stream_fence, stream_wanted};
 use crate::element::Element;
 use crate::layout::Geometry;
 use crate::parallel::Parallelism;
@@ -37,7 +37,7 @@ pub(crate) fn train_fused_cf<T: Element, F>(
     assert!(g.inner > 1 && x.len() == g.len() && y.len() == g.len() && out.len() == g.channels);
     let c = g.channels;
     let inner = g.inner;
-    let nt = stream::wanted::<T>(y.len());
+    let nt = stream_wanted::<T>(y.len());
     let group = fused_channels::<T>(g, 1);
     let y_ptr = SendPtr(y.as_mut_ptr());
     // A task takes a few neighbouring channels, so that each sample's rows of the group
@@ -81,7 +81,7 @@ pub(crate) fn train_fused_cf<T: Element, F>(
             }
         }
         if nt {
-            stream::fence();
+            stream_fence();
         }
     };
     if par.is_parallel(g.len()) {
@@ -132,7 +132,7 @@ pub(crate) fn backward_fused_cf<T: Element, F>(
         None => (None, &mut [][..]),
     };
     let with_res = !dres.is_empty();
-    let nt = stream::wanted::<T>(dx.len());
+    let nt = stream_wanted::<T>(dx.len());
     let group = fused_channels::<T>(g, if y.is_some() { 3 } else { 2 });
     let dx_ptr = SendPtr(dx.as_mut_ptr());
     let dres_ptr = SendPtr(dres.as_mut_ptr());
@@ -210,7 +210,7 @@ pub(crate) fn backward_fused_cf<T: Element, F>(
             }
         }
         if nt {
-            stream::fence();
+            stream_fence();
         }
     };
     if par.is_parallel(g.len()) {

@@ -43,6 +43,26 @@
 //! f64 for f32 and f64 storage, in f32 for f16 and bf16. The inner loops are written once,
 //! generically, and compiled for several instruction sets, picked at run time ([`simd`]):
 //! every level gives the same bits.
+//!
+//! # Streaming stores
+//!
+//! Non-temporal ("streaming") stores for large f32 outputs. A normal store first reads
+//! the destination line into cache (a read for ownership), so writing an output costs
+//! twice its size in memory traffic and evicts the input that a fused kernel is about to
+//! read again; a streaming store writes whole lines straight to memory. Used only where
+//! the output is larger than the last-level cache could keep anyway
+//! ([`STREAM_MIN_BYTES`]), only for f32 storage, and with exactly the arithmetic of the
+//! ordinary maps (forward `(x − hi)·s + b` in f32, backward `(a·dy + b·(x − m)) + k` in
+//! f64, or `(a·(dy − d) + b·(x − hi)) + k` in f32 with `BackwardArithmetic::F32`;
+//! separate multiplies and adds, one rounding to f32 at the end): the same bits either
+//! way, tested. The order of the work never changes a bit, so it is chosen for speed: the
+//! channels-last backward maps take rows in blocks that share each coefficient vector
+//! they load, and every kernel runs downwards when an output lies just past one of its
+//! inputs modulo 4 KiB (`descending`: an upward loop would keep loading where it just
+//! stored). The kernels are with the maps they are variants of (`forward_map/x86.rs`,
+//! `backward_map/x86.rs`), their framing (heads, aligned body, tails, direction) in
+//! `frame.rs`, their coefficient vectors in `coefs.rs`. Elsewhere than x86-64 there are
+//! no streaming kernels: every entry point returns false and the ordinary path runs.
 
 mod backward_map;
 mod coefs;
@@ -52,7 +72,6 @@ mod fused;
 mod schedule;
 pub(crate) mod simd;
 mod stats;
-mod stream;
 mod sums;
 
 pub(crate) use backward_map::{affine2, affine2_relu};
@@ -64,9 +83,48 @@ pub use simd::{simd_level, with_simd_level, SimdLevel};
 pub(crate) use stats::moments;
 pub(crate) use sums::{dot, dot_relu};
 
+use crate::element::Element;
+
 /// Elements per parallel task (and per reduction segment). Fixed: it shapes the
 /// reduction order, so it must not depend on the machine.
 pub(crate) const SEGMENT: usize = 1 << 15;
 
 /// Elements per block reduced by two passes while in L1.
 pub(crate) const BLOCK: usize = 2048;
+
+// ─── Streaming stores ───────────────────────────────────────────────────────────────────
+
+/// Outputs from this size on (bytes) are written with streaming stores.
+pub(crate) const STREAM_MIN_BYTES: usize = 16 << 20;
+
+/// Whether an output of `len` elements of `T` is written with streaming stores (also
+/// needs f32 storage and AVX2, checked by each kernel).
+#[inline]
+fn stream_wanted<T: Element>(len: usize) -> bool {
+    T::as_f32s(&[]).is_some() && len * std::mem::size_of::<T>() >= STREAM_MIN_BYTES
+}
+
+/// Whether the current SIMD level has the streaming kernels.
+#[inline]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn stream_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        simd::current() >= simd::SimdLevel::Avx2
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Makes this thread's streaming stores globally visible; called before a task that
+/// used them ends (streaming stores are weakly ordered).
+#[inline]
+fn stream_fence() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `sfence` is part of SSE, which every x86-64 CPU has; it has no operands.
+    unsafe {
+        std::arch::x86_64::_mm_sfence()
+    };
+}
