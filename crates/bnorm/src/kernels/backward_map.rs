@@ -249,7 +249,7 @@ fn stream_run_affine2<T: Element>(
         unsafe {
             match coefs {
                 Coefs2::F64(c) => x86::map2_any(xs, mask, ds, os, &Broadcast(c)),
-                Coefs2::F32(c) => x86::map2f_any(xs, mask, ds, os, &Broadcast(c)),
+                Coefs2::F32(c) => x86::map2_any(xs, mask, ds, os, &Broadcast(c)),
             }
         };
         true
@@ -320,14 +320,14 @@ fn stream_rows_affine2<T: Element>(
             match &table.t {
                 Table2Data::F64(t) => {
                     let t = Table::new(t, run, 5);
-                    if !x86::map2_rows_any(xs, &mut mask, ds, os, &t, c) {
+                    if !x86::rows_any(xs, &mut mask, ds, os, &t, c) {
                         x86::map2_any(xs, mask, ds, os, &t)
                     }
                 }
                 Table2Data::F32(t) => {
                     let t = Table::new(t, run, 5);
-                    if !x86::map2f_rows_any(xs, &mut mask, ds, os, &t, c) {
-                        x86::map2f_any(xs, mask, ds, os, &t)
+                    if !x86::rows_any(xs, &mut mask, ds, os, &t, c) {
+                        x86::map2_any(xs, mask, ds, os, &t)
                     }
                 }
             }

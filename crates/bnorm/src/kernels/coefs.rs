@@ -131,16 +131,23 @@ pub(super) fn columns<A: Arith, const K: usize>(t: &[A], c: usize) -> [&[A]; K] 
 
 /// The coefficients as vectors, for the streaming kernels: one value per column for a
 /// whole channels-first run ([`Broadcast`](x86::Broadcast)) or the columns of a
-/// [`coef_table`] ([`Table`](x86::Table)).
+/// [`coef_table`] ([`Table`](x86::Table)), read at the width of either x86 level; and the
+/// f32 vectors of both levels ([`F32s`](x86::F32s)), so that each kernel is written once.
 #[cfg(target_arch = "x86_64")]
 pub(super) mod x86 {
     use std::arch::x86_64::*;
 
     use super::WRAP;
 
-    /// A coefficient type: f32 (forward) or f64 (backward), with its AVX vector.
+    /// A coefficient type, f32 or f64, with its vectors: `V` on AVX2 (`__m256`, `__m256d`)
+    /// and `W` on AVX-512 (`__m512`, `__m512d`).
     pub(crate) trait Coef: Copy {
         type V: Copy;
+        type W: Copy;
+        /// Values per `V`.
+        const LANES: usize;
+        /// Values per `W`.
+        const WIDE_LANES: usize;
         /// `LANES` values from `p`.
         ///
         /// # Safety
@@ -151,11 +158,23 @@ pub(super) mod x86 {
         /// # Safety
         /// The CPU must support AVX.
         unsafe fn splat(v: Self) -> Self::V;
-        const LANES: usize;
+        /// `WIDE_LANES` values from `p`.
+        ///
+        /// # Safety
+        /// `p` must be valid for `WIDE_LANES` reads and the CPU must support AVX-512F.
+        unsafe fn load_wide(p: *const Self) -> Self::W;
+        /// The value in every lane of a `W`.
+        ///
+        /// # Safety
+        /// The CPU must support AVX-512F.
+        unsafe fn splat_wide(v: Self) -> Self::W;
     }
 
     impl Coef for f32 {
         type V = __m256;
+        type W = __m512;
+        const LANES: usize = 8;
+        const WIDE_LANES: usize = 16;
         #[inline(always)]
         unsafe fn load(p: *const f32) -> __m256 {
             // SAFETY: the caller's contract.
@@ -166,11 +185,23 @@ pub(super) mod x86 {
             // SAFETY: the caller's contract (AVX).
             unsafe { _mm256_set1_ps(v) }
         }
-        const LANES: usize = 8;
+        #[inline(always)]
+        unsafe fn load_wide(p: *const f32) -> __m512 {
+            // SAFETY: the caller's contract.
+            unsafe { _mm512_loadu_ps(p) }
+        }
+        #[inline(always)]
+        unsafe fn splat_wide(v: f32) -> __m512 {
+            // SAFETY: the caller's contract (AVX-512F).
+            unsafe { _mm512_set1_ps(v) }
+        }
     }
 
     impl Coef for f64 {
         type V = __m256d;
+        type W = __m512d;
+        const LANES: usize = 4;
+        const WIDE_LANES: usize = 8;
         #[inline(always)]
         unsafe fn load(p: *const f64) -> __m256d {
             // SAFETY: the caller's contract.
@@ -181,62 +212,15 @@ pub(super) mod x86 {
             // SAFETY: the caller's contract (AVX).
             unsafe { _mm256_set1_pd(v) }
         }
-        const LANES: usize = 4;
-    }
-
-    /// Sixteen f32 coefficients for the AVX-512 path.
-    pub(crate) trait Source16: Source<f32> {
-        /// Column `k` from run offset `o` (`o < run`).
-        ///
-        /// # Safety
-        /// The CPU must support AVX-512F.
-        unsafe fn vec16(&self, k: usize, o: usize) -> __m512;
-    }
-
-    impl<const K: usize> Source16 for Broadcast<f32, K> {
         #[inline(always)]
-        unsafe fn vec16(&self, k: usize, _: usize) -> __m512 {
-            // SAFETY: the caller guarantees AVX-512F.
-            unsafe { _mm512_set1_ps(self.0[k]) }
+        unsafe fn load_wide(p: *const f64) -> __m512d {
+            // SAFETY: the caller's contract.
+            unsafe { _mm512_loadu_pd(p) }
         }
-    }
-
-    impl Source16 for Table<'_, f32> {
         #[inline(always)]
-        unsafe fn vec16(&self, k: usize, o: usize) -> __m512 {
-            let i = k * self.stride + o;
-            assert!(i + 16 <= self.t.len());
-            // SAFETY: `i + 16 <= t.len()` (asserted; `o < run` and `run + WRAP <= stride`
-            // with `WRAP >= 16`), and the caller guarantees AVX-512F.
-            unsafe { _mm512_loadu_ps(self.t.as_ptr().add(i)) }
-        }
-    }
-
-    /// Eight f64 coefficients for the AVX-512 path.
-    pub(crate) trait Source8: Source<f64> {
-        /// Column `k` from run offset `o` (`o < run`).
-        ///
-        /// # Safety
-        /// The CPU must support AVX-512F.
-        unsafe fn vec8(&self, k: usize, o: usize) -> __m512d;
-    }
-
-    impl<const K: usize> Source8 for Broadcast<f64, K> {
-        #[inline(always)]
-        unsafe fn vec8(&self, k: usize, _: usize) -> __m512d {
-            // SAFETY: the caller guarantees AVX-512F.
-            unsafe { _mm512_set1_pd(self.0[k]) }
-        }
-    }
-
-    impl Source8 for Table<'_, f64> {
-        #[inline(always)]
-        unsafe fn vec8(&self, k: usize, o: usize) -> __m512d {
-            let i = k * self.stride + o;
-            assert!(i + 8 <= self.t.len());
-            // SAFETY: `i + 8 <= t.len()` (asserted; `o < run` and `run + WRAP <= stride`
-            // with `WRAP >= 8`), and the caller guarantees AVX-512F.
-            unsafe { _mm512_loadu_pd(self.t.as_ptr().add(i)) }
+        unsafe fn splat_wide(v: f64) -> __m512d {
+            // SAFETY: the caller's contract (AVX-512F).
+            unsafe { _mm512_set1_pd(v) }
         }
     }
 
@@ -251,6 +235,11 @@ pub(super) mod x86 {
         /// # Safety
         /// The CPU must support AVX.
         unsafe fn vec(&self, k: usize, o: usize) -> E::V;
+        /// `E::WIDE_LANES` coefficients of column `k` from run offset `o`, as [`vec`](Source::vec).
+        ///
+        /// # Safety
+        /// The CPU must support AVX-512F.
+        unsafe fn wide(&self, k: usize, o: usize) -> E::W;
     }
 
     /// One value per column for the whole run (channels-first rows).
@@ -268,6 +257,11 @@ pub(super) mod x86 {
         unsafe fn vec(&self, k: usize, _: usize) -> E::V {
             // SAFETY: the caller guarantees AVX.
             unsafe { E::splat(self.0[k]) }
+        }
+        #[inline(always)]
+        unsafe fn wide(&self, k: usize, _: usize) -> E::W {
+            // SAFETY: the caller guarantees AVX-512F.
+            unsafe { E::splat_wide(self.0[k]) }
         }
     }
 
@@ -305,6 +299,151 @@ pub(super) mod x86 {
             // `run + WRAP <= stride` make it hold for every column), and the caller
             // guarantees AVX.
             unsafe { E::load(self.t.as_ptr().add(i)) }
+        }
+        #[inline(always)]
+        unsafe fn wide(&self, k: usize, o: usize) -> E::W {
+            let i = k * self.stride + o;
+            assert!(i + E::WIDE_LANES <= self.t.len());
+            // SAFETY: `i + WIDE_LANES <= t.len()` (asserted; the callers keep
+            // `o + WIDE_LANES <= run + WRAP`, and `run + WRAP <= stride` makes it hold for
+            // every column), and the caller guarantees AVX-512F.
+            unsafe { E::load_wide(self.t.as_ptr().add(i)) }
+        }
+    }
+
+    /// The f32 vector of one x86 level, so that a streaming kernel is written once for
+    /// both: `__m256` on AVX2 (8 lanes, 32-byte streaming stores) and `__m512` on
+    /// AVX-512 (16 lanes, 64 bytes), each operation the instruction that level's kernel
+    /// used. The arithmetic is separate multiplies and adds, never fused: every level
+    /// gives the bits of the ordinary maps.
+    ///
+    /// # Safety
+    /// Every method needs a CPU with the vector's level (AVX2, or AVX-512F) and is meant
+    /// to inline into a function that enables it; a pointer must be valid for `LANES`
+    /// values (and aligned to `BYTES` for [`stream`](F32s::stream)).
+    pub(crate) trait F32s: Copy {
+        /// Values per vector.
+        const LANES: usize;
+        /// Bytes per vector: the alignment of a streaming store.
+        const BYTES: usize;
+        unsafe fn load(p: *const f32) -> Self;
+        unsafe fn store(p: *mut f32, v: Self);
+        /// A streaming store.
+        unsafe fn stream(p: *mut f32, v: Self);
+        /// `LANES` coefficients of column `k` of `src` from run offset `o`.
+        unsafe fn coef<S: Source<f32>>(src: &S, k: usize, o: usize) -> Self;
+        unsafe fn add(a: Self, b: Self) -> Self;
+        unsafe fn sub(a: Self, b: Self) -> Self;
+        unsafe fn mul(a: Self, b: Self) -> Self;
+        /// `z < 0 → +0`, anything else (NaN included) kept: as the ordinary maps' `relu`.
+        unsafe fn relu(z: Self) -> Self;
+        /// `d` where `y > 0`, else +0 (NaN `y` included): as the ordinary maps' `masked`.
+        unsafe fn masked(y: Self, d: Self) -> Self;
+    }
+
+    impl F32s for __m256 {
+        const LANES: usize = 8;
+        const BYTES: usize = 32;
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m256 {
+            // SAFETY: the caller's contract.
+            unsafe { _mm256_loadu_ps(p) }
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: __m256) {
+            // SAFETY: the caller's contract.
+            unsafe { _mm256_storeu_ps(p, v) }
+        }
+        #[inline(always)]
+        unsafe fn stream(p: *mut f32, v: __m256) {
+            // SAFETY: the caller's contract (`p` 32-byte aligned).
+            unsafe { _mm256_stream_ps(p, v) }
+        }
+        #[inline(always)]
+        unsafe fn coef<S: Source<f32>>(src: &S, k: usize, o: usize) -> __m256 {
+            // SAFETY: the caller's contract (AVX2).
+            unsafe { src.vec(k, o) }
+        }
+        #[inline(always)]
+        unsafe fn add(a: __m256, b: __m256) -> __m256 {
+            // SAFETY: the caller's contract (AVX2).
+            unsafe { _mm256_add_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn sub(a: __m256, b: __m256) -> __m256 {
+            // SAFETY: the caller's contract (AVX2).
+            unsafe { _mm256_sub_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn mul(a: __m256, b: __m256) -> __m256 {
+            // SAFETY: the caller's contract (AVX2).
+            unsafe { _mm256_mul_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn relu(z: __m256) -> __m256 {
+            // SAFETY: the caller's contract (AVX2).
+            unsafe { _mm256_andnot_ps(_mm256_cmp_ps::<_CMP_LT_OQ>(z, _mm256_setzero_ps()), z) }
+        }
+        #[inline(always)]
+        unsafe fn masked(y: __m256, d: __m256) -> __m256 {
+            // SAFETY: the caller's contract (AVX2).
+            unsafe { _mm256_and_ps(_mm256_cmp_ps::<_CMP_GT_OQ>(y, _mm256_setzero_ps()), d) }
+        }
+    }
+
+    impl F32s for __m512 {
+        const LANES: usize = 16;
+        const BYTES: usize = 64;
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m512 {
+            // SAFETY: the caller's contract.
+            unsafe { _mm512_loadu_ps(p) }
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: __m512) {
+            // SAFETY: the caller's contract.
+            unsafe { _mm512_storeu_ps(p, v) }
+        }
+        #[inline(always)]
+        unsafe fn stream(p: *mut f32, v: __m512) {
+            // SAFETY: the caller's contract (`p` 64-byte aligned).
+            unsafe { _mm512_stream_ps(p, v) }
+        }
+        #[inline(always)]
+        unsafe fn coef<S: Source<f32>>(src: &S, k: usize, o: usize) -> __m512 {
+            // SAFETY: the caller's contract (AVX-512F).
+            unsafe { src.wide(k, o) }
+        }
+        #[inline(always)]
+        unsafe fn add(a: __m512, b: __m512) -> __m512 {
+            // SAFETY: the caller's contract (AVX-512F).
+            unsafe { _mm512_add_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn sub(a: __m512, b: __m512) -> __m512 {
+            // SAFETY: the caller's contract (AVX-512F).
+            unsafe { _mm512_sub_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn mul(a: __m512, b: __m512) -> __m512 {
+            // SAFETY: the caller's contract (AVX-512F).
+            unsafe { _mm512_mul_ps(a, b) }
+        }
+        #[inline(always)]
+        unsafe fn relu(z: __m512) -> __m512 {
+            // SAFETY: the caller's contract (AVX-512F).
+            unsafe {
+                let zero = _mm512_setzero_ps();
+                _mm512_mask_mov_ps(z, _mm512_cmp_ps_mask::<_CMP_LT_OQ>(z, zero), zero)
+            }
+        }
+        #[inline(always)]
+        unsafe fn masked(y: __m512, d: __m512) -> __m512 {
+            // SAFETY: the caller's contract (AVX-512F).
+            unsafe {
+                let pos = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(y, _mm512_setzero_ps());
+                _mm512_maskz_mov_ps(pos, d)
+            }
         }
     }
 }

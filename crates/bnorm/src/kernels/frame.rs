@@ -191,43 +191,56 @@ pub(super) mod x86 {
         }
     }
 
-    /// `(head, body)`: scalar elements before the first 32-byte boundary of `p`, and
-    /// the end of the vector body after it.
-    pub(crate) fn split(p: *const f32, n: usize) -> (usize, usize) {
-        let head = p.align_offset(32).min(n);
-        (head, head + (n - head) / 8 * 8)
+    /// `(head, end)`: the scalar elements before the first `align`-byte boundary of `p`
+    /// (the store alignment), and the end of the vector body after it, a whole number of
+    /// `lanes`-value steps.
+    #[inline(always)]
+    pub(crate) fn split(p: *const f32, n: usize, align: usize, lanes: usize) -> (usize, usize) {
+        let head = p.align_offset(align).min(n);
+        (head, head + (n - head) / lanes * lanes)
     }
 
     /// Rows per block of the row-blocked backward maps: each coefficient vector loaded
     /// once serves this many rows.
     pub(crate) const BLOCK_ROWS: usize = 2;
 
+    /// The loop bodies of [`blocked`]: methods rather than closures, so that a body
+    /// written in a generic kernel inlines into the function that enables its target
+    /// features (a closure defined outside such a function does not inherit them, and
+    /// its intrinsics would stay calls).
+    pub(crate) trait BlockBody {
+        /// The block of `rows` rows whose first values start at index `i`, channel
+        /// offset `o`.
+        fn block(&mut self, i: usize, o: usize, rows: usize);
+        /// One 8-value step of the rest of the body, at index `i`, channel offset `o`.
+        fn step(&mut self, i: usize, o: usize);
+    }
+
     /// The element order of the row-blocked maps over the vector body `head..end` (the
     /// output aligned at `head` to the store width): blocks of `BLOCK_ROWS` (shifted)
     /// rows of `c` values, in each the `W`-value steps at one channel offset for every
-    /// row in turn (`block(i, o, rows)`: first index, channel offset, rows in the block),
-    /// then the rest of the body 8 values at a time (`step(i, o)`).
+    /// row in turn ([`block`](BlockBody::block)), then the rest of the body 8 values at
+    /// a time ([`step`](BlockBody::step)).
     #[inline(always)]
     pub(crate) fn blocked<const W: usize>(
         head: usize,
         end: usize,
         c: usize,
         desc: bool,
-        mut block: impl FnMut(usize, usize, usize),
-        mut step: impl FnMut(usize, usize),
+        body: &mut impl BlockBody,
     ) {
         let rows = (end - head) / c;
         let tail = head + rows * c;
         if desc {
             for (i, o) in Steps::new(tail, end, 8, c, true) {
-                step(i, o);
+                body.step(i, o);
             }
             let mut r1 = rows;
             while r1 > 0 {
                 let nr = BLOCK_ROWS.min(r1);
                 let r0 = r1 - nr;
                 for j in (0..c).step_by(W).rev() {
-                    block(head + r0 * c + j, (head + j) % c, nr);
+                    body.block(head + r0 * c + j, (head + j) % c, nr);
                 }
                 r1 = r0;
             }
@@ -236,12 +249,12 @@ pub(super) mod x86 {
             while r0 < rows {
                 let nr = BLOCK_ROWS.min(rows - r0);
                 for j in (0..c).step_by(W) {
-                    block(head + r0 * c + j, (head + j) % c, nr);
+                    body.block(head + r0 * c + j, (head + j) % c, nr);
                 }
                 r0 += nr;
             }
             for (i, o) in Steps::new(tail, end, 8, c, false) {
-                step(i, o);
+                body.step(i, o);
             }
         }
     }

@@ -20,8 +20,8 @@
 //! | --- | --- |
 //! | `stats.rs` | [`moments`]: the statistics pass |
 //! | `sums.rs` | [`dot`], [`dot_relu`]: the backward's per-channel sums |
-//! | `forward_map.rs` | [`affine_ep`] and its epilogues ([`Ep`]), with its streaming-store variants |
-//! | `backward_map.rs` | [`affine2`], [`affine2_relu`], with their streaming-store variants |
+//! | `forward_map.rs` | [`affine_ep`] and its epilogues ([`Ep`]); `forward_map/x86.rs` its streaming-store kernel |
+//! | `backward_map.rs` | [`affine2`], [`affine2_relu`]; `backward_map/x86.rs` their streaming-store kernels |
 //! | `fused.rs` | [`train_fused_cf`], [`backward_fused_cf`], [`fused_channels`] |
 //!
 //! and what they share:
@@ -29,8 +29,8 @@
 //! | file | holds |
 //! | --- | --- |
 //! | `schedule.rs` | the split of work into tasks and segments, [`Workspace`], per-thread scratch |
-//! | `frame.rs` | lanes and their fixed folding order, short rows as lanes, cache requests ahead |
-//! | `coefs.rs` | the maps' arithmetic (f64, or f32 with a split center) and coefficient tables |
+//! | `frame.rs` | lanes and their fixed folding order, short rows as lanes, cache requests ahead; the framing of the streaming loops (heads, aligned body, tails, direction, blocks of rows) |
+//! | `coefs.rs` | the maps' arithmetic (f64, or f32 with a split center), coefficient tables, and the vectors the streaming kernels read them into and compute in |
 //! | `simd.rs` | instruction-set detection and the per-level compilation of the inner loops |
 //!
 //! # Order and arithmetic
