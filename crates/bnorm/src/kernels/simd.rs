@@ -1,6 +1,6 @@
 //! Run-time selection of the instruction set, once per process.
 //!
-//! The inner loops in [`super::inner`] are written once, generically, with independent
+//! The inner loops of each kernel file are written once, generically, with independent
 //! lanes that the compiler vectorizes. [`dispatch!`] compiles each of them again inside
 //! `#[target_feature]` wrappers for AVX2+FMA and AVX-512 (x86-64); the level is detected
 //! once and cached. `BNORM_SIMD=scalar|avx2|avx512` caps it (never above what the CPU
@@ -95,49 +95,58 @@ pub(crate) fn current() -> SimdLevel {
     FORCED.with(|c| c.get()).unwrap_or_else(simd_level)
 }
 
-/// Defines a dispatching wrapper `name` for the generic inner loop `inner::name`.
+/// Compiles the generic inner loops of the calling file, listed with their signatures,
+/// for each instruction-set level: `by_level::name`, in a child module of that file, runs
+/// the file's `name` at the level of the calling thread ([`current`]). The kernels call
+/// the `by_level` wrappers; the generic loops themselves only call one another.
 macro_rules! dispatch {
     ($(fn $name:ident<$t:ident>($($arg:ident : $ty:ty),*) $(-> $ret:ty)?;)*) => {
-        #[cfg(target_arch = "x86_64")]
-        mod avx2 {
+        /// The inner loops of this file compiled for each instruction-set level; each
+        /// wrapper picks the level of the calling thread.
+        pub(super) mod by_level {
             #[allow(unused_imports)]
             use super::*;
-            $(
-                #[target_feature(enable = "avx2,fma")]
-                #[allow(clippy::too_many_arguments)]
-                pub(super) unsafe fn $name<$t: Element>($($arg: $ty),*) $(-> $ret)? {
-                    $crate::kernels::inner::$name::<$t>($($arg),*)
-                }
-            )*
-        }
-        #[cfg(target_arch = "x86_64")]
-        mod avx512 {
-            #[allow(unused_imports)]
-            use super::*;
-            $(
-                #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
-                #[allow(clippy::too_many_arguments)]
-                pub(super) unsafe fn $name<$t: Element>($($arg: $ty),*) $(-> $ret)? {
-                    $crate::kernels::inner::$name::<$t>($($arg),*)
-                }
-            )*
-        }
-        $(
-            #[inline]
-            #[allow(clippy::too_many_arguments)]
-            pub(crate) fn $name<$t: Element>($($arg: $ty),*) $(-> $ret)? {
-                match $crate::kernels::simd::current() {
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: `current()` returns Avx2 only when the CPU reports AVX2 and FMA.
-                    $crate::kernels::simd::SimdLevel::Avx2 => unsafe { avx2::$name::<$t>($($arg),*) },
-                    #[cfg(target_arch = "x86_64")]
-                    // SAFETY: `current()` returns Avx512 only when the CPU reports AVX-512
-                    // F/VL/BW/DQ, AVX2 and FMA.
-                    $crate::kernels::simd::SimdLevel::Avx512 => unsafe { avx512::$name::<$t>($($arg),*) },
-                    _ => $crate::kernels::inner::$name::<$t>($($arg),*),
-                }
+            #[cfg(target_arch = "x86_64")]
+            mod avx2 {
+                #[allow(unused_imports)]
+                use super::*;
+                $(
+                    #[target_feature(enable = "avx2,fma")]
+                    #[allow(clippy::too_many_arguments)]
+                    pub(super) unsafe fn $name<$t: Element>($($arg: $ty),*) $(-> $ret)? {
+                        super::super::$name::<$t>($($arg),*)
+                    }
+                )*
             }
-        )*
+            #[cfg(target_arch = "x86_64")]
+            mod avx512 {
+                #[allow(unused_imports)]
+                use super::*;
+                $(
+                    #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
+                    #[allow(clippy::too_many_arguments)]
+                    pub(super) unsafe fn $name<$t: Element>($($arg: $ty),*) $(-> $ret)? {
+                        super::super::$name::<$t>($($arg),*)
+                    }
+                )*
+            }
+            $(
+                #[inline]
+                #[allow(clippy::too_many_arguments)]
+                pub(crate) fn $name<$t: Element>($($arg: $ty),*) $(-> $ret)? {
+                    match $crate::kernels::simd::current() {
+                        #[cfg(target_arch = "x86_64")]
+                        // SAFETY: `current()` returns Avx2 only when the CPU reports AVX2 and FMA.
+                        $crate::kernels::simd::SimdLevel::Avx2 => unsafe { avx2::$name::<$t>($($arg),*) },
+                        #[cfg(target_arch = "x86_64")]
+                        // SAFETY: `current()` returns Avx512 only when the CPU reports AVX-512
+                        // F/VL/BW/DQ, AVX2 and FMA.
+                        $crate::kernels::simd::SimdLevel::Avx512 => unsafe { avx512::$name::<$t>($($arg),*) },
+                        _ => super::$name::<$t>($($arg),*),
+                    }
+                }
+            )*
+        }
     };
 }
 

@@ -1,0 +1,642 @@
+//! The backward map `dx = a·dz + b·(x − center) + k` with `dz = dy` ([`affine2`]) or,
+//! through a ReLU whose output was `y`, `dz = dy·[y > 0]` ([`affine2_relu`], which also
+//! writes `dz` for an added residual), for both layout families: channels-first runs
+//! ([`run_affine2`], [`run_affine2_relu`]) and channels-last rows ([`rows_affine2`],
+//! [`rows_affine2_relu`], a coefficient table per call). In f64 for f32 and f64 storage
+//! (or f32 for f32 when asked), in f32 for the 16-bit types (`by_backward_arith!`).
+
+use rayon::prelude::*;
+
+#[cfg(target_arch = "x86_64")]
+use super::coefs::x86::{Broadcast, Table};
+use super::coefs::{coef_table, columns, map_run, Arith};
+use super::schedule::{rows_per_task, Scratch};
+use super::{simd, stream_fence, stream_wanted};
+use crate::element::{DType, Element};
+use crate::layout::Geometry;
+use crate::parallel::Parallelism;
+
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+simd::dispatch! {
+    fn run_affine2<T>(xs: &[T], ds: &[T], os: &mut [T], m: f64, a: f64, b: f64, k: f64, narrow: bool);
+    fn rows_affine2<T>(xs: &[T], ds: &[T], os: &mut [T], c: usize, center: &[f64], a: &[f64], b: &[f64], k: &[f64], narrow: bool);
+    fn run_affine2_relu<T>(xs: &[T], ys: &[T], ds: &[T], os: &mut [T], rs: &mut [T], m: f64, a: f64, b: f64, k: f64, narrow: bool);
+    fn rows_affine2_relu<T>(xs: &[T], ys: &[T], ds: &[T], os: &mut [T], rs: &mut [T], c: usize, center: &[f64], a: &[f64], b: &[f64], k: &[f64], narrow: bool);
+}
+
+/// `dx = a[c]·dy + b[c]·(x − center[c]) + k[c]` for every element; f32 storage in f32
+/// arithmetic when `narrow`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn affine2<T: Element>(
+    g: Geometry,
+    x: &[T],
+    dy: &[T],
+    center: &[f64],
+    a: &[f64],
+    b: &[f64],
+    k: &[f64],
+    dx: &mut [T],
+    narrow: bool,
+    par: Parallelism,
+) {
+    let c = g.channels;
+    if g.is_empty() {
+        return;
+    }
+    let row = c * g.inner;
+    let chunk = rows_per_task(row) * row;
+    let nt = stream_wanted::<T>(dx.len());
+    let table = (nt && g.inner == 1).then(|| Table2::new(c, center, a, b, k, narrow));
+    let body = |((xs, ds), os): ((&[T], &[T]), &mut [T])| {
+        if g.inner == 1 {
+            if let Some(t) = &table {
+                if stream_rows_affine2(xs, None, ds, os, t) {
+                    stream_fence();
+                    return;
+                }
+            }
+            by_level::rows_affine2(xs, ds, os, c, center, a, b, k, narrow);
+        } else {
+            for (j, ((xr, dr), or)) in xs
+                .chunks_exact(g.inner)
+                .zip(ds.chunks_exact(g.inner))
+                .zip(os.chunks_exact_mut(g.inner))
+                .enumerate()
+            {
+                let ch = j % c;
+                run_affine2_nt(xr, dr, or, (center[ch], a[ch], b[ch], k[ch]), narrow, nt);
+            }
+            if nt {
+                stream_fence();
+            }
+        }
+    };
+    if par.is_parallel(g.len()) {
+        x.par_chunks(chunk)
+            .zip(dy.par_chunks(chunk))
+            .zip(dx.par_chunks_mut(chunk))
+            .for_each(body);
+    } else {
+        x.chunks(chunk)
+            .zip(dy.chunks(chunk))
+            .zip(dx.chunks_mut(chunk))
+            .for_each(body);
+    }
+}
+
+/// One task's slices of x, y, dy and dx.
+type Chunk4<'a, T> = (((&'a [T], &'a [T]), &'a [T]), &'a mut [T]);
+
+/// Backward through batch norm and a ReLU whose output was `y` (and an added residual,
+/// whose gradient `dres` receives when not empty): `dz = dy·[y > 0]`,
+/// `dx = a·dz + b·(x − center) + k`; f32 storage in f32 arithmetic when `narrow`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn affine2_relu<T: Element>(
+    g: Geometry,
+    x: &[T],
+    y: &[T],
+    dy: &[T],
+    center: &[f64],
+    a: &[f64],
+    b: &[f64],
+    k: &[f64],
+    dx: &mut [T],
+    dres: &mut [T],
+    narrow: bool,
+    par: Parallelism,
+) {
+    let c = g.channels;
+    if g.is_empty() {
+        return;
+    }
+    let row = c * g.inner;
+    let chunk = rows_per_task(row) * row;
+    let with_res = !dres.is_empty();
+    let nt = stream_wanted::<T>(dx.len());
+    let table = (nt && g.inner == 1).then(|| Table2::new(c, center, a, b, k, narrow));
+    let body = |(((xs, ys), ds), os): Chunk4<'_, T>, rs: &mut [T]| {
+        if g.inner == 1 {
+            if let Some(t) = &table {
+                if stream_rows_affine2(xs, Some((ys, &mut *rs)), ds, os, t) {
+                    stream_fence();
+                    return;
+                }
+            }
+            by_level::rows_affine2_relu(xs, ys, ds, os, rs, c, center, a, b, k, narrow);
+        } else {
+            let n = xs.len() / g.inner;
+            for j in 0..n {
+                let ch = j % c;
+                let r = j * g.inner..(j + 1) * g.inner;
+                let rr = if with_res {
+                    &mut rs[r.clone()]
+                } else {
+                    &mut [][..]
+                };
+                let (xs, ys, ds) = (&xs[r.clone()], &ys[r.clone()], &ds[r.clone()]);
+                let coefs = (center[ch], a[ch], b[ch], k[ch]);
+                run_affine2_relu_nt(xs, ys, ds, &mut os[r], rr, coefs, narrow, nt);
+            }
+            if nt {
+                stream_fence();
+            }
+        }
+    };
+    let parallel = par.is_parallel(g.len());
+    let it = x.chunks(chunk).zip(y.chunks(chunk)).zip(dy.chunks(chunk));
+    match (parallel, with_res) {
+        (true, true) => x
+            .par_chunks(chunk)
+            .zip(y.par_chunks(chunk))
+            .zip(dy.par_chunks(chunk))
+            .zip(dx.par_chunks_mut(chunk))
+            .zip(dres.par_chunks_mut(chunk))
+            .for_each(|(t, rs)| body(t, rs)),
+        (true, false) => x
+            .par_chunks(chunk)
+            .zip(y.par_chunks(chunk))
+            .zip(dy.par_chunks(chunk))
+            .zip(dx.par_chunks_mut(chunk))
+            .for_each(|t| body(t, &mut [])),
+        (false, true) => it
+            .zip(dx.chunks_mut(chunk))
+            .zip(dres.chunks_mut(chunk))
+            .for_each(|(t, rs)| body(t, rs)),
+        (false, false) => it.zip(dx.chunks_mut(chunk)).for_each(|t| body(t, &mut [])),
+    }
+}
+
+/// [`run_affine2`], with streaming stores when `stream` (same bits).
+#[inline]
+pub(super) fn run_affine2_nt<T: Element>(
+    xs: &[T],
+    ds: &[T],
+    os: &mut [T],
+    (m, a, b, k): (f64, f64, f64, f64),
+    narrow: bool,
+    stream: bool,
+) {
+    if !(stream && stream_run_affine2(xs, None, ds, os, coefs2(m, a, b, k, narrow))) {
+        by_level::run_affine2(xs, ds, os, m, a, b, k, narrow);
+    }
+}
+
+/// The coefficients of one channel's backward map for the streaming kernels, in the
+/// arithmetic the ordinary map would use.
+fn coefs2(m: f64, a: f64, b: f64, k: f64, narrow: bool) -> Coefs2 {
+    if narrow {
+        Coefs2::F32(affine2_coefs_f32(m, a, b, k))
+    } else {
+        Coefs2::F64(affine2_coefs_f64(m, a, b, k))
+    }
+}
+
+/// [`run_affine2_relu`], with streaming stores when `stream` (same bits).
+#[inline]
+#[allow(clippy::too_many_arguments)]
+pub(super) fn run_affine2_relu_nt<T: Element>(
+    xs: &[T],
+    ys: &[T],
+    ds: &[T],
+    os: &mut [T],
+    rs: &mut [T],
+    (m, a, b, k): (f64, f64, f64, f64),
+    narrow: bool,
+    stream: bool,
+) {
+    let coefs = || coefs2(m, a, b, k, narrow);
+    if !(stream && stream_run_affine2(xs, Some((ys, &mut *rs)), ds, os, coefs())) {
+        by_level::run_affine2_relu(xs, ys, ds, os, rs, m, a, b, k, narrow);
+    }
+}
+
+// ─── Streaming stores ────────────────────────────────────────────────────────────────────
+
+/// The coefficients of a channels-first backward map, in the layout of
+/// [`affine2_coefs`] (`[m, a, d, b, k]`): f64 (`d` zero) or f32.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(super) enum Coefs2 {
+    F64([f64; 5]),
+    F32([f32; 5]),
+}
+
+/// Channels-first `o = (a·dz + b·(x − m)) + k` in f64, or `(a·(dz − d) + b·(x − m)) + k`
+/// in f32, per `coefs`, rounded to f32 and stored streaming, with `dz = dy`, or through a
+/// ReLU whose output was `y` when `relu = Some((y, dres))` (`dz = dy·[y > 0]`, also
+/// written to `dres` unless it is empty). False (nothing written) when `T` is not f32 or
+/// the CPU lacks AVX2.
+#[inline]
+fn stream_run_affine2<T: Element>(
+    xs: &[T],
+    relu: Option<(&[T], &mut [T])>,
+    ds: &[T],
+    os: &mut [T],
+    coefs: Coefs2,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(ok) = with_relu32(relu, |mask| {
+        let (Some(xs), Some(ds), Some(os), true) = (
+            T::as_f32s(xs),
+            T::as_f32s(ds),
+            T::as_f32s_mut(os),
+            super::stream_available(),
+        ) else {
+            return false;
+        };
+        // SAFETY: `stream_available()` checked that the CPU has AVX2.
+        unsafe {
+            match coefs {
+                Coefs2::F64(c) => x86::map2_any(xs, mask, ds, os, &Broadcast(c)),
+                Coefs2::F32(c) => x86::map2_any(xs, mask, ds, os, &Broadcast(c)),
+            }
+        };
+        true
+    }) {
+        return ok;
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = relu;
+    let _ = (xs, ds, os, coefs);
+    false
+}
+
+/// The coefficient table of a channels-last backward map for `c` channels and its run
+/// length, in the arithmetic the ordinary map would use: f64 from
+/// [`affine2_table_f64`] or f32 from [`affine2_table_f32`] (five columns each).
+/// Built once per call for all tasks.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(super) struct Table2 {
+    c: usize,
+    run: usize,
+    t: Table2Data,
+}
+
+/// The columns of a [`Table2`] in their arithmetic.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+enum Table2Data {
+    F64(Scratch<f64>),
+    F32(Scratch<f32>),
+}
+
+impl Table2 {
+    /// The table of `o = a·dz + b·(x − center) + k` for `c` channels, f32 when `narrow`.
+    fn new(c: usize, center: &[f64], a: &[f64], b: &[f64], k: &[f64], narrow: bool) -> Table2 {
+        let (t, run) = if narrow {
+            let (t, run) = affine2_table_f32(c, center, a, b, k);
+            (Table2Data::F32(t), run)
+        } else {
+            let (t, run) = affine2_table_f64(c, center, a, b, k);
+            (Table2Data::F64(t), run)
+        };
+        Table2 { c, run, t }
+    }
+}
+
+/// Channels-last [`stream_run_affine2`] with a [`Table2`]: in f64, or in f32 as
+/// `o = (a·(dz − d) + b·(x − hi)) + k` with an f32 table.
+#[inline]
+fn stream_rows_affine2<T: Element>(
+    xs: &[T],
+    relu: Option<(&[T], &mut [T])>,
+    ds: &[T],
+    os: &mut [T],
+    table: &Table2,
+) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(ok) = with_relu32(relu, |mut mask| {
+        let (Some(xs), Some(ds), Some(os), true) = (
+            T::as_f32s(xs),
+            T::as_f32s(ds),
+            T::as_f32s_mut(os),
+            super::stream_available(),
+        ) else {
+            return false;
+        };
+        // SAFETY: `stream_available()` checked that the CPU has AVX2.
+        unsafe {
+            let (c, run) = (table.c, table.run);
+            match &table.t {
+                Table2Data::F64(t) => {
+                    let t = Table::new(t, run, 5);
+                    if !x86::rows_any(xs, &mut mask, ds, os, &t, c) {
+                        x86::map2_any(xs, mask, ds, os, &t)
+                    }
+                }
+                Table2Data::F32(t) => {
+                    let t = Table::new(t, run, 5);
+                    if !x86::rows_any(xs, &mut mask, ds, os, &t, c) {
+                        x86::map2_any(xs, mask, ds, os, &t)
+                    }
+                }
+            }
+        };
+        true
+    }) {
+        return ok;
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = relu;
+    let _ = (xs, ds, os, table);
+    false
+}
+
+/// The ReLU operands of a backward map as f32 (`None` inside: no ReLU), passed to `f`;
+/// `None` when `T` is not f32.
+#[inline]
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+fn with_relu32<T: Element, R>(
+    relu: Option<(&[T], &mut [T])>,
+    f: impl FnOnce(Option<(&[f32], &mut [f32])>) -> R,
+) -> Option<R> {
+    match relu {
+        None => Some(f(None)),
+        Some((y, r)) => match (T::as_f32s(y), T::as_f32s_mut(r)) {
+            (Some(y), Some(r)) => Some(f(Some((y, r)))),
+            _ => None,
+        },
+    }
+}
+
+// ─── The inner loops ────────────────────────────────────────────────────────────────────
+
+/// Calls `$f::<T, f32>` for 16-bit storage, and for f32 storage when `$narrow` (the
+/// caller's `BackwardArithmetic::F32`), `$f::<T, f64>` otherwise: the backward maps'
+/// arithmetic. Their terms cancel by design, so by default f32 storage gets f64 (each
+/// element rounded once from a value far more accurate than f32); for f16 and bf16 (at
+/// most 11 significant bits) f32 arithmetic stays far below the storage's rounding unless
+/// the terms cancel to 1/8000 of their size.
+macro_rules! by_backward_arith {
+    ($narrow:expr, $f:ident::<$t:ident>($($arg:expr),* $(,)?)) => {
+        if $t::NARROW || ($narrow && $t::DTYPE == DType::F32) {
+            $f::<$t, f32>($($arg),*)
+        } else {
+            $f::<$t, f64>($($arg),*)
+        }
+    };
+}
+
+/// The f64 [`coef_table`] of a channels-last backward map (see [`affine2_coefs`]: five
+/// columns, the third zero), as
+/// [`affine_table_f32`](super::forward_map::affine_table_f32).
+pub(crate) fn affine2_table_f64(
+    c: usize,
+    center: &[f64],
+    a: &[f64],
+    b: &[f64],
+    k: &[f64],
+) -> (Scratch<f64>, usize) {
+    let t = coef_table(c, |ch| {
+        affine2_coefs::<f64>(center[ch], a[ch], b[ch], k[ch])
+    });
+    (t, map_run(c))
+}
+
+/// The f32 [`coef_table`] of a channels-last backward map (see [`affine2_coefs`]).
+pub(crate) fn affine2_table_f32(
+    c: usize,
+    center: &[f64],
+    a: &[f64],
+    b: &[f64],
+    k: &[f64],
+) -> (Scratch<f32>, usize) {
+    let t = coef_table(c, |ch| {
+        affine2_coefs::<f32>(center[ch], a[ch], b[ch], k[ch])
+    });
+    (t, map_run(c))
+}
+
+/// [`affine2_coefs`] in f64 and f32, for the streaming kernels.
+#[inline]
+pub(crate) fn affine2_coefs_f64(m: f64, a: f64, b: f64, k: f64) -> [f64; 5] {
+    affine2_coefs::<f64>(m, a, b, k)
+}
+
+/// See [`affine2_coefs_f64`].
+#[inline]
+pub(crate) fn affine2_coefs_f32(m: f64, a: f64, b: f64, k: f64) -> [f32; 5] {
+    affine2_coefs::<f32>(m, a, b, k)
+}
+
+/// `[hi, a, d, b, k']` with `o = (a·(dz − d) + b·(x − hi)) + k'` the map
+/// `o = a·dz + b·(x − m) + k` in `A`. In f32, `d` is the map's own center of `dz`
+/// (`−k/a`, the mean of `dz` after a batch-statistics step) rounded to f32, so that
+/// `dz − d`, like `x − hi`, is exact near the center and the large terms `a·dz` and `k`
+/// never meet; the rounding residues of both centers are folded into `k'` in f64. In
+/// f64, `d = 0` and the map is the one given, term for term (`dz − 0` is not computed).
+#[inline(always)]
+fn affine2_coefs<A: Arith>(m: f64, a: f64, b: f64, k: f64) -> [A; 5] {
+    let (hi, lo) = A::split(m);
+    let mut k = if lo != 0.0 { k - b * lo } else { k };
+    let mut d = A::ZERO;
+    if A::NARROW && a != 0.0 {
+        let (dh, _) = A::split(-k / a);
+        let dv: f64 = dh.store();
+        if dv.is_finite() {
+            d = dh;
+            k += a * dv;
+        }
+    }
+    [hi, A::coef(a), d, A::coef(b), A::coef(k)]
+}
+
+/// `dz − d` in f32 (see [`affine2_coefs`]); `dz` itself in f64, where `d` is zero.
+#[inline(always)]
+fn centered<A: Arith>(dz: A, d: A) -> A {
+    if A::NARROW {
+        dz - d
+    } else {
+        dz
+    }
+}
+
+/// `dy` where the ReLU output `y` is positive, else 0, in the maps' arithmetic.
+#[inline(always)]
+fn masked<T: Element, A: Arith>(y: T, dy: T) -> A {
+    if A::load(y) > A::ZERO {
+        A::load(dy)
+    } else {
+        A::ZERO
+    }
+}
+
+/// `dy` where the ReLU output `y` is positive, else 0, in the storage type.
+#[inline(always)]
+fn masked_store<T: Element>(y: T, dy: T) -> T {
+    if y.to_f64() > 0.0 {
+        dy
+    } else {
+        T::from_f64(0.0)
+    }
+}
+
+/// `o = a·dy + b·(x − m) + k` over a contiguous run.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_affine2<T: Element>(
+    xs: &[T],
+    ds: &[T],
+    os: &mut [T],
+    m: f64,
+    a: f64,
+    b: f64,
+    k: f64,
+    narrow: bool,
+) {
+    by_backward_arith!(narrow, run_affine2_in::<T>(xs, ds, os, m, a, b, k))
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn run_affine2_in<T: Element, A: Arith>(
+    xs: &[T],
+    ds: &[T],
+    os: &mut [T],
+    m: f64,
+    a: f64,
+    b: f64,
+    k: f64,
+) {
+    let [h, a, d0, b, k] = affine2_coefs::<A>(m, a, b, k);
+    for ((o, x), d) in os.iter_mut().zip(xs).zip(ds) {
+        *o = (a * centered(A::load(*d), d0) + b * (A::load(*x) - h) + k).store();
+    }
+}
+
+/// `dx = a·dz + b·(x − m) + k` with `dz = dy·[y > 0]`, and `dr = dz` when `rs` is not
+/// empty.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn run_affine2_relu<T: Element>(
+    xs: &[T],
+    ys: &[T],
+    ds: &[T],
+    os: &mut [T],
+    rs: &mut [T],
+    m: f64,
+    a: f64,
+    b: f64,
+    k: f64,
+    narrow: bool,
+) {
+    by_backward_arith!(
+        narrow,
+        run_affine2_relu_in::<T>(xs, ys, ds, os, rs, m, a, b, k)
+    )
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn run_affine2_relu_in<T: Element, A: Arith>(
+    xs: &[T],
+    ys: &[T],
+    ds: &[T],
+    os: &mut [T],
+    rs: &mut [T],
+    m: f64,
+    a: f64,
+    b: f64,
+    k: f64,
+) {
+    let [h, a, d0, b, k] = affine2_coefs::<A>(m, a, b, k);
+    for (((o, x), y), d) in os.iter_mut().zip(xs).zip(ys).zip(ds) {
+        let dz: A = masked(*y, *d);
+        *o = (a * centered(dz, d0) + b * (A::load(*x) - h) + k).store();
+    }
+    for ((r, y), d) in rs.iter_mut().zip(ys).zip(ds) {
+        *r = masked_store(*y, *d);
+    }
+}
+
+/// `o = a·dy + b·(x − center) + k` on channels-last rows, in f32 arithmetic for f32
+/// storage when `narrow` (see `by_backward_arith!`).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rows_affine2<T: Element>(
+    xs: &[T],
+    ds: &[T],
+    os: &mut [T],
+    c: usize,
+    center: &[f64],
+    a: &[f64],
+    b: &[f64],
+    k: &[f64],
+    narrow: bool,
+) {
+    by_backward_arith!(
+        narrow,
+        rows_affine2_in::<T>(xs, &[], ds, os, &mut [], c, center, a, b, k, false)
+    )
+}
+
+/// Channels-last `dx = a·dz + b·(x − center) + k` with `dz = dy·[y > 0]` (and `dr = dz`),
+/// in f32 arithmetic for f32 storage when `narrow`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rows_affine2_relu<T: Element>(
+    xs: &[T],
+    ys: &[T],
+    ds: &[T],
+    os: &mut [T],
+    rs: &mut [T],
+    c: usize,
+    center: &[f64],
+    a: &[f64],
+    b: &[f64],
+    k: &[f64],
+    narrow: bool,
+) {
+    by_backward_arith!(
+        narrow,
+        rows_affine2_in::<T>(xs, ys, ds, os, rs, c, center, a, b, k, true)
+    )
+}
+
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn rows_affine2_in<T: Element, A: Arith>(
+    xs: &[T],
+    ys: &[T],
+    ds: &[T],
+    os: &mut [T],
+    rs: &mut [T],
+    c: usize,
+    center: &[f64],
+    a: &[f64],
+    b: &[f64],
+    k: &[f64],
+    with_relu: bool,
+) {
+    let table = coef_table(c, |ch| affine2_coefs::<A>(center[ch], a[ch], b[ch], k[ch]));
+    let [hi, ca, cd, cb, ck] = columns(&table, c);
+    {
+        let l = hi.len();
+        type K5<'a, A> = (((&'a A, &'a A), &'a A), (&'a A, &'a A));
+        let co = |x: T, dz: A, (((h, a), d), (b, k)): K5<'_, A>| {
+            *a * centered(dz, *d) + *b * (A::load(x) - *h) + *k
+        };
+        let cz = || hi.iter().zip(ca).zip(cd).zip(cb.iter().zip(ck));
+        if !with_relu {
+            for ((xr, dr), or) in xs.chunks(l).zip(ds.chunks(l)).zip(os.chunks_mut(l)) {
+                for (((o, x), d), k) in or.iter_mut().zip(xr).zip(dr).zip(cz()) {
+                    *o = co(*x, A::load(*d), k).store();
+                }
+            }
+        } else {
+            for (((xr, yr), dr), or) in xs
+                .chunks(l)
+                .zip(ys.chunks(l))
+                .zip(ds.chunks(l))
+                .zip(os.chunks_mut(l))
+            {
+                for ((((o, x), y), d), k) in or.iter_mut().zip(xr).zip(yr).zip(dr).zip(cz()) {
+                    *o = co(*x, masked(*y, *d), k).store();
+                }
+            }
+        }
+    }
+    for ((r, y), d) in rs.iter_mut().zip(ys).zip(ds) {
+        *r = masked_store(*y, *d);
+    }
+}

@@ -1,0 +1,512 @@
+//! The per-channel sums of the backward pass: `(Σdz, Σdz·(x − center))` with `dz = dy`
+//! ([`dot`]) or, through a ReLU whose output was `y`, `dz = dy·[y > 0]` ([`dot_relu`]),
+//! over the segments of [`segments`] merged in order, for both layout families:
+//!
+//! * Channels-first: each channel's runs, the lanes of a segment kept across its rows
+//!   ([`DotLanes`]; [`seg_dot`] for a whole segment, [`dot_row`] row by row for the fused
+//!   backward).
+//! * Channels-last: rows of `c` values ([`rows_dot`], [`rows_dot_relu`]): whole rows as
+//!   lanes for small `c`, several rows at a time across the channels for large.
+
+use rayon::prelude::*;
+
+use super::frame::{ahead, expand, fold, fold_lanes, lanes_for, LANES2};
+use super::schedule::{segments, Scratch, Workspace};
+use super::simd;
+use crate::element::Element;
+use crate::layout::Geometry;
+use crate::parallel::Parallelism;
+
+simd::dispatch! {
+    fn seg_dot<T>(x: &[T], y: &[T], dy: &[T], start: usize, stride: usize, rows: usize, len: usize, m: f64) -> (f64, f64);
+    fn dot_row<T>(acc: &mut DotLanes, xs: &[T], ys: &[T], ds: &[T], m: f64, next: &[&[T]]);
+    fn rows_dot<T>(xs: &[T], ds: &[T], c: usize, center: &[f64], sa: &mut [f64], sb: &mut [f64]);
+    fn rows_dot_relu<T>(xs: &[T], ys: &[T], ds: &[T], c: usize, center: &[f64], sa: &mut [f64], sb: &mut [f64]);
+}
+
+/// Per-channel `(Σdy, Σdy·(x − center))` into `out` (length C).
+pub(crate) fn dot<T: Element>(
+    g: Geometry,
+    x: &[T],
+    dy: &[T],
+    center: &[f64],
+    out: &mut [(f64, f64)],
+    ws: &mut Workspace,
+    par: Parallelism,
+) {
+    dot_impl(g, x, None, dy, center, out, ws, par)
+}
+
+/// Per-channel `(Σdz, Σdz·(x − center))` with `dz = dy·[y > 0]` (backward through a ReLU
+/// whose output was `y`), over the same segments as [`dot`].
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn dot_relu<T: Element>(
+    g: Geometry,
+    x: &[T],
+    y: &[T],
+    dy: &[T],
+    center: &[f64],
+    out: &mut [(f64, f64)],
+    ws: &mut Workspace,
+    par: Parallelism,
+) {
+    dot_impl(g, x, Some(y), dy, center, out, ws, par)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn dot_impl<T: Element>(
+    g: Geometry,
+    x: &[T],
+    y: Option<&[T]>,
+    dy: &[T],
+    center: &[f64],
+    out: &mut [(f64, f64)],
+    ws: &mut Workspace,
+    par: Parallelism,
+) {
+    let c = g.channels;
+    let (rps, nseg) = segments(g);
+    let parallel = par.is_parallel(g.len());
+    ws.pairs.clear();
+    ws.pairs.resize(nseg * c, (0.0, 0.0));
+    if g.inner == 1 {
+        let task = |(s, part): (usize, &mut [(f64, f64)])| {
+            let range = s * rps * c..((s + 1) * rps).min(g.outer) * c;
+            let (xs, ds) = (&x[range.clone()], &dy[range.clone()]);
+            let mut ab = Scratch::<f64>::take(2 * c);
+            let (a, b) = ab.split_at_mut(c);
+            match y {
+                None => by_level::rows_dot(xs, ds, c, center, a, b),
+                Some(y) => by_level::rows_dot_relu(xs, &y[range], ds, c, center, a, b),
+            }
+            for (p, (av, bv)) in part.iter_mut().zip(a.iter().zip(b.iter())) {
+                *p = (*av, *bv);
+            }
+        };
+        if parallel {
+            ws.pairs.par_chunks_mut(c.max(1)).enumerate().for_each(task);
+        } else {
+            ws.pairs.chunks_mut(c.max(1)).enumerate().for_each(task);
+        }
+        for (ch, o) in out.iter_mut().enumerate() {
+            *o = (0..nseg).fold((0.0, 0.0), |acc, s| {
+                let p = ws.pairs[s * c + ch];
+                (acc.0 + p.0, acc.1 + p.1)
+            });
+        }
+    } else {
+        let task = |(t, o): (usize, &mut (f64, f64))| {
+            let (ch, s) = (t / nseg, t % nseg);
+            let (n0, n1) = (s * rps, ((s + 1) * rps).min(g.outer));
+            let (start, stride, m) = ((n0 * c + ch) * g.inner, c * g.inner, center[ch]);
+            *o = by_level::seg_dot(x, y.unwrap_or(&[]), dy, start, stride, n1 - n0, g.inner, m);
+        };
+        if parallel {
+            ws.pairs.par_iter_mut().enumerate().for_each(task);
+        } else {
+            ws.pairs.iter_mut().enumerate().for_each(task);
+        }
+        for (ch, o) in out.iter_mut().enumerate() {
+            *o = ws.pairs[ch * nseg..(ch + 1) * nseg]
+                .iter()
+                .fold((0.0, 0.0), |acc, p| (acc.0 + p.0, acc.1 + p.1));
+        }
+    }
+}
+
+// ─── Channels-first runs ────────────────────────────────────────────────────────────────
+
+/// The lanes of one channel's `(Σdz, Σdz·(x − m))` over a channels-first segment, which
+/// persist across its rows and are folded once ([`DotLanes::sums`]): each row adds its
+/// 64-value chunks to 64 lanes, then its 8-value chunks to 8 lanes, then its last values
+/// to one scalar each; the result is `(fold(64 lanes) + fold(8 lanes)) + scalar`.
+/// (Folding per row cost as much as the row's arithmetic for short rows such as 14×14
+/// maps.) The same bits whether the rows come in one call ([`seg_dot`]) or one at a time
+/// ([`dot_row`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DotLanes {
+    a: [f64; LANES2],
+    b: [f64; LANES2],
+    a8: [f64; 8],
+    b8: [f64; 8],
+    ta: f64,
+    tb: f64,
+}
+
+impl DotLanes {
+    /// No rows yet.
+    pub(crate) const ZERO: DotLanes = DotLanes {
+        a: [0.0; LANES2],
+        b: [0.0; LANES2],
+        a8: [0.0; 8],
+        b8: [0.0; 8],
+        ta: 0.0,
+        tb: 0.0,
+    };
+
+    /// Adds one row (`ys` the ReLU output when `RELU`, else ignored), prefetching the
+    /// slices of `next` alongside ([`ahead`]).
+    #[inline(always)]
+    fn add_row<T: Element, const RELU: bool>(
+        &mut self,
+        xs: &[T],
+        ys: &[T],
+        ds: &[T],
+        m: f64,
+        next: &[&[T]],
+    ) {
+        let (xs, ys, ds) = dot_operands::<T, RELU>(xs, ys, ds);
+        let (xb, xr) = xs.as_chunks::<LANES2>();
+        let (db, dr) = ds.as_chunks::<LANES2>();
+        let (yb, yr) = ys.as_chunks::<LANES2>();
+        for (k, ((xc, dc), yc)) in xb.iter().zip(db).zip(yb).enumerate() {
+            ahead(next, k * LANES2, LANES2);
+            for l in 0..LANES2 {
+                let d = dz::<T, RELU>(yc[l], dc[l]);
+                self.a[l] += d;
+                self.b[l] += d * (xc[l].to_f64() - m);
+            }
+        }
+        let (x8, xr) = xr.as_chunks::<8>();
+        let (d8, dr) = dr.as_chunks::<8>();
+        let (y8, yr) = yr.as_chunks::<8>();
+        for ((xc, dc), yc) in x8.iter().zip(d8).zip(y8) {
+            for l in 0..8 {
+                let d = dz::<T, RELU>(yc[l], dc[l]);
+                self.a8[l] += d;
+                self.b8[l] += d * (xc[l].to_f64() - m);
+            }
+        }
+        for ((xv, dv), yv) in xr.iter().zip(dr).zip(yr) {
+            let d = dz::<T, RELU>(*yv, *dv);
+            self.ta += d;
+            self.tb += d * (xv.to_f64() - m);
+        }
+    }
+
+    /// `(Σdz, Σdz·(x − m))` of the rows added.
+    #[inline(always)]
+    pub(crate) fn sums(&self) -> (f64, f64) {
+        (
+            (fold(self.a) + fold(self.a8)) + self.ta,
+            (fold(self.b) + fold(self.b8)) + self.tb,
+        )
+    }
+}
+
+/// One channel's `(Σdz, Σdz·(x − m))` over a channels-first segment: `rows` rows of `len`
+/// values, row `r` at `start + r·stride`, in the order of [`DotLanes`]; `dz = dy`, or
+/// `dy·[y > 0]` through a ReLU whose output was `y` when `y` is not empty.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn seg_dot<T: Element>(
+    x: &[T],
+    y: &[T],
+    dy: &[T],
+    start: usize,
+    stride: usize,
+    rows: usize,
+    len: usize,
+    m: f64,
+) -> (f64, f64) {
+    let mut acc = DotLanes::ZERO;
+    for r in 0..rows {
+        let s = start + r * stride;
+        let (xs, ds) = (&x[s..s + len], &dy[s..s + len]);
+        if y.is_empty() {
+            acc.add_row::<T, false>(xs, &[], ds, m, &[]);
+        } else {
+            acc.add_row::<T, true>(xs, &y[s..s + len], ds, m, &[]);
+        }
+    }
+    acc.sums()
+}
+
+/// Adds one row of `(x, dy)` to `acc` (see [`DotLanes`]), through a ReLU whose output
+/// was `ys` when `ys` is not empty; the slices of `next` (the channel's next rows of the
+/// same arrays, or none) are prefetched alongside ([`ahead`]).
+#[inline(always)]
+pub(crate) fn dot_row<T: Element>(
+    acc: &mut DotLanes,
+    xs: &[T],
+    ys: &[T],
+    ds: &[T],
+    m: f64,
+    next: &[&[T]],
+) {
+    if ys.is_empty() {
+        acc.add_row::<T, false>(xs, ys, ds, m, next)
+    } else {
+        acc.add_row::<T, true>(xs, ys, ds, m, next)
+    }
+}
+
+// ─── Channels-last rows ─────────────────────────────────────────────────────────────────
+
+/// Adds per-channel (Σdy, Σdy·(x − center)) of channels-last rows into `sa`, `sb`.
+#[inline(always)]
+pub(crate) fn rows_dot<T: Element>(
+    xs: &[T],
+    ds: &[T],
+    c: usize,
+    center: &[f64],
+    sa: &mut [f64],
+    sb: &mut [f64],
+) {
+    match lanes_for(c) {
+        32 => return rows_dot_lanes::<T, 32, false>(xs, &[], ds, c, center, sa, sb),
+        64 => return rows_dot_lanes::<T, 64, false>(xs, &[], ds, c, center, sa, sb),
+        _ => {}
+    }
+    if c < 32 {
+        return rows_dot_runs::<T, false>(xs, &[], ds, c, center, sa, sb);
+    }
+    // Four rows at a time: a quarter of the accumulator traffic, and two tensors' four
+    // rows are eight streams of reads in flight (two rows: 2–5% slower on S3 in an
+    // in-process A/B, eight rows slower still in a C probe; both in commit 5b84ab7).
+    let (sa, sb, center) = (&mut sa[..c], &mut sb[..c], &center[..c]);
+    let mut xq = xs.chunks_exact(4 * c);
+    let mut dq = ds.chunks_exact(4 * c);
+    for (xq, dq) in (&mut xq).zip(&mut dq) {
+        let (x0, x1, x2, x3) = (
+            &xq[..c],
+            &xq[c..2 * c],
+            &xq[2 * c..3 * c],
+            &xq[3 * c..4 * c],
+        );
+        let (d0, d1, d2, d3) = (
+            &dq[..c],
+            &dq[c..2 * c],
+            &dq[2 * c..3 * c],
+            &dq[3 * c..4 * c],
+        );
+        for ch in 0..c {
+            let m = center[ch];
+            let (e0, e1, e2, e3) = (
+                d0[ch].to_f64(),
+                d1[ch].to_f64(),
+                d2[ch].to_f64(),
+                d3[ch].to_f64(),
+            );
+            sa[ch] += (e0 + e1) + (e2 + e3);
+            sb[ch] += (e0 * (x0[ch].to_f64() - m) + e1 * (x1[ch].to_f64() - m))
+                + (e2 * (x2[ch].to_f64() - m) + e3 * (x3[ch].to_f64() - m));
+        }
+    }
+    for (xr, dr) in xq
+        .remainder()
+        .chunks_exact(c)
+        .zip(dq.remainder().chunks_exact(c))
+    {
+        for ((((a, b), x), d), m) in sa.iter_mut().zip(sb.iter_mut()).zip(xr).zip(dr).zip(center) {
+            let dv = d.to_f64();
+            *a += dv;
+            *b += dv * (x.to_f64() - m);
+        }
+    }
+}
+
+/// Channels-last per-channel sums through the ReLU, added into `sa`, `sb`.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn rows_dot_relu<T: Element>(
+    xs: &[T],
+    ys: &[T],
+    ds: &[T],
+    c: usize,
+    center: &[f64],
+    sa: &mut [f64],
+    sb: &mut [f64],
+) {
+    match lanes_for(c) {
+        32 => return rows_dot_lanes::<T, 32, true>(xs, ys, ds, c, center, sa, sb),
+        64 => return rows_dot_lanes::<T, 64, true>(xs, ys, ds, c, center, sa, sb),
+        _ => {}
+    }
+    if c < 32 {
+        return rows_dot_runs::<T, true>(xs, ys, ds, c, center, sa, sb);
+    }
+    rows_dot_pairs(xs, ys, ds, c, center, sa, sb);
+}
+
+/// [`rows_dot`] (with `RELU`, [`rows_dot_relu`] through the ReLU output `ys`) where a
+/// run is exactly `L` values (`lanes_for(c) == L`: C divides 32, or C = 64). The lanes
+/// are fixed-size arrays, which the compiler keeps in registers for all the rows; with
+/// per-channel sums in memory, loaded and stored every few rows, the S4 backward (C =
+/// 64) took 10–13% longer (measured in one process alternating both on the 2-core
+/// development VM, commit db6decf).
+/// Runs are added one after another, a last partial one (whole rows) into the first
+/// lanes; the lanes are folded to channels once. For C below 32 the same order as the
+/// general small-C loop.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn rows_dot_lanes<T: Element, const L: usize, const RELU: bool>(
+    xs: &[T],
+    ys: &[T],
+    ds: &[T],
+    c: usize,
+    center: &[f64],
+    sa: &mut [f64],
+    sb: &mut [f64],
+) {
+    let mut mbuf = [0.0f64; 64];
+    let mut me = [0.0f64; L];
+    me.copy_from_slice(&expand(center, c, &mut mbuf)[..L]);
+    let (xs, ys, ds) = dot_operands::<T, RELU>(xs, ys, ds);
+    let (mut a, mut b) = ([0.0f64; L], [0.0f64; L]);
+    let (xb, xr) = xs.as_chunks::<L>();
+    let (db, dr) = ds.as_chunks::<L>();
+    let (yb, yr) = ys.as_chunks::<L>();
+    for ((xc, dc), yc) in xb.iter().zip(db).zip(yb) {
+        for l in 0..L {
+            let d = dz::<T, RELU>(yc[l], dc[l]);
+            a[l] += d;
+            b[l] += d * (xc[l].to_f64() - me[l]);
+        }
+    }
+    for (l, ((x, d), y)) in xr.iter().zip(dr).zip(yr).enumerate() {
+        let d = dz::<T, RELU>(*y, *d);
+        a[l] += d;
+        b[l] += d * (x.to_f64() - me[l]);
+    }
+    let (mut a64, mut b64) = ([0.0f64; 64], [0.0f64; 64]);
+    a64[..L].copy_from_slice(&a);
+    b64[..L].copy_from_slice(&b);
+    add_folded(&a64, &b64, c, sa, sb);
+}
+
+/// Folds two sets of run lanes to channels ([`fold_lanes`]) and adds them into `sa`, `sb`.
+#[inline(always)]
+fn add_folded(a: &[f64; 64], b: &[f64; 64], c: usize, sa: &mut [f64], sb: &mut [f64]) {
+    let (mut fa, mut fb) = ([0.0f64; 64], [0.0f64; 64]);
+    fold_lanes(a, c, &mut fa);
+    fold_lanes(b, c, &mut fb);
+    for ch in 0..c {
+        sa[ch] += fa[ch];
+        sb[ch] += fb[ch];
+    }
+}
+
+/// [`rows_dot_lanes`] for the other C below 32, whose runs (`lanes_for(c)` values, whole
+/// rows) are not a size known at compile time: the same order, the lanes in memory.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn rows_dot_runs<T: Element, const RELU: bool>(
+    xs: &[T],
+    ys: &[T],
+    ds: &[T],
+    c: usize,
+    center: &[f64],
+    sa: &mut [f64],
+    sb: &mut [f64],
+) {
+    let l = lanes_for(c);
+    let mut mbuf = [0.0f64; 64];
+    let me = expand(center, c, &mut mbuf);
+    let (xs, ys, ds) = dot_operands::<T, RELU>(xs, ys, ds);
+    let (mut a, mut b) = ([0.0f64; 64], [0.0f64; 64]);
+    for ((xr, yr), dr) in xs.chunks(l).zip(ys.chunks(l)).zip(ds.chunks(l)) {
+        for (((((av, bv), x), y), d), m) in a
+            .iter_mut()
+            .zip(b.iter_mut())
+            .zip(xr)
+            .zip(yr)
+            .zip(dr)
+            .zip(me)
+        {
+            let d = dz::<T, RELU>(*y, *d);
+            *av += d;
+            *bv += d * (x.to_f64() - m);
+        }
+    }
+    add_folded(&a, &b, c, sa, sb);
+}
+
+/// [`rows_dot_relu`] for 32 channels or more (not 64 or a divisor of 32): two rows at a
+/// time across the channels, then the last row. Two rows of x, y and dy are six streams
+/// of reads in flight; in one process alternating the variants on S3 (C = 1024), one row
+/// at a time (the code before commit 95206be) took 13–17% longer and four rows (twelve
+/// streams) 4% longer (2-core development VM, commit 5b84ab7).
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn rows_dot_pairs<T: Element>(
+    xs: &[T],
+    ys: &[T],
+    ds: &[T],
+    c: usize,
+    center: &[f64],
+    sa: &mut [f64],
+    sb: &mut [f64],
+) {
+    let (sa, sb, center) = (&mut sa[..c], &mut sb[..c], &center[..c]);
+    let (xs, ys, ds) = dot_operands::<T, true>(xs, ys, ds);
+    let mut xq = xs.chunks_exact(2 * c);
+    let mut yq = ys.chunks_exact(2 * c);
+    let mut dq = ds.chunks_exact(2 * c);
+    for ((xq, yq), dq) in (&mut xq).zip(&mut yq).zip(&mut dq) {
+        let (x0, x1) = (&xq[..c], &xq[c..2 * c]);
+        let (y0, y1) = (&yq[..c], &yq[c..2 * c]);
+        let (d0, d1) = (&dq[..c], &dq[c..2 * c]);
+        for ch in 0..c {
+            let m = center[ch];
+            let (e0, e1) = (through_relu(y0[ch], d0[ch]), through_relu(y1[ch], d1[ch]));
+            sa[ch] += e0 + e1;
+            sb[ch] += e0 * (x0[ch].to_f64() - m) + e1 * (x1[ch].to_f64() - m);
+        }
+    }
+    for ((xr, yr), dr) in xq
+        .remainder()
+        .chunks_exact(c)
+        .zip(yq.remainder().chunks_exact(c))
+        .zip(dq.remainder().chunks_exact(c))
+    {
+        for (((((a, b), x), y), d), m) in sa
+            .iter_mut()
+            .zip(sb.iter_mut())
+            .zip(xr)
+            .zip(yr)
+            .zip(dr)
+            .zip(center)
+        {
+            let e = through_relu(*y, *d);
+            *a += e;
+            *b += e * (x.to_f64() - m);
+        }
+    }
+}
+
+// ─── The gradient summed ────────────────────────────────────────────────────────────────
+
+/// The upstream gradient through a ReLU whose output is `y`: `dy` where `y > 0`, else 0.
+#[inline(always)]
+fn through_relu<T: Element>(y: T, dy: T) -> f64 {
+    if y.to_f64() > 0.0 {
+        dy.to_f64()
+    } else {
+        0.0
+    }
+}
+
+/// The gradient summed by the backward reductions: `dy`, or with `RELU`
+/// [`through_relu`]`(y, dy)`.
+#[inline(always)]
+fn dz<T: Element, const RELU: bool>(y: T, dy: T) -> f64 {
+    if RELU {
+        through_relu(y, dy)
+    } else {
+        dy.to_f64()
+    }
+}
+
+/// `(x, y, dy)` cut to a common length for a backward reduction; without a ReLU `y` is
+/// `dy` (unused by [`dz`]): the same chunking, no extra slice.
+#[inline(always)]
+fn dot_operands<'a, T, const RELU: bool>(
+    xs: &'a [T],
+    ys: &'a [T],
+    ds: &'a [T],
+) -> (&'a [T], &'a [T], &'a [T]) {
+    let n = xs.len().min(ds.len());
+    let (xs, ds) = (&xs[..n], &ds[..n]);
+    (xs, if RELU { &ys[..n] } else { ds }, ds)
+}
