@@ -185,8 +185,8 @@ fn stream_run_affine<T: Element>(
     false
 }
 
-/// Channels-last [`stream_run_affine`]: `xs`/`ys` (and `res`) start at a row, `table` is an f32
-/// coefficient table (`hi`, scale, shift) with run length `run` from
+/// Channels-last [`stream_run_affine`]: `xs`/`ys` (and `res`) start at a row, `table`
+/// is an f32 coefficient table (`hi`, scale, shift) with run length `run` from
 /// [`affine_table_f32`].
 #[inline]
 fn stream_rows_affine<T: Element>(

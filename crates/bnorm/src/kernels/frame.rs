@@ -1,7 +1,9 @@
 //! How the inner loops cut a run or a row into pieces: independent lanes folded in a
 //! fixed order, whole rows as lanes when a channels-last row is short, and requests to
-//! the cache ahead of the values a loop reads. None of it changes a bit: the order of
-//! every sum is fixed by these shapes, the same on every instruction set.
+//! the cache ahead of the values a loop reads; for the streaming kernels (x86-64), a
+//! scalar head, an aligned vector body and a scalar tail, the direction of the body and
+//! blocks of rows ([`x86`]). None of it changes a bit: the order of every sum is fixed
+//! by these shapes, the same on every instruction set.
 
 // ─── Lanes ──────────────────────────────────────────────────────────────────────────────
 

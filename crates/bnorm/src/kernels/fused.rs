@@ -20,9 +20,11 @@ use crate::parallel::Parallelism;
 use crate::stats::Moments;
 
 /// Channels-first training forward, one channel per task: the channel's moments (same
-/// segments and merge order as [`moments`](super::moments), so the same bits), then its normalization
+/// segments and merge order as [`moments`], so the same bits), then its normalization
 /// with `coef(channel, moments) = (center, scale, shift)` while the channel's rows are
 /// still in cache. Writes every element of `y` and the moments of every channel to `out`.
+///
+/// [`moments`]: super::moments
 pub(crate) fn train_fused_cf<T: Element, F>(
     g: Geometry,
     x: &[T],
@@ -92,13 +94,17 @@ pub(crate) fn train_fused_cf<T: Element, F>(
 }
 
 /// Channels-first backward, a few channels per task: the per-channel sums
-/// `(Σdy, Σdy·(x − center))` in exactly the order of [`dot`](super::dot), then
+/// `(Σdy, Σdy·(x − center))` in exactly the order of [`dot`], then
 /// `dx = a·dy + b·(x − center) + k` with `coef(channel, sums) = (a, b, k)` while the
 /// group's rows of x and dy are still in cache. With `relu = Some((y, dres))` the same
-/// through a ReLU whose output was `y` (`dy·[y > 0]` in place of `dy`, as [`dot_relu`](super::dot_relu)
-/// and [`affine2_relu`](super::affine2_relu); `dres`, when not empty, receives that masked gradient). The map
+/// through a ReLU whose output was `y` (`dy·[y > 0]` in place of `dy`, as [`dot_relu`]
+/// and [`affine2_relu`]; `dres`, when not empty, receives that masked gradient). The map
 /// in f32 for f32 storage when `narrow`. Writes every element of `dx` and the sums of
 /// every channel to `out`.
+///
+/// [`dot`]: super::dot
+/// [`dot_relu`]: super::dot_relu
+/// [`affine2_relu`]: super::affine2_relu
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn backward_fused_cf<T: Element, F>(
     g: Geometry,
