@@ -215,7 +215,7 @@ fn inconsistent(comm: &MpiComm, what: &str) -> bnorm::Result<bool> {
         bnorm::expert::Options::from(Parallelism::Rayon).synchronized(comm),
     );
     let ok = match (what, &r) {
-        ("local", Err(Error::ChannelMismatch { .. })) => rank == bad,
+        ("local", Err(Error::LengthMismatch { what: "y", .. })) => rank == bad,
         (_, Err(Error::SyncMismatch { rank: r, .. })) => {
             *r == bad && (what != "local" || rank != bad)
         }
