@@ -120,14 +120,20 @@ pub struct Forward<T> {
     pub report: StepReport,
 }
 
-/// Checks the common arguments of every call.
-pub(crate) fn check_input(cfg: &Config, g: Geometry, len: usize, what: &'static str) -> Result<()> {
+/// The data's channel axis holds the layer's channels.
+pub(crate) fn check_channels(cfg: &Config, g: Geometry) -> Result<()> {
     if g.channels != cfg.get_channels() {
         return Err(Error::ChannelMismatch {
             expected: cfg.get_channels(),
             got: g.channels,
         });
     }
+    Ok(())
+}
+
+/// Checks the common arguments of every call.
+pub(crate) fn check_input(cfg: &Config, g: Geometry, len: usize, what: &'static str) -> Result<()> {
+    check_channels(cfg, g)?;
     if len != g.len() {
         return Err(Error::LengthMismatch {
             what,

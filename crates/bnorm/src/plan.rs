@@ -13,7 +13,7 @@
 use crate::config::{ColdPolicy, Config, NonFinitePolicy, RenormLimits, Variant};
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::forward::{Normalized, Saved};
+use crate::forward::{check_channels, Normalized, Saved};
 use crate::kernels::{self, Ep};
 use crate::layout::Geometry;
 use crate::parallel::Parallelism;
@@ -289,12 +289,7 @@ impl ForwardPlan {
     ) -> Result<ForwardPlan> {
         cfg.validate()?;
         params.validate(cfg)?;
-        if g.channels != cfg.get_channels() {
-            return Err(Error::ChannelMismatch {
-                expected: cfg.get_channels(),
-                got: g.channels,
-            });
-        }
+        check_channels(cfg, g)?;
         match (state, cfg.get_track_running_stats()) {
             (Some(s), true) => s.validate(cfg)?,
             (None, false) => {}
@@ -421,12 +416,7 @@ impl BackwardPlan {
     ) -> Result<BackwardPlan> {
         let relu = !matches!(opts.epilogue, BackwardEpilogue::None);
         params.validate(cfg)?;
-        if g.channels != cfg.get_channels() {
-            return Err(Error::ChannelMismatch {
-                expected: cfg.get_channels(),
-                got: g.channels,
-            });
-        }
+        check_channels(cfg, g)?;
         if saved.geometry != Some(g) {
             return Err(Error::SavedMismatch {
                 reason: "the forward step saw another shape (or no forward step ran)",

@@ -5,7 +5,10 @@
 
 use std::fmt;
 
-use bnorm::expert::{backward_into, forward_into, Geometry, Grads, Parallelism, Saved, Workspace};
+use bnorm::expert::{
+    backward_into, forward_into, BackwardEpilogue, BackwardOptions, Epilogue, Geometry, Grads,
+    Options, Parallelism, Saved, Workspace,
+};
 use bnorm::{Config, Layout, Mode, Params, Recalibration, RunningState};
 use divan::{counter::BytesCount, Bencher};
 
@@ -140,7 +143,7 @@ impl Case {
 
     /// `forward_into` with a ReLU epilogue, training, without a residual: x → relu(bn(x)) in y.
     pub fn forward_relu(&mut self) {
-        bnorm::expert::forward_into(
+        forward_into(
             &self.cfg,
             self.g,
             &self.x,
@@ -150,7 +153,7 @@ impl Case {
             &mut self.y,
             &mut self.saved,
             &mut self.ws,
-            bnorm::expert::Options::from(self.par).epilogue(bnorm::expert::Epilogue::Relu),
+            Options::from(self.par).epilogue(Epilogue::Relu),
         )
         .expect("valid input");
     }
@@ -174,7 +177,7 @@ impl Case {
 
     /// `backward_into` through the ReLU after [`Case::forward_relu`], without a residual: x, y, dy → dx.
     pub fn backward_relu(&mut self) {
-        bnorm::expert::backward_into(
+        backward_into(
             &self.cfg,
             self.g,
             &self.x,
@@ -184,8 +187,7 @@ impl Case {
             &mut self.dx,
             &mut self.grads,
             &mut self.ws,
-            bnorm::expert::BackwardOptions::from(self.par)
-                .epilogue(bnorm::expert::BackwardEpilogue::Relu { y: &self.y }),
+            BackwardOptions::from(self.par).epilogue(BackwardEpilogue::Relu { y: &self.y }),
         )
         .expect("valid input");
     }
