@@ -2,7 +2,7 @@
 //! --convention`, `convert --to`, the conformance files' `convention` field and the
 //! conventions `inspect` prints all use these names (older spellings are aliases).
 
-use bnorm::interop::Format;
+use bnorm_interop::Format;
 use bnorm::{Config, Momentum};
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 

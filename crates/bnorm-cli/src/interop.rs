@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use bnorm::interop::{
+use bnorm_interop::{
     fold_into_preceding, inspect as health, BnAffine, Checkpoint, ConvertOptions, Format, Layer,
     LinearKind, Tensor,
 };

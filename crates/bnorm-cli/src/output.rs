@@ -48,7 +48,7 @@ pub fn exit_code(e: &anyhow::Error) -> Option<ExitCode> {
 
 /// The text of an error and its causes, each said once: `outer: cause: root cause`,
 /// leaving out a cause whose text is already part of what precedes it (an error whose
-/// own message includes its source, as `bnorm::interop::InteropError::Io` does, would
+/// own message includes its source, as `bnorm_interop::InteropError::Io` does, would
 /// otherwise print the OS error twice).
 pub fn error_text(e: &anyhow::Error) -> String {
     let mut text = String::new();

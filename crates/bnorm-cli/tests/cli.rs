@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
 use bnorm::element::DType;
-use bnorm::interop::{Checkpoint, Format, Layer, Tensor};
+use bnorm_interop::{Checkpoint, Format, Layer, Tensor};
 
 fn bnorm(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_bnorm"))

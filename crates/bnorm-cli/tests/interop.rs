@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use bnorm::element::DType;
-use bnorm::interop::{Checkpoint, Format, Layer, Tensor};
+use bnorm_interop::{Checkpoint, Format, Layer, Tensor};
 
 fn bnorm(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_bnorm"))
@@ -107,7 +107,7 @@ fn inspect_json_lists_layers_and_problems() {
 #[test]
 fn inspect_reads_the_real_pytorch_checkpoint() {
     let file =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../bnorm/tests/data/torch_bn.safetensors");
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../bnorm-interop/tests/data/torch_bn.safetensors");
     let out = bnorm(&["inspect", s(&file), "--json"]);
     assert!(out.status.success(), "{}", text(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

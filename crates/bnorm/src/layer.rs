@@ -23,9 +23,8 @@ use crate::state::{Mode, Params, RunningState};
 /// last — an evaluation forward in between replaces what backward uses. A forward call
 /// that fails leaves everything as it was, the statistics saved for backward included.
 ///
-/// Porting a layer: [`BatchNorm::from_torch`] takes PyTorch's five tensors;
-/// [`interop::Layer::to_batchnorm`](crate::interop::Layer::to_batchnorm) builds a layer
-/// from any framework's checkpoint.
+/// Porting a layer: [`BatchNorm::from_torch`] takes PyTorch's five tensors; the
+/// `bnorm-interop` crate builds a layer from any framework's checkpoint.
 ///
 /// ```
 /// use bnorm::{BatchNorm, Config, Layout, Mode};

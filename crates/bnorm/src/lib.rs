@@ -68,8 +68,10 @@
 //! * [`conformance`] — reads and replays the recorded framework cases.
 //! * [`mod@sync`] — synchronized batch norm: statistics of the global batch of several
 //!   data-parallel ranks (threads here, processes and machines with `bnorm-mpi`).
-//! * [`interop`] — checkpoints of PyTorch, Keras and Flax (import, export, conversion),
-//!   folding into neighbouring layers, health inspection.
+//!
+//! Checkpoints of other frameworks (reading, conversion, folding, inspection) are the
+//! `bnorm-interop` crate's; `bnorm-candle`, `bnorm-mpi` and `bnorm-cuda` bring the layer to
+//! candle, to MPI and to NVIDIA GPUs.
 
 #![deny(missing_docs)]
 
@@ -80,7 +82,6 @@ pub mod conformance;
 pub mod element;
 mod error;
 mod forward;
-pub mod interop;
 mod kernels;
 mod layer;
 mod layout;

@@ -311,7 +311,7 @@ fn errors_explain_what_to_do() {
 #[test]
 fn error_chains_name_each_cause_once() {
     use std::error::Error as _;
-    let e = bnorm::interop::Checkpoint::read(std::path::Path::new("/no/such/file.safetensors"))
+    let e = bnorm_interop::Checkpoint::read(std::path::Path::new("/no/such/file.safetensors"))
         .unwrap_err();
     let mut chain = e.to_string();
     let mut cause = e.source();

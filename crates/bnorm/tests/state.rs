@@ -11,7 +11,7 @@ mod common;
 use bnorm::config::{ColdPolicy, Ghost, NonFinitePolicy, Variant};
 use bnorm::element::DType;
 use bnorm::expert::{backward_into, forward_into, Grads, Parallelism, Saved, Workspace};
-use bnorm::interop::{Checkpoint, Layer};
+use bnorm_interop::{Checkpoint, Layer};
 use bnorm::sync::ThreadComm;
 use bnorm::{
     BatchNorm, Config, Error, Layout, Mode, Momentum, Params, Recalibration, RunningState,
@@ -362,7 +362,7 @@ fn a_checkpoint_loads_what_was_saved_and_training_resumes_exactly() {
         }
         let mut a = layer(&cfg);
         train(&mut a, 0, 4);
-        let mut l = Layer::from_batchnorm("bn", bnorm::interop::Format::Torch, &a);
+        let mut l = Layer::from_batchnorm("bn", bnorm_interop::Format::Torch, &a);
         l.dtype = DType::F64; // exact values in the file
         let mut ck = Checkpoint::default();
         ck.insert_layer(&l, DType::F64).unwrap();

@@ -13,9 +13,9 @@
 use super::error::InteropError;
 use super::layer::Layer;
 use super::Result;
-use crate::element::{bf16, f16};
-use crate::element::{DType, Element};
-use crate::state::Params;
+use bnorm::element::{bf16, f16};
+use bnorm::element::{DType, Element};
+use bnorm::Params;
 
 /// The kind of layer batch norm is folded into. Weights use PyTorch's layouts: linear
 /// `(out, in)`, convolution `(out, in/groups, k…)`, transposed convolution
@@ -52,9 +52,9 @@ impl BnAffine {
     /// eps > 0, equal lengths).
     ///
     /// ```
-    /// let a = bnorm::interop::BnAffine::new(&bnorm::Params::default(), &[1.0], &[3.0], 1.0)?;
+    /// let a = bnorm_interop::BnAffine::new(&bnorm::Params::default(), &[1.0], &[3.0], 1.0)?;
     /// assert_eq!((a.scale[0], a.shift[0]), (0.5, -0.5));
-    /// # Ok::<(), bnorm::interop::InteropError>(())
+    /// # Ok::<(), bnorm_interop::InteropError>(())
     /// ```
     pub fn new(params: &Params, mean: &[f64], var: &[f64], eps: f64) -> Result<BnAffine> {
         let bad = |reason: String| InteropError::InvalidLayer {
@@ -228,7 +228,7 @@ fn channel_mismatch(what: &str, layer_ch: usize, bn: usize) -> InteropError {
 /// rounded once to `dtype`.
 ///
 /// ```
-/// use bnorm::interop::{fold_into_preceding, BnAffine, LinearKind};
+/// use bnorm_interop::{fold_into_preceding, BnAffine, LinearKind};
 /// // Linear 1 -> 2, then batch norm with scale (2, 0.5) and shift (1, -1).
 /// let bn = BnAffine { scale: vec![2.0, 0.5], shift: vec![1.0, -1.0] };
 /// let f = fold_into_preceding(&[3.0, 4.0], &[2, 1], Some(&[0.0, 2.0]), LinearKind::Linear,
@@ -236,7 +236,7 @@ fn channel_mismatch(what: &str, layer_ch: usize, bn: usize) -> InteropError {
 /// assert_eq!(f.weight, vec![6.0, 2.0]);
 /// assert_eq!(f.bias, vec![1.0, 0.0]);
 /// assert!(f.max_error < 1e-12);
-/// # Ok::<(), bnorm::interop::InteropError>(())
+/// # Ok::<(), bnorm_interop::InteropError>(())
 /// ```
 pub fn fold_into_preceding(
     weight: &[f64],
@@ -289,7 +289,7 @@ pub fn fold_into_preceding(
 /// layer.)
 ///
 /// ```
-/// use bnorm::interop::{fold_into_following, BnAffine, LinearKind, InteropError};
+/// use bnorm_interop::{fold_into_following, BnAffine, LinearKind, InteropError};
 /// let bn = BnAffine { scale: vec![2.0, 0.5], shift: vec![1.0, -1.0] };
 /// let f = fold_into_following(&[1.0, 1.0], &[1, 2], None, LinearKind::Linear, &bn, false,
 ///                             bnorm::element::DType::F32)?;

@@ -6,10 +6,11 @@ use std::fmt;
 use super::error::InteropError;
 use super::format::Format;
 use super::Result;
-use crate::config::{Config, Momentum, VarianceEstimator};
-use crate::element::DType;
-use crate::layer::BatchNorm;
-use crate::state::{Params, RenormState, RunningState};
+use bnorm::{Config, Momentum, VarianceEstimator};
+use bnorm::element::DType;
+use bnorm::BatchNorm;
+use bnorm::expert::RenormState;
+use bnorm::{Params, RunningState};
 
 /// One batch-norm layer as found in a checkpoint, values widened to f64, with the
 /// conventions it is read under. Values are not validated (a broken layer can still be
@@ -81,7 +82,7 @@ impl Layer {
     /// f32 storage, `num_batches_tracked` 0 for PyTorch.
     ///
     /// ```
-    /// let l = bnorm::interop::Layer::new("bn", bnorm::interop::Format::Keras, 3);
+    /// let l = bnorm_interop::Layer::new("bn", bnorm_interop::Format::Keras, 3);
     /// assert_eq!(l.eps, 1e-3);
     /// assert_eq!(l.num_batches_tracked, None);
     /// ```
@@ -160,13 +161,13 @@ impl Layer {
     ///
     /// ```
     /// use bnorm::{Layout, Mode};
-    /// let mut l = bnorm::interop::Layer::new("bn", bnorm::interop::Format::Torch, 1);
+    /// let mut l = bnorm_interop::Layer::new("bn", bnorm_interop::Format::Torch, 1);
     /// l.running_mean = Some(vec![2.0]);
     /// l.running_var = Some(vec![4.0]);
     /// let mut bn = l.to_batchnorm()?;
     /// let (y, _) = bn.forward(&[4.0f64], &[1, 1], Layout::NC, Mode::Inference)?;
     /// assert!((y[0] - 2.0 / (4.0f64 + 1e-5).sqrt()).abs() < 1e-12);
-    /// # Ok::<(), bnorm::interop::InteropError>(())
+    /// # Ok::<(), bnorm_interop::InteropError>(())
     /// ```
     pub fn to_batchnorm(&self) -> Result<BatchNorm> {
         self.check_lengths()?;

@@ -4,7 +4,7 @@ use std::fmt;
 
 use super::format::Format;
 use super::layer::Layer;
-use crate::element::DType;
+use bnorm::element::DType;
 
 /// A problem [`inspect`] found in a layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -32,7 +32,7 @@ impl Problem {
     /// The stable machine-readable code (`non_finite`, `never_updated`, ...).
     ///
     /// ```
-    /// assert_eq!(bnorm::interop::Problem::NearZeroVariance.code(), "near_zero_variance");
+    /// assert_eq!(bnorm_interop::Problem::NearZeroVariance.code(), "near_zero_variance");
     /// ```
     pub fn code(self) -> &'static str {
         match self {
@@ -79,7 +79,7 @@ impl fmt::Display for Problem {
 /// Checks a layer's health; an empty list means healthy. Sorted, without duplicates.
 ///
 /// ```
-/// use bnorm::interop::{inspect, Format, Layer, Problem};
+/// use bnorm_interop::{inspect, Format, Layer, Problem};
 /// let mut l = Layer::new("bn", Format::Torch, 2);
 /// assert_eq!(inspect(&l), vec![Problem::NeverUpdated]);
 /// l.num_batches_tracked = Some(5);

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use bnorm::element::DType;
 use bnorm::expert::RenormState;
-use bnorm::interop::{
+use bnorm_interop::{
     fold_into_following, fold_into_preceding, inspect, read_layers, write_atomic, BnAffine,
     Checkpoint, ConvertOptions, Format, InteropError, Layer, LinearKind, Problem, Tensor,
 };
@@ -941,7 +941,7 @@ fn corrupt_truncated_and_hostile_files_are_refused() {
     assert!(read_layers(&raw_file("{not json", &[])).is_err());
 }
 
-/// Replays the fuzzing corpus (crates/bnorm/fuzz/corpus/read_layers): no input panics.
+/// Replays the fuzzing corpus (crates/bnorm-interop/fuzz/corpus/read_layers): no input panics.
 #[test]
 fn fuzz_corpus_replays_without_panic() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/read_layers");

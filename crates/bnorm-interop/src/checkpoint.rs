@@ -12,10 +12,10 @@ use super::error::InteropError;
 use super::format::{split_name, Format, Role, ROLES};
 use super::layer::Layer;
 use super::Result;
-use crate::config::{Momentum, VarianceEstimator};
-use crate::element::DType;
-use crate::element::{bf16, f16};
-use crate::state::RenormState;
+use bnorm::{Momentum, VarianceEstimator};
+use bnorm::element::DType;
+use bnorm::element::{bf16, f16};
+use bnorm::expert::RenormState;
 
 /// Largest header this reader accepts (the safetensors crate's own limit is 100 MB).
 const MAX_HEADER: u64 = 100_000_000;
@@ -35,11 +35,11 @@ impl Tensor {
     /// A floating-point tensor holding `values` rounded once to `dtype`.
     ///
     /// ```
-    /// use bnorm::interop::Tensor;
+    /// use bnorm_interop::Tensor;
     /// let t = Tensor::from_f64(&[1.0, 0.1], vec![2], bnorm::element::DType::F16);
     /// assert_eq!(t.bytes.len(), 4);
     /// assert_eq!(t.to_f64("t")?[1], bnorm::element::f16::from_f64(0.1).to_f64());
-    /// # Ok::<(), bnorm::interop::InteropError>(())
+    /// # Ok::<(), bnorm_interop::InteropError>(())
     /// ```
     pub fn from_f64(values: &[f64], shape: Vec<usize>, dtype: DType) -> Tensor {
         let mut bytes = Vec::with_capacity(values.len() * dtype.size());
@@ -183,7 +183,7 @@ impl Checkpoint {
     /// the file and tile the data, and the dtype must be a known one.
     ///
     /// ```
-    /// use bnorm::interop::{Checkpoint, InteropError};
+    /// use bnorm_interop::{Checkpoint, InteropError};
     /// assert!(matches!(Checkpoint::from_bytes(b"\x10\0\0"), Err(InteropError::Malformed { .. })));
     /// let huge = b"\xff\xff\xff\xff\xff\xff\xff\x7f{}";
     /// assert!(Checkpoint::from_bytes(huge).is_err());
@@ -527,7 +527,7 @@ fn parse_momentum(s: &str) -> Option<Momentum> {
 /// Parses a checkpoint and returns its batch-norm layers (see [`Checkpoint::layers`]).
 ///
 /// ```
-/// assert!(bnorm::interop::read_layers(b"not safetensors").is_err());
+/// assert!(bnorm_interop::read_layers(b"not safetensors").is_err());
 /// ```
 pub fn read_layers(bytes: &[u8]) -> Result<Vec<Layer>> {
     Checkpoint::from_bytes(bytes)?.layers()
@@ -541,10 +541,10 @@ pub fn read_layers(bytes: &[u8]) -> Result<Vec<Layer>> {
 /// let dir = std::env::temp_dir().join(format!("bnorm-doc-{}", std::process::id()));
 /// std::fs::create_dir_all(&dir).unwrap();
 /// let path = dir.join("x.bin");
-/// bnorm::interop::write_atomic(&path, b"hello")?;
+/// bnorm_interop::write_atomic(&path, b"hello")?;
 /// assert_eq!(std::fs::read(&path).unwrap(), b"hello");
 /// # std::fs::remove_dir_all(&dir).unwrap();
-/// # Ok::<(), bnorm::interop::InteropError>(())
+/// # Ok::<(), bnorm_interop::InteropError>(())
 /// ```
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let io = |p: &Path, source| InteropError::Io {

@@ -3,7 +3,7 @@
 
 use std::fmt;
 
-use crate::config::{Momentum, VarianceEstimator};
+use bnorm::{Momentum, VarianceEstimator};
 
 /// The naming convention of a checkpoint's batch-norm tensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -28,7 +28,7 @@ impl Format {
     /// Parses `torch` (`pytorch`), `keras` (`tf_keras`), `flax`.
     ///
     /// ```
-    /// use bnorm::interop::Format;
+    /// use bnorm_interop::Format;
     /// assert_eq!(Format::parse("pytorch"), Some(Format::Torch));
     /// assert_eq!(Format::parse("onnx"), None);
     /// ```

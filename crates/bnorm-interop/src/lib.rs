@@ -23,7 +23,7 @@
 //! * [`write_atomic`] writes a file through a temporary file and a rename.
 //!
 //! ```
-//! use bnorm::interop::{Checkpoint, Format, Layer, ConvertOptions};
+//! use bnorm_interop::{Checkpoint, Format, Layer, ConvertOptions};
 //! // A PyTorch BatchNorm1d(2) as it would sit in a state_dict.
 //! let mut layer = Layer::new("bn1", Format::Torch, 2);
 //! layer.running_mean = Some(vec![0.5, -1.0]);
@@ -45,7 +45,7 @@
 //!     &ConvertOptions { batch_size: Some(8), ..Default::default() })?;
 //! assert_eq!(keras.momentum, bnorm::Momentum::Decay(0.9));
 //! assert!((keras.running_var.as_ref().unwrap()[0] - 2.0 * 7.0 / 8.0).abs() < 1e-12);
-//! # Ok::<(), bnorm::interop::InteropError>(())
+//! # Ok::<(), bnorm_interop::InteropError>(())
 //! ```
 
 mod checkpoint;

@@ -84,7 +84,7 @@ pub enum InteropError {
         reason: String,
     },
     /// An error of the core crate.
-    Core(crate::Error),
+    Core(bnorm::Error),
 }
 
 impl fmt::Display for InteropError {
@@ -165,8 +165,8 @@ impl std::error::Error for InteropError {
     }
 }
 
-impl From<crate::Error> for InteropError {
-    fn from(e: crate::Error) -> Self {
+impl From<bnorm::Error> for InteropError {
+    fn from(e: bnorm::Error) -> Self {
         InteropError::Core(e)
     }
 }

@@ -2,7 +2,7 @@
 //! may panic, and a checkpoint that parses must serialize and parse back to itself.
 #![no_main]
 
-use bnorm::interop::{inspect, BnAffine, Checkpoint, ConvertOptions, Format};
+use bnorm_interop::{inspect, BnAffine, Checkpoint, ConvertOptions, Format};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
