@@ -2,8 +2,8 @@
 //! --convention`, `convert --to`, the conformance files' `convention` field and the
 //! conventions `inspect` prints all use these names (older spellings are aliases).
 
-use bnorm_interop::Format;
 use bnorm::{Config, Momentum};
+use bnorm_interop::Format;
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 
 /// A framework's batch-norm conventions (momentum meaning, default eps, running-variance

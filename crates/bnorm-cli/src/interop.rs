@@ -5,11 +5,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
+use bnorm::{Momentum, VarianceEstimator};
 use bnorm_interop::{
     fold_into_preceding, inspect as health, BnAffine, Checkpoint, ConvertOptions, Format, Layer,
     LinearKind, Tensor,
 };
-use bnorm::{Momentum, VarianceEstimator};
 use clap::Args;
 use serde_json::json;
 

@@ -106,8 +106,8 @@ fn inspect_json_lists_layers_and_problems() {
 
 #[test]
 fn inspect_reads_the_real_pytorch_checkpoint() {
-    let file =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../bnorm-interop/tests/data/torch_bn.safetensors");
+    let file = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../bnorm-interop/tests/data/torch_bn.safetensors");
     let out = bnorm(&["inspect", s(&file), "--json"]);
     assert!(out.status.success(), "{}", text(&out));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

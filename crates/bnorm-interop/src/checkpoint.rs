@@ -12,10 +12,10 @@ use super::error::InteropError;
 use super::format::{split_name, Format, Role, ROLES};
 use super::layer::Layer;
 use super::Result;
-use bnorm::{Momentum, VarianceEstimator};
 use bnorm::element::DType;
 use bnorm::element::{bf16, f16};
 use bnorm::expert::RenormState;
+use bnorm::{Momentum, VarianceEstimator};
 
 /// Largest header this reader accepts (the safetensors crate's own limit is 100 MB).
 const MAX_HEADER: u64 = 100_000_000;

@@ -6,10 +6,10 @@ use std::fmt;
 use super::error::InteropError;
 use super::format::Format;
 use super::Result;
-use bnorm::{Config, Momentum, VarianceEstimator};
 use bnorm::element::DType;
-use bnorm::BatchNorm;
 use bnorm::expert::RenormState;
+use bnorm::BatchNorm;
+use bnorm::{Config, Momentum, VarianceEstimator};
 use bnorm::{Params, RunningState};
 
 /// One batch-norm layer as found in a checkpoint, values widened to f64, with the

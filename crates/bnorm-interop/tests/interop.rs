@@ -5,11 +5,11 @@ use std::path::{Path, PathBuf};
 
 use bnorm::element::DType;
 use bnorm::expert::RenormState;
+use bnorm::{Config, Layout, Mode, Momentum, Params, VarianceEstimator};
 use bnorm_interop::{
     fold_into_following, fold_into_preceding, inspect, read_layers, write_atomic, BnAffine,
     Checkpoint, ConvertOptions, Format, InteropError, Layer, LinearKind, Problem, Tensor,
 };
-use bnorm::{Config, Layout, Mode, Momentum, Params, VarianceEstimator};
 
 fn data(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

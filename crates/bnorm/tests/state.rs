@@ -11,11 +11,11 @@ mod common;
 use bnorm::config::{ColdPolicy, Ghost, NonFinitePolicy, Variant};
 use bnorm::element::DType;
 use bnorm::expert::{backward_into, forward_into, Grads, Parallelism, Saved, Workspace};
-use bnorm_interop::{Checkpoint, Layer};
 use bnorm::sync::ThreadComm;
 use bnorm::{
     BatchNorm, Config, Error, Layout, Mode, Momentum, Params, Recalibration, RunningState,
 };
+use bnorm_interop::{Checkpoint, Layer};
 use common::{assert_close, conventions, Rng};
 
 const SHAPE: [usize; 4] = [6, 3, 2, 2];
