@@ -20,6 +20,20 @@ pub enum InteropError {
         /// What check failed.
         reason: String,
     },
+    /// The file is of a known format but cannot be read: corrupt, truncated, hostile, or
+    /// using a part of the format this reader refuses (a pickle that is more than a tensor
+    /// state dict, an HDF5 filter it does not know).
+    Unreadable {
+        /// The format ([`FileFormat::name`](crate::read::FileFormat::name), or `zip`).
+        format: &'static str,
+        /// What is wrong and what to do.
+        reason: String,
+    },
+    /// The file is of no format this crate reads.
+    UnknownFormat {
+        /// What it looks like.
+        reason: String,
+    },
     /// A tensor has a dtype this role does not accept.
     UnsupportedDtype {
         /// The tensor name.
@@ -98,6 +112,12 @@ impl fmt::Display for InteropError {
                 "not a valid safetensors file: {reason} (the file is corrupt, truncated or not \
                  safetensors; re-export it)"
             ),
+            InteropError::Unreadable { format, reason } => {
+                write!(f, "cannot read this {format} file: {reason}")
+            }
+            InteropError::UnknownFormat { reason } => {
+                write!(f, "not a checkpoint bnorm can read: {reason}")
+            }
             InteropError::UnsupportedDtype {
                 tensor,
                 dtype,

@@ -54,6 +54,7 @@ mod fold;
 mod format;
 mod inspect;
 mod layer;
+pub mod read;
 
 pub use checkpoint::{read_layers, write_atomic, Checkpoint, Tensor};
 pub use error::InteropError;
