@@ -17,7 +17,7 @@ use crate::config::{BackwardArithmetic, Config};
 use crate::element::{DType, Element};
 use crate::error::Result;
 use crate::forward::{check_input, sample_geometry, Normalized, Saved};
-use crate::kernels::{self, Workspace};
+use crate::kernels::{self, Affine2, Affine2At, DotIn, Workspace};
 use crate::layout::Geometry;
 use crate::parallel::Parallelism;
 use crate::plan::{BackwardEpilogue, BackwardOptions, BackwardPlan};
@@ -264,17 +264,23 @@ fn backward_impl<T: Element>(
         Some((y, d)) => (Some(y), d),
         None => (None, &mut []),
     };
+    let inp = DotIn { x, dy, relu_y: y };
     // Channels-first backward (plain or through the ReLU): sums and dx per group of
     // channels, the second pass from cache (same sums, in the same order, as the two-pass
     // path).
     if plan.fused {
+        let center = &saved.mean[..c];
         let coef = |ch: usize, sums: (f64, f64)| {
             let one = channel_coefficients(g, params, saved, ch, sums);
-            (one.a, one.b, one.k)
+            Affine2At {
+                m: center[ch],
+                a: one.a,
+                b: one.b,
+                k: one.k,
+                narrow,
+            }
         };
-        let relu = y.map(|y| (y, dres));
-        let center = &saved.mean[..c];
-        kernels::backward_fused_cf(g, x, dy, relu, center, &mut sums, dx, narrow, par, coef);
+        kernels::backward_fused_cf(g, inp, center, &mut sums, (dx, dres), par, coef);
         let mut coef = std::mem::take(&mut ws.coef);
         coefficients(g, params, saved, &sums, grads, &mut coef);
         ws.coef = coef;
@@ -282,10 +288,7 @@ fn backward_impl<T: Element>(
         return Ok(());
     }
     if !ghost {
-        match y {
-            None => kernels::dot(g, x, dy, &saved.mean[..c], &mut sums, ws, par),
-            Some(y) => kernels::dot_relu(g, x, y, dy, &saved.mean[..c], &mut sums, ws, par),
-        }
+        kernels::dot(g, inp, &saved.mean[..c], &mut sums, ws, par);
         if let Some(comm) = comm {
             if let Err(e) = crate::sync::combine_sums(comm, &mut sums) {
                 ws.tmp_pairs = sums;
@@ -301,19 +304,7 @@ fn backward_impl<T: Element>(
             let r = n * per..(n + 1) * per;
             let center = &saved.mean[o..o + c];
             let seq = Parallelism::Sequential;
-            match y {
-                None => kernels::dot(sub, &x[r.clone()], &dy[r], center, &mut s, ws, seq),
-                Some(y) => kernels::dot_relu(
-                    sub,
-                    &x[r.clone()],
-                    &y[r.clone()],
-                    &dy[r],
-                    center,
-                    &mut s,
-                    ws,
-                    seq,
-                ),
-            }
+            kernels::dot(sub, inp.slice(r), center, &mut s, ws, seq);
             for ch in 0..c {
                 sums[o + ch].0 += s[ch].0;
                 sums[o + ch].1 += s[ch].1;
@@ -326,12 +317,17 @@ fn backward_impl<T: Element>(
     let (a, rest) = coef.split_at(n);
     let (b, k) = rest.split_at(n);
     ws.tmp_pairs = sums;
+    // The map of ghost group `o / c` (the whole batch's without ghost batches).
+    let map = |o: usize| Affine2 {
+        center: &saved.mean[o..o + c],
+        a: &a[o..o + c],
+        b: &b[o..o + c],
+        k: &k[o..o + c],
+        narrow,
+    };
     if !ghost {
-        let center = &saved.mean[..c];
-        match y {
-            None => kernels::affine2(g, x, dy, center, a, b, k, dx, narrow, par),
-            Some(y) => kernels::affine2_relu(g, x, y, dy, center, a, b, k, dx, dres, narrow, par),
-        }
+        let relu = y.map(|y| (y, dres));
+        kernels::affine2(g, x, dy, relu, map(0), dx, par);
     } else {
         let sub = sample_geometry(g);
         let per = sub.len();
@@ -339,22 +335,16 @@ fn backward_impl<T: Element>(
         for nidx in 0..g.batch {
             let o = saved.group_of[nidx] * c;
             let r = nidx * per..(nidx + 1) * per;
-            let center = &saved.mean[o..o + c];
-            let (ga, gb, gk) = (&a[o..o + c], &b[o..o + c], &k[o..o + c]);
             let (xs, ds) = (&x[r.clone()], &dy[r.clone()]);
-            match y {
-                None => kernels::affine2(sub, xs, ds, center, ga, gb, gk, &mut dx[r], narrow, seq),
-                Some(y) => {
-                    let dr: &mut [T] = if dres.is_empty() {
-                        &mut []
-                    } else {
-                        &mut dres[r.clone()]
-                    };
-                    let ys = &y[r.clone()];
-                    let dx = &mut dx[r];
-                    kernels::affine2_relu(sub, xs, ys, ds, center, ga, gb, gk, dx, dr, narrow, seq)
-                }
-            }
+            let relu = y.map(|y| {
+                let dr: &mut [T] = if dres.is_empty() {
+                    &mut []
+                } else {
+                    &mut dres[r.clone()]
+                };
+                (&y[r.clone()], dr)
+            });
+            kernels::affine2(sub, xs, ds, relu, map(o), &mut dx[r], seq);
         }
     }
     ws.coef = coef;

@@ -79,6 +79,15 @@ impl Saved {
         &self.count
     }
 
+    /// The forward map's coefficients of the channels `range` (one group's).
+    pub(crate) fn affine(&self, range: std::ops::Range<usize>) -> kernels::Affine<'_> {
+        kernels::Affine {
+            center: &self.mean[range.clone()],
+            scale: &self.scale[range.clone()],
+            shift: &self.shift[range],
+        }
+    }
+
     /// The batch statistics of a training step, as the running-statistics update reads them.
     pub(crate) fn batch_stats(&self) -> BatchStats<'_> {
         BatchStats {
@@ -530,16 +539,7 @@ fn write_output<T: Element>(
 ) {
     let c = g.channels;
     if saved.groups <= 1 || saved.group_of.is_empty() {
-        kernels::affine_ep(
-            g,
-            x,
-            ep,
-            &saved.mean[..c],
-            &saved.scale[..c],
-            &saved.shift[..c],
-            y,
-            par,
-        );
+        kernels::affine_ep(g, x, ep, saved.affine(0..c), y, par);
     } else {
         let sub = sample_geometry(g);
         let per = sub.len();
@@ -549,9 +549,7 @@ fn write_output<T: Element>(
                 sub,
                 &x[nidx * per..(nidx + 1) * per],
                 ep.slice(nidx * per..(nidx + 1) * per),
-                &saved.mean[o..o + c],
-                &saved.scale[o..o + c],
-                &saved.shift[o..o + c],
+                saved.affine(o..o + c),
                 &mut y[nidx * per..(nidx + 1) * per],
                 Parallelism::Sequential,
             );

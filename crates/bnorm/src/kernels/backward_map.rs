@@ -9,9 +9,10 @@ use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 use super::coefs::x86::{Broadcast, Table};
-use super::coefs::{coef_table, columns, map_run, Arith};
+use super::coefs::{coef_table, columns, map_run, Affine2, Affine2At, Arith};
 use super::schedule::{rows_per_task, Scratch};
-use super::{simd, stream_fence, stream_wanted};
+use super::simd::{self, Isa};
+use super::{stream_fence, stream_wanted};
 use crate::element::{DType, Element};
 use crate::layout::Geometry;
 use crate::parallel::Parallelism;
@@ -20,44 +21,61 @@ use crate::parallel::Parallelism;
 mod x86;
 
 simd::dispatch! {
-    fn run_affine2<T>(xs: &[T], ds: &[T], os: &mut [T], m: f64, a: f64, b: f64, k: f64, narrow: bool);
-    fn rows_affine2<T>(xs: &[T], ds: &[T], os: &mut [T], c: usize, center: &[f64], a: &[f64], b: &[f64], k: &[f64], narrow: bool);
-    fn run_affine2_relu<T>(xs: &[T], ys: &[T], ds: &[T], os: &mut [T], rs: &mut [T], m: f64, a: f64, b: f64, k: f64, narrow: bool);
-    fn rows_affine2_relu<T>(xs: &[T], ys: &[T], ds: &[T], os: &mut [T], rs: &mut [T], c: usize, center: &[f64], a: &[f64], b: &[f64], k: &[f64], narrow: bool);
+    fn run_affine2<T>(xs: &[T], ds: &[T], os: &mut [T], at: Affine2At);
+    fn rows_affine2<T>(xs: &[T], ds: &[T], os: &mut [T], map: Affine2<'_>);
+    fn run_affine2_relu<T>(xs: &[T], ys: &[T], ds: &[T], os: &mut [T], rs: &mut [T], at: Affine2At);
+    fn rows_affine2_relu<T>(xs: &[T], ys: &[T], ds: &[T], os: &mut [T], rs: &mut [T], map: Affine2<'_>);
 }
 
-/// `dx = a[c]·dy + b[c]·(x − center[c]) + k[c]` for every element; f32 storage in f32
-/// arithmetic when `narrow`.
-#[allow(clippy::too_many_arguments)]
+/// The operands of a backward step through a ReLU: the forward's output `y`, and `dres`,
+/// which receives the masked gradient `dz` for an added residual (empty: not wanted).
+pub(crate) type Relu<'a, T> = Option<(&'a [T], &'a mut [T])>;
+
+/// `dx = a[c]·dz + b[c]·(x − center[c]) + k[c]` for every element, with `dz = dy`, or
+/// through a ReLU whose output was `y` when `relu = Some((y, dres))`: `dz = dy·[y > 0]`,
+/// also written to `dres` unless it is empty.
 pub(crate) fn affine2<T: Element>(
     g: Geometry,
     x: &[T],
     dy: &[T],
-    center: &[f64],
-    a: &[f64],
-    b: &[f64],
-    k: &[f64],
+    relu: Relu<'_, T>,
+    map: Affine2<'_>,
     dx: &mut [T],
-    narrow: bool,
     par: Parallelism,
 ) {
-    let c = g.channels;
     if g.is_empty() {
         return;
     }
+    match relu {
+        None => affine2_plain(g, x, dy, map, dx, par),
+        Some(relu) => affine2_masked(g, x, relu, dy, map, dx, par),
+    }
+}
+
+/// [`affine2`] without a ReLU.
+fn affine2_plain<T: Element>(
+    g: Geometry,
+    x: &[T],
+    dy: &[T],
+    map: Affine2<'_>,
+    dx: &mut [T],
+    par: Parallelism,
+) {
+    let isa = Isa::of_call();
+    let c = g.channels;
     let row = c * g.inner;
     let chunk = rows_per_task(row) * row;
     let nt = stream_wanted::<T>(dx.len());
-    let table = (nt && g.inner == 1).then(|| Table2::new(c, center, a, b, k, narrow));
+    let table = (nt && g.inner == 1).then(|| Table2::new(map));
     let body = |((xs, ds), os): ((&[T], &[T]), &mut [T])| {
         if g.inner == 1 {
             if let Some(t) = &table {
-                if stream_rows_affine2(xs, None, ds, os, t) {
+                if stream_rows_affine2(isa, xs, None, ds, os, t) {
                     stream_fence();
                     return;
                 }
             }
-            by_level::rows_affine2(xs, ds, os, c, center, a, b, k, narrow);
+            by_level::rows_affine2(isa, xs, ds, os, map);
         } else {
             for (j, ((xr, dr), or)) in xs
                 .chunks_exact(g.inner)
@@ -65,8 +83,7 @@ pub(crate) fn affine2<T: Element>(
                 .zip(os.chunks_exact_mut(g.inner))
                 .enumerate()
             {
-                let ch = j % c;
-                run_affine2_nt(xr, dr, or, (center[ch], a[ch], b[ch], k[ch]), narrow, nt);
+                run_affine2_nt(isa, xr, dr, or, map.at(j % c), nt);
             }
             if nt {
                 stream_fence();
@@ -89,46 +106,35 @@ pub(crate) fn affine2<T: Element>(
 /// One task's slices of x, y, dy and dx.
 type Chunk4<'a, T> = (((&'a [T], &'a [T]), &'a [T]), &'a mut [T]);
 
-/// Backward through batch norm and a ReLU whose output was `y` (and an added residual,
-/// whose gradient `dres` receives when not empty): `dz = dy·[y > 0]`,
-/// `dx = a·dz + b·(x − center) + k`; f32 storage in f32 arithmetic when `narrow`.
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn affine2_relu<T: Element>(
+/// [`affine2`] through a ReLU.
+fn affine2_masked<T: Element>(
     g: Geometry,
     x: &[T],
-    y: &[T],
+    (y, dres): (&[T], &mut [T]),
     dy: &[T],
-    center: &[f64],
-    a: &[f64],
-    b: &[f64],
-    k: &[f64],
+    map: Affine2<'_>,
     dx: &mut [T],
-    dres: &mut [T],
-    narrow: bool,
     par: Parallelism,
 ) {
+    let isa = Isa::of_call();
     let c = g.channels;
-    if g.is_empty() {
-        return;
-    }
     let row = c * g.inner;
     let chunk = rows_per_task(row) * row;
     let with_res = !dres.is_empty();
     let nt = stream_wanted::<T>(dx.len());
-    let table = (nt && g.inner == 1).then(|| Table2::new(c, center, a, b, k, narrow));
+    let table = (nt && g.inner == 1).then(|| Table2::new(map));
     let body = |(((xs, ys), ds), os): Chunk4<'_, T>, rs: &mut [T]| {
         if g.inner == 1 {
             if let Some(t) = &table {
-                if stream_rows_affine2(xs, Some((ys, &mut *rs)), ds, os, t) {
+                if stream_rows_affine2(isa, xs, Some((ys, &mut *rs)), ds, os, t) {
                     stream_fence();
                     return;
                 }
             }
-            by_level::rows_affine2_relu(xs, ys, ds, os, rs, c, center, a, b, k, narrow);
+            by_level::rows_affine2_relu(isa, xs, ys, ds, os, rs, map);
         } else {
             let n = xs.len() / g.inner;
             for j in 0..n {
-                let ch = j % c;
                 let r = j * g.inner..(j + 1) * g.inner;
                 let rr = if with_res {
                     &mut rs[r.clone()]
@@ -136,8 +142,7 @@ pub(crate) fn affine2_relu<T: Element>(
                     &mut [][..]
                 };
                 let (xs, ys, ds) = (&xs[r.clone()], &ys[r.clone()], &ds[r.clone()]);
-                let coefs = (center[ch], a[ch], b[ch], k[ch]);
-                run_affine2_relu_nt(xs, ys, ds, &mut os[r], rr, coefs, narrow, nt);
+                run_affine2_relu_nt(isa, xs, (ys, rr), ds, &mut os[r], map.at(j % c), nt);
             }
             if nt {
                 stream_fence();
@@ -171,21 +176,22 @@ pub(crate) fn affine2_relu<T: Element>(
 /// [`run_affine2`], with streaming stores when `stream` (same bits).
 #[inline]
 pub(super) fn run_affine2_nt<T: Element>(
+    isa: Isa,
     xs: &[T],
     ds: &[T],
     os: &mut [T],
-    (m, a, b, k): (f64, f64, f64, f64),
-    narrow: bool,
+    at: Affine2At,
     stream: bool,
 ) {
-    if !(stream && stream_run_affine2(xs, None, ds, os, coefs2(m, a, b, k, narrow))) {
-        by_level::run_affine2(xs, ds, os, m, a, b, k, narrow);
+    if !(stream && stream_run_affine2(isa, xs, None, ds, os, coefs2(at))) {
+        by_level::run_affine2(isa, xs, ds, os, at);
     }
 }
 
 /// The coefficients of one channel's backward map for the streaming kernels, in the
 /// arithmetic the ordinary map would use.
-fn coefs2(m: f64, a: f64, b: f64, k: f64, narrow: bool) -> Coefs2 {
+fn coefs2(at: Affine2At) -> Coefs2 {
+    let Affine2At { m, a, b, k, narrow } = at;
     if narrow {
         Coefs2::F32(affine2_coefs_f32(m, a, b, k))
     } else {
@@ -195,20 +201,17 @@ fn coefs2(m: f64, a: f64, b: f64, k: f64, narrow: bool) -> Coefs2 {
 
 /// [`run_affine2_relu`], with streaming stores when `stream` (same bits).
 #[inline]
-#[allow(clippy::too_many_arguments)]
 pub(super) fn run_affine2_relu_nt<T: Element>(
+    isa: Isa,
     xs: &[T],
-    ys: &[T],
+    (ys, rs): (&[T], &mut [T]),
     ds: &[T],
     os: &mut [T],
-    rs: &mut [T],
-    (m, a, b, k): (f64, f64, f64, f64),
-    narrow: bool,
+    at: Affine2At,
     stream: bool,
 ) {
-    let coefs = || coefs2(m, a, b, k, narrow);
-    if !(stream && stream_run_affine2(xs, Some((ys, &mut *rs)), ds, os, coefs())) {
-        by_level::run_affine2_relu(xs, ys, ds, os, rs, m, a, b, k, narrow);
+    if !(stream && stream_run_affine2(isa, xs, Some((ys, &mut *rs)), ds, os, coefs2(at))) {
+        by_level::run_affine2_relu(isa, xs, ys, ds, os, rs, at);
     }
 }
 
@@ -229,6 +232,7 @@ pub(super) enum Coefs2 {
 /// the CPU lacks AVX2.
 #[inline]
 fn stream_run_affine2<T: Element>(
+    isa: Isa,
     xs: &[T],
     relu: Option<(&[T], &mut [T])>,
     ds: &[T],
@@ -241,15 +245,15 @@ fn stream_run_affine2<T: Element>(
             T::as_f32s(xs),
             T::as_f32s(ds),
             T::as_f32s_mut(os),
-            super::stream_available(),
+            super::stream_available(isa),
         ) else {
             return false;
         };
-        // SAFETY: `stream_available()` checked that the CPU has AVX2.
+        // SAFETY: `stream_available(isa)` checked that the CPU has AVX2.
         unsafe {
             match coefs {
-                Coefs2::F64(c) => x86::map2_any(xs, mask, ds, os, &Broadcast(c)),
-                Coefs2::F32(c) => x86::map2_any(xs, mask, ds, os, &Broadcast(c)),
+                Coefs2::F64(c) => x86::map2_any(isa, xs, mask, ds, os, &Broadcast(c)),
+                Coefs2::F32(c) => x86::map2_any(isa, xs, mask, ds, os, &Broadcast(c)),
             }
         };
         true
@@ -258,7 +262,7 @@ fn stream_run_affine2<T: Element>(
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = relu;
-    let _ = (xs, ds, os, coefs);
+    let _ = (isa, xs, ds, os, coefs);
     false
 }
 
@@ -281,16 +285,20 @@ enum Table2Data {
 }
 
 impl Table2 {
-    /// The table of `o = a·dz + b·(x − center) + k` for `c` channels, f32 when `narrow`.
-    fn new(c: usize, center: &[f64], a: &[f64], b: &[f64], k: &[f64], narrow: bool) -> Table2 {
-        let (t, run) = if narrow {
-            let (t, run) = affine2_table_f32(c, center, a, b, k);
+    /// The table of `map`, in f32 when it is narrow.
+    fn new(map: Affine2<'_>) -> Table2 {
+        let (t, run) = if map.narrow {
+            let (t, run) = affine2_table_f32(map);
             (Table2Data::F32(t), run)
         } else {
-            let (t, run) = affine2_table_f64(c, center, a, b, k);
+            let (t, run) = affine2_table_f64(map);
             (Table2Data::F64(t), run)
         };
-        Table2 { c, run, t }
+        Table2 {
+            c: map.channels(),
+            run,
+            t,
+        }
     }
 }
 
@@ -298,6 +306,7 @@ impl Table2 {
 /// `o = (a·(dz − d) + b·(x − hi)) + k` with an f32 table.
 #[inline]
 fn stream_rows_affine2<T: Element>(
+    isa: Isa,
     xs: &[T],
     relu: Option<(&[T], &mut [T])>,
     ds: &[T],
@@ -310,24 +319,24 @@ fn stream_rows_affine2<T: Element>(
             T::as_f32s(xs),
             T::as_f32s(ds),
             T::as_f32s_mut(os),
-            super::stream_available(),
+            super::stream_available(isa),
         ) else {
             return false;
         };
-        // SAFETY: `stream_available()` checked that the CPU has AVX2.
+        // SAFETY: `stream_available(isa)` checked that the CPU has AVX2.
         unsafe {
             let (c, run) = (table.c, table.run);
             match &table.t {
                 Table2Data::F64(t) => {
                     let t = Table::new(t, run, 5);
-                    if !x86::rows_any(xs, &mut mask, ds, os, &t, c) {
-                        x86::map2_any(xs, mask, ds, os, &t)
+                    if !x86::rows_any(isa, xs, &mut mask, ds, os, &t, c) {
+                        x86::map2_any(isa, xs, mask, ds, os, &t)
                     }
                 }
                 Table2Data::F32(t) => {
                     let t = Table::new(t, run, 5);
-                    if !x86::rows_any(xs, &mut mask, ds, os, &t, c) {
-                        x86::map2_any(xs, mask, ds, os, &t)
+                    if !x86::rows_any(isa, xs, &mut mask, ds, os, &t, c) {
+                        x86::map2_any(isa, xs, mask, ds, os, &t)
                     }
                 }
             }
@@ -338,7 +347,7 @@ fn stream_rows_affine2<T: Element>(
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = relu;
-    let _ = (xs, ds, os, table);
+    let _ = (isa, xs, ds, os, table);
     false
 }
 
@@ -380,31 +389,27 @@ macro_rules! by_backward_arith {
 /// The f64 [`coef_table`] of a channels-last backward map (see [`affine2_coefs`]: five
 /// columns, the third zero), as
 /// [`affine_table_f32`](super::forward_map::affine_table_f32).
-pub(crate) fn affine2_table_f64(
-    c: usize,
-    center: &[f64],
-    a: &[f64],
-    b: &[f64],
-    k: &[f64],
-) -> (Scratch<f64>, usize) {
-    let t = coef_table(c, |ch| {
-        affine2_coefs::<f64>(center[ch], a[ch], b[ch], k[ch])
-    });
-    (t, map_run(c))
+pub(crate) fn affine2_table_f64(map: Affine2<'_>) -> (Scratch<f64>, usize) {
+    let c = map.channels();
+    (
+        coef_table(c, |ch| affine2_coefs_at::<f64>(map.at(ch))),
+        map_run(c),
+    )
 }
 
 /// The f32 [`coef_table`] of a channels-last backward map (see [`affine2_coefs`]).
-pub(crate) fn affine2_table_f32(
-    c: usize,
-    center: &[f64],
-    a: &[f64],
-    b: &[f64],
-    k: &[f64],
-) -> (Scratch<f32>, usize) {
-    let t = coef_table(c, |ch| {
-        affine2_coefs::<f32>(center[ch], a[ch], b[ch], k[ch])
-    });
-    (t, map_run(c))
+pub(crate) fn affine2_table_f32(map: Affine2<'_>) -> (Scratch<f32>, usize) {
+    let c = map.channels();
+    (
+        coef_table(c, |ch| affine2_coefs_at::<f32>(map.at(ch))),
+        map_run(c),
+    )
+}
+
+/// [`affine2_coefs`] of one channel's map.
+#[inline(always)]
+fn affine2_coefs_at<A: Arith>(at: Affine2At) -> [A; 5] {
+    affine2_coefs::<A>(at.m, at.a, at.b, at.k)
 }
 
 /// [`affine2_coefs`] in f64 and f32, for the streaming kernels.
@@ -473,32 +478,13 @@ fn masked_store<T: Element>(y: T, dy: T) -> T {
 
 /// `o = a·dy + b·(x − m) + k` over a contiguous run.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn run_affine2<T: Element>(
-    xs: &[T],
-    ds: &[T],
-    os: &mut [T],
-    m: f64,
-    a: f64,
-    b: f64,
-    k: f64,
-    narrow: bool,
-) {
-    by_backward_arith!(narrow, run_affine2_in::<T>(xs, ds, os, m, a, b, k))
+pub(crate) fn run_affine2<T: Element>(xs: &[T], ds: &[T], os: &mut [T], at: Affine2At) {
+    by_backward_arith!(at.narrow, run_affine2_in::<T>(xs, ds, os, at))
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-fn run_affine2_in<T: Element, A: Arith>(
-    xs: &[T],
-    ds: &[T],
-    os: &mut [T],
-    m: f64,
-    a: f64,
-    b: f64,
-    k: f64,
-) {
-    let [h, a, d0, b, k] = affine2_coefs::<A>(m, a, b, k);
+fn run_affine2_in<T: Element, A: Arith>(xs: &[T], ds: &[T], os: &mut [T], at: Affine2At) {
+    let [h, a, d0, b, k] = affine2_coefs_at::<A>(at);
     for ((o, x), d) in os.iter_mut().zip(xs).zip(ds) {
         *o = (a * centered(A::load(*d), d0) + b * (A::load(*x) - h) + k).store();
     }
@@ -507,39 +493,27 @@ fn run_affine2_in<T: Element, A: Arith>(
 /// `dx = a·dz + b·(x − m) + k` with `dz = dy·[y > 0]`, and `dr = dz` when `rs` is not
 /// empty.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn run_affine2_relu<T: Element>(
     xs: &[T],
     ys: &[T],
     ds: &[T],
     os: &mut [T],
     rs: &mut [T],
-    m: f64,
-    a: f64,
-    b: f64,
-    k: f64,
-    narrow: bool,
+    at: Affine2At,
 ) {
-    by_backward_arith!(
-        narrow,
-        run_affine2_relu_in::<T>(xs, ys, ds, os, rs, m, a, b, k)
-    )
+    by_backward_arith!(at.narrow, run_affine2_relu_in::<T>(xs, ys, ds, os, rs, at))
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn run_affine2_relu_in<T: Element, A: Arith>(
     xs: &[T],
     ys: &[T],
     ds: &[T],
     os: &mut [T],
     rs: &mut [T],
-    m: f64,
-    a: f64,
-    b: f64,
-    k: f64,
+    at: Affine2At,
 ) {
-    let [h, a, d0, b, k] = affine2_coefs::<A>(m, a, b, k);
+    let [h, a, d0, b, k] = affine2_coefs_at::<A>(at);
     for (((o, x), y), d) in os.iter_mut().zip(xs).zip(ys).zip(ds) {
         let dz: A = masked(*y, *d);
         *o = (a * centered(dz, d0) + b * (A::load(*x) - h) + k).store();
@@ -549,66 +523,44 @@ fn run_affine2_relu_in<T: Element, A: Arith>(
     }
 }
 
-/// `o = a·dy + b·(x − center) + k` on channels-last rows, in f32 arithmetic for f32
-/// storage when `narrow` (see `by_backward_arith!`).
+/// `o = a·dy + b·(x − center) + k` on channels-last rows, in the map's arithmetic.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn rows_affine2<T: Element>(
-    xs: &[T],
-    ds: &[T],
-    os: &mut [T],
-    c: usize,
-    center: &[f64],
-    a: &[f64],
-    b: &[f64],
-    k: &[f64],
-    narrow: bool,
-) {
+pub(crate) fn rows_affine2<T: Element>(xs: &[T], ds: &[T], os: &mut [T], map: Affine2<'_>) {
     by_backward_arith!(
-        narrow,
-        rows_affine2_in::<T>(xs, &[], ds, os, &mut [], c, center, a, b, k, false)
+        map.narrow,
+        rows_affine2_in::<T>(xs, &[], ds, os, &mut [], map, false)
     )
 }
 
 /// Channels-last `dx = a·dz + b·(x − center) + k` with `dz = dy·[y > 0]` (and `dr = dz`),
-/// in f32 arithmetic for f32 storage when `narrow`.
+/// in the map's arithmetic.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn rows_affine2_relu<T: Element>(
     xs: &[T],
     ys: &[T],
     ds: &[T],
     os: &mut [T],
     rs: &mut [T],
-    c: usize,
-    center: &[f64],
-    a: &[f64],
-    b: &[f64],
-    k: &[f64],
-    narrow: bool,
+    map: Affine2<'_>,
 ) {
     by_backward_arith!(
-        narrow,
-        rows_affine2_in::<T>(xs, ys, ds, os, rs, c, center, a, b, k, true)
+        map.narrow,
+        rows_affine2_in::<T>(xs, ys, ds, os, rs, map, true)
     )
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn rows_affine2_in<T: Element, A: Arith>(
     xs: &[T],
     ys: &[T],
     ds: &[T],
     os: &mut [T],
     rs: &mut [T],
-    c: usize,
-    center: &[f64],
-    a: &[f64],
-    b: &[f64],
-    k: &[f64],
+    map: Affine2<'_>,
     with_relu: bool,
 ) {
-    let table = coef_table(c, |ch| affine2_coefs::<A>(center[ch], a[ch], b[ch], k[ch]));
+    let c = map.channels();
+    let table = coef_table(c, |ch| affine2_coefs_at::<A>(map.at(ch)));
     let [hi, ca, cd, cb, ck] = columns(&table, c);
     {
         let l = hi.len();

@@ -80,6 +80,71 @@ impl Arith for f32 {
     }
 }
 
+// ─── The per-channel coefficients of the maps ───────────────────────────────────────────
+
+/// The per-channel coefficients of the forward map `y = (x − center)·scale + shift`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Affine<'a> {
+    pub(crate) center: &'a [f64],
+    pub(crate) scale: &'a [f64],
+    pub(crate) shift: &'a [f64],
+}
+
+impl<'a> Affine<'a> {
+    /// The number of channels.
+    #[inline(always)]
+    pub(crate) fn channels(&self) -> usize {
+        self.center.len()
+    }
+
+    /// Channel `ch`'s `(center, scale, shift)`.
+    #[inline(always)]
+    pub(crate) fn at(&self, ch: usize) -> (f64, f64, f64) {
+        (self.center[ch], self.scale[ch], self.shift[ch])
+    }
+}
+
+/// The per-channel coefficients of the backward map `dx = a·dz + b·(x − center) + k`
+/// and its arithmetic: f32 for f32 storage when `narrow` (see `by_backward_arith!`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Affine2<'a> {
+    pub(crate) center: &'a [f64],
+    pub(crate) a: &'a [f64],
+    pub(crate) b: &'a [f64],
+    pub(crate) k: &'a [f64],
+    pub(crate) narrow: bool,
+}
+
+impl<'a> Affine2<'a> {
+    /// The number of channels.
+    #[inline(always)]
+    pub(crate) fn channels(&self) -> usize {
+        self.center.len()
+    }
+
+    /// Channel `ch`'s coefficients.
+    #[inline(always)]
+    pub(crate) fn at(&self, ch: usize) -> Affine2At {
+        Affine2At {
+            m: self.center[ch],
+            a: self.a[ch],
+            b: self.b[ch],
+            k: self.k[ch],
+            narrow: self.narrow,
+        }
+    }
+}
+
+/// One channel's backward map `dx = a·dz + b·(x − m) + k` and its arithmetic.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Affine2At {
+    pub(crate) m: f64,
+    pub(crate) a: f64,
+    pub(crate) b: f64,
+    pub(crate) k: f64,
+    pub(crate) narrow: bool,
+}
+
 // ─── Channels-last coefficient tables ───────────────────────────────────────────────────
 
 /// Values per run of the channels-last maps: whole rows, at least 512 values, so the

@@ -8,9 +8,10 @@ use rayon::prelude::*;
 
 #[cfg(target_arch = "x86_64")]
 use super::coefs::x86::{Broadcast, Table};
-use super::coefs::{coef_table, columns, map_run, Arith};
+use super::coefs::{coef_table, columns, map_run, Affine, Arith};
 use super::schedule::{rows_per_task, Scratch};
-use super::{simd, stream_fence, stream_wanted};
+use super::simd::{self, Isa};
+use super::{stream_fence, stream_wanted};
 use crate::element::{DType, Element};
 use crate::layout::Geometry;
 use crate::parallel::Parallelism;
@@ -22,8 +23,8 @@ simd::dispatch! {
     fn run_affine<T>(xs: &[T], ys: &mut [T], m: f64, s: f64, b: f64);
     fn run_affine_relu<T>(xs: &[T], ys: &mut [T], m: f64, s: f64, b: f64);
     fn run_affine_add_relu<T>(xs: &[T], rs: &[T], ys: &mut [T], m: f64, s: f64, b: f64);
-    fn rows_affine<T>(xs: &[T], ys: &mut [T], c: usize, center: &[f64], scale: &[f64], shift: &[f64]);
-    fn rows_affine_relu<T>(xs: &[T], rs: &[T], ys: &mut [T], c: usize, center: &[f64], scale: &[f64], shift: &[f64]);
+    fn rows_affine<T>(xs: &[T], ys: &mut [T], map: Affine<'_>);
+    fn rows_affine_relu<T>(xs: &[T], rs: &[T], ys: &mut [T], map: Affine<'_>);
 }
 
 /// What follows the normalization in the same pass.
@@ -50,14 +51,11 @@ impl<'a, T> Ep<'a, T> {
 
 /// `y = (x − center[c])·scale[c] + shift[c]` for every element, followed by an epilogue
 /// in the same pass.
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn affine_ep<T: Element>(
     g: Geometry,
     x: &[T],
     ep: Ep<'_, T>,
-    center: &[f64],
-    scale: &[f64],
-    shift: &[f64],
+    map: Affine<'_>,
     y: &mut [T],
     par: Parallelism,
 ) {
@@ -67,11 +65,12 @@ pub(crate) fn affine_ep<T: Element>(
     if g.is_empty() {
         return;
     }
+    let isa = Isa::of_call();
     let row = c * g.inner;
     let chunk = rows_per_task(row) * row;
     let nt = stream_wanted::<T>(y.len());
     // The channels-last streaming kernels' coefficient table, built once for all tasks.
-    let table = (nt && g.inner == 1).then(|| affine_table_f32(c, center, scale, shift));
+    let table = (nt && g.inner == 1).then(|| affine_table_f32(map));
     let body = |(i, (xs, ys)): (usize, (&[T], &mut [T]))| {
         let ep = ep.slice(i * chunk..i * chunk + xs.len());
         if g.inner == 1 {
@@ -81,15 +80,15 @@ pub(crate) fn affine_ep<T: Element>(
                     Ep::Relu => (None, true),
                     Ep::AddRelu(r) => (Some(r), true),
                 };
-                if stream_rows_affine(xs, res, ys, (&t.0, t.1), relu) {
+                if stream_rows_affine(isa, xs, res, ys, (&t.0, t.1), relu) {
                     stream_fence();
                     return;
                 }
             }
             match ep {
-                Ep::None => by_level::rows_affine(xs, ys, c, center, scale, shift),
-                Ep::Relu => by_level::rows_affine_relu(xs, &[], ys, c, center, scale, shift),
-                Ep::AddRelu(r) => by_level::rows_affine_relu(xs, r, ys, c, center, scale, shift),
+                Ep::None => by_level::rows_affine(isa, xs, ys, map),
+                Ep::Relu => by_level::rows_affine_relu(isa, xs, &[], ys, map),
+                Ep::AddRelu(r) => by_level::rows_affine_relu(isa, xs, r, ys, map),
             }
         } else {
             for (j, (xr, yr)) in xs
@@ -99,7 +98,7 @@ pub(crate) fn affine_ep<T: Element>(
             {
                 let ch = j % c;
                 let e = ep.slice(j * g.inner..(j + 1) * g.inner);
-                run_affine_ep(xr, e, yr, (center[ch], scale[ch], shift[ch]), nt);
+                run_affine_ep(isa, xr, e, yr, map.at(ch), nt);
             }
             if nt {
                 stream_fence();
@@ -123,6 +122,7 @@ pub(crate) fn affine_ep<T: Element>(
 /// type and CPU allow them: same bits).
 #[inline]
 pub(super) fn run_affine_ep<T: Element>(
+    isa: Isa,
     xs: &[T],
     ep: Ep<'_, T>,
     ys: &mut [T],
@@ -135,14 +135,14 @@ pub(super) fn run_affine_ep<T: Element>(
             Ep::Relu => (None, true),
             Ep::AddRelu(r) => (Some(r), true),
         };
-        if stream_run_affine(xs, res, ys, affine_coefs_f32(m, s, b), relu) {
+        if stream_run_affine(isa, xs, res, ys, affine_coefs_f32(m, s, b), relu) {
             return;
         }
     }
     match ep {
-        Ep::None => by_level::run_affine(xs, ys, m, s, b),
-        Ep::Relu => by_level::run_affine_relu(xs, ys, m, s, b),
-        Ep::AddRelu(r) => by_level::run_affine_add_relu(xs, r, ys, m, s, b),
+        Ep::None => by_level::run_affine(isa, xs, ys, m, s, b),
+        Ep::Relu => by_level::run_affine_relu(isa, xs, ys, m, s, b),
+        Ep::AddRelu(r) => by_level::run_affine_add_relu(isa, xs, r, ys, m, s, b),
     }
 }
 
@@ -164,6 +164,7 @@ fn opt32<T: Element>(v: Option<&[T]>) -> Option<&[f32]> {
 /// `T` is not f32 or the CPU lacks AVX2.
 #[inline]
 fn stream_run_affine<T: Element>(
+    isa: Isa,
     xs: &[T],
     res: Option<&[T]>,
     ys: &mut [T],
@@ -175,13 +176,13 @@ fn stream_run_affine<T: Element>(
         T::as_f32s(xs),
         opt32(res),
         T::as_f32s_mut(ys),
-        super::stream_available(),
+        super::stream_available(isa),
     ) {
-        // SAFETY: `stream_available()` checked that the CPU has AVX2.
-        unsafe { x86::map1_any(xs, rs, ys, &Broadcast(coefs), relu) };
+        // SAFETY: `stream_available(isa)` checked that the CPU has AVX2.
+        unsafe { x86::map1_any(isa, xs, rs, ys, &Broadcast(coefs), relu) };
         return true;
     }
-    let _ = (xs, res, ys, coefs, relu);
+    let _ = (isa, xs, res, ys, coefs, relu);
     false
 }
 
@@ -190,6 +191,7 @@ fn stream_run_affine<T: Element>(
 /// [`affine_table_f32`].
 #[inline]
 fn stream_rows_affine<T: Element>(
+    isa: Isa,
     xs: &[T],
     res: Option<&[T]>,
     ys: &mut [T],
@@ -201,13 +203,13 @@ fn stream_rows_affine<T: Element>(
         T::as_f32s(xs),
         opt32(res),
         T::as_f32s_mut(ys),
-        super::stream_available(),
+        super::stream_available(isa),
     ) {
-        // SAFETY: `stream_available()` checked that the CPU has AVX2.
-        unsafe { x86::map1_any(xs, rs, ys, &Table::new(table, run, 3), relu) };
+        // SAFETY: `stream_available(isa)` checked that the CPU has AVX2.
+        unsafe { x86::map1_any(isa, xs, rs, ys, &Table::new(table, run, 3), relu) };
         return true;
     }
-    let _ = (xs, res, ys, table, run, relu);
+    let _ = (isa, xs, res, ys, table, run, relu);
     false
 }
 
@@ -247,14 +249,11 @@ pub(crate) fn affine_coefs_f32(m: f64, s: f64, b: f64) -> [f32; 3] {
 /// The f32 [`coef_table`] of a channels-last forward map (`hi`, scale, shift) and its
 /// run length, for the streaming kernels; column `k` with its wrap is
 /// `t[k·stride..k·stride + run + WRAP]`, `stride = t.len() / 3`.
-pub(crate) fn affine_table_f32(
-    c: usize,
-    center: &[f64],
-    scale: &[f64],
-    shift: &[f64],
-) -> (Scratch<f32>, usize) {
+pub(crate) fn affine_table_f32(map: Affine<'_>) -> (Scratch<f32>, usize) {
+    let c = map.channels();
     let t = coef_table(c, |ch| {
-        affine_coefs::<f32>(center[ch], scale[ch], shift[ch])
+        let (m, s, b) = map.at(ch);
+        affine_coefs::<f32>(m, s, b)
     });
     (t, map_run(c))
 }
@@ -272,13 +271,13 @@ fn relu<A: Arith>(z: A) -> A {
 /// `y = (x − m)·s + b` over a contiguous run.
 #[inline(always)]
 pub(crate) fn run_affine<T: Element>(xs: &[T], ys: &mut [T], m: f64, s: f64, b: f64) {
-    by_arith!(run_affine_in::<T>(xs, &[], ys, m, s, b, false))
+    by_arith!(run_affine_in::<T>(xs, &[], ys, (m, s, b), false))
 }
 
 /// `y = relu((x − m)·s + b)` over a contiguous run.
 #[inline(always)]
 pub(crate) fn run_affine_relu<T: Element>(xs: &[T], ys: &mut [T], m: f64, s: f64, b: f64) {
-    by_arith!(run_affine_in::<T>(xs, &[], ys, m, s, b, true))
+    by_arith!(run_affine_in::<T>(xs, &[], ys, (m, s, b), true))
 }
 
 /// `y = relu((x − m)·s + b + r)` over a contiguous run.
@@ -291,20 +290,17 @@ pub(crate) fn run_affine_add_relu<T: Element>(
     s: f64,
     b: f64,
 ) {
-    by_arith!(run_affine_in::<T>(xs, rs, ys, m, s, b, true))
+    by_arith!(run_affine_in::<T>(xs, rs, ys, (m, s, b), true))
 }
 
 /// The three run maps: `(x − m)·s + b`, plus `r` when `rs` is not empty, then ReLU when
 /// `with_relu` (a constant at every call site, so each keeps its own loop).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn run_affine_in<T: Element, A: Arith>(
     xs: &[T],
     rs: &[T],
     ys: &mut [T],
-    m: f64,
-    s: f64,
-    b: f64,
+    (m, s, b): (f64, f64, f64),
     with_relu: bool,
 ) {
     let [h, s, b] = affine_coefs::<A>(m, s, b);
@@ -326,55 +322,29 @@ fn run_affine_in<T: Element, A: Arith>(
 
 /// `y = (x − center)·scale + shift` on channels-last rows.
 #[inline(always)]
-pub(crate) fn rows_affine<T: Element>(
-    xs: &[T],
-    ys: &mut [T],
-    c: usize,
-    center: &[f64],
-    scale: &[f64],
-    shift: &[f64],
-) {
-    by_arith!(rows_affine_in::<T>(
-        xs,
-        &[],
-        ys,
-        c,
-        center,
-        scale,
-        shift,
-        false
-    ))
+pub(crate) fn rows_affine<T: Element>(xs: &[T], ys: &mut [T], map: Affine<'_>) {
+    by_arith!(rows_affine_in::<T>(xs, &[], ys, map, false))
 }
 
 /// Channels-last `y = relu((x − center)·scale + shift [+ r])`.
 #[inline(always)]
-pub(crate) fn rows_affine_relu<T: Element>(
-    xs: &[T],
-    rs: &[T],
-    ys: &mut [T],
-    c: usize,
-    center: &[f64],
-    scale: &[f64],
-    shift: &[f64],
-) {
-    by_arith!(rows_affine_in::<T>(
-        xs, rs, ys, c, center, scale, shift, true
-    ))
+pub(crate) fn rows_affine_relu<T: Element>(xs: &[T], rs: &[T], ys: &mut [T], map: Affine<'_>) {
+    by_arith!(rows_affine_in::<T>(xs, rs, ys, map, true))
 }
 
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn rows_affine_in<T: Element, A: Arith>(
     xs: &[T],
     rs: &[T],
     ys: &mut [T],
-    c: usize,
-    center: &[f64],
-    scale: &[f64],
-    shift: &[f64],
+    map: Affine<'_>,
     with_relu: bool,
 ) {
-    let table = coef_table(c, |ch| affine_coefs::<A>(center[ch], scale[ch], shift[ch]));
+    let c = map.channels();
+    let table = coef_table(c, |ch| {
+        let (m, s, b) = map.at(ch);
+        affine_coefs::<A>(m, s, b)
+    });
     let [hi, sc, sh] = columns(&table, c);
     {
         let l = hi.len();

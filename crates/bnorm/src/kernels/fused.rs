@@ -8,11 +8,13 @@
 use rayon::prelude::*;
 
 use super::backward_map::{run_affine2_nt, run_affine2_relu_nt};
+use super::coefs::Affine2At;
 use super::forward_map::{run_affine_ep, Ep};
 use super::schedule::{segments, SendPtr};
+use super::simd::Isa;
 use super::stats::by_level::run_moments;
 use super::sums::by_level::{dot_row, seg_dot};
-use super::sums::DotLanes;
+use super::sums::{DotIn, DotLanes, Seg};
 use super::{stream_fence, stream_wanted};
 use crate::element::Element;
 use crate::layout::Geometry;
@@ -39,6 +41,7 @@ pub(crate) fn train_fused_cf<T: Element, F>(
     assert!(g.inner > 1 && x.len() == g.len() && y.len() == g.len() && out.len() == g.channels);
     let c = g.channels;
     let inner = g.inner;
+    let isa = Isa::of_call();
     let nt = stream_wanted::<T>(y.len());
     let group = fused_channels::<T>(g, 1);
     let y_ptr = SendPtr(y.as_mut_ptr());
@@ -57,7 +60,11 @@ pub(crate) fn train_fused_cf<T: Element, F>(
                     let start = (n * c + c0 + j) * inner;
                     // The channel's row of the next sample, prefetched alongside.
                     let next = x.get(start + c * inner..start + (c + 1) * inner);
-                    *m = m.merge(run_moments(&x[start..start + inner], next.unwrap_or(&[])));
+                    *m = m.merge(run_moments(
+                        isa,
+                        &x[start..start + inner],
+                        next.unwrap_or(&[]),
+                    ));
                 }
             }
             for (a, m) in acc[..w].iter_mut().zip(&seg[..w]) {
@@ -79,7 +86,14 @@ pub(crate) fn train_fused_cf<T: Element, F>(
                 // borrows exclusively for this call.
                 let yr = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(start), inner) };
                 let e = ep.slice(start..start + inner);
-                run_affine_ep(&x[start..start + inner], e, yr, (center, scale, shift), nt);
+                run_affine_ep(
+                    isa,
+                    &x[start..start + inner],
+                    e,
+                    yr,
+                    (center, scale, shift),
+                    nt,
+                );
             }
         }
         if nt {
@@ -94,32 +108,27 @@ pub(crate) fn train_fused_cf<T: Element, F>(
 }
 
 /// Channels-first backward, a few channels per task: the per-channel sums
-/// `(Σdy, Σdy·(x − center))` in exactly the order of [`dot`], then
-/// `dx = a·dy + b·(x − center) + k` with `coef(channel, sums) = (a, b, k)` while the
-/// group's rows of x and dy are still in cache. With `relu = Some((y, dres))` the same
-/// through a ReLU whose output was `y` (`dy·[y > 0]` in place of `dy`, as [`dot_relu`]
-/// and [`affine2_relu`]; `dres`, when not empty, receives that masked gradient). The map
-/// in f32 for f32 storage when `narrow`. Writes every element of `dx` and the sums of
-/// every channel to `out`.
+/// `(Σdz, Σdz·(x − center))` in exactly the order of [`dot`], then the map
+/// `dx = a·dz + b·(x − m) + k` given by `coef(channel, sums)` (its center `m`, normally
+/// `center`'s, and arithmetic included) while the group's rows of x and dy are still in
+/// cache. `dz = dy`, or `dy·[y > 0]` through a ReLU whose output was `y` (`inp.relu_y`, as
+/// [`dot`] and [`affine2`]); `dres`, when not empty, receives that masked gradient.
+/// Writes every element of `dx` and the sums of every channel to `out`.
 ///
 /// [`dot`]: super::dot
-/// [`dot_relu`]: super::dot_relu
-/// [`affine2_relu`]: super::affine2_relu
-#[allow(clippy::too_many_arguments)]
+/// [`affine2`]: super::affine2
 pub(crate) fn backward_fused_cf<T: Element, F>(
     g: Geometry,
-    x: &[T],
-    dy: &[T],
-    relu: Option<(&[T], &mut [T])>,
+    inp: DotIn<'_, T>,
     center: &[f64],
     out: &mut [(f64, f64)],
-    dx: &mut [T],
-    narrow: bool,
+    (dx, dres): (&mut [T], &mut [T]),
     par: Parallelism,
     coef: F,
 ) where
-    F: Fn(usize, (f64, f64)) -> (f64, f64, f64) + Sync,
+    F: Fn(usize, (f64, f64)) -> Affine2At + Sync,
 {
+    let DotIn { x, dy, relu_y: y } = inp;
     assert!(
         g.inner > 1
             && x.len() == g.len()
@@ -130,13 +139,9 @@ pub(crate) fn backward_fused_cf<T: Element, F>(
     );
     let c = g.channels;
     let inner = g.inner;
-    let (y, dres) = match relu {
-        Some((y, dres)) => {
-            assert!(y.len() == g.len() && (dres.is_empty() || dres.len() == g.len()));
-            (Some(y), dres)
-        }
-        None => (None, &mut [][..]),
-    };
+    let isa = Isa::of_call();
+    assert!(y.is_none_or(|y| y.len() == g.len()) && (dres.is_empty() || dres.len() == g.len()));
+    assert!(y.is_some() || dres.is_empty());
     let with_res = !dres.is_empty();
     let nt = stream_wanted::<T>(dx.len());
     let group = fused_channels::<T>(g, if y.is_some() { 3 } else { 2 });
@@ -166,7 +171,7 @@ pub(crate) fn backward_fused_cf<T: Element, F>(
                             (Some(xn), Some(dn), None) => [xn, dn, &[]],
                             _ => [&[][..]; 3],
                         };
-                        dot_row(l, &x[r.clone()], ys, &dy[r], m, &next);
+                        dot_row(isa, l, &x[r.clone()], ys, &dy[r], m, &next);
                     }
                 }
                 for (t, l) in tot[..w].iter_mut().zip(&lanes[..w]) {
@@ -176,21 +181,33 @@ pub(crate) fn backward_fused_cf<T: Element, F>(
             } else {
                 // Short rows: channel by channel, the lanes in registers.
                 for (j, t) in tot[..w].iter_mut().enumerate() {
-                    let (start, m) = ((n0 * c + c0 + j) * inner, center[c0 + j]);
+                    let seg = Seg {
+                        start: (n0 * c + c0 + j) * inner,
+                        stride: c * inner,
+                        rows: n1 - n0,
+                        len: inner,
+                    };
                     let ys = y.unwrap_or(&[]);
-                    let (pa, pb) = seg_dot(x, ys, dy, start, c * inner, n1 - n0, inner, m);
+                    let (pa, pb) = seg_dot(isa, x, ys, dy, seg, center[c0 + j]);
                     *t = (t.0 + pa, t.1 + pb);
                 }
             }
         }
-        let mut coefs = [(0.0, 0.0, 0.0); FUSE_GROUP];
+        let none = Affine2At {
+            m: 0.0,
+            a: 0.0,
+            b: 0.0,
+            k: 0.0,
+            narrow: false,
+        };
+        let mut coefs = [none; FUSE_GROUP];
         for j in 0..w {
             outs[j] = tot[j];
             coefs[j] = coef(c0 + j, tot[j]);
         }
         let (ptr, rptr) = (dx_ptr, dres_ptr);
         for n in 0..g.outer {
-            for (j, &(a, b, k)) in coefs[..w].iter().enumerate() {
+            for (j, &at) in coefs[..w].iter().enumerate() {
                 let start = (n * c + c0 + j) * inner;
                 let r = start..start + inner;
                 // SAFETY: `start + inner <= g.len() == dx.len()` (asserted above), and the
@@ -198,9 +215,8 @@ pub(crate) fn backward_fused_cf<T: Element, F>(
                 // different channel groups write disjoint rows of `dx`, which the caller
                 // borrows exclusively for this call.
                 let dr = unsafe { std::slice::from_raw_parts_mut(ptr.0.add(start), inner) };
-                let m = center[c0 + j];
                 match y {
-                    None => run_affine2_nt(&x[r.clone()], &dy[r], dr, (m, a, b, k), narrow, nt),
+                    None => run_affine2_nt(isa, &x[r.clone()], &dy[r], dr, at, nt),
                     Some(y) => {
                         let rr: &mut [T] = if with_res {
                             // SAFETY: as for `dr`: `dres` has the length of `dx` (asserted
@@ -210,7 +226,7 @@ pub(crate) fn backward_fused_cf<T: Element, F>(
                             &mut []
                         };
                         let (xs, ys) = (&x[r.clone()], &y[r.clone()]);
-                        run_affine2_relu_nt(xs, ys, &dy[r], dr, rr, (m, a, b, k), narrow, nt);
+                        run_affine2_relu_nt(isa, xs, (ys, rr), &dy[r], dr, at, nt);
                     }
                 }
             }

@@ -74,14 +74,15 @@ pub(crate) mod simd;
 mod stats;
 mod sums;
 
-pub(crate) use backward_map::{affine2, affine2_relu};
+pub(crate) use backward_map::affine2;
+pub(crate) use coefs::{Affine, Affine2, Affine2At};
 pub(crate) use forward_map::{affine_ep, Ep};
 pub use fused::fused_channels;
 pub(crate) use fused::{backward_fused_cf, train_fused_cf};
 pub use schedule::Workspace;
 pub use simd::{simd_level, with_simd_level, SimdLevel};
 pub(crate) use stats::moments;
-pub(crate) use sums::{dot, dot_relu};
+pub(crate) use sums::{dot, DotIn};
 
 use crate::element::Element;
 
@@ -104,16 +105,17 @@ fn stream_wanted<T: Element>(len: usize) -> bool {
     T::as_f32s(&[]).is_some() && len * std::mem::size_of::<T>() >= STREAM_MIN_BYTES
 }
 
-/// Whether the current SIMD level has the streaming kernels.
+/// Whether a call at level `isa` has the streaming kernels.
 #[inline]
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-fn stream_available() -> bool {
+fn stream_available(isa: simd::Isa) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
-        simd::current() >= simd::SimdLevel::Avx2
+        isa.level() >= simd::SimdLevel::Avx2
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
+        let _ = isa;
         false
     }
 }

@@ -74,9 +74,10 @@ thread_local! {
     static FORCED: std::cell::Cell<Option<SimdLevel>> = const { std::cell::Cell::new(None) };
 }
 
-/// Runs `f` with the kernels of this thread forced to `level` (tests use it to check every
-/// path against the reference). Levels the CPU lacks fall back to the best it has; work
-/// that `f` sends to other threads uses the process-wide level.
+/// Runs `f` with the kernel calls made on this thread forced to `level` (tests use it to
+/// check every path against the reference); a kernel call resolves its level once, at
+/// its entry, so the work it spreads over other threads runs at that level too. Levels
+/// the CPU lacks fall back to the best it has.
 pub fn with_simd_level<R>(level: SimdLevel, f: impl FnOnce() -> R) -> R {
     let level = if SimdLevel::supported().contains(&level) {
         level
@@ -89,20 +90,43 @@ pub fn with_simd_level<R>(level: SimdLevel, f: impl FnOnce() -> R) -> R {
     r
 }
 
+/// The instruction-set level of one kernel call: resolved once at the call's entry
+/// ([`Isa::of_call`], the calling thread's level) and passed down to every inner loop and
+/// streaming kernel of the call, on whatever thread they run. A value is proof that the
+/// CPU supports its level: it is made only from [`current`], which never returns a level
+/// the CPU lacks; the dispatch's `unsafe` calls rest on that.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Isa(SimdLevel);
+
+impl Isa {
+    /// The level of a kernel call made on this thread.
+    #[inline]
+    pub(crate) fn of_call() -> Isa {
+        Isa(current())
+    }
+
+    /// The level.
+    #[inline]
+    pub(crate) fn level(self) -> SimdLevel {
+        self.0
+    }
+}
+
 /// The level for a call on this thread.
 #[inline]
-pub(crate) fn current() -> SimdLevel {
+fn current() -> SimdLevel {
     FORCED.with(|c| c.get()).unwrap_or_else(simd_level)
 }
 
 /// Compiles the generic inner loops of the calling file, listed with their signatures,
-/// for each instruction-set level: `by_level::name`, in a child module of that file, runs
-/// the file's `name` at the level of the calling thread ([`current`]). The kernels call
-/// the `by_level` wrappers; the generic loops themselves only call one another.
+/// for each instruction-set level: `by_level::name(isa, …)`, in a child module of that
+/// file, runs the file's `name` compiled for `isa`, the level the kernel call resolved
+/// once at its entry ([`Isa::of_call`]). The kernels call the `by_level` wrappers; the
+/// generic loops themselves only call one another, inlined into the wrapper's level.
 macro_rules! dispatch {
     ($(fn $name:ident<$t:ident>($($arg:ident : $ty:ty),*) $(-> $ret:ty)?;)*) => {
         /// The inner loops of this file compiled for each instruction-set level; each
-        /// wrapper picks the level of the calling thread.
+        /// wrapper runs the level it is given.
         pub(super) mod by_level {
             #[allow(unused_imports)]
             use super::*;
@@ -112,7 +136,6 @@ macro_rules! dispatch {
                 use super::*;
                 $(
                     #[target_feature(enable = "avx2,fma")]
-                    #[allow(clippy::too_many_arguments)]
                     pub(super) unsafe fn $name<$t: Element>($($arg: $ty),*) $(-> $ret)? {
                         super::super::$name::<$t>($($arg),*)
                     }
@@ -124,7 +147,6 @@ macro_rules! dispatch {
                 use super::*;
                 $(
                     #[target_feature(enable = "avx512f,avx512vl,avx512bw,avx512dq,avx2,fma")]
-                    #[allow(clippy::too_many_arguments)]
                     pub(super) unsafe fn $name<$t: Element>($($arg: $ty),*) $(-> $ret)? {
                         super::super::$name::<$t>($($arg),*)
                     }
@@ -132,15 +154,18 @@ macro_rules! dispatch {
             }
             $(
                 #[inline]
-                #[allow(clippy::too_many_arguments)]
-                pub(crate) fn $name<$t: Element>($($arg: $ty),*) $(-> $ret)? {
-                    match $crate::kernels::simd::current() {
+                pub(crate) fn $name<$t: Element>(
+                    isa: $crate::kernels::simd::Isa,
+                    $($arg: $ty),*
+                ) $(-> $ret)? {
+                    match isa.level() {
                         #[cfg(target_arch = "x86_64")]
-                        // SAFETY: `current()` returns Avx2 only when the CPU reports AVX2 and FMA.
+                        // SAFETY: an `Isa` of level Avx2 exists only when the CPU reports
+                        // AVX2 and FMA.
                         $crate::kernels::simd::SimdLevel::Avx2 => unsafe { avx2::$name::<$t>($($arg),*) },
                         #[cfg(target_arch = "x86_64")]
-                        // SAFETY: `current()` returns Avx512 only when the CPU reports AVX-512
-                        // F/VL/BW/DQ, AVX2 and FMA.
+                        // SAFETY: an `Isa` of level Avx512 exists only when the CPU reports
+                        // AVX-512 F/VL/BW/DQ, AVX2 and FMA.
                         $crate::kernels::simd::SimdLevel::Avx512 => unsafe { avx512::$name::<$t>($($arg),*) },
                         _ => super::$name::<$t>($($arg),*),
                     }

@@ -14,7 +14,8 @@ use rayon::prelude::*;
 
 use super::frame::{ahead, expand, fold, fold_lanes, lanes_for, LANES, LANES2};
 use super::schedule::{segments, Scratch, Workspace};
-use super::{simd, BLOCK};
+use super::simd::{self, Isa};
+use super::BLOCK;
 use crate::element::Element;
 use crate::layout::Geometry;
 use crate::parallel::Parallelism;
@@ -34,6 +35,7 @@ pub(crate) fn moments<T: Element>(
     par: Parallelism,
 ) {
     let c = g.channels;
+    let isa = Isa::of_call();
     let (rps, nseg) = segments(g);
     let parallel = par.is_parallel(g.len());
     ws.moments.clear();
@@ -41,7 +43,7 @@ pub(crate) fn moments<T: Element>(
     if g.inner == 1 {
         let task = |(s, part): (usize, &mut [Moments])| {
             let rows = &x[s * rps * c..((s + 1) * rps).min(g.outer) * c];
-            by_level::rows_moments(rows, c, part);
+            by_level::rows_moments(isa, rows, c, part);
         };
         if parallel {
             ws.moments
@@ -58,7 +60,7 @@ pub(crate) fn moments<T: Element>(
         }
     } else {
         let task = |(t, o): (usize, &mut Moments)| {
-            *o = segment_moments_cf(g, x, t / nseg, t % nseg, rps);
+            *o = segment_moments_cf(isa, g, x, (t / nseg, t % nseg), rps);
         };
         if parallel {
             ws.moments.par_iter_mut().enumerate().for_each(task);
@@ -75,16 +77,16 @@ pub(crate) fn moments<T: Element>(
 
 /// Moments of one segment of one channel (channels-first): rows in order.
 fn segment_moments_cf<T: Element>(
+    isa: Isa,
     g: Geometry,
     x: &[T],
-    ch: usize,
-    s: usize,
+    (ch, s): (usize, usize),
     rps: usize,
 ) -> Moments {
     let mut acc = Moments::default();
     for n in s * rps..((s + 1) * rps).min(g.outer) {
         let start = (n * g.channels + ch) * g.inner;
-        acc = acc.merge(by_level::run_moments(&x[start..start + g.inner], &[]));
+        acc = acc.merge(by_level::run_moments(isa, &x[start..start + g.inner], &[]));
     }
     acc
 }

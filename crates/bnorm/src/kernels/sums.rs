@@ -1,5 +1,5 @@
 //! The per-channel sums of the backward pass: `(Σdz, Σdz·(x − center))` with `dz = dy`
-//! ([`dot`]) or, through a ReLU whose output was `y`, `dz = dy·[y > 0]` ([`dot_relu`]),
+//! or, through a ReLU whose output was `y`, `dz = dy·[y > 0]` ([`dot`] of [`DotIn`]),
 //! over the segments of [`segments`] merged in order, for both layout families:
 //!
 //! * Channels-first: each channel's runs, the lanes of a segment kept across its rows
@@ -12,58 +12,63 @@ use rayon::prelude::*;
 
 use super::frame::{ahead, expand, fold, fold_lanes, lanes_for, LANES2};
 use super::schedule::{segments, Scratch, Workspace};
-use super::simd;
+use super::simd::{self, Isa};
 use crate::element::Element;
 use crate::layout::Geometry;
 use crate::parallel::Parallelism;
 
 simd::dispatch! {
-    fn seg_dot<T>(x: &[T], y: &[T], dy: &[T], start: usize, stride: usize, rows: usize, len: usize, m: f64) -> (f64, f64);
+    fn seg_dot<T>(x: &[T], y: &[T], dy: &[T], seg: Seg, m: f64) -> (f64, f64);
     fn dot_row<T>(acc: &mut DotLanes, xs: &[T], ys: &[T], ds: &[T], m: f64, next: &[&[T]]);
-    fn rows_dot<T>(xs: &[T], ds: &[T], c: usize, center: &[f64], sa: &mut [f64], sb: &mut [f64]);
-    fn rows_dot_relu<T>(xs: &[T], ys: &[T], ds: &[T], c: usize, center: &[f64], sa: &mut [f64], sb: &mut [f64]);
+    fn rows_dot<T>(xs: &[T], ds: &[T], c: usize, center: &[f64], acc: Acc<'_>);
+    fn rows_dot_relu<T>(xs: &[T], ys: &[T], ds: &[T], c: usize, center: &[f64], acc: Acc<'_>);
 }
 
-/// Per-channel `(Σdy, Σdy·(x − center))` into `out` (length C).
+/// The operands of the backward sums: `x`, the upstream gradient `dy`, and the forward's
+/// output `y` when the step ended in a ReLU (`dz = dy·[y > 0]`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct DotIn<'a, T> {
+    pub(crate) x: &'a [T],
+    pub(crate) dy: &'a [T],
+    pub(crate) relu_y: Option<&'a [T]>,
+}
+
+impl<'a, T> DotIn<'a, T> {
+    /// The same operands restricted to `range` of the flat tensor.
+    pub(crate) fn slice(&self, range: std::ops::Range<usize>) -> DotIn<'a, T> {
+        DotIn {
+            x: &self.x[range.clone()],
+            dy: &self.dy[range.clone()],
+            relu_y: self.relu_y.map(|y| &y[range]),
+        }
+    }
+}
+
+/// Per-channel accumulators `(Σdz, Σdz·(x − center))` that channels-last rows add into.
+type Acc<'a> = (&'a mut [f64], &'a mut [f64]);
+
+/// A channels-first segment of one channel: `rows` rows of `len` values, row `r` at
+/// `start + r·stride`.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Seg {
+    pub(crate) start: usize,
+    pub(crate) stride: usize,
+    pub(crate) rows: usize,
+    pub(crate) len: usize,
+}
+
+/// Per-channel `(Σdz, Σdz·(x − center))` into `out` (length C), with `dz = dy`, or
+/// `dz = dy·[y > 0]` through a ReLU whose output was `y` (`inp.relu_y`).
 pub(crate) fn dot<T: Element>(
     g: Geometry,
-    x: &[T],
-    dy: &[T],
+    inp: DotIn<'_, T>,
     center: &[f64],
     out: &mut [(f64, f64)],
     ws: &mut Workspace,
     par: Parallelism,
 ) {
-    dot_impl(g, x, None, dy, center, out, ws, par)
-}
-
-/// Per-channel `(Σdz, Σdz·(x − center))` with `dz = dy·[y > 0]` (backward through a ReLU
-/// whose output was `y`), over the same segments as [`dot`].
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn dot_relu<T: Element>(
-    g: Geometry,
-    x: &[T],
-    y: &[T],
-    dy: &[T],
-    center: &[f64],
-    out: &mut [(f64, f64)],
-    ws: &mut Workspace,
-    par: Parallelism,
-) {
-    dot_impl(g, x, Some(y), dy, center, out, ws, par)
-}
-
-#[allow(clippy::too_many_arguments)]
-fn dot_impl<T: Element>(
-    g: Geometry,
-    x: &[T],
-    y: Option<&[T]>,
-    dy: &[T],
-    center: &[f64],
-    out: &mut [(f64, f64)],
-    ws: &mut Workspace,
-    par: Parallelism,
-) {
+    let DotIn { x, dy, relu_y: y } = inp;
+    let isa = Isa::of_call();
     let c = g.channels;
     let (rps, nseg) = segments(g);
     let parallel = par.is_parallel(g.len());
@@ -76,8 +81,8 @@ fn dot_impl<T: Element>(
             let mut ab = Scratch::<f64>::take(2 * c);
             let (a, b) = ab.split_at_mut(c);
             match y {
-                None => by_level::rows_dot(xs, ds, c, center, a, b),
-                Some(y) => by_level::rows_dot_relu(xs, &y[range], ds, c, center, a, b),
+                None => by_level::rows_dot(isa, xs, ds, c, center, (a, b)),
+                Some(y) => by_level::rows_dot_relu(isa, xs, &y[range], ds, c, center, (a, b)),
             }
             for (p, (av, bv)) in part.iter_mut().zip(a.iter().zip(b.iter())) {
                 *p = (*av, *bv);
@@ -98,8 +103,13 @@ fn dot_impl<T: Element>(
         let task = |(t, o): (usize, &mut (f64, f64))| {
             let (ch, s) = (t / nseg, t % nseg);
             let (n0, n1) = (s * rps, ((s + 1) * rps).min(g.outer));
-            let (start, stride, m) = ((n0 * c + ch) * g.inner, c * g.inner, center[ch]);
-            *o = by_level::seg_dot(x, y.unwrap_or(&[]), dy, start, stride, n1 - n0, g.inner, m);
+            let seg = Seg {
+                start: (n0 * c + ch) * g.inner,
+                stride: c * g.inner,
+                rows: n1 - n0,
+                len: g.inner,
+            };
+            *o = by_level::seg_dot(isa, x, y.unwrap_or(&[]), dy, seg, center[ch]);
         };
         if parallel {
             ws.pairs.par_iter_mut().enumerate().for_each(task);
@@ -194,21 +204,17 @@ impl DotLanes {
     }
 }
 
-/// One channel's `(Σdz, Σdz·(x − m))` over a channels-first segment: `rows` rows of `len`
-/// values, row `r` at `start + r·stride`, in the order of [`DotLanes`]; `dz = dy`, or
-/// `dy·[y > 0]` through a ReLU whose output was `y` when `y` is not empty.
+/// One channel's `(Σdz, Σdz·(x − m))` over a channels-first segment, in the order of
+/// [`DotLanes`]; `dz = dy`, or `dy·[y > 0]` through a ReLU whose output was `y` when `y`
+/// is not empty.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
-pub(crate) fn seg_dot<T: Element>(
-    x: &[T],
-    y: &[T],
-    dy: &[T],
-    start: usize,
-    stride: usize,
-    rows: usize,
-    len: usize,
-    m: f64,
-) -> (f64, f64) {
+pub(crate) fn seg_dot<T: Element>(x: &[T], y: &[T], dy: &[T], seg: Seg, m: f64) -> (f64, f64) {
+    let Seg {
+        start,
+        stride,
+        rows,
+        len,
+    } = seg;
     let mut acc = DotLanes::ZERO;
     for r in 0..rows {
         let s = start + r * stride;
@@ -245,22 +251,16 @@ pub(crate) fn dot_row<T: Element>(
 
 /// Adds per-channel (Σdy, Σdy·(x − center)) of channels-last rows into `sa`, `sb`.
 #[inline(always)]
-pub(crate) fn rows_dot<T: Element>(
-    xs: &[T],
-    ds: &[T],
-    c: usize,
-    center: &[f64],
-    sa: &mut [f64],
-    sb: &mut [f64],
-) {
+pub(crate) fn rows_dot<T: Element>(xs: &[T], ds: &[T], c: usize, center: &[f64], acc: Acc<'_>) {
     match lanes_for(c) {
-        32 => return rows_dot_lanes::<T, 32, false>(xs, &[], ds, c, center, sa, sb),
-        64 => return rows_dot_lanes::<T, 64, false>(xs, &[], ds, c, center, sa, sb),
+        32 => return rows_dot_lanes::<T, 32, false>(xs, &[], ds, c, center, acc),
+        64 => return rows_dot_lanes::<T, 64, false>(xs, &[], ds, c, center, acc),
         _ => {}
     }
     if c < 32 {
-        return rows_dot_runs::<T, false>(xs, &[], ds, c, center, sa, sb);
+        return rows_dot_runs::<T, false>(xs, &[], ds, c, center, acc);
     }
+    let (sa, sb) = acc;
     // Four rows at a time: a quarter of the accumulator traffic, and two tensors' four
     // rows are eight streams of reads in flight (two rows: 2–5% slower on S3 in an
     // in-process A/B, eight rows slower still in a C probe; both in commit 5b84ab7).
@@ -308,25 +308,23 @@ pub(crate) fn rows_dot<T: Element>(
 
 /// Channels-last per-channel sums through the ReLU, added into `sa`, `sb`.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 pub(crate) fn rows_dot_relu<T: Element>(
     xs: &[T],
     ys: &[T],
     ds: &[T],
     c: usize,
     center: &[f64],
-    sa: &mut [f64],
-    sb: &mut [f64],
+    acc: Acc<'_>,
 ) {
     match lanes_for(c) {
-        32 => return rows_dot_lanes::<T, 32, true>(xs, ys, ds, c, center, sa, sb),
-        64 => return rows_dot_lanes::<T, 64, true>(xs, ys, ds, c, center, sa, sb),
+        32 => return rows_dot_lanes::<T, 32, true>(xs, ys, ds, c, center, acc),
+        64 => return rows_dot_lanes::<T, 64, true>(xs, ys, ds, c, center, acc),
         _ => {}
     }
     if c < 32 {
-        return rows_dot_runs::<T, true>(xs, ys, ds, c, center, sa, sb);
+        return rows_dot_runs::<T, true>(xs, ys, ds, c, center, acc);
     }
-    rows_dot_pairs(xs, ys, ds, c, center, sa, sb);
+    rows_dot_pairs(xs, ys, ds, c, center, acc);
 }
 
 /// [`rows_dot`] (with `RELU`, [`rows_dot_relu`] through the ReLU output `ys`) where a
@@ -339,15 +337,13 @@ pub(crate) fn rows_dot_relu<T: Element>(
 /// lanes; the lanes are folded to channels once. For C below 32 the same order as the
 /// general small-C loop.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn rows_dot_lanes<T: Element, const L: usize, const RELU: bool>(
     xs: &[T],
     ys: &[T],
     ds: &[T],
     c: usize,
     center: &[f64],
-    sa: &mut [f64],
-    sb: &mut [f64],
+    (sa, sb): Acc<'_>,
 ) {
     let mut mbuf = [0.0f64; 64];
     let mut me = [0.0f64; L];
@@ -390,15 +386,13 @@ fn add_folded(a: &[f64; 64], b: &[f64; 64], c: usize, sa: &mut [f64], sb: &mut [
 /// [`rows_dot_lanes`] for the other C below 32, whose runs (`lanes_for(c)` values, whole
 /// rows) are not a size known at compile time: the same order, the lanes in memory.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn rows_dot_runs<T: Element, const RELU: bool>(
     xs: &[T],
     ys: &[T],
     ds: &[T],
     c: usize,
     center: &[f64],
-    sa: &mut [f64],
-    sb: &mut [f64],
+    (sa, sb): Acc<'_>,
 ) {
     let l = lanes_for(c);
     let mut mbuf = [0.0f64; 64];
@@ -428,15 +422,13 @@ fn rows_dot_runs<T: Element, const RELU: bool>(
 /// at a time (the code before commit 95206be) took 13–17% longer and four rows (twelve
 /// streams) 4% longer (2-core development VM, commit 5b84ab7).
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 fn rows_dot_pairs<T: Element>(
     xs: &[T],
     ys: &[T],
     ds: &[T],
     c: usize,
     center: &[f64],
-    sa: &mut [f64],
-    sb: &mut [f64],
+    (sa, sb): Acc<'_>,
 ) {
     let (sa, sb, center) = (&mut sa[..c], &mut sb[..c], &center[..c]);
     let (xs, ys, ds) = dot_operands::<T, true>(xs, ys, ds);

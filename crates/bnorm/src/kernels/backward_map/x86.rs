@@ -8,7 +8,7 @@ use std::arch::x86_64::*;
 
 use crate::kernels::coefs::x86::{Coef, F32s, Source, Table};
 use crate::kernels::frame::x86::{ask_l2, blocked, descending, rows_in, split, BlockBody, Steps};
-use crate::kernels::simd::{current, SimdLevel};
+use crate::kernels::simd::{Isa, SimdLevel};
 
 /// The f64 backward map `(a·dz + b·(x − m)) + k` on one vector (`_mm256`: 4 lanes,
 /// `_mm512`: 8): written once, so every kernel, flat or row-blocked, performs exactly
@@ -336,20 +336,21 @@ fn operands<'a>(
 
 /// The backward map in the arithmetic `A` (its coefficients `src`: a [`Broadcast`] of
 /// one channel's) through an optional ReLU (`mask = Some((y, dres))`), on AVX-512 when
-/// the current level has it (same operations, same bits).
+/// the call's level `isa` has it (same operations, same bits).
 ///
 /// [`Broadcast`]: crate::kernels::coefs::x86::Broadcast
 ///
 /// # Safety
 /// The CPU must support AVX2; `y` (and `dres` unless empty) as long as `xs`.
 pub(super) unsafe fn map2_any<A: Map2, S: Source<A>>(
+    isa: Isa,
     xs: &[f32],
     mask: Option<(&[f32], &mut [f32])>,
     ds: &[f32],
     os: &mut [f32],
     src: &S,
 ) {
-    let wide = current() == SimdLevel::Avx512;
+    let wide = isa.level() == SimdLevel::Avx512;
     let (ys, rs, relu): (&[f32], &mut [f32], bool) = match mask {
         Some((y, r)) => (y, r, true),
         None => (&[], &mut [], false),
@@ -448,8 +449,8 @@ unsafe fn map2<K: Step, S: Source<K::A>, const RELU: bool>(
 /// apply: 16 on the AVX-512 level when `c` is a multiple of 16, else 8 on AVX2 (or
 /// AVX-512) when `c` is a multiple of 8 — so that the coefficient offsets of aligned
 /// blocks repeat every `c` values.
-fn rows_width(c: usize) -> Option<usize> {
-    let level = current();
+fn rows_width(isa: Isa, c: usize) -> Option<usize> {
+    let level = isa.level();
     if c == 0 {
         None
     } else if level == SimdLevel::Avx512 && c.is_multiple_of(16) {
@@ -482,6 +483,7 @@ const AHEAD_MIN_C: usize = 512;
 /// The CPU must support AVX2; `y` (and `dres` unless empty) as long as `xs`; `xs`
 /// starts at channel 0 of a row and `src` is the table of `c` channels.
 pub(super) unsafe fn rows_any<A: Map2>(
+    isa: Isa,
     xs: &[f32],
     mask: &mut Option<(&[f32], &mut [f32])>,
     ds: &[f32],
@@ -489,7 +491,7 @@ pub(super) unsafe fn rows_any<A: Map2>(
     src: &Table<'_, A>,
     c: usize,
 ) -> bool {
-    let Some(w) = rows_width(c).filter(|_| c <= src.run()) else {
+    let Some(w) = rows_width(isa, c).filter(|_| c <= src.run()) else {
         return false;
     };
     let (ys, rs, relu, n) = operands(xs, mask, ds, os);
@@ -498,10 +500,10 @@ pub(super) unsafe fn rows_any<A: Map2>(
     // slice used.
     unsafe {
         match (w, relu) {
-            (16, true) => rows_avx512::<A, true>(xs, ys, ds, os, rs, src, c, n),
-            (16, false) => rows_avx512::<A, false>(xs, ys, ds, os, rs, src, c, n),
-            (_, true) => rows_avx2::<A, true>(xs, ys, ds, os, rs, src, c, n),
-            (_, false) => rows_avx2::<A, false>(xs, ys, ds, os, rs, src, c, n),
+            (16, true) => rows_avx512::<A, true>(xs, ys, ds, os, rs, src, (c, n)),
+            (16, false) => rows_avx512::<A, false>(xs, ys, ds, os, rs, src, (c, n)),
+            (_, true) => rows_avx2::<A, true>(xs, ys, ds, os, rs, src, (c, n)),
+            (_, false) => rows_avx2::<A, false>(xs, ys, ds, os, rs, src, (c, n)),
         }
     }
     true
@@ -510,10 +512,9 @@ pub(super) unsafe fn rows_any<A: Map2>(
 /// [`rows`] on AVX2: blocks of 8 channels.
 ///
 /// # Safety
-/// The CPU must support AVX2; every slice used holds `n` values; `c % 8 == 0`,
+/// The CPU must support AVX2; every slice used holds `n` values (`cn = (c, n)`); `c % 8 == 0`,
 /// `0 < c <= src.run()`.
 #[target_feature(enable = "avx2")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn rows_avx2<A: Map2, const RELU: bool>(
     xs: &[f32],
     ys: &[f32],
@@ -521,11 +522,10 @@ unsafe fn rows_avx2<A: Map2, const RELU: bool>(
     os: &mut [f32],
     rs: &mut [f32],
     src: &Table<'_, A>,
-    c: usize,
-    n: usize,
+    cn: (usize, usize),
 ) {
     // SAFETY: AVX2 is enabled here; the caller's contract.
-    unsafe { rows::<A::Avx2, 8, RELU>(xs, ys, ds, os, rs, src, c, n) }
+    unsafe { rows::<A::Avx2, 8, RELU>(xs, ys, ds, os, rs, src, cn) }
 }
 
 /// [`rows`] on AVX-512: blocks of 16 channels.
@@ -534,7 +534,6 @@ unsafe fn rows_avx2<A: Map2, const RELU: bool>(
 /// The CPU must support AVX-512F and AVX2; every slice used holds `n` values;
 /// `c % 16 == 0`, `0 < c <= src.run()`.
 #[target_feature(enable = "avx512f,avx2")]
-#[allow(clippy::too_many_arguments)]
 unsafe fn rows_avx512<A: Map2, const RELU: bool>(
     xs: &[f32],
     ys: &[f32],
@@ -542,11 +541,10 @@ unsafe fn rows_avx512<A: Map2, const RELU: bool>(
     os: &mut [f32],
     rs: &mut [f32],
     src: &Table<'_, A>,
-    c: usize,
-    n: usize,
+    cn: (usize, usize),
 ) {
     // SAFETY: AVX-512F and AVX2 are enabled here; the caller's contract.
-    unsafe { rows::<A::Avx512, 16, RELU>(xs, ys, ds, os, rs, src, c, n) }
+    unsafe { rows::<A::Avx512, 16, RELU>(xs, ys, ds, os, rs, src, cn) }
 }
 
 /// The row-blocked loop: blocks of `W` channels of `BLOCK_ROWS` rows ([`blocked`]), the
@@ -559,7 +557,6 @@ unsafe fn rows_avx512<A: Map2, const RELU: bool>(
 /// slice used holds `n` values; `c % W == 0`, `0 < c <= src.run()`; `W` is 8 or 16, a
 /// multiple of `K::V::LANES`.
 #[inline(always)]
-#[allow(clippy::too_many_arguments)]
 unsafe fn rows<K: Step, const W: usize, const RELU: bool>(
     xs: &[f32],
     ys: &[f32],
@@ -567,8 +564,7 @@ unsafe fn rows<K: Step, const W: usize, const RELU: bool>(
     os: &mut [f32],
     rs: &mut [f32],
     src: &Table<'_, K::A>,
-    c: usize,
-    n: usize,
+    (c, n): (usize, usize),
 ) {
     let desc = descending(&[&*os, &*rs], &[xs, ds, ys]);
     let with_res = RELU && !rs.is_empty();

@@ -6,22 +6,23 @@ use std::arch::x86_64::*;
 
 use crate::kernels::coefs::x86::{F32s, Source};
 use crate::kernels::frame::x86::{ask_l2, descending, split, Steps};
-use crate::kernels::simd::{current, SimdLevel};
+use crate::kernels::simd::{Isa, SimdLevel};
 
 /// [`map1`] for any epilogue (`rs`: the residual, empty for none), on AVX-512 when
-/// the current level has it (16 lanes: same operations, same bits).
+/// the call's level `isa` has it (16 lanes: same operations, same bits).
 ///
 /// # Safety
 /// The CPU must support AVX2.
 pub(super) unsafe fn map1_any<S: Source<f32>>(
+    isa: Isa,
     xs: &[f32],
     rs: &[f32],
     ys: &mut [f32],
     src: &S,
     relu: bool,
 ) {
-    let wide = current() == SimdLevel::Avx512;
-    // SAFETY (all arms): the Avx512 level is only chosen when the CPU reports
+    let wide = isa.level() == SimdLevel::Avx512;
+    // SAFETY (all arms): an `Isa` has the Avx512 level only when the CPU reports
     // AVX-512F; the caller guarantees AVX2.
     unsafe {
         match (wide, relu, !rs.is_empty()) {
