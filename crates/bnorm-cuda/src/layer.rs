@@ -3,8 +3,8 @@
 
 use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
 
-use bnorm::config::{ColdPolicy, NonFinitePolicy, Variant};
-use bnorm::expert::{Geometry, Grads, Moments, Normalized};
+use bnorm::config::Variant;
+use bnorm::expert::{ForwardPlan, Geometry, Grads, Moments, Normalized, Options, StateSummary};
 use bnorm::{Config, Mode, Params, RunningState, StepReport, VarianceEstimator};
 
 use crate::kernels::{typed_name, BLOCK};
@@ -400,27 +400,21 @@ impl GpuBatchNorm {
         self.gpu.same(&x.gpu)?;
         check_same("y", x, y)?;
         let g = x.geometry();
-        check_channels(&self.cfg, g)?;
+        // The core's plan makes every semantic decision (statistics used, cold statistics,
+        // batch size, whether the running statistics update and may refuse); the values
+        // it would check live on the device and were checked when they were set.
+        let state = self.tracked.then_some(StateSummary {
+            updates: self.updates,
+            renorm: false,
+        });
+        let opts = Options::<f32>::default();
+        let plan = ForwardPlan::decide(&self.cfg, g, state, mode, &opts)?;
         let c = g.channels;
-        let normalized = match (mode, self.tracked) {
-            (Mode::Train, _) | (Mode::Inference, false) => Normalized::Batch,
-            (Mode::Inference, true) | (Mode::Frozen, true) => Normalized::Running,
-            (Mode::Frozen, false) => return Err(bnorm::Error::NoRunningStatistics.into()),
+        let normalized = plan.normalized;
+        let mut report = StepReport {
+            cold_statistics: plan.cold_statistics,
+            ..StepReport::default()
         };
-        let mut report = StepReport::default();
-        if normalized == Normalized::Running && self.updates == 0 {
-            match self.cfg.get_cold_statistics() {
-                ColdPolicy::Error => return Err(bnorm::Error::ColdStatistics.into()),
-                ColdPolicy::Report => report.cold_statistics = true,
-                ColdPolicy::Allow => {}
-            }
-        }
-        if normalized == Normalized::Batch && g.per_channel() <= 1 {
-            return Err(bnorm::Error::BatchTooSmall {
-                channel_values: g.per_channel(),
-            }
-            .into());
-        }
         let stream = self.stream.clone();
         ensure(&stream, &mut saved.stats, 3 * c)?;
         ensure(&stream, &mut saved.coef, 4 * c)?;
@@ -468,8 +462,8 @@ impl GpuBatchNorm {
             // SAFETY: arguments match bn_finalize_train; part holds 2·S·C values written
             // by the reduction just queued on the same stream; stats 3·C, coef 4·C.
             unsafe { b.launch(cgrid) }.map_err(CudaError::driver("bn_finalize_train"))?;
-            if mode == Mode::Train && self.tracked {
-                if self.cfg.get_non_finite() == NonFinitePolicy::Error {
+            if plan.update.is_some() {
+                if plan.refuse_non_finite {
                     let s = stream
                         .clone_dtoh(&*stats)
                         .map_err(CudaError::driver("download statistics"))?;

@@ -119,7 +119,8 @@ pub mod expert {
     pub use crate::layout::Geometry;
     pub use crate::parallel::Parallelism;
     pub use crate::plan::{
-        BackwardEpilogue, BackwardOptions, BackwardPlan, Epilogue, ForwardPlan, Options, Update,
+        BackwardEpilogue, BackwardOptions, BackwardPlan, Epilogue, ForwardPlan, Options,
+        StateSummary, Update,
     };
     pub use crate::running::PendingUpdate;
     pub use crate::state::RenormState;

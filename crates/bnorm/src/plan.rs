@@ -275,6 +275,34 @@ pub struct ForwardPlan {
     pub parallelism: Parallelism,
 }
 
+/// What a plan needs to know of the running statistics, without their values: how many
+/// updates they have had and whether they carry batch renormalization's state. A layer
+/// whose statistics live elsewhere (on a GPU) plans its steps from this.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateSummary {
+    /// Updates so far (0: never updated).
+    pub updates: u64,
+    /// Batch renormalization's state is present.
+    pub renorm: bool,
+}
+
+impl StateSummary {
+    /// The summary of `state`.
+    ///
+    /// ```
+    /// use bnorm::{Config, RunningState};
+    /// use bnorm::expert::StateSummary;
+    /// let s = RunningState::init(&Config::torch(2)).unwrap();
+    /// assert_eq!(StateSummary::of(&s), StateSummary { updates: 0, renorm: false });
+    /// ```
+    pub fn of(state: &RunningState) -> StateSummary {
+        StateSummary {
+            updates: state.updates,
+            renorm: state.renorm.is_some(),
+        }
+    }
+}
+
 impl ForwardPlan {
     /// Validates the configuration, parameters, state and mode against each other and
     /// the geometry, and makes every decision of the step. Buffers are checked when the
@@ -289,10 +317,41 @@ impl ForwardPlan {
     ) -> Result<ForwardPlan> {
         cfg.validate()?;
         params.validate(cfg)?;
+        if let (Some(s), true) = (state, cfg.get_track_running_stats()) {
+            s.validate(cfg)?;
+        }
+        ForwardPlan::decide(cfg, g, state.map(StateSummary::of), mode, opts)
+    }
+
+    /// The semantic half of [`ForwardPlan::new`]: every decision of the step from the
+    /// configuration, the geometry, what is known of the running statistics, the mode and
+    /// the options, without looking at any value (the caller validates parameters and
+    /// statistics where they live). `bnorm-cuda` plans its steps with it.
+    ///
+    /// ```
+    /// use bnorm::{Config, Layout, Mode};
+    /// use bnorm::expert::{ForwardPlan, Normalized, Options, StateSummary};
+    /// let cfg = Config::torch(8);
+    /// let g = Layout::NC.geometry(&[1, 8])?;
+    /// let opts = Options::<f32>::default();
+    /// let fresh = Some(StateSummary { updates: 0, renorm: false });
+    /// // a batch of one cannot be normalized with its own statistics
+    /// assert!(ForwardPlan::decide(&cfg, g, fresh, Mode::Train, &opts).is_err());
+    /// let infer = ForwardPlan::decide(&cfg, g, fresh, Mode::Inference, &opts)?;
+    /// assert_eq!(infer.normalized, Normalized::Running);
+    /// # Ok::<(), bnorm::Error>(())
+    /// ```
+    pub fn decide<T: Element>(
+        cfg: &Config,
+        g: Geometry,
+        state: Option<StateSummary>,
+        mode: Mode,
+        opts: &Options<'_, T>,
+    ) -> Result<ForwardPlan> {
+        cfg.validate()?;
         check_channels(cfg, g)?;
         match (state, cfg.get_track_running_stats()) {
-            (Some(s), true) => s.validate(cfg)?,
-            (None, false) => {}
+            (Some(_), true) | (None, false) => {}
             (None, true) => return Err(Error::NoRunningStatistics),
             (Some(_), false) => {
                 return Err(Error::StateMismatch {
@@ -364,7 +423,7 @@ impl ForwardPlan {
             if let Some(s) = state {
                 plan.update = Some(opts.update);
                 if let Variant::Renorm(rn) = cfg.get_variant() {
-                    plan.renorm = s.renorm.as_ref().map(|_| rn.limits(s.updates));
+                    plan.renorm = s.renorm.then(|| rn.limits(s.updates));
                 }
             }
         }
@@ -478,6 +537,41 @@ mod tests {
             s.updates = 5;
         }
         ForwardPlan::new(cfg, g, &Params::init(cfg), state.as_ref(), mode, opts)
+    }
+
+    /// The plan from values and the plan from a summary of them (what `bnorm-cuda` has)
+    /// are the same plan, refusals included.
+    #[test]
+    fn deciding_from_a_summary_is_planning_from_the_values() {
+        let renorm = Config::keras(4).variant(Variant::Renorm(Renorm::default()));
+        for cfg in [
+            Config::torch(4),
+            Config::torch(4).track_running_stats(false),
+            renorm,
+        ] {
+            for updates in [0, 3] {
+                for shape in [&[8, 4, 3, 3][..], &[1, 4][..]] {
+                    for mode in [Mode::Train, Mode::Inference, Mode::Frozen] {
+                        let g = Layout::NCHW.geometry(shape).or(Layout::NC.geometry(shape));
+                        let g = g.unwrap();
+                        let mut state = RunningState::init(&cfg);
+                        if let Some(s) = state.as_mut() {
+                            s.updates = updates;
+                        }
+                        let opts = Options::<f32>::default();
+                        let p = Params::init(&cfg);
+                        let full = ForwardPlan::new(&cfg, g, &p, state.as_ref(), mode, &opts);
+                        let summary = state.as_ref().map(StateSummary::of);
+                        let semantic = ForwardPlan::decide(&cfg, g, summary, mode, &opts);
+                        assert_eq!(
+                            full.as_ref().map_err(|e| e.to_string()),
+                            semantic.as_ref().map_err(|e| e.to_string()),
+                            "{mode:?} {shape:?} updates {updates}"
+                        );
+                    }
+                }
+            }
+        }
     }
 
     #[test]
