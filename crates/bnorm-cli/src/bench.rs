@@ -53,39 +53,8 @@ pub struct BenchArgs {
     pub huge_pages: bool,
 }
 
-struct Shape {
-    name: &'static str,
-    layout: Layout,
-    dims: &'static [usize],
-}
-
-const SHAPES: &[Shape] = &[
-    Shape {
-        name: "S1",
-        layout: Layout::NCHW,
-        dims: &[32, 64, 56, 56],
-    },
-    Shape {
-        name: "S2",
-        layout: Layout::NCHW,
-        dims: &[32, 256, 14, 14],
-    },
-    Shape {
-        name: "S3",
-        layout: Layout::NC,
-        dims: &[4096, 1024],
-    },
-    Shape {
-        name: "S4",
-        layout: Layout::NHWC,
-        dims: &[32, 56, 56, 64],
-    },
-    Shape {
-        name: "S5",
-        layout: Layout::NCHW,
-        dims: &[64, 128, 56, 56],
-    },
-];
+// `Shape` and `SHAPES` (S1–S5), shared with the divan benchmarks of the core crate.
+include!("../../bnorm/benches/common/shapes.rs");
 
 /// Every shape of [`SHAPES`] with its layout and dimensions: `S1 (NCHW 32x64x56x56), ...`.
 fn shape_list() -> String {

@@ -12,13 +12,8 @@ use bnorm::expert::{
 use bnorm::{Config, Layout, Mode, Params, Recalibration, RunningState};
 use divan::{counter::BytesCount, Bencher};
 
-/// A benchmark shape: the name it has in `bnorm bench`, its layout and dimensions.
-#[derive(Clone, Copy)]
-pub struct Shape {
-    pub name: &'static str,
-    pub layout: Layout,
-    pub dims: &'static [usize],
-}
+// `Shape` and `SHAPES` (S1–S5), shared with `bnorm bench`.
+include!("shapes.rs");
 
 impl fmt::Display for Shape {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -27,34 +22,6 @@ impl fmt::Display for Shape {
     }
 }
 
-/// S1–S5 of `bnorm bench`.
-pub const SHAPES: &[Shape] = &[
-    Shape {
-        name: "S1",
-        layout: Layout::NCHW,
-        dims: &[32, 64, 56, 56],
-    },
-    Shape {
-        name: "S2",
-        layout: Layout::NCHW,
-        dims: &[32, 256, 14, 14],
-    },
-    Shape {
-        name: "S3",
-        layout: Layout::NC,
-        dims: &[4096, 1024],
-    },
-    Shape {
-        name: "S4",
-        layout: Layout::NHWC,
-        dims: &[32, 56, 56, 64],
-    },
-    Shape {
-        name: "S5",
-        layout: Layout::NCHW,
-        dims: &[64, 128, 56, 56],
-    },
-];
 
 /// Timed calls per benchmark (one call per sample, after an untimed one): S5's tensors
 /// are 100 MB each, and a whole `cargo bench -p bnorm` runs for well under a minute on
