@@ -54,8 +54,18 @@ fn check_against_flax(file: &str) {
         let w = &want[&l.name];
         assert_eq!(l.format, Format::Flax);
         assert_eq!(l.channels, floats(&w["mean"]).len());
-        assert_eq!(l.running_mean.as_ref(), Some(&floats(&w["mean"])), "{}", l.name);
-        assert_eq!(l.running_var.as_ref(), Some(&floats(&w["var"])), "{}", l.name);
+        assert_eq!(
+            l.running_mean.as_ref(),
+            Some(&floats(&w["mean"])),
+            "{}",
+            l.name
+        );
+        assert_eq!(
+            l.running_var.as_ref(),
+            Some(&floats(&w["var"])),
+            "{}",
+            l.name
+        );
         assert_eq!(l.weight, w.get("scale").map(floats), "{} scale", l.name);
         assert_eq!(l.bias, w.get("bias").map(floats), "{} bias", l.name);
         assert_eq!(l.eps, 1e-5);
@@ -177,7 +187,10 @@ fn bn_file(var: Vec<u8>) -> Vec<u8> {
     map(&[
         (
             "params",
-            map(&[("bn", map(&[("scale", ndarray(&[2], "float32", &f32s(&[1.0, 2.0])))]))]),
+            map(&[(
+                "bn",
+                map(&[("scale", ndarray(&[2], "float32", &f32s(&[1.0, 2.0])))]),
+            )]),
         ),
         (
             "batch_stats",

@@ -276,7 +276,10 @@ fn ndarray(data: &[u8], path: &str) -> Result<Leaf> {
     let bad = |what: String| err(format!("array {path}: {what} (corrupt file)"));
     let v = Decoder::new(data, "an ndarray payload").whole(MAX_DEPTH - 4)?;
     let Value::Array(parts) = v else {
-        return Err(bad(format!("the payload is {}, not (shape, dtype, buffer)", kind(&v))));
+        return Err(bad(format!(
+            "the payload is {}, not (shape, dtype, buffer)",
+            kind(&v)
+        )));
     };
     let [shape, dtype, buffer] = parts.as_slice() else {
         return Err(bad(format!(
@@ -290,9 +293,8 @@ fn ndarray(data: &[u8], path: &str) -> Result<Leaf> {
     let mut shape = Vec::with_capacity(dims.len());
     for d in dims {
         match d {
-            Value::Int(i) => shape.push(
-                usize::try_from(*i).map_err(|_| bad(format!("dimension {i} is invalid")))?,
-            ),
+            Value::Int(i) => shape
+                .push(usize::try_from(*i).map_err(|_| bad(format!("dimension {i} is invalid")))?),
             other => return Err(bad(format!("a dimension is {}", kind(other)))),
         }
     }
