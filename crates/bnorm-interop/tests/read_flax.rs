@@ -293,6 +293,13 @@ fn hostile_containers_are_refused() {
     }
     deep.push(0xc0);
     unreadable(&deep);
+    // Names that would repeat a long key for every leaf under it (quadratic memory).
+    let mut wide = vec![0x81, 0xda, 0xea, 0x60];
+    wide.extend(std::iter::repeat_n(b'k', 60_000));
+    wide.extend([0xdc, 0xea, 0x60]);
+    wide.extend(std::iter::repeat_n(0x01, 60_000));
+    let e = unreadable(&wide);
+    assert!(e.contains("names"), "{e}");
     // Wrong types: a non-string key, the reserved byte 0xc1, trailing bytes.
     let e = unreadable(&[0x81, 0xc0, 0x01]);
     assert!(e.contains("key"), "{e}");

@@ -399,74 +399,137 @@ struct Flat {
     leaf: Leaf,
 }
 
-fn flatten(v: &Value<'_>, path: &mut Vec<String>, out: &mut Vec<Flat>) -> Result<()> {
-    let joined = || path.join("/");
-    let leaf = match v {
-        Value::Map(entries) => {
-            let is_chunked = entries.iter().any(
-                |(k, _)| matches!(k, Value::Str(s) | Value::Bin(s) if *s == b"__msgpack_chunked_array__"),
-            );
-            if is_chunked {
-                Some(unchunk(entries, &joined())?)
-            } else {
-                let wrapped = entries.len() == 1
-                    && matches!(&entries[0].0, Value::Str(s) | Value::Bin(s) if *s == b"value");
-                for (k, x) in entries {
-                    path.push(key_string(k)?);
-                    let start = out.len();
-                    flatten(x, path, out)?;
-                    if wrapped && out.len() == start + 1 {
-                        out[start].wrapped = true;
-                    }
-                    path.pop();
-                }
-                None
+/// Walks the document without building it: only keys, scalars, extension payloads and
+/// (small) chunked-array dicts become [`Value`]s, so memory follows the leaves kept, and
+/// the `/`-joined names of those are held to a budget proportional to the file.
+struct Walk<'a> {
+    dec: Decoder<'a>,
+    out: Vec<Flat>,
+    name_bytes: usize,
+    name_budget: usize,
+}
+
+impl<'a> Walk<'a> {
+    fn push(&mut self, path: &[String], leaf: Leaf) -> Result<()> {
+        if let Leaf::Skipped(_) = &leaf {
+            // Only a skipped batch-norm leaf matters (it is refused later).
+            if !path.last().is_some_and(|k| BN_LEAVES.contains(&k.as_str())) {
+                return Ok(());
             }
         }
-        Value::Array(items) => {
-            for (i, x) in items.iter().enumerate() {
-                path.push(i.to_string());
-                flatten(x, path, out)?;
-                path.pop();
-            }
-            None
+        self.name_bytes = path
+            .iter()
+            .fold(self.name_bytes, |a, k| a.saturating_add(k.len() + 1));
+        if self.name_bytes > self.name_budget {
+            return Err(err(format!(
+                "the names of its arrays add up to more than {} bytes (keys repeated under                  long or deep paths), far beyond any Flax state of this size: a hostile or                  corrupt file",
+                self.name_budget
+            )));
         }
-        Value::Ext(1, data) => Some(ndarray(data, &joined())?),
-        Value::Ext(3, data) => Some(match ndarray(data, &joined())? {
-            Leaf::Tensor(t) if !t.shape.is_empty() => {
-                return Err(err(format!(
-                    "scalar {} has shape {:?} (corrupt file)",
-                    joined(),
-                    t.shape
-                )))
-            }
-            l => l,
-        }),
-        Value::Ext(2, _) => Some(Leaf::Skipped("a complex number".into())),
-        Value::Ext(code, _) => Some(Leaf::Skipped(format!(
-            "msgpack extension {code} (not Flax's)"
-        ))),
-        Value::Int(i) => Some(match i64::try_from(*i) {
-            Ok(i) => Leaf::Tensor(Tensor::scalar_i64(i)),
-            Err(_) => Leaf::Skipped(format!("integer {i} beyond i64")),
-        }),
-        Value::Float(f) => Some(Leaf::Tensor(Tensor {
-            dtype: Dtype::F64,
-            shape: vec![],
-            bytes: f.to_le_bytes().to_vec(),
-        })),
-        Value::Nil | Value::Bool(_) | Value::Str(_) | Value::Bin(_) => {
-            Some(Leaf::Skipped(kind(v).into()))
-        }
-    };
-    if let Some(leaf) = leaf {
-        out.push(Flat {
-            path: path.clone(),
+        self.out.push(Flat {
+            path: path.to_vec(),
             wrapped: false,
             leaf,
         });
+        Ok(())
     }
-    Ok(())
+
+    fn walk(&mut self, path: &mut Vec<String>, depth: usize) -> Result<()> {
+        if depth > MAX_DEPTH {
+            return Err(err(format!(
+                "nesting deeper than {MAX_DEPTH} levels at byte {} (not a Flax state; a \
+                 hostile or corrupt file)",
+                self.dec.pos
+            )));
+        }
+        let start = self.dec.pos;
+        let tag = self.dec.take(1)?[0];
+        match tag {
+            0x80..=0x8f | 0xde | 0xdf => {
+                let n = match tag {
+                    0xde => self.dec.count(2, 2)?,
+                    0xdf => self.dec.count(4, 2)?,
+                    _ => usize::from(tag & 0x0f),
+                };
+                let first_leaf = self.out.len();
+                for _ in 0..n {
+                    let key = key_string(&self.dec.value(depth + 1)?)?;
+                    if key == "__msgpack_chunked_array__" {
+                        // Flax's dict of chunks of one large array: decode it whole.
+                        self.out.truncate(first_leaf);
+                        self.dec.pos = start;
+                        let Value::Map(entries) = self.dec.value(depth)? else {
+                            return Err(err("a chunked array is not a dict (corrupt file)"));
+                        };
+                        let leaf = unchunk(&entries, &path.join("/"))?;
+                        return self.push(path, leaf);
+                    }
+                    let wrapped = n == 1 && key == "value";
+                    path.push(key);
+                    let before = self.out.len();
+                    self.walk(path, depth + 1)?;
+                    if wrapped && self.out.len() == before + 1 {
+                        self.out[before].wrapped = true;
+                    }
+                    path.pop();
+                }
+                Ok(())
+            }
+            0x90..=0x9f | 0xdc | 0xdd => {
+                let n = match tag {
+                    0xdc => self.dec.count(2, 1)?,
+                    0xdd => self.dec.count(4, 1)?,
+                    _ => usize::from(tag & 0x0f),
+                };
+                for i in 0..n {
+                    path.push(i.to_string());
+                    self.walk(path, depth + 1)?;
+                    path.pop();
+                }
+                Ok(())
+            }
+            _ => {
+                self.dec.pos = start;
+                let v = self.dec.value(depth)?;
+                let leaf = self.leaf(&v, path)?;
+                self.push(path, leaf)
+            }
+        }
+    }
+
+    fn leaf(&self, v: &Value<'_>, path: &[String]) -> Result<Leaf> {
+        let joined = || path.join("/");
+        Ok(match v {
+            Value::Ext(1, data) => ndarray(data, &joined())?,
+            Value::Ext(3, data) => match ndarray(data, &joined())? {
+                Leaf::Tensor(t) if !t.shape.is_empty() => {
+                    return Err(err(format!(
+                        "scalar {} has shape {:?} (corrupt file)",
+                        joined(),
+                        t.shape
+                    )))
+                }
+                l => l,
+            },
+            Value::Ext(2, _) => Leaf::Skipped("a complex number".into()),
+            Value::Ext(code, _) => Leaf::Skipped(format!("msgpack extension {code} (not Flax's)")),
+            Value::Int(i) => match i64::try_from(*i) {
+                Ok(i) => Leaf::Tensor(Tensor::scalar_i64(i)),
+                Err(_) => Leaf::Skipped(format!("integer {i} beyond i64")),
+            },
+            Value::Float(f) => Leaf::Tensor(Tensor {
+                dtype: Dtype::F64,
+                shape: vec![],
+                bytes: f.to_le_bytes().to_vec(),
+            }),
+            Value::Nil
+            | Value::Bool(_)
+            | Value::Str(_)
+            | Value::Bin(_)
+            | Value::Array(_)
+            | Value::Map(_) => Leaf::Skipped(kind(v).into()),
+        })
+    }
 }
 
 /// The batch-norm leaves: a non-float one is refused rather than dropped.
@@ -474,17 +537,27 @@ const BN_LEAVES: [&str; 4] = ["scale", "bias", "mean", "var"];
 
 /// Reads a Flax msgpack state (see the module documentation for the layouts).
 pub(crate) fn read(bytes: &[u8]) -> Result<Checkpoint> {
-    let root = Decoder::new(bytes, "the file").whole(0)?;
-    if !matches!(root, Value::Map(_)) {
-        return Err(err(format!(
-            "the file holds {}, not a dict of variables (write a model's variables or state \
+    if !matches!(bytes.first(), Some(0x80..=0x8f | 0xde | 0xdf)) {
+        return Err(err(
+            "the file does not hold a dict of variables (write a model's variables or state \
              dict with flax.serialization.to_bytes)",
-            kind(&root)
+        ));
+    }
+    let mut walk = Walk {
+        dec: Decoder::new(bytes, "the file"),
+        out: Vec::new(),
+        name_bytes: 0,
+        name_budget: bytes.len().saturating_mul(64).saturating_add(1 << 20),
+    };
+    walk.walk(&mut Vec::new(), 0)?;
+    if walk.dec.remaining() != 0 {
+        return Err(err(format!(
+            "the file has {} bytes after its msgpack value (several files concatenated, or \
+             corrupt)",
+            walk.dec.remaining()
         )));
     }
-    let mut flat = Vec::new();
-    flatten(&root, &mut Vec::new(), &mut flat)?;
-    drop(root);
+    let flat = walk.out;
 
     // linen: the shallowest dict holding `batch_stats` is the variables dict.
     let linen_root = flat

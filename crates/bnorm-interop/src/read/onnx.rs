@@ -212,6 +212,8 @@ fn tensor(buf: &[u8], name_hint: &str) -> Result<(String, Decoded)> {
 /// A node of the graph, as much as this reader needs.
 #[derive(Default)]
 struct Node<'a> {
+    /// Its position in the graph.
+    index: usize,
     name: &'a str,
     op_type: &'a str,
     domain: &'a str,
@@ -334,12 +336,30 @@ pub(crate) fn read(bytes: &[u8]) -> Result<Checkpoint> {
         err("the model has no graph (an empty or partial ModelProto; export the model again)")
     })?;
     let mut nodes = Vec::new();
-    let mut inits: Vec<(String, Decoded)> = Vec::new();
+    let mut node_count = 0usize;
+    // Values by name: initializers, then Constant outputs.
+    let mut values: BTreeMap<String, Decoded> = BTreeMap::new();
     let mut graph_inputs: Vec<&str> = Vec::new();
     each(graph, "GraphProto", |n, w| {
         match n {
-            1 => nodes.push(node(proto::bytes(w, "GraphProto.node")?)?),
-            5 => inits.push(tensor(proto::bytes(w, "GraphProto.initializer")?, "")?),
+            1 => {
+                // Only the nodes this reader uses are kept (memory follows what is read).
+                let mut nd = node(proto::bytes(w, "GraphProto.node")?)?;
+                nd.index = node_count;
+                node_count += 1;
+                if matches!(nd.op_type, "BatchNormalization" | "Constant") {
+                    nodes.push(nd);
+                }
+            }
+            5 => {
+                let (name, t) = tensor(proto::bytes(w, "GraphProto.initializer")?, "")?;
+                if values.insert(name.clone(), t).is_some() {
+                    return Err(err(format!(
+                        "two initializers are named {name:?} (an invalid model; check it \
+                         with onnx.checker.check_model)"
+                    )));
+                }
+            }
             11 => {
                 let mut name = "";
                 each(
@@ -359,16 +379,7 @@ pub(crate) fn read(bytes: &[u8]) -> Result<Checkpoint> {
         Ok(())
     })?;
 
-    // Values by name: initializers, then Constant outputs.
-    let mut values: BTreeMap<String, Decoded> = BTreeMap::new();
-    for (name, t) in inits {
-        if values.insert(name.clone(), t).is_some() {
-            return Err(err(format!(
-                "two initializers are named {name:?} (an invalid model; check it with \
-                 onnx.checker.check_model)"
-            )));
-        }
-    }
+    // Constant outputs (initializers first: a name both has the initializer's value).
     for nd in &nodes {
         if nd.op_type == "Constant" && (nd.domain.is_empty() || nd.domain == "ai.onnx") {
             if let (Some(out), Some(v)) = (nd.outputs.first(), constant(nd)?) {
@@ -386,7 +397,8 @@ pub(crate) fn read(bytes: &[u8]) -> Result<Checkpoint> {
     let mut metadata = BTreeMap::new();
     let mut used: BTreeSet<&str> = BTreeSet::new();
     let mut next_suffix: BTreeMap<String, usize> = BTreeMap::new();
-    for (index, nd) in nodes.iter().enumerate() {
+    for nd in &nodes {
+        let index = nd.index;
         if nd.op_type != "BatchNormalization" || !(nd.domain.is_empty() || nd.domain == "ai.onnx") {
             continue;
         }
