@@ -26,6 +26,18 @@
 //! Flax does not store eps or momentum (they are module attributes, not variables), so no
 //! conventions are recorded: Flax's defaults (eps 1e-5, decay 0.99) apply unless the user
 //! says otherwise.
+//!
+//! ```
+//! use bnorm_interop::read::{read_bytes, FileFormat};
+//! // {'params': {'bn': {'scale': 2.0}}}: a plain float leaf becomes a 0-d F64 tensor.
+//! let bytes = b"\x81\xa6params\x81\xa2bn\x81\xa5scale\xcb\x40\0\0\0\0\0\0\0";
+//! let loaded = read_bytes(bytes)?;
+//! assert_eq!(loaded.file_format, FileFormat::Flax);
+//! assert!(loaded.checkpoint.tensors.contains_key("params/bn/scale"));
+//! // A map claiming 2^32 - 1 entries in a few bytes is refused, not reserved.
+//! assert!(read_bytes(b"\xdf\xff\xff\xff\xff\x00").is_err());
+//! # Ok::<(), bnorm_interop::InteropError>(())
+//! ```
 
 use std::collections::BTreeMap;
 

@@ -1,4 +1,4 @@
-//! ONNX models (`ModelProto`), read with the small protobuf reader of [`proto`]: the
+//! ONNX models (`ModelProto`), read with a small protobuf reader of its own: the
 //! graph's initializers and `Constant` nodes give tensors, and every `BatchNormalization`
 //! node of the main graph becomes a layer under PyTorch names —
 //! `<prefix>.weight`, `.bias`, `.running_mean`, `.running_var` (no
@@ -13,12 +13,20 @@
 //! PyTorch (`producer_name` "pytorch") carries PyTorch's running variance, which is
 //! updated with the unbiased one — so `unbiased` for PyTorch exports, `biased` otherwise.
 //! A node with `training_mode=1` is noted as `bnorm.layer.<prefix>.onnx_training_mode` =
-//! `1`. Other initializers are kept under their own names.
+//! `1`. Other initializers (and unused `Constant` values) are kept under their own names.
 //!
 //! Refused with a clear error: tensors stored as external data (the values are in another
 //! file), batch-norm inputs that are neither initializers nor `Constant` outputs (graph
 //! inputs, computed values), the pre-opset-9 non-spatial mode (`spatial=0`). Nodes inside
 //! subgraphs (`If`/`Loop` bodies) and functions are not read.
+//!
+//! ```
+//! use bnorm_interop::{read::read_bytes, InteropError};
+//! // ir_version 7 and a producer name, but no graph.
+//! let e = read_bytes(b"\x08\x07\x12\x04test").unwrap_err();
+//! assert!(matches!(e, InteropError::Unreadable { format: "onnx", .. }));
+//! assert!(e.to_string().contains("no graph"));
+//! ```
 
 use std::collections::{BTreeMap, BTreeSet};
 
