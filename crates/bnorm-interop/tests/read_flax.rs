@@ -225,6 +225,30 @@ fn hand_made_file_reads() {
 }
 
 #[test]
+fn boxed_linen_variables_are_unwrapped() {
+    // nn.Partitioned-style boxes: {'value': array} in place of the array.
+    let boxed = |v: &[f32]| map(&[("value", ndarray(&[2], "float32", &f32s(v)))]);
+    let bytes = map(&[
+        (
+            "params",
+            map(&[("bn", map(&[("scale", boxed(&[1.0, 2.0]))]))]),
+        ),
+        (
+            "batch_stats",
+            map(&[(
+                "bn",
+                map(&[("mean", boxed(&[0.5, -0.5])), ("var", boxed(&[4.0, 0.25]))]),
+            )]),
+        ),
+    ]);
+    let layers = read_bytes(&bytes).unwrap().checkpoint.layers().unwrap();
+    assert_eq!(layers.len(), 1);
+    assert_eq!(layers[0].name, "bn");
+    assert_eq!(layers[0].weight, Some(vec![1.0, 2.0]));
+    assert_eq!(layers[0].running_var, Some(vec![4.0, 0.25]));
+}
+
+#[test]
 fn chunked_arrays_are_reassembled() {
     // Flax splits arrays over 2^30 bytes into chunks; the same layout, small.
     let chunked = map(&[

@@ -17,7 +17,9 @@
 //!   such as `{'state': ...}`): the shallowest dict holding `batch_stats` is the variables
 //!   dict, and its tensors are named `params/<module path>/scale`,
 //!   `batch_stats/<module path>/mean`, … — Flax names, which
-//!   [`Checkpoint::layers`] finds. Everything else keeps its full `/`-joined path.
+//!   [`Checkpoint::layers`] finds (a boxed batch-norm variable, `{'value': array}` as
+//!   `nn.Partitioned` saves it, is named as its leaf). Everything else keeps its full
+//!   `/`-joined path.
 //! * **NNX** state dicts (`nnx.to_pure_dict(nnx.state(model))`, or older ones whose
 //!   variables are `{'value': array}` dicts): a module holding both `mean` and `var`
 //!   is a batch norm; its tensors are renamed to the Flax names above under the module's
@@ -585,13 +587,22 @@ pub(crate) fn read(bytes: &[u8]) -> Result<Checkpoint> {
                 .unwrap_or_default();
             flat.iter()
                 .map(|f| {
-                    let inside = f.path.len() > depth
-                        && f.path[..depth] == root[..]
-                        && (f.path[depth] == "params" || f.path[depth] == "batch_stats");
-                    if inside {
-                        f.path[depth..].join("/")
+                    // A boxed variable (`nn.Partitioned` and kin are saved as
+                    // {'value': array}) of a batch-norm leaf is named as the leaf.
+                    let n = f.path.len();
+                    let path = if f.wrapped && n >= 2 && BN_LEAVES.contains(&f.path[n - 2].as_str())
+                    {
+                        &f.path[..n - 1]
                     } else {
-                        f.path.join("/")
+                        &f.path[..]
+                    };
+                    let inside = path.len() > depth
+                        && path[..depth] == root[..]
+                        && (path[depth] == "params" || path[depth] == "batch_stats");
+                    if inside {
+                        path[depth..].join("/")
+                    } else {
+                        path.join("/")
                     }
                 })
                 .collect()
