@@ -109,6 +109,16 @@ fn linen_trained_train_state_matches_flax() {
 }
 
 #[test]
+fn linen_partitioned_matches_flax() {
+    check_against_flax("linen_partitioned.msgpack");
+    let ckpt = read_bytes(&fixture("linen_partitioned.msgpack"))
+        .unwrap()
+        .checkpoint;
+    assert!(ckpt.tensors.contains_key("params/bn/scale"));
+    assert!(ckpt.tensors.contains_key("params/bn/bias"));
+}
+
+#[test]
 fn nnx_pure_dict_matches_flax() {
     check_against_flax("nnx_pure.msgpack");
     let ckpt = read_bytes(&fixture("nnx_pure.msgpack")).unwrap().checkpoint;
@@ -337,6 +347,7 @@ fn every_truncation_is_refused() {
     for file in [
         "linen_init.msgpack",
         "linen_trained.msgpack",
+        "linen_partitioned.msgpack",
         "nnx_pure.msgpack",
         "nnx_value_leaves.msgpack",
     ] {

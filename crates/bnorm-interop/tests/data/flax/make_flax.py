@@ -15,6 +15,9 @@ Files (each written by `flax.serialization.to_bytes`):
 * linen_trained.msgpack: the same model after three training steps with
   mutable=['batch_stats'], stored as a TrainState-like dict {'step', 'params',
   'batch_stats', 'opt_state'} nested under {'state': ...}.
+* linen_partitioned.msgpack: a Dense -> BatchNorm model whose scale and bias are
+  partitioned (nn.with_partitioning: saved as {'value': array} boxes), after one
+  training-mode call.
 * nnx_pure.msgpack: an NNX model's state as a pure dict (nnx.to_pure_dict) after two
   training-mode calls.
 * nnx_value_leaves.msgpack: the same NNX state with every variable as a {'value': array}
@@ -106,6 +109,25 @@ def main():
         f.write(to_bytes(state))
     expected["linen_trained.msgpack"] = {
         "layers": linen_layers({"params": params, "batch_stats": batch_stats})}
+
+    # Partitioned (boxed) scale and bias: saved as {'value': array} dicts.
+    class Part(nn.Module):
+        @nn.compact
+        def __call__(self, x, train):
+            x = nn.Dense(3)(x)
+            return nn.BatchNorm(
+                use_running_average=not train,
+                scale_init=nn.with_partitioning(nn.initializers.ones, ("c",)),
+                bias_init=nn.with_partitioning(nn.initializers.zeros, ("c",)), name="bn")(x)
+
+    part = Part()
+    xp = jax.random.normal(jax.random.PRNGKey(5), (6, 4)) + 2.0
+    pvars = part.init(rng, xp, train=False)
+    _, upd = part.apply(pvars, xp, train=True, mutable=["batch_stats"])
+    pvars = {"params": pvars["params"], "batch_stats": upd["batch_stats"]}
+    with open("linen_partitioned.msgpack", "wb") as f:
+        f.write(to_bytes(pvars))
+    expected["linen_partitioned.msgpack"] = {"layers": linen_layers(nn.unbox(pvars))}
 
     class Net(nnx.Module):
         def __init__(self, rngs):
