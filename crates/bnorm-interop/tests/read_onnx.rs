@@ -340,6 +340,10 @@ fn hostile_tensors_and_nodes_are_refused() {
     // An input that is not stored.
     let e = unreadable(&bn_model(tensor("other", &[2], &f32s(&[1.0, 1.0])), &[]));
     assert!(e.contains("not a stored value"), "{e}");
+    // A required input left empty.
+    let g = field(1, &bn_node("bn", &["x", "", "b", "m", "v"], &[]));
+    let e = unreadable(&model(&g));
+    assert!(e.contains("missing"), "{e}");
     // Too few inputs.
     let g = field(1, &bn_node("bn", &["x", "s"], &[]));
     let e = unreadable(&model(&g));

@@ -15,10 +15,13 @@
 //! A node with `training_mode=1` is noted as `bnorm.layer.<prefix>.onnx_training_mode` =
 //! `1`. Other initializers (and unused `Constant` values) are kept under their own names.
 //!
-//! Refused with a clear error: tensors stored as external data (the values are in another
-//! file), batch-norm inputs that are neither initializers nor `Constant` outputs (graph
-//! inputs, computed values), the pre-opset-9 non-spatial mode (`spatial=0`). Nodes inside
-//! subgraphs (`If`/`Loop` bodies) and functions are not read.
+//! Refused with a clear error: batch-norm tensors stored as external data (the values are
+//! in another file; other external tensors are left out), batch-norm inputs that are
+//! neither initializers nor `Constant` outputs (graph inputs, computed values), the
+//! pre-opset-9 non-spatial mode (`spatial=0`), epsilon or momentum out of range. Nodes
+//! inside subgraphs (`If`/`Loop` bodies) and functions are not read; tensors of types
+//! bnorm does not keep (strings, complex, 8-bit floats) are left out unless a batch norm
+//! needs them (then refused).
 //!
 //! ```
 //! use bnorm_interop::{read::read_bytes, InteropError};
@@ -465,6 +468,12 @@ pub(crate) fn read(bytes: &[u8]) -> Result<Checkpoint> {
                         "BatchNormalization node {label}: {input:?} has ONNX data type {code}, \
                          which bnorm does not compute with (it reads float, double, float16, \
                          bfloat16)"
+                    )))
+                }
+                None if input.is_empty() => {
+                    return Err(err(format!(
+                        "BatchNormalization node {label}: its {leaf} input is missing (an \
+                         empty name; the input is required): an invalid model"
                     )))
                 }
                 None => {
