@@ -259,6 +259,43 @@ fn boxed_linen_variables_are_unwrapped() {
 }
 
 #[test]
+fn half_precision_arrays_read() {
+    // BatchNorm(param_dtype=jnp.bfloat16) stores bfloat16 scale/bias; float16 statistics.
+    let bf16 = |v: &[f32]| -> Vec<u8> {
+        v.iter()
+            .flat_map(|x| ((x.to_bits() >> 16) as u16).to_le_bytes())
+            .collect()
+    };
+    let f16_one_and_quarter: Vec<u8> = [0x3c00u16, 0x3400]
+        .iter()
+        .flat_map(|x| x.to_le_bytes())
+        .collect();
+    let bytes = map(&[
+        (
+            "params",
+            map(&[(
+                "bn",
+                map(&[("scale", ndarray(&[2], "bfloat16", &bf16(&[1.0, 2.0])))]),
+            )]),
+        ),
+        (
+            "batch_stats",
+            map(&[(
+                "bn",
+                map(&[
+                    ("mean", ndarray(&[2], "float16", &f16_one_and_quarter)),
+                    ("var", ndarray(&[2], "float16", &f16_one_and_quarter)),
+                ]),
+            )]),
+        ),
+    ]);
+    let layers = read_bytes(&bytes).unwrap().checkpoint.layers().unwrap();
+    assert_eq!(layers[0].weight, Some(vec![1.0, 2.0]));
+    assert_eq!(layers[0].running_var, Some(vec![1.0, 0.25]));
+    assert_eq!(layers[0].dtype, bnorm::element::DType::F16);
+}
+
+#[test]
 fn chunked_arrays_are_reassembled() {
     // Flax splits arrays over 2^30 bytes into chunks; the same layout, small.
     let chunked = map(&[
