@@ -150,8 +150,11 @@ enum Sniffed {
 const HDF5_MAGIC: &[u8; 8] = b"\x89HDF\r\n\x1a\n";
 
 fn sniff(bytes: &[u8]) -> Sniffed {
-    if bytes.len() >= 9 && bytes[8] == b'{' {
-        return Sniffed::Safetensors;
+    // safetensors: a little-endian u64 header length that fits the file, then `{`.
+    if let Some((n, rest)) = bytes.split_first_chunk::<8>() {
+        if rest.first() == Some(&b'{') && u64::from_le_bytes(*n) <= rest.len() as u64 {
+            return Sniffed::Safetensors;
+        }
     }
     if bytes.starts_with(b"PK\x03\x04") || bytes.starts_with(b"PK\x05\x06") {
         return Sniffed::Zip;
@@ -238,6 +241,9 @@ mod tests {
         let mut st = 2u64.to_le_bytes().to_vec();
         st.extend(b"{}");
         assert_eq!(sniff(&st), Sniffed::Safetensors);
+        // A msgpack map whose ninth byte happens to be `{` is not safetensors: its first
+        // eight bytes read as a header length far beyond the file.
+        assert_eq!(sniff(b"\x81\xa6params\x7b\x00"), Sniffed::Msgpack);
         assert_eq!(sniff(b"PK\x03\x04rest"), Sniffed::Zip);
         assert_eq!(sniff(b"\x89HDF\r\n\x1a\n...."), Sniffed::Hdf5);
         assert_eq!(sniff(b"\x80\x02\x8a\x0al"), Sniffed::Pickle);

@@ -22,7 +22,6 @@ impl fmt::Display for Shape {
     }
 }
 
-
 /// Timed calls per benchmark (one call per sample, after an untimed one): S5's tensors
 /// are 100 MB each, and a whole `cargo bench -p bnorm` runs for well under a minute on
 /// two cores. Override with `-- --sample-count N` (or `DIVAN_SAMPLE_COUNT=N`).
