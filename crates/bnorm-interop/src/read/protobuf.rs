@@ -169,7 +169,11 @@ impl<'a> Fields<'a> {
                 let b = take(&mut self.pos, 4)?;
                 Value::Fixed32(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
             }
-            w => return err(format!("field {number} has wire type {w}, which is not supported")),
+            w => {
+                return err(format!(
+                    "field {number} has wire type {w}, which is not supported"
+                ))
+            }
         };
         Ok((number, value))
     }
@@ -193,8 +197,7 @@ mod tests {
 
         // field 1 varint 150, field 2 "hi", field 3 fixed32 7, field 4 fixed64 9
         let msg = [
-            0x08, 0x96, 0x01, 0x12, 2, b'h', b'i', 0x1d, 7, 0, 0, 0, 0x21, 9, 0, 0, 0, 0, 0, 0,
-            0,
+            0x08, 0x96, 0x01, 0x12, 2, b'h', b'i', 0x1d, 7, 0, 0, 0, 0x21, 9, 0, 0, 0, 0, 0, 0, 0,
         ];
         let f: Vec<_> = Fields::new(&msg).collect::<ProtoResult<_>>().unwrap();
         assert_eq!(
@@ -211,7 +214,9 @@ mod tests {
         assert!(Fields::new(&[0x0b]).any(|r| r.is_err()));
         assert!(Fields::new(&[0x00, 0x01]).any(|r| r.is_err()));
         // A huge claimed length neither allocates nor overflows.
-        let huge = [0x12, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01];
+        let huge = [
+            0x12, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
+        ];
         assert!(Fields::new(&huge).any(|r| r.is_err()));
         assert_eq!(Value::Varint(u64::MAX).int32("x"), Ok(-1));
         assert!(Value::Varint(1 << 40).int32("x").is_err());

@@ -70,7 +70,11 @@ fn bad(reason: impl Into<String>) -> InteropError {
 }
 
 fn proto(what: &str) -> impl Fn(ProtoError) -> InteropError + '_ {
-    move |e| bad(format!("{what}: {e} (the .index file is corrupt; re-save the checkpoint)"))
+    move |e| {
+        bad(format!(
+            "{what}: {e} (the .index file is corrupt; re-save the checkpoint)"
+        ))
+    }
 }
 
 /// The `.index` file of the TensorFlow checkpoint `path` names, if it names one: a prefix
@@ -362,7 +366,12 @@ fn entries<'a>(
     if b.len() < 4 {
         return Err(corrupt("shorter than its restart count"));
     }
-    let n = u32::from_le_bytes([b[b.len() - 4], b[b.len() - 3], b[b.len() - 2], b[b.len() - 1]]);
+    let n = u32::from_le_bytes([
+        b[b.len() - 4],
+        b[b.len() - 3],
+        b[b.len() - 2],
+        b[b.len() - 1],
+    ]);
     let restarts = (n as usize)
         .checked_mul(4)
         .and_then(|r| r.checked_add(4))
@@ -400,9 +409,9 @@ fn entries<'a>(
         if key_len > MAX_KEY {
             return Err(corrupt(&format!("a key of {key_len} bytes")));
         }
-        *key_budget = key_budget.checked_sub(key_len).ok_or_else(|| {
-            corrupt("its keys add up to far more bytes than the file holds")
-        })?;
+        *key_budget = key_budget
+            .checked_sub(key_len)
+            .ok_or_else(|| corrupt("its keys add up to far more bytes than the file holds"))?;
         let mut key = Vec::with_capacity(key_len);
         key.extend_from_slice(&last[..shared as usize]);
         key.extend_from_slice(delta);
@@ -426,8 +435,10 @@ fn table(file: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
     }
     let footer = &file[file.len() - FOOTER_LEN..file.len() - 8];
     let mut pos = 0;
-    let _metaindex = handle(footer, &mut pos, "footer")?;
+    let metaindex = handle(footer, &mut pos, "footer")?;
     let index = handle(footer, &mut pos, "footer")?;
+    // Unused (bundles have no filters), but checked like every block.
+    block(file, metaindex, "metaindex")?;
     // Keys never need more bytes than a generous multiple of the file.
     let mut budget = file.len().saturating_mul(16).saturating_add(1 << 16);
     let index_entries = entries(block(file, index, "index")?, "index", &mut budget)?;
@@ -444,7 +455,10 @@ fn table(file: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>> {
                  corrupt; re-save the checkpoint",
             ));
         }
-        next_free = h.offset.saturating_add(h.size).saturating_add(TRAILER_LEN as u64);
+        next_free = h
+            .offset
+            .saturating_add(h.size)
+            .saturating_add(TRAILER_LEN as u64);
         for (k, v) in entries(block(file, h, "data")?, "data", &mut budget)? {
             if let Some((last, _)) = out.last() {
                 if &k <= last {
@@ -584,8 +598,8 @@ fn read_with(index: &[u8], shards: &mut dyn Shards) -> Result<Checkpoint> {
             .iter()
             .try_fold(1usize, |a, &d| a.checked_mul(d))
             .ok_or_else(|| what(format!("its shape {shape:?} overflows")))?;
-        let size = usize::try_from(e.size)
-            .map_err(|_| what(format!("its size {} is invalid", e.size)))?;
+        let size =
+            usize::try_from(e.size).map_err(|_| what(format!("its size {} is invalid", e.size)))?;
         if let Some((_, width)) = known {
             if numel.checked_mul(width) != Some(size) {
                 return Err(what(format!(
@@ -605,7 +619,10 @@ fn read_with(index: &[u8], shards: &mut dyn Shards) -> Result<Checkpoint> {
         let offset = u64::try_from(e.offset)
             .map_err(|_| what(format!("its offset {} is negative", e.offset)))?;
         let shard_len = shards.len(shard, num_shards)?;
-        if offset.checked_add(size as u64).is_none_or(|end| end > shard_len) {
+        if offset
+            .checked_add(size as u64)
+            .is_none_or(|end| end > shard_len)
+        {
             return Err(what(format!(
                 "its {size} bytes at offset {offset} lie past the end of shard {shard} \
                  ({shard_len} bytes; truncated?)"
@@ -636,7 +653,11 @@ fn read_with(index: &[u8], shards: &mut dyn Shards) -> Result<Checkpoint> {
             if numel != 1 {
                 return Err(what(format!("the object graph has shape {shape:?}")));
             }
-            object_graph = Some(string_elements(&bytes, 1).map_err(what_proto(name))?.remove(0));
+            object_graph = Some(
+                string_elements(&bytes, 1)
+                    .map_err(what_proto(name))?
+                    .remove(0),
+            );
             continue;
         }
         let (dtype, _) = known.expect("checked above");
@@ -719,27 +740,35 @@ fn string_layout(bytes: &[u8], count: usize) -> std::result::Result<(Vec<u64>, u
     Ok((lens, end))
 }
 
-/// The CRC32C TensorFlow computes over a string tensor: each length as a little-endian
-/// u64, the stored length checksum, then the string bytes.
+/// The CRC32C of a string tensor's lengths as TensorFlow computes it: each length as a
+/// little-endian u32 when it fits (older checkpoints used u32), else as a u64.
+fn lengths_crc(lens: &[u64]) -> u32 {
+    lens.iter().fold(0, |crc, &l| match u32::try_from(l) {
+        Ok(l32) => crc32c_extend(crc, &l32.to_le_bytes()),
+        Err(_) => crc32c_extend(crc, &l.to_le_bytes()),
+    })
+}
+
+/// The CRC32C TensorFlow records for a string tensor: the lengths (see [`lengths_crc`]),
+/// the stored length checksum, then the string bytes.
 fn string_crc(bytes: &[u8], count: usize) -> std::result::Result<u32, ProtoError> {
     let (lens, start) = string_layout(bytes, count)?;
-    let mut crc = 0;
-    for l in &lens {
-        crc = crc32c_extend(crc, &l.to_le_bytes());
-    }
-    crc = crc32c_extend(crc, &bytes[start - 4..start]);
+    let crc = crc32c_extend(lengths_crc(&lens), &bytes[start - 4..start]);
     Ok(crc32c_extend(crc, &bytes[start..]))
 }
 
 fn string_elements(bytes: &[u8], count: usize) -> std::result::Result<Vec<Vec<u8>>, ProtoError> {
     let (lens, mut pos) = string_layout(bytes, count)?;
-    let mut len_crc = 0;
-    for l in &lens {
-        len_crc = crc32c_extend(len_crc, &l.to_le_bytes());
-    }
-    let stored = u32::from_le_bytes([bytes[pos - 4], bytes[pos - 3], bytes[pos - 2], bytes[pos - 1]]);
-    if mask(len_crc) != stored {
-        return Err(ProtoError("string lengths do not match their checksum".into()));
+    let stored = u32::from_le_bytes([
+        bytes[pos - 4],
+        bytes[pos - 3],
+        bytes[pos - 2],
+        bytes[pos - 1],
+    ]);
+    if mask(lengths_crc(&lens)) != stored {
+        return Err(ProtoError(
+            "string lengths do not match their checksum".into(),
+        ));
     }
     let mut out = Vec::new();
     for l in lens {
@@ -892,28 +921,32 @@ fn name_tf1(mut raw: BTreeMap<String, Tensor>, ckpt: &mut Checkpoint) {
             .filter(|s| scope == s.as_str() || scope.ends_with(&format!("/{s}")))
             .collect();
         if let [s] = matching.as_slice() {
-            claims
-                .entry((*s).clone())
-                .or_default()
-                .push((mean, var));
+            claims.entry((*s).clone()).or_default().push((mean, var));
         }
     }
     for (scope, list) in claims {
         let [(mean, var)] = list.as_slice() else {
             continue;
         };
-        let (m_name, v_name) = (format!("{scope}/moving_mean"), format!("{scope}/moving_variance"));
+        let (m_name, v_name) = (
+            format!("{scope}/moving_mean"),
+            format!("{scope}/moving_variance"),
+        );
         let shape_ok = |k: &String| {
             raw.get(k)
                 .is_some_and(|t| t.shape.len() == 1 && Some(&t.shape) == affine.get(&scope))
         };
-        if raw.contains_key(&m_name) || raw.contains_key(&v_name) || !shape_ok(mean) || !shape_ok(var)
+        if raw.contains_key(&m_name)
+            || raw.contains_key(&v_name)
+            || !shape_ok(mean)
+            || !shape_ok(var)
         {
             continue;
         }
         for (old, new) in [(mean, m_name), (var, v_name)] {
             if let Some(t) = raw.remove(old) {
-                ckpt.metadata.insert(format!("tensorflow.key.{new}"), old.clone());
+                ckpt.metadata
+                    .insert(format!("tensorflow.key.{new}"), old.clone());
                 raw.insert(new, t);
             }
         }
@@ -936,7 +969,10 @@ mod tests {
 
     #[test]
     fn names() {
-        assert_eq!(shard_prefix("m.ckpt-3.data-00000-of-00001"), Some("m.ckpt-3"));
+        assert_eq!(
+            shard_prefix("m.ckpt-3.data-00000-of-00001"),
+            Some("m.ckpt-3")
+        );
         assert_eq!(shard_prefix("m.data-0-of-1"), None);
         assert_eq!(
             model_checkpoint_path("model_checkpoint_path: \"a\\\"b\"\nall: \"x\""),
@@ -951,7 +987,13 @@ mod tests {
             ema_shadow("a/moments_2/Squeeze/ExponentialMovingAverage"),
             Some(("a/moments_2", false))
         );
-        assert_eq!(ema_shadow("a/momentsx/Squeeze/ExponentialMovingAverage"), None);
-        assert_eq!(ema_shadow("a/moments/Squeeze_2/ExponentialMovingAverage"), None);
+        assert_eq!(
+            ema_shadow("a/momentsx/Squeeze/ExponentialMovingAverage"),
+            None
+        );
+        assert_eq!(
+            ema_shadow("a/moments/Squeeze_2/ExponentialMovingAverage"),
+            None
+        );
     }
 }

@@ -54,6 +54,18 @@ def report(prefix):
     return out
 
 
+def object_graph(prefix):
+    """checkpoint_key -> full_name of every attribute of the TF2 object graph, parsed by
+    TensorFlow's own proto class."""
+    from tensorflow.core.protobuf import trackable_object_graph_pb2
+
+    g = trackable_object_graph_pb2.TrackableObjectGraph()
+    g.ParseFromString(tf.train.load_variable(prefix, "_CHECKPOINTABLE_OBJECT_GRAPH"))
+    return {
+        a.checkpoint_key: a.full_name for n in g.nodes for a in n.attributes
+    }
+
+
 def fresh(sub):
     d = os.path.join(HERE, sub)
     shutil.rmtree(d, ignore_errors=True)
@@ -185,11 +197,14 @@ def main():
         "tf2_checkpoint": tf2("tf2_checkpoint", model),
         "keras_weights": save_weights("keras_weights", model),
     }.items():
+        full = os.path.join(HERE, prefix)
         expected["fixtures"][name] = {
             "prefix": prefix,
             "facts": facts,
-            "variables": report(os.path.join(HERE, prefix)),
+            "variables": report(full),
         }
+        if name in ("tf2_checkpoint", "keras_weights"):
+            expected["fixtures"][name]["object_graph"] = object_graph(full)
     with open(os.path.join(HERE, "expected.json"), "w") as f:
         json.dump(expected, f, indent=1, sort_keys=True)
         f.write("\n")

@@ -1,0 +1,714 @@
+//! The TensorFlow checkpoint reader against checkpoints TensorFlow 2.21 wrote
+//! (`tests/data/tf/make_tf.py`) and what TensorFlow reported about them
+//! (`tests/data/tf/expected.json`: `tf.train.list_variables` / `tf.train.load_variable`,
+//! and the object graph parsed by TensorFlow's own proto class), plus hostile files.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use bnorm_interop::read::tf::read_bundle;
+use bnorm_interop::read::{read_bytes, read_path, FileFormat};
+use bnorm_interop::{inspect, BnAffine, Checkpoint, Format, InteropError, Problem};
+use serde_json::Value;
+
+fn dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tf")
+}
+
+fn expected() -> Value {
+    let text = std::fs::read_to_string(dir().join("expected.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn fixture(name: &str) -> (PathBuf, Value) {
+    let e = expected();
+    let f = e["fixtures"][name].clone();
+    (dir().join(f["prefix"].as_str().unwrap()), f)
+}
+
+/// The index and shard bytes of a fixture.
+fn bytes_of(prefix: &Path) -> (Vec<u8>, Vec<u8>) {
+    let p = prefix.as_os_str().to_string_lossy().to_string();
+    (
+        std::fs::read(format!("{p}.index")).unwrap(),
+        std::fs::read(format!("{p}.data-00000-of-00001")).unwrap(),
+    )
+}
+
+fn values(v: &Value) -> Vec<f64> {
+    v["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect()
+}
+
+fn f32s(v: &[f64]) -> Vec<f32> {
+    v.iter().map(|&x| x as f32).collect()
+}
+
+fn shape(v: &Value) -> Vec<usize> {
+    v["shape"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as usize)
+        .collect()
+}
+
+/// Checks every tensor `renamed` maps (TensorFlow's name → the reader's) against
+/// TensorFlow's report: same shape, same values (f32 widened exactly, so equality).
+fn check_values(ckpt: &Checkpoint, f: &Value, renamed: &BTreeMap<String, String>) {
+    for (tf_name, ours) in renamed {
+        let v = &f["variables"][tf_name];
+        assert!(v.is_object(), "TensorFlow reported no {tf_name}");
+        let t = ckpt
+            .tensors
+            .get(ours)
+            .unwrap_or_else(|| panic!("{ours} (TensorFlow's {tf_name}) missing"));
+        assert_eq!(t.shape, shape(v), "{ours}");
+        match v["dtype"].as_str().unwrap() {
+            // serde_json's float parsing is not exact: compare as the f32s TensorFlow held.
+            "float32" => assert_eq!(f32s(&t.to_f64(ours).unwrap()), f32s(&values(v)), "{ours}"),
+            "int64" => {
+                let want: Vec<i64> = v["values"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_i64().unwrap())
+                    .collect();
+                let got: Vec<i64> = t
+                    .bytes
+                    .chunks_exact(8)
+                    .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                    .collect();
+                assert_eq!(got, want, "{ours}");
+            }
+            d => panic!("{tf_name}: dtype {d} not expected in the fixtures"),
+        }
+    }
+}
+
+fn identity(f: &Value) -> BTreeMap<String, String> {
+    f["variables"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(|k| (k.clone(), k.clone()))
+        .collect()
+}
+
+fn no_invented_conventions(ckpt: &Checkpoint) {
+    assert!(
+        ckpt.metadata.keys().all(|k| !k.starts_with("bnorm.layer.")),
+        "{:?}",
+        ckpt.metadata
+    );
+}
+
+// ------------------------------------------------------------------------ TF1 classic recipe
+
+fn classic(name: &str) -> (Checkpoint, Value) {
+    let (prefix, f) = fixture(name);
+    let loaded = read_path(&prefix).unwrap();
+    assert_eq!(loaded.file_format, FileFormat::TfCheckpoint);
+    let ckpt = loaded.checkpoint;
+    let shadows = &f["facts"]["ema_shadow_names"];
+    let strip = |s: &Value| s.as_str().unwrap().strip_suffix(":0").unwrap().to_string();
+    let (mean, var) = (strip(&shadows["mean"]), strip(&shadows["variance"]));
+    // TensorFlow's own names of the shadows, as the issue describes them.
+    assert_eq!(mean, "bn/bn/moments/Squeeze/ExponentialMovingAverage");
+    assert_eq!(var, "bn/bn/moments/Squeeze_1/ExponentialMovingAverage");
+    assert_eq!(shadows["mean_op"], "bn/moments/Squeeze");
+    assert_eq!(shadows["variance_op"], "bn/moments/Squeeze_1");
+    let renamed = BTreeMap::from([
+        ("bn/beta".to_string(), "bn/beta".to_string()),
+        ("bn/gamma".to_string(), "bn/gamma".to_string()),
+        (mean.clone(), "bn/moving_mean".to_string()),
+        (var.clone(), "bn/moving_variance".to_string()),
+    ]);
+    check_values(&ckpt, &f, &renamed);
+    assert_eq!(ckpt.tensors.len(), 4, "{:?}", ckpt.tensors.keys());
+    assert_eq!(ckpt.metadata["tensorflow.key.bn/moving_mean"], mean);
+    assert_eq!(ckpt.metadata["tensorflow.key.bn/moving_variance"], var);
+    no_invented_conventions(&ckpt);
+    let layers = ckpt.layers().unwrap();
+    assert_eq!(layers.len(), 1);
+    let l = &layers[0];
+    assert_eq!(
+        (l.name.as_str(), l.format, l.channels),
+        ("bn", Format::Keras, 3)
+    );
+    assert_eq!(
+        f32s(l.weight.as_ref().unwrap()),
+        f32s(&values(&f["variables"]["bn/gamma"]))
+    );
+    assert_eq!(
+        f32s(l.bias.as_ref().unwrap()),
+        f32s(&values(&f["variables"]["bn/beta"]))
+    );
+    assert_eq!(
+        f32s(l.running_mean.as_ref().unwrap()),
+        f32s(&values(&f["variables"][&mean]))
+    );
+    assert_eq!(
+        f32s(l.running_var.as_ref().unwrap()),
+        f32s(&values(&f["variables"][&var]))
+    );
+    // Not stored in the checkpoint: the Keras defaults, not the recipe's eps 1e-3 / decay 0.9
+    // by coincidence of knowledge.
+    assert!(!l.conventions_recorded);
+    (ckpt, f)
+}
+
+#[test]
+fn classic_recipe_with_updates_run() {
+    let (_, f) = classic("classic_run");
+    assert_eq!(f["facts"]["moving_statistics_at_initial_values"], false);
+    assert_eq!(f["facts"]["update_ops_run"], 3);
+}
+
+#[test]
+fn classic_recipe_never_updated_keeps_zero_statistics() {
+    let (ckpt, f) = classic("classic_norun");
+    // The classic bug, as TensorFlow reported it: the shadows never left their initial
+    // zeros (a zero variance, not Keras's 1).
+    assert_eq!(f["facts"]["moving_statistics_at_initial_values"], true);
+    assert_eq!(f["facts"]["update_ops_run"], 0);
+    let l = &ckpt.layers().unwrap()[0];
+    assert_eq!(l.running_mean.as_deref(), Some(&[0.0; 3][..]));
+    assert_eq!(l.running_var.as_deref(), Some(&[0.0; 3][..]));
+    assert!(
+        inspect(l).contains(&Problem::NearZeroVariance),
+        "{:?}",
+        inspect(l)
+    );
+}
+
+#[test]
+fn every_way_of_naming_a_checkpoint_reads_the_same() {
+    let (prefix, _) = fixture("classic_run");
+    let p = prefix.as_os_str().to_string_lossy().to_string();
+    let want = read_path(&prefix).unwrap();
+    for path in [
+        PathBuf::from(format!("{p}.index")),
+        PathBuf::from(format!("{p}.data-00000-of-00001")),
+        prefix.parent().unwrap().to_path_buf(),
+    ] {
+        assert_eq!(read_path(&path).unwrap(), want, "{}", path.display());
+    }
+    // The .index bytes alone: told to give the path.
+    let (index, data) = bytes_of(&prefix);
+    let e = read_bytes(&index).unwrap_err();
+    assert!(matches!(e, InteropError::Unreadable { .. }), "{e}");
+    assert!(e.to_string().contains(".data"), "{e}");
+    // In memory.
+    assert_eq!(read_bundle(&index, &[&data]).unwrap(), want.checkpoint);
+}
+
+// ------------------------------------------------------------------------ tf.compat.v1.layers
+
+#[test]
+fn v1_layers_batch_normalization() {
+    let (prefix, f) = fixture("layers_v1");
+    let ckpt = read_path(&prefix).unwrap().checkpoint;
+    let all = identity(&f);
+    assert_eq!(all.len(), 6);
+    check_values(&ckpt, &f, &all);
+    assert_eq!(ckpt.tensors.len(), 6);
+    assert!(ckpt.metadata.is_empty(), "{:?}", ckpt.metadata);
+    let layers = ckpt.layers().unwrap();
+    assert_eq!(layers.len(), 1);
+    let l = &layers[0];
+    assert_eq!(l.name, "net/batch_normalization");
+    assert_eq!((l.format, l.channels), (Format::Keras, 4));
+    let v = &f["variables"];
+    assert_eq!(
+        f32s(l.running_mean.as_ref().unwrap()),
+        f32s(&values(&v["net/batch_normalization/moving_mean"]))
+    );
+    assert_eq!(
+        f32s(l.running_var.as_ref().unwrap()),
+        f32s(&values(&v["net/batch_normalization/moving_variance"]))
+    );
+    assert!(l.to_batchnorm().is_ok());
+    assert!(BnAffine::from_layer(l).is_ok());
+}
+
+// ------------------------------------------------------------------------ TF2 object-based
+
+fn tf2(name: &str) {
+    let (prefix, f) = fixture(name);
+    let ckpt = read_path(&prefix).unwrap().checkpoint;
+    let graph = f["object_graph"].as_object().unwrap();
+    // What the reader must call each of TensorFlow's keys: the variable's name from the
+    // object graph when it ends like the key, else the key without the attribute suffix;
+    // slots and the graph itself are left out.
+    let mut renamed = BTreeMap::new();
+    for key in f["variables"].as_object().unwrap().keys() {
+        if key == "_CHECKPOINTABLE_OBJECT_GRAPH" || key.contains("/.OPTIMIZER_SLOT/") {
+            continue;
+        }
+        let path = key.strip_suffix("/.ATTRIBUTES/VARIABLE_VALUE").unwrap();
+        let ours = match graph.get(key).and_then(Value::as_str) {
+            Some(full) if full.rsplit('/').next() == path.rsplit('/').next() => full,
+            _ => path,
+        };
+        renamed.insert(key.clone(), ours.to_string());
+    }
+    assert_eq!(
+        renamed[&format!(
+            "{}layer_with_weights-1/moving_mean/.ATTRIBUTES/VARIABLE_VALUE",
+            if name == "tf2_checkpoint" {
+                "model/"
+            } else {
+                ""
+            }
+        )],
+        "bn_a/moving_mean"
+    );
+    check_values(&ckpt, &f, &renamed);
+    assert_eq!(
+        ckpt.tensors.len(),
+        renamed.len(),
+        "{:?}",
+        ckpt.tensors.keys()
+    );
+    assert!(ckpt.tensors.keys().all(|k| !k.contains("OPTIMIZER_SLOT")));
+    no_invented_conventions(&ckpt);
+    let layers = ckpt.layers().unwrap();
+    let names: Vec<&str> = layers.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(names, ["bn_a", "bn_b"]);
+    for l in &layers {
+        // Keras's own list of the layer's variables (same model for both fixtures).
+        let e = expected();
+        let vars = &e["fixtures"]["tf2_checkpoint"]["facts"]["layers"][&l.name]["variables"];
+        assert_eq!(vars.as_array().unwrap().len(), 4);
+        assert_eq!(l.format, Format::Keras);
+        assert!(l.weight.is_some() && l.bias.is_some());
+        assert!(l.to_batchnorm().is_ok());
+    }
+    assert_eq!((layers[0].channels, layers[1].channels), (3, 2));
+}
+
+#[test]
+fn tf2_checkpoint_names_layers_by_their_keras_names() {
+    tf2("tf2_checkpoint");
+    let (prefix, _) = fixture("tf2_checkpoint");
+    let ckpt = read_path(&prefix).unwrap().checkpoint;
+    assert!(ckpt.tensors.contains_key("save_counter"));
+    // The optimizer's step counter, named by the object graph (`Adam/iter`).
+    let e = expected();
+    let graph = &e["fixtures"]["tf2_checkpoint"]["object_graph"];
+    let iter = graph["optimizer/iter/.ATTRIBUTES/VARIABLE_VALUE"]
+        .as_str()
+        .unwrap();
+    assert!(ckpt.tensors.contains_key(iter), "{iter}");
+}
+
+#[test]
+fn tf_keras_save_weights_checkpoint() {
+    tf2("keras_weights");
+}
+
+// ------------------------------------------------------------------------ hostile files
+
+fn all_fixtures() -> Vec<(Vec<u8>, Vec<u8>)> {
+    ["classic_run", "layers_v1", "tf2_checkpoint"]
+        .iter()
+        .map(|n| bytes_of(&fixture(n).0))
+        .collect()
+}
+
+#[test]
+fn truncated_index_at_every_length_is_refused() {
+    for (index, data) in all_fixtures() {
+        for n in 0..index.len() {
+            let e = read_bundle(&index[..n], &[&data]);
+            assert!(
+                matches!(e, Err(InteropError::Unreadable { .. })),
+                "prefix {n}: {e:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn truncated_data_is_refused() {
+    for (index, data) in all_fixtures() {
+        for n in (0..data.len()).step_by(7) {
+            let e = read_bundle(&index, &[&data[..n]]);
+            assert!(
+                matches!(e, Err(InteropError::Unreadable { .. })),
+                "prefix {n}: {e:?}"
+            );
+        }
+        assert!(read_bundle(&index, &[]).is_err());
+    }
+}
+
+#[test]
+fn bit_flips_never_panic_and_checksums_catch_them() {
+    for (index, data) in all_fixtures() {
+        let mut accepted = 0;
+        for i in 0..index.len() * 8 {
+            let mut b = index.clone();
+            b[i / 8] ^= 1 << (i % 8);
+            if let Ok(c) = read_bundle(&b, &[&data]) {
+                // Only the footer's padding and unused metaindex handle are unchecked.
+                assert!(i / 8 >= index.len() - 48, "bit {i} accepted");
+                let _ = c.layers();
+                accepted += 1;
+            }
+        }
+        assert!(accepted < 48 * 8);
+        // Every byte of the data file is covered by an entry's checksum.
+        for i in (0..data.len() * 8).step_by(3) {
+            let mut d = data.clone();
+            d[i / 8] ^= 1 << (i % 8);
+            let e = read_bundle(&index, &[&d]);
+            assert!(
+                matches!(e, Err(InteropError::Unreadable { .. })),
+                "data bit {i}: {e:?}"
+            );
+        }
+    }
+}
+
+// A small writer of bundles, for files TensorFlow would never write.
+
+fn crc32c(data: &[u8]) -> u32 {
+    let mut c = !0u32;
+    for &b in data {
+        c ^= u32::from(b);
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0x82f6_3b78
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
+}
+
+fn mask(c: u32) -> u32 {
+    c.rotate_right(15).wrapping_add(0xa282_ead8)
+}
+
+fn varint(mut v: u64, out: &mut Vec<u8>) {
+    while v >= 0x80 {
+        out.push(v as u8 | 0x80);
+        v >>= 7;
+    }
+    out.push(v as u8);
+}
+
+fn field_varint(n: u32, v: u64, out: &mut Vec<u8>) {
+    varint(u64::from(n) << 3, out);
+    varint(v, out);
+}
+
+fn field_bytes(n: u32, b: &[u8], out: &mut Vec<u8>) {
+    varint(u64::from(n) << 3 | 2, out);
+    varint(b.len() as u64, out);
+    out.extend_from_slice(b);
+}
+
+/// A block of (key, value) entries without prefix compression, one restart point.
+fn block(entries: &[(&[u8], Vec<u8>)]) -> Vec<u8> {
+    let mut b = Vec::new();
+    for (k, v) in entries {
+        varint(0, &mut b);
+        varint(k.len() as u64, &mut b);
+        varint(v.len() as u64, &mut b);
+        b.extend_from_slice(k);
+        b.extend_from_slice(v);
+    }
+    b.extend(0u32.to_le_bytes());
+    b.extend(1u32.to_le_bytes());
+    b
+}
+
+fn push_block(file: &mut Vec<u8>, contents: &[u8]) -> (u64, u64) {
+    let h = (file.len() as u64, contents.len() as u64);
+    file.extend_from_slice(contents);
+    let mut c = contents.to_vec();
+    c.push(0);
+    file.push(0);
+    file.extend(mask(crc32c(&c)).to_le_bytes());
+    h
+}
+
+/// An index file holding one data block with `entries` (sorted keys), a header first.
+fn index_file(header: Vec<u8>, entries: &[(&[u8], Vec<u8>)]) -> Vec<u8> {
+    let mut all: Vec<(&[u8], Vec<u8>)> = vec![(b"", header)];
+    all.extend(entries.iter().cloned());
+    let mut file = Vec::new();
+    let data = push_block(&mut file, &block(&all));
+    let meta = push_block(&mut file, &block(&[]));
+    let mut handle = Vec::new();
+    varint(data.0, &mut handle);
+    varint(data.1, &mut handle);
+    let index = push_block(&mut file, &block(&[(b"\xff", handle)]));
+    let mut footer = Vec::new();
+    for v in [meta.0, meta.1, index.0, index.1] {
+        varint(v, &mut footer);
+    }
+    footer.resize(40, 0);
+    footer.extend(0xdb47_7524_8b80_fb57u64.to_le_bytes());
+    file.extend(footer);
+    file
+}
+
+fn header(shards: u64) -> Vec<u8> {
+    let mut h = Vec::new();
+    field_varint(1, shards, &mut h);
+    h
+}
+
+fn entry(dtype: u64, dims: &[u64], offset: u64, size: u64, crc: u32) -> Vec<u8> {
+    let mut shape = Vec::new();
+    for &d in dims {
+        let mut dim = Vec::new();
+        field_varint(1, d, &mut dim);
+        field_bytes(2, &dim, &mut shape);
+    }
+    let mut e = Vec::new();
+    field_varint(1, dtype, &mut e);
+    field_bytes(2, &shape, &mut e);
+    field_varint(4, offset, &mut e);
+    field_varint(5, size, &mut e);
+    e.push(6 << 3 | 5);
+    e.extend(crc.to_le_bytes());
+    e
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+#[test]
+fn the_test_writer_makes_readable_bundles() {
+    let data = f32_bytes(&[1.0, 2.0, 0.5, 4.0]);
+    let crc = mask(crc32c(&data[..8]));
+    let crc2 = mask(crc32c(&data[8..]));
+    let index = index_file(
+        header(1),
+        &[
+            (b"s/moving_mean", entry(1, &[2], 0, 8, crc)),
+            (b"s/moving_variance", entry(1, &[2], 8, 8, crc2)),
+        ],
+    );
+    let c = read_bundle(&index, &[&data]).unwrap();
+    let l = c.layers().unwrap();
+    assert_eq!(l[0].running_var.as_deref(), Some(&[0.5, 4.0][..]));
+}
+
+fn refused(index: &[u8], data: &[u8], needle: &str) {
+    match read_bundle(index, &[data]) {
+        Err(e @ InteropError::Unreadable { .. }) => {
+            assert!(e.to_string().contains(needle), "{e} lacks {needle:?}")
+        }
+        other => panic!("expected a refusal mentioning {needle:?}, got {other:?}"),
+    }
+}
+
+#[test]
+fn lies_about_sizes_shapes_and_types_are_refused() {
+    let data = f32_bytes(&[1.0, 2.0]);
+    let crc = mask(crc32c(&data));
+    let one = |e: Vec<u8>| index_file(header(1), &[(b"x/moving_mean", e)]);
+    // A size past the shard, a huge size, an offset past the shard.
+    refused(&one(entry(1, &[2], 0, 1 << 40, crc)), &data, "cannot hold");
+    refused(
+        &one(entry(1, &[1 << 38], 0, 1 << 40, crc)),
+        &data,
+        "past the end",
+    );
+    refused(&one(entry(1, &[2], 4, 8, crc)), &data, "past the end");
+    refused(&one(entry(1, &[2], u64::MAX, 8, crc)), &data, "negative");
+    // A shape whose product overflows, a negative dimension.
+    refused(
+        &one(entry(1, &[1 << 62, 1 << 62], 0, 8, crc)),
+        &data,
+        "overflows",
+    );
+    refused(&one(entry(1, &[u64::MAX, 2], 0, 8, crc)), &data, "negative");
+    // A wrong checksum.
+    refused(&one(entry(1, &[2], 0, 8, crc ^ 1)), &data, "checksum");
+    // A shard that does not exist.
+    let mut e = entry(1, &[2], 0, 8, crc);
+    field_varint(3, 7, &mut e);
+    refused(&one(e), &data, "shard 7");
+    // Wrong wire types: dtype as bytes, shape as a varint, a group.
+    let mut e = Vec::new();
+    field_bytes(1, b"float", &mut e);
+    refused(&one(e), &data, "dtype");
+    let mut e = Vec::new();
+    field_varint(2, 3, &mut e);
+    refused(&one(e), &data, "shape");
+    refused(&one(vec![0x0b, 0x0c]), &data, "wire type");
+    // A header: zero or absurd shards, big-endian, a newer version, missing.
+    let one_h = |h: Vec<u8>| index_file(h, &[(b"x/moving_mean", entry(1, &[2], 0, 8, crc))]);
+    refused(&one_h(header(0)), &data, "shards");
+    refused(&one_h(header(1 << 40)), &data, "int32");
+    let mut h = header(1);
+    field_varint(2, 1, &mut h);
+    refused(&one_h(h), &data, "big-endian");
+    let mut h = header(1);
+    let mut ver = Vec::new();
+    field_varint(2, 5, &mut ver);
+    field_bytes(3, &ver, &mut h);
+    refused(&one_h(h), &data, "newer");
+}
+
+#[test]
+fn hostile_tables_are_refused() {
+    let data = f32_bytes(&[1.0, 2.0]);
+    let good = index_file(header(1), &[]);
+    assert!(read_bundle(&good, &[&data]).unwrap().tensors.is_empty());
+    // A block claimed to be enormous.
+    let mut f = good.clone();
+    let n = f.len();
+    let mut footer = Vec::new();
+    for v in [0, u64::MAX / 2, 0, u64::MAX / 2] {
+        varint(v, &mut footer);
+    }
+    footer.resize(40, 0);
+    f[n - 48..n - 8].copy_from_slice(&footer);
+    refused(&f, &data, "past the end");
+    // Restart counts that do not fit, keys sharing more than exists, out of order.
+    for contents in [
+        {
+            let mut b = vec![0u8; 4];
+            b.extend(u32::MAX.to_le_bytes());
+            b
+        },
+        {
+            let mut b = vec![5, 1, 0, b'a'];
+            b.extend(0u32.to_le_bytes());
+            b.extend(1u32.to_le_bytes());
+            b
+        },
+        block(&[(b"b", vec![]), (b"a", vec![])]),
+    ] {
+        refused(&table_with(&contents, 0), &data, "corrupt");
+    }
+    // Prefix compression claiming ever longer keys: each entry is 4 bytes and one longer
+    // key; building them all would take ~200 MB: refused by the key budget.
+    let mut b = Vec::new();
+    let mut len = 200u64;
+    b.extend([0]);
+    varint(200, &mut b);
+    b.extend([0]);
+    b.extend([b'k'; 200]);
+    for _ in 0..20_000 {
+        varint(len, &mut b);
+        b.extend([1, 0, b'k']);
+        len += 1;
+    }
+    b.extend(0u32.to_le_bytes());
+    b.extend(1u32.to_le_bytes());
+    refused(&table_with(&b, 0), &data, "far more bytes");
+    // A snappy block.
+    refused(&table_with(&block(&[(b"", header(1))]), 1), &data, "snappy");
+}
+
+/// An index file whose one data block is `contents` with compression byte `kind`.
+fn table_with(contents: &[u8], kind: u8) -> Vec<u8> {
+    let mut file = contents.to_vec();
+    let mut c = contents.to_vec();
+    c.push(kind);
+    file.push(kind);
+    file.extend(mask(crc32c(&c)).to_le_bytes());
+    let mut handle = Vec::new();
+    varint(0, &mut handle);
+    varint(contents.len() as u64, &mut handle);
+    let i = push_block(&mut file, &block(&[(b"\xff", handle)]));
+    let mut footer = Vec::new();
+    for v in [0, 0, i.0, i.1] {
+        varint(v, &mut footer);
+    }
+    footer.resize(40, 0);
+    footer.extend(0xdb47_7524_8b80_fb57u64.to_le_bytes());
+    file.extend(footer);
+    file
+}
+
+#[test]
+fn overlapping_entries_cannot_multiply_allocation() {
+    // Many entries pointing at the same bytes: refused once they claim more than the shard.
+    let data = f32_bytes(&[1.0; 64]);
+    let crc = mask(crc32c(&data));
+    let keys: Vec<String> = (0..10).map(|i| format!("t{i}")).collect();
+    let entries: Vec<(&[u8], Vec<u8>)> = keys
+        .iter()
+        .map(|k| (k.as_bytes(), entry(1, &[64], 0, 256, crc)))
+        .collect();
+    refused(&index_file(header(1), &entries), &data, "more bytes");
+}
+
+#[test]
+fn a_corrupt_object_graph_is_refused() {
+    // A DT_STRING object graph whose proto lies about a length.
+    let graph = {
+        let mut node = Vec::new();
+        field_bytes(2, &[0x12, 0x7f, b'a'], &mut node); // attribute with a short string
+        let mut g = Vec::new();
+        field_bytes(1, &node, &mut g);
+        g
+    };
+    let mut data = Vec::new();
+    varint(graph.len() as u64, &mut data);
+    let mut len_crc = Vec::new();
+    len_crc.extend((graph.len() as u32).to_le_bytes());
+    let lc = mask(crc32c(&len_crc)).to_le_bytes();
+    data.extend(lc);
+    data.extend(&graph);
+    let mut covered = len_crc.clone();
+    covered.extend(lc);
+    covered.extend(&graph);
+    let e = entry(7, &[], 0, data.len() as u64, mask(crc32c(&covered)));
+    refused(
+        &index_file(header(1), &[(b"_CHECKPOINTABLE_OBJECT_GRAPH", e)]),
+        &data,
+        "object graph",
+    );
+}
+
+// ------------------------------------------------------------------------ fuzz corpus
+
+/// The fuzz target's input: a 4-byte little-endian index length, the index, the shard.
+fn split(input: &[u8]) -> Option<(&[u8], &[u8])> {
+    let (n, rest) = input.split_first_chunk::<4>()?;
+    let n = u32::from_le_bytes(*n) as usize;
+    (n <= rest.len()).then(|| rest.split_at(n))
+}
+
+#[test]
+fn fuzz_corpus_replays_without_panic() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/read_tf");
+    let mut n = 0;
+    let mut ok = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        if let Some((index, data)) = split(&bytes) {
+            if let Ok(ckpt) = read_bundle(index, &[data]) {
+                ok += 1;
+                if let Ok(layers) = ckpt.layers() {
+                    for l in layers {
+                        let _ = inspect(&l);
+                        let _ = l.to_batchnorm();
+                        let _ = BnAffine::from_layer(&l);
+                    }
+                }
+            }
+        }
+        let _ = read_bytes(&bytes);
+        n += 1;
+    }
+    assert!(n >= 10, "corpus has {n} files");
+    assert!(ok >= 3, "only {ok} corpus files read");
+}
