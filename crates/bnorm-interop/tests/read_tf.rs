@@ -627,8 +627,9 @@ fn table_with(contents: &[u8], kind: u8) -> Vec<u8> {
     varint(0, &mut handle);
     varint(contents.len() as u64, &mut handle);
     let i = push_block(&mut file, &block(&[(b"\xff", handle)]));
+    let m = push_block(&mut file, &block(&[]));
     let mut footer = Vec::new();
-    for v in [0, 0, i.0, i.1] {
+    for v in [m.0, m.1, i.0, i.1] {
         varint(v, &mut footer);
     }
     footer.resize(40, 0);
