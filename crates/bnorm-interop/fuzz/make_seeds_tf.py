@@ -12,6 +12,7 @@ OUT = os.path.join(HERE, "corpus", "read_tf")
 FIXTURES = {
     "classic_run": "classic_run/model.ckpt-3",
     "classic_norun": "classic_norun/model.ckpt-0",
+    "classic_two": "classic_two/model.ckpt",
     "layers_v1": "layers_v1/model.ckpt",
     "tf2_checkpoint": "tf2_checkpoint/ckpt-1",
     "keras_weights": "keras_weights/weights.ckpt",

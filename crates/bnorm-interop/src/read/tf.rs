@@ -636,6 +636,11 @@ fn read_with(index: &[u8], shards: &mut dyn Shards) -> Result<Checkpoint> {
                 "the entries of shard {shard} claim more bytes than its {shard_len}"
             )));
         }
+        if is_graph && numel != 1 {
+            return Err(what(format!(
+                "the object graph has shape {shape:?}, not a scalar"
+            )));
+        }
         let bytes = shards.bytes(shard, num_shards, offset, size)?;
         let crc = if is_graph {
             string_crc(&bytes, numel).map_err(|w| what(w.to_string()))?
@@ -650,9 +655,6 @@ fn read_with(index: &[u8], shards: &mut dyn Shards) -> Result<Checkpoint> {
             )));
         }
         if is_graph {
-            if numel != 1 {
-                return Err(what(format!("the object graph has shape {shape:?}")));
-            }
             object_graph = Some(
                 string_elements(&bytes, 1)
                     .map_err(what_proto(name))?
@@ -858,10 +860,16 @@ fn name_by_object_graph(
     for (key, path, tensor) in kept {
         let name = match renamed.get(&key) {
             Some(n) => n.clone(),
-            // A path that collides with a Keras name keeps its whole key.
-            None if used.contains(&path) => key.clone(),
+            // A path that collides with another name keeps its whole key.
+            None if used.contains(&path) || ckpt.tensors.contains_key(&path) => key.clone(),
             None => path,
         };
+        if ckpt.tensors.contains_key(&name) {
+            return Err(bad(format!(
+                "two tensors would both be named {name}: the object graph contradicts the \
+                 keys; the checkpoint is corrupt"
+            )));
+        }
         if name != key {
             ckpt.metadata
                 .insert(format!("tensorflow.key.{name}"), key.clone());
@@ -916,10 +924,20 @@ fn name_tf1(mut raw: BTreeMap<String, Tensor>, ckpt: &mut Checkpoint) {
             continue;
         };
         let scope = moments.rsplit_once('/').map_or("", |m| m.0);
-        let matching: Vec<&String> = affine
+        // `ema.apply` in the layer's own variable scope (`<S>/<S>`) or in none (`<S>`) first;
+        // else any variable scope before it, if only one layer fits.
+        let exact: Vec<&String> = affine
             .keys()
-            .filter(|s| scope == s.as_str() || scope.ends_with(&format!("/{s}")))
+            .filter(|s| scope == s.as_str() || scope == format!("{s}/{s}"))
             .collect();
+        let matching: Vec<&String> = if exact.is_empty() {
+            affine
+                .keys()
+                .filter(|s| scope.ends_with(&format!("/{s}")))
+                .collect()
+        } else {
+            exact
+        };
         if let [s] = matching.as_slice() {
             claims.entry((*s).clone()).or_default().push((mean, var));
         }

@@ -16,6 +16,8 @@ Fixtures (each a tensor bundle: `<prefix>.index` + `<prefix>.data-00000-of-00001
   three times, saved with `tf.compat.v1.train.Saver` (a `checkpoint` file names it).
 * `classic_norun/model.ckpt-0`: the same graph saved with the update op **never run** (the
   classic bug: the moving statistics keep their initial values, zeros).
+* `classic_two/model.ckpt`: two classic-recipe layers, `block/bn` (EMA applied inside its
+  variable scope) and `bn2` (EMA applied outside any variable scope), two updates run.
 * `layers_v1/model.ckpt`: `tf.compat.v1.layers.batch_normalization` (momentum 0.9, eps 1e-3)
   under scope `net`, trained three steps with the UPDATE_OPS run, saved with Saver.
 * `tf2_checkpoint/ckpt-1`: a tf_keras model (Conv2D, BatchNormalization named `bn_a`, Dense,
@@ -123,6 +125,47 @@ def classic(sub, run_updates):
     }
 
 
+def classic_two(sub):
+    """Two classic-recipe layers in one graph: `block/bn` with the EMA applied inside its
+    variable scope (shadows `block/bn/block/bn/moments/...`) and `bn2` with the EMA applied
+    outside any variable scope (shadows `bn2/moments/...`)."""
+    d = fresh(sub)
+    g = tf.Graph()
+    with g.as_default():
+        x = tf.compat.v1.placeholder(tf.float32, [None, 2])
+        shadows = {}
+
+        def layer(h, scope, outside):
+            with tf.compat.v1.variable_scope(scope):
+                beta = tf.Variable(tf.zeros([2]), name="beta")
+                gamma = tf.Variable(tf.ones([2]), name="gamma")
+                m, v = tf.nn.moments(h, [0], name="moments")
+            ema = tf.compat.v1.train.ExponentialMovingAverage(decay=0.5)
+            if outside:
+                op = ema.apply([m, v])
+            else:
+                with tf.compat.v1.variable_scope(scope, reuse=tf.compat.v1.AUTO_REUSE):
+                    op = ema.apply([m, v])
+            full = tf.compat.v1.get_variable_scope().name
+            shadows[(full + "/" if full else "") + scope] = {
+                "mean": ema.average(m).name,
+                "variance": ema.average(v).name,
+            }
+            with tf.control_dependencies([op]):
+                return tf.nn.batch_normalization(h, m, v, beta, gamma, 1e-3)
+
+        with tf.compat.v1.variable_scope("block"):
+            y = layer(x, "bn", outside=False)
+        y = layer(y, "bn2", outside=True)
+        saver = tf.compat.v1.train.Saver(save_relative_paths=True)
+        with tf.compat.v1.Session(graph=g) as s:
+            s.run(tf.compat.v1.global_variables_initializer())
+            for _ in range(2):
+                s.run(y, {x: rng.normal(2.0, 3.0, size=(5, 2)).astype(np.float32)})
+            prefix = saver.save(s, os.path.join(d, "model.ckpt"), write_meta_graph=False)
+    return os.path.relpath(prefix, HERE), {"ema_decay": 0.5, "ema_shadow_names": shadows}
+
+
 def layers_v1(sub):
     d = fresh(sub)
     g = tf.Graph()
@@ -193,6 +236,7 @@ def main():
     for name, (prefix, facts) in {
         "classic_run": classic("classic_run", True),
         "classic_norun": classic("classic_norun", False),
+        "classic_two": classic_two("classic_two"),
         "layers_v1": layers_v1("layers_v1"),
         "tf2_checkpoint": tf2("tf2_checkpoint", model),
         "keras_weights": save_weights("keras_weights", model),
