@@ -803,3 +803,113 @@ fn fuzz_corpus_replays_without_panic() {
     assert!(n >= 10, "corpus has {n} files");
     assert!(ok >= 3, "only {ok} corpus files read");
 }
+
+// ------------------------------------------------------------------------ random mutations
+
+mod mutations {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn read_varint(b: &[u8], pos: &mut usize) -> u64 {
+        let mut v = 0u64;
+        for i in 0..10 {
+            let x = b[*pos];
+            *pos += 1;
+            v |= u64::from(x & 0x7f) << (7 * i);
+            if x < 0x80 {
+                break;
+            }
+        }
+        v
+    }
+
+    /// The (offset, size) of every block of a well-formed index file `orig`.
+    fn blocks(orig: &[u8]) -> Vec<(usize, usize)> {
+        let n = orig.len();
+        let mut pos = n - 48;
+        let mut out = Vec::new();
+        for _ in 0..2 {
+            let o = read_varint(orig, &mut pos) as usize;
+            out.push((o, read_varint(orig, &mut pos) as usize));
+        }
+        // Data blocks, from the index block's values (entries with restarts at the end).
+        let (io, is) = out[1];
+        let b = &orig[io..io + is];
+        let restarts = u32::from_le_bytes(b[is - 4..].try_into().unwrap()) as usize;
+        let end = is - 4 - 4 * restarts;
+        let mut p = 0;
+        while p < end {
+            let _shared = read_varint(b, &mut p);
+            let non_shared = read_varint(b, &mut p) as usize;
+            let value_len = read_varint(b, &mut p) as usize;
+            p += non_shared;
+            let mut q = p;
+            let o = read_varint(b, &mut q) as usize;
+            out.push((o, read_varint(b, &mut q) as usize));
+            p += value_len;
+        }
+        out
+    }
+
+    /// Recomputes every block trailer's checksum, so that edits reach the parser behind it.
+    fn refresh_block_crcs(index: &mut [u8], orig: &[u8]) {
+        for (o, size) in blocks(orig) {
+            let mut c = index[o..o + size].to_vec();
+            c.push(index[o + size]);
+            let crc = mask(crc32c(&c)).to_le_bytes();
+            index[o + size + 1..o + size + 5].copy_from_slice(&crc);
+        }
+    }
+
+    #[test]
+    fn refreshed_checksums_keep_a_fixture_readable() {
+        for (index, data) in all_fixtures() {
+            let mut copy = index.clone();
+            refresh_block_crcs(&mut copy, &index);
+            assert_eq!(copy, index);
+            assert!(read_bundle(&copy, &[&data]).is_ok());
+            assert!(blocks(&index).len() >= 3);
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 20_000, ..ProptestConfig::default() })]
+
+        /// Random byte edits of a fixture's index and shard (a stable-Rust stand-in for the
+        /// fuzz target): never a panic, and whatever parses goes on to layers and
+        /// inspection without one.
+        #[test]
+        fn mutated_bundles_never_panic(
+            which in 0usize..3,
+            edits in proptest::collection::vec((any::<bool>(), any::<usize>(), any::<u8>()), 1..6),
+            cut in proptest::option::of(any::<usize>()),
+            fix_crcs in any::<bool>(),
+        ) {
+            static FIXTURES: std::sync::OnceLock<Vec<(Vec<u8>, Vec<u8>)>> =
+                std::sync::OnceLock::new();
+            let (mut index, mut data) = FIXTURES.get_or_init(all_fixtures)[which].clone();
+            for (in_index, pos, x) in edits {
+                let buf = if in_index { &mut index } else { &mut data };
+                if !buf.is_empty() {
+                    let p = pos % buf.len();
+                    buf[p] ^= x.max(1);
+                }
+            }
+            if fix_crcs {
+                refresh_block_crcs(&mut index, &FIXTURES.get_or_init(all_fixtures)[which].0);
+            }
+            if let Some(c) = cut {
+                let n = c % (index.len() + 1);
+                index.truncate(n);
+            }
+            if let Ok(ckpt) = read_bundle(&index, &[&data]) {
+                if let Ok(layers) = ckpt.layers() {
+                    for l in layers {
+                        let _ = inspect(&l);
+                        let _ = l.to_batchnorm();
+                    }
+                }
+            }
+        }
+    }
+}
