@@ -299,6 +299,50 @@ fn every_way_of_naming_a_checkpoint_reads_the_same() {
     assert_eq!(read_bundle(&index, &[&data]).unwrap(), want.checkpoint);
 }
 
+#[test]
+fn checkpoint_state_files_absolute_missing_or_broken() {
+    let (prefix, _) = fixture("layers_v1");
+    let want = read_path(&prefix).unwrap();
+    let tmp = std::env::temp_dir().join(format!("bnorm-read-tf-{}", std::process::id()));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let state = tmp.join("checkpoint");
+    // An absolute path (what Saver writes without save_relative_paths).
+    std::fs::write(
+        &state,
+        format!("model_checkpoint_path: \"{}\"\n", prefix.display()),
+    )
+    .unwrap();
+    assert_eq!(read_path(&tmp).unwrap(), want);
+    // A prefix whose .index is missing: an I/O error naming it.
+    std::fs::write(&state, "model_checkpoint_path: \"gone.ckpt-9\"\n").unwrap();
+    match read_path(&tmp) {
+        Err(InteropError::Io { path, .. }) => assert!(path.ends_with("gone.ckpt-9.index")),
+        other => panic!("{other:?}"),
+    }
+    // A state file without the field: not taken for a checkpoint directory.
+    std::fs::write(&state, "garbage").unwrap();
+    assert!(read_path(&tmp).is_err());
+    // A missing shard: an I/O error naming it.
+    std::fs::remove_file(&state).unwrap();
+    let index = tmp.join("m.index");
+    std::fs::copy(format!("{}.index", prefix.display()), &index).unwrap();
+    match read_path(&tmp.join("m")) {
+        Err(InteropError::Io { path, .. }) => {
+            assert!(
+                path.ends_with("m.data-00000-of-00001"),
+                "{}",
+                path.display()
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+    // A shard shorter than its entries claim.
+    std::fs::write(tmp.join("m.data-00000-of-00001"), [0u8; 10]).unwrap();
+    let e = read_path(&index).unwrap_err();
+    assert!(e.to_string().contains("past the end of shard 0"), "{e}");
+    std::fs::remove_dir_all(&tmp).unwrap();
+}
+
 // ------------------------------------------------------------------------ tf.compat.v1.layers
 
 #[test]
