@@ -16,6 +16,8 @@ FIXTURES = {
     "layers_v1": "layers_v1/model.ckpt",
     "tf2_checkpoint": "tf2_checkpoint/ckpt-1",
     "keras_weights": "keras_weights/weights.ckpt",
+    "keras3_checkpoint": "keras3_checkpoint/ckpt-1",
+    "keras3_sequential": "keras3_sequential/ckpt-1",
 }
 
 

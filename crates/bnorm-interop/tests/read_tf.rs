@@ -374,36 +374,28 @@ fn v1_layers_batch_normalization() {
 
 // ------------------------------------------------------------------------ TF2 object-based
 
-fn tf2(name: &str) {
+/// Reads a TF2 fixture; `facts` names the fixture whose `facts.layers` lists Keras's own
+/// variables of each batch-norm layer, `want` the layers and their channels.
+fn tf2(name: &str, facts: &str, want: &[(&str, usize)]) -> Checkpoint {
     let (prefix, f) = fixture(name);
     let ckpt = read_path(&prefix).unwrap().checkpoint;
     let graph = f["object_graph"].as_object().unwrap();
     // What the reader must call each of TensorFlow's keys: the variable's name from the
-    // object graph when it ends like the key, else the key without the attribute suffix;
-    // slots and the graph itself are left out.
+    // object graph when only one variable has it, else the key without the attribute
+    // suffix; slots and the graph itself are left out.
     let mut renamed = BTreeMap::new();
     for key in f["variables"].as_object().unwrap().keys() {
         if key == "_CHECKPOINTABLE_OBJECT_GRAPH" || key.contains("/.OPTIMIZER_SLOT/") {
             continue;
         }
         let path = key.strip_suffix("/.ATTRIBUTES/VARIABLE_VALUE").unwrap();
+        let unique = |full: &str| graph.values().filter(|v| *v == full).count() == 1;
         let ours = match graph.get(key).and_then(Value::as_str) {
-            Some(full) if full.rsplit('/').next() == path.rsplit('/').next() => full,
+            Some(full) if unique(full) => full,
             _ => path,
         };
         renamed.insert(key.clone(), ours.to_string());
     }
-    assert_eq!(
-        renamed[&format!(
-            "{}layer_with_weights-1/moving_mean/.ATTRIBUTES/VARIABLE_VALUE",
-            if name == "tf2_checkpoint" {
-                "model/"
-            } else {
-                ""
-            }
-        )],
-        "bn_a/moving_mean"
-    );
     check_values(&ckpt, &f, &renamed);
     assert_eq!(
         ckpt.tensors.len(),
@@ -414,25 +406,44 @@ fn tf2(name: &str) {
     assert!(ckpt.tensors.keys().all(|k| !k.contains("OPTIMIZER_SLOT")));
     no_invented_conventions(&ckpt);
     let layers = ckpt.layers().unwrap();
-    let names: Vec<&str> = layers.iter().map(|l| l.name.as_str()).collect();
-    assert_eq!(names, ["bn_a", "bn_b"]);
+    let got: Vec<(&str, usize)> = layers
+        .iter()
+        .map(|l| (l.name.as_str(), l.channels))
+        .collect();
+    assert_eq!(got, want);
+    let e = expected();
     for l in &layers {
-        // Keras's own list of the layer's variables (same model for both fixtures).
-        let e = expected();
-        let vars = &e["fixtures"]["tf2_checkpoint"]["facts"]["layers"][&l.name]["variables"];
-        assert_eq!(vars.as_array().unwrap().len(), 4);
+        // Keras's own list of the layer's variables: every one of them was found.
+        let keras_name = l.name.rsplit('/').next().unwrap();
+        let vars = &e["fixtures"][facts]["facts"]["layers"][keras_name]["variables"];
+        let vars: Vec<&str> = vars
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap().trim_end_matches(":0"))
+            .collect();
+        assert_eq!(vars.len(), 4, "{vars:?}");
+        for v in vars {
+            assert!(ckpt.tensors.contains_key(v), "{v} missing");
+        }
         assert_eq!(l.format, Format::Keras);
         assert!(l.weight.is_some() && l.bias.is_some());
         assert!(l.to_batchnorm().is_ok());
     }
-    assert_eq!((layers[0].channels, layers[1].channels), (3, 2));
+    ckpt
 }
 
 #[test]
 fn tf2_checkpoint_names_layers_by_their_keras_names() {
-    tf2("tf2_checkpoint");
-    let (prefix, _) = fixture("tf2_checkpoint");
-    let ckpt = read_path(&prefix).unwrap().checkpoint;
+    let ckpt = tf2(
+        "tf2_checkpoint",
+        "tf2_checkpoint",
+        &[("bn_a", 3), ("bn_b", 2)],
+    );
+    assert_eq!(
+        ckpt.metadata["tensorflow.key.bn_a/moving_mean"],
+        "model/layer_with_weights-1/moving_mean/.ATTRIBUTES/VARIABLE_VALUE"
+    );
     assert!(ckpt.tensors.contains_key("save_counter"));
     // The optimizer's step counter, named by the object graph (`Adam/iter`).
     let e = expected();
@@ -445,7 +456,26 @@ fn tf2_checkpoint_names_layers_by_their_keras_names() {
 
 #[test]
 fn tf_keras_save_weights_checkpoint() {
-    tf2("keras_weights");
+    tf2(
+        "keras_weights",
+        "tf2_checkpoint",
+        &[("bn_a", 3), ("bn_b", 2)],
+    );
+}
+
+#[test]
+fn keras3_checkpoint() {
+    let ckpt = tf2("keras3_checkpoint", "keras3_checkpoint", &[("bn_k", 2)]);
+    assert!(ckpt.tensors.contains_key("fc/kernel"));
+}
+
+#[test]
+fn keras3_sequential_checkpoint_finds_gamma_under_the_optimizer() {
+    let ckpt = tf2("keras3_sequential", "keras3_sequential", &[("seq/bn_s", 2)]);
+    assert_eq!(
+        ckpt.metadata["tensorflow.key.seq/bn_s/gamma"],
+        "model/optimizer/_trainable_variables/2/.ATTRIBUTES/VARIABLE_VALUE"
+    );
 }
 
 // ------------------------------------------------------------------------ hostile files

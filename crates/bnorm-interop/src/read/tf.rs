@@ -27,7 +27,9 @@
 //! * TF2 object-based checkpoints (`model/layer_with_weights-0/moving_mean/.ATTRIBUTES/
 //!   VARIABLE_VALUE`) are named by the variable names the object graph
 //!   (`_CHECKPOINTABLE_OBJECT_GRAPH`) records (`bn_a/moving_mean`, the Keras layer name)
-//!   where that name ends like the key and is unique, else by the key with
+//!   where the object graph gives one to a single variable (Keras 3 saves a layer's
+//!   `gamma` first under `optimizer/_trainable_variables/2`: named `sequential/bn/gamma`
+//!   all the same), else by the key with
 //!   `/.ATTRIBUTES/VARIABLE_VALUE` stripped. Optimizer slot variables (`/.OPTIMIZER_SLOT/`)
 //!   and string tensors are left out.
 //!
@@ -828,8 +830,7 @@ fn name_by_object_graph(
     ckpt: &mut Checkpoint,
 ) -> Result<()> {
     let full_names = object_graph_names(graph)?;
-    let last = |s: &str| s.rsplit('/').next().unwrap_or(s).to_string();
-    // Keras names, kept only where one key has them and they end like the key.
+    // Variable names, kept only where one key has them.
     let mut candidates: BTreeMap<String, Vec<String>> = BTreeMap::new();
     let mut kept = Vec::new();
     for (key, tensor) in raw {
@@ -839,7 +840,7 @@ fn name_by_object_graph(
         let path = key.strip_suffix(VARIABLE_VALUE).unwrap_or(&key).to_string();
         if let Some(full) = full_names.get(&key) {
             let full = full.strip_suffix(":0").unwrap_or(full);
-            if key.ends_with(VARIABLE_VALUE) && !full.is_empty() && last(full) == last(&path) {
+            if key.ends_with(VARIABLE_VALUE) && !full.is_empty() {
                 candidates
                     .entry(full.to_string())
                     .or_default()

@@ -5,7 +5,7 @@ TensorFlow itself reports them (`tf.train.list_variables` / `tf.train.load_varia
 Run (from this folder), in a virtual environment outside the repository:
 
     python3 -m venv /work/venv-tf
-    /work/venv-tf/bin/pip install tensorflow==2.21.0 tf_keras==2.21.0
+    /work/venv-tf/bin/pip install tensorflow==2.21.0 tf_keras==2.21.0  # brings keras 3.15.1
     /work/venv-tf/bin/python make_tf.py
 
 Fixtures (each a tensor bundle: `<prefix>.index` + `<prefix>.data-00000-of-00001`):
@@ -24,6 +24,12 @@ Fixtures (each a tensor bundle: `<prefix>.index` + `<prefix>.data-00000-of-00001
   BatchNormalization named `bn_b`) trained one epoch with the legacy Adam (slot variables), saved with
   `tf.train.Checkpoint(model=..., optimizer=...).save` (object graph, optimizer slots,
   `save_counter`).
+* `keras3_checkpoint/ckpt-1`: a Keras 3 model (TensorFlow backend; Dense `fc`,
+  BatchNormalization `bn_k`) trained one epoch with Adam, saved with
+  `tf.train.Checkpoint(model=...)` (its gamma and beta are saved under the optimizer's
+  `_trainable_variables`).
+* `keras3_sequential/ckpt-1`: a Keras 3 Sequential model (`fc`, `bn_s`) saved the same way
+  (here gamma and beta are saved under `optimizer/_trainable_variables/N`).
 * `keras_weights/weights.ckpt`: the same model's `model.save_weights("weights.ckpt")`
   (tf_keras writes a TensorFlow checkpoint for a name without `.h5`).
 """
@@ -218,6 +224,56 @@ def tf2(sub, model):
     }
 
 
+def keras3(sub):
+    """A Keras 3 model (TensorFlow backend) saved with `tf.train.Checkpoint`."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((3,))
+    h = keras.layers.Dense(2, name="fc")(inp)
+    out = keras.layers.BatchNormalization(name="bn_k", momentum=0.9)(h)
+    model = keras.Model(inp, out, name="k3")
+    model.compile(optimizer="adam", loss="mse")
+    xs = rng.normal(1.0, 2.0, size=(8, 3)).astype(np.float32)
+    model.fit(xs, np.ones((8, 2), np.float32), batch_size=4, epochs=1, verbose=0)
+    d = fresh(sub)
+    prefix = tf.train.Checkpoint(model=model).save(os.path.join(d, "ckpt"))
+    bn = model.get_layer("bn_k")
+    return os.path.relpath(prefix, HERE), {
+        "keras": keras.__version__,
+        "layers": {
+            "bn_k": {"eps": bn.epsilon, "momentum": bn.momentum,
+                     "variables": [v.path for v in bn.weights]}
+        },
+    }
+
+
+def keras3_sequential(sub):
+    """A Keras 3 Sequential model saved with `tf.train.Checkpoint`: its trainable variables
+    are saved under the optimizer's `_trainable_variables/N`."""
+    import keras
+
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential(
+        [keras.Input((3,)), keras.layers.Dense(2, name="fc"),
+         keras.layers.BatchNormalization(name="bn_s")],
+        name="seq",
+    )
+    model.compile(optimizer="adam", loss="mse")
+    xs = rng.normal(-1.0, 0.5, size=(8, 3)).astype(np.float32)
+    model.fit(xs, np.ones((8, 2), np.float32), batch_size=4, epochs=1, verbose=0)
+    d = fresh(sub)
+    prefix = tf.train.Checkpoint(model=model).save(os.path.join(d, "ckpt"))
+    bn = model.get_layer("bn_s")
+    return os.path.relpath(prefix, HERE), {
+        "layers": {
+            "bn_s": {"eps": bn.epsilon, "momentum": bn.momentum,
+                     "variables": [v.path for v in bn.weights],
+                     "tf_variable_names": [v.value.name for v in bn.weights]}
+        },
+    }
+
+
 def save_weights(sub, model):
     d = fresh(sub)
     prefix = os.path.join(d, "weights.ckpt")
@@ -240,6 +296,8 @@ def main():
         "layers_v1": layers_v1("layers_v1"),
         "tf2_checkpoint": tf2("tf2_checkpoint", model),
         "keras_weights": save_weights("keras_weights", model),
+        "keras3_checkpoint": keras3("keras3_checkpoint"),
+        "keras3_sequential": keras3_sequential("keras3_sequential"),
     }.items():
         full = os.path.join(HERE, prefix)
         expected["fixtures"][name] = {
@@ -247,7 +305,7 @@ def main():
             "facts": facts,
             "variables": report(full),
         }
-        if name in ("tf2_checkpoint", "keras_weights"):
+        if name in ("tf2_checkpoint", "keras_weights", "keras3_checkpoint", "keras3_sequential"):
             expected["fixtures"][name]["object_graph"] = object_graph(full)
     with open(os.path.join(HERE, "expected.json"), "w") as f:
         json.dump(expected, f, indent=1, sort_keys=True)
