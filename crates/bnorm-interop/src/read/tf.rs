@@ -20,22 +20,27 @@
 //!   `<V>/<S>/moments/Squeeze/ExponentialMovingAverage` (mean) and
 //!   `<V>/<S>/moments/Squeeze_1/ExponentialMovingAverage` (variance), where `<S>` is the
 //!   scope holding `gamma`/`beta` and `<V>` the variable scope `ema.apply` ran in (often
-//!   `<S>` again, or nothing). When the pair is complete, exactly one scope with `gamma` or
-//!   `beta` matches, its shapes agree and no other pair claims it, the shadows are renamed
-//!   `<S>/moving_mean` and `<S>/moving_variance` (the original names are kept in the
-//!   metadata as `tensorflow.key.<new name>`); otherwise they keep their names.
+//!   `<S>` again, or nothing); `Squeeze` is the mean and `Squeeze_1` the variance (the
+//!   order `tf.nn.moments` creates them in, checked against TensorFlow 2.21's op names).
+//!   A pair is renamed `<S>/moving_mean` and `<S>/moving_variance` when both shadows are
+//!   there, exactly one scope with `gamma` or `beta` fits (`<S>` or `<S>/<S>` first, else
+//!   a single scope ending the path), their shapes agree with it, no other pair claims it
+//!   and it has no `moving_mean` of its own; otherwise the shadows keep their names (and
+//!   make no layer).
 //! * TF2 object-based checkpoints (`model/layer_with_weights-0/moving_mean/.ATTRIBUTES/
 //!   VARIABLE_VALUE`) are named by the variable names the object graph
 //!   (`_CHECKPOINTABLE_OBJECT_GRAPH`) records (`bn_a/moving_mean`, the Keras layer name)
-//!   where the object graph gives one to a single variable (Keras 3 saves a layer's
-//!   `gamma` first under `optimizer/_trainable_variables/2`: named `sequential/bn/gamma`
-//!   all the same), else by the key with
-//!   `/.ATTRIBUTES/VARIABLE_VALUE` stripped. Optimizer slot variables (`/.OPTIMIZER_SLOT/`)
-//!   and string tensors are left out.
+//!   where the object graph gives one to a single variable (Keras 3 saves a Sequential
+//!   model's `gamma` under `optimizer/_trainable_variables/2`: named `seq/bn/gamma` all the
+//!   same), else by the key with `/.ATTRIBUTES/VARIABLE_VALUE` stripped. Optimizer slot
+//!   variables (`/.OPTIMIZER_SLOT/`) and string tensors are left out.
 //!
-//! Checkpoints store no batch-norm conventions (eps, momentum), so no metadata is set
-//! for them: the Keras defaults apply. Refused: big-endian bundles, snappy-compressed index
-//! blocks (TensorFlow never compresses bundle indexes), a newer bundle version. Left out:
+//! Every renamed tensor's key is kept in the metadata as `tensorflow.key.<new name>`.
+//! Checkpoints store no batch-norm conventions (eps, momentum, the EMA decay of the
+//! classic recipe), so no `bnorm.layer.*` metadata is set: the Keras defaults apply (the
+//! recipe's `tf.nn.moments` variance is the biased one, as Keras's), and a user who knows
+//! the real eps and momentum sets them. Refused: big-endian bundles, snappy-compressed
+//! index blocks (TensorFlow never compresses bundle indexes), a newer bundle version. Left out:
 //! partitioned variables (saved as slices), tensors of dtypes without a safetensors
 //! counterpart (complex, quantized, resource, variant) and string tensors.
 
