@@ -825,22 +825,59 @@ fn a_corrupt_object_graph_is_refused() {
         field_bytes(1, &node, &mut g);
         g
     };
-    let mut data = Vec::new();
-    varint(graph.len() as u64, &mut data);
-    let mut len_crc = Vec::new();
-    len_crc.extend((graph.len() as u32).to_le_bytes());
-    let lc = mask(crc32c(&len_crc)).to_le_bytes();
-    data.extend(lc);
-    data.extend(&graph);
-    let mut covered = len_crc.clone();
-    covered.extend(lc);
-    covered.extend(&graph);
-    let e = entry(7, &[], 0, data.len() as u64, mask(crc32c(&covered)));
+    let (data, e) = graph_tensor(&graph);
     refused(
         &index_file(header(1), &[(b"_CHECKPOINTABLE_OBJECT_GRAPH", e)]),
         &data,
         "object graph",
     );
+}
+
+/// A DT_STRING scalar holding `graph` as TensorFlow lays it out, and its entry.
+fn graph_tensor(graph: &[u8]) -> (Vec<u8>, Vec<u8>) {
+    let mut data = Vec::new();
+    varint(graph.len() as u64, &mut data);
+    let lc = mask(crc32c(&(graph.len() as u32).to_le_bytes())).to_le_bytes();
+    data.extend(lc);
+    data.extend(graph);
+    let mut covered = (graph.len() as u32).to_le_bytes().to_vec();
+    covered.extend(lc);
+    covered.extend(graph);
+    let e = entry(7, &[], 0, data.len() as u64, mask(crc32c(&covered)));
+    (data, e)
+}
+
+#[test]
+fn a_deeply_nested_object_graph_neither_recurses_nor_fails() {
+    // 5,000 levels (protobuf itself stops at 100) of nested messages in a field the reader
+    // does not descend into, beside one real attribute naming the variable.
+    let mut nested = Vec::new();
+    for _ in 0..5_000 {
+        let mut outer = Vec::new();
+        field_bytes(9, &nested, &mut outer);
+        nested = outer;
+    }
+    let mut attr = Vec::new();
+    field_bytes(2, b"bn/moving_mean", &mut attr);
+    field_bytes(3, b"m/.ATTRIBUTES/VARIABLE_VALUE", &mut attr);
+    let mut node = Vec::new();
+    field_bytes(2, &attr, &mut node);
+    field_bytes(9, &nested, &mut node);
+    let mut graph = Vec::new();
+    field_bytes(1, &node, &mut graph);
+    let (mut data, ge) = graph_tensor(&graph);
+    let off = data.len() as u64;
+    data.extend(f32_bytes(&[0.5, 1.5]));
+    let crc = mask(crc32c(&f32_bytes(&[0.5, 1.5])));
+    let index = index_file(
+        header(1),
+        &[
+            (b"_CHECKPOINTABLE_OBJECT_GRAPH", ge),
+            (b"m/.ATTRIBUTES/VARIABLE_VALUE", entry(1, &[2], off, 8, crc)),
+        ],
+    );
+    let c = read_bundle(&index, &[&data]).unwrap();
+    assert_eq!(c.tensors.keys().collect::<Vec<_>>(), ["bn/moving_mean"]);
 }
 
 // ------------------------------------------------------------------------ fuzz corpus
