@@ -42,7 +42,7 @@ use hdf5::{DataType, File, Object};
 
 /// Deepest nesting of models this reader follows (in `config.json` and in the HDF5
 /// groups).
-const MAX_DEPTH: usize = 32;
+const MAX_DEPTH: usize = 16;
 /// Largest `config.json` accepted (bytes).
 const MAX_CONFIG: u64 = 64 << 20;
 
@@ -53,7 +53,9 @@ pub(crate) fn read_keras<R: Read + Seek>(archive: &mut zip::ZipArchive<R>) -> Re
     let config: Value = serde_json::from_slice(&config).map_err(|e| {
         unreadable(
             fmt,
-            format!("config.json is not valid JSON ({e}); the archive is corrupt: re-save the model"),
+            format!(
+                "config.json is not valid JSON ({e}); the archive is corrupt: re-save the model"
+            ),
         )
     })?;
     let names: Vec<String> = archive
@@ -128,14 +130,16 @@ pub(crate) fn read_h5(bytes: &[u8]) -> Result<(FileFormat, Checkpoint)> {
         let ckpt = tf_keras(&file, &weights, config.as_ref()).map_err(tfk)?;
         return Ok((FileFormat::TfKerasH5, ckpt));
     }
-    if strings_attr(&file, &root, "layer_names").map_err(tfk)?.is_some() {
+    if strings_attr(&file, &root, "layer_names")
+        .map_err(tfk)?
+        .is_some()
+    {
         let ckpt = tf_keras(&file, &root, None).map_err(tfk)?;
         return Ok((FileFormat::TfKerasH5, ckpt));
     }
     if has("layers") || has("vars") {
         let mut ckpt = Checkpoint::default();
-        keras3_bare(&file, &root, &mut ckpt)
-            .map_err(|e| h5_error(FileFormat::KerasWeights, e))?;
+        keras3_bare(&file, &root, &mut ckpt).map_err(|e| h5_error(FileFormat::KerasWeights, e))?;
         return Ok((FileFormat::KerasWeights, ckpt));
     }
     Err(unreadable(
@@ -146,7 +150,10 @@ pub(crate) fn read_h5(bytes: &[u8]) -> Result<(FileFormat, Checkpoint)> {
 }
 
 fn h5_error(fmt: FileFormat, e: String) -> crate::InteropError {
-    unreadable(fmt, format!("{e} (if the file is intact, re-save it with Keras)"))
+    unreadable(
+        fmt,
+        format!("{e} (if the file is intact, re-save it with Keras)"),
+    )
 }
 
 /// One member of a zip archive, refusing one that claims more bytes than its compressed
@@ -157,9 +164,9 @@ fn zip_entry<R: Read + Seek>(
     limit: u64,
 ) -> Result<Vec<u8>> {
     let fmt = FileFormat::Keras;
-    let entry = archive.by_name(name).map_err(|e| {
-        unreadable(fmt, format!("cannot open {name} in the archive: {e}"))
-    })?;
+    let entry = archive
+        .by_name(name)
+        .map_err(|e| unreadable(fmt, format!("cannot open {name} in the archive: {e}")))?;
     let cap = entry
         .compressed_size()
         .saturating_mul(1032)
@@ -182,7 +189,10 @@ fn zip_entry<R: Read + Seek>(
         .read_to_end(&mut out)
         .map_err(|e| unreadable(fmt, format!("cannot read {name}: {e}")))?;
     if out.len() as u64 > cap {
-        return Err(unreadable(fmt, format!("{name} expands beyond its declared size")));
+        return Err(unreadable(
+            fmt,
+            format!("{name} expands beyond its declared size"),
+        ));
     }
     Ok(out)
 }
@@ -281,7 +291,10 @@ struct Entry {
 /// Keras's `naming.to_snake_case` for class names (`BatchNormalization` →
 /// `batch_normalization`, `Conv2D` → `conv2d`).
 fn snake_case(name: &str) -> String {
-    let chars: Vec<char> = name.chars().filter(|c| c.is_alphanumeric() || *c == '_').collect();
+    let chars: Vec<char> = name
+        .chars()
+        .filter(|c| c.is_alphanumeric() || *c == '_')
+        .collect();
     // re.sub("(.)([A-Z][a-z]+)", r"\1_\2") then re.sub("([a-z])([A-Z])", r"\1_\2").
     let mut first = String::new();
     let mut i = 0;
@@ -322,7 +335,10 @@ fn keras3_walk_config(
     }
     let mut used: BTreeMap<String, usize> = BTreeMap::new();
     for layer in layers {
-        let class = layer.get("class_name").and_then(Value::as_str).unwrap_or("");
+        let class = layer
+            .get("class_name")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         let cfg = layer.get("config").unwrap_or(&Value::Null);
         let name = cfg
             .get("name")
@@ -374,7 +390,10 @@ fn vars_tensors(file: &File, vars: &Object) -> hdf5::H5Result<Vec<Tensor>> {
     numbered.sort_unstable();
     for (k, (i, _)) in numbered.iter().enumerate() {
         if *i != k {
-            return Err(format!("a vars group's variables are not numbered 0..{}", numbered.len()));
+            return Err(format!(
+                "a vars group's variables are not numbered 0..{}",
+                numbered.len()
+            ));
         }
     }
     numbered
@@ -393,10 +412,26 @@ fn tensor(file: &File, obj: &Object) -> hdf5::H5Result<Tensor> {
         DataType::Float { size: 2, .. } => Dtype::F16,
         DataType::Float { size: 4, .. } => Dtype::F32,
         DataType::Float { size: 8, .. } => Dtype::F64,
-        DataType::Int { size: 1, signed: true, .. } => Dtype::I8,
-        DataType::Int { size: 2, signed: true, .. } => Dtype::I16,
-        DataType::Int { size: 4, signed: true, .. } => Dtype::I32,
-        DataType::Int { size: 8, signed: true, .. } => Dtype::I64,
+        DataType::Int {
+            size: 1,
+            signed: true,
+            ..
+        } => Dtype::I8,
+        DataType::Int {
+            size: 2,
+            signed: true,
+            ..
+        } => Dtype::I16,
+        DataType::Int {
+            size: 4,
+            signed: true,
+            ..
+        } => Dtype::I32,
+        DataType::Int {
+            size: 8,
+            signed: true,
+            ..
+        } => Dtype::I64,
         DataType::Int { size: 1, .. } => Dtype::U8,
         DataType::Int { size: 2, .. } => Dtype::U16,
         DataType::Int { size: 4, .. } => Dtype::U32,
@@ -416,14 +451,21 @@ fn tensor(file: &File, obj: &Object) -> hdf5::H5Result<Tensor> {
 }
 
 /// Reads one layer of a `.keras` file.
-fn keras3_entry(file: &File, root: &Object, e: &Entry, ckpt: &mut Checkpoint) -> hdf5::H5Result<()> {
+fn keras3_entry(
+    file: &File,
+    root: &Object,
+    e: &Entry,
+    ckpt: &mut Checkpoint,
+) -> hdf5::H5Result<()> {
     let path = format!("{}/{}", e.container, e.segment);
     let mut group = file.find(root, &path)?;
     // Recent Keras versions write the layer's name on its vars group: check the mapping
     // and, when it disagrees, look for the layer by that name among its siblings.
     let named = |g: &Object| -> hdf5::H5Result<Option<String>> {
         Ok(match file.find(g, "vars")? {
-            Some(v) => file.attr_strings(&v, "name")?.and_then(|s| s.into_iter().next()),
+            Some(v) => file
+                .attr_strings(&v, "name")?
+                .and_then(|s| s.into_iter().next()),
             None => None,
         })
     };
@@ -512,7 +554,9 @@ fn keras3_bare_walk(
         }
         let vars = file.find(&group, "vars")?;
         let name = match &vars {
-            Some(v) => file.attr_strings(v, "name")?.and_then(|s| s.into_iter().next()),
+            Some(v) => file
+                .attr_strings(v, "name")?
+                .and_then(|s| s.into_iter().next()),
             None => None,
         }
         .unwrap_or_else(|| segment.clone());
@@ -596,7 +640,9 @@ fn tfk_walk_config<'v>(
     out: &mut BTreeMap<String, TfkLayer<'v>>,
 ) -> hdf5::H5Result<()> {
     if depth > MAX_DEPTH {
-        return Err(format!("model_config nests models more than {MAX_DEPTH} deep"));
+        return Err(format!(
+            "model_config nests models more than {MAX_DEPTH} deep"
+        ));
     }
     let sequential = model.get("class_name").and_then(Value::as_str) == Some("Sequential");
     let Some(layers) = model
@@ -615,11 +661,7 @@ fn tfk_walk_config<'v>(
         else {
             continue;
         };
-        if layer
-            .get("config")
-            .and_then(|c| c.get("layers"))
-            .is_some()
-        {
+        if layer.get("config").and_then(|c| c.get("layers")).is_some() {
             tfk_walk_config(layer, &format!("{prefix}{name}/"), depth + 1, out)?;
         }
         out.insert(
@@ -657,8 +699,12 @@ fn output_rank(siblings: &[Value], index: usize, sequential: bool, depth: usize)
         "Conv1D" | "SeparableConv1D" | "Conv1DTranspose" | "MaxPooling1D" | "AveragePooling1D"
         | "ZeroPadding1D" | "UpSampling1D" | "Cropping1D" => Some(3),
         "Flatten" => Some(2),
-        "GlobalAveragePooling1D" | "GlobalAveragePooling2D" | "GlobalAveragePooling3D"
-        | "GlobalMaxPooling1D" | "GlobalMaxPooling2D" | "GlobalMaxPooling3D" => {
+        "GlobalAveragePooling1D"
+        | "GlobalAveragePooling2D"
+        | "GlobalAveragePooling3D"
+        | "GlobalMaxPooling1D"
+        | "GlobalMaxPooling2D"
+        | "GlobalMaxPooling3D" => {
             if cfg.get("keepdims").and_then(Value::as_bool) == Some(true) {
                 None
             } else {
@@ -717,7 +763,10 @@ fn output_rank(siblings: &[Value], index: usize, sequential: bool, depth: usize)
             .get(0)?
             .as_str()?;
         siblings.iter().position(|l| {
-            l.get("config").and_then(|c| c.get("name")).and_then(Value::as_str) == Some(inbound)
+            l.get("config")
+                .and_then(|c| c.get("name"))
+                .and_then(Value::as_str)
+                == Some(inbound)
                 || l.get("name").and_then(Value::as_str) == Some(inbound)
         })?
     };
@@ -794,7 +843,10 @@ fn input_rank(layer: &TfkLayer) -> Option<usize> {
             .get(0)?
             .as_str()?;
         layer.siblings.iter().position(|l| {
-            l.get("config").and_then(|c| c.get("name")).and_then(Value::as_str) == Some(inbound)
+            l.get("config")
+                .and_then(|c| c.get("name"))
+                .and_then(Value::as_str)
+                == Some(inbound)
                 || l.get("name").and_then(Value::as_str) == Some(inbound)
         })?
     };
@@ -847,7 +899,11 @@ fn tf_keras(file: &File, weights: &Object, config: Option<&Value>) -> hdf5::H5Re
         let Some(layer) = layers.get(&prefix) else {
             continue;
         };
-        let class = layer.cfg.get("class_name").and_then(Value::as_str).unwrap_or("");
+        let class = layer
+            .cfg
+            .get("class_name")
+            .and_then(Value::as_str)
+            .unwrap_or("");
         if !is_bn_class(class) {
             continue;
         }

@@ -138,7 +138,9 @@ impl<'a> File<'a> {
                 return Err(format!("invalid HDF5 offset/length size {s}"));
             }
         }
-        let budget = (bytes.len() as u64).saturating_mul(64).saturating_add(1 << 20);
+        let budget = (bytes.len() as u64)
+            .saturating_mul(64)
+            .saturating_add(1 << 20);
         let mut f = File {
             bytes,
             base: 0,
@@ -180,9 +182,7 @@ impl<'a> File<'a> {
 
     /// `len` bytes at absolute position `pos` of the file.
     fn slice(&self, pos: u64, len: u64) -> H5Result<&'a [u8]> {
-        let end = pos
-            .checked_add(len)
-            .ok_or("an address overflows")?;
+        let end = pos.checked_add(len).ok_or("an address overflows")?;
         if end > self.bytes.len() as u64 {
             return Err(format!(
                 "a structure at byte {pos} of length {len} lies past the end of the file \
@@ -211,11 +211,13 @@ impl<'a> File<'a> {
 
     fn addr_at(&self, pos: &mut u64) -> H5Result<u64> {
         let v = self.uint_at(pos, self.offset_size)?;
-        Ok(if self.offset_size < 8 && v == (1u64 << (8 * self.offset_size)) - 1 {
-            UNDEF
-        } else {
-            v
-        })
+        Ok(
+            if self.offset_size < 8 && v == (1u64 << (8 * self.offset_size)) - 1 {
+                UNDEF
+            } else {
+                v
+            },
+        )
     }
 
     fn len_at(&self, pos: &mut u64) -> H5Result<u64> {
@@ -353,7 +355,9 @@ impl<'a> File<'a> {
             v => return Err(format!("unknown dataspace version {v}")),
         };
         if rank > MAX_RANK {
-            return Err(format!("a dataspace has {rank} dimensions (at most {MAX_RANK})"));
+            return Err(format!(
+                "a dataspace has {rank} dimensions (at most {MAX_RANK})"
+            ));
         }
         let mut dims = Vec::with_capacity(rank);
         for _ in 0..rank {
@@ -587,7 +591,11 @@ impl<'a> File<'a> {
 
     /// The string values of attribute `name` (`None` when there is none). Numbers are
     /// refused; a scalar gives one string.
-    pub(super) fn attr_strings(&self, obj: &Object<'a>, name: &str) -> H5Result<Option<Vec<String>>> {
+    pub(super) fn attr_strings(
+        &self,
+        obj: &Object<'a>,
+        name: &str,
+    ) -> H5Result<Option<Vec<String>>> {
         let Some(a) = obj.attributes.iter().find(|a| a.name == name) else {
             return Ok(None);
         };
@@ -610,11 +618,7 @@ impl<'a> File<'a> {
                     obj.get(..usize::try_from(len).unwrap_or(usize::MAX))
                         .ok_or("a string is longer than its global heap object")?
                 }
-                other => {
-                    return Err(format!(
-                        "attribute {name:?} holds {other:?}, not strings"
-                    ))
-                }
+                other => return Err(format!("attribute {name:?} holds {other:?}, not strings")),
             };
             out.push(String::from_utf8_lossy(bytes).into_owned());
         }
@@ -643,7 +647,10 @@ impl<'a> File<'a> {
             if idx == index {
                 return Ok(data);
             }
-            let padded = len.div_ceil(8).checked_mul(8).ok_or("a heap object overflows")?;
+            let padded = len
+                .div_ceil(8)
+                .checked_mul(8)
+                .ok_or("a heap object overflows")?;
             pos = pos.checked_add(padded).ok_or("a heap object overflows")?;
         }
         Err(format!("global heap object {index} is missing"))
@@ -770,7 +777,14 @@ impl<'a> File<'a> {
                 }
                 self.spend(chunk_bytes / 8 + 1)?;
                 let data = self.slice(self.pos(child)?, chunk_bytes)?;
-                copy_chunk(&mut out, data, &offsets[..rank], &chunk[..rank], shape, esize)?;
+                copy_chunk(
+                    &mut out,
+                    data,
+                    &offsets[..rank],
+                    &chunk[..rank],
+                    shape,
+                    esize,
+                )?;
             }
         }
         Ok(out)
