@@ -192,6 +192,19 @@ fn other_tensors_are_kept() {
     assert!(!tfk.tensors.keys().any(|k| k.contains("SGD")));
 }
 
+/// HDF5 layouts h5py can write but Keras does not: chunked datasets read to the same
+/// values; a libver="latest" file (superblock 3) is refused with advice.
+#[test]
+fn chunked_copy_reads_like_the_original_and_latest_is_refused() {
+    let original = read_path(&dir().join("k3_trained.weights.h5")).unwrap();
+    let chunked = read_path(&dir().join("k3_chunked.weights.h5")).unwrap();
+    assert_eq!(chunked.file_format, FileFormat::KerasWeights);
+    assert_eq!(chunked.checkpoint, original.checkpoint);
+    let bytes = std::fs::read(dir().join("tfk_latest.h5")).unwrap();
+    let msg = assert_refused(&bytes, "latest");
+    assert!(msg.contains("libver") && msg.contains("superblock version 3"), "{msg}");
+}
+
 // ------------------------------------------------------------------------------ hostile
 
 fn fixtures() -> Vec<(String, Vec<u8>)> {
@@ -204,7 +217,7 @@ fn fixtures() -> Vec<(String, Vec<u8>)> {
         }
     }
     out.sort();
-    assert_eq!(out.len(), 6);
+    assert_eq!(out.len(), 8);
     out
 }
 

@@ -24,7 +24,7 @@
 //!   kernel keeps the Bessel-corrected (unbiased) moving variance, the non-fused one the
 //!   biased variance; that is written to `bnorm.layer.<p>.variance`.
 //!
-//! The HDF5 files are read by a small bounds-checked parser ([`hdf5`]) of what h5py
+//! The HDF5 files are read by a small bounds-checked parser (the private `hdf5` module) of what h5py
 //! writes by default; nothing in the file is executed.
 
 use std::collections::BTreeMap;
@@ -183,7 +183,8 @@ fn zip_entry<R: Read + Seek>(
             ),
         ));
     }
-    let mut out = Vec::with_capacity(entry.size() as usize);
+    // The declared sizes are claims: reserve little, let the data grow the buffer.
+    let mut out = Vec::with_capacity(entry.size().min(1 << 20) as usize);
     entry
         .take(cap.saturating_add(1))
         .read_to_end(&mut out)

@@ -36,6 +36,7 @@ pub(super) struct File<'a> {
     length_size: usize,
     root: u64,
     budget: std::cell::Cell<u64>,
+    data_budget: std::cell::Cell<u64>,
 }
 
 /// An HDF5 datatype, as far as this reader needs it.
@@ -148,6 +149,14 @@ impl<'a> File<'a> {
             length_size,
             root: 0,
             budget: std::cell::Cell::new(budget),
+            // Every dataset and string is copied out at most a few times by a reader of
+            // a real file; a hostile one that makes many names point at the same large
+            // values runs out of this.
+            data_budget: std::cell::Cell::new(
+                (bytes.len() as u64)
+                    .saturating_mul(4)
+                    .saturating_add(16 << 20),
+            ),
         };
         // Version 1 has 4 more bytes (indexed storage K + reserved) before the addresses.
         let mut pos = if version == 0 { 24 } else { 28 };
@@ -177,6 +186,20 @@ impl<'a> File<'a> {
             );
         }
         self.budget.set(left - n);
+        Ok(())
+    }
+
+    /// Accounts for `n` bytes about to be copied out of the file.
+    fn spend_data(&self, n: u64) -> H5Result<()> {
+        let left = self.data_budget.get();
+        if n > left {
+            return Err(
+                "the file's names refer to the same values over and over, more than its \
+                 size justifies (a hostile file)"
+                    .into(),
+            );
+        }
+        self.data_budget.set(left - n);
         Ok(())
     }
 
@@ -620,6 +643,7 @@ impl<'a> File<'a> {
                 }
                 other => return Err(format!("attribute {name:?} holds {other:?}, not strings")),
             };
+            self.spend_data(bytes.len() as u64)?;
             out.push(String::from_utf8_lossy(bytes).into_owned());
         }
         Ok(Some(out))
@@ -675,7 +699,7 @@ impl<'a> File<'a> {
                 self.bytes.len()
             ));
         }
-        self.spend(total / 8)?;
+        self.spend_data(total)?;
         let mut bytes = match layout {
             Layout::Compact(data) => data
                 .get(..total as usize)
@@ -807,7 +831,7 @@ fn copy_chunk(
         return Ok(());
     }
     for d in 0..rank {
-        if offsets[d] >= shape[d] || offsets[d] % cdims[d] != 0 {
+        if offsets[d] >= shape[d] || !offsets[d].is_multiple_of(cdims[d]) {
             return Err("a chunk lies outside its dataset".into());
         }
     }

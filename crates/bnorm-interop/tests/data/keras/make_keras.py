@@ -14,11 +14,13 @@ momentum=0.9 -> nested Sequential [Dense -> BN scale=False eps=1e-4 momentum=0.8
 center=False scale=False):
     k3_fresh.keras, k3_trained.keras          model.save (never trained / 2 fit batches)
     k3_trained.weights.h5                     model.save_weights of the trained model
+    k3_chunked.weights.h5                     its copy by h5py with chunked datasets
 tf_keras (model: Conv2D -> BN fused (default) -> Conv2D -> BN fused=False -> pooling ->
 Dense -> BN renorm=True -> nested Sequential [Dense -> BN center=False scale=False
 eps=1e-2 momentum=0.5]):
     tfk_fresh.h5, tfk_trained.h5              model.save(..., save_format="h5")
     tfk_trained_weights.h5                    model.save_weights(... .h5)
+    tfk_latest.h5                             its copy by h5py with libver="latest"
 expected.json: for every file, each BN layer's name (and the path its weights have in
 the file), epsilon, momentum, center, scale, and get_weights() as the framework gave
 them (`fused` is the layer's own attribute after building); plus the evidence that
@@ -193,6 +195,34 @@ bn = keras.layers.BatchNormalization(momentum=0.0)
 bn(batch, training=True)
 evidence["keras3_moving_variance"] = float(np.asarray(bn.moving_variance)[0])
 expected["fused_variance_evidence"] = evidence
+
+# ------------------------------------ HDF5 layouts Keras does not write but h5py can
+# The same weights copied with h5py: every dataset chunked (chunks of 2 values, so a
+# 3-channel vector spans two chunks, the second one partly outside), and the file
+# written with libver="latest" (superblock 3, version-2 object headers), which the
+# reader refuses with advice.
+def copy_h5(src, dst, **file_kw):
+    with h5py.File(src, "r") as fin, h5py.File(dst, "w", **file_kw) as fout:
+        def visit(name, obj):
+            if isinstance(obj, h5py.Group):
+                g = fout.require_group(name)
+            else:
+                chunks = tuple(min(2, d) for d in obj.shape) if obj.shape else None
+                g = fout.create_dataset(name, data=obj[()], chunks=chunks if file_kw == {} else None)
+            for k, v in obj.attrs.items():
+                g.attrs[k] = v
+        fin.visititems(visit)
+
+
+copy_h5(os.path.join(HERE, "k3_trained.weights.h5"), os.path.join(HERE, "k3_chunked.weights.h5"))
+copy_h5(os.path.join(HERE, "tfk_trained_weights.h5"), os.path.join(HERE, "tfk_latest.h5"), libver="latest")
+with h5py.File(os.path.join(HERE, "tfk_trained_weights.h5"), "r") as fin, h5py.File(os.path.join(HERE, "tfk_latest.h5"), "a") as fout:
+    for k, v in fin.attrs.items():
+        fout.attrs[k] = v
+expected["h5py_copies"] = {
+    "k3_chunked.weights.h5": "k3_trained.weights.h5 with every non-scalar dataset chunked (chunks of 2)",
+    "tfk_latest.h5": "tfk_trained_weights.h5 copied with libver='latest' (refused)",
+}
 
 with open(os.path.join(HERE, "expected.json"), "w") as f:
     json.dump(expected, f, indent=1)
