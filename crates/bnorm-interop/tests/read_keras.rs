@@ -202,7 +202,10 @@ fn chunked_copy_reads_like_the_original_and_latest_is_refused() {
     assert_eq!(chunked.checkpoint, original.checkpoint);
     let bytes = std::fs::read(dir().join("tfk_latest.h5")).unwrap();
     let msg = assert_refused(&bytes, "latest");
-    assert!(msg.contains("libver") && msg.contains("superblock version 3"), "{msg}");
+    assert!(
+        msg.contains("libver") && msg.contains("superblock version 3"),
+        "{msg}"
+    );
 }
 
 // ------------------------------------------------------------------------------ hostile
@@ -414,4 +417,56 @@ fn fuzz_corpus_replays_without_panic() {
         n += 1;
     }
     assert!(n >= 10, "corpus has {n} files");
+}
+
+/// A stable-Rust stand-in for the fuzz target where cargo-fuzz is not installed: random
+/// byte mutations (flips, overwrites with extreme values, truncations, splices) of the
+/// corpus for `BNORM_KERAS_MUTATE_SECS` seconds (default 2). Run by hand:
+/// `BNORM_KERAS_MUTATE_SECS=120 cargo test -p bnorm-interop --test read_keras -- --ignored --nocapture`
+#[test]
+#[ignore]
+fn random_mutations_never_panic() {
+    let secs: u64 = std::env::var("BNORM_KERAS_MUTATE_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/read_keras");
+    let mut seeds: Vec<Vec<u8>> = std::fs::read_dir(&corpus)
+        .unwrap()
+        .map(|e| std::fs::read(e.unwrap().path()).unwrap())
+        .collect();
+    seeds.sort();
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut rand = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let start = std::time::Instant::now();
+    let (mut runs, mut accepted) = (0u64, 0u64);
+    while start.elapsed().as_secs() < secs {
+        let mut b = seeds[(rand() % seeds.len() as u64) as usize].clone();
+        for _ in 0..1 + rand() % 8 {
+            let len = b.len().max(1) as u64;
+            let p = (rand() % len) as usize;
+            match rand() % 5 {
+                0 if !b.is_empty() => b[p] ^= 1 << (rand() % 8),
+                1 if !b.is_empty() => b[p] = [0x00, 0xff, 0x7f, 0x80][(rand() % 4) as usize],
+                2 if p + 8 <= b.len() => b[p..p + 8].copy_from_slice(&u64::MAX.to_le_bytes()),
+                3 => b.truncate(p),
+                _ if p + 16 <= b.len() => {
+                    let q = (rand() % len) as usize;
+                    if q + 16 <= b.len() {
+                        let chunk = b[q..q + 16].to_vec();
+                        b[p..p + 16].copy_from_slice(&chunk);
+                    }
+                }
+                _ => {}
+            }
+        }
+        accepted += u64::from(survives(&b).is_ok());
+        runs += 1;
+    }
+    println!("{runs} mutated inputs in {secs} s, {accepted} read without error, no panic");
 }
