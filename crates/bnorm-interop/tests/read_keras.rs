@@ -359,6 +359,44 @@ fn rebuilt_keras_archive_reads_like_the_original() {
     );
 }
 
+/// The variables' paths come from the class names in config order; recent Keras writes
+/// each layer's name on its `vars` group, and the reader follows that name when the
+/// order disagrees (here: config.json's layers listed backwards).
+#[test]
+fn layer_order_mismatch_is_resolved_by_the_stored_names() {
+    let (mut config, weights) = fixture_parts();
+    config["config"]["layers"].as_array_mut().unwrap().reverse();
+    let z = keras_zip(config.to_string().as_bytes(), &weights);
+    let mut got = read_bytes(&z).unwrap().checkpoint;
+    let mut want = read_path(&dir().join("k3_trained.keras"))
+        .unwrap()
+        .checkpoint;
+    got.metadata.remove("keras.model");
+    want.metadata.remove("keras.model");
+    assert_eq!(got, want);
+}
+
+/// A zip entry that claims far more bytes than its compressed size can produce is
+/// refused before anything is allocated for it.
+#[test]
+fn zip_entry_claiming_a_huge_size_is_refused() {
+    let (config, weights) = fixture_parts();
+    let mut z = keras_zip(config.to_string().as_bytes(), &weights);
+    let name = b"model.weights.h5";
+    let mut patched = 0;
+    for p in 0..z.len() - 46 {
+        // Central directory header: sizes at +20 (compressed) and +24 (uncompressed),
+        // the name at +46.
+        if z[p..p + 4] == *b"PK\x01\x02" && z[p + 46..].starts_with(name) {
+            z[p + 24..p + 28].copy_from_slice(&0x7fff_fff0u32.to_le_bytes());
+            patched += 1;
+        }
+    }
+    assert_eq!(patched, 1);
+    let msg = assert_refused(&z, "zip size");
+    assert!(msg.contains("model.weights.h5"), "{msg}");
+}
+
 #[test]
 fn wrong_types_and_disagreeing_config_are_refused() {
     let (config, weights) = fixture_parts();
