@@ -177,6 +177,24 @@ fn tf_keras_fused_layers_keep_the_unbiased_variance() {
     }
 }
 
+/// A BatchNormalization inside a custom (subclassed) layer: Keras 3 stores it under its
+/// Python attribute name and config.json does not describe it, so the reader keeps its
+/// variables (with the framework's values) under `block/block_bn/vars/<i>` but does not
+/// list it as a batch-norm layer (a known limit, stated in the module docs).
+#[test]
+fn custom_layer_sublayers_are_kept_but_not_recognized() {
+    let exp = expected();
+    let c = &exp["custom_layer"];
+    let loaded = read_path(&dir().join(c["file"].as_str().unwrap())).unwrap();
+    assert_eq!(loaded.file_format, FileFormat::Keras);
+    assert!(loaded.checkpoint.layers().unwrap().is_empty());
+    let prefix = c["layer"]["path"].as_str().unwrap();
+    for (i, v) in c["layer"]["weights"].as_array().unwrap().iter().enumerate() {
+        let t = &loaded.checkpoint.tensors[&format!("{prefix}/vars/{i}")];
+        assert_eq!(t.to_f64("t").unwrap(), floats(v), "{prefix} {i}");
+    }
+}
+
 /// Non-batch-norm tensors are kept under sensible names.
 #[test]
 fn other_tensors_are_kept() {
@@ -220,7 +238,7 @@ fn fixtures() -> Vec<(String, Vec<u8>)> {
         }
     }
     out.sort();
-    assert_eq!(out.len(), 8);
+    assert_eq!(out.len(), 9);
     out
 }
 

@@ -10,7 +10,10 @@
 //!   order gamma, beta, moving_mean, moving_variance, then moving_stddev, renorm_mean,
 //!   renorm_stddev). Tensors are named `<layer name>/gamma`, … (`<model>/<layer>/…` inside
 //!   a nested model); `epsilon`, `momentum` (the decay) and `axis` go to the metadata.
-//!   Other layers' variables are kept as `<layer name>/vars/<i>`.
+//!   Other layers' variables are kept as `<layer name>/vars/<i>`. A custom (subclassed)
+//!   layer keeps its sublayers under their Python attribute names and config.json does
+//!   not describe them: their variables are kept (`<layer>/<sublayer>/vars/<i>`), but a
+//!   batch norm among them is recognized only when its path says so.
 //! * **Keras 3 `.weights.h5`** alone has no configuration: a layer is recognized as batch
 //!   normalization by its path (`batch_normalization…`), named by the `name` attribute of
 //!   its `vars` group (or its path when absent), and its variables mapped by their count.
@@ -497,6 +500,9 @@ fn keras3_entry(
         }
         return Ok(());
     };
+    // A custom (subclassed) layer keeps its sublayers under their Python attribute names
+    // (`layers/block/bn/vars`); config.json does not describe them.
+    keras3_children(file, &group, &e.name, 1, ckpt)?;
     let Some(vars) = file.find(&group, "vars")? else {
         return Ok(());
     };
@@ -549,6 +555,9 @@ fn keras3_bare_walk(
         return Err(format!("models are nested more than {MAX_DEPTH} deep"));
     }
     for (segment, addr) in file.members(layers)? {
+        if segment == "vars" {
+            continue;
+        }
         let group = file.object(addr)?;
         if File::is_dataset(&group) {
             continue;
@@ -566,6 +575,7 @@ fn keras3_bare_walk(
             keras3_bare_walk(file, &inner, &format!("{full}/"), depth + 1, ckpt)?;
             continue;
         }
+        keras3_children(file, &group, &full, depth + 1, ckpt)?;
         let Some(vars) = vars else { continue };
         let tensors = vars_tensors(file, &vars)?;
         if !segment.starts_with("batch_normalization") {
@@ -622,6 +632,24 @@ fn keras3_bare_walk(
         }
     }
     Ok(())
+}
+
+/// The sublayers of a custom layer (groups beside its `vars`), read like a bare weights
+/// file: their tensors are kept under `<layer>/<sublayer>/vars/<i>`; one is recognized as
+/// batch normalization only when its path says so (`batch_normalization…`), since
+/// neither the file nor config.json records a sublayer's class.
+fn keras3_children(
+    file: &File,
+    group: &Object,
+    name: &str,
+    depth: usize,
+    ckpt: &mut Checkpoint,
+) -> hdf5::H5Result<()> {
+    let members = file.members(group)?;
+    if members.iter().all(|(n, _)| n == "vars" || n == "layers") {
+        return Ok(());
+    }
+    keras3_bare_walk(file, group, &format!("{name}/"), depth, ckpt)
 }
 
 // ----------------------------------------------------------------------------- tf_keras

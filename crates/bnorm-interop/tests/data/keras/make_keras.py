@@ -14,6 +14,7 @@ momentum=0.9 -> nested Sequential [Dense -> BN scale=False eps=1e-4 momentum=0.8
 center=False scale=False):
     k3_fresh.keras, k3_trained.keras          model.save (never trained / 2 fit batches)
     k3_trained.weights.h5                     model.save_weights of the trained model
+    k3_custom.keras                           a custom layer holding a BN (trained)
     k3_chunked.weights.h5                     its copy by h5py with chunked datasets
 tf_keras (model: Conv2D -> BN fused (default) -> Conv2D -> BN fused=False -> pooling ->
 Dense -> BN renorm=True -> nested Sequential [Dense -> BN center=False scale=False
@@ -137,6 +138,38 @@ m.save(os.path.join(HERE, "k3_trained.keras"))
 m.save_weights(os.path.join(HERE, "k3_trained.weights.h5"))
 report_keras3(m, "k3_trained.keras")
 report_keras3(m, "k3_trained.weights.h5", os.path.join(HERE, "k3_trained.weights.h5"))
+
+
+# A custom (subclassed) layer holding a BatchNormalization: Keras 3 stores the sublayer
+# under its Python attribute name (layers/block/bn/vars) and config.json does not
+# describe it, so the reader keeps its tensors but cannot recognize it as batch norm.
+@keras.saving.register_keras_serializable(package="bnorm")
+class Block(keras.layers.Layer):
+    def __init__(self, units=2, **kw):
+        super().__init__(**kw)
+        self.units = units
+        self.dense = keras.layers.Dense(units, name="block_dense")
+        self.bn = keras.layers.BatchNormalization(momentum=0.7, name="block_bn")
+
+    def call(self, x, training=None):
+        return self.bn(self.dense(x), training=training)
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units}
+
+
+keras.utils.set_random_seed(4)
+inp = keras.Input((3,), name="features")
+m = keras.Model(inp, Block(name="block")(inp), name="custom")
+m.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+m.fit(rng.normal(size=(8, 3)).astype("float32"), y_train, batch_size=4, epochs=1, verbose=0)
+m.save(os.path.join(HERE, "k3_custom.keras"))
+block = m.get_layer("block")
+expected["custom_layer"] = {
+    "file": "k3_custom.keras",
+    "layer": bn_report(block.bn, "block/block_bn"),
+    "h5_path": "layers/block/bn/vars",
+}
 
 
 # ---------------------------------------------------------------------------- tf_keras
