@@ -478,7 +478,11 @@ fn fuzz_corpus_replays_without_panic() {
 /// A stable-Rust stand-in for the fuzz target where cargo-fuzz is not installed: random
 /// byte mutations (flips, overwrites with extreme values, truncations, splices) of the
 /// corpus for `BNORM_KERAS_MUTATE_SECS` seconds (default 2). Run by hand:
-/// `BNORM_KERAS_MUTATE_SECS=120 cargo test -p bnorm-interop --test read_keras -- --ignored --nocapture`
+///
+/// ```text
+/// BNORM_KERAS_MUTATE_SECS=120 cargo test -p bnorm-interop --test read_keras -- \
+///     --ignored --nocapture
+/// ```
 #[test]
 #[ignore]
 fn random_mutations_never_panic() {

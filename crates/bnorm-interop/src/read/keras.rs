@@ -25,10 +25,17 @@
 //!   and whether the layer was *fused*: tf_keras fuses a BatchNormalization on 4-D/5-D
 //!   input (axis 1 or last) unless renorm or virtual batches are used, and its fused
 //!   kernel keeps the Bessel-corrected (unbiased) moving variance, the non-fused one the
-//!   biased variance; that is written to `bnorm.layer.<p>.variance`.
+//!   biased variance; that is written to `bnorm.layer.<p>.variance`. tf_keras does not
+//!   save the `fused` argument itself, so a layer that would be fused by default is
+//!   recorded as unbiased with a note in `bnorm.layer.<p>.assumed` (an explicit
+//!   `fused=False` cannot be seen); where the input rank is not in the configuration,
+//!   nothing is recorded but that note. A weights-only file records no conventions.
 //!
-//! The HDF5 files are read by a small bounds-checked parser (the private `hdf5` module) of what h5py
-//! writes by default; nothing in the file is executed.
+//! The HDF5 files are read by a small bounds-checked parser (the private `hdf5` module)
+//! of what h5py writes by default (`libver="earliest"`); files written with
+//! `libver="latest"` (superblock 2/3, version-2 object headers) and filtered
+//! (compressed) datasets are refused with a message saying so. Nothing in the file is
+//! executed.
 
 use std::collections::BTreeMap;
 use std::io::{Read, Seek};
@@ -967,4 +974,24 @@ fn tf_keras(file: &File, weights: &Object, config: Option<&Value>) -> hdf5::H5Re
         }
     }
     Ok(ckpt)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn class_names_snake_case_like_keras() {
+        for (class, snake) in [
+            ("BatchNormalization", "batch_normalization"),
+            ("Conv2D", "conv2d"),
+            ("GlobalAveragePooling2D", "global_average_pooling2d"),
+            ("InputLayer", "input_layer"),
+            ("Functional", "functional"),
+            ("LSTMCell", "lstm_cell"),
+            ("ReLU", "re_lu"),
+        ] {
+            assert_eq!(snake_case(class), snake, "{class}");
+        }
+    }
 }
