@@ -979,6 +979,7 @@ fn tf_keras(file: &File, weights: &Object, config: Option<&Value>) -> hdf5::H5Re
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn class_names_snake_case_like_keras() {
@@ -993,5 +994,68 @@ mod tests {
         ] {
             assert_eq!(snake_case(class), snake, "{class}");
         }
+    }
+
+    /// tf_keras's fused decision from a saved configuration (the rule of
+    /// `BatchNormalizationBase.build`: fused for 4-D input with axis 1 or 3 and 5-D input
+    /// with axis 1 or 4, unless renorm / virtual batches; the input rank found from the
+    /// layer before it).
+    #[test]
+    fn tf_keras_fused_decision() {
+        let functional = |prev: &str, bn: Value| {
+            json!({"class_name": "Functional", "config": {"layers": [
+                {"class_name": "InputLayer", "config": {"name": "in",
+                    "batch_input_shape": [null, 4, 4, 4, 2]}, "inbound_nodes": []},
+                {"class_name": prev, "config": {"name": "prev"},
+                    "inbound_nodes": [[["in", 0, 0, {}]]]},
+                {"class_name": "Activation", "config": {"name": "act"},
+                    "inbound_nodes": [[["prev", 0, 0, {}]]]},
+                {"class_name": "BatchNormalization", "config": bn,
+                    "inbound_nodes": [[["act", 0, 0, {}]]]},
+            ]}})
+        };
+        let decide = |model: &Value| {
+            let mut layers = BTreeMap::new();
+            tfk_walk_config(model, "", 0, &mut layers).unwrap();
+            tfk_fused(&layers["bn"])
+        };
+        let bn = |axis: Value| json!({"name": "bn", "axis": axis});
+        assert_eq!(
+            decide(&functional("Conv2D", bn(json!([3])))),
+            Fused::ByDefault
+        );
+        assert_eq!(
+            decide(&functional("Conv2D", bn(json!([1])))),
+            Fused::ByDefault
+        );
+        assert_eq!(decide(&functional("Conv2D", bn(json!([2])))), Fused::No);
+        assert_eq!(
+            decide(&functional("Conv3D", bn(json!([4])))),
+            Fused::ByDefault
+        );
+        assert_eq!(decide(&functional("Conv3D", bn(json!([2])))), Fused::No);
+        assert_eq!(decide(&functional("Flatten", bn(json!([1])))), Fused::No);
+        assert_eq!(decide(&functional("Conv1D", bn(json!([2])))), Fused::No);
+        assert_eq!(decide(&functional("Conv2D", bn(json!([1, 3])))), Fused::No);
+        // Dense keeps its input's rank: here the 5-D input.
+        assert_eq!(
+            decide(&functional("Dense", bn(json!([4])))),
+            Fused::ByDefault
+        );
+        // A layer this reader does not know: the rank is unknown.
+        assert_eq!(
+            decide(&functional("MyLayer", bn(json!([3])))),
+            Fused::Unknown
+        );
+        let renorm = json!({"name": "bn", "axis": [3], "renorm": true});
+        assert_eq!(decide(&functional("Conv2D", renorm)), Fused::No);
+        let virtual_batch = json!({"name": "bn", "axis": [3], "virtual_batch_size": 2});
+        assert_eq!(decide(&functional("Conv2D", virtual_batch)), Fused::No);
+        // Sequential: the previous layer declares a 2-D input.
+        let seq = json!({"class_name": "Sequential", "config": {"layers": [
+            {"class_name": "Dense", "config": {"name": "d", "batch_input_shape": [null, 3]}},
+            {"class_name": "BatchNormalization", "config": {"name": "bn", "axis": [1]}},
+        ]}});
+        assert_eq!(decide(&seq), Fused::No);
     }
 }
