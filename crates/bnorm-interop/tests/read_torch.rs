@@ -473,6 +473,14 @@ fn hostile_pickles_are_refused() {
             "holds 8 bytes",
         ),
         (
+            "storage record longer than the pickle says",
+            p::dict(&[(
+                "x.running_mean",
+                p::tensor(p::storage("FloatStorage", "0", 1), 0, &[1], &[1]),
+            )]),
+            "claims 8 bytes",
+        ),
+        (
             "huge shape",
             p::dict(&[(
                 "x.running_mean",

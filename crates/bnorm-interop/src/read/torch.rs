@@ -68,9 +68,19 @@ fn zip_error(e: zip::result::ZipError) -> InteropError {
 /// Reads the state dict of a zip-format `torch.save` file.
 pub(crate) fn read_zip<R: Read + Seek>(archive: &mut zip::ZipArchive<R>) -> Result<Checkpoint> {
     let prefix = archive_prefix(archive)?;
-    let code = read_record(archive, &format!("{prefix}data.pkl"), MAX_PICKLE)?
-        .ok_or_else(|| refuse("data.pkl is missing"))?;
-    let big_endian = match read_record(archive, &format!("{prefix}byteorder"), 16)? {
+    let code = read_record(
+        archive,
+        &format!("{prefix}data.pkl"),
+        MAX_PICKLE,
+        "the most bnorm reads for a pickle",
+    )?
+    .ok_or_else(|| refuse("data.pkl is missing"))?;
+    let big_endian = match read_record(
+        archive,
+        &format!("{prefix}byteorder"),
+        16,
+        "a byteorder word",
+    )? {
         None => false,
         Some(b) => match b.as_slice() {
             b"little" => false,
@@ -152,11 +162,13 @@ fn archive_prefix<R: Read + Seek>(archive: &zip::ZipArchive<R>) -> Result<String
     found.ok_or_else(|| refuse("no <archive>/data.pkl record (not a torch.save file)"))
 }
 
-/// The bytes of a record, at most `limit` of them (`None` if there is no such record).
+/// The bytes of a record, at most `limit` of them (`None` if there is no such record); a
+/// record that claims more is refused, `limit_is` saying what the limit is.
 fn read_record<R: Read + Seek>(
     archive: &mut zip::ZipArchive<R>,
     name: &str,
     limit: u64,
+    limit_is: &str,
 ) -> Result<Option<Vec<u8>>> {
     let mut f = match archive.by_name(name) {
         Ok(f) => f,
@@ -165,13 +177,13 @@ fn read_record<R: Read + Seek>(
     };
     if f.size() > limit {
         return Err(refuse(format!(
-            "record {name} claims {} bytes, more than the {limit} bnorm reads",
+            "record {name} claims {} bytes, more than {limit} ({limit_is})",
             f.size()
         )));
     }
     let mut out = Vec::new();
     // The claimed size is not trusted for allocation: the buffer grows with the bytes
-    // that actually arrive.
+    // that actually arrive, and no more than `limit` are read.
     (&mut f)
         .take(limit)
         .read_to_end(&mut out)
@@ -204,7 +216,11 @@ fn load_storage<R: Read + Seek>(
         ))
     })?;
     let name = format!("{prefix}data/{}", s.key);
-    let bytes = read_record(archive, &name, need as u64)?.ok_or_else(|| {
+    let limit_is = format!(
+        "what the pickle says the storage holds: {} {} elements; the file is corrupt",
+        s.numel, s.type_name
+    );
+    let bytes = read_record(archive, &name, need as u64, &limit_is)?.ok_or_else(|| {
         refuse(format!(
             "storage record {name} (of tensor {tensor}) is missing"
         ))
