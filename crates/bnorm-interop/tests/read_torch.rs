@@ -602,6 +602,24 @@ fn hostile_pickles_are_refused() {
 }
 
 #[test]
+fn many_views_of_one_storage_are_bounded() {
+    let names: Vec<String> = (0..64).map(|i| format!("t{i}")).collect();
+    let items: Vec<(&str, Vec<u8>)> = names
+        .iter()
+        .map(|n| {
+            let st = p::storage("FloatStorage", "0", 1 << 14);
+            (n.as_str(), p::tensor(st, 0, &[1 << 14], &[1]))
+        })
+        .collect();
+    let data = ("0", vec![0u8; 4 << 14]);
+    let e = unreadable(&torch_zip(&p::dict(&items), &[data.clone()]));
+    assert!(e.contains("times over"), "{e}");
+    // Two views (tied weights) are fine.
+    let ok = torch_zip(&p::dict(&items[..2]), &[data]);
+    assert_eq!(read_bytes(&ok).unwrap().checkpoint.tensors.len(), 2);
+}
+
+#[test]
 fn deep_and_cyclic_nesting_is_bounded() {
     // 10,000 nested dicts: {'a': {'a': …}}.
     let mut pk = b"\x80\x02".to_vec();

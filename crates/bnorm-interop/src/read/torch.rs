@@ -35,6 +35,8 @@ const MAX_DEPTH: usize = 32;
 /// Most dict entries visited when looking for tensors (shared sub-dicts count each time);
 /// also at most one a byte of the pickle, which is what an unshared entry costs.
 const MAX_VISITS: usize = 1 << 22;
+/// Most times over the tensors may copy the storages they view (tied weights: 2).
+const MAX_SHARING: usize = 4;
 /// Longest tensor name (joined keys).
 const MAX_NAME: usize = 4096;
 
@@ -97,14 +99,26 @@ pub(crate) fn read_zip<R: Read + Seek>(archive: &mut zip::ZipArchive<R>) -> Resu
     let selected = select(&prog, &root, code.len())?;
     let mut storages: HashMap<usize, Vec<u8>> = HashMap::new();
     let mut tensors = BTreeMap::new();
+    let (mut stored, mut out) = (0usize, 0usize);
     for (name, t) in selected {
         let view = &prog.tensors[t];
         let s = &prog.storages[view.storage];
+        let fresh = !storages.contains_key(&view.storage);
         let bytes = match storages.entry(view.storage) {
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => e.insert(load_storage(archive, &prefix, s, &name)?),
         };
         let tensor = materialize(&name, view, s, bytes, big_endian)?;
+        // Views may share a storage (tied weights); many views of one storage must not
+        // turn a small file into a huge allocation.
+        stored = stored.saturating_add(if fresh { bytes.len() } else { 0 });
+        out = out.saturating_add(tensor.bytes.len());
+        if out > stored.saturating_mul(MAX_SHARING).saturating_add(1 << 16) {
+            return Err(refuse(format!(
+                "the tensors view their storages {MAX_SHARING} times over or more ({out} bytes \
+                 from {stored} stored); a state dict does not, and bnorm does not copy them"
+            )));
+        }
         tensors.insert(name, tensor);
     }
     Ok(Checkpoint {
