@@ -2,9 +2,9 @@
 //!
 //! The zip holds `<archive>/data.pkl` (a pickle of the saved object whose tensors name
 //! their storages by persistent id), `<archive>/data/<key>` (each storage's raw bytes),
-//! `<archive>/byteorder` (`little` or `big`; absent in files of torch < 1.10, which are
-//! little-endian) and `<archive>/version`. The pickle is run by [`pickle`](super::pickle),
-//! an interpreter that calls nothing and knows only what a tensor state dict needs.
+//! `<archive>/byteorder` (`little` or `big`; absent in files of older torch, which are
+//! little-endian) and `<archive>/version`. The pickle is run by a small interpreter
+//! (`read/pickle.rs`) that calls nothing and knows only what a tensor state dict needs.
 //!
 //! The state dict is found at the top level (`torch.save(model.state_dict())`) or under
 //! one of the keys training scripts use (`state_dict`, `model_state_dict`, `model`, `net`,
