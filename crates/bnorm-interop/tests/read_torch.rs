@@ -313,6 +313,14 @@ fn forbidden_global_is_refused_by_name() {
 }
 
 #[test]
+fn whole_module_pickle_is_refused_by_name() {
+    let e = unreadable(&fixture("full_model.pt"));
+    let g = expected()["files"]["full_model.pt"]["refused_global"].clone();
+    assert!(e.contains(g.as_str().unwrap()), "{e}");
+    assert!(e.contains("state_dict()"), "{e}");
+}
+
+#[test]
 fn legacy_format_is_refused_with_what_to_do() {
     let e = unreadable(&fixture("legacy.pt"));
     assert!(

@@ -23,6 +23,8 @@ Files (all torch.save of the default zip format unless said otherwise):
   views.pt        tensors that are views: a transpose (strided) and a row (offset) of one
                   storage, besides a batch norm
   forbidden.pt    {'x': os.system}: a pickle that calls something a state dict never needs
+  full_model.pt   torch.save(lone) of a whole nn.BatchNorm2d module (not its state_dict):
+                  the pickle rebuilds torch.nn.modules.batchnorm.BatchNorm2d, refused
   legacy.pt       trained.pt's dict with _use_new_zipfile_serialization=False (pre-1.6)
 """
 import json
@@ -171,6 +173,9 @@ assert not views["transposed"].is_contiguous() and views["row"].storage_offset()
 save("views.pt", views, {"tensors": tensors(views)})
 
 save("forbidden.pt", {"x": os.system}, {"refused_global": "posix.system"})
+
+save("full_model.pt", lone,
+     {"refused_global": "torch.nn.modules.batchnorm.BatchNorm2d"})
 
 save("legacy.pt", sd, {"legacy": True}, _use_new_zipfile_serialization=False)
 
