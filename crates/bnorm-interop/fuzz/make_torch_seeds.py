@@ -1,6 +1,6 @@
 """Writes the seed corpus of the `read_torch` fuzz target (corpus/read_torch/): the real
 torch.save fixtures of tests/data/torch (seed-*) and a handful of mutations of them
-(mut-*): a cut pickle, a cut storage, a big-endian byteorder, a forbidden global swapped
+(mut-*), leaving the fuzz-* inputs sampled from recorded runs: a cut pickle, a cut storage, a big-endian byteorder, a forbidden global swapped
 in, a stride of 0, a huge storage size, a deflated zip.
 
     python3 make_torch_seeds.py   # standard library only
@@ -12,8 +12,10 @@ import zipfile
 
 src = "../tests/data/torch"
 out = "corpus/read_torch"
-shutil.rmtree(out, ignore_errors=True)
-os.makedirs(out)
+os.makedirs(out, exist_ok=True)
+for name in os.listdir(out):  # the fuzz-* inputs of recorded runs stay
+    if name.startswith(("seed-", "mut-")):
+        os.remove(os.path.join(out, name))
 for name in sorted(os.listdir(src)):
     if name.endswith(".pt"):
         shutil.copy(os.path.join(src, name), os.path.join(out, "seed-" + name[:-3]))
