@@ -725,6 +725,40 @@ fn truncated_and_flipped_pickles_never_panic() {
 }
 
 #[test]
+fn deflated_records_read_but_bombs_are_refused() {
+    // A re-packed (deflated) file reads like the stored one.
+    let entries = unzip(&fixture("views.pt"));
+    let deflated = |entries: &[(String, Vec<u8>)]| {
+        let mut w = zip::ZipWriter::new(Cursor::new(Vec::new()));
+        let opts = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated);
+        for (n, b) in entries {
+            w.start_file(n.as_str(), opts).unwrap();
+            w.write_all(b).unwrap();
+        }
+        w.finish().unwrap().into_inner()
+    };
+    let got = read_bytes(&deflated(&entries)).unwrap().checkpoint;
+    assert_eq!(got, read("views.pt"));
+    // 4 MiB of zeros deflate to a few KiB.
+    let pk = p::dict(&[(
+        "x.running_mean",
+        p::tensor(
+            p::storage("FloatStorage", "0", 1 << 20),
+            0,
+            &[1 << 20],
+            &[1],
+        ),
+    )]);
+    let bomb = vec![
+        ("archive/data.pkl".to_string(), pk),
+        ("archive/data/0".to_string(), vec![0u8; 4 << 20]),
+    ];
+    let e = unreadable(&deflated(&bomb));
+    assert!(e.contains("expands"), "{e}");
+}
+
+#[test]
 fn truncated_storage_record_is_refused() {
     let mut entries = unzip(&fixture("lone_bn.pt"));
     for (n, b) in &mut entries {

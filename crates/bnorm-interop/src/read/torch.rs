@@ -30,6 +30,8 @@ use crate::{Checkpoint, InteropError, Result, Tensor};
 
 /// Largest `data.pkl` read (a state dict of thousands of tensors is well under 1 MiB).
 const MAX_PICKLE: u64 = 64 << 20;
+/// Most a compressed record may expand (torch.save writes them stored, uncompressed).
+const MAX_EXPANSION: u64 = 64;
 /// Deepest dict nesting followed when looking for tensors.
 const MAX_DEPTH: usize = 32;
 /// Most dict entries visited when looking for tensors (shared sub-dicts count each time);
@@ -195,11 +197,22 @@ fn read_record<R: Read + Seek>(
             f.size()
         )));
     }
+    // torch.save stores records uncompressed; a re-packed file may deflate them, but a
+    // record that expands beyond what tensor data plausibly does is a zip bomb.
+    if f.size() > f.compressed_size().saturating_mul(MAX_EXPANSION) + 4096 {
+        return Err(refuse(format!(
+            "record {name} expands {} compressed bytes to {}, more than {MAX_EXPANSION} times \
+             over (torch.save stores records uncompressed: re-save the file with torch.save)",
+            f.compressed_size(),
+            f.size()
+        )));
+    }
     let mut out = Vec::new();
     // The claimed size is not trusted for allocation: the buffer grows with the bytes
-    // that actually arrive, and no more than `limit` are read.
+    // that actually arrive, and no more than the claim (checked above) are read.
+    let claimed = f.size();
     (&mut f)
-        .take(limit)
+        .take(claimed)
         .read_to_end(&mut out)
         .map_err(|e| refuse(format!("record {name} cannot be read: {e}")))?;
     Ok(Some(out))
