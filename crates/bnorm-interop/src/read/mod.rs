@@ -19,6 +19,7 @@ use crate::{Checkpoint, InteropError, Result};
 pub mod flax;
 pub mod keras;
 pub mod onnx;
+mod pickle;
 mod protobuf;
 pub mod tf;
 pub mod torch;
