@@ -617,14 +617,13 @@ fn fold_uses_the_given_eps() {
     let b = Checkpoint::read(&output).unwrap().tensors["fc.bias"]
         .to_f64("b")
         .unwrap();
-    for c in 0..2 {
+    for (c, got) in b.iter().enumerate() {
         let scale =
             bn.weight.as_ref().unwrap()[c] / (bn.running_var.as_ref().unwrap()[c] + 1e-3).sqrt();
         let want = bn.bias.as_ref().unwrap()[c] - bn.running_mean.as_ref().unwrap()[c] * scale;
         assert!(
-            (b[c] - want).abs() < 1e-5 * want.abs().max(1.0),
-            "{c}: {} {want}",
-            b[c]
+            (got - want).abs() < 1e-5 * want.abs().max(1.0),
+            "{c}: {got} {want}"
         );
     }
     // Without --eps, fold says it assumed one.
