@@ -949,6 +949,10 @@ fn fuzz_corpus_replays_without_panic() {
     let mut n = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        assert_eq!(
+            Checkpoint::from_vec(bytes.clone()).ok(),
+            Checkpoint::from_bytes(&bytes).ok()
+        );
         if let Ok(ckpt) = Checkpoint::from_bytes(&bytes) {
             if let Ok(layers) = ckpt.layers() {
                 for l in layers {
