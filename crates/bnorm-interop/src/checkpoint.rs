@@ -236,7 +236,8 @@ impl Checkpoint {
                 .to_vec();
             if data_start + s < bytes.len() {
                 bytes.truncate(data_start + s);
-                if bytes.capacity() > 2 * bytes.len() + 4096 {
+                // Give the cut-off part back as it goes (a large buffer shrinks in place).
+                if bytes.capacity() - bytes.len() >= 1 << 20 {
                     bytes.shrink_to_fit();
                 }
             }
