@@ -40,7 +40,8 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Measure bandwidth of every kernel against a plain copy and candle-nn.
     Bench(bench::BenchArgs),
-    /// List the batch-norm layers of a safetensors checkpoint, their conventions and health.
+    /// List the batch-norm layers of a checkpoint, their conventions and health (exit status
+    /// 0: healthy, 1: problems found, 2: unreadable).
     Inspect(interop::InspectArgs),
     /// Fold batch-norm layers into the preceding convolution or linear layer.
     Fold(interop::FoldArgs),
@@ -50,6 +51,11 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // `inspect` exits like a linter: 0 healthy, 1 problems found, 2 unreadable.
+    let failure = match cli.command {
+        Some(Command::Inspect(_)) => ExitCode::from(interop::UNREADABLE_STATUS),
+        _ => ExitCode::FAILURE,
+    };
     let result = match cli.command {
         Some(Command::Conformance { dir }) => conformance::run(&dir),
         Some(Command::Bench(args)) => bench::run(&args).map(|_| ExitCode::SUCCESS),
@@ -64,7 +70,7 @@ fn main() -> ExitCode {
         Err(e) => output::exit_code(&e).unwrap_or_else(|| {
             // Nothing more can be done when stderr is closed too.
             let _ = writeln!(std::io::stderr(), "bnorm: {}", output::error_text(&e));
-            ExitCode::FAILURE
+            failure
         }),
     }
 }

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use safetensors::{Dtype, SafeTensors};
 
 use super::error::InteropError;
-use super::format::{split_name, Format, Role, ROLES};
-use super::layer::Layer;
+use super::format::{split_leaf, split_name, Format, Role, ROLES};
+use super::layer::{Layer, Provenance, Source};
 use super::Result;
 use bnorm::element::DType;
 use bnorm::element::{bf16, f16};
@@ -170,6 +170,9 @@ pub struct Checkpoint {
     pub metadata: BTreeMap<String, String>,
 }
 
+/// A tensor of a parsed header: name, dtype, shape and byte range within the data.
+type Entry = (String, Dtype, Vec<usize>, (usize, usize));
+
 fn malformed(reason: impl Into<String>) -> InteropError {
     InteropError::Malformed {
         reason: reason.into(),
@@ -189,6 +192,70 @@ impl Checkpoint {
     /// assert!(Checkpoint::from_bytes(huge).is_err());
     /// ```
     pub fn from_bytes(bytes: &[u8]) -> Result<Checkpoint> {
+        let (data_start, entries, metadata) = Self::parse_header(bytes)?;
+        let tensors = entries
+            .into_iter()
+            .map(|(name, dtype, shape, (s, e))| {
+                // Checked by parse_header to lie in the file.
+                let bytes = bytes[data_start + s..data_start + e].to_vec();
+                (
+                    name,
+                    Tensor {
+                        dtype,
+                        shape,
+                        bytes,
+                    },
+                )
+            })
+            .collect();
+        Ok(Checkpoint { tensors, metadata })
+    }
+
+    /// [`Checkpoint::from_bytes`] on a file's bytes it owns: each tensor's bytes are moved
+    /// out from the end of the buffer, which shrinks as it goes, so the file is not held
+    /// twice in memory.
+    ///
+    /// ```
+    /// let mut ckpt = bnorm_interop::Checkpoint::default();
+    /// ckpt.insert_layer(&bnorm_interop::Layer::new("bn", bnorm_interop::Format::Torch, 2),
+    ///                   bnorm::element::DType::F32)?;
+    /// let bytes = ckpt.to_bytes()?;
+    /// assert_eq!(bnorm_interop::Checkpoint::from_vec(bytes)?, ckpt);
+    /// # Ok::<(), bnorm_interop::InteropError>(())
+    /// ```
+    pub fn from_vec(mut bytes: Vec<u8>) -> Result<Checkpoint> {
+        let (data_start, mut entries, metadata) = Self::parse_header(&bytes)?;
+        // Last tensor first: its bytes are copied out, then the buffer is cut before them.
+        entries.sort_by_key(|e| std::cmp::Reverse(e.3));
+        let mut tensors = BTreeMap::new();
+        for (name, dtype, shape, (s, e)) in entries {
+            // The ranges tile the data (checked), so each lies before the cut.
+            let tensor_bytes = bytes
+                .get(data_start + s..data_start + e)
+                .ok_or_else(|| malformed(format!("{name}: data range {s}..{e} overlaps another")))?
+                .to_vec();
+            if data_start + s < bytes.len() {
+                bytes.truncate(data_start + s);
+                // Give the cut-off part back as it goes (a large buffer shrinks in place).
+                if bytes.capacity() - bytes.len() >= 1 << 20 {
+                    bytes.shrink_to_fit();
+                }
+            }
+            tensors.insert(
+                name,
+                Tensor {
+                    dtype,
+                    shape,
+                    bytes: tensor_bytes,
+                },
+            );
+        }
+        Ok(Checkpoint { tensors, metadata })
+    }
+
+    /// The header of a safetensors file, checked: where the data starts, each tensor's
+    /// name, dtype, shape and byte range within the data, and the metadata.
+    fn parse_header(bytes: &[u8]) -> Result<(usize, Vec<Entry>, BTreeMap<String, String>)> {
         let Some((len_bytes, rest)) = bytes.split_first_chunk::<8>() else {
             return Err(malformed(format!(
                 "the file has {} bytes, fewer than the 8-byte header length",
@@ -207,7 +274,7 @@ impl Checkpoint {
         let data = rest
             .get(n_read..)
             .ok_or_else(|| malformed("header overruns the file"))?;
-        let mut tensors = BTreeMap::new();
+        let mut entries = Vec::new();
         for (name, info) in meta.tensors() {
             let numel = info
                 .shape
@@ -227,17 +294,12 @@ impl Checkpoint {
                     info.dtype
                 )));
             }
-            let slice = data
-                .get(s..e)
-                .ok_or_else(|| malformed(format!("{name}: data range {s}..{e} is past the end")))?;
-            tensors.insert(
-                name,
-                Tensor {
-                    dtype: info.dtype,
-                    shape: info.shape.clone(),
-                    bytes: slice.to_vec(),
-                },
-            );
+            if data.get(s..e).is_none() {
+                return Err(malformed(format!(
+                    "{name}: data range {s}..{e} is past the end"
+                )));
+            }
+            entries.push((name, info.dtype, info.shape.clone(), (s, e)));
         }
         let metadata = meta
             .metadata()
@@ -245,16 +307,16 @@ impl Checkpoint {
             .unwrap_or_default()
             .into_iter()
             .collect();
-        Ok(Checkpoint { tensors, metadata })
+        Ok((8 + n_read, entries, metadata))
     }
 
-    /// Reads and parses a file (see [`Checkpoint::from_bytes`]).
+    /// Reads and parses a file (see [`Checkpoint::from_vec`]).
     pub fn read(path: &Path) -> Result<Checkpoint> {
         let bytes = std::fs::read(path).map_err(|source| InteropError::Io {
             path: path.to_path_buf(),
             source,
         })?;
-        Checkpoint::from_bytes(&bytes)
+        Checkpoint::from_vec(bytes)
     }
 
     /// Serializes to safetensors bytes.
@@ -279,8 +341,14 @@ impl Checkpoint {
     fn locate(&self, prefix: &str, format: Format) -> BTreeMap<Role, String> {
         let mut found = BTreeMap::new();
         for name in self.tensors.keys() {
-            let Some((coll, p, leaf)) = split_name(name) else {
-                continue;
+            // Only Flax names start with a collection; a PyTorch submodule or a Keras layer
+            // called `params` is part of the prefix.
+            let (coll, p, leaf) = match format {
+                Format::Flax => split_name(name),
+                _ => {
+                    let (p, leaf) = split_leaf(name);
+                    (None, p, leaf)
+                }
             };
             if p != prefix {
                 continue;
@@ -298,20 +366,35 @@ impl Checkpoint {
     /// (`running_mean`/`running_var`/`num_batches_tracked`, `moving_mean`/`moving_variance`,
     /// or Flax `batch_stats` `mean`/`var`), or one that this crate marked when writing it
     /// (a PyTorch layer without running statistics is otherwise indistinguishable from a
-    /// LayerNorm; load it with [`Checkpoint::layer`]). Sorted by name.
+    /// LayerNorm; load it with [`Checkpoint::layer`]). Sorted by name. A lone module's
+    /// state dict (`running_mean`, `weight`, ... without a prefix) is the layer named `""`.
+    ///
+    /// ```
+    /// use bnorm_interop::{Checkpoint, Tensor};
+    /// let mut ckpt = Checkpoint::default();
+    /// for n in ["running_mean", "params.bn.running_mean"] {
+    ///     let t = Tensor::from_f64(&[0.5], vec![1], bnorm::element::DType::F32);
+    ///     ckpt.tensors.insert(n.into(), t.clone());
+    ///     ckpt.tensors.insert(n.replace("mean", "var"), t);
+    /// }
+    /// let names: Vec<String> = ckpt.layers()?.into_iter().map(|l| l.name).collect();
+    /// assert_eq!(names, ["", "params.bn"]);
+    /// # Ok::<(), bnorm_interop::InteropError>(())
+    /// ```
     pub fn layers(&self) -> Result<Vec<Layer>> {
         let mut found: BTreeSet<(String, Format)> = BTreeSet::new();
         for name in self.tensors.keys() {
-            let Some((coll, p, leaf)) = split_name(name) else {
-                continue;
-            };
-            let format = match (coll, leaf) {
-                (None, "running_mean" | "running_var" | "num_batches_tracked") => Format::Torch,
-                (None, "moving_mean" | "moving_variance") => Format::Keras,
-                (Some("batch_stats"), "mean" | "var") => Format::Flax,
+            let (full, leaf) = split_leaf(name);
+            let (prefix, format) = match leaf {
+                "running_mean" | "running_var" | "num_batches_tracked" => (full, Format::Torch),
+                "moving_mean" | "moving_variance" => (full, Format::Keras),
+                "mean" | "var" => match split_name(name) {
+                    (Some("batch_stats"), p, _) => (p, Format::Flax),
+                    _ => continue,
+                },
                 _ => continue,
             };
-            found.insert((p.to_string(), format));
+            found.insert((prefix.to_string(), format));
         }
         for (k, v) in &self.metadata {
             if let (Some(p), Some(f)) = (
@@ -440,6 +523,11 @@ impl Checkpoint {
             momentum,
             variance,
             conventions_recorded: meta("eps").is_some() || meta("momentum").is_some(),
+            provenance: Provenance {
+                eps: source(meta("eps").is_some()),
+                momentum: source(meta("momentum").is_some()),
+                variance: source(meta("variance").is_some()),
+            },
         })
     }
 
@@ -456,7 +544,9 @@ impl Checkpoint {
 
     /// Writes a layer under its format's names, floats rounded once to `dtype`, with its
     /// conventions (eps, momentum, variance estimator) recorded in the metadata. A PyTorch
-    /// layer with running statistics gets `num_batches_tracked` (0 when unknown).
+    /// layer with running statistics gets `num_batches_tracked` (0 when unknown: PyTorch's
+    /// strict `load_state_dict` needs it, and [`inspect`](crate::inspect) does not read a
+    /// zero count as never updated).
     pub fn insert_layer(&mut self, layer: &Layer, dtype: DType) -> Result<()> {
         layer.check_lengths()?;
         let f = layer.format;
@@ -501,6 +591,14 @@ impl Checkpoint {
     }
 }
 
+fn source(recorded: bool) -> Source {
+    if recorded {
+        Source::Recorded
+    } else {
+        Source::Assumed
+    }
+}
+
 fn momentum_string(m: Momentum) -> String {
     match m {
         Momentum::NewWeight(a) => format!("new_weight:{a:e}"),
@@ -535,7 +633,9 @@ pub fn read_layers(bytes: &[u8]) -> Result<Vec<Layer>> {
 
 /// Writes `bytes` to `path` atomically: a temporary file in the same directory is written,
 /// flushed to disk and renamed over `path`, so readers see the old file or the new one,
-/// never a partial one. The temporary file is removed on failure.
+/// never a partial one. The temporary file is removed on failure. A file replaced keeps
+/// its permissions; a symbolic link is written through (its target is replaced, the link
+/// stays); the temporary name is short, so any valid file name can be written.
 ///
 /// ```
 /// let dir = std::env::temp_dir().join(format!("bnorm-doc-{}", std::process::id()));
@@ -551,32 +651,35 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         path: p.to_path_buf(),
         source,
     };
-    let file_name = path.file_name().ok_or_else(|| {
-        io(
+    let target = resolve_links(path).map_err(|e| io(path, e))?;
+    if target.file_name().is_none() {
+        return Err(io(
             path,
             std::io::Error::new(std::io::ErrorKind::InvalidInput, "no file name"),
-        )
-    })?;
-    let dir = match path.parent() {
+        ));
+    }
+    let dir = match target.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
     };
+    // The permissions of the file replaced (a 0600 file stays 0600).
+    let permissions = std::fs::metadata(&target).ok().map(|m| m.permissions());
     static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = dir.join(format!(
-        ".{}.{}-{n}.tmp",
-        file_name.to_string_lossy(),
-        std::process::id()
-    ));
+    // Short whatever the target's name (a name of 255 bytes is valid; one longer is not).
+    let tmp = dir.join(format!(".bnorm-{}-{n}.tmp", std::process::id()));
     let result = (|| {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .create_new(true)
             .open(&tmp)?;
         f.write_all(bytes)?;
+        if let Some(p) = permissions {
+            f.set_permissions(p)?;
+        }
         f.sync_all()?;
         drop(f);
-        std::fs::rename(&tmp, path)
+        std::fs::rename(&tmp, &target)
     })();
     if let Err(e) = result {
         let _ = std::fs::remove_file(&tmp);
@@ -585,22 +688,69 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// `path` with symbolic links followed to the file they name (which need not exist yet).
+fn resolve_links(path: &Path) -> std::io::Result<PathBuf> {
+    let mut p = path.to_path_buf();
+    for _ in 0..40 {
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.file_type().is_symlink() => {
+                let link = std::fs::read_link(&p)?;
+                p = match p.parent() {
+                    Some(parent) if link.is_relative() => parent.join(link),
+                    _ => link,
+                };
+            }
+            _ => return Ok(p),
+        }
+    }
+    Err(std::io::Error::other(
+        "too many levels of symbolic links (a loop?)",
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn split_names() {
-        assert_eq!(
-            split_name("a.b.running_var"),
-            Some((None, "a.b", "running_var"))
-        );
-        assert_eq!(split_name("bn/gamma:0"), Some((None, "bn", "gamma")));
+        assert_eq!(split_name("a.b.running_var"), (None, "a.b", "running_var"));
+        assert_eq!(split_name("bn/gamma:0"), (None, "bn", "gamma"));
         assert_eq!(
             split_name("batch_stats.BatchNorm_0.mean"),
-            Some((Some("batch_stats"), "BatchNorm_0", "mean"))
+            (Some("batch_stats"), "BatchNorm_0", "mean")
         );
-        assert_eq!(split_name("plain"), None);
+        assert_eq!(split_name("params/scale"), (Some("params"), "", "scale"));
+        assert_eq!(split_name("plain"), (None, "", "plain"));
+        assert_eq!(split_leaf("params.bn.weight"), ("params.bn", "weight"));
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn atomic_writes_keep_mode_take_long_names_and_follow_links() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("bnorm-atomic-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let private = dir.join("private");
+        std::fs::write(&private, b"old").unwrap();
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o600)).unwrap();
+        write_atomic(&private, b"new").unwrap();
+        let mode = std::fs::metadata(&private).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let long = dir.join("n".repeat(250));
+        write_atomic(&long, b"long").unwrap();
+        assert_eq!(std::fs::read(&long).unwrap(), b"long");
+        let target = dir.join("target");
+        std::fs::write(&target, b"old").unwrap();
+        let link = dir.join("link");
+        std::os::unix::fs::symlink("target", &link).unwrap();
+        write_atomic(&link, b"through").unwrap();
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(std::fs::read(&target).unwrap(), b"through");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

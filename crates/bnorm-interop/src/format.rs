@@ -110,10 +110,13 @@ impl Format {
     /// The full tensor name this crate writes for a role.
     pub(super) fn tensor_name(self, prefix: &str, role: Role) -> Option<String> {
         let leaf = self.leaf(role)?;
-        Some(match self {
-            Format::Torch => format!("{prefix}.{leaf}"),
-            Format::Keras => format!("{prefix}/{leaf}"),
-            Format::Flax => format!("{}/{prefix}/{leaf}", self.collection(role)?),
+        // A lone module (empty prefix) has bare names: `running_mean`, `params/scale`.
+        Some(match (self, prefix.is_empty()) {
+            (Format::Torch | Format::Keras, true) => leaf.to_string(),
+            (Format::Torch, false) => format!("{prefix}.{leaf}"),
+            (Format::Keras, false) => format!("{prefix}/{leaf}"),
+            (Format::Flax, true) => format!("{}/{leaf}", self.collection(role)?),
+            (Format::Flax, false) => format!("{}/{prefix}/{leaf}", self.collection(role)?),
         })
     }
 }
@@ -147,19 +150,31 @@ pub(super) const ROLES: [Role; 8] = [
     Role::MovingStddev,
 ];
 
-/// Splits a tensor name into (collection, prefix, leaf): the leaf follows the last `.` or
-/// `/`, a TensorFlow `:0` suffix is dropped, and a leading Flax collection (`params`,
-/// `batch_stats`) is taken off the prefix.
-pub(super) fn split_name(name: &str) -> Option<(Option<&str>, &str, &str)> {
+/// Splits a tensor name into (prefix, leaf): the leaf follows the last `.` or `/`, a
+/// TensorFlow `:0` suffix is dropped, and a name without separator (a lone module's
+/// state dict: `running_mean`) has the empty prefix.
+pub(super) fn split_leaf(name: &str) -> (&str, &str) {
     let name = name.strip_suffix(":0").unwrap_or(name);
-    let idx = name.rfind(['.', '/'])?;
-    let (prefix, leaf) = (&name[..idx], &name[idx + 1..]);
+    match name.rfind(['.', '/']) {
+        Some(idx) => (&name[..idx], &name[idx + 1..]),
+        None => ("", name),
+    }
+}
+
+/// Splits a tensor name into (collection, prefix, leaf) as [`split_leaf`] does, a leading
+/// Flax collection (`params`, `batch_stats`) taken off the prefix. Only Flax names are
+/// read this way: a PyTorch submodule or a Keras layer may be called `params` too.
+pub(super) fn split_name(name: &str) -> (Option<&str>, &str, &str) {
+    let (prefix, leaf) = split_leaf(name);
     for coll in ["params", "batch_stats"] {
+        if prefix == coll {
+            return (Some(coll), "", leaf);
+        }
         if let Some(rest) = prefix.strip_prefix(coll) {
             if let Some(rest) = rest.strip_prefix(['.', '/']) {
-                return Some((Some(coll), rest, leaf));
+                return (Some(coll), rest, leaf);
             }
         }
     }
-    Some((None, prefix, leaf))
+    (None, prefix, leaf)
 }

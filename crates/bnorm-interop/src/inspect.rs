@@ -4,6 +4,7 @@ use std::fmt;
 
 use super::format::Format;
 use super::layer::Layer;
+use super::read::FileFormat;
 use bnorm::element::DType;
 
 /// A problem [`inspect`] found in a layer.
@@ -16,8 +17,9 @@ pub enum Problem {
     /// A running variance is below eps: eps, not the data, sets that channel's scale
     /// (often a dead channel).
     NearZeroVariance,
-    /// The running statistics were never updated (`num_batches_tracked` is 0, or mean 0
-    /// and variance 1 everywhere): inference would not normalize.
+    /// The running statistics were never updated: still at their initial values (mean 0 and
+    /// variance 1 everywhere), so inference would not normalize. `num_batches_tracked` is
+    /// not the signal: a converted layer has trained statistics and a count written as 0.
     NeverUpdated,
     /// A PyTorch layer has running statistics but no `num_batches_tracked`.
     MissingNumBatchesTracked,
@@ -70,6 +72,78 @@ impl Problem {
     }
 }
 
+/// The framework a file most likely comes from, for advice in its own words.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    Tf1,
+    Keras,
+    Torch,
+    Flax,
+}
+
+fn origin(file: FileFormat, format: Format) -> Vec<Origin> {
+    match file {
+        FileFormat::Torch => vec![Origin::Torch],
+        FileFormat::Keras | FileFormat::KerasWeights | FileFormat::TfKerasH5 => {
+            vec![Origin::Keras]
+        }
+        FileFormat::Flax => vec![Origin::Flax],
+        // A TensorFlow checkpoint: tf.compat.v1 graphs, or Keras layers saved by TF 2.
+        FileFormat::TfCheckpoint => vec![Origin::Tf1, Origin::Keras],
+        _ => vec![match format {
+            Format::Torch => Origin::Torch,
+            Format::Keras => Origin::Keras,
+            Format::Flax => Origin::Flax,
+        }],
+    }
+}
+
+impl Problem {
+    /// What it means and what to do, in the words of the framework the layer most likely
+    /// comes from (by the file's format and the layer's naming convention): for
+    /// [`Problem::NeverUpdated`] the likely cause in that framework.
+    ///
+    /// ```
+    /// use bnorm_interop::{read::FileFormat, Format, Problem};
+    /// let why = Problem::NeverUpdated.advice(FileFormat::Torch, Format::Torch);
+    /// assert!(why.contains(".train()"));
+    /// ```
+    pub fn advice(self, file: FileFormat, format: Format) -> String {
+        if self != Problem::NeverUpdated {
+            return self.explain().to_string();
+        }
+        let causes: Vec<&str> = origin(file, format)
+            .into_iter()
+            .map(|o| match o {
+                Origin::Tf1 => {
+                    "TensorFlow 1 (tf.compat.v1): the moving-average update ops were not run; \
+                     put the train op under tf.control_dependencies(tf.compat.v1.get_collection(\
+                     tf.compat.v1.GraphKeys.UPDATE_OPS))"
+                }
+                Origin::Keras => {
+                    "Keras: the layer was never called with training=True (or was frozen, \
+                     trainable=False, during fit)"
+                }
+                Origin::Torch => {
+                    "PyTorch: the module was never in .train() mode during training (or was \
+                     built with track_running_stats=False or momentum=0)"
+                }
+                Origin::Flax => {
+                    "Flax: batch_stats was not marked mutable (mutable=['batch_stats']) or \
+                     use_running_average=True during training, or the updated batch_stats were \
+                     not kept"
+                }
+            })
+            .collect();
+        format!(
+            "running statistics still at their initial values (mean 0, variance 1): inference \
+             would not normalize. Likely cause: {}. Retrain with the statistics updating, or \
+             recalibrate them on training data",
+            causes.join("; or ")
+        )
+    }
+}
+
 impl fmt::Display for Problem {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.code())
@@ -82,6 +156,8 @@ impl fmt::Display for Problem {
 /// use bnorm_interop::{inspect, Format, Layer, Problem};
 /// let mut l = Layer::new("bn", Format::Torch, 2);
 /// assert_eq!(inspect(&l), vec![Problem::NeverUpdated]);
+/// l.running_mean = Some(vec![0.3, -0.1]);
+/// assert_eq!(inspect(&l), vec![], "a count of 0 alone is not the signal");
 /// l.num_batches_tracked = Some(5);
 /// l.running_mean = Some(vec![0.3, f64::NAN]);
 /// l.running_var = Some(vec![0.0, 2.0]);
@@ -117,7 +193,7 @@ pub fn inspect(layer: &Layer) -> Vec<Problem> {
             }
             let untouched =
                 !mean.is_empty() && mean.iter().all(|&m| m == 0.0) && var.iter().all(|&v| v == 1.0);
-            if layer.num_batches_tracked == Some(0) || untouched {
+            if untouched {
                 out.push(Problem::NeverUpdated);
             }
             if layer.format == Format::Torch && layer.num_batches_tracked.is_none() {

@@ -44,8 +44,93 @@ pub struct Layer {
     /// Which variance `running_var` holds.
     pub variance: VarianceEstimator,
     /// Whether eps and momentum were read from this crate's metadata rather than assumed
-    /// from the format's defaults.
+    /// from the format's defaults (see [`Layer::provenance`] for each one).
     pub conventions_recorded: bool,
+    /// Where eps, momentum and the variance estimator come from.
+    pub provenance: Provenance,
+}
+
+/// Where one convention of a layer (eps, momentum, variance estimator) comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Source {
+    /// Recorded in the file (bnorm's metadata, or what a format's reader found stored).
+    Recorded,
+    /// Not stored in the file: the format's default is assumed (state dicts and Keras /
+    /// Flax weight files do not store eps or momentum).
+    Assumed,
+    /// Given by the user ([`Layer::set_eps`], [`Layer::set_momentum`]).
+    Given,
+}
+
+impl Source {
+    /// `recorded`, `assumed` or `given`.
+    ///
+    /// ```
+    /// assert_eq!(bnorm_interop::Source::Assumed.name(), "assumed");
+    /// ```
+    pub fn name(self) -> &'static str {
+        match self {
+            Source::Recorded => "recorded",
+            Source::Assumed => "assumed",
+            Source::Given => "given",
+        }
+    }
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Where each convention of a [`Layer`] comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Provenance {
+    /// Of [`Layer::eps`].
+    pub eps: Source,
+    /// Of [`Layer::momentum`].
+    pub momentum: Source,
+    /// Of [`Layer::variance`].
+    pub variance: Source,
+}
+
+impl Provenance {
+    /// Every convention from the same source.
+    pub fn all(source: Source) -> Provenance {
+        Provenance {
+            eps: source,
+            momentum: source,
+            variance: source,
+        }
+    }
+}
+
+/// A momentum in words, with the argument each framework takes for it: `decay 0.9 (Keras
+/// / Flax momentum=0.9; PyTorch momentum=0.1)`.
+///
+/// ```
+/// let m = bnorm_interop::momentum_in_words(bnorm::Momentum::NewWeight(0.1));
+/// assert_eq!(m, "new-batch weight 0.1 (PyTorch momentum=0.1; Keras / Flax momentum=0.9)");
+/// ```
+pub fn momentum_in_words(m: Momentum) -> String {
+    let flip = |x: f64| {
+        let y = 1.0 - x;
+        format!("{y:.12e}").parse::<f64>().unwrap_or(y)
+    };
+    match m {
+        Momentum::NewWeight(a) => format!(
+            "new-batch weight {a} (PyTorch momentum={a}; Keras / Flax momentum={})",
+            flip(a)
+        ),
+        Momentum::Decay(d) => format!(
+            "decay {d} (Keras / Flax momentum={d}; PyTorch momentum={})",
+            flip(d)
+        ),
+        Momentum::Cumulative => "cumulative average (PyTorch momentum=None)".into(),
+        Momentum::DebiasedDecay(d) => format!(
+            "zero-debiased decay {d} (TensorFlow ExponentialMovingAverage(decay={d}, zero_debias=True))"
+        ),
+    }
 }
 
 /// Options of [`Layer::convert`].
@@ -102,7 +187,62 @@ impl Layer {
             momentum: format.default_momentum(),
             variance: format.variance_estimator(),
             conventions_recorded: false,
+            provenance: Provenance::all(Source::Assumed),
         }
+    }
+
+    /// Sets eps as given by the user (finite and positive).
+    ///
+    /// ```
+    /// let mut l = bnorm_interop::Layer::new("bn4", bnorm_interop::Format::Torch, 5);
+    /// l.set_eps(1e-3)?;
+    /// assert_eq!((l.eps, l.provenance.eps), (1e-3, bnorm_interop::Source::Given));
+    /// assert!(l.set_eps(0.0).is_err());
+    /// # Ok::<(), bnorm_interop::InteropError>(())
+    /// ```
+    pub fn set_eps(&mut self, eps: f64) -> Result<()> {
+        if !(eps.is_finite() && eps > 0.0) {
+            return Err(InteropError::InvalidLayer {
+                layer: self.name.clone(),
+                reason: format!("eps {eps} is not finite and positive"),
+            });
+        }
+        self.eps = eps;
+        self.provenance.eps = Source::Given;
+        Ok(())
+    }
+
+    /// Sets the momentum as given by the user, in the layer's framework's own meaning:
+    /// `Some(v)` is PyTorch's `momentum=v` (the new batch's weight) for a PyTorch layer and
+    /// Keras' / Flax' `momentum=v` (the decay) otherwise; `None` is PyTorch's
+    /// `momentum=None` (a cumulative average).
+    ///
+    /// ```
+    /// let mut l = bnorm_interop::Layer::new("bn", bnorm_interop::Format::Keras, 5);
+    /// l.set_momentum(Some(0.9))?;
+    /// assert_eq!(l.momentum, bnorm::Momentum::Decay(0.9));
+    /// # Ok::<(), bnorm_interop::InteropError>(())
+    /// ```
+    pub fn set_momentum(&mut self, momentum: Option<f64>) -> Result<()> {
+        let bad = |reason: String| InteropError::InvalidLayer {
+            layer: self.name.clone(),
+            reason,
+        };
+        self.momentum = match (momentum, self.format) {
+            (Some(v), _) if !(0.0..=1.0).contains(&v) => {
+                return Err(bad(format!("momentum {v} is not in [0, 1]")))
+            }
+            (Some(v), Format::Torch) => Momentum::NewWeight(v),
+            (Some(v), _) => Momentum::Decay(v),
+            (None, Format::Torch) => Momentum::Cumulative,
+            (None, f) => {
+                return Err(bad(format!(
+                    "a cumulative average (momentum=None) is PyTorch's; {f} takes a decay"
+                )))
+            }
+        };
+        self.provenance.momentum = Source::Given;
+        Ok(())
     }
 
     pub(super) fn check_lengths(&self) -> Result<()> {
@@ -205,6 +345,7 @@ impl Layer {
             momentum: cfg.get_momentum(),
             variance: cfg.get_running_variance(),
             conventions_recorded: true,
+            provenance: Provenance::all(Source::Recorded),
         }
     }
 
@@ -269,13 +410,34 @@ impl Layer {
                 }
             }
         };
+        if self.provenance.momentum == Source::Assumed {
+            note(
+                true,
+                format!(
+                    "momentum {} is assumed ({}'s default; the file does not store it): \
+                     give --momentum if the layer was built with another",
+                    momentum_in_words(self.momentum),
+                    self.format
+                ),
+            );
+        }
+        if self.provenance.eps == Source::Assumed {
+            note(
+                true,
+                format!(
+                    "eps {:e} is assumed ({}'s default; the file does not store it): give \
+                     --eps if the layer was built with another",
+                    self.eps, self.format
+                ),
+            );
+        }
         if out.momentum != to.default_momentum() {
             note(
                 true,
                 format!(
-                    "momentum is {:?}, not {to}'s default {:?}: set it when building the layer",
-                    out.momentum,
-                    to.default_momentum()
+                    "momentum is {}, not {to}'s default {}: set it when building the layer",
+                    momentum_in_words(out.momentum),
+                    momentum_in_words(to.default_momentum())
                 ),
             );
         }
@@ -326,6 +488,23 @@ impl Layer {
                     VarianceEstimator::Biased => (m - 1.0) / m,
                 };
                 out.running_var = Some(var.iter().map(|v| v * factor).collect());
+                if self.provenance.variance == Source::Assumed {
+                    note(
+                        true,
+                        format!(
+                            "the running variance is assumed {} ({}'s default; the file does \
+                             not record it){}",
+                            name(self.variance),
+                            self.format,
+                            if self.format == Format::Keras {
+                                ": a fused tf_keras layer keeps the unbiased one, which must not \
+                                 be rescaled"
+                            } else {
+                                ""
+                            }
+                        ),
+                    );
+                }
                 note(
                     true,
                     format!(
@@ -350,13 +529,38 @@ impl Layer {
                 format!("batch-renormalization statistics have no place in {to}; dropped (inference does not use them)"),
             );
         }
+        // PyTorch's affine BatchNorm has both weight and bias (strict load_state_dict
+        // needs both): the missing half is its identity.
+        if to == Format::Torch {
+            match (&self.weight, &self.bias) {
+                (Some(_), None) => {
+                    out.bias = Some(vec![0.0; self.channels]);
+                    note(
+                        true,
+                        "the layer has no beta (center=False): PyTorch's affine BatchNorm has \
+                         a bias, written as zeros (the same outputs)"
+                            .into(),
+                    );
+                }
+                (None, Some(_)) => {
+                    out.weight = Some(vec![1.0; self.channels]);
+                    note(
+                        true,
+                        "the layer has no gamma (scale=False): PyTorch's affine BatchNorm has \
+                         a weight, written as ones (the same outputs)"
+                            .into(),
+                    );
+                }
+                _ => {}
+            }
+        }
         match to {
             Format::Torch if self.running_mean.is_some() && self.num_batches_tracked.is_none() => {
                 out.num_batches_tracked = Some(0);
                 note(
                     true,
-                    "num_batches_tracked is unknown and written as 0 (it matters only with \
-                     momentum=None)"
+                    "num_batches_tracked is unknown and written as 0 (PyTorch's strict loading \
+                     needs it; it matters only with momentum=None)"
                         .into(),
                 );
             }

@@ -61,7 +61,7 @@ pub use error::InteropError;
 pub use fold::{fold_into_following, fold_into_preceding, BnAffine, Folded, LinearKind};
 pub use format::Format;
 pub use inspect::{inspect, Problem};
-pub use layer::{ConvertOptions, Layer, Note};
+pub use layer::{momentum_in_words, ConvertOptions, Layer, Note, Provenance, Source};
 
 /// Shorthand for results of this module.
 pub type Result<T> = std::result::Result<T, InteropError>;

@@ -160,6 +160,7 @@ fn sample_layer(name: &str, format: Format, c: usize, seed: u64) -> Layer {
         _ => Momentum::Decay(0.9),
     };
     l.conventions_recorded = true;
+    l.provenance = bnorm_interop::Provenance::all(bnorm_interop::Source::Recorded);
     l
 }
 
@@ -948,6 +949,10 @@ fn fuzz_corpus_replays_without_panic() {
     let mut n = 0;
     for entry in std::fs::read_dir(&dir).unwrap() {
         let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        assert_eq!(
+            Checkpoint::from_vec(bytes.clone()).ok(),
+            Checkpoint::from_bytes(&bytes).ok()
+        );
         if let Ok(ckpt) = Checkpoint::from_bytes(&bytes) {
             if let Ok(layers) = ckpt.layers() {
                 for l in layers {
@@ -983,4 +988,169 @@ fn atomic_write_replaces_and_leaves_no_temporary() {
         Err(InteropError::Io { .. })
     ));
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+// ---- issue #18 part 3: defects of the interop core ----
+
+#[test]
+fn a_zero_count_with_trained_statistics_is_not_never_updated() {
+    let mut l = Layer::new("bn", Format::Torch, 2);
+    l.running_mean = Some(vec![0.25, -0.5]);
+    l.running_var = Some(vec![0.5, 2.0]);
+    l.num_batches_tracked = Some(0);
+    assert_eq!(inspect(&l), vec![]);
+    // Converted from Keras: trained statistics, the count written as 0.
+    let mut k = Layer::new("bn", Format::Keras, 2);
+    k.running_mean = Some(vec![0.25, -0.5]);
+    k.running_var = Some(vec![0.5, 2.0]);
+    let (t, _) = k
+        .convert(
+            Format::Torch,
+            &ConvertOptions {
+                keep_variance: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(t.num_batches_tracked, Some(0));
+    assert_eq!(inspect(&t), vec![]);
+}
+
+#[test]
+fn conversion_to_torch_completes_the_affine_pair() {
+    let mut k = Layer::new("bn", Format::Keras, 3);
+    k.bias = None;
+    let opts = ConvertOptions {
+        keep_variance: true,
+        ..Default::default()
+    };
+    let (t, notes) = k.convert(Format::Torch, &opts).unwrap();
+    assert_eq!(t.bias, Some(vec![0.0; 3]));
+    assert!(notes.iter().any(|n| n.message.contains("center=False")));
+    let mut f = Layer::new("bn", Format::Flax, 2);
+    f.weight = None;
+    let (t, _) = f.convert(Format::Torch, &opts).unwrap();
+    assert_eq!(t.weight, Some(vec![1.0; 2]));
+    // affine=False stays without either.
+    let mut none = Layer::new("bn", Format::Keras, 2);
+    none.weight = None;
+    none.bias = None;
+    let (t, _) = none.convert(Format::Torch, &opts).unwrap();
+    assert!(t.weight.is_none() && t.bias.is_none());
+}
+
+#[test]
+fn notes_say_momentum_in_words_and_what_was_assumed() {
+    let l = Layer::new("bn", Format::Torch, 1);
+    let (_, notes) = l
+        .convert(
+            Format::Keras,
+            &ConvertOptions {
+                keep_variance: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let all: Vec<String> = notes.iter().map(|n| n.message.clone()).collect();
+    assert!(
+        all.iter()
+            .all(|m| !m.contains("Decay(") && !m.contains("NewWeight(")),
+        "{all:?}"
+    );
+    assert!(
+        all.iter().any(|m| m.contains("eps 1e-5 is assumed")),
+        "{all:?}"
+    );
+    assert!(all.iter().any(|m| m.contains("momentum=0.9")), "{all:?}");
+}
+
+#[test]
+fn lone_modules_and_submodules_named_params_are_layers() {
+    let mut ckpt = Checkpoint::default();
+    let mut l = Layer::new("", Format::Torch, 2);
+    l.running_mean = Some(vec![0.5, 0.25]);
+    ckpt.insert_layer(&l, DType::F32).unwrap();
+    assert!(ckpt.tensors.contains_key("running_mean"));
+    assert!(ckpt.tensors.contains_key("weight"));
+    ckpt.metadata.clear();
+    let found = ckpt.layers().unwrap();
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].name, "");
+    assert_eq!(found[0].running_mean, Some(vec![0.5, 0.25]));
+    assert_eq!(found[0].weight, Some(vec![1.0; 2]));
+    assert_eq!(found[0].num_batches_tracked, Some(0));
+
+    let mut ckpt = Checkpoint::default();
+    for (name, format) in [
+        ("params.bn", Format::Torch),
+        ("params/kbn", Format::Keras),
+        ("BatchNorm_0", Format::Flax),
+        ("", Format::Flax),
+    ] {
+        let mut l = Layer::new(name, format, 2);
+        l.running_var = Some(vec![3.0, 4.0]);
+        ckpt.insert_layer(&l, DType::F32).unwrap();
+    }
+    ckpt.metadata.clear();
+    let found: Vec<(String, Format)> = ckpt
+        .layers()
+        .unwrap()
+        .into_iter()
+        .map(|l| {
+            assert_eq!(l.running_var, Some(vec![3.0, 4.0]), "{}", l.name);
+            assert_eq!(l.weight, Some(vec![1.0; 2]), "{}", l.name);
+            (l.name, l.format)
+        })
+        .collect();
+    assert_eq!(
+        found,
+        [
+            (String::new(), Format::Flax),
+            ("BatchNorm_0".into(), Format::Flax),
+            ("params.bn".into(), Format::Torch),
+            ("params/kbn".into(), Format::Keras),
+        ]
+    );
+}
+
+#[test]
+fn provenance_says_what_the_file_records() {
+    let mut ckpt = Checkpoint::default();
+    ckpt.insert_layer(&Layer::new("bn", Format::Keras, 2), DType::F32)
+        .unwrap();
+    let recorded = &ckpt.layers().unwrap()[0];
+    assert_eq!(
+        recorded.provenance,
+        bnorm_interop::Provenance::all(bnorm_interop::Source::Recorded)
+    );
+    ckpt.metadata.retain(|k, _| k.ends_with(".variance"));
+    let mut l = ckpt.layers().unwrap().remove(0);
+    assert_eq!(l.provenance.eps, bnorm_interop::Source::Assumed);
+    assert_eq!(l.provenance.momentum, bnorm_interop::Source::Assumed);
+    assert_eq!(l.provenance.variance, bnorm_interop::Source::Recorded);
+    l.set_eps(1e-5).unwrap();
+    l.set_momentum(Some(0.9)).unwrap();
+    assert_eq!(l.provenance.eps, bnorm_interop::Source::Given);
+    assert_eq!(l.momentum, Momentum::Decay(0.9));
+    assert!(l.set_momentum(None).is_err(), "momentum=None is PyTorch's");
+}
+
+#[test]
+fn owned_bytes_parse_like_borrowed_ones() {
+    let mut ckpt = Checkpoint::default();
+    for i in 0..5 {
+        ckpt.insert_layer(
+            &sample_layer(&format!("l{i}"), Format::Torch, 3 + i, i as u64),
+            DType::F32,
+        )
+        .unwrap();
+    }
+    let bytes = ckpt.to_bytes().unwrap();
+    assert_eq!(
+        Checkpoint::from_vec(bytes.clone()).unwrap(),
+        Checkpoint::from_bytes(&bytes).unwrap()
+    );
+    for cut in [0, 7, 8, 20, bytes.len() - 1] {
+        assert!(Checkpoint::from_vec(bytes[..cut].to_vec()).is_err());
+    }
 }

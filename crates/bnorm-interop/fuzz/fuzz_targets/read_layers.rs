@@ -6,9 +6,13 @@ use bnorm_interop::{inspect, BnAffine, Checkpoint, ConvertOptions, Format};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
+    // The owned-buffer reader (what `read_path` uses) accepts and refuses exactly the same.
+    let owned = Checkpoint::from_vec(data.to_vec()).ok();
     let Ok(ckpt) = Checkpoint::from_bytes(data) else {
+        assert!(owned.is_none());
         return;
     };
+    assert_eq!(owned.as_ref(), Some(&ckpt));
     if let Ok(bytes) = ckpt.to_bytes() {
         assert_eq!(Checkpoint::from_bytes(&bytes).ok().as_ref(), Some(&ckpt));
     }

@@ -101,6 +101,13 @@ pub fn read_path(path: &Path) -> Result<Loaded> {
         path: path.to_path_buf(),
         source,
     })?;
+    if sniff(&bytes) == Sniffed::Safetensors {
+        // The buffer is handed over, so the file is not held twice in memory.
+        return Ok(Loaded {
+            file_format: FileFormat::Safetensors,
+            checkpoint: Checkpoint::from_vec(bytes)?,
+        });
+    }
     read_bytes(&bytes)
 }
 
