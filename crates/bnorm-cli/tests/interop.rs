@@ -1002,3 +1002,65 @@ fn convert_renames_prefixes() {
     assert!(!o.status.success());
     assert!(text(&o).contains("nothing."), "{}", text(&o));
 }
+
+/// A fixture written by a framework (crates/bnorm-interop/tests/data/<format>/).
+fn framework_file(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../bnorm-interop/tests/data")
+        .join(rel)
+}
+
+/// `inspect` reads the files as each framework saved them and tells the classic bug — the
+/// moving statistics never updated — in the words of that framework, with exit status 1;
+/// the same models after training are healthy (exit 0).
+#[test]
+fn inspect_reads_every_framework_and_names_the_cause_of_never_updated_statistics() {
+    let cases: [(&str, &str, &str); 4] = [
+        ("torch/untrained.pt", "pytorch", ".train()"),
+        ("tf/classic_norun", "tensorflow-checkpoint", "UPDATE_OPS"),
+        ("keras/k3_fresh.keras", "keras", "training=True"),
+        ("flax/linen_init.msgpack", "flax-msgpack", "mutable"),
+    ];
+    for (rel, file_format, cause) in cases {
+        let o = bnorm(&["inspect", "--json", s(&framework_file(rel))]);
+        assert_eq!(o.status.code(), Some(1), "{rel}: {}", text(&o));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let layers = v.as_array().unwrap();
+        assert!(!layers.is_empty(), "{rel}");
+        let never: Vec<_> = layers
+            .iter()
+            .filter(|l| {
+                l["problems"]
+                    .as_array()
+                    .unwrap()
+                    .contains(&serde_json::json!("never_updated"))
+            })
+            .collect();
+        assert!(!never.is_empty(), "{rel}: {v}");
+        for l in never {
+            assert_eq!(l["file_format"], file_format, "{rel}");
+            let why = l["explanations"]["never_updated"].as_str().unwrap();
+            assert!(why.contains(cause), "{rel}: {why}");
+        }
+    }
+    for rel in [
+        "torch/trained.pt",
+        "tf/classic_run",
+        "keras/k3_trained.keras",
+        "flax/linen_trained.msgpack",
+    ] {
+        let o = bnorm(&["inspect", "--json", s(&framework_file(rel))]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        for l in v.as_array().unwrap() {
+            let p = l["problems"].as_array().unwrap();
+            assert!(
+                !p.contains(&serde_json::json!("never_updated")),
+                "{rel}: {l}"
+            );
+        }
+    }
+    // A pickle that calls something a state dict never needs is refused, not run: exit 2.
+    let o = bnorm(&["inspect", s(&framework_file("torch/forbidden.pt"))]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("does not execute"), "{}", text(&o));
+}

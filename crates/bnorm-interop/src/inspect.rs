@@ -18,7 +18,8 @@ pub enum Problem {
     /// (often a dead channel).
     NearZeroVariance,
     /// The running statistics were never updated: still at their initial values (mean 0 and
-    /// variance 1 everywhere), so inference would not normalize. `num_batches_tracked` is
+    /// variance 1 everywhere, or variance 0 for TensorFlow's moving-average shadows), so
+    /// inference would not normalize (or divide by sqrt(eps)). `num_batches_tracked` is
     /// not the signal: a converted layer has trained statistics and a count written as 0.
     NeverUpdated,
     /// A PyTorch layer has running statistics but no `num_batches_tracked`.
@@ -162,6 +163,10 @@ impl fmt::Display for Problem {
 /// l.running_mean = Some(vec![0.3, f64::NAN]);
 /// l.running_var = Some(vec![0.0, 2.0]);
 /// assert_eq!(inspect(&l), vec![Problem::NonFinite, Problem::NearZeroVariance]);
+/// // TensorFlow's moving-average shadows start at mean 0, variance 0
+/// l.running_mean = Some(vec![0.0, 0.0]);
+/// l.running_var = Some(vec![0.0, 0.0]);
+/// assert_eq!(inspect(&l), vec![Problem::NeverUpdated]);
 /// ```
 pub fn inspect(layer: &Layer) -> Vec<Problem> {
     let mut out = Vec::new();
@@ -188,13 +193,15 @@ pub fn inspect(layer: &Layer) -> Vec<Problem> {
             if var.iter().any(|&v| v < 0.0) {
                 out.push(Problem::NegativeVariance);
             }
-            if var.iter().any(|&v| (0.0..layer.eps).contains(&v)) {
-                out.push(Problem::NearZeroVariance);
-            }
-            let untouched =
-                !mean.is_empty() && mean.iter().all(|&m| m == 0.0) && var.iter().all(|&v| v == 1.0);
-            if untouched {
+            // The initial values: mean 0 and variance 1 (every framework's layer), or mean
+            // 0 and variance 0 (the shadows of TensorFlow's ExponentialMovingAverage, which
+            // the classic tf.nn.moments recipe keeps as its moving statistics, start at 0).
+            let zero_mean = !mean.is_empty() && mean.iter().all(|&m| m == 0.0);
+            let initial_var = var.iter().all(|&v| v == 1.0) || var.iter().all(|&v| v == 0.0);
+            if zero_mean && initial_var {
                 out.push(Problem::NeverUpdated);
+            } else if var.iter().any(|&v| (0.0..layer.eps).contains(&v)) {
+                out.push(Problem::NearZeroVariance);
             }
             if layer.format == Format::Torch && layer.num_batches_tracked.is_none() {
                 out.push(Problem::MissingNumBatchesTracked);

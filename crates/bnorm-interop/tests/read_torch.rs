@@ -254,10 +254,9 @@ fn lone_batch_norm_is_read_with_its_bare_names() {
     );
 }
 
-/// `Checkpoint::layers` does not yet find a layer whose prefix is empty (its name
-/// splitter needs a `.` or `/` before the leaf): checkpoint.rs, not this reader.
+/// A lone `nn.BatchNorm2d`'s state dict (bare `weight`, `running_mean`, …) is one layer
+/// with the empty prefix.
 #[test]
-#[ignore = "checkpoint.rs: split_name finds no layer with an empty prefix (bare `running_mean`)"]
 fn lone_batch_norm_is_found_by_layers() {
     let ckpt = read("lone_bn.pt");
     check_layers("lone_bn.pt", &ckpt);

@@ -159,9 +159,13 @@ enum Sniffed {
 const HDF5_MAGIC: &[u8; 8] = b"\x89HDF\r\n\x1a\n";
 
 fn sniff(bytes: &[u8]) -> Sniffed {
-    // safetensors: a little-endian u64 header length that fits the file, then `{`.
+    // safetensors: a little-endian u64 header length, then `{`. A msgpack map (Flax) can
+    // have `{` as its ninth byte too; its first eight bytes then claim a header far beyond
+    // the file. A length that does not fit is otherwise still safetensors (truncated or
+    // hostile: its reader says which).
     if let Some((n, rest)) = bytes.split_first_chunk::<8>() {
-        if rest.first() == Some(&b'{') && u64::from_le_bytes(*n) <= rest.len() as u64 {
+        let fits = u64::from_le_bytes(*n) <= rest.len() as u64;
+        if rest.first() == Some(&b'{') && (fits || !is_msgpack_map(bytes[0])) {
             return Sniffed::Safetensors;
         }
     }
@@ -180,10 +184,15 @@ fn sniff(bytes: &[u8]) -> Sniffed {
         return Sniffed::TfIndex;
     }
     match bytes.first() {
-        Some(0x80..=0x8f | 0xde | 0xdf) => Sniffed::Msgpack,
+        Some(&b) if is_msgpack_map(b) => Sniffed::Msgpack,
         Some(_) if onnx::looks_like(bytes) => Sniffed::Onnx,
         _ => Sniffed::Unknown,
     }
+}
+
+/// Whether `b` starts a msgpack map (fixmap, map 16, map 32): Flax's state dicts.
+fn is_msgpack_map(b: u8) -> bool {
+    matches!(b, 0x80..=0x8f | 0xde | 0xdf)
 }
 
 fn read_zip(bytes: &[u8]) -> Result<Loaded> {
