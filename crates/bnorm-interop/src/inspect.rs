@@ -137,9 +137,9 @@ impl Problem {
             })
             .collect();
         format!(
-            "running statistics still at their initial values (mean 0, variance 1): inference \
-             would not normalize. Likely cause: {}. Retrain with the statistics updating, or \
-             recalibrate them on training data",
+            "running statistics still at their initial values (mean 0 and variance 1, or 0 for \
+             a TensorFlow moving average): inference would not normalize. Likely cause: {}. \
+             Retrain with the statistics updating, or recalibrate them on training data",
             causes.join("; or ")
         )
     }
