@@ -3,12 +3,16 @@
 //! goes on to layer discovery, inspection, validation, conversion and writing.
 #![no_main]
 
+mod consume;
+
 use bnorm_interop::read::tf::read_bundle;
-use bnorm_interop::{inspect, BnAffine, Checkpoint, ConvertOptions, Format};
+use consume::consume;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = bnorm_interop::read::read_bytes(data);
+    if let Ok(loaded) = bnorm_interop::read::read_bytes(data) {
+        consume(&loaded.checkpoint);
+    }
     let Some((n, rest)) = data.split_first_chunk::<4>() else {
         return;
     };
@@ -20,25 +24,5 @@ fuzz_target!(|data: &[u8]| {
     let Ok(ckpt) = read_bundle(index, &[shard]) else {
         return;
     };
-    if let Ok(bytes) = ckpt.to_bytes() {
-        assert_eq!(Checkpoint::from_bytes(&bytes).ok().as_ref(), Some(&ckpt));
-    }
-    let Ok(layers) = ckpt.layers() else {
-        return;
-    };
-    for layer in layers {
-        let _ = inspect(&layer);
-        let _ = layer.to_batchnorm();
-        let _ = BnAffine::from_layer(&layer);
-        for to in Format::ALL {
-            let opts = ConvertOptions {
-                batch_size: Some(8),
-                keep_variance: false,
-            };
-            if let Ok((converted, _)) = layer.convert(to, &opts) {
-                let mut out = Checkpoint::default();
-                let _ = out.insert_layer(&converted, bnorm::element::DType::F32);
-            }
-        }
-    }
+    consume(&ckpt);
 });
