@@ -2,7 +2,10 @@
 //! (`tests/data/flax/make_flax.py`) and the values Flax reported for them
 //! (`tests/data/flax/expected.json`), and against hostile files.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::floats;
+use std::path::Path;
 
 use bnorm::Momentum;
 use bnorm_interop::read::{read_bytes, FileFormat};
@@ -10,24 +13,12 @@ use bnorm_interop::{inspect, BnAffine, Format, InteropError, Layer};
 use safetensors::Dtype;
 use serde_json::Value;
 
-fn dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/flax")
-}
-
 fn fixture(name: &str) -> Vec<u8> {
-    std::fs::read(dir().join(name)).unwrap()
+    common::fixture_bytes("flax", name)
 }
 
 fn expected() -> Value {
-    serde_json::from_slice(&std::fs::read(dir().join("expected.json")).unwrap()).unwrap()
-}
-
-fn floats(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
+    common::expected_json("flax")
 }
 
 fn layers_of(file: &str) -> Vec<Layer> {

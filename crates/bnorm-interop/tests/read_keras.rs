@@ -3,6 +3,9 @@
 //! and what those frameworks reported when writing them (`expected.json`), plus hostile
 //! files: truncations, bit flips, huge claimed sizes, deep nesting, wrong types.
 
+mod common;
+
+use common::floats;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -12,20 +15,11 @@ use bnorm_interop::{inspect, BnAffine, InteropError, Layer};
 use serde_json::Value;
 
 fn dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/keras")
+    common::data_dir("keras")
 }
 
 fn expected() -> Value {
-    let text = std::fs::read_to_string(dir().join("expected.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-fn floats(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
+    common::expected_json("keras")
 }
 
 /// The leaf of a framework weight name (`bn/gamma:0` → `gamma`).

@@ -3,6 +3,8 @@
 //! (`tests/data/tf/expected.json`: `tf.train.list_variables` / `tf.train.load_variable`,
 //! and the object graph parsed by TensorFlow's own proto class), plus hostile files.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -12,12 +14,11 @@ use bnorm_interop::{inspect, BnAffine, Checkpoint, Format, InteropError, Problem
 use serde_json::Value;
 
 fn dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tf")
+    common::data_dir("tf")
 }
 
 fn expected() -> Value {
-    let text = std::fs::read_to_string(dir().join("expected.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
+    common::expected_json("tf")
 }
 
 fn fixture(name: &str) -> (PathBuf, Value) {
