@@ -39,19 +39,14 @@ use crate::{Checkpoint, Result, Tensor};
 
 mod proto;
 
-use proto::{bytes, each, err, string, varint, wrong, Fields, Wire};
+use proto::{bytes, each, err, string, varint, wrong, Wire};
 
 /// Whether `bytes` look like an ONNX `ModelProto`: field 1 (`ir_version`, a varint from 1
 /// to 64) first, as every ONNX writer puts it, then the key of a known `ModelProto` field
 /// with its wire type (a truncated model is still recognized, and then refused by
 /// [`read`] with the reason). Reads at most a dozen bytes.
 pub(crate) fn looks_like(bytes: &[u8]) -> bool {
-    let mut f = Fields::new(bytes, "ModelProto");
-    match f.next_field() {
-        Ok(Some((1, Wire::Varint(v)))) if (1..=64).contains(&v) => {}
-        _ => return false,
-    }
-    matches!(f.key(), Ok((2..=4 | 6..=8 | 14 | 20 | 25, 2) | (5, 0)))
+    proto::model_start(bytes)
 }
 
 /// The ONNX `TensorProto.DataType` codes bnorm keeps, as safetensors dtypes.
