@@ -84,7 +84,7 @@ impl GpuSaved {
 ///
 /// Running statistics are updated on the device by a kernel that mirrors the core's
 /// update rules; nothing is downloaded during a step (except with
-/// [`NonFinitePolicy::Error`], which must see the statistics before writing `y`).
+/// [`NonFinitePolicy::Error`](bnorm::config::NonFinitePolicy::Error), which must see the statistics before writing `y`).
 /// Skipped channels are therefore not in the returned [`StepReport`]: ask
 /// [`skipped_channels`](GpuBatchNorm::skipped_channels).
 ///
