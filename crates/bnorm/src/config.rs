@@ -80,8 +80,8 @@ pub enum NonFinitePolicy {
 pub struct Renorm {
     /// Upper clip of `r` (≥ 1); the final value when scheduled.
     pub rmax: f64,
-    /// Lower clip of `r` (in (0, 1]), independent of `rmax` (tf_keras uses `1 / rmax`);
-    /// the final value when scheduled.
+    /// Lower clip of `r` (in [0, 1]; 0 never binds, as Keras accepts it), independent of
+    /// `rmax` (tf_keras uses `1 / rmax`); the final value when scheduled.
     pub rmin: f64,
     /// Clip of `|d|` (≥ 0); the final value when scheduled.
     pub dmax: f64,
@@ -553,8 +553,10 @@ impl Config {
                 if !(r.rmax.is_finite() && r.rmax >= 1.0) {
                     return Err(bad("rmax", r.rmax, "a finite number >= 1"));
                 }
-                if !(r.rmin.is_finite() && r.rmin > 0.0 && r.rmin <= 1.0) {
-                    return Err(bad("rmin", r.rmin, "a number in (0, 1]"));
+                // 0 is a bound that never binds (r = σ/σ_r is positive), as Keras and
+                // tf_keras accept it.
+                if !(r.rmin.is_finite() && (0.0..=1.0).contains(&r.rmin)) {
+                    return Err(bad("rmin", r.rmin, "a number in [0, 1]"));
                 }
                 if !(r.dmax.is_finite() && r.dmax >= 0.0) {
                     return Err(bad("dmax", r.dmax, "a finite number >= 0"));

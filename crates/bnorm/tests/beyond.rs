@@ -361,3 +361,51 @@ fn per_group_ghost_updates_equal_one_step_per_group() {
         assert!((a.mean[k] - b.mean[k]).abs() < 1e-12 && (a.var[k] - b.var[k]).abs() < 1e-12);
     }
 }
+
+/// `rmin = 0`, which Keras and tf_keras accept, is a lower bound that never binds: the
+/// step is the one without a lower bound (the same bits as a positive bound below every
+/// `r`), while a bound above `r` clips it (so the setting is live).
+#[test]
+fn renorm_rmin_zero_is_accepted_and_never_binds() {
+    let c = 2;
+    let with = |rmin: f64| Renorm {
+        rmax: 3.0,
+        rmin,
+        dmax: 5.0,
+        momentum: 0.99,
+        schedule: None,
+    };
+    let run = |rmin: f64| {
+        let mut bn = Config::keras(c)
+            .variant(Variant::Renorm(with(rmin)))
+            .build()
+            .unwrap();
+        let mut rng = Rng(11);
+        let mut out = Vec::new();
+        for _ in 0..4 {
+            // a batch whose spread is a hundredth of the running statistics' (var 1):
+            // r = σ/σ_r is about 0.01
+            let x = rng.vec(8 * c, 0.0, 0.01);
+            let (y, _) = bn.forward(&x, &[8, c], Layout::NC, Mode::Train).unwrap();
+            out.push((y, bn.saved().renorm_r().to_vec()));
+        }
+        out
+    };
+    assert!(Config::keras(c)
+        .variant(Variant::Renorm(with(0.0)))
+        .validate()
+        .is_ok());
+    assert!(Config::keras(c)
+        .variant(Variant::Renorm(with(-0.1)))
+        .validate()
+        .is_err());
+    let zero = run(0.0);
+    let tiny = run(1e-300);
+    let clipped = run(0.5);
+    for ((z, t), cl) in zero.iter().zip(&tiny).zip(&clipped) {
+        assert!(z.1.iter().all(|&r| r > 0.0 && r < 0.1), "r {:?}", z.1);
+        assert_eq!(z.0, t.0);
+        assert_eq!(z.1, t.1);
+        assert!(cl.1.iter().all(|&r| r == 0.5), "r {:?}", cl.1);
+    }
+}
