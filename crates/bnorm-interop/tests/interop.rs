@@ -1,6 +1,8 @@
 //! Interop: checkpoints of each format, a real PyTorch checkpoint, conversion, folding,
 //! inspection, hostile files, atomic writes.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
 use bnorm::element::DType;
@@ -945,26 +947,15 @@ fn corrupt_truncated_and_hostile_files_are_refused() {
 /// Replays the fuzzing corpus (crates/bnorm-interop/fuzz/corpus/read_layers): no input panics.
 #[test]
 fn fuzz_corpus_replays_without_panic() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/read_layers");
-    let mut n = 0;
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+    for bytes in common::corpus("read_layers", 10) {
         assert_eq!(
             Checkpoint::from_vec(bytes.clone()).ok(),
             Checkpoint::from_bytes(&bytes).ok()
         );
         if let Ok(ckpt) = Checkpoint::from_bytes(&bytes) {
-            if let Ok(layers) = ckpt.layers() {
-                for l in layers {
-                    let _ = inspect(&l);
-                    let _ = l.to_batchnorm();
-                    let _ = BnAffine::from_layer(&l);
-                }
-            }
+            common::consume(&ckpt);
         }
-        n += 1;
     }
-    assert!(n >= 10, "corpus has {n} files");
 }
 
 // ------------------------------------------------------------------------ atomic writes

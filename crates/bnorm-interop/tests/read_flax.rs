@@ -5,11 +5,10 @@
 mod common;
 
 use common::floats;
-use std::path::Path;
 
 use bnorm::Momentum;
 use bnorm_interop::read::{read_bytes, FileFormat};
-use bnorm_interop::{inspect, BnAffine, Format, InteropError, Layer};
+use bnorm_interop::{BnAffine, Format, InteropError, Layer};
 use safetensors::Dtype;
 use serde_json::Value;
 
@@ -394,32 +393,16 @@ fn bit_flips_never_panic() {
             for mask in [0x01u8, 0x10, 0x80, 0xff] {
                 let mut b = bytes.clone();
                 b[i] ^= mask;
-                consume(&b);
+                common::read_and_consume(&b);
             }
         }
     }
 }
 
 /// Reads and uses a file the way the command line would; errors are fine, panics not.
-fn consume(bytes: &[u8]) {
-    if let Ok(loaded) = read_bytes(bytes) {
-        if let Ok(layers) = loaded.checkpoint.layers() {
-            for l in layers {
-                let _ = inspect(&l);
-                let _ = l.to_batchnorm();
-                let _ = BnAffine::from_layer(&l);
-            }
-        }
-    }
-}
-
 #[test]
 fn fuzz_corpus_replays_without_panic() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/read_flax");
-    let mut n = 0;
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        consume(&std::fs::read(entry.unwrap().path()).unwrap());
-        n += 1;
+    for bytes in common::corpus("read_flax", 8) {
+        common::read_and_consume(&bytes);
     }
-    assert!(n >= 8, "corpus has {n} files");
 }

@@ -5,11 +5,10 @@
 mod common;
 
 use common::floats;
-use std::path::Path;
 
 use bnorm::{Momentum, VarianceEstimator};
 use bnorm_interop::read::{read_bytes, FileFormat};
-use bnorm_interop::{inspect, BnAffine, Checkpoint, Format, InteropError, Layer};
+use bnorm_interop::{BnAffine, Checkpoint, Format, InteropError, Layer};
 use safetensors::Dtype;
 use serde_json::Value;
 
@@ -408,7 +407,7 @@ fn every_truncation_is_handled() {
                 // A cut between two top-level fields after the graph leaves a valid model.
                 Ok(loaded) => {
                     assert!(n > bytes.len() / 2, "{file}: prefix {n} read");
-                    consume_ckpt(loaded.checkpoint);
+                    common::consume(&loaded.checkpoint);
                 }
                 Err(e) => panic!("{file}: prefix {n}: {e}"),
             }
@@ -425,36 +424,15 @@ fn bit_flips_never_panic() {
             for mask in [0x01u8, 0x08, 0x80, 0xff] {
                 let mut b = bytes.clone();
                 b[i] ^= mask;
-                consume(&b);
+                common::read_and_consume(&b);
             }
         }
     }
 }
 
-fn consume_ckpt(ckpt: Checkpoint) {
-    if let Ok(layers) = ckpt.layers() {
-        for l in layers {
-            let _ = inspect(&l);
-            let _ = l.to_batchnorm();
-            let _ = BnAffine::from_layer(&l);
-        }
-    }
-}
-
-/// Reads and uses a file the way the command line would; errors are fine, panics not.
-fn consume(bytes: &[u8]) {
-    if let Ok(loaded) = read_bytes(bytes) {
-        consume_ckpt(loaded.checkpoint);
-    }
-}
-
 #[test]
 fn fuzz_corpus_replays_without_panic() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/corpus/read_onnx");
-    let mut n = 0;
-    for entry in std::fs::read_dir(&dir).unwrap() {
-        consume(&std::fs::read(entry.unwrap().path()).unwrap());
-        n += 1;
+    for bytes in common::corpus("read_onnx", 8) {
+        common::read_and_consume(&bytes);
     }
-    assert!(n >= 8, "corpus has {n} files");
 }

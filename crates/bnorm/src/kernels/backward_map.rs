@@ -234,7 +234,7 @@ pub(super) enum Coefs2 {
 fn stream_run_affine2<T: Element>(
     isa: Isa,
     xs: &[T],
-    relu: Option<(&[T], &mut [T])>,
+    relu: Relu<'_, T>,
     ds: &[T],
     os: &mut [T],
     coefs: Coefs2,
@@ -308,7 +308,7 @@ impl Table2 {
 fn stream_rows_affine2<T: Element>(
     isa: Isa,
     xs: &[T],
-    relu: Option<(&[T], &mut [T])>,
+    relu: Relu<'_, T>,
     ds: &[T],
     os: &mut [T],
     table: &Table2,
@@ -356,7 +356,7 @@ fn stream_rows_affine2<T: Element>(
 #[inline]
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 fn with_relu32<T: Element, R>(
-    relu: Option<(&[T], &mut [T])>,
+    relu: Relu<'_, T>,
     f: impl FnOnce(Option<(&[f32], &mut [f32])>) -> R,
 ) -> Option<R> {
     match relu {

@@ -136,7 +136,7 @@ impl<'a> Affine2<'a> {
 }
 
 /// One channel's backward map `dx = a·dz + b·(x − m) + k` and its arithmetic.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub(crate) struct Affine2At {
     pub(crate) m: f64,
     pub(crate) a: f64,

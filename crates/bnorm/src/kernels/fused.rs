@@ -193,14 +193,7 @@ pub(crate) fn backward_fused_cf<T: Element, F>(
                 }
             }
         }
-        let none = Affine2At {
-            m: 0.0,
-            a: 0.0,
-            b: 0.0,
-            k: 0.0,
-            narrow: false,
-        };
-        let mut coefs = [none; FUSE_GROUP];
+        let mut coefs = [Affine2At::default(); FUSE_GROUP];
         for j in 0..w {
             outs[j] = tot[j];
             coefs[j] = coef(c0 + j, tot[j]);
