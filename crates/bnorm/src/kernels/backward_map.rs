@@ -241,15 +241,10 @@ fn stream_run_affine2<T: Element>(
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     if let Some(ok) = with_relu32(relu, |mask| {
-        let (Some(xs), Some(ds), Some(os), true) = (
-            T::as_f32s(xs),
-            T::as_f32s(ds),
-            T::as_f32s_mut(os),
-            super::stream_available(isa),
-        ) else {
+        let Some((xs, ds, os)) = stream_views(isa, xs, ds, os) else {
             return false;
         };
-        // SAFETY: `stream_available(isa)` checked that the CPU has AVX2.
+        // SAFETY: `stream_views` checked that the CPU has AVX2.
         unsafe {
             match coefs {
                 Coefs2::F64(c) => x86::map2_any(isa, xs, mask, ds, os, &Broadcast(c)),
@@ -264,6 +259,22 @@ fn stream_run_affine2<T: Element>(
     let _ = relu;
     let _ = (isa, xs, ds, os, coefs);
     false
+}
+
+/// `xs`, `ds` and `os` as f32 slices, when `T` is f32 and a call at `isa` has the
+/// streaming kernels (AVX2).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn stream_views<'a, T: Element>(
+    isa: Isa,
+    xs: &'a [T],
+    ds: &'a [T],
+    os: &'a mut [T],
+) -> Option<(&'a [f32], &'a [f32], &'a mut [f32])> {
+    if !super::stream_available(isa) {
+        return None;
+    }
+    Some((T::as_f32s(xs)?, T::as_f32s(ds)?, T::as_f32s_mut(os)?))
 }
 
 /// The coefficient table of a channels-last backward map for `c` channels and its run
@@ -315,15 +326,10 @@ fn stream_rows_affine2<T: Element>(
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
     if let Some(ok) = with_relu32(relu, |mut mask| {
-        let (Some(xs), Some(ds), Some(os), true) = (
-            T::as_f32s(xs),
-            T::as_f32s(ds),
-            T::as_f32s_mut(os),
-            super::stream_available(isa),
-        ) else {
+        let Some((xs, ds, os)) = stream_views(isa, xs, ds, os) else {
             return false;
         };
-        // SAFETY: `stream_available(isa)` checked that the CPU has AVX2.
+        // SAFETY: `stream_views` checked that the CPU has AVX2.
         unsafe {
             let (c, run) = (table.c, table.run);
             match &table.t {

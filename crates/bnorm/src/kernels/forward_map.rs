@@ -159,6 +159,22 @@ fn opt32<T: Element>(v: Option<&[T]>) -> Option<&[f32]> {
     }
 }
 
+/// `xs`, the residual (empty when `None`) and `ys` as f32 slices, when `T` is f32 and a
+/// call at `isa` has the streaming kernels (AVX2).
+#[cfg(target_arch = "x86_64")]
+#[inline]
+fn stream_views<'a, T: Element>(
+    isa: Isa,
+    xs: &'a [T],
+    res: Option<&'a [T]>,
+    ys: &'a mut [T],
+) -> Option<(&'a [f32], &'a [f32], &'a mut [f32])> {
+    if !super::stream_available(isa) {
+        return None;
+    }
+    Some((T::as_f32s(xs)?, opt32(res)?, T::as_f32s_mut(ys)?))
+}
+
 /// Channels-first `y = (x − h)·s + b (+ r)`, then ReLU when `relu`, with streaming stores
 /// (`r` the residual, added before the ReLU). Returns false, having written nothing, when
 /// `T` is not f32 or the CPU lacks AVX2.
@@ -172,13 +188,8 @@ fn stream_run_affine<T: Element>(
     relu: bool,
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if let (Some(xs), Some(rs), Some(ys), true) = (
-        T::as_f32s(xs),
-        opt32(res),
-        T::as_f32s_mut(ys),
-        super::stream_available(isa),
-    ) {
-        // SAFETY: `stream_available(isa)` checked that the CPU has AVX2.
+    if let Some((xs, rs, ys)) = stream_views(isa, xs, res, ys) {
+        // SAFETY: `stream_views` checked that the CPU has AVX2.
         unsafe { x86::map1_any(isa, xs, rs, ys, &Broadcast(coefs), relu) };
         return true;
     }
@@ -199,13 +210,8 @@ fn stream_rows_affine<T: Element>(
     relu: bool,
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
-    if let (Some(xs), Some(rs), Some(ys), true) = (
-        T::as_f32s(xs),
-        opt32(res),
-        T::as_f32s_mut(ys),
-        super::stream_available(isa),
-    ) {
-        // SAFETY: `stream_available(isa)` checked that the CPU has AVX2.
+    if let Some((xs, rs, ys)) = stream_views(isa, xs, res, ys) {
+        // SAFETY: `stream_views` checked that the CPU has AVX2.
         unsafe { x86::map1_any(isa, xs, rs, ys, &Table::new(table, run, 3), relu) };
         return true;
     }
