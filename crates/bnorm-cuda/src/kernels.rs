@@ -350,7 +350,10 @@ extern "C" __global__ void bn_bwd_finalize(u32 C, u32 S, double N,
     grads[C + c] = sdy;
     double gain = gamma[c];
     double a = gain * invstd, b = 0.0, k = 0.0;
-    if (batch) {
+    if (batch && N == 1.0) {
+        // one value (SingleValuePolicy::Accept): y = beta whatever x is, dx = 0 exactly
+        a = 0.0;
+    } else if (batch) {
         b = -gain * invstd * invstd * dot_xhat / N;
         k = -gain * invstd * sdy / N;
     }

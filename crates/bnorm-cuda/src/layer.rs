@@ -413,6 +413,7 @@ impl GpuBatchNorm {
         let normalized = plan.normalized;
         let mut report = StepReport {
             cold_statistics: plan.cold_statistics,
+            single_value: plan.single_value,
             ..StepReport::default()
         };
         let stream = self.stream.clone();

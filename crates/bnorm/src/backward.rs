@@ -221,6 +221,18 @@ pub(crate) fn channel_coefficients(
         } else {
             g.per_channel() as f64
         };
+        if m == 1.0 {
+            // One value: the output is β whatever x is (SingleValuePolicy::Accept), so
+            // dx = 0 exactly (not a·dz − a·dz, which a fused multiply-add leaves at its
+            // rounding error).
+            return ChannelCoefficients {
+                dweight: r * dot_xhat + d * sdy,
+                dbias: sdy,
+                a: 0.0,
+                b: 0.0,
+                k: 0.0,
+            };
+        }
         b = -gain * invstd * invstd * dot_xhat / m;
         k = -gain * invstd * sdy / m;
     }

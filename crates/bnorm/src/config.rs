@@ -74,6 +74,37 @@ pub enum NonFinitePolicy {
     Error,
 }
 
+/// What a step that normalizes with batch statistics does with a channel (or a ghost
+/// group) holding a single value (`m = 1`: one sample, no spatial extent).
+///
+/// The frameworks disagree: PyTorch refuses ("Expected more than 1 value per channel when
+/// training"); Keras 3, tf_keras and TensorFlow (`tf.nn.moments`) accept it — the variance
+/// is 0, so `x̂ = 0`, `y = β` (plus renorm's `γ·d`), the gradient with respect to `x` is 0,
+/// and the moving variance moves toward 0. Checked with PyTorch 2.15, Keras 3.15, tf_keras
+/// 2.21 and TensorFlow 2.21 on 2026-12-03.
+///
+/// A step that would fold the *unbiased* variance of one value (`0/0`) into the running
+/// statistics is refused under either policy; no framework defines it.
+///
+/// ```
+/// use bnorm::{Config, Layout, Mode};
+/// use bnorm::config::SingleValuePolicy;
+/// assert_eq!(Config::torch(2).get_single_value(), SingleValuePolicy::Refuse);
+/// assert_eq!(Config::keras(2).get_single_value(), SingleValuePolicy::Accept);
+/// let mut bn = Config::keras(2).build()?;
+/// let y = bn.forward(&[1.5f32, -2.0], &[1, 2], Layout::NC, Mode::Train)?.0;
+/// assert_eq!(y, [0.0, 0.0]); // β
+/// assert!(Config::torch(2).build()?.forward(&[1.5f32, -2.0], &[1, 2], Layout::NC, Mode::Train).is_err());
+/// # Ok::<(), bnorm::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SingleValuePolicy {
+    /// Refuse the step with [`Error::BatchTooSmall`] (PyTorch).
+    Refuse,
+    /// Normalize it: variance 0, `y = β`, `dx = 0` (Keras 3, tf_keras, TensorFlow).
+    Accept,
+}
+
 /// Batch renormalization (Ioffe 2017). Without a schedule the clipping is fixed, as
 /// tf_keras does; with one, the limits relax over training as in the paper.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -337,6 +368,7 @@ pub struct Config {
     cold: ColdPolicy,
     variant: Variant,
     backward: BackwardArithmetic,
+    single_value: SingleValuePolicy,
 }
 
 impl Config {
@@ -355,11 +387,13 @@ impl Config {
             cold: ColdPolicy::Report,
             variant: Variant::BatchNorm,
             backward: BackwardArithmetic::F64,
+            single_value: SingleValuePolicy::Refuse,
         }
     }
 
     /// Keras 3 / tf_keras `BatchNormalization` defaults: momentum 0.99 (decay), eps 1e-3,
-    /// biased moving variance, gamma and beta. Also `tf.compat.v1.layers.
+    /// biased moving variance, gamma and beta, one value per channel accepted
+    /// ([`SingleValuePolicy::Accept`]). Also `tf.compat.v1.layers.
     /// batch_normalization` (the same defaults) and Flax's `nn.BatchNorm` with
     /// `momentum=0.99, epsilon=1e-3` (Flax's own defaults are 0.99 and 1e-5: set
     /// [`eps`](Config::eps)).
@@ -368,6 +402,7 @@ impl Config {
             eps: 1e-3,
             momentum: Momentum::Decay(0.99),
             running_variance: VarianceEstimator::Biased,
+            single_value: SingleValuePolicy::Accept,
             ..Config::torch(channels)
         }
     }
@@ -375,7 +410,8 @@ impl Config {
     /// TensorFlow's classic low-level recipe: `tf.nn.moments`, then
     /// `tf.compat.v1.train.assign_moving_average(var, value, 0.999)` — whose default
     /// `zero_debias=True` makes it [`Momentum::DebiasedDecay`] — then
-    /// `tf.nn.batch_normalization` with eps 1e-3, beta but no gamma.
+    /// `tf.nn.batch_normalization` with eps 1e-3, beta but no gamma; one value per channel
+    /// accepted (`tf.nn.moments` gives variance 0).
     ///
     /// `tf.contrib.layers.batch_norm` has the same decay, eps and parameters but does
     /// **not** zero-debias by default (`zero_debias_moving_mean=False`): for it use
@@ -388,6 +424,7 @@ impl Config {
             momentum: Momentum::DebiasedDecay(0.999),
             running_variance: VarianceEstimator::Biased,
             scale: false,
+            single_value: SingleValuePolicy::Accept,
             ..Config::torch(channels)
         }
     }
@@ -464,6 +501,12 @@ impl Config {
         self
     }
 
+    /// What a training step does with one value per channel (or per ghost group).
+    pub fn single_value(mut self, policy: SingleValuePolicy) -> Config {
+        self.single_value = policy;
+        self
+    }
+
     // Getters: the setter's name with `get_` (the std builder convention, as
     // `Command::get_args`).
 
@@ -516,6 +559,11 @@ impl Config {
     /// The backward map's arithmetic for f32 storage.
     pub fn get_backward_arithmetic(&self) -> BackwardArithmetic {
         self.backward
+    }
+
+    /// The single-value policy.
+    pub fn get_single_value(&self) -> SingleValuePolicy {
+        self.single_value
     }
 
     /// Checks every setting; the error names the first bad one.

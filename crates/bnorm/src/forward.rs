@@ -111,6 +111,10 @@ pub struct StepReport {
     /// (`updates == 0`): a model evaluated before training, or a checkpoint without its
     /// statistics ([`ColdPolicy::Report`](crate::config::ColdPolicy::Report)).
     pub cold_statistics: bool,
+    /// The step normalized some channel (or ghost group) with a single value, as
+    /// [`SingleValuePolicy::Accept`](crate::config::SingleValuePolicy::Accept) allows:
+    /// its output is `β` and its gradient with respect to `x` is 0.
+    pub single_value: bool,
     /// The training step's update of the running statistics, when it was deferred
     /// ([`Update::Defer`]): commit it, merge it, or drop it.
     pub pending: Option<PendingUpdate>,
@@ -339,6 +343,7 @@ fn execute<T: Element>(
     saved.d.clear();
     let mut report = StepReport {
         cold_statistics: plan.cold_statistics,
+        single_value: plan.single_value,
         ..StepReport::default()
     };
 
@@ -393,7 +398,7 @@ fn execute<T: Element>(
     };
     if ghost {
         ws.tmp = m;
-        ghost_moments(g, x, saved, ws)?;
+        ghost_moments(g, x, saved, ws, plan.accept_single_value)?;
     } else {
         for (ch, mo) in m.iter().enumerate() {
             saved.count[ch] = mo.count;
@@ -403,11 +408,12 @@ fn execute<T: Element>(
         let global = m.first().map_or(0.0, |mo| mo.count);
         ws.tmp = m;
         combined?;
-        if global <= 1.0 {
+        if global < 1.0 || (global == 1.0 && !plan.accept_single_value) {
             return Err(Error::BatchTooSmall {
                 channel_values: global as usize,
             });
         }
+        report.single_value = global == 1.0;
     }
     for i in 0..groups * c {
         saved.invstd[i] = 1.0 / (saved.var[i] + eps).sqrt();
@@ -450,6 +456,7 @@ fn ghost_moments<T: Element>(
     x: &[T],
     saved: &mut Saved,
     ws: &mut Workspace,
+    accept_single_value: bool,
 ) -> Result<()> {
     let c = g.channels;
     let sub = sample_geometry(g);
@@ -470,7 +477,7 @@ fn ghost_moments<T: Element>(
         }
     }
     for (i, mo) in acc.iter().enumerate() {
-        if mo.count <= 1.0 {
+        if mo.count < 1.0 || (mo.count == 1.0 && !accept_single_value) {
             return Err(Error::BatchTooSmall {
                 channel_values: mo.count as usize,
             });

@@ -10,7 +10,10 @@
 //! build the plan and execute it; the plan can be inspected on its own (it is what the
 //! tests of those decisions check, without data).
 
-use crate::config::{ColdPolicy, Config, NonFinitePolicy, RenormLimits, Variant};
+use crate::config::{
+    ColdPolicy, Config, NonFinitePolicy, RenormLimits, SingleValuePolicy, VarianceEstimator,
+    Variant,
+};
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::forward::{check_channels, Normalized, Saved};
@@ -267,6 +270,14 @@ pub struct ForwardPlan {
     pub update: Option<Update>,
     /// Non-finite batch statistics refuse the step (rather than skip the channel).
     pub refuse_non_finite: bool,
+    /// A channel (or ghost group) with a single value is normalized (variance 0, `y = β`,
+    /// `dx = 0`) rather than refused: the configuration's
+    /// [`SingleValuePolicy`], resolved for this step (never when the step would fold the
+    /// unbiased variance of one value into the running statistics).
+    pub accept_single_value: bool,
+    /// The step normalizes some channel or ghost group with a single value (known here
+    /// unless synchronized; the step's report says it in every case).
+    pub single_value: bool,
     /// Statistics and output in one pass per group of channels (channels-first).
     pub fused: bool,
     /// The statistics are those of the global batch of several ranks.
@@ -335,8 +346,11 @@ impl ForwardPlan {
     /// let g = Layout::NC.geometry(&[1, 8])?;
     /// let opts = Options::<f32>::default();
     /// let fresh = Some(StateSummary { updates: 0, renorm: false });
-    /// // a batch of one cannot be normalized with its own statistics
+    /// // PyTorch: a batch of one cannot be normalized with its own statistics
     /// assert!(ForwardPlan::decide(&cfg, g, fresh, Mode::Train, &opts).is_err());
+    /// // Keras: it can (y = β)
+    /// let keras = ForwardPlan::decide(&Config::keras(8), g, fresh, Mode::Train, &opts)?;
+    /// assert!(keras.accept_single_value && keras.single_value);
     /// let infer = ForwardPlan::decide(&cfg, g, fresh, Mode::Inference, &opts)?;
     /// assert_eq!(infer.normalized, Normalized::Running);
     /// # Ok::<(), bnorm::Error>(())
@@ -386,6 +400,8 @@ impl ForwardPlan {
             cold_statistics: false,
             update: None,
             refuse_non_finite: false,
+            accept_single_value: false,
+            single_value: false,
             fused: false,
             synchronized,
             parallelism: opts.parallelism,
@@ -400,25 +416,6 @@ impl ForwardPlan {
             }
             return Ok(plan);
         }
-        // Batch statistics: enough values per channel (per group), the groups, renorm.
-        // A synchronized step checks the global count once it is known.
-        if !synchronized && g.per_channel() <= 1 {
-            return Err(Error::BatchTooSmall {
-                channel_values: g.per_channel(),
-            });
-        }
-        if let Some(gh) = ghost {
-            let (group_of, groups) = gh.assign(g.batch)?;
-            let per_sample = g.per_channel() / g.batch.max(1);
-            let mut count = vec![0usize; groups];
-            group_of.iter().for_each(|&gi| count[gi] += per_sample);
-            if let Some(&smallest) = count.iter().min().filter(|&&n| n <= 1) {
-                return Err(Error::BatchTooSmall {
-                    channel_values: smallest,
-                });
-            }
-            (plan.group_of, plan.groups) = (group_of, groups);
-        }
         if mode == Mode::Train {
             if let Some(s) = state {
                 plan.update = Some(opts.update);
@@ -426,6 +423,34 @@ impl ForwardPlan {
                     plan.renorm = s.renorm.then(|| rn.limits(s.updates));
                 }
             }
+        }
+        // One value per channel: accepted per the policy, unless the step folds its
+        // (undefined) unbiased variance into the running statistics.
+        plan.accept_single_value = cfg.get_single_value() == SingleValuePolicy::Accept
+            && !(plan.update.is_some()
+                && cfg.get_running_variance() == VarianceEstimator::Unbiased);
+        let least = if plan.accept_single_value { 1 } else { 2 };
+        // Batch statistics: enough values per channel (per group), the groups, renorm.
+        // A synchronized step checks the global count once it is known.
+        if !synchronized && g.per_channel() < least {
+            return Err(Error::BatchTooSmall {
+                channel_values: g.per_channel(),
+            });
+        }
+        plan.single_value = !synchronized && g.per_channel() == 1;
+        if let Some(gh) = ghost {
+            let (group_of, groups) = gh.assign(g.batch)?;
+            let per_sample = g.per_channel() / g.batch.max(1);
+            let mut count = vec![0usize; groups];
+            group_of.iter().for_each(|&gi| count[gi] += per_sample);
+            let smallest = count.iter().copied().min().unwrap_or(0);
+            if smallest < least {
+                return Err(Error::BatchTooSmall {
+                    channel_values: smallest,
+                });
+            }
+            plan.single_value = smallest == 1;
+            (plan.group_of, plan.groups) = (group_of, groups);
         }
         plan.refuse_non_finite =
             plan.update.is_some() && cfg.get_non_finite() == NonFinitePolicy::Error;
@@ -611,11 +636,15 @@ mod tests {
         assert_eq!((p.groups, p.group_of.clone()), (3, vec![0, 0, 1, 1, 2, 2]));
         assert!(!p.fused, "ghost batches are never fused");
         // five samples: the last group holds one value per channel, refused before any
-        // data is read
+        // data is read where the policy refuses single values (PyTorch's), accepted and
+        // said where it accepts them (Keras's)
+        let refuse = cfg.clone().single_value(SingleValuePolicy::Refuse);
         assert_eq!(
-            plan(&cfg, &[5, 2], Layout::NC, Mode::Train),
+            plan(&refuse, &[5, 2], Layout::NC, Mode::Train),
             Err(Error::BatchTooSmall { channel_values: 1 })
         );
+        let p = plan(&cfg, &[5, 2], Layout::NC, Mode::Train).unwrap();
+        assert!(p.accept_single_value && p.single_value);
         // with two values per sample it is enough
         let p = plan(&cfg, &[5, 2, 2], Layout::NCL, Mode::Train).unwrap();
         assert_eq!(p.group_of, vec![0, 0, 1, 1, 2]);
@@ -625,13 +654,60 @@ mod tests {
             remainder: GhostRemainder::Error,
             update: GhostUpdate::Averaged,
         }));
+        let p = plan(&cfg1, &[4, 2], Layout::NC, Mode::Train).unwrap();
+        assert!(p.single_value && p.groups == 4);
         assert_eq!(
-            plan(&cfg1, &[4, 2], Layout::NC, Mode::Train),
+            plan(
+                &cfg1.single_value(SingleValuePolicy::Refuse),
+                &[4, 2],
+                Layout::NC,
+                Mode::Train
+            ),
             Err(Error::BatchTooSmall { channel_values: 1 })
         );
         // in inference the groups play no part
         let p = plan(&cfg, &[5, 2], Layout::NC, Mode::Inference).unwrap();
         assert_eq!((p.groups, p.group_of.len()), (1, 0));
+    }
+
+    #[test]
+    fn single_values_follow_the_policy_and_never_fold_an_unbiased_variance() {
+        let one = [1usize, 3];
+        // the presets: PyTorch refuses, Keras and TensorFlow accept
+        assert_eq!(
+            plan(&Config::torch(3), &one, Layout::NC, Mode::Train),
+            Err(Error::BatchTooSmall { channel_values: 1 })
+        );
+        for cfg in [Config::keras(3), Config::tensorflow(3)] {
+            let p = plan(&cfg, &one, Layout::NC, Mode::Train).unwrap();
+            assert!(p.accept_single_value && p.single_value, "{cfg:?}");
+            let p = plan(&cfg, &[2, 3], Layout::NC, Mode::Train).unwrap();
+            assert!(p.accept_single_value && !p.single_value);
+        }
+        // accepted with PyTorch's unbiased running variance only where nothing folds it
+        let torch = Config::torch(3).single_value(SingleValuePolicy::Accept);
+        assert_eq!(
+            plan(&torch, &one, Layout::NC, Mode::Train),
+            Err(Error::BatchTooSmall { channel_values: 1 })
+        );
+        let deferred = Options::default().defer();
+        assert!(plan_with(&torch, &one, Layout::NC, Mode::Train, &deferred).is_err());
+        let untracked = torch.clone().track_running_stats(false);
+        for mode in [Mode::Train, Mode::Inference] {
+            let p = plan(&untracked, &one, Layout::NC, mode).unwrap();
+            assert!(p.single_value && p.update.is_none());
+        }
+        let biased = torch.running_variance(VarianceEstimator::Biased);
+        assert!(
+            plan(&biased, &one, Layout::NC, Mode::Train)
+                .unwrap()
+                .single_value
+        );
+        // an empty batch is refused whatever the policy
+        assert_eq!(
+            plan(&Config::keras(3), &[0, 3], Layout::NC, Mode::Train),
+            Err(Error::BatchTooSmall { channel_values: 0 })
+        );
     }
 
     #[test]

@@ -15,7 +15,9 @@
 //! # Ok::<(), bnorm::Error>(())
 //! ```
 
-use crate::config::{Config, GhostGrouping, Momentum, VarianceEstimator, Variant};
+use crate::config::{
+    Config, GhostGrouping, Momentum, SingleValuePolicy, VarianceEstimator, Variant,
+};
 use crate::error::{Error, Result};
 use crate::layout::Layout;
 use crate::state::{Mode, Params, RunningState};
@@ -139,6 +141,14 @@ pub fn forward(
         }
         _ => (vec![0; n], 1),
     };
+    // One value per channel (per group): its variance is 0 and its output β, where the
+    // policy accepts it and the step does not need its unbiased variance (0/0).
+    let train_update = mode == Mode::Train && state.is_some();
+    let unbiased_update = train_update && cfg.get_running_variance() == VarianceEstimator::Unbiased;
+    let fewest = match cfg.get_single_value() {
+        SingleValuePolicy::Accept if !unbiased_update => 1,
+        _ => 2,
+    };
     let mut mean = vec![vec![0.0; c]; groups];
     let mut var = vec![vec![0.0; c]; groups];
     let mut count = vec![vec![0usize; c]; groups];
@@ -149,7 +159,7 @@ pub fn forward(
                     .filter(|&i| ch[i] == k && group_of[sample[i]] == gi)
                     .map(|i| x[i])
                     .collect();
-                if vals.len() <= 1 {
+                if vals.len() < fewest {
                     return Err(Error::BatchTooSmall {
                         channel_values: vals.len(),
                     });
@@ -166,7 +176,6 @@ pub fn forward(
     }
     let eps = cfg.get_eps();
     let (mut r, mut d) = (vec![1.0; c], vec![0.0; c]);
-    let train_update = mode == Mode::Train && state.is_some();
     if let (Variant::Renorm(rn), true, Some(s)) = (cfg.get_variant(), train_update, state) {
         let rs = s.renorm.as_ref().ok_or(Error::NoRunningStatistics)?;
         let lim = rn.limits(s.updates);

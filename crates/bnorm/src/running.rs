@@ -212,6 +212,17 @@ impl PendingUpdate {
                 got: vec![self.channels()],
             });
         }
+        let unbiased = cfg.get_running_variance() == VarianceEstimator::Unbiased;
+        if let Some(&few) = self
+            .count
+            .iter()
+            .find(|&&n| n < 1.0 || (unbiased && n < 2.0))
+        {
+            // the unbiased variance of one value is 0/0
+            return Err(Error::BatchTooSmall {
+                channel_values: few as usize,
+            });
+        }
         let st = BatchStats {
             groups: self.groups.max(1),
             count: &self.count,

@@ -81,7 +81,8 @@
 use std::sync::{Arc, Barrier, Mutex};
 
 use crate::config::{
-    BackwardArithmetic, Config, Momentum, NonFinitePolicy, VarianceEstimator, Variant,
+    BackwardArithmetic, Config, Momentum, NonFinitePolicy, SingleValuePolicy, VarianceEstimator,
+    Variant,
 };
 use crate::element::{DType, Element};
 use crate::error::{Error, Result};
@@ -325,6 +326,10 @@ fn config_fingerprint(cfg: &Config) -> Fnv {
     h.word(match cfg.get_backward_arithmetic() {
         BackwardArithmetic::F64 => 1,
         BackwardArithmetic::F32 => 2,
+    });
+    h.word(match cfg.get_single_value() {
+        SingleValuePolicy::Refuse => 1,
+        SingleValuePolicy::Accept => 2,
     });
     match cfg.get_variant() {
         Variant::BatchNorm => h.word(1),

@@ -3,7 +3,7 @@
 
 mod common;
 
-use bnorm::config::{Ghost, NonFinitePolicy, Variant};
+use bnorm::config::{Ghost, NonFinitePolicy, SingleValuePolicy, Variant};
 use bnorm::{Config, Error, Layout, Mode, Momentum, Params, RunningState};
 use common::Rng;
 
@@ -280,9 +280,11 @@ fn ghost_batches_that_do_not_divide_are_refused() {
         }
     );
     assert_eq!(bn.running_state().unwrap(), &before);
-    // A group with one value per channel is too small.
+    // A group with one value per channel is too small where single values are refused
+    // (accepted under the Keras preset, as tf_keras does: tests/single_value.rs).
     let mut bn = Config::keras(2)
         .variant(Variant::Ghost(Ghost::strided(1)))
+        .single_value(SingleValuePolicy::Refuse)
         .build()
         .unwrap();
     let e = bn

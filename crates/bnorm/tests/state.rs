@@ -394,10 +394,11 @@ fn a_checkpoint_loads_what_was_saved_and_training_resumes_exactly() {
 }
 
 /// Two ranks, each with its own state: a good step, then a step that fails on every rank
-/// (a global batch of one value per channel), then the backward of the good step.
+/// (a global batch of one value per channel, refused by the policy), then the backward of
+/// the good step.
 #[test]
 fn a_failed_synchronized_step_changes_nothing_on_any_rank() {
-    let cfg = Config::tensorflow(3);
+    let cfg = Config::tensorflow(3).single_value(bnorm::config::SingleValuePolicy::Refuse);
     let p = trained_params(&cfg);
     let run = |fail: bool| -> Vec<(Option<RunningState>, Vec<u64>)> {
         std::thread::scope(|s| {
