@@ -1,5 +1,5 @@
-//! Reads and replays conformance cases (`bnorm-conformance/1`, see `conformance/FORMAT.md`
-//! in the repository): short histories of one layer recorded from PyTorch, Keras,
+//! Reads and replays conformance cases (`bnorm-conformance/1` and its superset
+//! `bnorm-conformance/2`, see `conformance/FORMAT.md` in the repository): short histories of one layer recorded from PyTorch, Keras,
 //! tf_keras and TensorFlow, replayed here step by step and compared element by element.
 //!
 //! ```no_run
@@ -15,13 +15,13 @@ use std::path::{Path, PathBuf};
 
 use safetensors::{Dtype, SafeTensors};
 
-use crate::config::{Config, Ghost, Momentum, Renorm, Variant};
+use crate::config::{Config, Ghost, Momentum, Renorm, SingleValuePolicy, Variant};
 use crate::element::{bf16, f16};
 use crate::element::{DType, Element};
 use crate::error::Error;
 use crate::layer::BatchNorm;
 use crate::layout::Layout;
-use crate::state::{Mode, Params, RunningState};
+use crate::state::{Mode, Params, RenormState, RunningState};
 
 /// Why a case file could not be read or understood (distinct from a case that fails).
 #[derive(Debug)]
@@ -105,8 +105,11 @@ pub struct Case {
     pub meta: BTreeMap<String, String>,
     /// All tensors by name.
     pub tensors: BTreeMap<String, CaseTensor>,
-    /// Storage type.
+    /// Storage type of `x`, `y`, `dy`, `dx`.
     pub dtype: DType,
+    /// Storage type of the parameters, statistics and their gradients (format 2's
+    /// `param_dtype`, mixed precision; `dtype` when absent).
+    pub param_dtype: DType,
     /// Layout of `x`.
     pub layout: Layout,
     /// One mode per step.
@@ -163,13 +166,18 @@ impl Case {
             .unwrap_or_default()
             .into_iter()
             .collect();
-        if meta.get("format").map(String::as_str) != Some("bnorm-conformance/1") {
+        let formats = ["bnorm-conformance/1", "bnorm-conformance/2"];
+        if !formats.contains(&meta.get("format").map_or("", String::as_str)) {
             return Err(meta_err("format", meta.get("format")));
         }
         let dtype = meta
             .get("dtype")
             .and_then(|d| DType::parse(d))
             .ok_or_else(|| meta_err("dtype", meta.get("dtype")))?;
+        let param_dtype = match meta.get("param_dtype") {
+            None => dtype,
+            Some(d) => DType::parse(d).ok_or_else(|| meta_err("param_dtype", Some(d)))?,
+        };
         let layout = meta
             .get("layout")
             .and_then(|l| Layout::parse(l))
@@ -204,6 +212,7 @@ impl Case {
             meta,
             tensors,
             dtype,
+            param_dtype,
             layout,
             steps,
         })
@@ -230,6 +239,18 @@ impl Case {
 
     fn tensor(&self, name: &str) -> Option<&CaseTensor> {
         self.tensors.get(name)
+    }
+
+    /// The update count the running statistics start with (format 2's
+    /// `num_batches_tracked`; 0 when absent).
+    pub fn initial_updates(&self) -> Result<u64, CaseError> {
+        match self.get("num_batches_tracked") {
+            None => Ok(0),
+            Some(v) => v
+                .trim()
+                .parse::<u64>()
+                .map_err(|_| meta_err("num_batches_tracked", Some(v))),
+        }
     }
 
     /// The layer configuration the case describes.
@@ -280,6 +301,13 @@ impl Case {
                 Variant::Ghost(Ghost::strided(self.number("virtual_batch_size")? as usize))
             }
             Some(_) => return Err(meta_err("variant", self.get("variant"))),
+        };
+        // format 2: the single-value policy, defaulting to the convention's
+        let base = match self.get("single_value").map(String::as_str) {
+            None => base,
+            Some("refuse") => base.single_value(SingleValuePolicy::Refuse),
+            Some("accept") => base.single_value(SingleValuePolicy::Accept),
+            Some(_) => return Err(meta_err("single_value", self.get("single_value"))),
         };
         Ok(base
             .eps(self.number("eps")?)
@@ -396,13 +424,35 @@ fn replay_typed<T: Element>(case: &Case) -> Result<Worst, String> {
         bias: vec_of("init.bias"),
     };
     let (rm, rv) = (vec_of("init.running_mean"), vec_of("init.running_var"));
+    let updates = case.initial_updates().map_err(|e| e.to_string())?;
+    let renorm_init = match (
+        vec_of("init.renorm_mean"),
+        vec_of("init.renorm_stddev"),
+        vec_of("init.moving_stddev"),
+    ) {
+        (Some(mean), Some(stddev), Some(moving_stddev)) => Some(RenormState {
+            mean,
+            stddev,
+            moving_stddev,
+        }),
+        (None, None, None) => None,
+        _ => {
+            return Err(
+                "init.renorm_mean, init.renorm_stddev, init.moving_stddev: all or none".into(),
+            )
+        }
+    };
     let mut worst = Worst::default();
     let setup = (|| -> Result<(), Error> {
         if params.weight.is_some() || params.bias.is_some() {
             layer.set_params(params.clone())?;
         }
         if let (Some(rm), Some(rv)) = (rm.clone(), rv.clone()) {
-            layer.set_running_state(RunningState::from_values(&cfg, rm, rv, 0)?)?;
+            let mut s = RunningState::from_values(&cfg, rm, rv, updates)?;
+            if renorm_init.is_some() {
+                s.renorm.clone_from(&renorm_init);
+            }
+            layer.set_running_state(s)?;
         }
         Ok(())
     })();
@@ -420,6 +470,20 @@ fn replay_typed<T: Element>(case: &Case) -> Result<Worst, String> {
             .tensor(&format!("step{k}.x"))
             .ok_or_else(|| format!("step{k}.x missing"))?;
         let xt: Vec<T> = x.data.iter().map(|&v| T::from_f64(v)).collect();
+        // format 2: parameters changed before this step (an optimizer step)
+        let (w, b) = (
+            vec_of(&format!("step{k}.weight")),
+            vec_of(&format!("step{k}.bias")),
+        );
+        if w.is_some() || b.is_some() {
+            let p = Params {
+                weight: w.or_else(|| layer.params().weight.clone()),
+                bias: b.or_else(|| layer.params().bias.clone()),
+            };
+            layer
+                .set_params(p)
+                .map_err(|e| format!("step {k} parameters: {e}"))?;
+        }
         let before = layer.running_state().cloned();
         let fwd = layer.forward(&xt, &x.shape, case.layout, mode);
         let (y, _) = match (fwd, &expect_error) {
@@ -431,6 +495,16 @@ fn replay_typed<T: Element>(case: &Case) -> Result<Worst, String> {
                     return Err(format!(
                         "step {k}: refused step changed the running statistics"
                     ));
+                }
+                // The steps before were compared; the refused step is the last and
+                // records no outputs (FORMAT.md, "Errors").
+                if k + 1 != case.steps.len() {
+                    return Err(format!(
+                        "step {k} refused ({want}) but the case records later steps"
+                    ));
+                }
+                if case.tensor(&format!("step{k}.y")).is_some() {
+                    return Err(format!("step {k} refused ({want}) but records an output"));
                 }
                 worst.text = format!("refused as expected: {e}");
                 return Ok(worst);

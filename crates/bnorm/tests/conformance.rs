@@ -8,8 +8,8 @@ fn every_bundled_case_passes() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../conformance/cases");
     let results = bnorm::conformance::run_dir(&dir).expect("case directory readable");
     assert!(
-        results.len() >= 28,
-        "expected the 28 bundled cases, found {}",
+        results.len() >= 36,
+        "expected the 36 bundled cases, found {}",
         results.len()
     );
     let failed: Vec<_> = results
@@ -51,4 +51,104 @@ fn a_tampered_case_fails_replay() {
     let r = bnorm::conformance::replay(&case);
     assert!(!r.passed, "tampered case passed: {}", r.detail);
     assert!(r.detail.contains("step1.y[7]"), "{}", r.detail);
+}
+
+fn bundled(name: &str) -> bnorm::conformance::Case {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../conformance/cases")
+        .join(format!("{name}.safetensors"));
+    bnorm::conformance::Case::load(&src).unwrap()
+}
+
+/// The recorded framework behaviour on single values is the preset's: flipping the policy
+/// in a case makes it fail.
+#[test]
+fn flipping_the_single_value_policy_fails_the_framework_cases() {
+    for (name, flipped) in [
+        ("keras_single_value", "refuse"),
+        ("ghost_groups_of_one", "refuse"),
+        ("error_single_value_per_channel", "accept"),
+        ("error_torch_single_value_after_a_step", "accept"),
+    ] {
+        let mut case = bundled(name);
+        assert!(bnorm::conformance::replay(&case).passed, "{name}");
+        case.meta.insert("single_value".into(), flipped.into());
+        let r = bnorm::conformance::replay(&case);
+        // a torch case that accepts still refuses the unbiased variance of one value: the
+        // flipped policy is tried on its biased twin as well
+        if name.starts_with("error_") {
+            case.meta.insert("convention".into(), "keras".into());
+            case.meta.insert("momentum".into(), "0.9".into());
+            let r = bnorm::conformance::replay(&case);
+            assert!(
+                !r.passed,
+                "{name} with keras semantics passed: {}",
+                r.detail
+            );
+        } else {
+            assert!(
+                !r.passed,
+                "{name} with single_value={flipped} passed: {}",
+                r.detail
+            );
+        }
+    }
+}
+
+/// Format 2's additions are read and change the result: a loaded update count, loaded
+/// renorm state, parameters changed between steps, and an error case's earlier steps are
+/// compared.
+#[test]
+fn format_two_additions_are_replayed() {
+    let mut case = bundled("torch_loaded_num_batches_tracked");
+    assert_eq!(case.initial_updates().unwrap(), 5);
+    case.meta.remove("num_batches_tracked");
+    assert!(
+        !bnorm::conformance::replay(&case).passed,
+        "the count is used"
+    );
+
+    let mut case = bundled("renorm_loaded_state");
+    case.tensors.remove("init.renorm_mean");
+    let r = bnorm::conformance::replay(&case);
+    assert!(
+        !r.passed && r.detail.contains("all or none"),
+        "{}",
+        r.detail
+    );
+    let mut case = bundled("renorm_loaded_state");
+    for t in [
+        "init.renorm_mean",
+        "init.renorm_stddev",
+        "init.moving_stddev",
+    ] {
+        case.tensors.remove(t);
+    }
+    assert!(
+        !bnorm::conformance::replay(&case).passed,
+        "the renorm state is used"
+    );
+
+    let mut case = bundled("torch_params_change");
+    case.tensors.remove("step2.weight");
+    let r = bnorm::conformance::replay(&case);
+    assert!(!r.passed && r.detail.contains("step2"), "{}", r.detail);
+
+    let mut case = bundled("error_torch_single_value_after_a_step");
+    case.tensors.get_mut("step0.y").unwrap().data[0] += 1e-3;
+    let r = bnorm::conformance::replay(&case);
+    assert!(!r.passed, "the step before the refused one is compared");
+    let mut case = bundled("error_torch_single_value_after_a_step");
+    let y = case.tensors["step0.y"].clone();
+    case.tensors.insert("step1.y".into(), y);
+    let r = bnorm::conformance::replay(&case);
+    assert!(
+        !r.passed && r.detail.contains("records an output"),
+        "{}",
+        r.detail
+    );
+
+    let case = bundled("torch_mixed_f16");
+    use bnorm::element::DType;
+    assert_eq!((case.dtype, case.param_dtype), (DType::F16, DType::F32));
 }
