@@ -4,6 +4,8 @@
 //! TensorFlow 2.21 on 2026-12-03; the cases in conformance/cases replay their outputs).
 //! Every test here fails if a preset's choice is flipped.
 
+#![allow(clippy::needless_range_loop)]
+
 mod common;
 
 use bnorm::config::{Ghost, GhostGrouping, GhostRemainder, GhostUpdate, SingleValuePolicy};
