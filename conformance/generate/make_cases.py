@@ -105,7 +105,20 @@ def model(meta, init, steps):
         else:
             groups = [np.ones(N, bool)]
         means, vars_ = [], []
-        if batch:
+        if batch and "mask" in s:
+            # Keras 3: the mask has x's shape without the last axis; sums over the selected
+            # values divided by (count + 1e-7)
+            wfull = np.broadcast_to(np.asarray(s["mask"], bool)[..., None], s["x"].shape)
+            wv = to_nc(wfull.astype(np.float64), layout)
+            cnt = wv.sum((0, 1))
+            if np.any(cnt == 0) or (np.any(cnt == 1) and single == "refuse"):
+                out.append({"error": "batch_too_small"})
+                return out
+            den = cnt + 1e-7
+            mu = (wv * v).sum((0, 1)) / den
+            means, vars_ = [mu], [(wv * (v - mu) ** 2).sum((0, 1)) / den]
+            counts = [cnt]
+        elif batch:
             for g in groups:
                 vals = v[g].reshape(-1, C)
                 m = vals.shape[0]
@@ -144,7 +157,15 @@ def model(meta, init, steps):
                 sdyx = (dyg * xh).sum((0, 1))
                 db += sdy
                 dw += r * sdyx + d * sdy
-                if batch:
+                if batch and "mask" in s:
+                    # dx_i = Σ_j dy_j ∂y_j/∂x_i with ∂mean/∂x_i = w_i/den and
+                    # ∂var/∂x_i = (2 w_i (x_i − mean) − ∂mean/∂x_i · 2 Σ_j w_j (x_j − mean))/den
+                    xc = v - means[0]
+                    dmean = wv / den
+                    dvar = (2 * wv * xc - dmean * 2 * (wv * xc).sum((0, 1))) / den
+                    dx[:] = gamma * (dyv / sd - dmean * sdy / sd
+                                     - dvar * (dyv * xc).sum((0, 1)) / (2 * sd ** 3))
+                elif batch:
                     dx[g] = gamma * r / sd * (dyg - sdy / m - xh * sdyx / m)
                 else:
                     dx[g] = gamma * r / sd * dyg
@@ -157,7 +178,7 @@ def model(meta, init, steps):
             t += 1
             bm = np.mean(means, 0)
             bv = np.mean(vars_, 0)
-            m = N * P / len(groups)
+            m = counts[0] if "mask" in s else N * P / len(groups)
             if conv == "torch":
                 a = 1.0 / t if mom == "none" else float(mom)
                 rm = (1 - a) * rm + a * bm
@@ -225,6 +246,8 @@ def case(name, meta, init, steps, recorded, param_dtype=None, reference="", desc
                 tensors[f"step{k}.{p}"] = (s[p], pdt)
         if "dy" in s:
             tensors[f"step{k}.dy"] = (s["dy"], dtype)
+        if "mask" in s:
+            tensors[f"step{k}.mask"] = (np.asarray(s["mask"], np.float64), dtype)
         for key, val in recorded[k].items():
             tensors[f"step{k}.{key}"] = (val, dtype if key in ("y", "dx") else pdt)
     meta["steps"] = ",".join(s["mode"] for s in steps)
@@ -387,7 +410,10 @@ def keras_cases():
         for s in steps:
             x = tf.Variable(tf.constant(s["x"], dtype=x_dtype))
             with tf.GradientTape() as tape:
-                y = bn(x, training=s["mode"] == "train")
+                if "mask" in s:
+                    y = bn(x, training=s["mode"] == "train", mask=tf.constant(s["mask"]))
+                else:
+                    y = bn(x, training=s["mode"] == "train")
                 loss = tf.reduce_sum(y * tf.constant(s["dy"], y.dtype))
             vs = [x] + ([bn.gamma] if bn.scale else []) + ([bn.beta] if bn.center else [])
             grads = tape.gradient(loss, vs)
@@ -440,6 +466,37 @@ def keras_cases():
 
     # tf_keras rounds 1 - momentum to float32 whatever the variables' dtype: its cases use
     # momenta that float32 holds exactly (0.875, 0.75).
+
+    # 9, 10. Keras 3 masked batch norm: padded channels-last sequences (mask [N, L]) and
+    # channels-first sequences (axis=1: Keras's mask is then [N, C], x's shape without its
+    # last axis)
+    g, C, L = rng(205), 2, 5
+    bn = keras.layers.BatchNormalization(momentum=0.9, dtype="float64")
+    bn.build((None, L, C))
+    init = load(bn, g, C)
+    lengths = [[5, 2, 3], [1, 4, 5], [3, 3, 2]]
+    steps = [{"mode": m, "x": g.normal(0.5, 2, (3, L, C)), "dy": g.normal(0, 1, (3, L, C)),
+              "mask": np.arange(L)[None, :] < np.array(n)[:, None]}
+             for m, n in zip(("train", "train", "eval"), lengths)]
+    rec = run(bn, steps, tf.float64)
+    case("keras_masked_nlc",
+         dict(base, layout="NLC", dtype="f64", momentum="0.9", rtol="1e-10", atol="1e-12"),
+         init, steps, rec, reference=ref3 + " float64",
+         description="mask=[N, L] (padded sequences): statistics, moving update and "
+                     "gradient over the unmasked steps; the eval step ignores the mask")
+    g, C, L = rng(206), 3, 4
+    bn = keras.layers.BatchNormalization(axis=1, momentum=0.9, dtype="float64")
+    bn.build((None, C, L))
+    init = load(bn, g, C)
+    masks = [[[1, 0, 1], [1, 1, 0], [0, 1, 1], [1, 1, 1]],
+             [[1, 1, 1], [0, 0, 1], [1, 0, 1], [1, 1, 0]]]
+    steps = [{"mode": "train", "x": g.normal(-1, 1.5, (4, C, L)),
+              "dy": g.normal(0, 1, (4, C, L)), "mask": np.array(mk, bool)} for mk in masks]
+    rec = run(bn, steps, tf.float64)
+    case("keras_masked_ncl",
+         dict(base, layout="NCL", dtype="f64", momentum="0.9", rtol="1e-10", atol="1e-12"),
+         init, steps, rec, reference=ref3 + " float64",
+         description="axis=1 with mask=[N, C]: each (sample, channel) row in or out")
 
     # 6. tf_keras virtual_batch_size=1 on NC input: every ghost group holds one value
     g, C = rng(202), 3

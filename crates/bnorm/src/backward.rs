@@ -152,6 +152,15 @@ pub fn backward_into<'a, T: Element>(
         crate::sync::agree_backward::<T>(comm, cfg, g, saved, local)?;
     }
     let plan = planned?;
+    if !saved.mask.is_empty() && saved.normalized == Normalized::Batch {
+        // Masked (Keras 3), at reference speed; the plan refused epilogues and ranks.
+        let c = g.channels;
+        let stats = (&saved.count[..c], &saved.mean[..c], &saved.invstd[..c]);
+        let (mask, k) = (&saved.mask[..], saved.mask_stride);
+        let (dw, db) = (&mut grads.dweight, &mut grads.dbias);
+        crate::masked::backward(g, x, dy, mask, k, params, stats, dx, dw, db);
+        return Ok(());
+    }
     let relu = relu.map(|y| (y, dres));
     backward_impl(&plan, x, dy, relu, params, saved, dx, grads, ws, sync)
 }

@@ -485,7 +485,14 @@ fn replay_typed<T: Element>(case: &Case) -> Result<Worst, String> {
                 .map_err(|e| format!("step {k} parameters: {e}"))?;
         }
         let before = layer.running_state().cloned();
-        let fwd = layer.forward(&xt, &x.shape, case.layout, mode);
+        // format 2: a Keras 3 mask, x's shape without its last axis
+        let fwd = match case.tensor(&format!("step{k}.mask")) {
+            Some(m) => {
+                let mask: Vec<bool> = m.data.iter().map(|&v| v != 0.0).collect();
+                layer.forward_masked(&xt, &mask, &x.shape, case.layout, mode)
+            }
+            None => layer.forward(&xt, &x.shape, case.layout, mode),
+        };
         let (y, _) = match (fwd, &expect_error) {
             (Err(e), Some(want)) => {
                 if kind(&e) != want {

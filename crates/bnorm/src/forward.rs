@@ -10,6 +10,7 @@ use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::kernels::{self, Ep, Workspace};
 use crate::layout::Geometry;
+use crate::masked;
 use crate::parallel::Parallelism;
 use crate::plan::{Epilogue, ForwardPlan, Options, Update};
 use crate::running::{self, BatchStats, PendingUpdate};
@@ -43,6 +44,9 @@ pub struct Saved {
     pub(crate) d: Vec<f64>,
     pub(crate) scale: Vec<f64>,
     pub(crate) shift: Vec<f64>,
+    /// The mask of a masked training step (empty otherwise) and its broadcast length.
+    pub(crate) mask: Vec<bool>,
+    pub(crate) mask_stride: usize,
 }
 
 impl Saved {
@@ -277,6 +281,9 @@ pub fn forward_into<'a, T: Element>(
         if let Epilogue::AddRelu(r) = opts.epilogue {
             check_input(cfg, g, r.len(), "residual")?;
         }
+        if let Some(mask) = opts.mask {
+            masked::stride(g, mask.len())?;
+        }
         Ok(p)
     });
     if let Some(comm) = opts.sync {
@@ -298,6 +305,7 @@ pub fn forward_into<'a, T: Element>(
         &mut next,
         ws,
         opts.sync,
+        opts.mask,
     );
     if result.is_ok() {
         std::mem::swap(saved, &mut next);
@@ -334,6 +342,7 @@ fn execute<T: Element>(
     saved: &mut Saved,
     ws: &mut Workspace,
     comm: Option<&dyn Communicator>,
+    mask: Option<&[bool]>,
 ) -> Result<StepReport> {
     let g = plan.geometry;
     let (c, eps, par) = (g.channels, cfg.get_eps(), plan.parallelism);
@@ -341,6 +350,8 @@ fn execute<T: Element>(
     saved.geometry = Some(g);
     saved.r.clear();
     saved.d.clear();
+    saved.mask.clear();
+    saved.mask_stride = 0;
     let mut report = StepReport {
         cold_statistics: plan.cold_statistics,
         single_value: plan.single_value,
@@ -378,7 +389,23 @@ fn execute<T: Element>(
     let mut m = std::mem::take(&mut ws.tmp);
     m.clear();
     m.resize(c, Moments::default());
-    if plan.fused {
+    if let Some(mask) = mask {
+        // Masked (Keras 3): the statistics of the selected values, at reference speed.
+        let k = masked::stride(g, mask.len())?;
+        for (ch, &(n, mean, var)) in masked::moments(g, x, mask, k).iter().enumerate() {
+            if n < 1.0 || (n == 1.0 && !plan.accept_single_value) {
+                return Err(Error::BatchTooSmall {
+                    channel_values: n as usize,
+                });
+            }
+            report.single_value |= n == 1.0;
+            saved.count[ch] = n;
+            saved.mean[ch] = mean;
+            saved.var[ch] = var;
+        }
+        saved.mask.extend_from_slice(mask);
+        saved.mask_stride = k;
+    } else if plan.fused {
         let coef = |ch: usize, mo: Moments| {
             let var = mo.variance_biased();
             let invstd = 1.0 / (var + eps).sqrt();
@@ -396,7 +423,9 @@ fn execute<T: Element>(
         Some(comm) if !ghost => sync::combine_moments(comm, &mut m),
         _ => Ok(()),
     };
-    if ghost {
+    if mask.is_some() {
+        ws.tmp = m; // the statistics were set above
+    } else if ghost {
         ws.tmp = m;
         ghost_moments(g, x, saved, ws, plan.accept_single_value)?;
     } else {

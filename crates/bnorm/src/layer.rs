@@ -226,6 +226,45 @@ impl BatchNorm {
         Ok((y, report))
     }
 
+    /// Masked forward step (Keras 3's `mask`, see [`mod@crate::masked`]), allocating its
+    /// output: `mask` has the shape of `x` without its last axis. The statistics, the
+    /// running update and the gradient of the following [`backward`](BatchNorm::backward)
+    /// cover the selected values only.
+    ///
+    /// ```
+    /// use bnorm::{Config, Layout, Mode};
+    /// let mut bn = Config::keras(1).build()?;
+    /// // two sequences of three steps (NLC), the second padded after one step
+    /// let x = [1.0f64, 2.0, 3.0, 5.0, 0.0, 0.0];
+    /// let mask = [true, true, true, true, false, false];
+    /// let (y, _) = bn.forward_masked(&x, &mask, &[2, 3, 1], Layout::NLC, Mode::Train)?;
+    /// // statistics of 1, 2, 3, 5: mean 2.75
+    /// assert!((bn.running_state().unwrap().mean[0] - 0.0275).abs() < 1e-8);
+    /// assert!(y[4] < y[0]); // padding is normalized too (and ignored by the statistics)
+    /// # Ok::<(), bnorm::Error>(())
+    /// ```
+    pub fn forward_masked<T: Element>(
+        &mut self,
+        x: &[T],
+        mask: &[bool],
+        shape: &[usize],
+        layout: Layout,
+        mode: Mode,
+    ) -> Result<(Vec<T>, StepReport)> {
+        let rows: usize = shape[..shape.len().saturating_sub(1)].iter().product();
+        if shape.is_empty() || mask.len() != rows {
+            return Err(Error::LengthMismatch {
+                what: "mask",
+                expected: rows,
+                got: mask.len(),
+            });
+        }
+        let mut y = crate::buffer::output::<T>(x.len());
+        let opts = Options::from(self.par).masked(mask);
+        let report = self.forward_with(x, shape, layout, mode, &mut y, opts)?;
+        Ok((y, report))
+    }
+
     /// Forward step into a caller buffer (no allocation once warmed up).
     pub fn forward_into<T: Element>(
         &mut self,

@@ -85,6 +85,7 @@ mod forward;
 mod kernels;
 mod layer;
 mod layout;
+pub mod masked;
 mod parallel;
 mod plan;
 mod recalibrate;

@@ -98,6 +98,9 @@ pub struct Options<'a, T> {
     /// Synchronized batch norm: the statistics of the global batch of the communicator's
     /// ranks (see [`mod@crate::sync`]). Every rank must make the same call.
     pub sync: Option<&'a dyn Communicator>,
+    /// Masked batch norm (Keras 3's `mask`): statistics over the values the mask selects,
+    /// one flag per row of the last axis (see [`mod@crate::masked`]).
+    pub mask: Option<&'a [bool]>,
 }
 
 impl<T> std::fmt::Debug for Options<'_, T> {
@@ -107,6 +110,7 @@ impl<T> std::fmt::Debug for Options<'_, T> {
             .field("update", &self.update)
             .field("parallelism", &self.parallelism)
             .field("synchronized", &self.sync.is_some())
+            .field("masked", &self.mask.is_some())
             .finish()
     }
 }
@@ -118,6 +122,7 @@ impl<T> Default for Options<'_, T> {
             update: Update::Apply,
             parallelism: Parallelism::Rayon,
             sync: None,
+            mask: None,
         }
     }
 }
@@ -154,6 +159,13 @@ impl<'a, T> Options<'a, T> {
     pub fn synchronized(self, comm: &'a dyn Communicator) -> Self {
         Options {
             sync: Some(comm),
+            ..self
+        }
+    }
+    /// Masked by `mask` (Keras 3's masked batch norm, see [`mod@crate::masked`]).
+    pub fn masked(self, mask: &'a [bool]) -> Self {
+        Options {
+            mask: Some(mask),
             ..self
         }
     }
@@ -386,6 +398,25 @@ impl ForwardPlan {
                            defined (each rank's groups would be local)",
             });
         }
+        if opts.mask.is_some() {
+            let unsupported = if synchronized {
+                Some("synchronized")
+            } else if !matches!(opts.epilogue, Epilogue::None) {
+                Some("an epilogue")
+            } else if cfg.get_variant() != Variant::BatchNorm {
+                Some("renorm or ghost batches")
+            } else {
+                None
+            };
+            if let Some(what) = unsupported {
+                return Err(Error::InvalidConfig {
+                    setting: "mask",
+                    value: what.into(),
+                    expected: "plain batch norm without epilogue or synchronization \
+                               (masked batch norm is Keras 3's plain layer)",
+                });
+            }
+        }
         let normalized = match (mode, state.is_some()) {
             (Mode::Train, _) | (Mode::Inference, false) => Normalized::Batch,
             (Mode::Inference, true) | (Mode::Frozen, true) => Normalized::Running,
@@ -459,6 +490,7 @@ impl ForwardPlan {
         // as two passes), when there are enough groups to keep every thread busy.
         plan.fused = !synchronized
             && ghost.is_none()
+            && opts.mask.is_none()
             && g.inner > 1
             && !plan.refuse_non_finite
             && g.channels.div_ceil(kernels::fused_channels::<T>(g, 1))
@@ -515,6 +547,11 @@ impl BackwardPlan {
         }
         let ghost = groups > 1 || !saved.group_of.is_empty();
         let synchronized = opts.sync.is_some();
+        if !saved.mask.is_empty() && (relu || synchronized) {
+            return Err(Error::SavedMismatch {
+                reason: "a masked step has no epilogue and is not synchronized",
+            });
+        }
         if synchronized && ghost {
             return Err(Error::SavedMismatch {
                 reason: "saved statistics of ghost batches",

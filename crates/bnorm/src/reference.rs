@@ -292,3 +292,147 @@ pub fn backward(
     }
     Ok(RefBackward { dx, dweight, dbias })
 }
+
+/// Reference masked forward step (Keras 3's masked batch norm, see
+/// [`mod@crate::masked`]): `mask` has one flag per row of the last axis of `x`. Plain batch
+/// norm only. [`RefForward::var`] is the masked variance; the selected counts are not
+/// kept (backward recounts them).
+#[allow(clippy::too_many_arguments)]
+pub fn forward_masked(
+    cfg: &Config,
+    layout: Layout,
+    shape: &[usize],
+    x: &[f64],
+    mask: &[bool],
+    params: &Params,
+    state: Option<&RunningState>,
+    mode: Mode,
+) -> Result<RefForward> {
+    cfg.validate()?;
+    params.validate(cfg)?;
+    let (c, ch, _) = index(layout, shape)?;
+    let last = *shape.last().unwrap_or(&1);
+    if c != cfg.get_channels() || x.len() != ch.len() || mask.len() * last != x.len() {
+        return Err(Error::ShapeMismatch {
+            what: "x or mask",
+            expected: vec![cfg.get_channels()],
+            got: shape.to_vec(),
+        });
+    }
+    let batch_stats = mode == Mode::Train || state.is_none();
+    let train_update = mode == Mode::Train && state.is_some();
+    let (mut mean, mut var) = match state {
+        Some(s) if !batch_stats => (s.mean.clone(), s.var.clone()),
+        _ => (vec![0.0; c], vec![1.0; c]),
+    };
+    let mut count = vec![0.0; c];
+    if batch_stats {
+        for k in 0..c {
+            let sel: Vec<f64> = (0..x.len())
+                .filter(|&i| ch[i] == k && mask[i / last])
+                .map(|i| x[i])
+                .collect();
+            let unbiased =
+                train_update && cfg.get_running_variance() == VarianceEstimator::Unbiased;
+            let fewest = match cfg.get_single_value() {
+                SingleValuePolicy::Accept if !unbiased => 1,
+                _ => 2,
+            };
+            if sel.len() < fewest {
+                return Err(Error::BatchTooSmall {
+                    channel_values: sel.len(),
+                });
+            }
+            let den = sel.len() as f64 + crate::masked::MASK_EPSILON;
+            mean[k] = sel.iter().sum::<f64>() / den;
+            var[k] = sel.iter().map(|v| (v - mean[k]).powi(2)).sum::<f64>() / den;
+            count[k] = sel.len() as f64;
+        }
+    }
+    let eps = cfg.get_eps();
+    let y = (0..x.len())
+        .map(|i| {
+            let k = ch[i];
+            params.gamma(k) * (x[i] - mean[k]) / (var[k] + eps).sqrt() + params.beta(k)
+        })
+        .collect();
+    let mut new_state = state.cloned();
+    if let (true, Some(s)) = (train_update, new_state.as_mut()) {
+        s.updates += 1;
+        let a = cfg.get_momentum().new_weight(s.updates);
+        for k in 0..c {
+            let rv = match cfg.get_running_variance() {
+                VarianceEstimator::Biased => var[k],
+                VarianceEstimator::Unbiased => var[k] * count[k] / (count[k] - 1.0),
+            };
+            s.mean[k] = (1.0 - a) * s.mean[k] + a * mean[k];
+            s.var[k] = (1.0 - a) * s.var[k] + a * rv;
+        }
+    }
+    Ok(RefForward {
+        y,
+        state: new_state,
+        group_of: vec![0; shape[0]],
+        mean: vec![mean],
+        var: vec![var],
+        batch_stats,
+        r: vec![1.0; c],
+        d: vec![0.0; c],
+    })
+}
+
+/// Reference backward of [`forward_masked`], by the chain rule written out element by
+/// element: `dx_i = Σ_j dy_j ∂y_j/∂x_i` with `∂mean/∂x_i` and `∂var/∂x_i` of the masked
+/// statistics (quadratic in the channel size: for tests).
+#[allow(clippy::too_many_arguments)]
+pub fn backward_masked(
+    cfg: &Config,
+    layout: Layout,
+    shape: &[usize],
+    x: &[f64],
+    dy: &[f64],
+    mask: &[bool],
+    params: &Params,
+    fwd: &RefForward,
+) -> Result<RefBackward> {
+    let (c, ch, _) = index(layout, shape)?;
+    let last = *shape.last().unwrap_or(&1);
+    let eps = cfg.get_eps();
+    let (mut dweight, mut dbias, mut dx) = (vec![0.0; c], vec![0.0; c], vec![0.0; x.len()]);
+    for k in 0..c {
+        let idx: Vec<usize> = (0..x.len()).filter(|&i| ch[i] == k).collect();
+        let (mean, var, g) = (fwd.mean[0][k], fwd.var[0][k], params.gamma(k));
+        let sd = (var + eps).sqrt();
+        let w = |i: usize| if mask[i / last] { 1.0 } else { 0.0 };
+        let den = idx.iter().map(|&i| w(i)).sum::<f64>() + crate::masked::MASK_EPSILON;
+        for &i in &idx {
+            dbias[k] += dy[i];
+            dweight[k] += dy[i] * (x[i] - mean) / sd;
+        }
+        for &i in &idx {
+            if !fwd.batch_stats {
+                dx[i] = g / sd * dy[i];
+                continue;
+            }
+            let dmean = w(i) / den;
+            // var = Σ_j w_j (x_j − mean)² / den
+            let dvar = idx
+                .iter()
+                .map(|&j| {
+                    let djx = if j == i { 1.0 } else { 0.0 };
+                    w(j) * 2.0 * (x[j] - mean) * (djx - dmean)
+                })
+                .sum::<f64>()
+                / den;
+            dx[i] = idx
+                .iter()
+                .map(|&j| {
+                    let djx = if j == i { 1.0 } else { 0.0 };
+                    let dyj = g * ((djx - dmean) / sd - (x[j] - mean) * 0.5 / sd.powi(3) * dvar);
+                    dy[j] * dyj
+                })
+                .sum();
+        }
+    }
+    Ok(RefBackward { dx, dweight, dbias })
+}
