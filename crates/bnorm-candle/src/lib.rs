@@ -324,6 +324,44 @@ impl BatchNorm {
     /// Forward in an explicit mode. Only [`Mode::Train`] updates the running statistics
     /// (and, during a recalibration, nothing does).
     pub fn forward_mode(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        self.forward_op(x, mode, None)
+    }
+
+    /// Masked forward (Keras 3's `mask`, see [`bnorm::masked`]): `mask` has the shape of
+    /// `x` without its last axis (any dtype; nonzero selects). In a step normalized with
+    /// batch statistics, the statistics, the running update and the gradient through
+    /// them cover the selected values only. Runs at bnorm's reference speed.
+    ///
+    /// ```
+    /// use bnorm_candle::BatchNorm;
+    /// use bnorm::{Config, Layout, Mode};
+    /// use candle_core::{DType, Device, Tensor};
+    /// use candle_nn::{VarBuilder, VarMap};
+    /// let varmap = VarMap::new();
+    /// let vb = VarBuilder::from_varmap(&varmap, DType::F64, &Device::Cpu);
+    /// let bn = BatchNorm::new(Config::keras(1), Layout::NLC, vb)?;
+    /// let x = Tensor::new(&[[[1.0f64], [2.0], [3.0]], [[5.0], [0.0], [0.0]]], &Device::Cpu)?;
+    /// let mask = Tensor::new(&[[1u8, 1, 1], [1, 0, 0]], &Device::Cpu)?;
+    /// bn.forward_masked(&x, &mask, Mode::Train)?;
+    /// let mean = bn.running_state()?.unwrap().mean[0]; // 0.01 · 2.75
+    /// assert!((mean - 0.0275).abs() < 1e-8);
+    /// # Ok::<(), candle_core::Error>(())
+    /// ```
+    pub fn forward_masked(&self, x: &Tensor, mask: &Tensor, mode: Mode) -> Result<Tensor> {
+        let dims = x.dims();
+        let rows = &dims[..dims.len().saturating_sub(1)];
+        if dims.is_empty() || mask.dims() != rows {
+            return Err(wrap(bnorm::Error::LengthMismatch {
+                what: "mask",
+                expected: rows.iter().product(),
+                got: mask.elem_count(),
+            }));
+        }
+        let flags = mask.flatten_all()?.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        self.forward_op(x, mode, Some(flags.iter().map(|&v| v != 0.0).collect()))
+    }
+
+    fn forward_op(&self, x: &Tensor, mode: Mode, mask: Option<Vec<bool>>) -> Result<Tensor> {
         let (state_in, recalibrating) = {
             let g = self.synced()?;
             (g.state.clone(), g.recal.is_some())
@@ -334,6 +372,7 @@ impl BatchNorm {
             layout: self.layout,
             mode,
             state_in,
+            mask,
             result: Mutex::new(OpResult::default()),
         });
         let dev = x.device();

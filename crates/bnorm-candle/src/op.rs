@@ -26,6 +26,8 @@ pub(crate) struct BnOp {
     pub layout: Layout,
     pub mode: Mode,
     pub state_in: Option<RunningState>,
+    /// Keras 3's mask (masked batch norm), x's shape without its last axis, flattened.
+    pub mask: Option<Vec<bool>>,
     pub result: Mutex<OpResult>,
 }
 
@@ -110,6 +112,10 @@ impl BnOp {
             .map_err(|_| candle_core::Error::msg("poisoned"))?;
         let r = &mut *guard;
         let mut state = self.state_in.clone();
+        let mut opts = bnorm::expert::Options::from(bnorm::expert::Parallelism::Rayon);
+        if let Some(mask) = &self.mask {
+            opts = opts.masked(mask);
+        }
         let report = bnorm::expert::forward_into(
             &self.cfg,
             g,
@@ -120,7 +126,7 @@ impl BnOp {
             &mut y,
             &mut r.saved,
             &mut bnorm::expert::Workspace::default(),
-            bnorm::expert::Parallelism::Rayon,
+            opts,
         )
         .map_err(wrap)?;
         r.state = state;

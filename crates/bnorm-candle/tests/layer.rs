@@ -179,9 +179,10 @@ fn only_training_steps_update_running_statistics() {
             "{mode:?} changed the state"
         );
     }
-    // A refused step changes nothing either.
-    let one = randn(&[1, 1, 1, 3], 4);
-    assert!(bn.forward_mode(&one, Mode::Train).is_err());
+    // A refused step changes nothing either (an empty batch: the Keras preset accepts one
+    // value per channel, as Keras does).
+    let empty = Tensor::zeros((0, 1, 1, 3), DType::F64, &Device::Cpu).unwrap();
+    assert!(bn.forward_mode(&empty, Mode::Train).is_err());
     assert_eq!(bn.running_state().unwrap().unwrap(), after_train);
 }
 
@@ -377,4 +378,86 @@ fn recalibration_sets_population_statistics_of_every_layer() {
         bn1.recent_batch_stats().is_empty(),
         "recalibration is not training"
     );
+}
+
+/// Masked batch norm through candle's autograd equals bnorm's float64 reference (output,
+/// running statistics, and the gradients of x, gamma and beta), channels-last and
+/// channels-first; a mask of the wrong shape is a typed error.
+#[test]
+fn masked_steps_match_the_reference_through_autograd() {
+    for (layout, shape, mask) in [
+        (
+            Layout::NLC,
+            [3usize, 4, 2],
+            vec![1u8, 1, 0, 0, 1, 1, 1, 1, 1, 0, 1, 0],
+        ),
+        (Layout::NCL, [3, 2, 4], vec![1, 0, 1, 1, 0, 1]),
+    ] {
+        let c = shape[layout.channel_axis()];
+        let cfg = Config::keras(c);
+        let (vm, bn) = layer(cfg.clone(), layout);
+        let x = Var::from_tensor(&randn(&shape, 3)).unwrap();
+        let rows: Vec<usize> = shape[..2].to_vec();
+        let m = Tensor::from_vec(mask.clone(), rows.as_slice(), &Device::Cpu).unwrap();
+        let y = bn.forward_masked(x.as_tensor(), &m, Mode::Train).unwrap();
+        let dy = randn(&shape, 4);
+        let grads = (&y * &dy).unwrap().sum_all().unwrap().backward().unwrap();
+
+        let xs: Vec<f64> = x.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        let dys: Vec<f64> = dy.flatten_all().unwrap().to_vec1().unwrap();
+        let flags: Vec<bool> = mask.iter().map(|&v| v != 0).collect();
+        let p = bnorm::Params::init(&cfg);
+        let s0 = bnorm::RunningState::init(&cfg);
+        let r = bnorm::reference::forward_masked(
+            &cfg,
+            layout,
+            &shape,
+            &xs,
+            &flags,
+            &p,
+            s0.as_ref(),
+            Mode::Train,
+        )
+        .unwrap();
+        let rb = bnorm::reference::backward_masked(&cfg, layout, &shape, &xs, &dys, &flags, &p, &r)
+            .unwrap();
+        let close = |what: &str, got: &[f64], want: &[f64]| {
+            for (i, (g, w)) in got.iter().zip(want).enumerate() {
+                assert!(
+                    (g - w).abs() <= 1e-10 * (1.0 + w.abs()),
+                    "{what}[{i}]: {g} vs {w}"
+                );
+            }
+        };
+        let yv: Vec<f64> = y.flatten_all().unwrap().to_vec1().unwrap();
+        close("y", &yv, &r.y);
+        let dx: Vec<f64> = grads
+            .get(&x)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        close("dx", &dx, &rb.dx);
+        let vars = vm.data().lock().unwrap();
+        let gamma = vars.get("bn.weight").unwrap();
+        let dg: Vec<f64> = grads.get(gamma).unwrap().to_vec1().unwrap();
+        close("dgamma", &dg, &rb.dweight);
+        let beta = vars.get("bn.bias").unwrap();
+        let db: Vec<f64> = grads.get(beta).unwrap().to_vec1().unwrap();
+        close("dbeta", &db, &rb.dbias);
+        drop(vars);
+        let s = bn.running_state().unwrap().unwrap();
+        close("running mean", &s.mean, &r.state.as_ref().unwrap().mean);
+        close("running var", &s.var, &r.state.as_ref().unwrap().var);
+
+        let wrong = Tensor::ones(shape[0], DType::U8, &Device::Cpu).unwrap();
+        let e = bn
+            .forward_masked(x.as_tensor(), &wrong, Mode::Train)
+            .unwrap_err();
+        assert!(matches!(
+            bnorm_candle::bnorm_error(&e),
+            Some(bnorm::Error::LengthMismatch { what: "mask", .. })
+        ));
+    }
 }
