@@ -232,8 +232,8 @@ pub(crate) fn channel_coefficients(
         };
         if m == 1.0 {
             // One value: the output is β whatever x is (SingleValuePolicy::Accept), so
-            // dx = 0 exactly (not a·dz − a·dz, which a fused multiply-add leaves at its
-            // rounding error).
+            // dx = 0, stated rather than left to a·dz + k cancelling (it does in the CPU
+            // maps, which use no fused multiply-add; bnorm-cuda's kernel states it too).
             return ChannelCoefficients {
                 dweight: r * dot_xhat + d * sdy,
                 dbias: sdy,
