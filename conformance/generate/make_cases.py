@@ -498,6 +498,53 @@ def keras_cases():
          init, steps, rec, reference=ref3 + " float64",
          description="axis=1 with mask=[N, C]: each (sample, channel) row in or out")
 
+    # 11. TensorFlow's low-level recipe in graph mode with one value per channel:
+    # tf.nn.moments (variance 0), assign_moving_average (zero-debiased), beta only
+    from tensorflow.python.training import moving_averages
+
+    g, C, decay, eps = rng(207), 3, 0.875, 1e-3  # (1 - decay is rounded to float32)
+    init = {"init.bias": g.normal(0, 0.5, C), "init.running_mean": g.normal(0, 1, C),
+            "init.running_var": g.uniform(0.5, 2, C)}
+    tf1 = tf.compat.v1
+    steps = [{"mode": "train", "x": g.normal(0, 2, (1, C)), "dy": g.normal(0, 1, (1, C))},
+             {"mode": "train", "x": g.normal(0, 2, (3, C)), "dy": g.normal(0, 1, (3, C))},
+             {"mode": "train", "x": g.normal(0, 2, (1, C)), "dy": g.normal(0, 1, (1, C))},
+             {"mode": "eval", "x": g.normal(0, 2, (2, C)), "dy": g.normal(0, 1, (2, C))}]
+    with tf.Graph().as_default():
+        xph = tf1.placeholder(tf.float64, (None, C))
+        dyph = tf1.placeholder(tf.float64, (None, C))
+        beta = tf1.Variable(init["init.bias"])
+        mm = tf1.Variable(init["init.running_mean"], trainable=False)
+        mv = tf1.Variable(init["init.running_var"], trainable=False)
+        mean, var = tf.nn.moments(xph, axes=[0])
+        y = tf.nn.batch_normalization(xph, mean, var, beta, None, eps)
+        dx, db = tf.gradients(tf.reduce_sum(y * dyph), [xph, beta])
+        with tf.control_dependencies([y, dx, db]):
+            upd = [moving_averages.assign_moving_average(mm, mean, decay),
+                   moving_averages.assign_moving_average(mv, var, decay)]
+        ye = tf.nn.batch_normalization(xph, mm, mv, beta, None, eps)
+        dxe, dbe = tf.gradients(tf.reduce_sum(ye * dyph), [xph, beta])
+        with tf1.Session() as sess:
+            sess.run(tf1.global_variables_initializer())
+            rec = []
+            for s in steps:
+                feed = {xph: s["x"], dyph: s["dy"]}
+                if s["mode"] == "train":
+                    yv, dxv, dbv, _ = sess.run([y, dx, db, upd], feed)
+                else:
+                    yv, dxv, dbv = sess.run([ye, dxe, dbe], feed)
+                rm, rv = sess.run([mm, mv])
+                rec.append({"y": yv, "dx": dxv, "dbias": dbv, "running_mean": rm,
+                            "running_var": rv})
+    assert np.all(rec[0]["dx"] == 0)
+    case("tf_recipe_single_value",
+         {"convention": "tf", "eps": "0.001", "scale": "false", "center": "true",
+          "track_running_stats": "true", "variant": "batch_norm", "zero_debias": "true",
+          "layout": "NC", "dtype": "f64", "momentum": "0.875", "rtol": "1e-10", "atol": "1e-12"},
+         init, steps, rec, reference=f"TensorFlow {tf.__version__} graph mode float64",
+         description="tf.nn.moments of one value per channel (variance 0): y = beta, dx = 0; "
+                     "zero-debiased moving averages")
+
     # 6. tf_keras virtual_batch_size=1 on NC input: every ghost group holds one value
     g, C = rng(202), 3
     bn = tf_keras.layers.BatchNormalization(momentum=0.875, virtual_batch_size=1, dtype="float64")

@@ -8,8 +8,8 @@ fn every_bundled_case_passes() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../conformance/cases");
     let results = bnorm::conformance::run_dir(&dir).expect("case directory readable");
     assert!(
-        results.len() >= 38,
-        "expected the 38 bundled cases, found {}",
+        results.len() >= 39,
+        "expected the 39 bundled cases, found {}",
         results.len()
     );
     let failed: Vec<_> = results
@@ -66,6 +66,7 @@ fn bundled(name: &str) -> bnorm::conformance::Case {
 fn flipping_the_single_value_policy_fails_the_framework_cases() {
     for (name, flipped) in [
         ("keras_single_value", "refuse"),
+        ("tf_recipe_single_value", "refuse"),
         ("ghost_groups_of_one", "refuse"),
         ("error_single_value_per_channel", "accept"),
         ("error_torch_single_value_after_a_step", "accept"),
