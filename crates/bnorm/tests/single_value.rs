@@ -361,3 +361,29 @@ fn a_synchronized_global_batch_of_one_follows_the_policy() {
         }
     }
 }
+
+/// A deferred update of one value per channel commits under a biased running variance and
+/// is refused (changing nothing) under an unbiased one, where it would be 0/0.
+#[test]
+fn a_pending_single_value_update_never_folds_an_unbiased_variance() {
+    let mut keras = layer(Config::keras(C));
+    let (_, _, pending) = keras
+        .forward_pending(&[1.5f64, -2.0, 0.3], &[1, C], Layout::NC)
+        .unwrap();
+    let pending = pending.unwrap();
+    assert_eq!(pending.count(), &[1.0; C]);
+    let mut direct = layer(Config::keras(C));
+    direct
+        .forward(&[1.5f64, -2.0, 0.3], &[1, C], Layout::NC, Mode::Train)
+        .unwrap();
+    keras.commit(&pending).unwrap();
+    assert_eq!(keras.running_state(), direct.running_state());
+    let torch_cfg = Config::torch(C).single_value(SingleValuePolicy::Accept);
+    let mut s = RunningState::init(&torch_cfg).unwrap();
+    let before = s.clone();
+    assert_eq!(
+        pending.commit(&torch_cfg, &mut s),
+        Err(Error::BatchTooSmall { channel_values: 1 })
+    );
+    assert_eq!(s, before);
+}
