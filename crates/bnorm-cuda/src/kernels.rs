@@ -42,8 +42,13 @@ pub(crate) fn typed_name(base: &str, dtype: DTypeTag) -> String {
     format!("{base}_{}", dtype.suffix())
 }
 
-/// Every entry point the Rust side may launch.
-pub(crate) fn entry_points() -> Vec<String> {
+/// Every entry point the Rust side may launch (what [`source`] defines and
+/// [`Gpu::new`](crate::Gpu::new) loads).
+///
+/// ```
+/// assert!(bnorm_cuda::kernels::entry_points().iter().any(|k| k == "bn_norm_bf16"));
+/// ```
+pub fn entry_points() -> Vec<String> {
     let mut v: Vec<String> = UNTYPED.iter().map(|s| s.to_string()).collect();
     for d in DTypeTag::ALL {
         v.extend(TYPED.iter().map(|b| typed_name(b, d)));

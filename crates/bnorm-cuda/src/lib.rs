@@ -36,11 +36,11 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
-use std::time::Instant;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DriverError};
-use cudarc::nvrtc::{CompileError, CompileOptions};
+use cudarc::nvrtc::Ptx;
 
+pub mod compile;
 pub mod kernels;
 mod layer;
 pub mod plan;
@@ -132,7 +132,8 @@ impl From<bnorm::Error> for CudaError {
 /// `Result` with [`CudaError`].
 pub type Result<T, E = CudaError> = std::result::Result<T, E>;
 
-/// Checks, without calling into CUDA, that the driver and NVRTC libraries can be loaded.
+/// Checks, without calling into CUDA, that the driver and NVRTC libraries can be loaded
+/// (NVRTC from the loader path or from `BNORM_NVRTC`, see [`compile::nvrtc_available`]).
 /// cudarc panics on the first call into a library it cannot load; every entry point of
 /// this crate probes first.
 ///
@@ -152,15 +153,7 @@ pub fn probe() -> Result<()> {
                 .into(),
         });
     }
-    // SAFETY: as above, for libnvrtc.
-    let nvrtc = unsafe { cudarc::nvrtc::sys::is_culib_present() };
-    if !nvrtc {
-        return Err(CudaError::Unavailable {
-            reason: "the NVRTC library (libnvrtc.so) cannot be loaded: no CUDA toolkit runtime"
-                .into(),
-        });
-    }
-    Ok(())
+    compile::nvrtc_available()
 }
 
 /// Runs `f`, turning a panic inside cudarc (a missing symbol in an old driver, say) into
@@ -180,11 +173,12 @@ fn guarded<R>(what: &str, f: impl FnOnce() -> Result<R>) -> Result<R> {
 
 struct Inner {
     ctx: Arc<CudaContext>,
-    functions: HashMap<String, CudaFunction>,
+    functions: HashMap<String, (CudaFunction, u32)>,
     name: String,
     sms: usize,
     compute_capability: (i32, i32),
     compile_ms: f64,
+    target: compile::Target,
 }
 
 /// One GPU: its context, its stream, and the kernels compiled for it (once, when opened;
@@ -236,26 +230,26 @@ impl Gpu {
                     cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
                 )
                 .map_err(CudaError::driver("SM count"))?;
-            let t = Instant::now();
-            let opts = CompileOptions {
-                options: vec![format!("--gpu-architecture=compute_{}{}", cc.0, cc.1)],
-                name: Some("bnorm_cuda.cu".into()),
-                ..Default::default()
-            };
-            let ptx = cudarc::nvrtc::compile_ptx_with_opts(kernels::source(), opts)
-                .map_err(compile_error)?;
-            let compile_ms = t.elapsed().as_secs_f64() * 1e3;
+            let compiled = compile::compile_for_device(cc)?;
+            let (compile_ms, target) = (compiled.ms, compiled.target);
             let module = ctx
-                .load_module(ptx)
+                .load_module(Ptx::from_binary(compiled.image))
                 .map_err(CudaError::driver("load module"))?;
             let mut functions = HashMap::new();
             for name in kernels::entry_points() {
                 let f = module
                     .load_function(&name)
                     .map_err(CudaError::driver("load function"))?;
-                functions.insert(name, f);
+                // Resident blocks per SM at the crate's block size, from the driver's
+                // occupancy calculator (registers and shared memory of this build).
+                let resident = f
+                    .occupancy_max_active_blocks_per_multiprocessor(kernels::BLOCK, 0, None)
+                    .map_err(CudaError::driver("occupancy"))?;
+                functions.insert(name, (f, resident.max(1)));
             }
-            let stream = ctx.default_stream();
+            // A non-blocking stream of our own: the legacy NULL stream would serialize
+            // with every other blocking stream of the process (PyTorch's included).
+            let stream = ctx.new_stream().map_err(CudaError::driver("stream"))?;
             Ok(Gpu {
                 inner: Arc::new(Inner {
                     ctx,
@@ -264,6 +258,7 @@ impl Gpu {
                     sms: sms.max(1) as usize,
                     compute_capability: cc,
                     compile_ms,
+                    target,
                 }),
                 stream,
             })
@@ -290,6 +285,12 @@ impl Gpu {
         self.inner.compile_ms
     }
 
+    /// What the loaded module was compiled to: a cubin for the device's architecture, or
+    /// PTX when this NVRTC does not know it.
+    pub fn compiled_to(&self) -> compile::Target {
+        self.inner.target
+    }
+
     /// The cudarc context (for timing with events, say).
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.inner.ctx
@@ -311,7 +312,20 @@ impl Gpu {
         self.inner
             .functions
             .get(name)
-            .cloned()
+            .map(|(f, _)| f.clone())
+            .ok_or(CudaError::Unsupported {
+                what: "a kernel missing from the compiled module",
+            })
+    }
+
+    /// Blocks of [`kernels::BLOCK`] threads of kernel `name` resident per SM (the
+    /// driver's occupancy query at [`Gpu::new`]).
+    #[allow(dead_code)] // used by the launch plans (next commit)
+    pub(crate) fn resident_blocks(&self, name: &str) -> Result<u32> {
+        self.inner
+            .functions
+            .get(name)
+            .map(|(_, r)| *r)
             .ok_or(CudaError::Unsupported {
                 what: "a kernel missing from the compiled module",
             })
@@ -324,16 +338,6 @@ impl Gpu {
             Err(CudaError::WrongDevice)
         }
     }
-}
-
-fn compile_error(e: CompileError) -> CudaError {
-    let log = match &e {
-        CompileError::CompileError { nvrtc, log, .. } => {
-            format!("{nvrtc:?}: {}", log.to_string_lossy())
-        }
-        other => format!("{other:?}"),
-    };
-    CudaError::Compile { log }
 }
 
 #[cfg(test)]
