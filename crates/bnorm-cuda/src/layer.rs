@@ -8,7 +8,7 @@ use bnorm::expert::{ForwardPlan, Geometry, Grads, Moments, Normalized, Options, 
 use bnorm::{Config, Mode, Params, RunningState, StepReport, VarianceEstimator};
 
 use crate::kernels::{typed_name, BLOCK};
-use crate::plan::{channel_grid, elementwise_grid, plan_split, FastDiv, Split};
+use crate::plan::{channel_grid, elementwise_grid, plan_split, vector_width, FastDiv, Split};
 use crate::{CudaError, DeviceTensor, Gpu, GpuElement, Result};
 
 /// What backward needs from a forward step, on the device: per channel the centre and
@@ -474,8 +474,7 @@ impl GpuBatchNorm {
                         return Err(bnorm::Error::NonFiniteStatistics { channels: bad }.into());
                     }
                 }
-                self.updates += 1;
-                let t = self.updates;
+                let t = self.updates + 1;
                 let a = self.cfg.get_momentum().new_weight(t);
                 let unbiased =
                     i32::from(self.cfg.get_running_variance() == VarianceEstimator::Unbiased);
@@ -491,6 +490,8 @@ impl GpuBatchNorm {
                     .arg(&mut self.skipped);
                 // SAFETY: arguments match bn_running_update; every buffer holds ≥ C values.
                 unsafe { b.launch(cgrid) }.map_err(CudaError::driver("bn_running_update"))?;
+                // counted once the update is queued (a failed launch changes nothing)
+                self.updates = t;
                 self.flags_valid = true;
                 report.updated = true;
             }
@@ -588,34 +589,50 @@ impl GpuBatchNorm {
         }
         let c = g.channels;
         let stream = self.stream.clone();
-        let split = plan_split(g, self.gpu.sm_count());
+        if g.is_empty() {
+            // No values: dγ = dβ = 0 and dx is empty; nothing to launch.
+            stream
+                .memcpy_htod(&vec![0.0f64; 2 * c], &mut self.grads)
+                .map_err(CudaError::driver("zero gradients"))?;
+            self.grads_valid = true;
+            return Ok(());
+        }
+        let cf = g.inner > 1;
+        let (split, name) = self.plan::<T>(
+            if cf {
+                "bn_bwd_reduce_cf"
+            } else {
+                "bn_bwd_reduce_cl"
+            },
+            g,
+        )?;
         self.ensure_part(split, c)?;
         let rcfg = launch_cfg(split.grid(c), split.block());
         let c32 = c as u32;
+        let f = self.gpu.function(&name)?;
         match split {
-            Split::ChannelsFirst { chunk, .. } => {
-                let fi = FastDiv::new(g.inner as u32);
-                let (i32_, pc) = (g.inner as u32, g.per_channel() as u32);
-                let f = self.gpu.function(&typed_name("bn_bwd_reduce_cf", T::TAG))?;
+            Split::ChannelsFirst { chunk, vec, .. } => {
+                let iv = g.inner as u32 / vec;
+                let fi = FastDiv::new(iv);
+                let pv = g.per_channel() as u32 / vec;
                 let mut b = stream.launch_builder(&f);
                 b.arg(&x.buf)
                     .arg(&dy.buf)
                     .arg(stats)
                     .arg(&c32)
-                    .arg(&i32_)
+                    .arg(&iv)
                     .arg(&fi.m)
                     .arg(&fi.s)
-                    .arg(&pc)
+                    .arg(&pv)
                     .arg(&chunk)
                     .arg(&mut self.part);
                 // SAFETY: arguments match bn_bwd_reduce_cf_*; the plan covers each
-                // channel's values exactly once within x and dy (same geometry), and part
-                // holds 2·S·C values.
+                // channel's vectors exactly once within x and dy (same geometry, vec divides
+                // inner), and part holds 2·S·C values.
                 unsafe { b.launch(rcfg) }.map_err(CudaError::driver("bn_bwd_reduce_cf"))?;
             }
             Split::ChannelsLast { rows, .. } => {
                 let o = g.outer as u32;
-                let f = self.gpu.function(&typed_name("bn_bwd_reduce_cl", T::TAG))?;
                 let mut b = stream.launch_builder(&f);
                 b.arg(&x.buf)
                     .arg(&dy.buf)
@@ -624,7 +641,8 @@ impl GpuBatchNorm {
                     .arg(&c32)
                     .arg(&rows)
                     .arg(&mut self.part);
-                // SAFETY: as above, channels-last plan (rows × 32-channel tiles).
+                // SAFETY: as above, channels-last plan (rows × 32·vec-channel tiles, vec
+                // divides C).
                 unsafe { b.launch(rcfg) }.map_err(CudaError::driver("bn_bwd_reduce_cl"))?;
             }
         }
@@ -651,27 +669,37 @@ impl GpuBatchNorm {
         unsafe { b.launch(launch_cfg((channel_grid(c), 1, 1), (BLOCK, 1, 1))) }
             .map_err(CudaError::driver("bn_bwd_finalize"))?;
         self.grads_valid = true;
+        let vec = vector_width(g);
+        let name = typed_name("bn_bwd_dx", T::TAG, vec);
         let (fi, fc) = (FastDiv::new(g.inner.max(1) as u32), FastDiv::new(c as u32));
-        let len = g.len() as u32;
-        let f = self.gpu.function(&typed_name("bn_bwd_dx", T::TAG))?;
+        let (nv, inner) = ((g.len() / vec as usize) as u32, g.inner as u32);
+        let resident = self.gpu.resident_blocks(&name)? as usize;
+        let f = self.gpu.function(&name)?;
         let mut b = stream.launch_builder(&f);
         b.arg(&x.buf)
             .arg(&dy.buf)
             .arg(&mut dx.buf)
-            .arg(&len)
+            .arg(&nv)
+            .arg(&inner)
             .arg(&fi.m)
             .arg(&fi.s)
             .arg(&c32)
             .arg(&fc.m)
             .arg(&fc.s)
             .arg(coef)
-            .arg(&self.bcoef);
+            .arg(&self.bcoef)
+            .arg(&batch);
         let ecfg = launch_cfg(
-            (elementwise_grid(g.len(), self.gpu.sm_count()), 1, 1),
+            (
+                elementwise_grid(nv as usize, self.gpu.sm_count(), resident),
+                1,
+                1,
+            ),
             (BLOCK, 1, 1),
         );
-        // SAFETY: arguments match bn_bwd_dx_*; x, dy, dx hold len elements (checked
-        // shapes), coef and bcoef 4·C floats, channel indices < C by construction.
+        // SAFETY: arguments match bn_bwd_dx_*; x, dy, dx hold nv·vec elements (checked
+        // shapes, vec divides inner or C), aligned vectors; coef and bcoef hold C float4,
+        // channel indices < C by construction; x is not read when batch = 0.
         unsafe { b.launch(ecfg) }.map_err(CudaError::driver("bn_bwd_dx"))?;
         Ok(())
     }
@@ -687,36 +715,48 @@ impl GpuBatchNorm {
         Ok(())
     }
 
+    /// The reduction plan for `g`: the vector width, then the splits for the resident
+    /// blocks per SM of the kernel `base` at that width.
+    fn plan<T: GpuElement>(&self, base: &str, g: Geometry) -> Result<(Split, String)> {
+        let vec = vector_width(g);
+        let name = typed_name(base, T::TAG, vec);
+        let resident = self.gpu.resident_blocks(&name)? as usize;
+        Ok((plan_split(g, self.gpu.sm_count(), resident), name))
+    }
+
     /// Queues the statistics reduction of `x` into `self.part` / `self.shift`.
     fn reduce_stats<T: GpuElement>(&mut self, x: &DeviceTensor<T>, g: Geometry) -> Result<Split> {
         let c = g.channels;
-        let split = plan_split(g, self.gpu.sm_count());
+        let cf = g.inner > 1;
+        let (split, name) = self.plan::<T>(if cf { "bn_stats_cf" } else { "bn_stats_cl" }, g)?;
         self.ensure_part(split, c)?;
         let stream = self.stream.clone();
         let rcfg = launch_cfg(split.grid(c), split.block());
         let c32 = c as u32;
+        let f = self.gpu.function(&name)?;
         match split {
-            Split::ChannelsFirst { chunk, .. } => {
-                let fi = FastDiv::new(g.inner as u32);
-                let (inner, pc) = (g.inner as u32, g.per_channel() as u32);
-                let f = self.gpu.function(&typed_name("bn_stats_cf", T::TAG))?;
+            Split::ChannelsFirst { chunk, vec, .. } => {
+                let iv = g.inner as u32 / vec;
+                let fi = FastDiv::new(iv);
+                let pv = g.per_channel() as u32 / vec;
                 let mut b = stream.launch_builder(&f);
                 b.arg(&x.buf)
                     .arg(&c32)
-                    .arg(&inner)
+                    .arg(&iv)
                     .arg(&fi.m)
                     .arg(&fi.s)
-                    .arg(&pc)
+                    .arg(&pv)
                     .arg(&chunk)
                     .arg(&mut self.part)
                     .arg(&mut self.shift);
-                // SAFETY: arguments match bn_stats_cf_*; the plan keeps every index inside
-                // x (checked geometry < 2^31 elements); part holds 2·S·C, shift C values.
+                // SAFETY: arguments match bn_stats_cf_*; vec divides inner, so every vector
+                // lies inside one row of x and is aligned (256-byte aligned allocation); the
+                // plan keeps every index inside x (checked geometry < 2^31 elements); part
+                // holds 2·S·C, shift C values.
                 unsafe { b.launch(rcfg) }.map_err(CudaError::driver("bn_stats_cf"))?;
             }
             Split::ChannelsLast { rows, .. } => {
                 let o = g.outer as u32;
-                let f = self.gpu.function(&typed_name("bn_stats_cl", T::TAG))?;
                 let mut b = stream.launch_builder(&f);
                 b.arg(&x.buf)
                     .arg(&o)
@@ -724,8 +764,8 @@ impl GpuBatchNorm {
                     .arg(&rows)
                     .arg(&mut self.part)
                     .arg(&mut self.shift);
-                // SAFETY: arguments match bn_stats_cl_*; threads with c ≥ C load nothing;
-                // part holds 2·S·C, shift C values.
+                // SAFETY: arguments match bn_stats_cl_*; vec divides C, threads whose first
+                // channel is ≥ C load nothing; part holds 2·S·C, shift C values.
                 unsafe { b.launch(rcfg) }.map_err(CudaError::driver("bn_stats_cl"))?;
             }
         }
@@ -739,14 +779,21 @@ impl GpuBatchNorm {
         coef: &CudaSlice<f32>,
     ) -> Result<()> {
         let g = x.geometry();
+        if g.is_empty() {
+            return Ok(());
+        }
         let c = g.channels;
+        let vec = vector_width(g);
+        let name = typed_name("bn_norm", T::TAG, vec);
         let (fi, fc) = (FastDiv::new(g.inner.max(1) as u32), FastDiv::new(c as u32));
-        let (len, c32) = (g.len() as u32, c as u32);
-        let f = self.gpu.function(&typed_name("bn_norm", T::TAG))?;
+        let (nv, inner, c32) = ((g.len() / vec as usize) as u32, g.inner as u32, c as u32);
+        let resident = self.gpu.resident_blocks(&name)? as usize;
+        let f = self.gpu.function(&name)?;
         let mut b = self.stream.launch_builder(&f);
         b.arg(&x.buf)
             .arg(&mut y.buf)
-            .arg(&len)
+            .arg(&nv)
+            .arg(&inner)
             .arg(&fi.m)
             .arg(&fi.s)
             .arg(&c32)
@@ -754,11 +801,16 @@ impl GpuBatchNorm {
             .arg(&fc.s)
             .arg(coef);
         let cfg = launch_cfg(
-            (elementwise_grid(g.len(), self.gpu.sm_count()), 1, 1),
+            (
+                elementwise_grid(nv as usize, self.gpu.sm_count(), resident),
+                1,
+                1,
+            ),
             (BLOCK, 1, 1),
         );
-        // SAFETY: arguments match bn_norm_*; x and y hold len elements (same checked
-        // shape), coef 4·C floats, channel index < C by construction.
+        // SAFETY: arguments match bn_norm_*; x and y hold nv·vec elements (same checked
+        // shape; vec divides inner or C, hence len), aligned vectors; coef holds C float4,
+        // channel index (+ vec − 1 channels-last) < C by construction.
         unsafe { b.launch(cfg) }.map_err(CudaError::driver("bn_norm"))?;
         Ok(())
     }

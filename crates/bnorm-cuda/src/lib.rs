@@ -320,7 +320,6 @@ impl Gpu {
 
     /// Blocks of [`kernels::BLOCK`] threads of kernel `name` resident per SM (the
     /// driver's occupancy query at [`Gpu::new`]).
-    #[allow(dead_code)] // used by the launch plans (next commit)
     pub(crate) fn resident_blocks(&self, name: &str) -> Result<u32> {
         self.inner
             .functions

@@ -3,7 +3,7 @@
 
 use bnorm::expert::Geometry;
 
-use crate::kernels::{BLOCK, CL_TILE};
+use crate::kernels::{BLOCK, CL_TILE, VECS};
 use crate::CudaError;
 
 /// Largest element count the kernels index (32-bit indices, fast division valid below
@@ -12,12 +12,14 @@ pub const MAX_ELEMENTS: usize = (1 << 31) - 1;
 
 /// Largest number of splits per channel (grid y dimension).
 const MAX_SPLITS: usize = 65_535;
-/// Minimum values a channels-first reduction block handles (per thread: 16).
-const MIN_CF_CHUNK: usize = BLOCK as usize * 16;
+/// Minimum vectors a channels-first reduction block handles (per thread: 4, one round of
+/// the kernels' accesses in flight).
+const MIN_CF_CHUNK: usize = BLOCK as usize * UNROLL;
 /// Minimum rows a channels-last reduction block handles.
-const MIN_CL_ROWS: usize = CL_TILE.1 as usize * 16;
-/// Blocks per SM a reduction aims for.
-const BLOCKS_PER_SM: usize = 8;
+const MIN_CL_ROWS: usize = CL_TILE.1 as usize * UNROLL;
+/// Independent accesses per thread and round in the streaming kernels (`UNROLL` in the
+/// CUDA source).
+pub const UNROLL: usize = 4;
 
 /// Constants for `n / d = (n · m) >> s`, exact for every `n < 2^31`
 /// (Granlund–Montgomery, round-up method with 31-bit numerators: `m < 2^32`).
@@ -52,21 +54,25 @@ impl FastDiv {
 /// How a reduction splits each channel's values into blocks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Split {
-    /// Channels-first: grid `(C, splits)`; split `s` takes the channel's values
-    /// `j ∈ [s·chunk, min((s+1)·chunk, per_channel))`, `j = o·inner + i`.
+    /// Channels-first: grid `(C, splits)`; split `s` takes the channel's vectors
+    /// `j ∈ [s·chunk, min((s+1)·chunk, per_channel/vec))`, `j = o·(inner/vec) + i`.
     ChannelsFirst {
         /// Blocks per channel.
         splits: u32,
-        /// Values per block.
+        /// Vectors per block.
         chunk: u32,
+        /// Elements per vector (divides inner).
+        vec: u32,
     },
-    /// Channels-last (inner = 1): grid `(ceil(C/32), splits)`, block (32, 8); split `s`
-    /// takes rows `[s·rows, min((s+1)·rows, outer))`.
+    /// Channels-last (inner = 1): grid `(ceil(C/(32·vec)), splits)`, block (32, 8); split
+    /// `s` takes rows `[s·rows, min((s+1)·rows, outer))`.
     ChannelsLast {
         /// Blocks along the rows.
         splits: u32,
         /// Rows per block.
         rows: u32,
+        /// Channels per thread (divides C).
+        vec: u32,
     },
 }
 
@@ -82,10 +88,23 @@ impl Split {
     pub fn grid(self, channels: usize) -> (u32, u32, u32) {
         match self {
             Split::ChannelsFirst { splits, .. } => (channels as u32, splits, 1),
-            Split::ChannelsLast { splits, .. } => {
-                ((channels as u32).div_ceil(CL_TILE.0), splits, 1)
+            Split::ChannelsLast { splits, vec, .. } => {
+                ((channels as u32).div_ceil(CL_TILE.0 * vec), splits, 1)
             }
         }
+    }
+
+    /// Elements per vector access.
+    pub fn vec(self) -> u32 {
+        match self {
+            Split::ChannelsFirst { vec, .. } | Split::ChannelsLast { vec, .. } => vec,
+        }
+    }
+
+    /// Blocks launched.
+    pub fn blocks(self, channels: usize) -> usize {
+        let (x, y, _) = self.grid(channels);
+        x as usize * y as usize
     }
 
     /// Block dimensions of the reduction kernel.
@@ -108,39 +127,59 @@ pub fn check_size(g: Geometry) -> Result<(), CudaError> {
     Ok(())
 }
 
+/// Elements per vector access for a batch: the widest of [`VECS`] that divides the
+/// contiguous run of one channel (inner, channels-first) or of one row (C, channels-last),
+/// so no vector straddles a channel or a row.
+pub fn vector_width(g: Geometry) -> u32 {
+    let run = if g.inner > 1 { g.inner } else { g.channels };
+    VECS.iter()
+        .rev()
+        .copied()
+        .find(|&n| run % n as usize == 0)
+        .unwrap_or(1)
+}
+
 /// Plans the reduction of a batch (channels-first when `inner > 1`) for a device with
-/// `sms` multiprocessors. Every split is non-empty and the splits cover each channel's
-/// values exactly once. `g` must have passed [`check_size`] and hold at least one value.
-pub fn plan_split(g: Geometry, sms: usize) -> Split {
-    let target = BLOCKS_PER_SM * sms.max(1);
+/// `sms` multiprocessors holding `resident` reduction blocks each (the driver's occupancy
+/// query). The splits are floored so that the grid fills at most one wave of resident
+/// blocks whenever the channels allow (a partial second wave would take as long as the
+/// first); every split is non-empty and the splits cover each channel's values exactly
+/// once. `g` must have passed [`check_size`] and hold at least one value.
+pub fn plan_split(g: Geometry, sms: usize, resident: usize) -> Split {
+    let wave = resident.max(1) * sms.max(1);
+    let vec = vector_width(g);
     if g.inner > 1 {
-        let pc = g.per_channel().max(1);
-        let by_work = pc.div_ceil(MIN_CF_CHUNK);
-        let wanted = target.div_ceil(g.channels.max(1));
+        let pv = (g.per_channel() / vec as usize).max(1);
+        let by_work = pv.div_ceil(MIN_CF_CHUNK);
+        let wanted = (wave / g.channels.max(1)).max(1);
         let splits = wanted.min(by_work).clamp(1, MAX_SPLITS);
-        let chunk = pc.div_ceil(splits);
+        let chunk = pv.div_ceil(splits);
         Split::ChannelsFirst {
-            splits: pc.div_ceil(chunk) as u32,
+            splits: pv.div_ceil(chunk) as u32,
             chunk: chunk as u32,
+            vec,
         }
     } else {
         let o = g.outer.max(1);
-        let cb = g.channels.max(1).div_ceil(CL_TILE.0 as usize);
+        let cb = g.channels.max(1).div_ceil((CL_TILE.0 * vec) as usize);
         let by_work = o.div_ceil(MIN_CL_ROWS);
-        let wanted = target.div_ceil(cb);
+        let wanted = (wave / cb).max(1);
         let splits = wanted.min(by_work).clamp(1, MAX_SPLITS);
         let rows = o.div_ceil(splits);
         Split::ChannelsLast {
             splits: o.div_ceil(rows) as u32,
             rows: rows as u32,
+            vec,
         }
     }
 }
 
-/// Grid size of the element-wise kernels (grid-stride loops, block of `BLOCK` threads).
-pub fn elementwise_grid(len: usize, sms: usize) -> u32 {
-    let blocks = len.div_ceil(BLOCK as usize).max(1);
-    blocks.min(sms.max(1) * 32) as u32
+/// Grid size of the element-wise kernels over `vectors` vector accesses: persistent
+/// (grid-stride), at most one wave of `resident` blocks per SM, fewer when each thread
+/// would have less than one round of [`UNROLL`] accesses.
+pub fn elementwise_grid(vectors: usize, sms: usize, resident: usize) -> u32 {
+    let blocks = vectors.div_ceil(BLOCK as usize * UNROLL).max(1);
+    blocks.min(sms.max(1) * resident.max(1)) as u32
 }
 
 /// Grid size of the per-channel kernels (one thread per channel).
@@ -193,20 +232,22 @@ mod tests {
         }
     }
 
-    fn covers_exactly(g: Geometry, sms: usize) {
-        let plan = plan_split(g, sms);
+    fn covers_exactly(g: Geometry, sms: usize, resident: usize) {
+        let plan = plan_split(g, sms, resident);
         let s = plan.splits() as usize;
         assert!((1..=MAX_SPLITS).contains(&s));
         match plan {
-            Split::ChannelsFirst { chunk, .. } => {
+            Split::ChannelsFirst { chunk, vec, .. } => {
                 assert!(g.inner > 1);
-                let pc = g.per_channel();
+                assert_eq!(g.inner % vec as usize, 0, "{g:?} {plan:?}");
+                let pv = g.per_channel() / vec as usize;
                 let chunk = chunk as usize;
-                // non-empty splits, covering [0, pc) exactly once
-                assert!((s - 1) * chunk < pc && s * chunk >= pc, "{g:?} {plan:?}");
+                // non-empty splits, covering [0, pv) exactly once
+                assert!((s - 1) * chunk < pv && s * chunk >= pv, "{g:?} {plan:?}");
             }
-            Split::ChannelsLast { rows, .. } => {
+            Split::ChannelsLast { rows, vec, .. } => {
                 assert_eq!(g.inner, 1);
+                assert_eq!(g.channels % vec as usize, 0, "{g:?} {plan:?}");
                 let rows = rows as usize;
                 assert!(
                     (s - 1) * rows < g.outer && s * rows >= g.outer,
@@ -216,7 +257,19 @@ mod tests {
         }
         let (gx, gy, _) = plan.grid(g.channels);
         assert_eq!(gy as usize, s);
-        assert!(gx as usize * plan.block().0 as usize >= g.channels);
+        let per_thread = match plan {
+            Split::ChannelsFirst { .. } => 1,
+            Split::ChannelsLast { vec, .. } => vec as usize,
+        };
+        assert!(gx as usize * plan.block().0 as usize * per_thread >= g.channels);
+        // at most one wave of resident blocks, unless the channels alone need more
+        let wave = sms * resident;
+        let minimum = plan.blocks(g.channels) / s;
+        assert!(
+            plan.blocks(g.channels) <= wave.max(minimum),
+            "{g:?} {plan:?}: {} blocks, wave {wave}",
+            plan.blocks(g.channels)
+        );
     }
 
     #[test]
@@ -241,21 +294,48 @@ mod tests {
             let g = layout.geometry(shape).unwrap();
             check_size(g).unwrap();
             for sms in [1, 2, 80, 132, 1000] {
-                covers_exactly(g, sms);
+                for resident in [1, 7, 8] {
+                    covers_exactly(g, sms, resident);
+                }
+            }
+        }
+    }
+
+    /// The review's wave-quantization case (defect 4): on 132 SMs × 8 resident blocks the
+    /// old ceiling gave 1.03–1.09 waves on these shapes; now each fills ≥ 90 % of exactly
+    /// one wave, also when the occupancy query says 7.
+    #[test]
+    fn large_shapes_fill_one_wave_without_a_tail() {
+        for (layout, shape) in [
+            (Layout::NCHW, &[64usize, 128, 56, 56][..]),
+            (Layout::NCHW, &[256, 64, 112, 112]),
+            (Layout::NHWC, &[256, 112, 112, 64]),
+            (Layout::NC, &[65536, 4096]),
+            (Layout::NCHW, &[32, 64, 56, 56]),
+        ] {
+            let g = layout.geometry(shape).unwrap();
+            for resident in [7, 8] {
+                let wave = 132 * resident;
+                let p = plan_split(g, 132, resident);
+                let blocks = p.blocks(g.channels);
+                assert!(
+                    blocks <= wave && blocks * 10 >= wave * 9,
+                    "{layout}{shape:?} resident {resident}: {blocks} blocks, wave {wave}, {p:?}"
+                );
             }
         }
     }
 
     #[test]
-    fn large_shapes_get_enough_blocks() {
-        let g = Layout::NCHW.geometry(&[256, 64, 112, 112]).unwrap();
-        let p = plan_split(g, 132);
-        let blocks = p.grid(g.channels).0 as usize * p.splits() as usize;
-        assert!(blocks >= 132 * 4, "{p:?}");
-        let g = Layout::NC.geometry(&[65536, 4096]).unwrap();
-        let p = plan_split(g, 132);
-        let blocks = p.grid(g.channels).0 as usize * p.splits() as usize;
-        assert!(blocks >= 132 * 4, "{p:?}");
+    fn vector_width_divides_the_contiguous_run() {
+        let w = |l: Layout, s: &[usize]| vector_width(l.geometry(s).unwrap());
+        assert_eq!(w(Layout::NCHW, &[2, 3, 56, 56]), 4);
+        assert_eq!(w(Layout::NCHW, &[2, 3, 14, 14]), 4);
+        assert_eq!(w(Layout::NCHW, &[2, 3, 7, 9]), 1);
+        assert_eq!(w(Layout::NCL, &[2, 3, 6]), 2);
+        assert_eq!(w(Layout::NHWC, &[2, 5, 5, 64]), 4);
+        assert_eq!(w(Layout::NC, &[3, 6]), 2);
+        assert_eq!(w(Layout::NC, &[3, 5]), 1);
     }
 
     #[test]
@@ -268,9 +348,10 @@ mod tests {
 
     #[test]
     fn grids() {
-        assert_eq!(elementwise_grid(0, 132), 1);
-        assert_eq!(elementwise_grid(1000, 132), 4);
-        assert_eq!(elementwise_grid(1 << 30, 132), 132 * 32);
+        assert_eq!(elementwise_grid(0, 132, 8), 1);
+        assert_eq!(elementwise_grid(1000, 132, 8), 1);
+        assert_eq!(elementwise_grid(1025, 132, 8), 2);
+        assert_eq!(elementwise_grid(1 << 30, 132, 8), 132 * 8);
         assert_eq!(channel_grid(1), 1);
         assert_eq!(channel_grid(257), 2);
     }

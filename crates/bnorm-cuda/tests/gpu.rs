@@ -67,7 +67,12 @@ fn forward_and_backward_match_the_cpu() {
         let cfg = Config::torch(5);
         let g = layout.geometry(&shape).unwrap();
         let x = data(g.len(), 1, 1000.0);
-        let dyh = data(g.len(), 2, 0.0);
+        // dy with a large mean: the backward map must be centred on dy (review defect 1)
+        let dyh = data(
+            g.len(),
+            2,
+            if layout == Layout::NHWC { 1000.0 } else { 0.0 },
+        );
         let params = Params {
             weight: Some(vec![0.5, 1.0, 1.5, 2.0, -1.0]),
             bias: Some(vec![0.1, 0.2, 0.3, 0.4, 0.5]),
@@ -249,4 +254,30 @@ fn gpu_state_survives_reload_resume_and_failure() {
         assert_eq!(c.running_state().unwrap(), state_c);
         assert_eq!(saved.download().unwrap(), saved_c);
     }
+}
+
+/// Empty batches (review defect 15): an inference step and a backward step on a batch with
+/// no values queue nothing, write nothing and give zero parameter gradients.
+#[test]
+#[cfg_attr(
+    not(bnorm_gpu_tests),
+    ignore = "needs an NVIDIA GPU: BNORM_REQUIRE_GPU=1 cargo test -p bnorm-cuda"
+)]
+fn empty_batches_are_no_ops() {
+    let gpu = gpu();
+    let cfg = Config::torch(3);
+    let mut bn = GpuBatchNorm::new(
+        &gpu,
+        cfg.clone(),
+        Params::init(&cfg),
+        RunningState::init(&cfg),
+    )
+    .unwrap();
+    let x = DeviceTensor::<f32>::upload(&gpu, &[], &[0, 3], Layout::NC).unwrap();
+    let (y, saved, _) = bn.forward(&x, Mode::Inference).unwrap();
+    assert!(y.download().unwrap().is_empty());
+    let dx = bn.backward(&x, &y, &saved).unwrap();
+    assert!(dx.download().unwrap().is_empty());
+    let g = bn.grads().unwrap();
+    assert_eq!((g.dweight, g.dbias), (vec![0.0; 3], vec![0.0; 3]));
 }
