@@ -5,8 +5,11 @@
 //! missing entry point, or any register spill or stack use.
 //!
 //! ```text
-//! nvrtc_check [--ptxas PATH]
+//! nvrtc_check [--ptxas PATH] [--out DIR]
 //! ```
+//!
+//! `--out DIR` writes the cubins (`bnorm_sm80.cubin`, ...) and PTX there, for reading the
+//! SASS (`nvdisasm` from the `nvidia-cuda-nvdisasm` wheel).
 //!
 //! NVRTC comes from the loader path or `BNORM_NVRTC` (a libnvrtc.so* file or its folder,
 //! e.g. the `nvidia-cuda-nvrtc` wheel's `nvidia/cu13/lib`). With `--ptxas` (the
@@ -54,6 +57,19 @@ fn main() {
         .position(|a| a == "--ptxas")
         .and_then(|i| args.get(i + 1))
         .cloned();
+    let out_dir = args
+        .iter()
+        .position(|a| a == "--out")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let save = |name: String, bytes: &[u8]| {
+        if let Some(d) = &out_dir {
+            let path = std::path::Path::new(d).join(name);
+            if let Err(e) = std::fs::create_dir_all(d).and_then(|_| std::fs::write(&path, bytes)) {
+                println!("FAIL writing {}: {e}", path.display());
+            }
+        }
+    };
     let version = match compile::nvrtc_version() {
         Ok(v) => v,
         Err(e) => {
@@ -73,6 +89,7 @@ fn main() {
         let sm = format!("sm_{}{}", arch.0, arch.1);
         match compile::compile_with(arch, Target::Cubin, true) {
             Ok(c) => {
+                save(format!("bnorm_sm{}{}.cubin", arch.0, arch.1), &c.image);
                 let usage = parse_ptxas_report(&c.log);
                 println!(
                     "{sm} cubin: {} bytes in {:.0} ms; registers {}..{}",
@@ -96,6 +113,7 @@ fn main() {
         }
         match compile::compile(arch, Target::Ptx) {
             Ok(c) => {
+                save(format!("bnorm_compute{}{}.ptx", arch.0, arch.1), &c.image);
                 let text = String::from_utf8_lossy(&c.image);
                 let missing: Vec<&String> = entries
                     .iter()

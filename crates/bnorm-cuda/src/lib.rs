@@ -291,6 +291,22 @@ impl Gpu {
         self.inner.target
     }
 
+    /// The driver's CUDA version as `major·1000 + minor·10` (`cuDriverGetVersion`: 13000
+    /// for CUDA 13.0).
+    pub fn driver_version(&self) -> Result<i32> {
+        let mut v = 0;
+        // SAFETY: the driver library is loaded (a Gpu exists); the pointer is valid.
+        let r = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) };
+        if r == cudarc::driver::sys::CUresult::CUDA_SUCCESS {
+            Ok(v)
+        } else {
+            Err(CudaError::Driver {
+                op: "cuDriverGetVersion",
+                message: format!("{r:?}"),
+            })
+        }
+    }
+
     /// The cudarc context (for timing with events, say).
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.inner.ctx
