@@ -355,4 +355,141 @@ mod tests {
         assert_eq!(channel_grid(1), 1);
         assert_eq!(channel_grid(257), 2);
     }
+
+    /// Host replay of the kernels' index maps (the loops of stats_cf/bwd_reduce_cf,
+    /// stats_cl/bwd_reduce_cl and norm/bwd_dx in kernels.rs, thread by thread, with the
+    /// plans and fast-division constants the layer passes): every element is visited
+    /// exactly once, in its own channel, by an aligned vector access.
+    fn replay_kernel_maps(g: Geometry, sms: usize, resident: usize) {
+        let len = g.len();
+        let chan = |e: usize| (e / g.inner) % g.channels;
+        let mut seen = vec![0u8; len];
+        let visit = |e: usize, c: usize, seen: &mut Vec<u8>| {
+            assert!(e < len, "{g:?}: element {e} out of bounds");
+            assert_eq!(chan(e), c, "{g:?}: element {e} reduced into channel {c}");
+            seen[e] += 1;
+        };
+        let block = BLOCK as usize;
+        match plan_split(g, sms, resident) {
+            Split::ChannelsFirst { splits, chunk, vec } => {
+                let (vec, chunk) = (vec as usize, chunk as usize);
+                let iv = g.inner / vec;
+                let f = FastDiv::new(iv as u32);
+                let pv = g.per_channel() / vec;
+                for c in 0..g.channels {
+                    for s in 0..splits as usize {
+                        let (j0, j1) = (s * chunk, pv.min(s * chunk + chunk));
+                        for t in 0..block {
+                            let mut j = j0 + t;
+                            while j < j1 {
+                                for u in 0..UNROLL {
+                                    let jj = j + u * block;
+                                    if jj < j1 {
+                                        let o = f.quotient(jj as u32) as usize;
+                                        let a = ((o * g.channels + c) * iv + (jj - o * iv)) * vec;
+                                        assert_eq!(a % vec, 0);
+                                        for q in 0..vec {
+                                            visit(a + q, c, &mut seen);
+                                        }
+                                    }
+                                }
+                                j += UNROLL * block;
+                            }
+                        }
+                    }
+                }
+            }
+            Split::ChannelsLast { splits, rows, vec } => {
+                let (vec, rows) = (vec as usize, rows as usize);
+                let (tx, ty) = (CL_TILE.0 as usize, CL_TILE.1 as usize);
+                let gx = g.channels.div_ceil(tx * vec);
+                for bx in 0..gx {
+                    for s in 0..splits as usize {
+                        let (r0, r1) = (s * rows, g.outer.min(s * rows + rows));
+                        for x in 0..tx {
+                            let c0 = (bx * tx + x) * vec;
+                            if c0 >= g.channels {
+                                continue;
+                            }
+                            for y in 0..ty {
+                                let mut r = r0 + y;
+                                while r < r1 {
+                                    for u in 0..UNROLL {
+                                        let rr = r + u * ty;
+                                        if rr < r1 {
+                                            let a = rr * g.channels + c0;
+                                            assert_eq!(a % vec, 0);
+                                            for q in 0..vec {
+                                                visit(a + q, c0 + q, &mut seen);
+                                            }
+                                        }
+                                    }
+                                    r += UNROLL * ty;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(seen.iter().all(|&n| n == 1), "{g:?}: reduction coverage");
+        // element-wise kernels
+        let vec = vector_width(g) as usize;
+        let nv = len / vec;
+        assert_eq!(nv * vec, len);
+        let (fi, fc) = (
+            FastDiv::new(g.inner as u32),
+            FastDiv::new(g.channels as u32),
+        );
+        let grid = elementwise_grid(nv, sms, resident) as usize;
+        let stride = grid * block;
+        let mut seen = vec![0u8; len];
+        for t in 0..stride {
+            let mut v = t;
+            while v < nv {
+                for u in 0..UNROLL {
+                    let vv = v + u * stride;
+                    if vv < nv {
+                        let q0 = fi.quotient((vv * vec) as u32);
+                        let c = (q0 - fc.quotient(q0) * g.channels as u32) as usize;
+                        for q in 0..vec {
+                            let cq = if g.inner == 1 { c + q } else { c };
+                            visit(vv * vec + q, cq, &mut seen);
+                        }
+                    }
+                }
+                v += UNROLL * stride;
+            }
+        }
+        assert!(seen.iter().all(|&n| n == 1), "{g:?}: element-wise coverage");
+    }
+
+    #[test]
+    fn kernel_index_maps_cover_every_element_once_in_its_channel() {
+        let shapes: &[(Layout, &[usize])] = &[
+            (Layout::NC, &[37, 5]),
+            (Layout::NC, &[1000, 64]),
+            (Layout::NC, &[33, 6]),
+            (Layout::NC, &[3, 1]),
+            (Layout::NCL, &[3, 7, 11]),
+            (Layout::NCL, &[5, 3, 1]),
+            (Layout::NCL, &[3, 4, 4096]),
+            (Layout::NCHW, &[5, 3, 7, 9]),
+            (Layout::NCHW, &[4, 6, 14, 14]),
+            (Layout::NCHW, &[3, 5, 9, 2]),
+            (Layout::NCHW, &[8, 8, 56, 56]),
+            (Layout::NCDHW, &[2, 3, 3, 5, 7]),
+            (Layout::NLC, &[3, 11, 7]),
+            (Layout::NHWC, &[5, 7, 9, 3]),
+            (Layout::NHWC, &[4, 9, 11, 12]),
+            (Layout::NHWC, &[16, 28, 28, 40]),
+            (Layout::NDHWC, &[2, 3, 5, 7, 3]),
+        ];
+        for &(layout, shape) in shapes {
+            let g = layout.geometry(shape).unwrap();
+            for (sms, resident) in [(1, 1), (3, 7), (132, 8)] {
+                replay_kernel_maps(g, sms, resident);
+            }
+        }
+    }
 }
