@@ -32,12 +32,7 @@ pub(crate) const TYPED: [&str; 6] = [
 ];
 
 /// Kernels on per-channel f64 data only.
-pub(crate) const UNTYPED: [&str; 4] = [
-    "bn_finalize_train",
-    "bn_coef_running",
-    "bn_running_update",
-    "bn_bwd_finalize",
-];
+pub(crate) const UNTYPED: [&str; 2] = ["bn_coef_running", "bn_running_update"];
 
 /// Threads per block of the one-dimensional kernels.
 pub(crate) const BLOCK: u32 = 256;
@@ -170,13 +165,135 @@ __device__ __forceinline__ void tile_sum2(double& a, double& b) {
     }
 }
 
+// ---- deterministic second stage: the last block of a group finalizes the group's channels.
+// Called by every thread of a block after the block wrote its partials; true in every thread
+// of the block that arrived last among the `members` blocks of `group` (counter[group]
+// counts arrivals and is reset by that block for the next launch). Only the counter is
+// atomic; the partials are merged in split order, so results do not depend on timing.
+__device__ __forceinline__ bool last_of_group(u32* __restrict__ counter, u32 group,
+                                              u32 members) {
+    __shared__ int last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0 && threadIdx.y == 0) {
+        u32 t = atomicAdd(counter + group, 1u);
+        last = (t == members - 1u);
+        if (last) counter[group] = 0u;
+    }
+    __syncthreads();
+    if (last) __threadfence();
+    return last;
+}
+
+// Everything the statistics' second stage needs, for one channel: merge the S partials in
+// split order; stats = [mean | biased var | invstd] (C each), coef[c] = (hi, lo, scale,
+// shift); with `update`, the running statistics as bnorm's running.rs (blend with the
+// convention's new-batch weight a; non-finite channels skipped and flagged).
+struct StatsOut {
+    double N, eps, a;
+    const double* gamma;
+    const double* beta;
+    double* stats;
+    float4* coef;
+    double* rmean;
+    double* rvar;
+    int* skipped;
+    int update, unbiased;
+};
+
+__device__ __forceinline__ void write_coef(float4* coef, u32 c, double mean, double scale,
+                                           double shift) {
+    float hi = (float)mean;
+    float lo = (float)(mean - (double)hi);
+    coef[c] = make_float4(hi, lo, (float)scale, (float)shift);
+}
+
+__device__ __noinline__ void running_update_channel(u32 c, u32 C, double N, const double* stats,
+                                       double* rmean, double* rvar, double a, int unbiased,
+                                       int* skipped) {
+    double mean = stats[c], biased = stats[(u64)C + c];
+    // x − x is 0 exactly when x is finite (no header or math builtin needed)
+    int finite = (mean - mean == 0.0) && (biased - biased == 0.0);
+    skipped[c] = !finite;
+    if (!finite) return;
+    double var = unbiased ? biased * N / (N - 1.0) : biased;
+    if (a == 1.0) {
+        rmean[c] = mean;
+        rvar[c] = var;
+    } else {
+        rmean[c] = (1.0 - a) * rmean[c] + a * mean;
+        rvar[c] = (1.0 - a) * rvar[c] + a * var;
+    }
+}
+
+__device__ __noinline__ void finalize_stats_channel(u32 c, u32 C, u32 S, const double* part,
+                                       const double* shift, const StatsOut& o) {
+    // volatile: the partials were written by other blocks of this launch
+    const volatile double* vp = part;
+    double s1 = 0.0, s2 = 0.0;
+    for (u32 s = 0; s < S; ++s) {
+        u64 p = ((u64)s * C + c) * 2u;
+        s1 += vp[p];
+        s2 += vp[p + 1];
+    }
+    double d = s1 / o.N;
+    double mean = ((const volatile double*)shift)[c] + d;
+    double m2 = s2 - s1 * d;
+    if (m2 < 0.0) m2 = 0.0;
+    double var = m2 / o.N;
+    double invstd = 1.0 / sqrt(var + o.eps);
+    o.stats[c] = mean;
+    o.stats[(u64)C + c] = var;
+    o.stats[2ull * C + c] = invstd;
+    write_coef(o.coef, c, mean, o.gamma[c] * invstd, o.beta[c]);
+    if (o.update) running_update_channel(c, C, o.N, o.stats, o.rmean, o.rvar, o.a, o.unbiased,
+                                         o.skipped);
+}
+
+// The backward second stage for one channel: grads = [dweight | dbias]; bcoef[c] =
+// (a, b, d, k′) (backward.rs::coefficients, centred on dy: see bwd_dx; mirrored on the host
+// by the tests' mirror::bcoef).
+struct BwdOut {
+    double N;
+    const double* stats;
+    const double* gamma;
+    double* grads;
+    float4* bcoef;
+    int batch;
+};
+
+__device__ __noinline__ void finalize_bwd_channel(u32 c, u32 C, u32 S, const double* part,
+                                     const BwdOut& o) {
+    const volatile double* vp = part;
+    double sdy = 0.0, sdyxc = 0.0;
+    for (u32 s = 0; s < S; ++s) {
+        u64 p = ((u64)s * C + c) * 2u;
+        sdy += vp[p];
+        sdyxc += vp[p + 1];
+    }
+    double invstd = o.stats[2ull * C + c];
+    double dot_xhat = sdyxc * invstd;
+    o.grads[c] = dot_xhat;
+    o.grads[(u64)C + c] = sdy;
+    double gain = o.gamma[c];
+    double a = gain * invstd, b = 0.0, d = 0.0, k = 0.0;
+    if (o.batch) {
+        b = -gain * invstd * invstd * dot_xhat / o.N;
+        double mdy = sdy / o.N;
+        d = (double)(float)mdy;
+        k = a * (d - mdy);
+    }
+    o.bcoef[c] = make_float4((float)a, (float)b, (float)d, (float)k);
+}
+
 // ---- statistics: partial (Σ(x−K), Σ(x−K)²) per (split, channel), K = channel's first value
 // channels-first: grid (C, S); N divides I; the channel's PC = outer·inner values are
 // PV = PC/N vectors, vector j = o·IV + i (IV = I/N), at element ((o·C + c)·IV + i)·N.
 // Split s covers vectors [s·chunk, (s+1)·chunk).
 template <typename T, int N>
 __device__ void stats_cf(const T* __restrict__ x, u32 C, u32 IV, u32 mIV, u32 sIV, u32 PV,
-                         u32 chunk, double* __restrict__ part, double* __restrict__ shift) {
+                         u32 chunk, double* __restrict__ part, double* __restrict__ shift,
+                         u32* __restrict__ counter, const StatsOut& out) {
     u32 c = blockIdx.x, s = blockIdx.y;
     double K = (double)cvt(x[(u64)c * IV * N]);
     u32 j0 = s * chunk;
@@ -211,13 +328,16 @@ __device__ void stats_cf(const T* __restrict__ x, u32 C, u32 IV, u32 mIV, u32 sI
         part[p + 1] = s2;
         if (s == 0) shift[c] = K;
     }
+    if (last_of_group(counter, c, gridDim.y) && threadIdx.x == 0)
+        finalize_stats_channel(c, C, gridDim.y, part, shift, out);
 }
 
 // channels-last: grid (ceil(C/(32·N)), S), block (32, 8); N divides C; thread x takes the
 // N channels [cv·N, cv·N + N); split s covers rows [s·rows, ...).
 template <typename T, int N>
 __device__ void stats_cl(const T* __restrict__ x, u32 O, u32 C, u32 rows,
-                         double* __restrict__ part, double* __restrict__ shift) {
+                         double* __restrict__ part, double* __restrict__ shift,
+                         u32* __restrict__ counter, const StatsOut& out) {
     u32 cv = blockIdx.x * blockDim.x + threadIdx.x, s = blockIdx.y;
     u32 c0 = cv * N;
     bool live = c0 < C;
@@ -261,6 +381,10 @@ __device__ void stats_cl(const T* __restrict__ x, u32 O, u32 C, u32 rows,
             if (s == 0) shift[c0 + q] = K[q];
         }
     }
+    if (last_of_group(counter, blockIdx.x, gridDim.y) && threadIdx.y == 0 && live) {
+#pragma unroll
+        for (int q = 0; q < N; ++q) finalize_stats_channel(c0 + q, C, gridDim.y, part, shift, out);
+    }
 }
 
 // ---- element-wise maps over nv = len/N vectors; N divides inner (channels-first, one
@@ -300,7 +424,8 @@ __device__ void norm(const T* __restrict__ x, T* __restrict__ y, u32 nv, u32 I, 
 template <typename T, int N>
 __device__ void bwd_reduce_cf(const T* __restrict__ x, const T* __restrict__ dy,
                               const double* __restrict__ stats, u32 C, u32 IV, u32 mIV,
-                              u32 sIV, u32 PV, u32 chunk, double* __restrict__ part) {
+                              u32 sIV, u32 PV, u32 chunk, double* __restrict__ part,
+                              u32* __restrict__ counter, const BwdOut& out) {
     u32 c = blockIdx.x, s = blockIdx.y;
     double mu = stats[c];
     u32 j0 = s * chunk;
@@ -336,12 +461,15 @@ __device__ void bwd_reduce_cf(const T* __restrict__ x, const T* __restrict__ dy,
         part[p] = s1;
         part[p + 1] = s2;
     }
+    if (last_of_group(counter, c, gridDim.y) && threadIdx.x == 0)
+        finalize_bwd_channel(c, C, gridDim.y, part, out);
 }
 
 template <typename T, int N>
 __device__ void bwd_reduce_cl(const T* __restrict__ x, const T* __restrict__ dy,
                               const double* __restrict__ stats, u32 O, u32 C, u32 rows,
-                              double* __restrict__ part) {
+                              double* __restrict__ part, u32* __restrict__ counter,
+                              const BwdOut& out) {
     u32 cv = blockIdx.x * blockDim.x + threadIdx.x, s = blockIdx.y;
     u32 c0 = cv * N;
     bool live = c0 < C;
@@ -382,6 +510,10 @@ __device__ void bwd_reduce_cl(const T* __restrict__ x, const T* __restrict__ dy,
             part[p] = s1[q];
             part[p + 1] = s2[q];
         }
+    }
+    if (last_of_group(counter, blockIdx.x, gridDim.y) && threadIdx.y == 0 && live) {
+#pragma unroll
+        for (int q = 0; q < N; ++q) finalize_bwd_channel(c0 + q, C, gridDim.y, part, out);
     }
 }
 
@@ -432,39 +564,7 @@ __device__ void bwd_dx(const T* __restrict__ x, const T* __restrict__ dy, T* __r
     }
 }
 
-__device__ __forceinline__ void write_coef(float4* coef, u32 c, double mean, double scale,
-                                           double shift) {
-    float hi = (float)mean;
-    float lo = (float)(mean - (double)hi);
-    coef[c] = make_float4(hi, lo, (float)scale, (float)shift);
-}
-
-// ---- per-channel kernels (one thread per channel, splits merged in index order)
-// stats = [mean | biased var | invstd], each C long.
-extern "C" __global__ void bn_finalize_train(u32 C, u32 S, double N,
-        const double* __restrict__ part, const double* __restrict__ shift,
-        const double* __restrict__ gamma, const double* __restrict__ beta, double eps,
-        double* __restrict__ stats, float4* __restrict__ coef) {
-    u32 c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
-    double s1 = 0.0, s2 = 0.0;
-    for (u32 s = 0; s < S; ++s) {
-        u64 p = ((u64)s * C + c) * 2u;
-        s1 += part[p];
-        s2 += part[p + 1];
-    }
-    double d = s1 / N;
-    double mean = shift[c] + d;
-    double m2 = s2 - s1 * d;
-    if (m2 < 0.0) m2 = 0.0;
-    double var = m2 / N;
-    double invstd = 1.0 / sqrt(var + eps);
-    stats[c] = mean;
-    stats[(u64)C + c] = var;
-    stats[2ull * C + c] = invstd;
-    write_coef(coef, c, mean, gamma[c] * invstd, beta[c]);
-}
-
+// ---- per-channel kernels (one thread per channel)
 extern "C" __global__ void bn_coef_running(u32 C, const double* __restrict__ rmean,
         const double* __restrict__ rvar, const double* __restrict__ gamma,
         const double* __restrict__ beta, double eps, double* __restrict__ stats,
@@ -478,67 +578,35 @@ extern "C" __global__ void bn_coef_running(u32 C, const double* __restrict__ rme
     write_coef(coef, c, rmean[c], gamma[c] * invstd, beta[c]);
 }
 
-// Mirrors bnorm's running.rs for plain batch norm: blend with the new-batch weight a of
-// the convention (Momentum::new_weight; the zero-debiased decay included). Non-finite
-// channels are skipped and flagged.
+// The running update alone, for NonFinitePolicy::Error (the host checks the statistics
+// first): as the fused second stage's.
 extern "C" __global__ void bn_running_update(u32 C, double N, const double* __restrict__ stats,
         double* __restrict__ rmean, double* __restrict__ rvar, double a, int unbiased,
         int* __restrict__ skipped) {
     u32 c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
-    double mean = stats[c], biased = stats[(u64)C + c];
-    // x − x is 0 exactly when x is finite (no header or math builtin needed)
-    int finite = (mean - mean == 0.0) && (biased - biased == 0.0);
-    skipped[c] = !finite;
-    if (!finite) return;
-    double var = unbiased ? biased * N / (N - 1.0) : biased;
-    if (a == 1.0) {
-        rmean[c] = mean;
-        rvar[c] = var;
-    } else {
-        rmean[c] = (1.0 - a) * rmean[c] + a * mean;
-        rvar[c] = (1.0 - a) * rvar[c] + a * var;
-    }
+    running_update_channel(c, C, N, stats, rmean, rvar, a, unbiased, skipped);
 }
 
-// grads = [dweight | dbias]; bcoef = (a, b, d, k′) per channel (backward.rs::coefficients,
-// centred on dy: see bwd_dx; mirrored on the host by maps::backward_coefficients).
-extern "C" __global__ void bn_bwd_finalize(u32 C, u32 S, double N,
-        const double* __restrict__ part, const double* __restrict__ stats,
-        const double* __restrict__ gamma, int batch, double* __restrict__ grads,
-        float4* __restrict__ bcoef) {
-    u32 c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
-    double sdy = 0.0, sdyxc = 0.0;
-    for (u32 s = 0; s < S; ++s) {
-        u64 p = ((u64)s * C + c) * 2u;
-        sdy += part[p];
-        sdyxc += part[p + 1];
-    }
-    double invstd = stats[2ull * C + c];
-    double dot_xhat = sdyxc * invstd;
-    grads[c] = dot_xhat;
-    grads[(u64)C + c] = sdy;
-    double gain = gamma[c];
-    double a = gain * invstd, b = 0.0, d = 0.0, k = 0.0;
-    if (batch) {
-        b = -gain * invstd * invstd * dot_xhat / N;
-        double mdy = sdy / N;
-        d = (double)(float)mdy;
-        k = a * (d - mdy);
-    }
-    bcoef[c] = make_float4((float)a, (float)b, (float)d, (float)k);
-}
+// The second stages' outputs as kernel parameters (after the reduction's own).
+#define STATS_OUT_PARAMS double N, const double* gamma, const double* beta, double eps, \
+    double* stats, float4* coef, int update, double* rmean, double* rvar, double a, \
+    int unbiased, int* skipped
+#define STATS_OUT StatsOut{N, eps, a, gamma, beta, stats, coef, rmean, rvar, skipped, update, \
+    unbiased}
+#define BWD_OUT_PARAMS double N, const double* gamma, int batch, double* grads, float4* bcoef
+#define BWD_OUT BwdOut{N, stats, gamma, grads, bcoef, batch}
 "#;
 
 const TYPED_WRAPPERS: &str = r#"
 extern "C" __global__ void __launch_bounds__(256) bn_stats_cf_$S(const $T* x, u32 C, u32 IV,
-        u32 mIV, u32 sIV, u32 PV, u32 chunk, double* part, double* shift) {
-    stats_cf<$T, $N>(x, C, IV, mIV, sIV, PV, chunk, part, shift);
+        u32 mIV, u32 sIV, u32 PV, u32 chunk, double* part, double* shift, u32* counter,
+        STATS_OUT_PARAMS) {
+    stats_cf<$T, $N>(x, C, IV, mIV, sIV, PV, chunk, part, shift, counter, STATS_OUT);
 }
 extern "C" __global__ void __launch_bounds__(256) bn_stats_cl_$S(const $T* x, u32 O, u32 C,
-        u32 rows, double* part, double* shift) {
-    stats_cl<$T, $N>(x, O, C, rows, part, shift);
+        u32 rows, double* part, double* shift, u32* counter, STATS_OUT_PARAMS) {
+    stats_cl<$T, $N>(x, O, C, rows, part, shift, counter, STATS_OUT);
 }
 extern "C" __global__ void __launch_bounds__(256) bn_norm_$S(const $T* x, $T* y, u32 nv,
         u32 I, u32 mI, u32 sI, u32 C, u32 mC, u32 sC, const float4* coef) {
@@ -546,12 +614,13 @@ extern "C" __global__ void __launch_bounds__(256) bn_norm_$S(const $T* x, $T* y,
 }
 extern "C" __global__ void __launch_bounds__(256) bn_bwd_reduce_cf_$S(const $T* x,
         const $T* dy, const double* stats, u32 C, u32 IV, u32 mIV, u32 sIV, u32 PV, u32 chunk,
-        double* part) {
-    bwd_reduce_cf<$T, $N>(x, dy, stats, C, IV, mIV, sIV, PV, chunk, part);
+        double* part, u32* counter, BWD_OUT_PARAMS) {
+    bwd_reduce_cf<$T, $N>(x, dy, stats, C, IV, mIV, sIV, PV, chunk, part, counter, BWD_OUT);
 }
 extern "C" __global__ void __launch_bounds__(256) bn_bwd_reduce_cl_$S(const $T* x,
-        const $T* dy, const double* stats, u32 O, u32 C, u32 rows, double* part) {
-    bwd_reduce_cl<$T, $N>(x, dy, stats, O, C, rows, part);
+        const $T* dy, const double* stats, u32 O, u32 C, u32 rows, double* part, u32* counter,
+        BWD_OUT_PARAMS) {
+    bwd_reduce_cl<$T, $N>(x, dy, stats, O, C, rows, part, counter, BWD_OUT);
 }
 extern "C" __global__ void __launch_bounds__(256) bn_bwd_dx_$S(const $T* x, const $T* dy,
         $T* dx, u32 nv, u32 I, u32 mI, u32 sI, u32 C, u32 mC, u32 sC, const float4* coef,
@@ -620,7 +689,7 @@ mod tests {
         assert_eq!(src.matches('(').count(), src.matches(')').count());
     }
 
-    /// Host mirror of bn_finalize_train's write_coef and bn_bwd_finalize + bwd_dx (the same
+    /// Host mirror of write_coef, finalize_bwd_channel and bwd_dx (the same
     /// operations in the same order, f32 `fmaf` as `mul_add`), for the numerics tests.
     mod mirror {
         pub fn coef(mean: f64) -> (f32, f32) {

@@ -1,7 +1,7 @@
 //! The GPU layer: configuration, parameters and running statistics on the device, and the
 //! forward and backward steps as kernel sequences.
 
-use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, LaunchArgs, LaunchConfig, PushKernelArg};
 
 use bnorm::config::Variant;
 use bnorm::expert::{ForwardPlan, Geometry, Grads, Moments, Normalized, Options, StateSummary};
@@ -120,6 +120,9 @@ pub struct GpuBatchNorm {
     grads: CudaSlice<f64>,
     grads_valid: bool,
     bcoef: CudaSlice<f32>,
+    /// Arrival counters of the reductions' second stages (one per channel group, reset
+    /// to 0 by the last block of each launch).
+    counter: CudaSlice<u32>,
     /// What a forward step fills before it can fail; it replaces the caller's
     /// [`GpuSaved`] only when the step succeeds.
     next_saved: GpuSaved,
@@ -141,6 +144,52 @@ fn launch_cfg(grid: (u32, u32, u32), block: (u32, u32, u32)) -> LaunchConfig {
         block_dim: block,
         shared_mem_bytes: 0,
     }
+}
+
+/// The statistics' second stage's kernel parameters (`STATS_OUT_PARAMS` in kernels.rs).
+struct StatsOutArgs<'a> {
+    n: f64,
+    gamma: &'a CudaSlice<f64>,
+    beta: &'a CudaSlice<f64>,
+    eps: f64,
+    stats: &'a mut CudaSlice<f64>,
+    coef: &'a mut CudaSlice<f32>,
+    update: i32,
+    rmean: &'a mut CudaSlice<f64>,
+    rvar: &'a mut CudaSlice<f64>,
+    a: f64,
+    unbiased: i32,
+    skipped: &'a mut CudaSlice<i32>,
+}
+
+/// Pushes `STATS_OUT_PARAMS`, in their order.
+fn push_stats_out<'a>(b: &mut LaunchArgs<'a>, o: &'a mut StatsOutArgs<'_>) {
+    let StatsOutArgs {
+        n,
+        gamma,
+        beta,
+        eps,
+        stats,
+        coef,
+        update,
+        rmean,
+        rvar,
+        a,
+        unbiased,
+        skipped,
+    } = o;
+    b.arg(&*n)
+        .arg(&**gamma)
+        .arg(&**beta)
+        .arg(&*eps)
+        .arg(&mut **stats)
+        .arg(&mut **coef)
+        .arg(&*update)
+        .arg(&mut **rmean)
+        .arg(&mut **rvar)
+        .arg(&*a)
+        .arg(&*unbiased)
+        .arg(&mut **skipped);
 }
 
 fn ensure<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
@@ -237,6 +286,9 @@ impl GpuBatchNorm {
             grads_valid: false,
             bcoef: stream
                 .alloc_zeros(4 * c.max(1))
+                .map_err(CudaError::driver("alloc"))?,
+            counter: stream
+                .alloc_zeros(c.max(1))
                 .map_err(CudaError::driver("alloc"))?,
             params: Params::default(),
             cfg,
@@ -445,25 +497,28 @@ impl GpuBatchNorm {
         } else {
             let n = g.per_channel() as f64;
             saved.count = n;
-            let split = self.reduce_stats(x, g)?;
-            let s32 = split.splits();
-            let f = self.gpu.function("bn_finalize_train")?;
-            let mut b = stream.launch_builder(&f);
-            b.arg(&c32)
-                .arg(&s32)
-                .arg(&n)
-                .arg(&self.part)
-                .arg(&self.shift)
-                .arg(&self.gamma)
-                .arg(&self.beta)
-                .arg(&eps)
-                .arg(&mut *stats)
-                .arg(&mut *coef);
-            // SAFETY: arguments match bn_finalize_train; part holds 2·S·C values written
-            // by the reduction just queued on the same stream; stats 3·C, coef 4·C.
-            unsafe { b.launch(cgrid) }.map_err(CudaError::driver("bn_finalize_train"))?;
-            if plan.update.is_some() {
-                if plan.refuse_non_finite {
+            let t = self.updates + 1;
+            let a = self.cfg.get_momentum().new_weight(t);
+            let unbiased =
+                i32::from(self.cfg.get_running_variance() == VarianceEstimator::Unbiased);
+            // The running update runs in the reduction's second stage, unless the policy
+            // must see the statistics first.
+            let fused_update = plan.update.is_some() && !plan.refuse_non_finite;
+            self.reduce_stats(
+                x,
+                g,
+                &mut *stats,
+                &mut *coef,
+                fused_update.then_some((a, unbiased)),
+            )?;
+            if fused_update {
+                // counted once the update is queued (a failed launch changes nothing)
+                self.updates = t;
+                self.flags_valid = true;
+                report.updated = true;
+            }
+            if plan.update.is_some() && !fused_update {
+                {
                     let s = stream
                         .clone_dtoh(&*stats)
                         .map_err(CudaError::driver("download statistics"))?;
@@ -474,10 +529,6 @@ impl GpuBatchNorm {
                         return Err(bnorm::Error::NonFiniteStatistics { channels: bad }.into());
                     }
                 }
-                let t = self.updates + 1;
-                let a = self.cfg.get_momentum().new_weight(t);
-                let unbiased =
-                    i32::from(self.cfg.get_running_variance() == VarianceEstimator::Unbiased);
                 let f = self.gpu.function("bn_running_update")?;
                 let mut b = stream.launch_builder(&f);
                 b.arg(&c32)
@@ -511,7 +562,6 @@ impl GpuBatchNorm {
         }
         let stream = self.stream.clone();
         let c = g.channels;
-        let split = self.reduce_stats(x, g)?;
         let (mut stats, mut coef) = (None, None);
         ensure(&stream, &mut stats, 3 * c)?;
         ensure::<f32>(&stream, &mut coef, 4 * c)?;
@@ -519,22 +569,7 @@ impl GpuBatchNorm {
             unreachable!("ensured above")
         };
         let n = g.per_channel() as f64;
-        let (c32, s32, eps) = (c as u32, split.splits(), self.cfg.get_eps());
-        let f = self.gpu.function("bn_finalize_train")?;
-        let mut b = stream.launch_builder(&f);
-        b.arg(&c32)
-            .arg(&s32)
-            .arg(&n)
-            .arg(&self.part)
-            .arg(&self.shift)
-            .arg(&self.gamma)
-            .arg(&self.beta)
-            .arg(&eps)
-            .arg(&mut stats)
-            .arg(&mut coef);
-        // SAFETY: as in forward_into.
-        unsafe { b.launch(launch_cfg((channel_grid(c), 1, 1), (BLOCK, 1, 1))) }
-            .map_err(CudaError::driver("bn_finalize_train"))?;
+        self.reduce_stats(x, g, &mut stats, &mut coef, None)?;
         let s = stream
             .clone_dtoh(&stats)
             .map_err(CudaError::driver("download statistics"))?;
@@ -597,6 +632,12 @@ impl GpuBatchNorm {
             self.grads_valid = true;
             return Ok(());
         }
+        let n = if saved.count > 0.0 {
+            saved.count
+        } else {
+            g.per_channel() as f64
+        };
+        let batch = i32::from(saved.normalized == Normalized::Batch);
         let cf = g.inner > 1;
         let (split, name) = self.plan::<T>(
             if cf {
@@ -625,10 +666,17 @@ impl GpuBatchNorm {
                     .arg(&fi.s)
                     .arg(&pv)
                     .arg(&chunk)
-                    .arg(&mut self.part);
-                // SAFETY: arguments match bn_bwd_reduce_cf_*; the plan covers each
-                // channel's vectors exactly once within x and dy (same geometry, vec divides
-                // inner), and part holds 2·S·C values.
+                    .arg(&mut self.part)
+                    .arg(&mut self.counter)
+                    .arg(&n)
+                    .arg(&self.gamma)
+                    .arg(&batch)
+                    .arg(&mut self.grads)
+                    .arg(&mut self.bcoef);
+                // SAFETY: arguments match bn_bwd_reduce_cf_* (with BWD_OUT_PARAMS); the plan
+                // covers each channel's vectors exactly once within x and dy (same geometry,
+                // vec divides inner); part holds 2·S·C values, counter ≥ C, stats 3·C,
+                // grads 2·C, bcoef 4·C.
                 unsafe { b.launch(rcfg) }.map_err(CudaError::driver("bn_bwd_reduce_cf"))?;
             }
             Split::ChannelsLast { rows, .. } => {
@@ -640,34 +688,18 @@ impl GpuBatchNorm {
                     .arg(&o)
                     .arg(&c32)
                     .arg(&rows)
-                    .arg(&mut self.part);
+                    .arg(&mut self.part)
+                    .arg(&mut self.counter)
+                    .arg(&n)
+                    .arg(&self.gamma)
+                    .arg(&batch)
+                    .arg(&mut self.grads)
+                    .arg(&mut self.bcoef);
                 // SAFETY: as above, channels-last plan (rows × 32·vec-channel tiles, vec
                 // divides C).
                 unsafe { b.launch(rcfg) }.map_err(CudaError::driver("bn_bwd_reduce_cl"))?;
             }
         }
-        let n = if saved.count > 0.0 {
-            saved.count
-        } else {
-            g.per_channel() as f64
-        };
-        let batch = i32::from(saved.normalized == Normalized::Batch);
-        let s32 = split.splits();
-        let f = self.gpu.function("bn_bwd_finalize")?;
-        let mut b = stream.launch_builder(&f);
-        b.arg(&c32)
-            .arg(&s32)
-            .arg(&n)
-            .arg(&self.part)
-            .arg(stats)
-            .arg(&self.gamma)
-            .arg(&batch)
-            .arg(&mut self.grads)
-            .arg(&mut self.bcoef);
-        // SAFETY: arguments match bn_bwd_finalize; part 2·S·C, stats 3·C, grads 2·C,
-        // bcoef 4·C.
-        unsafe { b.launch(launch_cfg((channel_grid(c), 1, 1), (BLOCK, 1, 1))) }
-            .map_err(CudaError::driver("bn_bwd_finalize"))?;
         self.grads_valid = true;
         let vec = vector_width(g);
         let name = typed_name("bn_bwd_dx", T::TAG, vec);
@@ -724,8 +756,17 @@ impl GpuBatchNorm {
         Ok((plan_split(g, self.gpu.sm_count(), resident), name))
     }
 
-    /// Queues the statistics reduction of `x` into `self.part` / `self.shift`.
-    fn reduce_stats<T: GpuElement>(&mut self, x: &DeviceTensor<T>, g: Geometry) -> Result<Split> {
+    /// Queues the statistics reduction of `x` (partials in `self.part` / `self.shift`) and
+    /// its second stage in the last block of each channel group: `stats` (3·C) and `coef`
+    /// (4·C), and with `update = Some((a, unbiased))` the running statistics.
+    fn reduce_stats<T: GpuElement>(
+        &mut self,
+        x: &DeviceTensor<T>,
+        g: Geometry,
+        stats: &mut CudaSlice<f64>,
+        coef: &mut CudaSlice<f32>,
+        update: Option<(f64, i32)>,
+    ) -> Result<Split> {
         let c = g.channels;
         let cf = g.inner > 1;
         let (split, name) = self.plan::<T>(if cf { "bn_stats_cf" } else { "bn_stats_cl" }, g)?;
@@ -734,6 +775,21 @@ impl GpuBatchNorm {
         let rcfg = launch_cfg(split.grid(c), split.block());
         let c32 = c as u32;
         let f = self.gpu.function(&name)?;
+        let (a, unbiased) = update.unwrap_or((0.0, 0));
+        let mut out = StatsOutArgs {
+            n: g.per_channel() as f64,
+            gamma: &self.gamma,
+            beta: &self.beta,
+            eps: self.cfg.get_eps(),
+            stats,
+            coef,
+            update: i32::from(update.is_some()),
+            rmean: &mut self.rmean,
+            rvar: &mut self.rvar,
+            a,
+            unbiased,
+            skipped: &mut self.skipped,
+        };
         match split {
             Split::ChannelsFirst { chunk, vec, .. } => {
                 let iv = g.inner as u32 / vec;
@@ -748,7 +804,9 @@ impl GpuBatchNorm {
                     .arg(&pv)
                     .arg(&chunk)
                     .arg(&mut self.part)
-                    .arg(&mut self.shift);
+                    .arg(&mut self.shift)
+                    .arg(&mut self.counter);
+                push_stats_out(&mut b, &mut out);
                 // SAFETY: arguments match bn_stats_cf_*; vec divides inner, so every vector
                 // lies inside one row of x and is aligned (256-byte aligned allocation); the
                 // plan keeps every index inside x (checked geometry < 2^31 elements); part
@@ -763,7 +821,9 @@ impl GpuBatchNorm {
                     .arg(&c32)
                     .arg(&rows)
                     .arg(&mut self.part)
-                    .arg(&mut self.shift);
+                    .arg(&mut self.shift)
+                    .arg(&mut self.counter);
+                push_stats_out(&mut b, &mut out);
                 // SAFETY: arguments match bn_stats_cl_*; vec divides C, threads whose first
                 // channel is ≥ C load nothing; part holds 2·S·C, shift C values.
                 unsafe { b.launch(rcfg) }.map_err(CudaError::driver("bn_stats_cl"))?;
