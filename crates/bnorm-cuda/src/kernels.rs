@@ -22,10 +22,12 @@
 use crate::tensor::DTypeTag;
 
 /// Kernels instantiated per element type and vector width (suffixed `_f32_v4`, ...).
-pub(crate) const TYPED: [&str; 6] = [
+pub(crate) const TYPED: [&str; 8] = [
     "bn_stats_cf",
     "bn_stats_cl",
     "bn_norm",
+    "bn_norm_back_cf",
+    "bn_norm_back_cl",
     "bn_bwd_reduce_cf",
     "bn_bwd_reduce_cl",
     "bn_bwd_dx",
@@ -420,6 +422,80 @@ __device__ void norm(const T* __restrict__ x, T* __restrict__ y, u32 nv, u32 I, 
     }
 }
 
+// ---- training forward's normalization on the reduction's own blocks, walked backwards:
+// the statistics pass ends on the tail of every block's chunk, so starting there reads x
+// from L2 for as long as it stays resident (all of x when it fits: x is read from HBM
+// once). Same grid, plan and index maps as stats_cf / stats_cl; coefficients once per
+// block (channels-first) or per thread (channels-last), no division per element in
+// channels-last.
+template <typename T, int N>
+__device__ void norm_back_cf(const T* __restrict__ x, T* __restrict__ y, u32 C, u32 IV,
+                             u32 mIV, u32 sIV, u32 PV, u32 chunk,
+                             const float4* __restrict__ coef) {
+    u32 c = blockIdx.x, s = blockIdx.y;
+    u32 j0 = s * chunk;
+    u32 j1 = min(PV, j0 + chunk);
+    u32 n = j1 > j0 ? j1 - j0 : 0u;
+    float4 k = coef[c];
+    for (u32 t = threadIdx.x; t < n; t += UNROLL * blockDim.x) {
+        float f[UNROLL][N];
+        u64 a[UNROLL];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            u32 tt = t + u * blockDim.x;
+            a[u] = 0;
+            if (tt < n) {
+                u32 jj = j1 - 1u - tt;
+                u32 o = fdiv(jj, mIV, sIV);
+                a[u] = (((u64)o * C + c) * IV + (jj - o * IV)) * N;
+                ldv<T, N>(x, a[u], f[u]);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            if (t + u * blockDim.x < n) {
+                float o[N];
+#pragma unroll
+                for (int q = 0; q < N; ++q) o[q] = fmaf((f[u][q] - k.x) - k.y, k.z, k.w);
+                stv<T, N>(y, a[u], o);
+            }
+        }
+    }
+}
+
+template <typename T, int N>
+__device__ void norm_back_cl(const T* __restrict__ x, T* __restrict__ y, u32 O, u32 C,
+                             u32 rows, const float4* __restrict__ coef) {
+    u32 cv = blockIdx.x * blockDim.x + threadIdx.x, s = blockIdx.y;
+    u32 c0 = cv * N;
+    if (c0 >= C) return;
+    u32 r0 = s * rows;
+    u32 r1 = min(O, r0 + rows);
+    u32 n = r1 > r0 ? r1 - r0 : 0u;
+    float4 k[N];
+#pragma unroll
+    for (int q = 0; q < N; ++q) k[q] = coef[c0 + q];
+    for (u32 t = threadIdx.y; t < n; t += UNROLL * blockDim.y) {
+        float f[UNROLL][N];
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            u32 tt = t + u * blockDim.y;
+            if (tt < n) ldv<T, N>(x, (u64)(r1 - 1u - tt) * C + c0, f[u]);
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL; ++u) {
+            u32 tt = t + u * blockDim.y;
+            if (tt < n) {
+                float o[N];
+#pragma unroll
+                for (int q = 0; q < N; ++q)
+                    o[q] = fmaf((f[u][q] - k[q].x) - k[q].y, k[q].z, k[q].w);
+                stv<T, N>(y, (u64)(r1 - 1u - tt) * C + c0, o);
+            }
+        }
+    }
+}
+
 // ---- backward: partial (Σdy, Σdy·(x − μ)) per (split, channel), μ = stats[c] (f64).
 template <typename T, int N>
 __device__ void bwd_reduce_cf(const T* __restrict__ x, const T* __restrict__ dy,
@@ -611,6 +687,14 @@ extern "C" __global__ void __launch_bounds__(256) bn_stats_cl_$S(const $T* x, u3
 extern "C" __global__ void __launch_bounds__(256) bn_norm_$S(const $T* x, $T* y, u32 nv,
         u32 I, u32 mI, u32 sI, u32 C, u32 mC, u32 sC, const float4* coef) {
     norm<$T, $N>(x, y, nv, I, mI, sI, C, mC, sC, coef);
+}
+extern "C" __global__ void __launch_bounds__(256) bn_norm_back_cf_$S(const $T* x, $T* y,
+        u32 C, u32 IV, u32 mIV, u32 sIV, u32 PV, u32 chunk, const float4* coef) {
+    norm_back_cf<$T, $N>(x, y, C, IV, mIV, sIV, PV, chunk, coef);
+}
+extern "C" __global__ void __launch_bounds__(256) bn_norm_back_cl_$S(const $T* x, $T* y,
+        u32 O, u32 C, u32 rows, const float4* coef) {
+    norm_back_cl<$T, $N>(x, y, O, C, rows, coef);
 }
 extern "C" __global__ void __launch_bounds__(256) bn_bwd_reduce_cf_$S(const $T* x,
         const $T* dy, const double* stats, u32 C, u32 IV, u32 mIV, u32 sIV, u32 PV, u32 chunk,

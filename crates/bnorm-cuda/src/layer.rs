@@ -479,6 +479,7 @@ impl GpuBatchNorm {
         let c32 = c as u32;
         let eps = self.cfg.get_eps();
         let cgrid = launch_cfg((channel_grid(c), 1, 1), (BLOCK, 1, 1));
+        let mut batch_split = None;
         if normalized == Normalized::Running {
             saved.count = 0.0;
             let f = self.gpu.function("bn_coef_running")?;
@@ -504,13 +505,14 @@ impl GpuBatchNorm {
             // The running update runs in the reduction's second stage, unless the policy
             // must see the statistics first.
             let fused_update = plan.update.is_some() && !plan.refuse_non_finite;
-            self.reduce_stats(
+            let split = self.reduce_stats(
                 x,
                 g,
                 &mut *stats,
                 &mut *coef,
                 fused_update.then_some((a, unbiased)),
             )?;
+            batch_split = Some(split);
             if fused_update {
                 // counted once the update is queued (a failed launch changes nothing)
                 self.updates = t;
@@ -547,7 +549,11 @@ impl GpuBatchNorm {
                 report.updated = true;
             }
         }
-        self.launch_elementwise_norm(x, y, &*coef)?;
+        match batch_split {
+            // on the reduction's blocks, backwards: the tail of x still in L2 is read first
+            Some(split) => self.launch_norm_back(x, y, &*coef, split)?,
+            None => self.launch_elementwise_norm(x, y, &*coef)?,
+        }
         Ok(report)
     }
 
@@ -645,6 +651,7 @@ impl GpuBatchNorm {
             } else {
                 "bn_bwd_reduce_cl"
             },
+            None,
             g,
         )?;
         self.ensure_part(split, c)?;
@@ -749,10 +756,21 @@ impl GpuBatchNorm {
 
     /// The reduction plan for `g`: the vector width, then the splits for the resident
     /// blocks per SM of the kernel `base` at that width.
-    fn plan<T: GpuElement>(&self, base: &str, g: Geometry) -> Result<(Split, String)> {
+    /// `also` names a kernel launched on the same plan afterwards (the training forward's
+    /// `bn_norm_back_*`): the wave is the smaller of the two kernels' resident blocks.
+    fn plan<T: GpuElement>(
+        &self,
+        base: &str,
+        also: Option<&str>,
+        g: Geometry,
+    ) -> Result<(Split, String)> {
         let vec = vector_width(g);
         let name = typed_name(base, T::TAG, vec);
-        let resident = self.gpu.resident_blocks(&name)? as usize;
+        let mut resident = self.gpu.resident_blocks(&name)? as usize;
+        if let Some(other) = also {
+            let other = self.gpu.resident_blocks(&typed_name(other, T::TAG, vec))?;
+            resident = resident.min(other as usize);
+        }
         Ok((plan_split(g, self.gpu.sm_count(), resident), name))
     }
 
@@ -769,7 +787,11 @@ impl GpuBatchNorm {
     ) -> Result<Split> {
         let c = g.channels;
         let cf = g.inner > 1;
-        let (split, name) = self.plan::<T>(if cf { "bn_stats_cf" } else { "bn_stats_cl" }, g)?;
+        let (split, name) = if cf {
+            self.plan::<T>("bn_stats_cf", Some("bn_norm_back_cf"), g)?
+        } else {
+            self.plan::<T>("bn_stats_cl", Some("bn_norm_back_cl"), g)?
+        };
         self.ensure_part(split, c)?;
         let stream = self.stream.clone();
         let rcfg = launch_cfg(split.grid(c), split.block());
@@ -830,6 +852,62 @@ impl GpuBatchNorm {
             }
         }
         Ok(split)
+    }
+
+    /// The training forward's normalization on the statistics' plan (`bn_norm_back_*`).
+    fn launch_norm_back<T: GpuElement>(
+        &self,
+        x: &DeviceTensor<T>,
+        y: &mut DeviceTensor<T>,
+        coef: &CudaSlice<f32>,
+        split: Split,
+    ) -> Result<()> {
+        let g = x.geometry();
+        let c = g.channels;
+        let cfg = launch_cfg(split.grid(c), split.block());
+        let c32 = c as u32;
+        match split {
+            Split::ChannelsFirst { chunk, vec, .. } => {
+                let f = self
+                    .gpu
+                    .function(&typed_name("bn_norm_back_cf", T::TAG, vec))?;
+                let iv = g.inner as u32 / vec;
+                let fi = FastDiv::new(iv);
+                let pv = g.per_channel() as u32 / vec;
+                let mut b = self.stream.launch_builder(&f);
+                b.arg(&x.buf)
+                    .arg(&mut y.buf)
+                    .arg(&c32)
+                    .arg(&iv)
+                    .arg(&fi.m)
+                    .arg(&fi.s)
+                    .arg(&pv)
+                    .arg(&chunk)
+                    .arg(coef);
+                // SAFETY: arguments match bn_norm_back_cf_*; the statistics' plan covers
+                // each channel's vectors exactly once inside x and y (same checked shape,
+                // vec divides inner); coef holds C float4.
+                unsafe { b.launch(cfg) }.map_err(CudaError::driver("bn_norm_back_cf"))?;
+            }
+            Split::ChannelsLast { rows, vec, .. } => {
+                let f = self
+                    .gpu
+                    .function(&typed_name("bn_norm_back_cl", T::TAG, vec))?;
+                let o = g.outer as u32;
+                let mut b = self.stream.launch_builder(&f);
+                b.arg(&x.buf)
+                    .arg(&mut y.buf)
+                    .arg(&o)
+                    .arg(&c32)
+                    .arg(&rows)
+                    .arg(coef);
+                // SAFETY: arguments match bn_norm_back_cl_*; rows × 32·vec-channel tiles
+                // inside x and y (vec divides C; threads past C return); coef holds C
+                // float4.
+                unsafe { b.launch(cfg) }.map_err(CudaError::driver("bn_norm_back_cl"))?;
+            }
+        }
+        Ok(())
     }
 
     fn launch_elementwise_norm<T: GpuElement>(

@@ -357,7 +357,7 @@ mod tests {
     }
 
     /// Host replay of the kernels' index maps (the loops of stats_cf/bwd_reduce_cf,
-    /// stats_cl/bwd_reduce_cl and norm/bwd_dx in kernels.rs, thread by thread, with the
+    /// stats_cl/bwd_reduce_cl, norm_back_cf/cl and norm/bwd_dx in kernels.rs, thread by thread, with the
     /// plans and fast-division constants the layer passes): every element is visited
     /// exactly once, in its own channel, by an aligned vector access.
     fn replay_kernel_maps(g: Geometry, sms: usize, resident: usize) {
@@ -433,6 +433,71 @@ mod tests {
             }
         }
         assert!(seen.iter().all(|&n| n == 1), "{g:?}: reduction coverage");
+        // norm_back_cf / norm_back_cl: the reduction's blocks, each chunk walked backwards
+        let mut seen = vec![0u8; len];
+        match plan_split(g, sms, resident) {
+            Split::ChannelsFirst { splits, chunk, vec } => {
+                let (vec, chunk) = (vec as usize, chunk as usize);
+                let iv = g.inner / vec;
+                let f = FastDiv::new(iv as u32);
+                let pv = g.per_channel() / vec;
+                for c in 0..g.channels {
+                    for s in 0..splits as usize {
+                        let (j0, j1) = (s * chunk, pv.min(s * chunk + chunk));
+                        let n = j1.saturating_sub(j0);
+                        for t0 in 0..block {
+                            let mut t = t0;
+                            while t < n {
+                                for u in 0..UNROLL {
+                                    let tt = t + u * block;
+                                    if tt < n {
+                                        let jj = j1 - 1 - tt;
+                                        let o = f.quotient(jj as u32) as usize;
+                                        let a = ((o * g.channels + c) * iv + (jj - o * iv)) * vec;
+                                        for q in 0..vec {
+                                            visit(a + q, c, &mut seen);
+                                        }
+                                    }
+                                }
+                                t += UNROLL * block;
+                            }
+                        }
+                    }
+                }
+            }
+            Split::ChannelsLast { splits, rows, vec } => {
+                let (vec, rows) = (vec as usize, rows as usize);
+                let (tx, ty) = (CL_TILE.0 as usize, CL_TILE.1 as usize);
+                for bx in 0..g.channels.div_ceil(tx * vec) {
+                    for s in 0..splits as usize {
+                        let (r0, r1) = (s * rows, g.outer.min(s * rows + rows));
+                        let n = r1.saturating_sub(r0);
+                        for x in 0..tx {
+                            let c0 = (bx * tx + x) * vec;
+                            if c0 >= g.channels {
+                                continue;
+                            }
+                            for y in 0..ty {
+                                let mut t = y;
+                                while t < n {
+                                    for u in 0..UNROLL {
+                                        let tt = t + u * ty;
+                                        if tt < n {
+                                            let a = (r1 - 1 - tt) * g.channels + c0;
+                                            for q in 0..vec {
+                                                visit(a + q, c0 + q, &mut seen);
+                                            }
+                                        }
+                                    }
+                                    t += UNROLL * ty;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        assert!(seen.iter().all(|&n| n == 1), "{g:?}: norm_back coverage");
         // element-wise kernels
         let vec = vector_width(g) as usize;
         let nv = len / vec;
