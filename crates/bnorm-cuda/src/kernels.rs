@@ -22,7 +22,7 @@
 use crate::tensor::DTypeTag;
 
 /// Kernels instantiated per element type and vector width (suffixed `_f32_v4`, ...).
-pub(crate) const TYPED: [&str; 8] = [
+pub(crate) const TYPED: [&str; 9] = [
     "bn_stats_cf",
     "bn_stats_cl",
     "bn_norm",
@@ -30,7 +30,8 @@ pub(crate) const TYPED: [&str; 8] = [
     "bn_norm_back_cl",
     "bn_bwd_reduce_cf",
     "bn_bwd_reduce_cl",
-    "bn_bwd_dx",
+    "bn_dx_back_cf",
+    "bn_dx_back_cl",
 ];
 
 /// Kernels on per-channel f64 data only.
@@ -253,7 +254,7 @@ __device__ __noinline__ void finalize_stats_channel(u32 c, u32 C, u32 S, const d
 }
 
 // The backward second stage for one channel: grads = [dweight | dbias]; bcoef[c] =
-// (a, b, d, k′) (backward.rs::coefficients, centred on dy: see bwd_dx; mirrored on the host
+// (a, b, d, k′) (backward.rs::coefficients, centred on dy: see dx_back_*; mirrored on the host
 // by the tests' mirror::bcoef).
 struct BwdOut {
     double N;
@@ -496,6 +497,93 @@ __device__ void norm_back_cl(const T* __restrict__ x, T* __restrict__ y, u32 O, 
     }
 }
 
+// ---- backward dx on the backward reduction's own blocks, each chunk walked backwards (as
+// norm_back_*: the tails of x and dy still in L2 are read first).
+// Backward map (dx_back_cf / dx_back_cl): dx = a·(dy − d) + b·((x − hi) − lo) + k′,
+// bcoef[c] = (a, b, d, k′) with d = Σdy/N rounded to f32 (centred on dy, so a large mean of
+// dy costs no accuracy) and k′ = a·(d − Σdy/N); after a step with running statistics
+// b = d = k′ = 0 and x is not read (use_x = 0).
+template <typename T, int N>
+__device__ void dx_back_cf(const T* __restrict__ x, const T* __restrict__ dy,
+                           T* __restrict__ dx, u32 C, u32 IV, u32 mIV, u32 sIV, u32 PV,
+                           u32 chunk, const float4* __restrict__ coef,
+                           const float4* __restrict__ bcoef, int use_x) {
+    u32 c = blockIdx.x, s = blockIdx.y;
+    u32 j0 = s * chunk;
+    u32 j1 = min(PV, j0 + chunk);
+    u32 n = j1 > j0 ? j1 - j0 : 0u;
+    float4 k = coef[c], b = bcoef[c];
+    for (u32 t = threadIdx.x; t < n; t += UNROLL_BWD * blockDim.x) {
+        float fx[UNROLL_BWD][N], fg[UNROLL_BWD][N];
+        u64 a[UNROLL_BWD];
+#pragma unroll
+        for (int u = 0; u < UNROLL_BWD; ++u) {
+            u32 tt = t + u * blockDim.x;
+            a[u] = 0;
+            if (tt < n) {
+                u32 jj = j1 - 1u - tt;
+                u32 o = fdiv(jj, mIV, sIV);
+                a[u] = (((u64)o * C + c) * IV + (jj - o * IV)) * N;
+                ldv<T, N>(dy, a[u], fg[u]);
+                if (use_x) ldv<T, N>(x, a[u], fx[u]);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL_BWD; ++u) {
+            if (t + u * blockDim.x < n) {
+                float o[N];
+#pragma unroll
+                for (int q = 0; q < N; ++q) {
+                    float d = use_x ? (fx[u][q] - k.x) - k.y : 0.0f;
+                    o[q] = fmaf(b.x, fg[u][q] - b.z, fmaf(b.y, d, b.w));
+                }
+                stv<T, N>(dx, a[u], o);
+            }
+        }
+    }
+}
+
+template <typename T, int N>
+__device__ void dx_back_cl(const T* __restrict__ x, const T* __restrict__ dy,
+                           T* __restrict__ dx, u32 O, u32 C, u32 rows,
+                           const float4* __restrict__ coef, const float4* __restrict__ bcoef,
+                           int use_x) {
+    u32 cv = blockIdx.x * blockDim.x + threadIdx.x, s = blockIdx.y;
+    u32 c0 = cv * N;
+    if (c0 >= C) return;
+    u32 r0 = s * rows;
+    u32 r1 = min(O, r0 + rows);
+    u32 n = r1 > r0 ? r1 - r0 : 0u;
+    float4 k[N], b[N];
+#pragma unroll
+    for (int q = 0; q < N; ++q) { k[q] = coef[c0 + q]; b[q] = bcoef[c0 + q]; }
+    for (u32 t = threadIdx.y; t < n; t += UNROLL_BWD * blockDim.y) {
+        float fx[UNROLL_BWD][N], fg[UNROLL_BWD][N];
+#pragma unroll
+        for (int u = 0; u < UNROLL_BWD; ++u) {
+            u32 tt = t + u * blockDim.y;
+            if (tt < n) {
+                u64 a = (u64)(r1 - 1u - tt) * C + c0;
+                ldv<T, N>(dy, a, fg[u]);
+                if (use_x) ldv<T, N>(x, a, fx[u]);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < UNROLL_BWD; ++u) {
+            u32 tt = t + u * blockDim.y;
+            if (tt < n) {
+                float o[N];
+#pragma unroll
+                for (int q = 0; q < N; ++q) {
+                    float d = use_x ? (fx[u][q] - k[q].x) - k[q].y : 0.0f;
+                    o[q] = fmaf(b[q].x, fg[u][q] - b[q].z, fmaf(b[q].y, d, b[q].w));
+                }
+                stv<T, N>(dx, (u64)(r1 - 1u - tt) * C + c0, o);
+            }
+        }
+    }
+}
+
 // ---- backward: partial (Σdy, Σdy·(x − μ)) per (split, channel), μ = stats[c] (f64).
 template <typename T, int N>
 __device__ void bwd_reduce_cf(const T* __restrict__ x, const T* __restrict__ dy,
@@ -593,53 +681,6 @@ __device__ void bwd_reduce_cl(const T* __restrict__ x, const T* __restrict__ dy,
     }
 }
 
-// dx = a·(dy − d) + b·((x − hi) − lo) + k′, bcoef[c] = (a, b, d, k′) with d = Σdy/N rounded
-// to f32 (centred on dy, so a large mean of dy costs no accuracy) and k′ = a·(d − Σdy/N);
-// after a step with running statistics b = d = k′ = 0 and x is not read (use_x = 0).
-template <typename T, int N>
-__device__ void bwd_dx(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ dx,
-                       u32 nv, u32 I, u32 mI, u32 sI, u32 C, u32 mC, u32 sC,
-                       const float4* __restrict__ coef, const float4* __restrict__ bcoef,
-                       int use_x) {
-    u32 stride = gridDim.x * blockDim.x;
-    for (u32 v = blockIdx.x * blockDim.x + threadIdx.x; v < nv; v += UNROLL * stride) {
-        float fx[UNROLL][N], fg[UNROLL][N];
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            u32 vv = v + u * stride;
-            if (vv < nv) {
-                ldv<T, N>(dy, (u64)vv * N, fg[u]);
-                if (use_x) ldv<T, N>(x, (u64)vv * N, fx[u]);
-                else {
-#pragma unroll
-                    for (int q = 0; q < N; ++q) fx[u][q] = 0.0f;
-                }
-            }
-        }
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            u32 vv = v + u * stride;
-            if (vv < nv) {
-                u32 q0 = fdiv(vv * N, mI, sI);
-                u32 c = q0 - fdiv(q0, mC, sC) * C;
-                float o[N];
-#pragma unroll
-                for (int q = 0; q < N; ++q) {
-                    u32 cq = I == 1 ? c + q : c;
-                    float4 b = bcoef[cq];
-                    float t = 0.0f;
-                    if (use_x) {
-                        float4 k = coef[cq];
-                        t = (fx[u][q] - k.x) - k.y;
-                    }
-                    o[q] = fmaf(b.x, fg[u][q] - b.z, fmaf(b.y, t, b.w));
-                }
-                stv<T, N>(dx, (u64)vv * N, o);
-            }
-        }
-    }
-}
-
 // ---- per-channel kernels (one thread per channel)
 extern "C" __global__ void bn_coef_running(u32 C, const double* __restrict__ rmean,
         const double* __restrict__ rvar, const double* __restrict__ gamma,
@@ -696,6 +737,16 @@ extern "C" __global__ void __launch_bounds__(256) bn_norm_back_cl_$S(const $T* x
         u32 O, u32 C, u32 rows, const float4* coef) {
     norm_back_cl<$T, $N>(x, y, O, C, rows, coef);
 }
+extern "C" __global__ void __launch_bounds__(256) bn_dx_back_cf_$S(const $T* x,
+        const $T* dy, $T* dx, u32 C, u32 IV, u32 mIV, u32 sIV, u32 PV, u32 chunk,
+        const float4* coef, const float4* bcoef, int use_x) {
+    dx_back_cf<$T, $N>(x, dy, dx, C, IV, mIV, sIV, PV, chunk, coef, bcoef, use_x);
+}
+extern "C" __global__ void __launch_bounds__(256) bn_dx_back_cl_$S(const $T* x,
+        const $T* dy, $T* dx, u32 O, u32 C, u32 rows, const float4* coef,
+        const float4* bcoef, int use_x) {
+    dx_back_cl<$T, $N>(x, dy, dx, O, C, rows, coef, bcoef, use_x);
+}
 extern "C" __global__ void __launch_bounds__(256) bn_bwd_reduce_cf_$S(const $T* x,
         const $T* dy, const double* stats, u32 C, u32 IV, u32 mIV, u32 sIV, u32 PV, u32 chunk,
         double* part, u32* counter, BWD_OUT_PARAMS) {
@@ -705,11 +756,6 @@ extern "C" __global__ void __launch_bounds__(256) bn_bwd_reduce_cl_$S(const $T* 
         const $T* dy, const double* stats, u32 O, u32 C, u32 rows, double* part, u32* counter,
         BWD_OUT_PARAMS) {
     bwd_reduce_cl<$T, $N>(x, dy, stats, O, C, rows, part, counter, BWD_OUT);
-}
-extern "C" __global__ void __launch_bounds__(256) bn_bwd_dx_$S(const $T* x, const $T* dy,
-        $T* dx, u32 nv, u32 I, u32 mI, u32 sI, u32 C, u32 mC, u32 sC, const float4* coef,
-        const float4* bcoef, int use_x) {
-    bwd_dx<$T, $N>(x, dy, dx, nv, I, mI, sI, C, mC, sC, coef, bcoef, use_x);
 }
 "#;
 
@@ -773,7 +819,7 @@ mod tests {
         assert_eq!(src.matches('(').count(), src.matches(')').count());
     }
 
-    /// Host mirror of write_coef, finalize_bwd_channel and bwd_dx (the same
+    /// Host mirror of write_coef, finalize_bwd_channel and dx_back_* (the same
     /// operations in the same order, f32 `fmaf` as `mul_add`), for the numerics tests.
     mod mirror {
         pub fn coef(mean: f64) -> (f32, f32) {

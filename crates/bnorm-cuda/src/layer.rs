@@ -651,7 +651,7 @@ impl GpuBatchNorm {
             } else {
                 "bn_bwd_reduce_cl"
             },
-            None,
+            Some(if cf { "bn_dx_back_cf" } else { "bn_dx_back_cl" }),
             g,
         )?;
         self.ensure_part(split, c)?;
@@ -708,38 +708,55 @@ impl GpuBatchNorm {
             }
         }
         self.grads_valid = true;
-        let vec = vector_width(g);
-        let name = typed_name("bn_bwd_dx", T::TAG, vec);
-        let (fi, fc) = (FastDiv::new(g.inner.max(1) as u32), FastDiv::new(c as u32));
-        let (nv, inner) = ((g.len() / vec as usize) as u32, g.inner as u32);
-        let resident = self.gpu.resident_blocks(&name)? as usize;
-        let f = self.gpu.function(&name)?;
-        let mut b = stream.launch_builder(&f);
-        b.arg(&x.buf)
-            .arg(&dy.buf)
-            .arg(&mut dx.buf)
-            .arg(&nv)
-            .arg(&inner)
-            .arg(&fi.m)
-            .arg(&fi.s)
-            .arg(&c32)
-            .arg(&fc.m)
-            .arg(&fc.s)
-            .arg(coef)
-            .arg(&self.bcoef)
-            .arg(&batch);
-        let ecfg = launch_cfg(
-            (
-                elementwise_grid(nv as usize, self.gpu.sm_count(), resident),
-                1,
-                1,
-            ),
-            (BLOCK, 1, 1),
-        );
-        // SAFETY: arguments match bn_bwd_dx_*; x, dy, dx hold nv·vec elements (checked
-        // shapes, vec divides inner or C), aligned vectors; coef and bcoef hold C float4,
-        // channel indices < C by construction; x is not read when batch = 0.
-        unsafe { b.launch(ecfg) }.map_err(CudaError::driver("bn_bwd_dx"))?;
+        // dx on the reduction's blocks, backwards: the tails of x and dy still in L2 first
+        let rcfg = launch_cfg(split.grid(c), split.block());
+        match split {
+            Split::ChannelsFirst { chunk, vec, .. } => {
+                let f = self
+                    .gpu
+                    .function(&typed_name("bn_dx_back_cf", T::TAG, vec))?;
+                let iv = g.inner as u32 / vec;
+                let fi = FastDiv::new(iv);
+                let pv = g.per_channel() as u32 / vec;
+                let mut b = stream.launch_builder(&f);
+                b.arg(&x.buf)
+                    .arg(&dy.buf)
+                    .arg(&mut dx.buf)
+                    .arg(&c32)
+                    .arg(&iv)
+                    .arg(&fi.m)
+                    .arg(&fi.s)
+                    .arg(&pv)
+                    .arg(&chunk)
+                    .arg(coef)
+                    .arg(&self.bcoef)
+                    .arg(&batch);
+                // SAFETY: arguments match bn_dx_back_cf_*; the reduction's plan covers each
+                // channel's vectors exactly once inside x, dy and dx (same checked shape, vec
+                // divides inner); coef and bcoef hold C float4; x is not read when batch = 0.
+                unsafe { b.launch(rcfg) }.map_err(CudaError::driver("bn_dx_back_cf"))?;
+            }
+            Split::ChannelsLast { rows, vec, .. } => {
+                let f = self
+                    .gpu
+                    .function(&typed_name("bn_dx_back_cl", T::TAG, vec))?;
+                let o = g.outer as u32;
+                let mut b = stream.launch_builder(&f);
+                b.arg(&x.buf)
+                    .arg(&dy.buf)
+                    .arg(&mut dx.buf)
+                    .arg(&o)
+                    .arg(&c32)
+                    .arg(&rows)
+                    .arg(coef)
+                    .arg(&self.bcoef)
+                    .arg(&batch);
+                // SAFETY: arguments match bn_dx_back_cl_*; rows × 32·vec-channel tiles inside
+                // x, dy and dx (vec divides C; threads past C return); coef and bcoef hold C
+                // float4; x is not read when batch = 0.
+                unsafe { b.launch(rcfg) }.map_err(CudaError::driver("bn_dx_back_cl"))?;
+            }
+        }
         Ok(())
     }
 
@@ -756,8 +773,8 @@ impl GpuBatchNorm {
 
     /// The reduction plan for `g`: the vector width, then the splits for the resident
     /// blocks per SM of the kernel `base` at that width.
-    /// `also` names a kernel launched on the same plan afterwards (the training forward's
-    /// `bn_norm_back_*`): the wave is the smaller of the two kernels' resident blocks.
+    /// `also` names a kernel launched on the same plan afterwards (`bn_norm_back_*`,
+    /// `bn_dx_back_*`): the wave is the smaller of the two kernels' resident blocks.
     fn plan<T: GpuElement>(
         &self,
         base: &str,

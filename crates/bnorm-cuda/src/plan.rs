@@ -357,7 +357,7 @@ mod tests {
     }
 
     /// Host replay of the kernels' index maps (the loops of stats_cf/bwd_reduce_cf,
-    /// stats_cl/bwd_reduce_cl, norm_back_cf/cl and norm/bwd_dx in kernels.rs, thread by thread, with the
+    /// stats_cl/bwd_reduce_cl, norm_back_cf/cl and dx_back_cf/cl (same maps), and norm in kernels.rs, thread by thread, with the
     /// plans and fast-division constants the layer passes): every element is visited
     /// exactly once, in its own channel, by an aligned vector access.
     fn replay_kernel_maps(g: Geometry, sms: usize, resident: usize) {
