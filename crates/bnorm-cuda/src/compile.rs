@@ -248,9 +248,11 @@ pub fn compile_for_device(arch: (i32, i32)) -> Result<Compiled> {
 }
 
 /// Parses ptxas's `-v` report (NVRTC's log with `--ptxas-options=-v`): one entry per
-/// kernel, in the order reported.
+/// kernel, in the order reported. A "Function properties for NAME" block belongs to NAME:
+/// a called device function's block (its own stack and spills) is not the kernel's.
 pub fn parse_ptxas_report(log: &str) -> Vec<KernelUsage> {
     let mut out: Vec<KernelUsage> = Vec::new();
+    let mut props_for: Option<String> = None;
     let number_before = |line: &str, unit: &str| -> Option<u32> {
         let at = line.find(unit)?;
         line[..at].split_whitespace().last()?.parse().ok()
@@ -265,12 +267,22 @@ pub fn parse_ptxas_report(log: &str) -> Vec<KernelUsage> {
                 spill_loads: 0,
                 stack: 0,
             });
-        } else if let Some(k) = out.last_mut() {
-            if line.contains("bytes stack frame") {
+            props_for = None;
+        } else if let Some(rest) = line.split("Function properties for ").nth(1) {
+            props_for = Some(rest.trim().to_string());
+        } else if line.contains("bytes stack frame") {
+            let owner = props_for.take();
+            if let Some(k) = out
+                .iter_mut()
+                .rev()
+                .find(|k| Some(&k.name) == owner.as_ref())
+            {
                 k.stack = number_before(line, "bytes stack frame").unwrap_or(0);
                 k.spill_stores = number_before(line, "bytes spill stores").unwrap_or(0);
                 k.spill_loads = number_before(line, "bytes spill loads").unwrap_or(0);
-            } else if line.contains("registers") {
+            }
+        } else if line.contains("Used ") && line.contains("registers") {
+            if let Some(k) = out.last_mut() {
                 let at = line.find("Used ").map(|i| i + 5).unwrap_or(0);
                 k.registers = line[at..]
                     .split_whitespace()
@@ -306,10 +318,14 @@ mod tests {
             ptxas info    : Function properties for bn_norm_f32\n\
             \x20   8 bytes stack frame, 4 bytes spill stores, 12 bytes spill loads\n\
             ptxas info    : Used 40 registers, used 0 barriers, 380 bytes cmem[0]\n\
+            ptxas info    : Function properties for _Z8callee\n\
+            \x20   0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
             ptxas info    : Compiling entry function 'bn_stats_f32' for 'sm_90'\n\
             ptxas info    : Function properties for bn_stats_f32\n\
-            \x20   0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
-            ptxas info    : Used 32 registers, used 1 barriers, 512 bytes smem\n";
+            \x20   88 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n\
+            ptxas info    : Used 32 registers, used 1 barriers, 512 bytes smem\n\
+            ptxas info    : Function properties for _Z8callee\n\
+            \x20   0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n";
         let r = parse_ptxas_report(log);
         assert_eq!(r.len(), 2);
         assert_eq!(
@@ -322,7 +338,8 @@ mod tests {
                 stack: 8
             }
         );
-        assert_eq!((r[1].registers, r[1].spill_stores), (32, 0));
+        // a called function's properties, before or after, are not the kernel's
+        assert_eq!((r[1].registers, r[1].spill_stores, r[1].stack), (32, 0, 88));
     }
 
     #[test]

@@ -211,7 +211,7 @@ __device__ __forceinline__ void write_coef(float4* coef, u32 c, double mean, dou
     coef[c] = make_float4(hi, lo, (float)scale, (float)shift);
 }
 
-__device__ __noinline__ void running_update_channel(u32 c, u32 C, double N, const double* stats,
+__device__ __forceinline__ void running_update_channel(u32 c, u32 C, double N, const double* stats,
                                        double* rmean, double* rvar, double a, int unbiased,
                                        int* skipped) {
     double mean = stats[c], biased = stats[(u64)C + c];
@@ -229,7 +229,7 @@ __device__ __noinline__ void running_update_channel(u32 c, u32 C, double N, cons
     }
 }
 
-__device__ __noinline__ void finalize_stats_channel(u32 c, u32 C, u32 S, const double* part,
+__device__ __forceinline__ void finalize_stats_channel(u32 c, u32 C, u32 S, const double* part,
                                        const double* shift, const StatsOut& o) {
     // volatile: the partials were written by other blocks of this launch
     const volatile double* vp = part;
@@ -265,7 +265,7 @@ struct BwdOut {
     int batch;
 };
 
-__device__ __noinline__ void finalize_bwd_channel(u32 c, u32 C, u32 S, const double* part,
+__device__ __forceinline__ void finalize_bwd_channel(u32 c, u32 C, u32 S, const double* part,
                                      const BwdOut& o) {
     const volatile double* vp = part;
     double sdy = 0.0, sdyxc = 0.0;
