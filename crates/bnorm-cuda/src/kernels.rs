@@ -390,13 +390,15 @@ __device__ void stats_cl(const T* __restrict__ x, u32 O, u32 C, u32 rows,
     }
 }
 
-// ---- element-wise maps over nv = len/N vectors; N divides inner (channels-first, one
-// channel per vector) or C (channels-last, inner = 1: N consecutive channels). Channel of
-// element e: (e / inner) mod C.
+// ---- element-wise map over nv = len/N vectors (inference; the training steps use the
+// reductions' plans below); N divides inner (channels-first, one channel per vector) or C
+// (channels-last, inner = 1: N consecutive channels).
 // y = ((x − hi) − lo)·scale + shift, coef[c] = (hi, lo, scale, shift).
+// Vector v lies in row v / R; channels-first (I > 1: R = inner/N, Cd = C) its channel is
+// row mod Cd, channels-last (I = 1: R = 1, Cd = C/N) element q's is (row mod Cd)·N + q.
 template <typename T, int N>
-__device__ void norm(const T* __restrict__ x, T* __restrict__ y, u32 nv, u32 I, u32 mI,
-                     u32 sI, u32 C, u32 mC, u32 sC, const float4* __restrict__ coef) {
+__device__ void norm(const T* __restrict__ x, T* __restrict__ y, u32 nv, u32 I, u32 mR,
+                     u32 sR, u32 Cd, u32 mC, u32 sC, const float4* __restrict__ coef) {
     u32 stride = gridDim.x * blockDim.x;
     for (u32 v = blockIdx.x * blockDim.x + threadIdx.x; v < nv; v += UNROLL * stride) {
         float f[UNROLL][N];
@@ -409,12 +411,12 @@ __device__ void norm(const T* __restrict__ x, T* __restrict__ y, u32 nv, u32 I, 
         for (int u = 0; u < UNROLL; ++u) {
             u32 vv = v + u * stride;
             if (vv < nv) {
-                u32 q0 = fdiv(vv * N, mI, sI);
-                u32 c = q0 - fdiv(q0, mC, sC) * C;
+                u32 q0 = fdiv(vv, mR, sR);
+                u32 c = q0 - fdiv(q0, mC, sC) * Cd;
                 float o[N];
 #pragma unroll
                 for (int q = 0; q < N; ++q) {
-                    float4 k = coef[I == 1 ? c + q : c];
+                    float4 k = coef[I == 1 ? c * N + q : c];
                     o[q] = fmaf((f[u][q] - k.x) - k.y, k.z, k.w);
                 }
                 stv<T, N>(y, (u64)vv * N, o);
@@ -725,9 +727,9 @@ extern "C" __global__ void __launch_bounds__(256) bn_stats_cl_$S(const $T* x, u3
         u32 rows, double* part, double* shift, u32* counter, STATS_OUT_PARAMS) {
     stats_cl<$T, $N>(x, O, C, rows, part, shift, counter, STATS_OUT);
 }
-extern "C" __global__ void __launch_bounds__(256) bn_norm_$S(const $T* x, $T* y, u32 nv,
-        u32 I, u32 mI, u32 sI, u32 C, u32 mC, u32 sC, const float4* coef) {
-    norm<$T, $N>(x, y, nv, I, mI, sI, C, mC, sC, coef);
+extern "C" __global__ void __launch_bounds__(256, 2) bn_norm_$S(const $T* x, $T* y, u32 nv,
+        u32 I, u32 mR, u32 sR, u32 Cd, u32 mC, u32 sC, const float4* coef) {
+    norm<$T, $N>(x, y, nv, I, mR, sR, Cd, mC, sC, coef);
 }
 extern "C" __global__ void __launch_bounds__(256) bn_norm_back_cf_$S(const $T* x, $T* y,
         u32 C, u32 IV, u32 mIV, u32 sIV, u32 PV, u32 chunk, const float4* coef) {

@@ -660,9 +660,9 @@ impl GpuBatchNorm {
         let f = self.gpu.function(&name)?;
         match split {
             Split::ChannelsFirst { chunk, vec, .. } => {
-                let iv = g.inner as u32 / vec;
+                let iv = (g.inner / vec as usize) as u32;
                 let fi = FastDiv::new(iv);
-                let pv = g.per_channel() as u32 / vec;
+                let pv = (g.per_channel() / vec as usize) as u32;
                 let mut b = stream.launch_builder(&f);
                 b.arg(&x.buf)
                     .arg(&dy.buf)
@@ -715,9 +715,9 @@ impl GpuBatchNorm {
                 let f = self
                     .gpu
                     .function(&typed_name("bn_dx_back_cf", T::TAG, vec))?;
-                let iv = g.inner as u32 / vec;
+                let iv = (g.inner / vec as usize) as u32;
                 let fi = FastDiv::new(iv);
-                let pv = g.per_channel() as u32 / vec;
+                let pv = (g.per_channel() / vec as usize) as u32;
                 let mut b = stream.launch_builder(&f);
                 b.arg(&x.buf)
                     .arg(&dy.buf)
@@ -831,9 +831,9 @@ impl GpuBatchNorm {
         };
         match split {
             Split::ChannelsFirst { chunk, vec, .. } => {
-                let iv = g.inner as u32 / vec;
+                let iv = (g.inner / vec as usize) as u32;
                 let fi = FastDiv::new(iv);
-                let pv = g.per_channel() as u32 / vec;
+                let pv = (g.per_channel() / vec as usize) as u32;
                 let mut b = stream.launch_builder(&f);
                 b.arg(&x.buf)
                     .arg(&c32)
@@ -888,9 +888,9 @@ impl GpuBatchNorm {
                 let f = self
                     .gpu
                     .function(&typed_name("bn_norm_back_cf", T::TAG, vec))?;
-                let iv = g.inner as u32 / vec;
+                let iv = (g.inner / vec as usize) as u32;
                 let fi = FastDiv::new(iv);
-                let pv = g.per_channel() as u32 / vec;
+                let pv = (g.per_channel() / vec as usize) as u32;
                 let mut b = self.stream.launch_builder(&f);
                 b.arg(&x.buf)
                     .arg(&mut y.buf)
@@ -940,8 +940,20 @@ impl GpuBatchNorm {
         let c = g.channels;
         let vec = vector_width(g);
         let name = typed_name("bn_norm", T::TAG, vec);
-        let (fi, fc) = (FastDiv::new(g.inner.max(1) as u32), FastDiv::new(c as u32));
-        let (nv, inner, c32) = ((g.len() / vec as usize) as u32, g.inner as u32, c as u32);
+        // vector v lies in row v / R of the (rows, R) view; its channel is row mod Cd
+        // (channels-first: R = inner/vec, Cd = C) or (row mod Cd)·vec + q (channels-last:
+        // R = 1, Cd = C/vec): 32-bit vector indices, so the limit is 2^31 − 1 vectors.
+        let (r, cd) = if g.inner > 1 {
+            (g.inner / vec as usize, c)
+        } else {
+            (1, c / vec as usize)
+        };
+        let (fi, fc) = (FastDiv::new(r as u32), FastDiv::new(cd as u32));
+        let (nv, inner, c32) = (
+            (g.len() / vec as usize) as u32,
+            g.inner.min(2) as u32,
+            cd as u32,
+        );
         let resident = self.gpu.resident_blocks(&name)? as usize;
         let f = self.gpu.function(&name)?;
         let mut b = self.stream.launch_builder(&f);
@@ -965,7 +977,7 @@ impl GpuBatchNorm {
         );
         // SAFETY: arguments match bn_norm_*; x and y hold nv·vec elements (same checked
         // shape; vec divides inner or C, hence len), aligned vectors; coef holds C float4,
-        // channel index (+ vec − 1 channels-last) < C by construction.
+        // channel index < C by construction (checked by the host replay in plan.rs).
         unsafe { b.launch(cfg) }.map_err(CudaError::driver("bn_norm"))?;
         Ok(())
     }

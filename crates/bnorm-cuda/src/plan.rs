@@ -6,9 +6,10 @@ use bnorm::expert::Geometry;
 use crate::kernels::{BLOCK, CL_TILE, VECS};
 use crate::CudaError;
 
-/// Largest element count the kernels index (32-bit indices, fast division valid below
-/// 2^31).
-pub const MAX_ELEMENTS: usize = (1 << 31) - 1;
+/// Largest number of vector accesses per batch the kernels index (32-bit vector indices,
+/// fast division valid below 2^31): a batch may hold `MAX_VECTORS × N` elements, N its
+/// [`vector_width`] (4 for most convolution shapes: about 8.6·10⁹ elements).
+pub const MAX_VECTORS: usize = (1 << 31) - 1;
 
 /// Largest number of splits per channel (grid y dimension).
 const MAX_SPLITS: usize = 65_535;
@@ -116,12 +117,14 @@ impl Split {
     }
 }
 
-/// Checks that a geometry fits the kernels' 32-bit indexing.
+/// Checks that a geometry fits the kernels' 32-bit vector indexing: at most
+/// [`MAX_VECTORS`] vectors of [`vector_width`] elements, and channels below 2^31.
 pub fn check_size(g: Geometry) -> Result<(), CudaError> {
-    if g.len() > MAX_ELEMENTS || g.channels > MAX_ELEMENTS {
+    let vec = vector_width(g) as usize;
+    if g.len() / vec > MAX_VECTORS || g.channels > MAX_VECTORS {
         return Err(CudaError::TooLarge {
             elements: g.len(),
-            limit: MAX_ELEMENTS,
+            limit: MAX_VECTORS * vec,
         });
     }
     Ok(())
@@ -338,11 +341,24 @@ mod tests {
         assert_eq!(w(Layout::NC, &[3, 5]), 1);
     }
 
+    /// Review defect 9: the limit is 2^31 − 1 vectors, not elements — a 2.7·10⁹-element
+    /// f32 batch (10 GiB) fits when its run divides by 2 or 4; width 1 keeps 2^31 − 1.
     #[test]
     fn too_large_is_a_typed_error() {
-        let g = Layout::NC.geometry(&[1 << 20, 1 << 12]).unwrap();
+        // 2^33 elements in vectors of 4: 2^31 vectors, one too many
+        let g = Layout::NC.geometry(&[1 << 21, 1 << 12]).unwrap();
+        assert!(matches!(
+            check_size(g),
+            Err(CudaError::TooLarge { limit, .. }) if limit == 4 * MAX_VECTORS
+        ));
+        let g = Layout::NC.geometry(&[(1 << 21) - 1, 1 << 12]).unwrap();
+        assert!(check_size(g).is_ok());
+        let g = Layout::NCHW.geometry(&[21_000, 64, 56, 36]).unwrap();
+        assert!(g.len() > 2_700_000_000 && check_size(g).is_ok());
+        // odd rows and channels: vector width 1, 2^31 − 1 elements at most
+        let g = Layout::NC.geometry(&[(1 << 31) / 3 + 1, 3]).unwrap();
         assert!(matches!(check_size(g), Err(CudaError::TooLarge { .. })));
-        let g = Layout::NC.geometry(&[(1 << 19) - 1, 1 << 12]).unwrap();
+        let g = Layout::NC.geometry(&[(1 << 31) / 3, 3]).unwrap();
         assert!(check_size(g).is_ok());
     }
 
@@ -502,10 +518,12 @@ mod tests {
         let vec = vector_width(g) as usize;
         let nv = len / vec;
         assert_eq!(nv * vec, len);
-        let (fi, fc) = (
-            FastDiv::new(g.inner as u32),
-            FastDiv::new(g.channels as u32),
-        );
+        let (r, cd) = if g.inner > 1 {
+            (g.inner / vec, g.channels)
+        } else {
+            (1, g.channels / vec)
+        };
+        let (fi, fc) = (FastDiv::new(r as u32), FastDiv::new(cd as u32));
         let grid = elementwise_grid(nv, sms, resident) as usize;
         let stride = grid * block;
         let mut seen = vec![0u8; len];
@@ -515,10 +533,10 @@ mod tests {
                 for u in 0..UNROLL {
                     let vv = v + u * stride;
                     if vv < nv {
-                        let q0 = fi.quotient((vv * vec) as u32);
-                        let c = (q0 - fc.quotient(q0) * g.channels as u32) as usize;
+                        let q0 = fi.quotient(vv as u32);
+                        let c = (q0 - fc.quotient(q0) * cd as u32) as usize;
                         for q in 0..vec {
-                            let cq = if g.inner == 1 { c + q } else { c };
+                            let cq = if g.inner == 1 { c * vec + q } else { c };
                             visit(vv * vec + q, cq, &mut seen);
                         }
                     }
