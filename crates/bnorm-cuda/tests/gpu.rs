@@ -6,9 +6,13 @@ use bnorm::expert::{backward_into, forward_into, Grads, Parallelism, Saved, Work
 use bnorm::{Config, Layout, Mode, Params, RunningState};
 use bnorm_cuda::{CudaError, DeviceTensor, Gpu, GpuBatchNorm, GpuSaved};
 
-/// The GPU; a test that asks for one fails without it.
+/// The GPU, opened (and its kernels compiled) once for all tests; a test that asks for
+/// one fails without it.
 fn gpu() -> Gpu {
-    Gpu::new(0).unwrap_or_else(|e| panic!("this test needs a GPU: {e}"))
+    static GPU: std::sync::OnceLock<Result<Gpu, String>> = std::sync::OnceLock::new();
+    GPU.get_or_init(|| Gpu::new(0).map_err(|e| e.to_string()))
+        .clone()
+        .unwrap_or_else(|e| panic!("this test needs a GPU: {e}"))
 }
 
 #[test]
