@@ -163,8 +163,18 @@ pub fn compile(arch: (i32, i32), target: Target) -> Result<Compiled> {
 
 /// [`compile`], with ptxas's verbose report in the log when `verbose` (cubin only).
 pub fn compile_with(arch: (i32, i32), target: Target, verbose: bool) -> Result<Compiled> {
+    compile_source(&kernels::source(), arch, target, verbose)
+}
+
+/// Compiles `source` (all of [`kernels::source`] or a part of it, [`kernels::source_for`]).
+pub fn compile_source(
+    source: &str,
+    arch: (i32, i32),
+    target: Target,
+    verbose: bool,
+) -> Result<Compiled> {
     nvrtc_available()?;
-    let src = CString::new(kernels::source()).map_err(|_| CudaError::Compile {
+    let src = CString::new(source).map_err(|_| CudaError::Compile {
         log: "kernel source holds a NUL".into(),
     })?;
     let name = c"bnorm_cuda.cu";
@@ -231,17 +241,17 @@ unsafe fn compile_program(
     Ok((image, log))
 }
 
-/// Compiles for the device's architecture: a cubin if this NVRTC knows `sm_XY`, else PTX
-/// for the newest virtual architecture it knows that is not newer than the device
+/// Compiles `source` for the device's architecture: a cubin if this NVRTC knows `sm_XY`,
+/// else PTX for the newest virtual architecture it knows that is not newer than the device
 /// (which the driver JIT-compiles, and which needs a driver at least as new as NVRTC).
-pub fn compile_for_device(arch: (i32, i32)) -> Result<Compiled> {
-    match compile(arch, Target::Cubin) {
+pub fn compile_for_device(source: &str, arch: (i32, i32)) -> Result<Compiled> {
+    match compile_source(source, arch, Target::Cubin, false) {
         Ok(c) => Ok(c),
         Err(cubin_err) => {
             let fallback = [(arch.0, arch.1), (10, 0), (9, 0), (8, 0)]
                 .into_iter()
                 .filter(|&a| a <= arch)
-                .find_map(|a| compile(a, Target::Ptx).ok());
+                .find_map(|a| compile_source(source, a, Target::Ptx, false).ok());
             fallback.ok_or(cubin_err)
         }
     }

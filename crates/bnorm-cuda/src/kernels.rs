@@ -61,9 +61,7 @@ pub fn typed_name(base: &str, dtype: DTypeTag, vec: u32) -> String {
 pub fn entry_points() -> Vec<String> {
     let mut v: Vec<String> = UNTYPED.iter().map(|s| s.to_string()).collect();
     for d in DTypeTag::ALL {
-        for n in VECS {
-            v.extend(TYPED.iter().map(|b| typed_name(b, d, n)));
-        }
+        v.extend(typed_entry_points(d));
     }
     v
 }
@@ -761,11 +759,18 @@ extern "C" __global__ void __launch_bounds__(256) bn_bwd_reduce_cl_$S(const $T* 
 }
 "#;
 
-/// The complete CUDA C source compiled by NVRTC: the common part and one set of wrappers
-/// per element type.
+/// The complete CUDA C source: the common part and one set of wrappers per element type
+/// (what `nvrtc_check` and the CI compile).
 pub fn source() -> String {
+    source_for(&DTypeTag::ALL)
+}
+
+/// The source with the typed wrappers of `dtypes` only ([`Gpu::new`](crate::Gpu::new)
+/// compiles one program per element type, in parallel). The per-channel kernels are in
+/// every program.
+pub fn source_for(dtypes: &[DTypeTag]) -> String {
     let mut s = String::from(COMMON);
-    for d in DTypeTag::ALL {
+    for &d in dtypes {
         for n in VECS {
             s.push_str(
                 &TYPED_WRAPPERS
@@ -776,6 +781,13 @@ pub fn source() -> String {
         }
     }
     s
+}
+
+/// The typed entry points of one element type.
+pub(crate) fn typed_entry_points(d: DTypeTag) -> Vec<String> {
+    VECS.iter()
+        .flat_map(|&n| TYPED.iter().map(move |b| typed_name(b, d, n)))
+        .collect()
 }
 
 #[cfg(test)]
@@ -789,10 +801,10 @@ mod tests {
             let decl = format!(" {name}(");
             let n = src.matches(&decl).count();
             assert_eq!(n, 1, "{name} declared {n} times");
+            let line = src.lines().find(|l| l.contains(&decl)).unwrap_or_default();
             assert!(
-                src.contains(&format!("__global__ void {name}("))
-                    || src.contains(&format!("__launch_bounds__(256) {name}(")),
-                "{name} is not a kernel"
+                line.starts_with("extern \"C\" __global__ void"),
+                "{name} is not a kernel: {line}"
             );
         }
         // The wrappers leave no placeholder behind.
@@ -800,6 +812,24 @@ mod tests {
         // Launch bounds match the block sizes the host uses.
         assert_eq!(BLOCK, 256);
         assert_eq!(CL_TILE.0 * CL_TILE.1, 256);
+    }
+
+    #[test]
+    fn the_per_dtype_sources_together_define_every_entry_point_once() {
+        for name in entry_points() {
+            let decl = format!(" {name}(");
+            let n: usize = DTypeTag::ALL
+                .iter()
+                .map(|&d| source_for(&[d]).matches(&decl).count())
+                .sum();
+            let expected = if UNTYPED.contains(&name.as_str()) {
+                3
+            } else {
+                1
+            };
+            assert_eq!(n, expected, "{name}");
+        }
+        assert_eq!(source(), source_for(&DTypeTag::ALL));
     }
 
     #[test]

@@ -230,22 +230,55 @@ impl Gpu {
                     cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
                 )
                 .map_err(CudaError::driver("SM count"))?;
-            let compiled = compile::compile_for_device(cc)?;
-            let (compile_ms, target) = (compiled.ms, compiled.target);
-            let module = ctx
-                .load_module(Ptx::from_binary(compiled.image))
-                .map_err(CudaError::driver("load module"))?;
+            // One program per element type, compiled in parallel (NVRTC compiles distinct
+            // programs concurrently); the per-channel kernels come from the f32 one.
+            let t = std::time::Instant::now();
+            let parts: Vec<Result<compile::Compiled>> = std::thread::scope(|scope| {
+                let handles: Vec<_> = DTypeTag::ALL
+                    .iter()
+                    .map(|&d| {
+                        scope.spawn(move || {
+                            compile::compile_for_device(&kernels::source_for(&[d]), cc)
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(CudaError::Compile {
+                                log: "an NVRTC compilation thread panicked".into(),
+                            })
+                        })
+                    })
+                    .collect()
+            });
+            let compile_ms = t.elapsed().as_secs_f64() * 1e3;
             let mut functions = HashMap::new();
-            for name in kernels::entry_points() {
-                let f = module
-                    .load_function(&name)
-                    .map_err(CudaError::driver("load function"))?;
-                // Resident blocks per SM at the crate's block size, from the driver's
-                // occupancy calculator (registers and shared memory of this build).
-                let resident = f
-                    .occupancy_max_active_blocks_per_multiprocessor(kernels::BLOCK, 0, None)
-                    .map_err(CudaError::driver("occupancy"))?;
-                functions.insert(name, (f, resident.max(1)));
+            let mut target = compile::Target::Cubin;
+            for (d, part) in DTypeTag::ALL.into_iter().zip(parts) {
+                let compiled = part?;
+                if compiled.target == compile::Target::Ptx {
+                    target = compile::Target::Ptx;
+                }
+                let module = ctx
+                    .load_module(Ptx::from_binary(compiled.image))
+                    .map_err(CudaError::driver("load module"))?;
+                let mut names = kernels::typed_entry_points(d);
+                if d == DTypeTag::F32 {
+                    names.extend(kernels::UNTYPED.iter().map(|s| s.to_string()));
+                }
+                for name in names {
+                    let f = module
+                        .load_function(&name)
+                        .map_err(CudaError::driver("load function"))?;
+                    // Resident blocks per SM at the crate's block size, from the driver's
+                    // occupancy calculator (registers and shared memory of this build).
+                    let resident = f
+                        .occupancy_max_active_blocks_per_multiprocessor(kernels::BLOCK, 0, None)
+                        .map_err(CudaError::driver("occupancy"))?;
+                    functions.insert(name, (f, resident.max(1)));
+                }
             }
             // A non-blocking stream of our own: the legacy NULL stream would serialize
             // with every other blocking stream of the process (PyTorch's included).

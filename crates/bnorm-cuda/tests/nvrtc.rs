@@ -57,3 +57,36 @@ fn a_compile_error_is_typed_and_carries_the_log() {
         other => panic!("expected a compile error, got {other:?}"),
     }
 }
+
+/// What `Gpu::new` compiles: one program per element type (in parallel), each a cubin
+/// defining that type's entry points.
+#[test]
+#[cfg_attr(
+    not(bnorm_nvrtc_tests),
+    ignore = "needs NVRTC: set BNORM_NVRTC=<libnvrtc.so or its folder> or BNORM_REQUIRE_NVRTC=1"
+)]
+fn the_per_dtype_programs_compile_to_cubins_in_parallel() {
+    nvrtc_available().expect("NVRTC required here");
+    let parts: Vec<_> = std::thread::scope(|s| {
+        let hs: Vec<_> = bnorm_cuda::DTypeTag::ALL
+            .iter()
+            .map(|&d| {
+                s.spawn(move || {
+                    let src = bnorm_cuda::kernels::source_for(&[d]);
+                    (d, bnorm_cuda::compile::compile_for_device(&src, (9, 0)))
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (d, part) in parts {
+        let c = part.unwrap_or_else(|e| panic!("{d:?}: {e}"));
+        assert_eq!(c.target, Target::Cubin);
+        assert_eq!(&c.image[..4], b"\x7fELF");
+        let bytes = String::from_utf8_lossy(&c.image);
+        let typed = format!("_{}_v", d.suffix());
+        for e in entry_points().iter().filter(|e| e.contains(&typed)) {
+            assert!(bytes.contains(e.as_str()), "{e} not in the {d:?} cubin");
+        }
+    }
+}
