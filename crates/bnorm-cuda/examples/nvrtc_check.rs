@@ -147,6 +147,27 @@ fn main() {
             }
         }
     }
+    // What Gpu::new does on an sm_90 device: one program per element type, in parallel.
+    let t = std::time::Instant::now();
+    let ok = std::thread::scope(|sc| {
+        let hs: Vec<_> = bnorm_cuda::DTypeTag::ALL
+            .iter()
+            .map(|&d| {
+                sc.spawn(move || {
+                    compile::compile_for_device(&kernels::source_for(&[d]), (9, 0)).is_ok()
+                })
+            })
+            .collect();
+        hs.into_iter().all(|h| h.join().unwrap_or(false))
+    });
+    println!(
+        "Gpu::new's compile for sm_90 (3 programs in parallel): {:.0} ms, {}",
+        t.elapsed().as_secs_f64() * 1e3,
+        if ok { "ok" } else { "FAILED" }
+    );
+    if !ok {
+        failed.insert("per-dtype programs".into());
+    }
     let archs: Vec<String> = ARCHS.iter().map(|a| format!("sm_{}{}", a.0, a.1)).collect();
     println!(
         "compiled {} kernels for {}: {} failed",
