@@ -520,16 +520,15 @@ impl GpuBatchNorm {
                 report.updated = true;
             }
             if plan.update.is_some() && !fused_update {
-                {
-                    let s = stream
-                        .clone_dtoh(&*stats)
-                        .map_err(CudaError::driver("download statistics"))?;
-                    let bad: Vec<usize> = (0..c)
-                        .filter(|&ch| !(s[ch].is_finite() && s[c + ch].is_finite()))
-                        .collect();
-                    if !bad.is_empty() {
-                        return Err(bnorm::Error::NonFiniteStatistics { channels: bad }.into());
-                    }
+                // NonFinitePolicy::Error: refuse before anything is written
+                let s = stream
+                    .clone_dtoh(&*stats)
+                    .map_err(CudaError::driver("download statistics"))?;
+                let bad: Vec<usize> = (0..c)
+                    .filter(|&ch| !(s[ch].is_finite() && s[c + ch].is_finite()))
+                    .collect();
+                if !bad.is_empty() {
+                    return Err(bnorm::Error::NonFiniteStatistics { channels: bad }.into());
                 }
                 let f = self.gpu.function("bn_running_update")?;
                 let mut b = stream.launch_builder(&f);
