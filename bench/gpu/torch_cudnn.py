@@ -4,7 +4,7 @@
 Times torch.nn.functional.batch_norm (training forward, inference forward, backward via
 autograd; cuDNN where PyTorch uses it) on the cuDNN anchor's cases
 (../../../shared/gpu/cudnn_anchor.py: labels S1 S2 S3 S5 L1 L3, 4-d shapes in NCHW and
-channels-last) with CUDA events, and prints one table next to bnorm's numbers read from
+channels-last; f32, bf16, f16) with CUDA events, and prints one table next to bnorm's numbers read from
 `gpu_check --json` (if that file is missing, the torch-only table).
 
 Metric, as the anchor counts it: training and inference forward move 2 tensor passes
@@ -63,7 +63,7 @@ def load_bnorm(path):
 
 
 def bench(iters, torch, F):
-    dtypes = {"f32": torch.float32, "bf16": torch.bfloat16}
+    dtypes = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
 
     def time_ms(fn):
         for _ in range(3):

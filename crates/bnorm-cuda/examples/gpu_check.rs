@@ -574,11 +574,12 @@ fn main() {
     if !flag("--verify-only") {
         let mut rows = Vec::new();
         for (label, layout, shape) in bench_cases() {
-            for bf in [false, true] {
-                let r = if bf {
-                    bench_one::<bf16>(&gpu, label, layout, &shape, iters, &mut rng)
-                } else {
-                    bench_one::<f32>(&gpu, label, layout, &shape, iters, &mut rng)
+            // the anchor's dtypes: f32, bf16, f16
+            for dtype in 0..3 {
+                let r = match dtype {
+                    0 => bench_one::<f32>(&gpu, label, layout, &shape, iters, &mut rng),
+                    1 => bench_one::<bf16>(&gpu, label, layout, &shape, iters, &mut rng),
+                    _ => bench_one::<f16>(&gpu, label, layout, &shape, iters, &mut rng),
                 };
                 match r {
                     Ok(r) => rows.push(r),
