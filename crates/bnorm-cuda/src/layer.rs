@@ -115,8 +115,9 @@ pub struct GpuBatchNorm {
     rvar: CudaSlice<f64>,
     skipped: CudaSlice<i32>,
     flags_valid: bool,
+    /// Per-(split, channel) partials of the reductions: 4 values (n, K, d, M2) for the
+    /// statistics, 2 for the backward sums.
     part: CudaSlice<f64>,
-    shift: CudaSlice<f64>,
     grads: CudaSlice<f64>,
     grads_valid: bool,
     bcoef: CudaSlice<f32>,
@@ -281,7 +282,6 @@ impl GpuBatchNorm {
             flags_valid: false,
             next_saved: GpuSaved::new(),
             part: zeros(1)?,
-            shift: zeros(c)?,
             grads: zeros(2 * c)?,
             grads_valid: false,
             bcoef: stream
@@ -760,7 +760,8 @@ impl GpuBatchNorm {
     }
 
     fn ensure_part(&mut self, split: Split, c: usize) -> Result<()> {
-        let need = 2 * split.splits() as usize * c;
+        // 4 values per (split, channel) for the statistics' moments, 2 for the backward
+        let need = 4 * split.splits() as usize * c;
         if self.part.len() < need {
             self.part = self
                 .stream
@@ -790,7 +791,7 @@ impl GpuBatchNorm {
         Ok((plan_split(g, self.gpu.sm_count(), resident), name))
     }
 
-    /// Queues the statistics reduction of `x` (partials in `self.part` / `self.shift`) and
+    /// Queues the statistics reduction of `x` (partial moments in `self.part`) and
     /// its second stage in the last block of each channel group: `stats` (3·C) and `coef`
     /// (4·C), and with `update = Some((a, unbiased))` the running statistics.
     fn reduce_stats<T: GpuElement>(
@@ -842,13 +843,12 @@ impl GpuBatchNorm {
                     .arg(&pv)
                     .arg(&chunk)
                     .arg(&mut self.part)
-                    .arg(&mut self.shift)
                     .arg(&mut self.counter);
                 push_stats_out(&mut b, &mut out);
                 // SAFETY: arguments match bn_stats_cf_*; vec divides inner, so every vector
                 // lies inside one row of x and is aligned (256-byte aligned allocation); the
-                // plan keeps every index inside x (checked geometry < 2^31 elements); part
-                // holds 2·S·C, shift C values.
+                // plan keeps every index inside x (checked geometry < 2^31 vectors); part
+                // holds 4·S·C values.
                 unsafe { b.launch(rcfg) }.map_err(CudaError::driver("bn_stats_cf"))?;
             }
             Split::ChannelsLast { rows, .. } => {
@@ -859,11 +859,10 @@ impl GpuBatchNorm {
                     .arg(&c32)
                     .arg(&rows)
                     .arg(&mut self.part)
-                    .arg(&mut self.shift)
                     .arg(&mut self.counter);
                 push_stats_out(&mut b, &mut out);
                 // SAFETY: arguments match bn_stats_cl_*; vec divides C, threads whose first
-                // channel is ≥ C load nothing; part holds 2·S·C, shift C values.
+                // channel is ≥ C load nothing; part holds 4·S·C values.
                 unsafe { b.launch(rcfg) }.map_err(CudaError::driver("bn_stats_cl"))?;
             }
         }
