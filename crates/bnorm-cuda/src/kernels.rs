@@ -259,6 +259,21 @@ __device__ __forceinline__ bool last_of_group(u32* __restrict__ counter, u32 gro
     return last;
 }
 
+// The columns path's second stage (channels-first with a small inner I, reduced as rows of
+// W = C·I columns): a channel's I columns may lie in two tiles of tw columns, so every
+// block signals each channel its tile touches (an arrival counter per channel, after
+// __threadfence and a barrier, as last_of_group); the signal that completes a channel
+// (every split of every tile holding its columns) returns true, and that thread finalizes
+// the channel. Only the counters are atomic; the merge order is fixed.
+__device__ __forceinline__ bool column_channel_done(u32* __restrict__ counter, u32 ch, u32 I,
+                                                    u32 tw) {
+    u32 tiles = (ch * I + I - 1u) / tw - (ch * I) / tw + 1u;
+    if (atomicAdd(counter + ch, 1u) != tiles * gridDim.y - 1u) return false;
+    counter[ch] = 0u;
+    __threadfence();
+    return true;
+}
+
 // Everything the statistics' second stage needs, for one channel: merge the S partials in
 // split order; stats = [mean | biased var | invstd] (C each), coef[c] = (hi, lo, scale,
 // shift); with `update`, the running statistics as bnorm's running.rs (blend with the
@@ -300,15 +315,19 @@ __device__ __forceinline__ void running_update_channel(u32 c, u32 C, double N, c
     }
 }
 
-__device__ __forceinline__ void finalize_stats_channel(u32 c, u32 C, u32 S, const double* part,
-                                       const StatsOut& o) {
+__device__ __forceinline__ void finalize_stats_channel(u32 c, u32 C, u32 I, u32 S,
+                                       const double* part, const StatsOut& o) {
     // volatile: the partials were written by other blocks of this launch; (n, K, d, M2)
-    // per split, merged in split order
+    // per (split, column), the channel's I columns (1 but in the columns path), merged in
+    // (split, column) order
     const volatile double* vp = part;
     double n = 0.0, K = 0.0, d = 0.0, m2 = 0.0;
+    u64 W = (u64)C * I;
     for (u32 s = 0; s < S; ++s) {
-        u64 p = ((u64)s * C + c) * 4u;
-        chan_merge(n, K, d, m2, vp[p], vp[p + 1], vp[p + 2], vp[p + 3]);
+        for (u32 k = 0; k < I; ++k) {
+            u64 p = ((u64)s * W + (u64)c * I + k) * 4u;
+            chan_merge(n, K, d, m2, vp[p], vp[p + 1], vp[p + 2], vp[p + 3]);
+        }
     }
     double mean = K + d;
     double var = m2 / o.N;
@@ -333,14 +352,17 @@ struct BwdOut {
     int batch;
 };
 
-__device__ __forceinline__ void finalize_bwd_channel(u32 c, u32 C, u32 S, const double* part,
-                                     const BwdOut& o) {
+__device__ __forceinline__ void finalize_bwd_channel(u32 c, u32 C, u32 I, u32 S,
+                                     const double* part, const BwdOut& o) {
     const volatile double* vp = part;
     double sdy = 0.0, sdyxc = 0.0;
+    u64 W = (u64)C * I;
     for (u32 s = 0; s < S; ++s) {
-        u64 p = ((u64)s * C + c) * 2u;
-        sdy += vp[p];
-        sdyxc += vp[p + 1];
+        for (u32 k = 0; k < I; ++k) {
+            u64 p = ((u64)s * W + (u64)c * I + k) * 2u;
+            sdy += vp[p];
+            sdyxc += vp[p + 1];
+        }
     }
     double invstd = o.stats[2ull * C + c];
     double dot_xhat = sdyxc * invstd;
@@ -409,18 +431,22 @@ __device__ void stats_cf(const T* __restrict__ x, u32 C, u32 IV, u32 mIV, u32 sI
         part[p + 3] = q;
     }
     if (last_of_group(counter, c, gridDim.y) && threadIdx.x == 0)
-        finalize_stats_channel(c, C, gridDim.y, part, out);
+        finalize_stats_channel(c, C, 1u, gridDim.y, part, out);
 }
 
-// channels-last: grid (ceil(C/(32·N)), S), block (32, 8); N divides C; thread x takes the
-// N channels [cv·N, cv·N + N); split s covers rows [s·rows, ...).
+// channels-last: grid (ceil(W/(32·N)), S), block (32, 8), over O rows of W = C·I columns:
+// I = 1 for channels-last layouts (a column is a channel), I = inner for the columns path
+// (channels-first with a small inner: column w is channel w / I; partials per column);
+// N divides W; thread x takes the N columns [cv·N, cv·N + N); split s covers rows
+// [s·rows, ...).
 template <typename T, int N>
-__device__ void stats_cl(const T* __restrict__ x, u32 O, u32 C, u32 rows,
+__device__ void stats_cl(const T* __restrict__ x, u32 O, u32 C, u32 I, u32 rows,
                          double* __restrict__ part, u32* __restrict__ counter,
                          const StatsOut& out) {
     u32 cv = blockIdx.x * blockDim.x + threadIdx.x, s = blockIdx.y;
     u32 c0 = cv * N;
-    bool live = c0 < C;
+    u32 Wc = C * I;
+    bool live = c0 < Wc;
     u32 r0 = s * rows;
     u32 r1 = min(O, r0 + rows);
     double s1[N], s2[N], K[N];
@@ -433,7 +459,7 @@ __device__ void stats_cl(const T* __restrict__ x, u32 O, u32 C, u32 rows,
 #pragma unroll
             for (int u = 0; u < UNROLL; ++u) {
                 u32 rr = r + u * blockDim.y;
-                if (rr < r1) ldv<T, N>(x, (u64)rr * C + c0, f[u]);
+                if (rr < r1) ldv<T, N>(x, (u64)rr * Wc + c0, f[u]);
             }
             if (cnt == 0u) {
 #pragma unroll
@@ -459,16 +485,29 @@ __device__ void stats_cl(const T* __restrict__ x, u32 O, u32 C, u32 rows,
         shifted_to_moments(cnt, K[q], s1[q], s2[q], n, d, m2);
         tile_merge(n, K[q], d, m2);
         if (threadIdx.y == 0 && live) {
-            u64 p = ((u64)s * C + c0 + q) * 4u;
+            u64 p = ((u64)s * Wc + c0 + q) * 4u;
             part[p] = n;
             part[p + 1] = K[q];
             part[p + 2] = d;
             part[p + 3] = m2;
         }
     }
-    if (last_of_group(counter, blockIdx.x, gridDim.y) && threadIdx.y == 0 && live) {
-#pragma unroll
-        for (int q = 0; q < N; ++q) finalize_stats_channel(c0 + q, C, gridDim.y, part, out);
+    // second stage, one call site (two inlined copies made ptxas spill): channels-last,
+    // the block arriving last among its group's splits finalizes the tile's channels; the
+    // columns path, per channel (column_channel_done)
+    u32 tw = blockDim.x * N, first = blockIdx.x * tw, last = min(Wc, first + tw) - 1u;
+    bool go = true;
+    if (I == 1u) {
+        go = last_of_group(counter, blockIdx.x, gridDim.y);
+    } else {
+        __threadfence();
+        __syncthreads();
+    }
+    if (go) {
+        for (u32 ch = first / I + threadIdx.y * blockDim.x + threadIdx.x; ch <= last / I;
+             ch += blockDim.x * blockDim.y)
+            if (I == 1u || column_channel_done(counter, ch, I, tw))
+                finalize_stats_channel(ch, C, I, gridDim.y, part, out);
     }
 }
 
@@ -550,22 +589,23 @@ __device__ void norm_back_cf(const T* __restrict__ x, T* __restrict__ y, u32 C, 
 
 template <typename T, int N>
 __device__ void norm_back_cl(const T* __restrict__ x, T* __restrict__ y, u32 O, u32 C,
-                             u32 rows, const float4* __restrict__ coef) {
+                             u32 I, u32 rows, const float4* __restrict__ coef) {
     u32 cv = blockIdx.x * blockDim.x + threadIdx.x, s = blockIdx.y;
     u32 c0 = cv * N;
-    if (c0 >= C) return;
+    u32 Wc = C * I;
+    if (c0 >= Wc) return;
     u32 r0 = s * rows;
     u32 r1 = min(O, r0 + rows);
     u32 n = r1 > r0 ? r1 - r0 : 0u;
     float4 k[N];
 #pragma unroll
-    for (int q = 0; q < N; ++q) k[q] = coef[c0 + q];
+    for (int q = 0; q < N; ++q) k[q] = coef[I == 1u ? c0 + q : (c0 + q) / I];
     for (u32 t = threadIdx.y; t < n; t += UNROLL * blockDim.y) {
         float f[UNROLL][N];
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
             u32 tt = t + u * blockDim.y;
-            if (tt < n) ldv<T, N>(x, (u64)(r1 - 1u - tt) * C + c0, f[u]);
+            if (tt < n) ldv<T, N>(x, (u64)(r1 - 1u - tt) * Wc + c0, f[u]);
         }
 #pragma unroll
         for (int u = 0; u < UNROLL; ++u) {
@@ -575,7 +615,7 @@ __device__ void norm_back_cl(const T* __restrict__ x, T* __restrict__ y, u32 O, 
 #pragma unroll
                 for (int q = 0; q < N; ++q)
                     o[q] = fmaf((f[u][q] - k[q].x) - k[q].y, k[q].z, k[q].w);
-                stv<T, N>(y, (u64)(r1 - 1u - tt) * C + c0, o);
+                stv<T, N>(y, (u64)(r1 - 1u - tt) * Wc + c0, o);
             }
         }
     }
@@ -629,25 +669,30 @@ __device__ void dx_back_cf(const T* __restrict__ x, const T* __restrict__ dy,
 
 template <typename T, int N>
 __device__ void dx_back_cl(const T* __restrict__ x, const T* __restrict__ dy,
-                           T* __restrict__ dx, u32 O, u32 C, u32 rows,
+                           T* __restrict__ dx, u32 O, u32 C, u32 I, u32 rows,
                            const float4* __restrict__ coef, const float4* __restrict__ bcoef,
                            int use_x) {
     u32 cv = blockIdx.x * blockDim.x + threadIdx.x, s = blockIdx.y;
     u32 c0 = cv * N;
-    if (c0 >= C) return;
+    u32 Wc = C * I;
+    if (c0 >= Wc) return;
     u32 r0 = s * rows;
     u32 r1 = min(O, r0 + rows);
     u32 n = r1 > r0 ? r1 - r0 : 0u;
     float4 k[N], b[N];
 #pragma unroll
-    for (int q = 0; q < N; ++q) { k[q] = coef[c0 + q]; b[q] = bcoef[c0 + q]; }
+    for (int q = 0; q < N; ++q) {
+        u32 ch = I == 1u ? c0 + q : (c0 + q) / I;
+        k[q] = coef[ch];
+        b[q] = bcoef[ch];
+    }
     for (u32 t = threadIdx.y; t < n; t += UNROLL_BWD * blockDim.y) {
         float fx[UNROLL_BWD][N], fg[UNROLL_BWD][N];
 #pragma unroll
         for (int u = 0; u < UNROLL_BWD; ++u) {
             u32 tt = t + u * blockDim.y;
             if (tt < n) {
-                u64 a = (u64)(r1 - 1u - tt) * C + c0;
+                u64 a = (u64)(r1 - 1u - tt) * Wc + c0;
                 ldv<T, N>(dy, a, fg[u]);
                 if (use_x) ldv<T, N>(x, a, fx[u]);
             }
@@ -662,7 +707,7 @@ __device__ void dx_back_cl(const T* __restrict__ x, const T* __restrict__ dy,
                     float d = use_x ? (fx[u][q] - k[q].x) - k[q].y : 0.0f;
                     o[q] = fmaf(b[q].x, fg[u][q] - b[q].z, fmaf(b[q].y, d, b[q].w));
                 }
-                stv<T, N>(dx, (u64)(r1 - 1u - tt) * C + c0, o);
+                stv<T, N>(dx, (u64)(r1 - 1u - tt) * Wc + c0, o);
             }
         }
     }
@@ -710,22 +755,23 @@ __device__ void bwd_reduce_cf(const T* __restrict__ x, const T* __restrict__ dy,
         part[p + 1] = s2;
     }
     if (last_of_group(counter, c, gridDim.y) && threadIdx.x == 0)
-        finalize_bwd_channel(c, C, gridDim.y, part, out);
+        finalize_bwd_channel(c, C, 1u, gridDim.y, part, out);
 }
 
 template <typename T, int N>
 __device__ void bwd_reduce_cl(const T* __restrict__ x, const T* __restrict__ dy,
-                              const double* __restrict__ stats, u32 O, u32 C, u32 rows,
+                              const double* __restrict__ stats, u32 O, u32 C, u32 I, u32 rows,
                               double* __restrict__ part, u32* __restrict__ counter,
                               const BwdOut& out) {
     u32 cv = blockIdx.x * blockDim.x + threadIdx.x, s = blockIdx.y;
     u32 c0 = cv * N;
-    bool live = c0 < C;
+    u32 Wc = C * I;
+    bool live = c0 < Wc;
     u32 r0 = s * rows;
     u32 r1 = min(O, r0 + rows);
     double s1[N], s2[N], mu[N];
 #pragma unroll
-    for (int q = 0; q < N; ++q) { s1[q] = 0.0; s2[q] = 0.0; mu[q] = live ? stats[c0 + q] : 0.0; }
+    for (int q = 0; q < N; ++q) { s1[q] = 0.0; s2[q] = 0.0; mu[q] = live ? stats[I == 1u ? c0 + q : (c0 + q) / I] : 0.0; }
     if (live) {
         for (u32 r = r0 + threadIdx.y; r < r1; r += UNROLL_BWD * blockDim.y) {
             float fx[UNROLL_BWD][N], fg[UNROLL_BWD][N];
@@ -733,8 +779,8 @@ __device__ void bwd_reduce_cl(const T* __restrict__ x, const T* __restrict__ dy,
             for (int u = 0; u < UNROLL_BWD; ++u) {
                 u32 rr = r + u * blockDim.y;
                 if (rr < r1) {
-                    ldv<T, N>(x, (u64)rr * C + c0, fx[u]);
-                    ldv<T, N>(dy, (u64)rr * C + c0, fg[u]);
+                    ldv<T, N>(x, (u64)rr * Wc + c0, fx[u]);
+                    ldv<T, N>(dy, (u64)rr * Wc + c0, fg[u]);
                 }
             }
 #pragma unroll
@@ -754,14 +800,27 @@ __device__ void bwd_reduce_cl(const T* __restrict__ x, const T* __restrict__ dy,
     for (int q = 0; q < N; ++q) {
         tile_sum2(s1[q], s2[q]);
         if (threadIdx.y == 0 && live) {
-            u64 p = ((u64)s * C + c0 + q) * 2u;
+            u64 p = ((u64)s * Wc + c0 + q) * 2u;
             part[p] = s1[q];
             part[p + 1] = s2[q];
         }
     }
-    if (last_of_group(counter, blockIdx.x, gridDim.y) && threadIdx.y == 0 && live) {
-#pragma unroll
-        for (int q = 0; q < N; ++q) finalize_bwd_channel(c0 + q, C, gridDim.y, part, out);
+    // second stage, one call site (two inlined copies made ptxas spill): channels-last,
+    // the block arriving last among its group's splits finalizes the tile's channels; the
+    // columns path, per channel (column_channel_done)
+    u32 tw = blockDim.x * N, first = blockIdx.x * tw, last = min(Wc, first + tw) - 1u;
+    bool go = true;
+    if (I == 1u) {
+        go = last_of_group(counter, blockIdx.x, gridDim.y);
+    } else {
+        __threadfence();
+        __syncthreads();
+    }
+    if (go) {
+        for (u32 ch = first / I + threadIdx.y * blockDim.x + threadIdx.x; ch <= last / I;
+             ch += blockDim.x * blockDim.y)
+            if (I == 1u || column_channel_done(counter, ch, I, tw))
+                finalize_bwd_channel(ch, C, I, gridDim.y, part, out);
     }
 }
 
@@ -804,9 +863,11 @@ extern "C" __global__ void __launch_bounds__(256) bn_stats_cf_$S(const $T* x, u3
         u32 mIV, u32 sIV, u32 PV, u32 chunk, double* part, u32* counter, STATS_OUT_PARAMS) {
     stats_cf<$T, $N>(x, C, IV, mIV, sIV, PV, chunk, part, counter, STATS_OUT);
 }
-extern "C" __global__ void __launch_bounds__(256) bn_stats_cl_$S(const $T* x, u32 O, u32 C,
-        u32 rows, double* part, u32* counter, STATS_OUT_PARAMS) {
-    stats_cl<$T, $N>(x, O, C, rows, part, counter, STATS_OUT);
+// (256, 3): without a minimum ptxas held bn_stats_cl_*_v1/v2 to 48 registers and spilled
+// around the f64 division's slow-path call (sm_80); with it, 60-72 registers, no spill.
+extern "C" __global__ void __launch_bounds__(256, 3) bn_stats_cl_$S(const $T* x, u32 O, u32 C,
+        u32 I, u32 rows, double* part, u32* counter, STATS_OUT_PARAMS) {
+    stats_cl<$T, $N>(x, O, C, I, rows, part, counter, STATS_OUT);
 }
 extern "C" __global__ void __launch_bounds__(256, 2) bn_norm_$S(const $T* x, $T* y, u32 nv,
         u32 I, u32 mR, u32 sR, u32 Cd, u32 mC, u32 sC, const float4* coef) {
@@ -817,8 +878,8 @@ extern "C" __global__ void __launch_bounds__(256) bn_norm_back_cf_$S(const $T* x
     norm_back_cf<$T, $N>(x, y, C, IV, mIV, sIV, PV, chunk, coef);
 }
 extern "C" __global__ void __launch_bounds__(256) bn_norm_back_cl_$S(const $T* x, $T* y,
-        u32 O, u32 C, u32 rows, const float4* coef) {
-    norm_back_cl<$T, $N>(x, y, O, C, rows, coef);
+        u32 O, u32 C, u32 I, u32 rows, const float4* coef) {
+    norm_back_cl<$T, $N>(x, y, O, C, I, rows, coef);
 }
 extern "C" __global__ void __launch_bounds__(256) bn_dx_back_cf_$S(const $T* x,
         const $T* dy, $T* dx, u32 C, u32 IV, u32 mIV, u32 sIV, u32 PV, u32 chunk,
@@ -826,9 +887,9 @@ extern "C" __global__ void __launch_bounds__(256) bn_dx_back_cf_$S(const $T* x,
     dx_back_cf<$T, $N>(x, dy, dx, C, IV, mIV, sIV, PV, chunk, coef, bcoef, use_x);
 }
 extern "C" __global__ void __launch_bounds__(256) bn_dx_back_cl_$S(const $T* x,
-        const $T* dy, $T* dx, u32 O, u32 C, u32 rows, const float4* coef,
+        const $T* dy, $T* dx, u32 O, u32 C, u32 I, u32 rows, const float4* coef,
         const float4* bcoef, int use_x) {
-    dx_back_cl<$T, $N>(x, dy, dx, O, C, rows, coef, bcoef, use_x);
+    dx_back_cl<$T, $N>(x, dy, dx, O, C, I, rows, coef, bcoef, use_x);
 }
 extern "C" __global__ void __launch_bounds__(256) bn_bwd_reduce_cf_$S(const $T* x,
         const $T* dy, const double* stats, u32 C, u32 IV, u32 mIV, u32 sIV, u32 PV, u32 chunk,
@@ -836,9 +897,9 @@ extern "C" __global__ void __launch_bounds__(256) bn_bwd_reduce_cf_$S(const $T* 
     bwd_reduce_cf<$T, $N>(x, dy, stats, C, IV, mIV, sIV, PV, chunk, part, counter, BWD_OUT);
 }
 extern "C" __global__ void __launch_bounds__(256) bn_bwd_reduce_cl_$S(const $T* x,
-        const $T* dy, const double* stats, u32 O, u32 C, u32 rows, double* part, u32* counter,
-        BWD_OUT_PARAMS) {
-    bwd_reduce_cl<$T, $N>(x, dy, stats, O, C, rows, part, counter, BWD_OUT);
+        const $T* dy, const double* stats, u32 O, u32 C, u32 I, u32 rows, double* part,
+        u32* counter, BWD_OUT_PARAMS) {
+    bwd_reduce_cl<$T, $N>(x, dy, stats, O, C, I, rows, part, counter, BWD_OUT);
 }
 "#;
 
@@ -972,8 +1033,9 @@ mod tests {
         use bnorm::expert::Geometry;
 
         /// The values of channel `c` each thread reads, in its order:
-        /// `[split][thread of the merge][value]` (channels-first: the block's 256 threads;
-        /// channels-last: the 8 threads along y that own channel `c`).
+        /// `[partial][thread of the merge][value]` (channels-first: per split, the block's
+        /// 256 threads; by rows: per (split, column of the channel), the 8 threads along y
+        /// that own the column).
         pub fn thread_values(g: Geometry, plan: Split, x: &[f32], c: usize) -> Vec<Vec<Vec<f32>>> {
             let block = BLOCK as usize;
             match plan {
@@ -1007,30 +1069,42 @@ mod tests {
                         })
                         .collect()
                 }
-                Split::ChannelsLast { splits, rows, .. } => {
-                    let rows = rows as usize;
+                Split::ChannelsLast {
+                    splits,
+                    rows,
+                    inner,
+                    ..
+                } => {
+                    // one list of threads per (split, column of the channel), in the order
+                    // finalize_stats_channel merges the partials
+                    let (rows, inner) = (rows as usize, inner as usize);
+                    let w = g.channels * inner;
                     let ty = CL_TILE.1 as usize;
-                    (0..splits as usize)
-                        .map(|s| {
-                            let (r0, r1) = (s * rows, g.outer.min(s * rows + rows));
-                            (0..ty)
-                                .map(|y| {
-                                    let mut out = Vec::new();
-                                    let mut r = r0 + y;
-                                    while r < r1 {
-                                        for u in 0..UNROLL {
-                                            let rr = r + u * ty;
-                                            if rr < r1 {
-                                                out.push(x[rr * g.channels + c]);
+                    let mut out = Vec::new();
+                    for s in 0..splits as usize {
+                        let (r0, r1) = (s * rows, g.outer.min(s * rows + rows));
+                        for col in c * inner..(c + 1) * inner {
+                            out.push(
+                                (0..ty)
+                                    .map(|y| {
+                                        let mut out = Vec::new();
+                                        let mut r = r0 + y;
+                                        while r < r1 {
+                                            for u in 0..UNROLL {
+                                                let rr = r + u * ty;
+                                                if rr < r1 {
+                                                    out.push(x[rr * w + col]);
+                                                }
                                             }
+                                            r += UNROLL * ty;
                                         }
-                                        r += UNROLL * ty;
-                                    }
-                                    out
-                                })
-                                .collect()
-                        })
-                        .collect()
+                                        out
+                                    })
+                                    .collect(),
+                            );
+                        }
+                    }
+                    out
                 }
             }
         }
@@ -1162,10 +1236,11 @@ mod tests {
     /// Review defect 13: the statistics no longer depend on the channel's first value as
     /// the shift. Host mirror of the kernels' arithmetic against exact moments, on
     /// channels-first and channels-last batches with a large mean and an outlier as the
-    /// channel's first value: the kernels' mean and variance are within 16 + 2·n f64 ulps,
-    /// n the most values one thread sums (16–62 here, against 2^20 per channel); the former
-    /// channel-wide shift loses up to ~N·ε of the variance and must fail a 64-ulp bound
-    /// on every outlier case (so the bound can fail).
+    /// channel's first value: the kernels' mean and variance are within the summation
+    /// bound 16 + 2·(n + chain) f64 ulps, n the most values one thread sums (4–62 here,
+    /// against 2^18–2^20 per channel) and chain the longest sequence of merges; the former
+    /// channel-wide shift loses up to ~N·ε of the variance and must fail the same bound on
+    /// the outlier cases (so the bound can fail).
     #[test]
     fn statistics_survive_an_unlucky_first_value() {
         use bnorm::Layout;
@@ -1176,16 +1251,17 @@ mod tests {
             s ^= s << 17;
             (s >> 11) as f64 / (1u64 << 53) as f64
         };
-        let mut least_old = f64::INFINITY;
         for (layout, shape) in [
             (Layout::NCHW, &[16usize, 2, 256, 256][..]),
             (Layout::NCHW, &[9, 2, 257, 113]),
             (Layout::NC, &[1 << 19, 4]),
             (Layout::NHWC, &[33, 61, 67, 3]),
+            // the columns path (defect 11): per-column partials merged per channel
+            (Layout::NCL, &[1 << 16, 3, 5]),
         ] {
             let g = layout.geometry(shape).unwrap();
             let plan = crate::plan::plan_split(g, 132, 8);
-            let cf = g.inner > 1;
+            let cf = !crate::plan::reduces_by_rows(g);
             // (mean, outlier); with mean 1e6 and outlier 3e3 the f32 values sit on a 1/16 grid
             // and the former scheme's sums happen to be exact: only the other outlier cases
             // must show its loss
@@ -1224,22 +1300,24 @@ mod tests {
                     "{layout}{shape:?} {plan:?} mean {mean} outlier {outlier}: kernels {new:.1} ulps, channel shift {old:.1}"
                 );
                 // a thread's own shift costs at most ~ε per value it sums (its M2 holds the
-                // outlier it was shifted by); every merge level adds a few ε
+                // outlier it was shifted by); the merges add M2s of one sign, like a sum,
+                // so at most ~ε per merge in the longest chain (warp tree, warps or y,
+                // then every partial in order): the summation bound 2ε·(n + chain)
                 let per_thread = lists.iter().flatten().map(Vec::len).max().unwrap_or(0);
-                let bound = 16.0 + 2.0 * per_thread as f64;
+                let chain = lists.len() + 5 + 8;
+                let bound = 16.0 + 2.0 * (per_thread + chain) as f64;
                 assert!(
                     new <= bound,
                     "{layout}{shape:?} mean {mean}: {new} f64 ulps > {bound}"
                 );
                 if old_fails {
-                    least_old = least_old.min(old);
+                    assert!(
+                        old > bound,
+                        "{layout}{shape:?} mean {mean}: the channel shift was accurate ({old} ulps)"
+                    );
                 }
             }
         }
-        assert!(
-            least_old > 64.0,
-            "the channel shift was accurate: {least_old} ulps"
-        );
     }
 
     /// Review defect 1: with dy = 1000 + N(0, 1) the uncentred map lost ~1,200 f32 ulps; the

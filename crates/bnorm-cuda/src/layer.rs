@@ -8,7 +8,10 @@ use bnorm::expert::{ForwardPlan, Geometry, Grads, Moments, Normalized, Options, 
 use bnorm::{Config, Mode, Params, RunningState, StepReport, VarianceEstimator};
 
 use crate::kernels::{typed_name, BLOCK};
-use crate::plan::{channel_grid, elementwise_grid, plan_split, vector_width, FastDiv, Split};
+use crate::plan::{
+    channel_grid, elementwise_grid, plan_split, reduces_by_rows, reduction_width, vector_width,
+    FastDiv, Split,
+};
 use crate::{CudaError, DeviceTensor, Gpu, GpuElement, Result};
 
 /// What backward needs from a forward step, on the device: per channel the centre and
@@ -643,7 +646,7 @@ impl GpuBatchNorm {
             g.per_channel() as f64
         };
         let batch = i32::from(saved.normalized == Normalized::Batch);
-        let cf = g.inner > 1;
+        let cf = !reduces_by_rows(g);
         let (split, name) = self.plan::<T>(
             if cf {
                 "bn_bwd_reduce_cf"
@@ -685,7 +688,7 @@ impl GpuBatchNorm {
                 // grads 2·C, bcoef 4·C.
                 unsafe { b.launch(rcfg) }.map_err(CudaError::driver("bn_bwd_reduce_cf"))?;
             }
-            Split::ChannelsLast { rows, .. } => {
+            Split::ChannelsLast { rows, inner, .. } => {
                 let o = g.outer as u32;
                 let mut b = stream.launch_builder(&f);
                 b.arg(&x.buf)
@@ -693,6 +696,7 @@ impl GpuBatchNorm {
                     .arg(stats)
                     .arg(&o)
                     .arg(&c32)
+                    .arg(&inner)
                     .arg(&rows)
                     .arg(&mut self.part)
                     .arg(&mut self.counter)
@@ -701,8 +705,9 @@ impl GpuBatchNorm {
                     .arg(&batch)
                     .arg(&mut self.grads)
                     .arg(&mut self.bcoef);
-                // SAFETY: as above, channels-last plan (rows × 32·vec-channel tiles, vec
-                // divides C).
+                // SAFETY: as above, by-rows plan (rows × 32·vec-column tiles of W = C·inner
+                // columns, vec divides W, column w in channel w / inner < C); part holds
+                // 2·S·W values, counter ≥ C.
                 unsafe { b.launch(rcfg) }.map_err(CudaError::driver("bn_bwd_reduce_cl"))?;
             }
         }
@@ -735,7 +740,9 @@ impl GpuBatchNorm {
                 // divides inner); coef and bcoef hold C float4; x is not read when batch = 0.
                 unsafe { b.launch(rcfg) }.map_err(CudaError::driver("bn_dx_back_cf"))?;
             }
-            Split::ChannelsLast { rows, vec, .. } => {
+            Split::ChannelsLast {
+                rows, vec, inner, ..
+            } => {
                 let f = self
                     .gpu
                     .function(&typed_name("bn_dx_back_cl", T::TAG, vec))?;
@@ -746,12 +753,14 @@ impl GpuBatchNorm {
                     .arg(&mut dx.buf)
                     .arg(&o)
                     .arg(&c32)
+                    .arg(&inner)
                     .arg(&rows)
                     .arg(coef)
                     .arg(&self.bcoef)
                     .arg(&batch);
-                // SAFETY: arguments match bn_dx_back_cl_*; rows × 32·vec-channel tiles inside
-                // x, dy and dx (vec divides C; threads past C return); coef and bcoef hold C
+                // SAFETY: arguments match bn_dx_back_cl_*; rows × 32·vec-column tiles inside
+                // x, dy and dx (vec divides W = C·inner; threads past W return; column w in
+                // channel w / inner < C); coef and bcoef hold C
                 // float4; x is not read when batch = 0.
                 unsafe { b.launch(rcfg) }.map_err(CudaError::driver("bn_dx_back_cl"))?;
             }
@@ -761,7 +770,7 @@ impl GpuBatchNorm {
 
     fn ensure_part(&mut self, split: Split, c: usize) -> Result<()> {
         // 4 values per (split, channel) for the statistics' moments, 2 for the backward
-        let need = 4 * split.splits() as usize * c;
+        let need = 4 * split.splits() as usize * split.columns(c);
         if self.part.len() < need {
             self.part = self
                 .stream
@@ -781,7 +790,7 @@ impl GpuBatchNorm {
         also: Option<&str>,
         g: Geometry,
     ) -> Result<(Split, String)> {
-        let vec = vector_width(g);
+        let vec = reduction_width(g);
         let name = typed_name(base, T::TAG, vec);
         let mut resident = self.gpu.resident_blocks(&name)? as usize;
         if let Some(other) = also {
@@ -803,7 +812,7 @@ impl GpuBatchNorm {
         update: Option<(f64, i32)>,
     ) -> Result<Split> {
         let c = g.channels;
-        let cf = g.inner > 1;
+        let cf = !reduces_by_rows(g);
         let (split, name) = if cf {
             self.plan::<T>("bn_stats_cf", Some("bn_norm_back_cf"), g)?
         } else {
@@ -851,18 +860,19 @@ impl GpuBatchNorm {
                 // holds 4·S·C values.
                 unsafe { b.launch(rcfg) }.map_err(CudaError::driver("bn_stats_cf"))?;
             }
-            Split::ChannelsLast { rows, .. } => {
+            Split::ChannelsLast { rows, inner, .. } => {
                 let o = g.outer as u32;
                 let mut b = stream.launch_builder(&f);
                 b.arg(&x.buf)
                     .arg(&o)
                     .arg(&c32)
+                    .arg(&inner)
                     .arg(&rows)
                     .arg(&mut self.part)
                     .arg(&mut self.counter);
                 push_stats_out(&mut b, &mut out);
-                // SAFETY: arguments match bn_stats_cl_*; vec divides C, threads whose first
-                // channel is ≥ C load nothing; part holds 4·S·C values.
+                // SAFETY: arguments match bn_stats_cl_*; vec divides W = C·inner, threads whose
+                // first column is ≥ W load nothing; part holds 4·S·W values, counter ≥ C.
                 unsafe { b.launch(rcfg) }.map_err(CudaError::driver("bn_stats_cl"))?;
             }
         }
@@ -904,7 +914,9 @@ impl GpuBatchNorm {
                 // vec divides inner); coef holds C float4.
                 unsafe { b.launch(cfg) }.map_err(CudaError::driver("bn_norm_back_cf"))?;
             }
-            Split::ChannelsLast { rows, vec, .. } => {
+            Split::ChannelsLast {
+                rows, vec, inner, ..
+            } => {
                 let f = self
                     .gpu
                     .function(&typed_name("bn_norm_back_cl", T::TAG, vec))?;
@@ -914,10 +926,12 @@ impl GpuBatchNorm {
                     .arg(&mut y.buf)
                     .arg(&o)
                     .arg(&c32)
+                    .arg(&inner)
                     .arg(&rows)
                     .arg(coef);
-                // SAFETY: arguments match bn_norm_back_cl_*; rows × 32·vec-channel tiles
-                // inside x and y (vec divides C; threads past C return); coef holds C
+                // SAFETY: arguments match bn_norm_back_cl_*; rows × 32·vec-column tiles
+                // inside x and y (vec divides W = C·inner; threads past W return; column w in
+                // channel w / inner < C); coef holds C
                 // float4.
                 unsafe { b.launch(cfg) }.map_err(CudaError::driver("bn_norm_back_cl"))?;
             }

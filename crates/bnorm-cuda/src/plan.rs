@@ -65,15 +65,20 @@ pub enum Split {
         /// Elements per vector (divides inner).
         vec: u32,
     },
-    /// Channels-last (inner = 1): grid `(ceil(C/(32·vec)), splits)`, block (32, 8); split
-    /// `s` takes rows `[s·rows, min((s+1)·rows, outer))`.
+    /// By rows of `W = C·inner` columns (channels-last, inner = 1, a column is a channel;
+    /// or the columns path of a channels-first batch with a small inner, column `w` in
+    /// channel `w / inner`): grid `(ceil(W/(32·vec)), splits)`, block (32, 8); split `s`
+    /// takes rows `[s·rows, min((s+1)·rows, outer))`.
     ChannelsLast {
         /// Blocks along the rows.
         splits: u32,
         /// Rows per block.
         rows: u32,
-        /// Channels per thread (divides C).
+        /// Columns per thread (divides W).
         vec: u32,
+        /// Columns per channel: 1 for channels-last layouts, the inner size in the
+        /// columns path.
+        inner: u32,
     },
 }
 
@@ -89,9 +94,13 @@ impl Split {
     pub fn grid(self, channels: usize) -> (u32, u32, u32) {
         match self {
             Split::ChannelsFirst { splits, .. } => (channels as u32, splits, 1),
-            Split::ChannelsLast { splits, vec, .. } => {
-                ((channels as u32).div_ceil(CL_TILE.0 * vec), splits, 1)
-            }
+            Split::ChannelsLast {
+                splits, vec, inner, ..
+            } => (
+                (channels as u32 * inner).div_ceil(CL_TILE.0 * vec),
+                splits,
+                1,
+            ),
         }
     }
 
@@ -99,6 +108,14 @@ impl Split {
     pub fn vec(self) -> u32 {
         match self {
             Split::ChannelsFirst { vec, .. } | Split::ChannelsLast { vec, .. } => vec,
+        }
+    }
+
+    /// Partials per split: one per channel, or per column in the columns path.
+    pub fn columns(self, channels: usize) -> usize {
+        match self {
+            Split::ChannelsFirst { .. } => channels,
+            Split::ChannelsLast { inner, .. } => channels * inner as usize,
         }
     }
 
@@ -130,28 +147,56 @@ pub fn check_size(g: Geometry) -> Result<(), CudaError> {
     Ok(())
 }
 
-/// Elements per vector access for a batch: the widest of [`VECS`] that divides the
-/// contiguous run of one channel (inner, channels-first) or of one row (C, channels-last),
-/// so no vector straddles a channel or a row.
+/// Largest inner size reduced by rows of `C·inner` columns (the columns path) rather than
+/// per channel: with a smaller inner, a channel's contiguous runs are shorter than a few
+/// 32-byte sectors, so a per-channel block over-fetches (review defect 11).
+pub const COLUMNS_MAX_INNER: usize = 31;
+
+/// Whether the reductions take `g` by rows (the channels-last kernels): channels-last
+/// layouts, and channels-first batches with `1 < inner ≤` [`COLUMNS_MAX_INNER`] whose rows
+/// of `C·inner` columns fit 32-bit column indices.
+pub fn reduces_by_rows(g: Geometry) -> bool {
+    g.inner <= 1 || (g.inner <= COLUMNS_MAX_INNER && g.channels * g.inner <= MAX_VECTORS)
+}
+
+/// Elements per vector access of the reductions (and of the steps on their plan): by rows,
+/// the widest of [`VECS`] dividing the row of `C·inner` columns; per channel,
+/// [`vector_width`].
+pub fn reduction_width(g: Geometry) -> u32 {
+    if reduces_by_rows(g) {
+        widest_dividing(g.channels * g.inner.max(1))
+    } else {
+        vector_width(g)
+    }
+}
+
+/// Elements per vector access of the element-wise kernels (and of the per-channel
+/// reduction): the widest of [`VECS`] that divides the contiguous run of one channel
+/// (inner, channels-first) or of one row (C, channels-last), so no vector straddles a
+/// channel or a row. The reduction by rows uses [`reduction_width`].
 pub fn vector_width(g: Geometry) -> u32 {
-    let run = if g.inner > 1 { g.inner } else { g.channels };
+    widest_dividing(if g.inner > 1 { g.inner } else { g.channels })
+}
+
+/// The widest of [`VECS`] dividing `run`.
+fn widest_dividing(run: usize) -> u32 {
     VECS.iter()
         .rev()
         .copied()
-        .find(|&n| run % n as usize == 0)
+        .find(|&n| run.is_multiple_of(n as usize))
         .unwrap_or(1)
 }
 
-/// Plans the reduction of a batch (channels-first when `inner > 1`) for a device with
-/// `sms` multiprocessors holding `resident` reduction blocks each (the driver's occupancy
-/// query). The splits are floored so that the grid fills at most one wave of resident
+/// Plans the reduction of a batch (by rows when [`reduces_by_rows`], else per channel)
+/// for a device with `sms` multiprocessors holding `resident` reduction blocks each (the
+/// driver's occupancy query). The splits are floored so that the grid fills at most one wave of resident
 /// blocks whenever the channels allow (a partial second wave would take as long as the
 /// first); every split is non-empty and the splits cover each channel's values exactly
 /// once. `g` must have passed [`check_size`] and hold at least one value.
 pub fn plan_split(g: Geometry, sms: usize, resident: usize) -> Split {
     let wave = resident.max(1) * sms.max(1);
-    let vec = vector_width(g);
-    if g.inner > 1 {
+    let vec = reduction_width(g);
+    if !reduces_by_rows(g) {
         let pv = (g.per_channel() / vec as usize).max(1);
         let by_work = pv.div_ceil(MIN_CF_CHUNK);
         let wanted = (wave / g.channels.max(1)).max(1);
@@ -164,7 +209,10 @@ pub fn plan_split(g: Geometry, sms: usize, resident: usize) -> Split {
         }
     } else {
         let o = g.outer.max(1);
-        let cb = g.channels.max(1).div_ceil((CL_TILE.0 * vec) as usize);
+        let inner = g.inner.max(1);
+        let cb = (g.channels * inner)
+            .max(1)
+            .div_ceil((CL_TILE.0 * vec) as usize);
         let by_work = o.div_ceil(MIN_CL_ROWS);
         let wanted = (wave / cb).max(1);
         let splits = wanted.min(by_work).clamp(1, MAX_SPLITS);
@@ -173,6 +221,7 @@ pub fn plan_split(g: Geometry, sms: usize, resident: usize) -> Split {
             splits: o.div_ceil(rows) as u32,
             rows: rows as u32,
             vec,
+            inner: inner as u32,
         }
     }
 }
@@ -241,16 +290,18 @@ mod tests {
         assert!((1..=MAX_SPLITS).contains(&s));
         match plan {
             Split::ChannelsFirst { chunk, vec, .. } => {
-                assert!(g.inner > 1);
+                assert!(!reduces_by_rows(g));
                 assert_eq!(g.inner % vec as usize, 0, "{g:?} {plan:?}");
                 let pv = g.per_channel() / vec as usize;
                 let chunk = chunk as usize;
                 // non-empty splits, covering [0, pv) exactly once
                 assert!((s - 1) * chunk < pv && s * chunk >= pv, "{g:?} {plan:?}");
             }
-            Split::ChannelsLast { rows, vec, .. } => {
-                assert_eq!(g.inner, 1);
-                assert_eq!(g.channels % vec as usize, 0, "{g:?} {plan:?}");
+            Split::ChannelsLast {
+                rows, vec, inner, ..
+            } => {
+                assert!(reduces_by_rows(g) && inner as usize == g.inner.max(1));
+                assert_eq!((g.channels * g.inner) % vec as usize, 0, "{g:?} {plan:?}");
                 let rows = rows as usize;
                 assert!(
                     (s - 1) * rows < g.outer && s * rows >= g.outer,
@@ -260,11 +311,12 @@ mod tests {
         }
         let (gx, gy, _) = plan.grid(g.channels);
         assert_eq!(gy as usize, s);
-        let per_thread = match plan {
-            Split::ChannelsFirst { .. } => 1,
-            Split::ChannelsLast { vec, .. } => vec as usize,
+        let (per_thread, columns) = match plan {
+            Split::ChannelsFirst { .. } => (1, g.channels),
+            Split::ChannelsLast { vec, .. } => (vec as usize, g.channels * g.inner),
         };
-        assert!(gx as usize * plan.block().0 as usize * per_thread >= g.channels);
+        assert_eq!(plan.columns(g.channels), columns);
+        assert!(gx as usize * plan.block().0 as usize * per_thread >= columns);
         // at most one wave of resident blocks, unless the channels alone need more
         let wave = sms * resident;
         let minimum = plan.blocks(g.channels) / s;
@@ -415,16 +467,22 @@ mod tests {
                     }
                 }
             }
-            Split::ChannelsLast { splits, rows, vec } => {
-                let (vec, rows) = (vec as usize, rows as usize);
+            Split::ChannelsLast {
+                splits,
+                rows,
+                vec,
+                inner,
+            } => {
+                let (vec, rows, inner) = (vec as usize, rows as usize, inner as usize);
+                let w = g.channels * inner;
                 let (tx, ty) = (CL_TILE.0 as usize, CL_TILE.1 as usize);
-                let gx = g.channels.div_ceil(tx * vec);
+                let gx = w.div_ceil(tx * vec);
                 for bx in 0..gx {
                     for s in 0..splits as usize {
                         let (r0, r1) = (s * rows, g.outer.min(s * rows + rows));
                         for x in 0..tx {
                             let c0 = (bx * tx + x) * vec;
-                            if c0 >= g.channels {
+                            if c0 >= w {
                                 continue;
                             }
                             for y in 0..ty {
@@ -433,10 +491,10 @@ mod tests {
                                     for u in 0..UNROLL {
                                         let rr = r + u * ty;
                                         if rr < r1 {
-                                            let a = rr * g.channels + c0;
+                                            let a = rr * w + c0;
                                             assert_eq!(a % vec, 0);
                                             for q in 0..vec {
-                                                visit(a + q, c0 + q, &mut seen);
+                                                visit(a + q, (c0 + q) / inner, &mut seen);
                                             }
                                         }
                                     }
@@ -449,6 +507,38 @@ mod tests {
             }
         }
         assert!(seen.iter().all(|&n| n == 1), "{g:?}: reduction coverage");
+        // The second stage (kernels.rs column_channel_done / last_of_group): each channel
+        // receives exactly `members` arrivals, so exactly one block (the last) finalizes
+        // it, and only after every block holding one of its values has arrived.
+        if let Split::ChannelsLast {
+            splits, vec, inner, ..
+        } = plan_split(g, sms, resident)
+        {
+            if inner > 1 {
+                let tw = CL_TILE.0 * vec;
+                let w = g.channels as u32 * inner;
+                let mut arrivals = vec![0u32; g.channels];
+                let mut holders = vec![0u32; g.channels];
+                for bx in 0..w.div_ceil(tw) {
+                    let (first, last) = (bx * tw, w.min(bx * tw + tw) - 1);
+                    for ch in first / inner..=last / inner {
+                        arrivals[ch as usize] += splits;
+                    }
+                    for col in first..=last {
+                        holders[(col / inner) as usize] |= 1 << (bx % 32);
+                    }
+                }
+                for ch in 0..g.channels as u32 {
+                    let tiles = (ch * inner + inner - 1) / tw - (ch * inner) / tw + 1;
+                    assert_eq!(arrivals[ch as usize], tiles * splits, "{g:?}: channel {ch}");
+                    assert_eq!(
+                        holders[ch as usize].count_ones(),
+                        tiles,
+                        "{g:?}: channel {ch}"
+                    );
+                }
+            }
+        }
         // norm_back_cf / norm_back_cl: the reduction's blocks, each chunk walked backwards
         let mut seen = vec![0u8; len];
         match plan_split(g, sms, resident) {
@@ -481,16 +571,22 @@ mod tests {
                     }
                 }
             }
-            Split::ChannelsLast { splits, rows, vec } => {
-                let (vec, rows) = (vec as usize, rows as usize);
+            Split::ChannelsLast {
+                splits,
+                rows,
+                vec,
+                inner,
+            } => {
+                let (vec, rows, inner) = (vec as usize, rows as usize, inner as usize);
+                let w = g.channels * inner;
                 let (tx, ty) = (CL_TILE.0 as usize, CL_TILE.1 as usize);
-                for bx in 0..g.channels.div_ceil(tx * vec) {
+                for bx in 0..w.div_ceil(tx * vec) {
                     for s in 0..splits as usize {
                         let (r0, r1) = (s * rows, g.outer.min(s * rows + rows));
                         let n = r1.saturating_sub(r0);
                         for x in 0..tx {
                             let c0 = (bx * tx + x) * vec;
-                            if c0 >= g.channels {
+                            if c0 >= w {
                                 continue;
                             }
                             for y in 0..ty {
@@ -499,9 +595,9 @@ mod tests {
                                     for u in 0..UNROLL {
                                         let tt = t + u * ty;
                                         if tt < n {
-                                            let a = (r1 - 1 - tt) * g.channels + c0;
+                                            let a = (r1 - 1 - tt) * w + c0;
                                             for q in 0..vec {
-                                                visit(a + q, c0 + q, &mut seen);
+                                                visit(a + q, (c0 + q) / inner, &mut seen);
                                             }
                                         }
                                     }
@@ -567,6 +663,14 @@ mod tests {
             (Layout::NHWC, &[4, 9, 11, 12]),
             (Layout::NHWC, &[16, 28, 28, 40]),
             (Layout::NDHWC, &[2, 3, 5, 7, 3]),
+            // the columns path (review defect 11): small inner, channels straddling tiles
+            (Layout::NCL, &[7, 5, 2]),
+            (Layout::NCL, &[9, 43, 3]),
+            (Layout::NCHW, &[6, 19, 1, 7]),
+            (Layout::NCHW, &[5, 200, 5, 5]),
+            (Layout::NCHW, &[3, 64, 4, 4]),
+            (Layout::NCHW, &[4, 3, 1, 31]),
+            (Layout::NCHW, &[2, 9, 8, 4]),
         ];
         for &(layout, shape) in shapes {
             let g = layout.geometry(shape).unwrap();
