@@ -109,6 +109,10 @@ fn shapes() -> Vec<(Layout, Vec<usize>)> {
         (Layout::NCHW, vec![32, 8, 56, 56]),
         (Layout::NHWC, vec![4, 9, 11, 12]),
         (Layout::NHWC, vec![16, 28, 28, 40]),
+        // the columns path (inner 2..31 reduced by rows of C·inner): channels straddling
+        // tiles of 32·N columns, with vector widths 4 and 1
+        (Layout::NCL, vec![33, 64, 3]),
+        (Layout::NCHW, vec![7, 41, 5, 5]),
     ]
 }
 

@@ -9,24 +9,23 @@
 //!
 //! Memory access: every streaming loop moves N elements per access (16 bytes for f32 at
 //! N = 4) and issues `UNROLL` = 4 independent accesses per thread before using them, so
-//! each thread keeps several loads in flight; element-wise kernels load one `float4` of
-//! coefficients per vector (channels-first: one channel per vector) and divide once per
-//! vector, not per element.
+//! each thread keeps several loads in flight; the normalization and dx kernels run on the
+//! reductions' plans and load their coefficients once per block (channels-first) or per
+//! thread (by rows), with no division per element.
 //!
 //! Numerics: statistics accumulate per thread, in f64, the values shifted by the thread's
 //! own first value (`Σ(x − K)`, `Σ(x − K)²`), turned into moments `(n, mean, M2)` and
 //! merged with Chan's update across warps, blocks and splits in an order fixed by the
 //! launch configuration, so results are deterministic on a given device and an outlier
-//! costs only one thread's digits. Element-wise kernels compute in f32 with the centre split into two floats
-//! (`(x − hi) − lo`), so a large mean costs no accuracy.
+//! costs only one thread's digits. The normalization and dx maps compute in f32 with the
+//! centre split into two floats (`(x − hi) − lo`), so a large mean costs no accuracy.
 
 use crate::tensor::DTypeTag;
 
 /// Kernels instantiated per element type and vector width (suffixed `_f32_v4`, ...).
-pub(crate) const TYPED: [&str; 9] = [
+pub(crate) const TYPED: [&str; 8] = [
     "bn_stats_cf",
     "bn_stats_cl",
-    "bn_norm",
     "bn_norm_back_cf",
     "bn_norm_back_cl",
     "bn_bwd_reduce_cf",
@@ -48,7 +47,7 @@ pub(crate) const CL_TILE: (u32, u32) = (32, 8);
 /// contiguous run (inner for channels-first, C for channels-last).
 pub const VECS: [u32; 3] = [1, 2, 4];
 
-/// The full name of a typed kernel for one dtype and vector width (`bn_norm_bf16_v4`).
+/// The full name of a typed kernel for one dtype and vector width (`bn_norm_back_cf_bf16_v4`).
 pub fn typed_name(base: &str, dtype: DTypeTag, vec: u32) -> String {
     format!("{base}_{}_v{vec}", dtype.suffix())
 }
@@ -57,7 +56,7 @@ pub fn typed_name(base: &str, dtype: DTypeTag, vec: u32) -> String {
 /// [`Gpu::new`](crate::Gpu::new) loads).
 ///
 /// ```
-/// assert!(bnorm_cuda::kernels::entry_points().iter().any(|k| k == "bn_norm_bf16_v4"));
+/// assert!(bnorm_cuda::kernels::entry_points().iter().any(|k| k == "bn_norm_back_cf_bf16_v4"));
 /// ```
 pub fn entry_points() -> Vec<String> {
     let mut v: Vec<String> = UNTYPED.iter().map(|s| s.to_string()).collect();
@@ -297,6 +296,33 @@ __device__ __forceinline__ void write_coef(float4* coef, u32 c, double mean, dou
     coef[c] = make_float4(hi, lo, (float)scale, (float)shift);
 }
 
+// Coefficients from the running statistics (inference / frozen steps): as a batch's, with
+// invstd = 1/sqrt(rvar + eps); with `stats`, also writes stats[c] = [rmean | rvar | invstd]
+// and coef[c] (what the backward after the step reads).
+struct RunningIn {
+    const double* rmean;
+    const double* rvar;
+    const double* gamma;
+    const double* beta;
+    double eps;
+};
+
+__device__ __forceinline__ float4 running_coef(u32 c, u32 C, const RunningIn& r,
+                                               double* stats, float4* coef) {
+    double invstd = 1.0 / sqrt(r.rvar[c] + r.eps);
+    double mean = r.rmean[c];
+    float hi = (float)mean;
+    float4 k = make_float4(hi, (float)(mean - (double)hi), (float)(r.gamma[c] * invstd),
+                           (float)r.beta[c]);
+    if (stats) {
+        stats[c] = mean;
+        stats[(u64)C + c] = r.rvar[c];
+        stats[2ull * C + c] = invstd;
+        coef[c] = k;
+    }
+    return k;
+}
+
 __device__ __forceinline__ void running_update_channel(u32 c, u32 C, double N, const double* stats,
                                        double* rmean, double* rvar, double a, int unbiased,
                                        int* skipped) {
@@ -511,42 +537,11 @@ __device__ void stats_cl(const T* __restrict__ x, u32 O, u32 C, u32 I, u32 rows,
     }
 }
 
-// ---- element-wise map over nv = len/N vectors (inference; the training steps use the
-// reductions' plans below); N divides inner (channels-first, one channel per vector) or C
-// (channels-last, inner = 1: N consecutive channels).
-// y = ((x − hi) − lo)·scale + shift, coef[c] = (hi, lo, scale, shift).
-// Vector v lies in row v / R; channels-first (I > 1: R = inner/N, Cd = C) its channel is
-// row mod Cd, channels-last (I = 1: R = 1, Cd = C/N) element q's is (row mod Cd)·N + q.
-template <typename T, int N>
-__device__ void norm(const T* __restrict__ x, T* __restrict__ y, u32 nv, u32 I, u32 mR,
-                     u32 sR, u32 Cd, u32 mC, u32 sC, const float4* __restrict__ coef) {
-    u32 stride = gridDim.x * blockDim.x;
-    for (u32 v = blockIdx.x * blockDim.x + threadIdx.x; v < nv; v += UNROLL * stride) {
-        float f[UNROLL][N];
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            u32 vv = v + u * stride;
-            if (vv < nv) ldv<T, N>(x, (u64)vv * N, f[u]);
-        }
-#pragma unroll
-        for (int u = 0; u < UNROLL; ++u) {
-            u32 vv = v + u * stride;
-            if (vv < nv) {
-                u32 q0 = fdiv(vv, mR, sR);
-                u32 c = q0 - fdiv(q0, mC, sC) * Cd;
-                float o[N];
-#pragma unroll
-                for (int q = 0; q < N; ++q) {
-                    float4 k = coef[I == 1 ? c * N + q : c];
-                    o[q] = fmaf((f[u][q] - k.x) - k.y, k.z, k.w);
-                }
-                stv<T, N>(y, (u64)vv * N, o);
-            }
-        }
-    }
-}
-
-// ---- training forward's normalization on the reduction's own blocks, walked backwards:
+// ---- the forward's normalization on the reduction's own blocks, walked backwards (training:
+// after the statistics; inference / frozen: on the same plan, from_running = 1, the
+// coefficients computed from the running statistics once per block (channels-first) or
+// per thread (channels-last), and written with the statistics by the first split, so the
+// step is one launch):
 // the statistics pass ends on the tail of every block's chunk, so starting there reads x
 // from L2 for as long as it stays resident (all of x when it fits: x is read from HBM
 // once). Same grid, plan and index maps as stats_cf / stats_cl; coefficients once per
@@ -554,13 +549,15 @@ __device__ void norm(const T* __restrict__ x, T* __restrict__ y, u32 nv, u32 I, 
 // channels-last.
 template <typename T, int N>
 __device__ void norm_back_cf(const T* __restrict__ x, T* __restrict__ y, u32 C, u32 IV,
-                             u32 mIV, u32 sIV, u32 PV, u32 chunk,
-                             const float4* __restrict__ coef) {
+                             u32 mIV, u32 sIV, u32 PV, u32 chunk, float4* coef,
+                             const RunningIn& run, int from_running, double* stats) {
     u32 c = blockIdx.x, s = blockIdx.y;
     u32 j0 = s * chunk;
     u32 j1 = min(PV, j0 + chunk);
     u32 n = j1 > j0 ? j1 - j0 : 0u;
-    float4 k = coef[c];
+    float4 k = from_running
+        ? running_coef(c, C, run, s == 0 && threadIdx.x == 0 ? stats : nullptr, coef)
+        : coef[c];
     for (u32 t = threadIdx.x; t < n; t += UNROLL * blockDim.x) {
         float f[UNROLL][N];
         u64 a[UNROLL];
@@ -589,7 +586,8 @@ __device__ void norm_back_cf(const T* __restrict__ x, T* __restrict__ y, u32 C, 
 
 template <typename T, int N>
 __device__ void norm_back_cl(const T* __restrict__ x, T* __restrict__ y, u32 O, u32 C,
-                             u32 I, u32 rows, const float4* __restrict__ coef) {
+                             u32 I, u32 rows, float4* coef, const RunningIn& run,
+                             int from_running, double* stats) {
     u32 cv = blockIdx.x * blockDim.x + threadIdx.x, s = blockIdx.y;
     u32 c0 = cv * N;
     u32 Wc = C * I;
@@ -599,7 +597,12 @@ __device__ void norm_back_cl(const T* __restrict__ x, T* __restrict__ y, u32 O, 
     u32 n = r1 > r0 ? r1 - r0 : 0u;
     float4 k[N];
 #pragma unroll
-    for (int q = 0; q < N; ++q) k[q] = coef[I == 1u ? c0 + q : (c0 + q) / I];
+    for (int q = 0; q < N; ++q) {
+        u32 ch = I == 1u ? c0 + q : (c0 + q) / I;
+        // the thread holding the channel's first column in the first split writes stats
+        bool w = s == 0 && threadIdx.y == 0 && ch * I == c0 + q;
+        k[q] = from_running ? running_coef(ch, C, run, w ? stats : nullptr, coef) : coef[ch];
+    }
     for (u32 t = threadIdx.y; t < n; t += UNROLL * blockDim.y) {
         float f[UNROLL][N];
 #pragma unroll
@@ -831,11 +834,7 @@ extern "C" __global__ void bn_coef_running(u32 C, const double* __restrict__ rme
         float4* __restrict__ coef) {
     u32 c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
-    double invstd = 1.0 / sqrt(rvar[c] + eps);
-    stats[c] = rmean[c];
-    stats[(u64)C + c] = rvar[c];
-    stats[2ull * C + c] = invstd;
-    write_coef(coef, c, rmean[c], gamma[c] * invstd, beta[c]);
+    running_coef(c, C, RunningIn{rmean, rvar, gamma, beta, eps}, stats, coef);
 }
 
 // The running update alone, for NonFinitePolicy::Error (the host checks the statistics
@@ -854,6 +853,9 @@ extern "C" __global__ void bn_running_update(u32 C, double N, const double* __re
     int unbiased, int* skipped
 #define STATS_OUT StatsOut{N, eps, a, gamma, beta, stats, coef, rmean, rvar, skipped, update, \
     unbiased}
+#define RUNNING_IN_PARAMS int from_running, const double* rmean, const double* rvar, \
+    const double* gamma, const double* beta, double eps, double* stats
+#define RUNNING_IN RunningIn{rmean, rvar, gamma, beta, eps}
 #define BWD_OUT_PARAMS double N, const double* gamma, int batch, double* grads, float4* bcoef
 #define BWD_OUT BwdOut{N, stats, gamma, grads, bcoef, batch}
 "#;
@@ -869,17 +871,14 @@ extern "C" __global__ void __launch_bounds__(256, 3) bn_stats_cl_$S(const $T* x,
         u32 I, u32 rows, double* part, u32* counter, STATS_OUT_PARAMS) {
     stats_cl<$T, $N>(x, O, C, I, rows, part, counter, STATS_OUT);
 }
-extern "C" __global__ void __launch_bounds__(256, 2) bn_norm_$S(const $T* x, $T* y, u32 nv,
-        u32 I, u32 mR, u32 sR, u32 Cd, u32 mC, u32 sC, const float4* coef) {
-    norm<$T, $N>(x, y, nv, I, mR, sR, Cd, mC, sC, coef);
-}
 extern "C" __global__ void __launch_bounds__(256) bn_norm_back_cf_$S(const $T* x, $T* y,
-        u32 C, u32 IV, u32 mIV, u32 sIV, u32 PV, u32 chunk, const float4* coef) {
-    norm_back_cf<$T, $N>(x, y, C, IV, mIV, sIV, PV, chunk, coef);
+        u32 C, u32 IV, u32 mIV, u32 sIV, u32 PV, u32 chunk, float4* coef, RUNNING_IN_PARAMS) {
+    norm_back_cf<$T, $N>(x, y, C, IV, mIV, sIV, PV, chunk, coef, RUNNING_IN, from_running,
+                         stats);
 }
 extern "C" __global__ void __launch_bounds__(256) bn_norm_back_cl_$S(const $T* x, $T* y,
-        u32 O, u32 C, u32 I, u32 rows, const float4* coef) {
-    norm_back_cl<$T, $N>(x, y, O, C, I, rows, coef);
+        u32 O, u32 C, u32 I, u32 rows, float4* coef, RUNNING_IN_PARAMS) {
+    norm_back_cl<$T, $N>(x, y, O, C, I, rows, coef, RUNNING_IN, from_running, stats);
 }
 extern "C" __global__ void __launch_bounds__(256) bn_dx_back_cf_$S(const $T* x,
         const $T* dy, $T* dx, u32 C, u32 IV, u32 mIV, u32 sIV, u32 PV, u32 chunk,

@@ -8,10 +8,7 @@ use bnorm::expert::{ForwardPlan, Geometry, Grads, Moments, Normalized, Options, 
 use bnorm::{Config, Mode, Params, RunningState, StepReport, VarianceEstimator};
 
 use crate::kernels::{typed_name, BLOCK};
-use crate::plan::{
-    channel_grid, elementwise_grid, plan_split, reduces_by_rows, reduction_width, vector_width,
-    FastDiv, Split,
-};
+use crate::plan::{channel_grid, plan_split, reduces_by_rows, reduction_width, FastDiv, Split};
 use crate::{CudaError, DeviceTensor, Gpu, GpuElement, Result};
 
 /// What backward needs from a forward step, on the device: per channel the centre and
@@ -483,7 +480,23 @@ impl GpuBatchNorm {
         let eps = self.cfg.get_eps();
         let cgrid = launch_cfg((channel_grid(c), 1, 1), (BLOCK, 1, 1));
         let mut batch_split = None;
-        if normalized == Normalized::Running {
+        if normalized == Normalized::Running && !g.is_empty() {
+            // one launch: the normalization on the reduction's plan computes the
+            // coefficients from the running statistics and writes them with `stats`
+            saved.count = 0.0;
+            let cf = !reduces_by_rows(g);
+            let (split, _) = self.plan::<T>(
+                if cf {
+                    "bn_norm_back_cf"
+                } else {
+                    "bn_norm_back_cl"
+                },
+                None,
+                g,
+            )?;
+            self.launch_norm_back(x, y, &mut *stats, &mut *coef, split, true)?;
+        } else if normalized == Normalized::Running {
+            // an empty batch: nothing to normalize, the statistics for the backward only
             saved.count = 0.0;
             let f = self.gpu.function("bn_coef_running")?;
             let mut b = stream.launch_builder(&f);
@@ -551,10 +564,9 @@ impl GpuBatchNorm {
                 report.updated = true;
             }
         }
-        match batch_split {
+        if let Some(split) = batch_split {
             // on the reduction's blocks, backwards: the tail of x still in L2 is read first
-            Some(split) => self.launch_norm_back(x, y, &*coef, split)?,
-            None => self.launch_elementwise_norm(x, y, &*coef)?,
+            self.launch_norm_back(x, y, &mut *stats, &mut *coef, split, false)?;
         }
         Ok(report)
     }
@@ -879,18 +891,24 @@ impl GpuBatchNorm {
         Ok(split)
     }
 
-    /// The training forward's normalization on the statistics' plan (`bn_norm_back_*`).
+    /// The forward's normalization on a reduction plan (`bn_norm_back_*`): with the batch
+    /// statistics' `coef` (training), or `from_running`, computing the coefficients from
+    /// the running statistics in the kernel and writing them to `stats` (3·C) and `coef`.
     fn launch_norm_back<T: GpuElement>(
         &self,
         x: &DeviceTensor<T>,
         y: &mut DeviceTensor<T>,
-        coef: &CudaSlice<f32>,
+        stats: &mut CudaSlice<f64>,
+        coef: &mut CudaSlice<f32>,
         split: Split,
+        from_running: bool,
     ) -> Result<()> {
         let g = x.geometry();
         let c = g.channels;
         let cfg = launch_cfg(split.grid(c), split.block());
         let c32 = c as u32;
+        let run = i32::from(from_running);
+        let eps = self.cfg.get_eps();
         match split {
             Split::ChannelsFirst { chunk, vec, .. } => {
                 let f = self
@@ -908,10 +926,18 @@ impl GpuBatchNorm {
                     .arg(&fi.s)
                     .arg(&pv)
                     .arg(&chunk)
-                    .arg(coef);
-                // SAFETY: arguments match bn_norm_back_cf_*; the statistics' plan covers
-                // each channel's vectors exactly once inside x and y (same checked shape,
-                // vec divides inner); coef holds C float4.
+                    .arg(coef)
+                    .arg(&run)
+                    .arg(&self.rmean)
+                    .arg(&self.rvar)
+                    .arg(&self.gamma)
+                    .arg(&self.beta)
+                    .arg(&eps)
+                    .arg(stats);
+                // SAFETY: arguments match bn_norm_back_cf_* (with RUNNING_IN_PARAMS); the
+                // reduction plan covers each channel's vectors exactly once inside x and y
+                // (same checked shape, vec divides inner); coef holds C float4, stats 3·C,
+                // the running statistics and parameters C values each.
                 unsafe { b.launch(cfg) }.map_err(CudaError::driver("bn_norm_back_cf"))?;
             }
             Split::ChannelsLast {
@@ -928,69 +954,21 @@ impl GpuBatchNorm {
                     .arg(&c32)
                     .arg(&inner)
                     .arg(&rows)
-                    .arg(coef);
-                // SAFETY: arguments match bn_norm_back_cl_*; rows × 32·vec-column tiles
-                // inside x and y (vec divides W = C·inner; threads past W return; column w in
-                // channel w / inner < C); coef holds C
-                // float4.
+                    .arg(coef)
+                    .arg(&run)
+                    .arg(&self.rmean)
+                    .arg(&self.rvar)
+                    .arg(&self.gamma)
+                    .arg(&self.beta)
+                    .arg(&eps)
+                    .arg(stats);
+                // SAFETY: arguments match bn_norm_back_cl_* (with RUNNING_IN_PARAMS); rows ×
+                // 32·vec-column tiles inside x and y (vec divides W = C·inner; threads past W
+                // return; column w in channel w / inner < C); coef holds C float4, stats
+                // 3·C, the running statistics and parameters C values each.
                 unsafe { b.launch(cfg) }.map_err(CudaError::driver("bn_norm_back_cl"))?;
             }
         }
-        Ok(())
-    }
-
-    fn launch_elementwise_norm<T: GpuElement>(
-        &self,
-        x: &DeviceTensor<T>,
-        y: &mut DeviceTensor<T>,
-        coef: &CudaSlice<f32>,
-    ) -> Result<()> {
-        let g = x.geometry();
-        if g.is_empty() {
-            return Ok(());
-        }
-        let c = g.channels;
-        let vec = vector_width(g);
-        let name = typed_name("bn_norm", T::TAG, vec);
-        // vector v lies in row v / R of the (rows, R) view; its channel is row mod Cd
-        // (channels-first: R = inner/vec, Cd = C) or (row mod Cd)·vec + q (channels-last:
-        // R = 1, Cd = C/vec): 32-bit vector indices, so the limit is 2^31 − 1 vectors.
-        let (r, cd) = if g.inner > 1 {
-            (g.inner / vec as usize, c)
-        } else {
-            (1, c / vec as usize)
-        };
-        let (fi, fc) = (FastDiv::new(r as u32), FastDiv::new(cd as u32));
-        let (nv, inner, c32) = (
-            (g.len() / vec as usize) as u32,
-            g.inner.min(2) as u32,
-            cd as u32,
-        );
-        let resident = self.gpu.resident_blocks(&name)? as usize;
-        let f = self.gpu.function(&name)?;
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(&x.buf)
-            .arg(&mut y.buf)
-            .arg(&nv)
-            .arg(&inner)
-            .arg(&fi.m)
-            .arg(&fi.s)
-            .arg(&c32)
-            .arg(&fc.m)
-            .arg(&fc.s)
-            .arg(coef);
-        let cfg = launch_cfg(
-            (
-                elementwise_grid(nv as usize, self.gpu.sm_count(), resident),
-                1,
-                1,
-            ),
-            (BLOCK, 1, 1),
-        );
-        // SAFETY: arguments match bn_norm_*; x and y hold nv·vec elements (same checked
-        // shape; vec divides inner or C, hence len), aligned vectors; coef holds C float4,
-        // channel index < C by construction (checked by the host replay in plan.rs).
-        unsafe { b.launch(cfg) }.map_err(CudaError::driver("bn_norm"))?;
         Ok(())
     }
 }

@@ -170,10 +170,10 @@ pub fn reduction_width(g: Geometry) -> u32 {
     }
 }
 
-/// Elements per vector access of the element-wise kernels (and of the per-channel
-/// reduction): the widest of [`VECS`] that divides the contiguous run of one channel
-/// (inner, channels-first) or of one row (C, channels-last), so no vector straddles a
-/// channel or a row. The reduction by rows uses [`reduction_width`].
+/// Elements per vector access of the per-channel reduction (and the size limit's unit):
+/// the widest of [`VECS`] that divides the contiguous run of one channel (inner,
+/// channels-first) or of one row (C, channels-last), so no vector straddles a channel or
+/// a row. The reduction by rows uses [`reduction_width`].
 pub fn vector_width(g: Geometry) -> u32 {
     widest_dividing(if g.inner > 1 { g.inner } else { g.channels })
 }
@@ -224,14 +224,6 @@ pub fn plan_split(g: Geometry, sms: usize, resident: usize) -> Split {
             inner: inner as u32,
         }
     }
-}
-
-/// Grid size of the element-wise kernels over `vectors` vector accesses: persistent
-/// (grid-stride), at most one wave of `resident` blocks per SM, fewer when each thread
-/// would have less than one round of [`UNROLL`] accesses.
-pub fn elementwise_grid(vectors: usize, sms: usize, resident: usize) -> u32 {
-    let blocks = vectors.div_ceil(BLOCK as usize * UNROLL).max(1);
-    blocks.min(sms.max(1) * resident.max(1)) as u32
 }
 
 /// Grid size of the per-channel kernels (one thread per channel).
@@ -416,18 +408,15 @@ mod tests {
 
     #[test]
     fn grids() {
-        assert_eq!(elementwise_grid(0, 132, 8), 1);
-        assert_eq!(elementwise_grid(1000, 132, 8), 1);
-        assert_eq!(elementwise_grid(1025, 132, 8), 2);
-        assert_eq!(elementwise_grid(1 << 30, 132, 8), 132 * 8);
         assert_eq!(channel_grid(1), 1);
         assert_eq!(channel_grid(257), 2);
     }
 
     /// Host replay of the kernels' index maps (the loops of stats_cf/bwd_reduce_cf,
-    /// stats_cl/bwd_reduce_cl, norm_back_cf/cl and dx_back_cf/cl (same maps), and norm in kernels.rs, thread by thread, with the
-    /// plans and fast-division constants the layer passes): every element is visited
-    /// exactly once, in its own channel, by an aligned vector access.
+    /// stats_cl/bwd_reduce_cl, norm_back_cf/cl and dx_back_cf/cl (same maps) in
+    /// kernels.rs, thread by thread, with the plans and fast-division constants the layer
+    /// passes): every element is visited exactly once, in its own channel, by an aligned
+    /// vector access.
     fn replay_kernel_maps(g: Geometry, sms: usize, resident: usize) {
         let len = g.len();
         let chan = |e: usize| (e / g.inner) % g.channels;
@@ -541,6 +530,9 @@ mod tests {
         }
         // norm_back_cf / norm_back_cl: the reduction's blocks, each chunk walked backwards
         let mut seen = vec![0u8; len];
+        // by rows: which threads write the statistics from the running statistics
+        // (channels-first: thread 0 of block (c, split 0), one per channel by construction)
+        let mut writers = vec![0u32; g.channels];
         match plan_split(g, sms, resident) {
             Split::ChannelsFirst { splits, chunk, vec } => {
                 let (vec, chunk) = (vec as usize, chunk as usize);
@@ -589,6 +581,16 @@ mod tests {
                             if c0 >= w {
                                 continue;
                             }
+                            // from the running statistics (inference), the thread (y = 0,
+                            // first split) holding a channel's first column writes its
+                            // statistics: once per channel
+                            if s == 0 {
+                                for q in 0..vec {
+                                    if (c0 + q) % inner == 0 {
+                                        writers[(c0 + q) / inner] += 1;
+                                    }
+                                }
+                            }
                             for y in 0..ty {
                                 let mut t = y;
                                 while t < n {
@@ -610,37 +612,12 @@ mod tests {
             }
         }
         assert!(seen.iter().all(|&n| n == 1), "{g:?}: norm_back coverage");
-        // element-wise kernels
-        let vec = vector_width(g) as usize;
-        let nv = len / vec;
-        assert_eq!(nv * vec, len);
-        let (r, cd) = if g.inner > 1 {
-            (g.inner / vec, g.channels)
-        } else {
-            (1, g.channels / vec)
-        };
-        let (fi, fc) = (FastDiv::new(r as u32), FastDiv::new(cd as u32));
-        let grid = elementwise_grid(nv, sms, resident) as usize;
-        let stride = grid * block;
-        let mut seen = vec![0u8; len];
-        for t in 0..stride {
-            let mut v = t;
-            while v < nv {
-                for u in 0..UNROLL {
-                    let vv = v + u * stride;
-                    if vv < nv {
-                        let q0 = fi.quotient(vv as u32);
-                        let c = (q0 - fc.quotient(q0) * cd as u32) as usize;
-                        for q in 0..vec {
-                            let cq = if g.inner == 1 { c * vec + q } else { c };
-                            visit(vv * vec + q, cq, &mut seen);
-                        }
-                    }
-                }
-                v += UNROLL * stride;
-            }
+        if reduces_by_rows(g) {
+            assert!(
+                writers.iter().all(|&n| n == 1),
+                "{g:?}: running coefficients written {writers:?} times"
+            );
         }
-        assert!(seen.iter().all(|&n| n == 1), "{g:?}: element-wise coverage");
     }
 
     #[test]
