@@ -6,9 +6,8 @@ use bnorm::expert::Geometry;
 use crate::kernels::{BLOCK, CL_TILE, VECS};
 use crate::CudaError;
 
-/// Largest number of vector accesses per batch the kernels index (32-bit vector indices,
-/// fast division valid below 2^31): a batch may hold `MAX_VECTORS × N` elements, N its
-/// [`vector_width`] (4 for most convolution shapes: about 8.6·10⁹ elements).
+/// Largest 32-bit index the kernels use (fast division valid below 2^31): vectors per
+/// channel (channels-first), rows and columns (by rows); see [`check_size`].
 pub const MAX_VECTORS: usize = (1 << 31) - 1;
 
 /// Largest number of splits per channel (grid y dimension).
@@ -134,14 +133,31 @@ impl Split {
     }
 }
 
-/// Checks that a geometry fits the kernels' 32-bit vector indexing: at most
-/// [`MAX_VECTORS`] vectors of [`vector_width`] elements, and channels below 2^31.
+/// Checks that a geometry fits the kernels' indexing: every kernel runs on a reduction
+/// plan and forms element addresses in 64 bits from 32-bit indices that stay below 2^31
+/// (fast division): per channel, at most [`MAX_VECTORS`] vectors of [`reduction_width`]
+/// elements in each channel; by rows, at most [`MAX_VECTORS`] rows of at most
+/// [`MAX_VECTORS`] columns; channels below 2^31. The batch as a whole has no 32-bit limit
+/// (review defect 9). The error's `limit` is the largest batch of this row or channel
+/// layout.
 pub fn check_size(g: Geometry) -> Result<(), CudaError> {
-    let vec = vector_width(g) as usize;
-    if g.len() / vec > MAX_VECTORS || g.channels > MAX_VECTORS {
+    let vec = reduction_width(g) as usize;
+    let (fits, limit) = if reduces_by_rows(g) {
+        let w = g.channels * g.inner.max(1);
+        (
+            g.outer <= MAX_VECTORS && w <= MAX_VECTORS,
+            MAX_VECTORS.saturating_mul(w.min(MAX_VECTORS)),
+        )
+    } else {
+        (
+            g.per_channel() / vec <= MAX_VECTORS,
+            MAX_VECTORS.saturating_mul(vec).saturating_mul(g.channels),
+        )
+    };
+    if !fits || g.channels > MAX_VECTORS {
         return Err(CudaError::TooLarge {
             elements: g.len(),
-            limit: MAX_VECTORS * vec,
+            limit,
         });
     }
     Ok(())
@@ -385,25 +401,68 @@ mod tests {
         assert_eq!(w(Layout::NC, &[3, 5]), 1);
     }
 
-    /// Review defect 9: the limit is 2^31 − 1 vectors, not elements — a 2.7·10⁹-element
-    /// f32 batch (10 GiB) fits when its run divides by 2 or 4; width 1 keeps 2^31 − 1.
+    /// Review defect 9: the limits are per channel (channels-first) or per row and column
+    /// (by rows), not per batch: batches far beyond 2^31 elements fit, also with vector
+    /// width 1; beyond the per-channel or per-row limit the error is typed. For every
+    /// accepted geometry the plan's 32-bit intermediates stay below 2^32 and every index
+    /// the fast division sees below 2^31.
     #[test]
     fn too_large_is_a_typed_error() {
-        // 2^33 elements in vectors of 4: 2^31 vectors, one too many
-        let g = Layout::NC.geometry(&[1 << 21, 1 << 12]).unwrap();
-        assert!(matches!(
-            check_size(g),
-            Err(CudaError::TooLarge { limit, .. }) if limit == 4 * MAX_VECTORS
-        ));
-        let g = Layout::NC.geometry(&[(1 << 21) - 1, 1 << 12]).unwrap();
-        assert!(check_size(g).is_ok());
-        let g = Layout::NCHW.geometry(&[21_000, 64, 56, 36]).unwrap();
-        assert!(g.len() > 2_700_000_000 && check_size(g).is_ok());
-        // odd rows and channels: vector width 1, 2^31 − 1 elements at most
-        let g = Layout::NC.geometry(&[(1 << 31) / 3 + 1, 3]).unwrap();
-        assert!(matches!(check_size(g), Err(CudaError::TooLarge { .. })));
-        let g = Layout::NC.geometry(&[(1 << 31) / 3, 3]).unwrap();
-        assert!(check_size(g).is_ok());
+        let ok = |l: Layout, s: &[usize]| {
+            let g = l.geometry(s).unwrap();
+            assert!(check_size(g).is_ok(), "{l}{s:?}");
+            for (sms, resident) in [(1, 1), (132, 8)] {
+                match plan_split(g, sms, resident) {
+                    Split::ChannelsFirst { splits, chunk, vec } => {
+                        let pv = g.per_channel() / vec as usize;
+                        assert!(pv <= MAX_VECTORS && g.inner / (vec as usize) <= MAX_VECTORS);
+                        // j0 + chunk and the loop's j + UNROLL·256 in u32
+                        let (splits, chunk) = (splits as usize, chunk as usize);
+                        assert!(splits * chunk + chunk < 1 << 32);
+                        assert!(pv + UNROLL * (BLOCK as usize) < 1 << 32);
+                    }
+                    Split::ChannelsLast {
+                        splits,
+                        rows,
+                        inner,
+                        ..
+                    } => {
+                        assert!(g.outer <= MAX_VECTORS);
+                        assert!(g.channels * inner as usize <= MAX_VECTORS);
+                        let (splits, rows) = (splits as usize, rows as usize);
+                        assert!(splits * rows + rows < 1 << 32);
+                    }
+                }
+            }
+            g
+        };
+        let too_large = |l: Layout, s: &[usize], limit: usize| {
+            let g = l.geometry(s).unwrap();
+            assert!(
+                matches!(check_size(g), Err(CudaError::TooLarge { limit: got, .. }) if got == limit),
+                "{l}{s:?}: {:?}",
+                check_size(g)
+            );
+        };
+        // 2^33 elements (32 GiB of f32), formerly refused
+        ok(Layout::NC, &[1 << 21, 1 << 12]);
+        let g = ok(Layout::NCHW, &[21_000, 64, 56, 36]);
+        assert!(g.len() > 2_700_000_000);
+        // odd rows and channels (vector width 1): 3·(2^31 − 1) elements, formerly 2^31 − 1
+        let g = ok(Layout::NC, &[(1 << 31) - 1, 3]);
+        assert!(g.len() > 6_000_000_000);
+        let g = ok(Layout::NCHW, &[2048, 3, 1001, 1001]);
+        assert!(g.len() > 6_000_000_000);
+        too_large(Layout::NCHW, &[2200, 3, 1001, 1001], MAX_VECTORS * 3);
+        // the columns path: 2^31 − 1 rows of C·inner columns
+        ok(Layout::NCL, &[(1 << 31) - 1, 3, 5]);
+        // beyond: rows, columns, vectors per channel
+        too_large(Layout::NC, &[1 << 31, 3], MAX_VECTORS * 3);
+        too_large(Layout::NCL, &[1 << 31, 3, 5], MAX_VECTORS * 15);
+        ok(Layout::NCL, &[3, 1, 1 << 31]);
+        too_large(Layout::NCL, &[5, 1, 1 << 31], MAX_VECTORS * 4);
+        too_large(Layout::NCHW, &[5, 2, 1 << 16, 1 << 15], MAX_VECTORS * 4 * 2);
+        ok(Layout::NCHW, &[3, 2, 1 << 16, 1 << 15]);
     }
 
     #[test]
