@@ -1,6 +1,8 @@
 //! The prepared GPU check: verifies every kernel against bnorm's CPU path on fresh random
-//! inputs (all layouts, f32/f16/bf16, odd sizes, NaN-poisoned outputs), then times the
-//! benchmark shapes with the device-to-device copy rate measured in the same run.
+//! inputs (all layouts, f32/f16/bf16, odd sizes and every vector width, NaN-poisoned
+//! outputs, x and dy with mean 0 and 1000), then times the cuDNN anchor's cases
+//! (`cudnn_anchor.py`: same labels, shapes and metric) with the device-to-device copy
+//! rate measured in the same run.
 //!
 //! ```text
 //! gpu_check [--verify-only | --bench-only] [--json FILE] [--iters N] [--seed S]
@@ -98,6 +100,19 @@ fn shapes() -> Vec<(Layout, Vec<usize>)> {
         (Layout::NHWC, vec![5, 7, 9, 3]),
         (Layout::NHWC, vec![16, 31, 29, 67]),
         (Layout::NDHWC, vec![2, 3, 5, 7, 3]),
+        // vector paths: inner (channels-first) or C (channels-last) divisible by 4 or 2
+        (Layout::NC, vec![1000, 64]),
+        (Layout::NC, vec![33, 6]),
+        (Layout::NCL, vec![3, 4, 4096]),
+        (Layout::NCHW, vec![4, 6, 14, 14]),
+        (Layout::NCHW, vec![3, 5, 9, 2]),
+        (Layout::NCHW, vec![32, 8, 56, 56]),
+        (Layout::NHWC, vec![4, 9, 11, 12]),
+        (Layout::NHWC, vec![16, 28, 28, 40]),
+        // the columns path (inner 2..31 reduced by rows of C·inner): channels straddling
+        // tiles of 32·N columns, with vector widths 4 and 1
+        (Layout::NCL, vec![33, 64, 3]),
+        (Layout::NCHW, vec![7, 41, 5, 5]),
     ]
 }
 
@@ -127,7 +142,8 @@ fn verify_dtype<T: GpuElement>(gpu: &Gpu, rng: &mut Rng, t: &mut Tally) -> Resul
                     .collect()
             };
             let x: Vec<T> = host(rng, big_mean);
-            let dyh: Vec<T> = host(rng, 0.0);
+            // dy with the same large mean: the backward map must be centred on dy
+            let dyh: Vec<T> = host(rng, big_mean);
             for (cname, cfg) in configs(c) {
                 let mut params = Params::init(&cfg);
                 if let Some(w) = params.weight.as_mut() {
@@ -149,7 +165,7 @@ fn verify_dtype<T: GpuElement>(gpu: &Gpu, rng: &mut Rng, t: &mut Tally) -> Resul
                 };
                 for (step, &mode) in modes.iter().enumerate() {
                     let ctx = format!(
-                        "{name} {layout}{shape:?} mean {big_mean} {cname} step {step} {mode:?}"
+                        "{name} {layout}{shape:?} x, dy mean {big_mean} {cname} step {step} {mode:?}"
                     );
                     let nan = T::from_f64(f64::NAN);
                     let mut y = DeviceTensor::filled(gpu, nan, &shape, layout)?;
@@ -358,6 +374,7 @@ fn verify_extra(gpu: &Gpu, rng: &mut Rng, t: &mut Tally) -> Result<(), CudaError
 
 struct Row {
     label: &'static str,
+    layout: Layout,
     shape: String,
     dtype: &'static str,
     bytes: usize,
@@ -372,31 +389,41 @@ fn time_ms(
     iters: usize,
     mut f: impl FnMut() -> Result<(), CudaError>,
 ) -> Result<f64, CudaError> {
-    let ctx = gpu.context();
-    let drv = |e: cudarc::driver::DriverError| CudaError::Driver {
-        op: "event",
-        message: e.to_string(),
-    };
-    for _ in 0..3 {
-        f()?;
-    }
-    let mut reps = Vec::new();
-    for _ in 0..5 {
-        let a = ctx
-            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(drv)?;
-        let b = ctx
-            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .map_err(drv)?;
-        a.record(gpu.stream()).map_err(drv)?;
-        for _ in 0..iters {
+    // cudarc resolves the event functions on first use and panics if the driver lacks
+    // one (cuEventElapsedTime_v2 needs R570+): a typed error instead.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let ctx = gpu.context();
+        let drv = |e: cudarc::driver::DriverError| CudaError::Driver {
+            op: "event",
+            message: e.to_string(),
+        };
+        for _ in 0..3 {
             f()?;
         }
-        b.record(gpu.stream()).map_err(drv)?;
-        reps.push(a.elapsed_ms(&b).map_err(drv)? as f64 / iters as f64);
-    }
-    reps.sort_by(|x, y| x.total_cmp(y));
-    Ok(reps[2])
+        let mut reps = Vec::new();
+        for _ in 0..5 {
+            let a = ctx
+                .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(drv)?;
+            let b = ctx
+                .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                .map_err(drv)?;
+            a.record(gpu.stream()).map_err(drv)?;
+            for _ in 0..iters {
+                f()?;
+            }
+            b.record(gpu.stream()).map_err(drv)?;
+            reps.push(a.elapsed_ms(&b).map_err(drv)? as f64 / iters as f64);
+        }
+        reps.sort_by(|x, y| x.total_cmp(y));
+        Ok(reps[2])
+    }))
+    .unwrap_or_else(|_| {
+        Err(CudaError::Driver {
+            op: "timing with events",
+            message: "the driver lacks an event function cudarc needs".into(),
+        })
+    })
 }
 
 fn bench_one<T: GpuElement>(
@@ -408,7 +435,10 @@ fn bench_one<T: GpuElement>(
     rng: &mut Rng,
 ) -> Result<Row, CudaError> {
     let g = layout.geometry(shape)?;
-    let host: Vec<T> = (0..g.len()).map(|_| T::from_f64(rng.normal())).collect();
+    // A random block repeated: timing does not depend on the values, and generating
+    // hundreds of millions of random numbers on the host would dominate the run.
+    let block: Vec<T> = (0..(1 << 20)).map(|_| T::from_f64(rng.normal())).collect();
+    let host: Vec<T> = block.iter().copied().cycle().take(g.len()).collect();
     let x = DeviceTensor::upload(gpu, &host, shape, layout)?;
     let dy = DeviceTensor::upload(gpu, &host, shape, layout)?;
     drop(host);
@@ -436,7 +466,8 @@ fn bench_one<T: GpuElement>(
     let bwd_ms = time_ms(gpu, iters, || bn.backward_into(&x, &dy, &saved, &mut dx))?;
     Ok(Row {
         label,
-        shape: format!("{layout}{shape:?}").replace(' ', ""),
+        layout,
+        shape: format!("{shape:?}").replace(' ', ""),
         dtype: T::DTYPE.name(),
         bytes: x.num_bytes(),
         copy_ms,
@@ -446,10 +477,38 @@ fn bench_one<T: GpuElement>(
     })
 }
 
-/// Share of the copy rate: bytes the step must move (passes × tensor bytes) per second,
-/// over the device-to-device copy's (2 × tensor bytes) per second.
+/// Tensor passes each step must move, as the cuDNN anchor (`cudnn_anchor.py`) counts
+/// them: training and inference forward read x and write y (2), backward reads x and dy
+/// and writes dx (3).
+const PASSES: (f64, f64, f64) = (2.0, 2.0, 3.0);
+
+/// Share of the copy rate: the step's tensor passes per second over the device-to-device
+/// copy's 2 passes per second (timed in the same run).
 fn pct(passes: f64, ms: f64, copy_ms: f64) -> f64 {
     100.0 * (passes / ms) / (2.0 / copy_ms)
+}
+
+/// The anchor's cases (`cudnn_anchor.py`: labels and shapes), 4-d ones in both NCHW and
+/// channels-last (NHWC, the same bytes as PyTorch's channels_last).
+fn bench_cases() -> Vec<(&'static str, Layout, Vec<usize>)> {
+    let mut v = Vec::new();
+    for (label, shape) in [
+        ("S1", vec![32usize, 64, 56, 56]),
+        ("S2", vec![32, 256, 14, 14]),
+        ("S3", vec![4096, 1024]),
+        ("S5", vec![64, 128, 56, 56]),
+        ("L1", vec![256, 64, 112, 112]),
+        ("L3", vec![65536, 4096]),
+    ] {
+        if shape.len() == 4 {
+            let (n, c, h, w) = (shape[0], shape[1], shape[2], shape[3]);
+            v.push((label, Layout::NCHW, shape.clone()));
+            v.push((label, Layout::NHWC, vec![n, h, w, c]));
+        } else {
+            v.push((label, Layout::NC, shape));
+        }
+    }
+    v
 }
 
 fn main() {
@@ -481,12 +540,20 @@ fn main() {
             std::process::exit(1);
         }
     };
+    let nvrtc = bnorm_cuda::compile::nvrtc_version()
+        .map_or_else(|e| format!("? ({e})"), |v| format!("{}.{}", v.0, v.1));
+    let driver = gpu.driver_version().map_or_else(
+        |e| format!("? ({e})"),
+        |v| format!("{}.{}", v / 1000, v % 1000 / 10),
+    );
     println!(
-        "device: {} (sm_{}{}, {} SMs); NVRTC compile {:.1} ms; seed {seed}",
+        "device: {} (sm_{}{}, {} SMs); driver CUDA {driver}; NVRTC {nvrtc}, compiled to {:?} \
+         in {:.1} ms; seed {seed}",
         gpu.name(),
         gpu.compute_capability().0,
         gpu.compute_capability().1,
         gpu.sm_count(),
+        gpu.compiled_to(),
         gpu.compile_ms()
     );
     let mut rng = Rng(seed);
@@ -509,22 +576,14 @@ fn main() {
         failed = t.failed > 0;
     }
     if !flag("--verify-only") {
-        let cases: [(&'static str, Layout, &[usize]); 7] = [
-            ("L1", Layout::NCHW, &[64, 128, 56, 56]),
-            ("L2", Layout::NCHW, &[256, 64, 112, 112]),
-            ("L3", Layout::NHWC, &[256, 112, 112, 64]),
-            ("L4", Layout::NC, &[65536, 4096]),
-            ("S1", Layout::NCHW, &[32, 64, 56, 56]),
-            ("S2", Layout::NCHW, &[32, 256, 14, 14]),
-            ("S3", Layout::NC, &[4096, 1024]),
-        ];
         let mut rows = Vec::new();
-        for (label, layout, shape) in cases {
-            for bf in [false, true] {
-                let r = if bf {
-                    bench_one::<bf16>(&gpu, label, layout, shape, iters, &mut rng)
-                } else {
-                    bench_one::<f32>(&gpu, label, layout, shape, iters, &mut rng)
+        for (label, layout, shape) in bench_cases() {
+            // the anchor's dtypes: f32, bf16, f16
+            for dtype in 0..3 {
+                let r = match dtype {
+                    0 => bench_one::<f32>(&gpu, label, layout, &shape, iters, &mut rng),
+                    1 => bench_one::<bf16>(&gpu, label, layout, &shape, iters, &mut rng),
+                    _ => bench_one::<f16>(&gpu, label, layout, &shape, iters, &mut rng),
                 };
                 match r {
                     Ok(r) => rows.push(r),
@@ -536,7 +595,8 @@ fn main() {
             }
         }
         println!(
-            "\n{:<3} {:<22} {:<5} {:>9} {:>10} {:>6} {:>10} {:>6} {:>10} {:>6}",
+            "\n{:<3} {:<5} {:<20} {:<5} {:>9} {:>10} {:>6} {:>10} {:>6} {:>10} {:>6}",
+            "",
             "",
             "shape",
             "dtype",
@@ -551,23 +611,25 @@ fn main() {
         let mut json = String::from("[\n");
         for (i, r) in rows.iter().enumerate() {
             println!(
-                "{:<3} {:<22} {:<5} {:>9.0} {:>10.4} {:>5.0}% {:>10.4} {:>5.0}% {:>10.4} {:>5.0}%",
+                "{:<3} {:<5} {:<20} {:<5} {:>9.0} {:>10.4} {:>5.0}% {:>10.4} {:>5.0}% {:>10.4} {:>5.0}%",
                 r.label,
+                r.layout.to_string(),
                 r.shape,
                 r.dtype,
                 2.0 * r.bytes as f64 / r.copy_ms / 1e6,
                 r.train_ms,
-                pct(3.0, r.train_ms, r.copy_ms),
+                pct(PASSES.0, r.train_ms, r.copy_ms),
                 r.infer_ms,
-                pct(2.0, r.infer_ms, r.copy_ms),
+                pct(PASSES.1, r.infer_ms, r.copy_ms),
                 r.bwd_ms,
-                pct(5.0, r.bwd_ms, r.copy_ms)
+                pct(PASSES.2, r.bwd_ms, r.copy_ms)
             );
             let _ = writeln!(
                 json,
-                "  {{\"label\": \"{}\", \"shape\": \"{}\", \"dtype\": \"{}\", \"bytes\": {}, \
-                \"copy_ms\": {}, \"train_ms\": {}, \"infer_ms\": {}, \"bwd_ms\": {}}}{}",
+                "  {{\"label\": \"{}\", \"layout\": \"{}\", \"shape\": \"{}\", \"dtype\": \"{}\", \
+                \"bytes\": {}, \"copy_ms\": {}, \"train_ms\": {}, \"infer_ms\": {}, \"bwd_ms\": {}}}{}",
                 r.label,
+                r.layout,
                 r.shape,
                 r.dtype,
                 r.bytes,
@@ -579,8 +641,11 @@ fn main() {
             );
         }
         json.push(']');
-        println!("(%copy: bytes the step must move — train 3, inference 2, backward 5 tensor passes — per \
-                  second, over the copy's 2 passes per second)");
+        println!(
+            "(%copy as the cuDNN anchor counts: tensor passes per second — training and \
+             inference forward 2 (x read, y written), backward 3 (x, dy read, dx written) — \
+             over the device-to-device copy's 2 per second, copy timed in the same run)"
+        );
         if let Some(path) = value("--json") {
             if let Err(e) = std::fs::write(&path, json + "\n") {
                 println!("FAIL: writing {path}: {e}");

@@ -1,14 +1,14 @@
 //! The GPU layer: configuration, parameters and running statistics on the device, and the
 //! forward and backward steps as kernel sequences.
 
-use cudarc::driver::{CudaSlice, CudaStream, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaStream, LaunchArgs, LaunchConfig, PushKernelArg};
 
 use bnorm::config::Variant;
 use bnorm::expert::{ForwardPlan, Geometry, Grads, Moments, Normalized, Options, StateSummary};
 use bnorm::{Config, Mode, Params, RunningState, StepReport, VarianceEstimator};
 
 use crate::kernels::{typed_name, BLOCK};
-use crate::plan::{channel_grid, elementwise_grid, plan_split, FastDiv, Split};
+use crate::plan::{channel_grid, plan_split, reduces_by_rows, reduction_width, FastDiv, Split};
 use crate::{CudaError, DeviceTensor, Gpu, GpuElement, Result};
 
 /// What backward needs from a forward step, on the device: per channel the centre and
@@ -115,11 +115,15 @@ pub struct GpuBatchNorm {
     rvar: CudaSlice<f64>,
     skipped: CudaSlice<i32>,
     flags_valid: bool,
+    /// Per-(split, channel) partials of the reductions: 4 values (n, K, d, M2) for the
+    /// statistics, 2 for the backward sums.
     part: CudaSlice<f64>,
-    shift: CudaSlice<f64>,
     grads: CudaSlice<f64>,
     grads_valid: bool,
     bcoef: CudaSlice<f32>,
+    /// Arrival counters of the reductions' second stages (one per channel group, reset
+    /// to 0 by the last block of each launch).
+    counter: CudaSlice<u32>,
     /// What a forward step fills before it can fail; it replaces the caller's
     /// [`GpuSaved`] only when the step succeeds.
     next_saved: GpuSaved,
@@ -141,6 +145,52 @@ fn launch_cfg(grid: (u32, u32, u32), block: (u32, u32, u32)) -> LaunchConfig {
         block_dim: block,
         shared_mem_bytes: 0,
     }
+}
+
+/// The statistics' second stage's kernel parameters (`STATS_OUT_PARAMS` in kernels.rs).
+struct StatsOutArgs<'a> {
+    n: f64,
+    gamma: &'a CudaSlice<f64>,
+    beta: &'a CudaSlice<f64>,
+    eps: f64,
+    stats: &'a mut CudaSlice<f64>,
+    coef: &'a mut CudaSlice<f32>,
+    update: i32,
+    rmean: &'a mut CudaSlice<f64>,
+    rvar: &'a mut CudaSlice<f64>,
+    a: f64,
+    unbiased: i32,
+    skipped: &'a mut CudaSlice<i32>,
+}
+
+/// Pushes `STATS_OUT_PARAMS`, in their order.
+fn push_stats_out<'a>(b: &mut LaunchArgs<'a>, o: &'a mut StatsOutArgs<'_>) {
+    let StatsOutArgs {
+        n,
+        gamma,
+        beta,
+        eps,
+        stats,
+        coef,
+        update,
+        rmean,
+        rvar,
+        a,
+        unbiased,
+        skipped,
+    } = o;
+    b.arg(&*n)
+        .arg(&**gamma)
+        .arg(&**beta)
+        .arg(&*eps)
+        .arg(&mut **stats)
+        .arg(&mut **coef)
+        .arg(&*update)
+        .arg(&mut **rmean)
+        .arg(&mut **rvar)
+        .arg(&*a)
+        .arg(&*unbiased)
+        .arg(&mut **skipped);
 }
 
 fn ensure<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(
@@ -232,11 +282,13 @@ impl GpuBatchNorm {
             flags_valid: false,
             next_saved: GpuSaved::new(),
             part: zeros(1)?,
-            shift: zeros(c)?,
             grads: zeros(2 * c)?,
             grads_valid: false,
             bcoef: stream
                 .alloc_zeros(4 * c.max(1))
+                .map_err(CudaError::driver("alloc"))?,
+            counter: stream
+                .alloc_zeros(c.max(1))
                 .map_err(CudaError::driver("alloc"))?,
             params: Params::default(),
             cfg,
@@ -428,7 +480,24 @@ impl GpuBatchNorm {
         let c32 = c as u32;
         let eps = self.cfg.get_eps();
         let cgrid = launch_cfg((channel_grid(c), 1, 1), (BLOCK, 1, 1));
-        if normalized == Normalized::Running {
+        let mut batch_split = None;
+        if normalized == Normalized::Running && !g.is_empty() {
+            // one launch: the normalization on the reduction's plan computes the
+            // coefficients from the running statistics and writes them with `stats`
+            saved.count = 0.0;
+            let cf = !reduces_by_rows(g);
+            let (split, _) = self.plan::<T>(
+                if cf {
+                    "bn_norm_back_cf"
+                } else {
+                    "bn_norm_back_cl"
+                },
+                None,
+                g,
+            )?;
+            self.launch_norm_back(x, y, &mut *stats, &mut *coef, split, true)?;
+        } else if normalized == Normalized::Running {
+            // an empty batch: nothing to normalize, the statistics for the backward only
             saved.count = 0.0;
             let f = self.gpu.function("bn_coef_running")?;
             let mut b = stream.launch_builder(&f);
@@ -446,40 +515,38 @@ impl GpuBatchNorm {
         } else {
             let n = g.per_channel() as f64;
             saved.count = n;
-            let split = self.reduce_stats(x, g)?;
-            let s32 = split.splits();
-            let f = self.gpu.function("bn_finalize_train")?;
-            let mut b = stream.launch_builder(&f);
-            b.arg(&c32)
-                .arg(&s32)
-                .arg(&n)
-                .arg(&self.part)
-                .arg(&self.shift)
-                .arg(&self.gamma)
-                .arg(&self.beta)
-                .arg(&eps)
-                .arg(&mut *stats)
-                .arg(&mut *coef);
-            // SAFETY: arguments match bn_finalize_train; part holds 2·S·C values written
-            // by the reduction just queued on the same stream; stats 3·C, coef 4·C.
-            unsafe { b.launch(cgrid) }.map_err(CudaError::driver("bn_finalize_train"))?;
-            if plan.update.is_some() {
-                if plan.refuse_non_finite {
-                    let s = stream
-                        .clone_dtoh(&*stats)
-                        .map_err(CudaError::driver("download statistics"))?;
-                    let bad: Vec<usize> = (0..c)
-                        .filter(|&ch| !(s[ch].is_finite() && s[c + ch].is_finite()))
-                        .collect();
-                    if !bad.is_empty() {
-                        return Err(bnorm::Error::NonFiniteStatistics { channels: bad }.into());
-                    }
+            let t = self.updates + 1;
+            let a = self.cfg.get_momentum().new_weight(t);
+            let unbiased =
+                i32::from(self.cfg.get_running_variance() == VarianceEstimator::Unbiased);
+            // The running update runs in the reduction's second stage, unless the policy
+            // must see the statistics first.
+            let fused_update = plan.update.is_some() && !plan.refuse_non_finite;
+            let split = self.reduce_stats(
+                x,
+                g,
+                &mut *stats,
+                &mut *coef,
+                fused_update.then_some((a, unbiased)),
+            )?;
+            batch_split = Some(split);
+            if fused_update {
+                // counted once the update is queued (a failed launch changes nothing)
+                self.updates = t;
+                self.flags_valid = true;
+                report.updated = true;
+            }
+            if plan.update.is_some() && !fused_update {
+                // NonFinitePolicy::Error: refuse before anything is written
+                let s = stream
+                    .clone_dtoh(&*stats)
+                    .map_err(CudaError::driver("download statistics"))?;
+                let bad: Vec<usize> = (0..c)
+                    .filter(|&ch| !(s[ch].is_finite() && s[c + ch].is_finite()))
+                    .collect();
+                if !bad.is_empty() {
+                    return Err(bnorm::Error::NonFiniteStatistics { channels: bad }.into());
                 }
-                self.updates += 1;
-                let t = self.updates;
-                let a = self.cfg.get_momentum().new_weight(t);
-                let unbiased =
-                    i32::from(self.cfg.get_running_variance() == VarianceEstimator::Unbiased);
                 let f = self.gpu.function("bn_running_update")?;
                 let mut b = stream.launch_builder(&f);
                 b.arg(&c32)
@@ -492,11 +559,16 @@ impl GpuBatchNorm {
                     .arg(&mut self.skipped);
                 // SAFETY: arguments match bn_running_update; every buffer holds ≥ C values.
                 unsafe { b.launch(cgrid) }.map_err(CudaError::driver("bn_running_update"))?;
+                // counted once the update is queued (a failed launch changes nothing)
+                self.updates = t;
                 self.flags_valid = true;
                 report.updated = true;
             }
         }
-        self.launch_elementwise_norm(x, y, &*coef)?;
+        if let Some(split) = batch_split {
+            // on the reduction's blocks, backwards: the tail of x still in L2 is read first
+            self.launch_norm_back(x, y, &mut *stats, &mut *coef, split, false)?;
+        }
         Ok(report)
     }
 
@@ -511,7 +583,6 @@ impl GpuBatchNorm {
         }
         let stream = self.stream.clone();
         let c = g.channels;
-        let split = self.reduce_stats(x, g)?;
         let (mut stats, mut coef) = (None, None);
         ensure(&stream, &mut stats, 3 * c)?;
         ensure::<f32>(&stream, &mut coef, 4 * c)?;
@@ -519,22 +590,7 @@ impl GpuBatchNorm {
             unreachable!("ensured above")
         };
         let n = g.per_channel() as f64;
-        let (c32, s32, eps) = (c as u32, split.splits(), self.cfg.get_eps());
-        let f = self.gpu.function("bn_finalize_train")?;
-        let mut b = stream.launch_builder(&f);
-        b.arg(&c32)
-            .arg(&s32)
-            .arg(&n)
-            .arg(&self.part)
-            .arg(&self.shift)
-            .arg(&self.gamma)
-            .arg(&self.beta)
-            .arg(&eps)
-            .arg(&mut stats)
-            .arg(&mut coef);
-        // SAFETY: as in forward_into.
-        unsafe { b.launch(launch_cfg((channel_grid(c), 1, 1), (BLOCK, 1, 1))) }
-            .map_err(CudaError::driver("bn_finalize_train"))?;
+        self.reduce_stats(x, g, &mut stats, &mut coef, None)?;
         let s = stream
             .clone_dtoh(&stats)
             .map_err(CudaError::driver("download statistics"))?;
@@ -589,45 +645,13 @@ impl GpuBatchNorm {
         }
         let c = g.channels;
         let stream = self.stream.clone();
-        let split = plan_split(g, self.gpu.sm_count());
-        self.ensure_part(split, c)?;
-        let rcfg = launch_cfg(split.grid(c), split.block());
-        let c32 = c as u32;
-        match split {
-            Split::ChannelsFirst { chunk, .. } => {
-                let fi = FastDiv::new(g.inner as u32);
-                let (i32_, pc) = (g.inner as u32, g.per_channel() as u32);
-                let f = self.gpu.function(&typed_name("bn_bwd_reduce_cf", T::TAG))?;
-                let mut b = stream.launch_builder(&f);
-                b.arg(&x.buf)
-                    .arg(&dy.buf)
-                    .arg(stats)
-                    .arg(&c32)
-                    .arg(&i32_)
-                    .arg(&fi.m)
-                    .arg(&fi.s)
-                    .arg(&pc)
-                    .arg(&chunk)
-                    .arg(&mut self.part);
-                // SAFETY: arguments match bn_bwd_reduce_cf_*; the plan covers each
-                // channel's values exactly once within x and dy (same geometry), and part
-                // holds 2·S·C values.
-                unsafe { b.launch(rcfg) }.map_err(CudaError::driver("bn_bwd_reduce_cf"))?;
-            }
-            Split::ChannelsLast { rows, .. } => {
-                let o = g.outer as u32;
-                let f = self.gpu.function(&typed_name("bn_bwd_reduce_cl", T::TAG))?;
-                let mut b = stream.launch_builder(&f);
-                b.arg(&x.buf)
-                    .arg(&dy.buf)
-                    .arg(stats)
-                    .arg(&o)
-                    .arg(&c32)
-                    .arg(&rows)
-                    .arg(&mut self.part);
-                // SAFETY: as above, channels-last plan (rows × 32-channel tiles).
-                unsafe { b.launch(rcfg) }.map_err(CudaError::driver("bn_bwd_reduce_cl"))?;
-            }
+        if g.is_empty() {
+            // No values: dγ = dβ = 0 and dx is empty; nothing to launch.
+            stream
+                .memcpy_htod(&vec![0.0f64; 2 * c], &mut self.grads)
+                .map_err(CudaError::driver("zero gradients"))?;
+            self.grads_valid = true;
+            return Ok(());
         }
         let n = if saved.count > 0.0 {
             saved.count
@@ -635,50 +659,131 @@ impl GpuBatchNorm {
             g.per_channel() as f64
         };
         let batch = i32::from(saved.normalized == Normalized::Batch);
-        let s32 = split.splits();
-        let f = self.gpu.function("bn_bwd_finalize")?;
-        let mut b = stream.launch_builder(&f);
-        b.arg(&c32)
-            .arg(&s32)
-            .arg(&n)
-            .arg(&self.part)
-            .arg(stats)
-            .arg(&self.gamma)
-            .arg(&batch)
-            .arg(&mut self.grads)
-            .arg(&mut self.bcoef);
-        // SAFETY: arguments match bn_bwd_finalize; part 2·S·C, stats 3·C, grads 2·C,
-        // bcoef 4·C.
-        unsafe { b.launch(launch_cfg((channel_grid(c), 1, 1), (BLOCK, 1, 1))) }
-            .map_err(CudaError::driver("bn_bwd_finalize"))?;
+        let cf = !reduces_by_rows(g);
+        let (split, name) = self.plan::<T>(
+            if cf {
+                "bn_bwd_reduce_cf"
+            } else {
+                "bn_bwd_reduce_cl"
+            },
+            Some(if cf { "bn_dx_back_cf" } else { "bn_dx_back_cl" }),
+            g,
+        )?;
+        self.ensure_part(split, c)?;
+        let rcfg = launch_cfg(split.grid(c), split.block());
+        let c32 = c as u32;
+        let f = self.gpu.function(&name)?;
+        match split {
+            Split::ChannelsFirst { chunk, vec, .. } => {
+                let iv = (g.inner / vec as usize) as u32;
+                let fi = FastDiv::new(iv);
+                let pv = (g.per_channel() / vec as usize) as u32;
+                let mut b = stream.launch_builder(&f);
+                b.arg(&x.buf)
+                    .arg(&dy.buf)
+                    .arg(stats)
+                    .arg(&c32)
+                    .arg(&iv)
+                    .arg(&fi.m)
+                    .arg(&fi.s)
+                    .arg(&pv)
+                    .arg(&chunk)
+                    .arg(&mut self.part)
+                    .arg(&mut self.counter)
+                    .arg(&n)
+                    .arg(&self.gamma)
+                    .arg(&batch)
+                    .arg(&mut self.grads)
+                    .arg(&mut self.bcoef);
+                // SAFETY: arguments match bn_bwd_reduce_cf_* (with BWD_OUT_PARAMS); the plan
+                // covers each channel's vectors exactly once within x and dy (same geometry,
+                // vec divides inner); part holds 2·S·C values, counter ≥ C, stats 3·C,
+                // grads 2·C, bcoef 4·C.
+                unsafe { b.launch(rcfg) }.map_err(CudaError::driver("bn_bwd_reduce_cf"))?;
+            }
+            Split::ChannelsLast { rows, inner, .. } => {
+                let o = g.outer as u32;
+                let mut b = stream.launch_builder(&f);
+                b.arg(&x.buf)
+                    .arg(&dy.buf)
+                    .arg(stats)
+                    .arg(&o)
+                    .arg(&c32)
+                    .arg(&inner)
+                    .arg(&rows)
+                    .arg(&mut self.part)
+                    .arg(&mut self.counter)
+                    .arg(&n)
+                    .arg(&self.gamma)
+                    .arg(&batch)
+                    .arg(&mut self.grads)
+                    .arg(&mut self.bcoef);
+                // SAFETY: as above, by-rows plan (rows × 32·vec-column tiles of W = C·inner
+                // columns, vec divides W, column w in channel w / inner < C); part holds
+                // 2·S·W values, counter ≥ C.
+                unsafe { b.launch(rcfg) }.map_err(CudaError::driver("bn_bwd_reduce_cl"))?;
+            }
+        }
         self.grads_valid = true;
-        let (fi, fc) = (FastDiv::new(g.inner.max(1) as u32), FastDiv::new(c as u32));
-        let len = g.len() as u32;
-        let f = self.gpu.function(&typed_name("bn_bwd_dx", T::TAG))?;
-        let mut b = stream.launch_builder(&f);
-        b.arg(&x.buf)
-            .arg(&dy.buf)
-            .arg(&mut dx.buf)
-            .arg(&len)
-            .arg(&fi.m)
-            .arg(&fi.s)
-            .arg(&c32)
-            .arg(&fc.m)
-            .arg(&fc.s)
-            .arg(coef)
-            .arg(&self.bcoef);
-        let ecfg = launch_cfg(
-            (elementwise_grid(g.len(), self.gpu.sm_count()), 1, 1),
-            (BLOCK, 1, 1),
-        );
-        // SAFETY: arguments match bn_bwd_dx_*; x, dy, dx hold len elements (checked
-        // shapes), coef and bcoef 4·C floats, channel indices < C by construction.
-        unsafe { b.launch(ecfg) }.map_err(CudaError::driver("bn_bwd_dx"))?;
+        // dx on the reduction's blocks, backwards: the tails of x and dy still in L2 first
+        let rcfg = launch_cfg(split.grid(c), split.block());
+        match split {
+            Split::ChannelsFirst { chunk, vec, .. } => {
+                let f = self
+                    .gpu
+                    .function(&typed_name("bn_dx_back_cf", T::TAG, vec))?;
+                let iv = (g.inner / vec as usize) as u32;
+                let fi = FastDiv::new(iv);
+                let pv = (g.per_channel() / vec as usize) as u32;
+                let mut b = stream.launch_builder(&f);
+                b.arg(&x.buf)
+                    .arg(&dy.buf)
+                    .arg(&mut dx.buf)
+                    .arg(&c32)
+                    .arg(&iv)
+                    .arg(&fi.m)
+                    .arg(&fi.s)
+                    .arg(&pv)
+                    .arg(&chunk)
+                    .arg(coef)
+                    .arg(&self.bcoef)
+                    .arg(&batch);
+                // SAFETY: arguments match bn_dx_back_cf_*; the reduction's plan covers each
+                // channel's vectors exactly once inside x, dy and dx (same checked shape, vec
+                // divides inner); coef and bcoef hold C float4; x is not read when batch = 0.
+                unsafe { b.launch(rcfg) }.map_err(CudaError::driver("bn_dx_back_cf"))?;
+            }
+            Split::ChannelsLast {
+                rows, vec, inner, ..
+            } => {
+                let f = self
+                    .gpu
+                    .function(&typed_name("bn_dx_back_cl", T::TAG, vec))?;
+                let o = g.outer as u32;
+                let mut b = stream.launch_builder(&f);
+                b.arg(&x.buf)
+                    .arg(&dy.buf)
+                    .arg(&mut dx.buf)
+                    .arg(&o)
+                    .arg(&c32)
+                    .arg(&inner)
+                    .arg(&rows)
+                    .arg(coef)
+                    .arg(&self.bcoef)
+                    .arg(&batch);
+                // SAFETY: arguments match bn_dx_back_cl_*; rows × 32·vec-column tiles inside
+                // x, dy and dx (vec divides W = C·inner; threads past W return; column w in
+                // channel w / inner < C); coef and bcoef hold C
+                // float4; x is not read when batch = 0.
+                unsafe { b.launch(rcfg) }.map_err(CudaError::driver("bn_dx_back_cl"))?;
+            }
+        }
         Ok(())
     }
 
     fn ensure_part(&mut self, split: Split, c: usize) -> Result<()> {
-        let need = 2 * split.splits() as usize * c;
+        // 4 values per (split, channel) for the statistics' moments, 2 for the backward
+        let need = 4 * split.splits() as usize * split.columns(c);
         if self.part.len() < need {
             self.part = self
                 .stream
@@ -688,79 +793,183 @@ impl GpuBatchNorm {
         Ok(())
     }
 
-    /// Queues the statistics reduction of `x` into `self.part` / `self.shift`.
-    fn reduce_stats<T: GpuElement>(&mut self, x: &DeviceTensor<T>, g: Geometry) -> Result<Split> {
+    /// The reduction plan for `g`: the vector width, then the splits for the resident
+    /// blocks per SM of the kernel `base` at that width.
+    /// `also` names a kernel launched on the same plan afterwards (`bn_norm_back_*`,
+    /// `bn_dx_back_*`): the wave is the smaller of the two kernels' resident blocks.
+    fn plan<T: GpuElement>(
+        &self,
+        base: &str,
+        also: Option<&str>,
+        g: Geometry,
+    ) -> Result<(Split, String)> {
+        let vec = reduction_width(g);
+        let name = typed_name(base, T::TAG, vec);
+        let mut resident = self.gpu.resident_blocks(&name)? as usize;
+        if let Some(other) = also {
+            let other = self.gpu.resident_blocks(&typed_name(other, T::TAG, vec))?;
+            resident = resident.min(other as usize);
+        }
+        Ok((plan_split(g, self.gpu.sm_count(), resident), name))
+    }
+
+    /// Queues the statistics reduction of `x` (partial moments in `self.part`) and
+    /// its second stage in the last block of each channel group: `stats` (3·C) and `coef`
+    /// (4·C), and with `update = Some((a, unbiased))` the running statistics.
+    fn reduce_stats<T: GpuElement>(
+        &mut self,
+        x: &DeviceTensor<T>,
+        g: Geometry,
+        stats: &mut CudaSlice<f64>,
+        coef: &mut CudaSlice<f32>,
+        update: Option<(f64, i32)>,
+    ) -> Result<Split> {
         let c = g.channels;
-        let split = plan_split(g, self.gpu.sm_count());
+        let cf = !reduces_by_rows(g);
+        let (split, name) = if cf {
+            self.plan::<T>("bn_stats_cf", Some("bn_norm_back_cf"), g)?
+        } else {
+            self.plan::<T>("bn_stats_cl", Some("bn_norm_back_cl"), g)?
+        };
         self.ensure_part(split, c)?;
         let stream = self.stream.clone();
         let rcfg = launch_cfg(split.grid(c), split.block());
         let c32 = c as u32;
+        let f = self.gpu.function(&name)?;
+        let (a, unbiased) = update.unwrap_or((0.0, 0));
+        let mut out = StatsOutArgs {
+            n: g.per_channel() as f64,
+            gamma: &self.gamma,
+            beta: &self.beta,
+            eps: self.cfg.get_eps(),
+            stats,
+            coef,
+            update: i32::from(update.is_some()),
+            rmean: &mut self.rmean,
+            rvar: &mut self.rvar,
+            a,
+            unbiased,
+            skipped: &mut self.skipped,
+        };
         match split {
-            Split::ChannelsFirst { chunk, .. } => {
-                let fi = FastDiv::new(g.inner as u32);
-                let (inner, pc) = (g.inner as u32, g.per_channel() as u32);
-                let f = self.gpu.function(&typed_name("bn_stats_cf", T::TAG))?;
+            Split::ChannelsFirst { chunk, vec, .. } => {
+                let iv = (g.inner / vec as usize) as u32;
+                let fi = FastDiv::new(iv);
+                let pv = (g.per_channel() / vec as usize) as u32;
                 let mut b = stream.launch_builder(&f);
                 b.arg(&x.buf)
                     .arg(&c32)
-                    .arg(&inner)
+                    .arg(&iv)
                     .arg(&fi.m)
                     .arg(&fi.s)
-                    .arg(&pc)
+                    .arg(&pv)
                     .arg(&chunk)
                     .arg(&mut self.part)
-                    .arg(&mut self.shift);
-                // SAFETY: arguments match bn_stats_cf_*; the plan keeps every index inside
-                // x (checked geometry < 2^31 elements); part holds 2·S·C, shift C values.
+                    .arg(&mut self.counter);
+                push_stats_out(&mut b, &mut out);
+                // SAFETY: arguments match bn_stats_cf_*; vec divides inner, so every vector
+                // lies inside one row of x and is aligned (256-byte aligned allocation); the
+                // plan keeps every index inside x (checked geometry < 2^31 vectors); part
+                // holds 4·S·C values.
                 unsafe { b.launch(rcfg) }.map_err(CudaError::driver("bn_stats_cf"))?;
             }
-            Split::ChannelsLast { rows, .. } => {
+            Split::ChannelsLast { rows, inner, .. } => {
                 let o = g.outer as u32;
-                let f = self.gpu.function(&typed_name("bn_stats_cl", T::TAG))?;
                 let mut b = stream.launch_builder(&f);
                 b.arg(&x.buf)
                     .arg(&o)
                     .arg(&c32)
+                    .arg(&inner)
                     .arg(&rows)
                     .arg(&mut self.part)
-                    .arg(&mut self.shift);
-                // SAFETY: arguments match bn_stats_cl_*; threads with c ≥ C load nothing;
-                // part holds 2·S·C, shift C values.
+                    .arg(&mut self.counter);
+                push_stats_out(&mut b, &mut out);
+                // SAFETY: arguments match bn_stats_cl_*; vec divides W = C·inner, threads whose
+                // first column is ≥ W load nothing; part holds 4·S·W values, counter ≥ C.
                 unsafe { b.launch(rcfg) }.map_err(CudaError::driver("bn_stats_cl"))?;
             }
         }
         Ok(split)
     }
 
-    fn launch_elementwise_norm<T: GpuElement>(
+    /// The forward's normalization on a reduction plan (`bn_norm_back_*`): with the batch
+    /// statistics' `coef` (training), or `from_running`, computing the coefficients from
+    /// the running statistics in the kernel and writing them to `stats` (3·C) and `coef`.
+    fn launch_norm_back<T: GpuElement>(
         &self,
         x: &DeviceTensor<T>,
         y: &mut DeviceTensor<T>,
-        coef: &CudaSlice<f32>,
+        stats: &mut CudaSlice<f64>,
+        coef: &mut CudaSlice<f32>,
+        split: Split,
+        from_running: bool,
     ) -> Result<()> {
         let g = x.geometry();
         let c = g.channels;
-        let (fi, fc) = (FastDiv::new(g.inner.max(1) as u32), FastDiv::new(c as u32));
-        let (len, c32) = (g.len() as u32, c as u32);
-        let f = self.gpu.function(&typed_name("bn_norm", T::TAG))?;
-        let mut b = self.stream.launch_builder(&f);
-        b.arg(&x.buf)
-            .arg(&mut y.buf)
-            .arg(&len)
-            .arg(&fi.m)
-            .arg(&fi.s)
-            .arg(&c32)
-            .arg(&fc.m)
-            .arg(&fc.s)
-            .arg(coef);
-        let cfg = launch_cfg(
-            (elementwise_grid(g.len(), self.gpu.sm_count()), 1, 1),
-            (BLOCK, 1, 1),
-        );
-        // SAFETY: arguments match bn_norm_*; x and y hold len elements (same checked
-        // shape), coef 4·C floats, channel index < C by construction.
-        unsafe { b.launch(cfg) }.map_err(CudaError::driver("bn_norm"))?;
+        let cfg = launch_cfg(split.grid(c), split.block());
+        let c32 = c as u32;
+        let run = i32::from(from_running);
+        let eps = self.cfg.get_eps();
+        match split {
+            Split::ChannelsFirst { chunk, vec, .. } => {
+                let f = self
+                    .gpu
+                    .function(&typed_name("bn_norm_back_cf", T::TAG, vec))?;
+                let iv = (g.inner / vec as usize) as u32;
+                let fi = FastDiv::new(iv);
+                let pv = (g.per_channel() / vec as usize) as u32;
+                let mut b = self.stream.launch_builder(&f);
+                b.arg(&x.buf)
+                    .arg(&mut y.buf)
+                    .arg(&c32)
+                    .arg(&iv)
+                    .arg(&fi.m)
+                    .arg(&fi.s)
+                    .arg(&pv)
+                    .arg(&chunk)
+                    .arg(coef)
+                    .arg(&run)
+                    .arg(&self.rmean)
+                    .arg(&self.rvar)
+                    .arg(&self.gamma)
+                    .arg(&self.beta)
+                    .arg(&eps)
+                    .arg(stats);
+                // SAFETY: arguments match bn_norm_back_cf_* (with RUNNING_IN_PARAMS); the
+                // reduction plan covers each channel's vectors exactly once inside x and y
+                // (same checked shape, vec divides inner); coef holds C float4, stats 3·C,
+                // the running statistics and parameters C values each.
+                unsafe { b.launch(cfg) }.map_err(CudaError::driver("bn_norm_back_cf"))?;
+            }
+            Split::ChannelsLast {
+                rows, vec, inner, ..
+            } => {
+                let f = self
+                    .gpu
+                    .function(&typed_name("bn_norm_back_cl", T::TAG, vec))?;
+                let o = g.outer as u32;
+                let mut b = self.stream.launch_builder(&f);
+                b.arg(&x.buf)
+                    .arg(&mut y.buf)
+                    .arg(&o)
+                    .arg(&c32)
+                    .arg(&inner)
+                    .arg(&rows)
+                    .arg(coef)
+                    .arg(&run)
+                    .arg(&self.rmean)
+                    .arg(&self.rvar)
+                    .arg(&self.gamma)
+                    .arg(&self.beta)
+                    .arg(&eps)
+                    .arg(stats);
+                // SAFETY: arguments match bn_norm_back_cl_* (with RUNNING_IN_PARAMS); rows ×
+                // 32·vec-column tiles inside x and y (vec divides W = C·inner; threads past W
+                // return; column w in channel w / inner < C); coef holds C float4, stats
+                // 3·C, the running statistics and parameters C values each.
+                unsafe { b.launch(cfg) }.map_err(CudaError::driver("bn_norm_back_cl"))?;
+            }
+        }
         Ok(())
     }
 }

@@ -36,11 +36,11 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
-use std::time::Instant;
 
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DriverError};
-use cudarc::nvrtc::{CompileError, CompileOptions};
+use cudarc::nvrtc::Ptx;
 
+pub mod compile;
 pub mod kernels;
 mod layer;
 pub mod plan;
@@ -132,7 +132,8 @@ impl From<bnorm::Error> for CudaError {
 /// `Result` with [`CudaError`].
 pub type Result<T, E = CudaError> = std::result::Result<T, E>;
 
-/// Checks, without calling into CUDA, that the driver and NVRTC libraries can be loaded.
+/// Checks, without calling into CUDA, that the driver and NVRTC libraries can be loaded
+/// (NVRTC from the loader path or from `BNORM_NVRTC`, see [`compile::nvrtc_available`]).
 /// cudarc panics on the first call into a library it cannot load; every entry point of
 /// this crate probes first.
 ///
@@ -152,15 +153,7 @@ pub fn probe() -> Result<()> {
                 .into(),
         });
     }
-    // SAFETY: as above, for libnvrtc.
-    let nvrtc = unsafe { cudarc::nvrtc::sys::is_culib_present() };
-    if !nvrtc {
-        return Err(CudaError::Unavailable {
-            reason: "the NVRTC library (libnvrtc.so) cannot be loaded: no CUDA toolkit runtime"
-                .into(),
-        });
-    }
-    Ok(())
+    compile::nvrtc_available()
 }
 
 /// Runs `f`, turning a panic inside cudarc (a missing symbol in an old driver, say) into
@@ -180,11 +173,12 @@ fn guarded<R>(what: &str, f: impl FnOnce() -> Result<R>) -> Result<R> {
 
 struct Inner {
     ctx: Arc<CudaContext>,
-    functions: HashMap<String, CudaFunction>,
+    functions: HashMap<String, (CudaFunction, u32)>,
     name: String,
     sms: usize,
     compute_capability: (i32, i32),
     compile_ms: f64,
+    target: compile::Target,
 }
 
 /// One GPU: its context, its stream, and the kernels compiled for it (once, when opened;
@@ -236,26 +230,59 @@ impl Gpu {
                     cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
                 )
                 .map_err(CudaError::driver("SM count"))?;
-            let t = Instant::now();
-            let opts = CompileOptions {
-                options: vec![format!("--gpu-architecture=compute_{}{}", cc.0, cc.1)],
-                name: Some("bnorm_cuda.cu".into()),
-                ..Default::default()
-            };
-            let ptx = cudarc::nvrtc::compile_ptx_with_opts(kernels::source(), opts)
-                .map_err(compile_error)?;
+            // One program per element type, compiled in parallel (NVRTC compiles distinct
+            // programs concurrently); the per-channel kernels come from the f32 one.
+            let t = std::time::Instant::now();
+            let parts: Vec<Result<compile::Compiled>> = std::thread::scope(|scope| {
+                let handles: Vec<_> = DTypeTag::ALL
+                    .iter()
+                    .map(|&d| {
+                        scope.spawn(move || {
+                            compile::compile_for_device(&kernels::source_for(&[d]), cc)
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| {
+                            Err(CudaError::Compile {
+                                log: "an NVRTC compilation thread panicked".into(),
+                            })
+                        })
+                    })
+                    .collect()
+            });
             let compile_ms = t.elapsed().as_secs_f64() * 1e3;
-            let module = ctx
-                .load_module(ptx)
-                .map_err(CudaError::driver("load module"))?;
             let mut functions = HashMap::new();
-            for name in kernels::entry_points() {
-                let f = module
-                    .load_function(&name)
-                    .map_err(CudaError::driver("load function"))?;
-                functions.insert(name, f);
+            let mut target = compile::Target::Cubin;
+            for (d, part) in DTypeTag::ALL.into_iter().zip(parts) {
+                let compiled = part?;
+                if compiled.target == compile::Target::Ptx {
+                    target = compile::Target::Ptx;
+                }
+                let module = ctx
+                    .load_module(Ptx::from_binary(compiled.image))
+                    .map_err(CudaError::driver("load module"))?;
+                let mut names = kernels::typed_entry_points(d);
+                if d == DTypeTag::F32 {
+                    names.extend(kernels::UNTYPED.iter().map(|s| s.to_string()));
+                }
+                for name in names {
+                    let f = module
+                        .load_function(&name)
+                        .map_err(CudaError::driver("load function"))?;
+                    // Resident blocks per SM at the crate's block size, from the driver's
+                    // occupancy calculator (registers and shared memory of this build).
+                    let resident = f
+                        .occupancy_max_active_blocks_per_multiprocessor(kernels::BLOCK, 0, None)
+                        .map_err(CudaError::driver("occupancy"))?;
+                    functions.insert(name, (f, resident.max(1)));
+                }
             }
-            let stream = ctx.default_stream();
+            // A non-blocking stream of our own: the legacy NULL stream would serialize
+            // with every other blocking stream of the process (PyTorch's included).
+            let stream = ctx.new_stream().map_err(CudaError::driver("stream"))?;
             Ok(Gpu {
                 inner: Arc::new(Inner {
                     ctx,
@@ -264,6 +291,7 @@ impl Gpu {
                     sms: sms.max(1) as usize,
                     compute_capability: cc,
                     compile_ms,
+                    target,
                 }),
                 stream,
             })
@@ -290,6 +318,28 @@ impl Gpu {
         self.inner.compile_ms
     }
 
+    /// What the loaded module was compiled to: a cubin for the device's architecture, or
+    /// PTX when this NVRTC does not know it.
+    pub fn compiled_to(&self) -> compile::Target {
+        self.inner.target
+    }
+
+    /// The driver's CUDA version as `major·1000 + minor·10` (`cuDriverGetVersion`: 13000
+    /// for CUDA 13.0).
+    pub fn driver_version(&self) -> Result<i32> {
+        let mut v = 0;
+        // SAFETY: the driver library is loaded (a Gpu exists); the pointer is valid.
+        let r = unsafe { cudarc::driver::sys::cuDriverGetVersion(&mut v) };
+        if r == cudarc::driver::sys::CUresult::CUDA_SUCCESS {
+            Ok(v)
+        } else {
+            Err(CudaError::Driver {
+                op: "cuDriverGetVersion",
+                message: format!("{r:?}"),
+            })
+        }
+    }
+
     /// The cudarc context (for timing with events, say).
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.inner.ctx
@@ -311,7 +361,19 @@ impl Gpu {
         self.inner
             .functions
             .get(name)
-            .cloned()
+            .map(|(f, _)| f.clone())
+            .ok_or(CudaError::Unsupported {
+                what: "a kernel missing from the compiled module",
+            })
+    }
+
+    /// Blocks of [`kernels::BLOCK`] threads of kernel `name` resident per SM (the
+    /// driver's occupancy query at [`Gpu::new`]).
+    pub(crate) fn resident_blocks(&self, name: &str) -> Result<u32> {
+        self.inner
+            .functions
+            .get(name)
+            .map(|(_, r)| *r)
             .ok_or(CudaError::Unsupported {
                 what: "a kernel missing from the compiled module",
             })
@@ -324,16 +386,6 @@ impl Gpu {
             Err(CudaError::WrongDevice)
         }
     }
-}
-
-fn compile_error(e: CompileError) -> CudaError {
-    let log = match &e {
-        CompileError::CompileError { nvrtc, log, .. } => {
-            format!("{nvrtc:?}: {}", log.to_string_lossy())
-        }
-        other => format!("{other:?}"),
-    };
-    CudaError::Compile { log }
 }
 
 #[cfg(test)]

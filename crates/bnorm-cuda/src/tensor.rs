@@ -141,7 +141,11 @@ impl<T: GpuElement> DeviceTensor<T> {
                 got: vec![data.len()],
             }));
         }
-        let raw: Vec<T::Raw> = data.iter().map(|v| v.to_raw()).collect();
+        let mut raw: Vec<T::Raw> = data.iter().map(|v| v.to_raw()).collect();
+        // An empty batch still owns one element: the driver refuses 0-byte allocations.
+        if raw.is_empty() {
+            raw.push(T::from_f64(0.0).to_raw());
+        }
         let buf = gpu
             .stream
             .clone_htod(&raw)
@@ -167,7 +171,7 @@ impl<T: GpuElement> DeviceTensor<T> {
         let geometry = Self::checked(shape, layout)?;
         let buf = gpu
             .stream
-            .alloc_zeros(geometry.len())
+            .alloc_zeros(geometry.len().max(1))
             .map_err(CudaError::driver("alloc"))?;
         Ok(DeviceTensor {
             buf,
@@ -185,7 +189,8 @@ impl<T: GpuElement> DeviceTensor<T> {
             .stream
             .clone_dtoh(&self.buf)
             .map_err(CudaError::driver("download"))?;
-        Ok(raw.into_iter().map(T::from_raw).collect())
+        // (an empty batch's buffer holds one placeholder element)
+        Ok(raw.into_iter().take(self.len()).map(T::from_raw).collect())
     }
 
     /// Device-to-device copy of `src` (same shape and layout) into this batch: the copy
