@@ -82,7 +82,7 @@ def _back(v, layout):
     return v
 
 
-def _np(t):
+def _numpy(t):
     """A NumPy view of a contiguous CPU tensor (16-bit floats as uint16)."""
     t = t.detach()
     if t.dtype in (torch.float16, torch.bfloat16):
@@ -141,8 +141,8 @@ class _Function(torch.autograd.Function):
         yv = torch.empty_like(xv)
         nbt = module.num_batches_tracked
         step, updated = kernel.forward(
-            _np(xv),
-            _np(yv),
+            _numpy(xv),
+            _numpy(yv),
             layout,
             mode,
             tag,
@@ -172,7 +172,7 @@ class _Function(torch.autograd.Function):
         xv, layout = ctx.xv, ctx.layout
         dyv = _in_layout(dy, layout)
         dxv = torch.empty_like(xv)
-        dw, db = ctx.kernel.backward(ctx.step, _np(xv), _np(dyv), _np(dxv))
+        dw, db = ctx.kernel.backward(ctx.step, _numpy(xv), _numpy(dyv), _numpy(dxv))
         wdt, bdt = ctx.param_dtypes
         dweight = None if dw is None or not ctx.needs_input_grad[1] else torch.from_numpy(dw).to(wdt)
         dbias = None if db is None or not ctx.needs_input_grad[2] else torch.from_numpy(db).to(bdt)
