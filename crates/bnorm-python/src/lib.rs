@@ -10,7 +10,7 @@
 //! * [`functional::Kernel`] — a stateless step over caller-owned parameters and running
 //!   statistics, for the PyTorch drop-in (`bnorm.torch`), whose state lives in the
 //!   module's own parameters and buffers.
-//! * [`array`] — the zero-copy view of NumPy arrays as `&[T]` / `&mut [T]` for every
+//! * [`mod@array`] — the zero-copy view of NumPy arrays as `&[T]` / `&mut [T]` for every
 //!   storage type (16-bit types travel as `uint16` arrays and are reinterpreted).
 //! * [`threads`] — the thread pool kernels run in, with the GIL released.
 //!
