@@ -13,6 +13,8 @@
 //! * [`mod@array`] — the zero-copy view of NumPy arrays as `&[T]` / `&mut [T]` for every
 //!   storage type (16-bit types travel as `uint16` arrays and are reinterpreted).
 //! * [`threads`] — the thread pool kernels run in, with the GIL released.
+//! * `cli` — `python -m bnorm`: the command-line tool's [`bnorm_cli::run`] (without the
+//!   `demo` feature), so the tool and the package behave alike.
 //!
 //! Python users read the package's docstrings; this crate documents the Rust side.
 
@@ -27,6 +29,13 @@ pub mod layer;
 pub mod settings;
 pub mod threads;
 
+/// Runs the command-line tool (`bnorm_cli::run`) on `args`, the program name first, with
+/// the GIL released; returns its exit status (`python -m bnorm`).
+#[pyfunction]
+fn cli(py: Python<'_>, args: Vec<std::ffi::OsString>) -> u8 {
+    py.detach(|| bnorm_cli::run(args))
+}
+
 /// The module `bnorm._bnorm`.
 #[pymodule]
 fn _bnorm(m: &Bound<'_, PyModule>) -> PyResult<()> {
@@ -36,5 +45,6 @@ fn _bnorm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<functional::Step>()?;
     m.add_function(wrap_pyfunction!(threads::set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(threads::get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(cli, m)?)?;
     Ok(())
 }
