@@ -94,7 +94,9 @@ class BatchNorm:
 
     def backward(self, dy):
         """Backward of the last forward step: returns ``(dx, dweight, dbias)`` (``None``
-        for a parameter the layer does not have)."""
+        for a parameter the layer does not have). It reads that step's ``x``, kept by
+        reference (not copied): change ``x`` in between and the gradient is of the new
+        values."""
         if self._x is None:
             raise _error("NoForward", "backward needs a forward step first")
         x = self._x
