@@ -40,6 +40,23 @@ pub fn error_of_kind(kind: &str, message: String) -> PyErr {
     })
 }
 
+/// A `RuntimeWarning` when a training step left the running statistics of channels with
+/// non-finite batch statistics unchanged (the core's default `NonFinitePolicy::SkipChannel`;
+/// PyTorch would write NaN into them). The output carries the NaN either way.
+pub fn warn_skipped(py: Python<'_>, report: &bnorm::StepReport) -> PyResult<()> {
+    if report.skipped_channels.is_empty() {
+        return Ok(());
+    }
+    let message = format!(
+        "bnorm: non-finite batch statistics in channels {:?}; their running statistics \
+         were left unchanged",
+        report.skipped_channels
+    );
+    let message = std::ffi::CString::new(message).unwrap_or_default();
+    let category = py.get_type::<pyo3::exceptions::PyRuntimeWarning>();
+    PyErr::warn(py, &category, &message, 1)
+}
+
 /// Converts core results.
 pub trait IntoPy<T> {
     /// The result with a core error raised as `bnorm.Error`.

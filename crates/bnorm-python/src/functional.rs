@@ -106,11 +106,12 @@ impl Kernel {
             let xs: &[T] = array::slice(&xa, "x")?;
             let ys: &mut [T] = array::slice_mut(&mut ya, "y")?;
             let (p, st, sv) = (&params, state.as_mut(), &mut saved);
-            threads::run(py, || {
+            let report = threads::run(py, || {
                 let opts = Options::<T>::from(Parallelism::Rayon);
                 forward_into(cfg, g, xs, p, st, mode, ys, sv, ws, opts)
             })?
             .py_err()?;
+            crate::errors::warn_skipped(py, &report)?;
         });
         let updated = match (mode, state) {
             (Mode::Train, Some(s)) => Some((

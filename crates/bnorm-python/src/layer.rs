@@ -56,7 +56,9 @@ impl Layer {
             let shape = xa.shape().to_vec();
             let xs: &[T] = array::slice(&xa, "x")?;
             let ys: &mut [T] = array::slice_mut(&mut ya, "y")?;
-            threads::run(py, || bn.forward_into(xs, &shape, layout, mode, ys))?.py_err()?;
+            let report =
+                threads::run(py, || bn.forward_into(xs, &shape, layout, mode, ys))?.py_err()?;
+            crate::errors::warn_skipped(py, &report)?;
         });
         Ok(())
     }

@@ -167,3 +167,14 @@ def test_bad_construction():
     with pytest.raises(bnorm.Error) as err:
         bnorm.BatchNorm(3).backward(np.ones((2, 3, 1, 1)))
     assert err.value.kind == "NoForward"
+
+
+def test_non_finite_batch_statistics_warn_and_keep_running_statistics():
+    x = np.random.default_rng(6).standard_normal((8, 2))
+    x[3, 1] = np.nan
+    bn = bnorm.BatchNorm(2, layout="NC")
+    with pytest.warns(RuntimeWarning, match=r"channels \[1\]"):
+        y = bn.forward(x)
+    assert np.isnan(y[:, 1]).all() and np.isfinite(y[:, 0]).all()
+    assert bn.running_mean[1] == 0.0 and bn.running_var[1] == 1.0
+    assert bn.running_mean[0] != 0.0

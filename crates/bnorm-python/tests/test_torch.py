@@ -253,3 +253,16 @@ def test_other_devices_get_a_clear_error():
 def test_threads_setting():
     bnorm.set_num_threads(2)
     assert bnorm.get_num_threads() == 2
+
+
+def test_non_finite_batch_keeps_running_statistics():
+    """Where bnorm departs from torch on purpose: torch writes NaN into the running
+    statistics of a channel whose batch holds a NaN; bnorm keeps them and warns."""
+    bn = bt.BatchNorm1d(2)
+    x = torch.randn(8, 2)
+    x[3, 1] = float("nan")
+    with pytest.warns(RuntimeWarning, match=r"channels \[1\]"):
+        y = bn(x)
+    assert y[:, 1].isnan().all()
+    assert bn.running_mean[1] == 0 and bn.running_var[1] == 1
+    assert int(bn.num_batches_tracked) == 1

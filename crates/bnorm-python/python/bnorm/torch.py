@@ -16,6 +16,10 @@ through a ``torch.autograd.Function`` whose backward is bnorm's backward.
   input's memory format); other strides are made contiguous first. Per-channel
   parameters and statistics (C values) are widened to float64 for the kernels and the
   new running statistics rounded back into the module's buffers.
+* One departure from torch, on purpose: a training batch whose statistics are NaN or
+  infinite in some channel leaves that channel's running statistics unchanged (torch
+  writes NaN into them) and warns (``RuntimeWarning``); the output carries the NaN as
+  torch's does.
 * A CUDA tensor raises ``bnorm.Error`` (kind ``"Device"``).
 
 >>> import torch, bnorm.torch
