@@ -1,6 +1,7 @@
 //! Python names to core values: the convention presets and the `Config` setters by name,
 //! layouts, modes and dtypes.
 
+use bnorm::config::{Ghost, Renorm, Variant};
 use bnorm::element::DType;
 use bnorm::{Config, Error, Layout, Mode, Momentum, VarianceEstimator};
 use pyo3::exceptions::PyTypeError;
@@ -63,7 +64,8 @@ impl Convention {
 
 /// A validated configuration from a convention's preset and settings by setter name
 /// (`eps`, `momentum` — `None` is the cumulative average —, `affine`, `scale`, `center`,
-/// `track_running_stats`, `running_variance`, `non_finite`, `cold_statistics`).
+/// `track_running_stats`, `running_variance`, `non_finite`, `cold_statistics`; the
+/// variants: `virtual_batch_size` — tf_keras's strided ghost batches — and `renorm`).
 pub fn config(
     channels: usize,
     convention: &str,
@@ -111,16 +113,49 @@ pub fn config(
                     }
                 })
             }
+            "virtual_batch_size" => cfg.variant(Variant::Ghost(Ghost::strided(value.extract()?))),
+            "renorm" => cfg.variant(Variant::Renorm(renorm(&value)?)),
             other => {
                 return Err(PyTypeError::new_err(format!(
                     "unknown bnorm setting {other:?} (settings: eps, momentum, affine, scale, \
-                     center, track_running_stats, running_variance, non_finite, cold_statistics)"
+                     center, track_running_stats, running_variance, non_finite, \
+                     cold_statistics, virtual_batch_size, renorm)"
                 )))
             }
         };
     }
     cfg.validate().map_err(raise)?;
     Ok(cfg)
+}
+
+/// Batch renormalization from `True` (tf_keras's clipping `rmax = 3, dmax = 5`) or a dict
+/// with any of `rmax`, `rmin`, `dmax`, `momentum` (the renorm momentum).
+fn renorm(value: &Bound<'_, PyAny>) -> PyResult<Renorm> {
+    let mut r = Renorm::default();
+    if let Ok(on) = value.extract::<bool>() {
+        return if on {
+            Ok(r)
+        } else {
+            Err(invalid(
+                "renorm",
+                "False".into(),
+                "True or a dict of rmax, rmin, dmax, momentum",
+            ))
+        };
+    }
+    let d = value.cast::<PyDict>()?;
+    for (k, v) in d.iter() {
+        let k: String = k.extract()?;
+        let v: f64 = v.extract()?;
+        match k.as_str() {
+            "rmax" => r.rmax = v,
+            "rmin" => r.rmin = v,
+            "dmax" => r.dmax = v,
+            "momentum" => r.momentum = v,
+            _ => return Err(invalid("renorm", k, "keys rmax, rmin, dmax, momentum")),
+        }
+    }
+    Ok(r)
 }
 
 /// Parses a layout name (`"NCHW"`, `"NHWC"`, ...).

@@ -20,6 +20,13 @@ def _layer(meta, channels):
     if meta["convention"] == "tf" and meta.get("zero_debias") == "true":
         convention = "tensorflow"
     momentum = None if meta["momentum"] == "none" else float(meta["momentum"])
+    variant = {}
+    if meta["variant"] == "ghost":
+        assert meta["ghost_grouping"] == "strided"
+        variant["virtual_batch_size"] = int(meta["virtual_batch_size"])
+    elif meta["variant"] == "batch_renorm":
+        variant["renorm"] = {k: float(meta[k]) for k in ("rmax", "rmin", "dmax")}
+        variant["renorm"]["momentum"] = float(meta["renorm_momentum"])
     return bnorm.BatchNorm(
         channels,
         convention,
@@ -29,6 +36,7 @@ def _layer(meta, channels):
         scale=meta["scale"] == "true",
         center=meta["center"] == "true",
         track_running_stats=meta["track_running_stats"] == "true",
+        **variant,
     )
 
 
@@ -62,8 +70,6 @@ def _state(bn):
 @pytest.mark.parametrize("path", CASE_FILES, ids=lambda p: p.stem)
 def test_case(path):
     meta, t = read_safetensors(path)
-    if meta["variant"] != "batch_norm":
-        pytest.skip(f"variant {meta['variant']} is not exposed to Python yet")
     layout = meta["layout"]
     x0 = t["step0.x"]
     channels = x0.shape[-1] if layout in CHANNELS_LAST else x0.shape[1]

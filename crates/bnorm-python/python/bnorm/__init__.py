@@ -56,7 +56,9 @@ class BatchNorm:
     cumulative average), ``affine``, ``scale``, ``center``, ``track_running_stats``,
     ``running_variance`` (``"biased"``/``"unbiased"``), ``non_finite``
     (``"skip_channel"``/``"error"``), ``cold_statistics`` (``"allow"``/``"report"``/
-    ``"error"``).
+    ``"error"``); the variants ``virtual_batch_size`` (ghost batches, tf_keras's strided
+    groups) and ``renorm`` (batch renormalization: ``True`` for tf_keras's clipping
+    ``rmax=3, dmax=5``, or a dict of ``rmax``, ``rmin``, ``dmax``, ``momentum``).
 
     ``layout`` is the order of the arrays in memory: ``NC``, ``NCL``, ``NCHW``,
     ``NCDHW`` (channels first) or ``NLC``, ``NHWC``, ``NDHWC`` (channels last).
