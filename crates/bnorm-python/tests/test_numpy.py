@@ -178,3 +178,34 @@ def test_non_finite_batch_statistics_warn_and_keep_running_statistics():
     assert np.isnan(y[:, 1]).all() and np.isfinite(y[:, 0]).all()
     assert bn.running_mean[1] == 0.0 and bn.running_var[1] == 1.0
     assert bn.running_mean[0] != 0.0
+
+
+def test_the_gil_is_released_while_kernels_run():
+    """While one thread runs a long forward, another thread keeps running Python: the
+    largest pause it sees is well below the forward's duration (with the GIL held it
+    would see a pause as long as the kernel)."""
+    import threading
+    import time
+
+    bnorm.set_num_threads(1)
+    x = np.random.default_rng(7).standard_normal((64, 16, 128, 128)).astype(np.float32)
+    bn = bnorm.BatchNorm(16)
+    bn.forward(x)  # warm-up
+    span = {}
+
+    def work():
+        t = time.perf_counter()
+        for _ in range(3):
+            bn.forward(x)
+        span["kernel"] = (time.perf_counter() - t) / 3
+
+    stamps = []
+    worker = threading.Thread(target=work)
+    worker.start()
+    while worker.is_alive():
+        stamps.append(time.perf_counter())
+    worker.join()
+    bnorm.set_num_threads(0)
+    pauses = np.diff(stamps)
+    assert span["kernel"] > 0.02, "the forward is too short to tell"
+    assert pauses.max() < span["kernel"] / 2, (pauses.max(), span["kernel"])
