@@ -266,3 +266,15 @@ def test_non_finite_batch_keeps_running_statistics():
     assert y[:, 1].isnan().all()
     assert bn.running_mean[1] == 0 and bn.running_var[1] == 1
     assert int(bn.num_batches_tracked) == 1
+
+
+def test_changing_x_in_place_before_backward_is_an_error():
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        bn = bt.BatchNorm2d(3)
+        x = torch.randn(4, 3, 2, 2).contiguous(memory_format=fmt).requires_grad_()
+        h = x * 1.0
+        y = bn(h)
+        with torch.no_grad():
+            h.add_(1.0)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()

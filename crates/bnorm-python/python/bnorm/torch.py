@@ -163,7 +163,10 @@ class _Function(torch.autograd.Function):
                 rv.copy_(torch.from_numpy(var))
                 if nbt is not None:
                     nbt.fill_(count)
-        ctx.kernel, ctx.step, ctx.layout, ctx.xv = kernel, step, layout, xv
+        # saved through autograd, so that changing x in place before backward is an error
+        # (as with torch's own batch norm) rather than a wrong gradient
+        ctx.save_for_backward(xv)
+        ctx.kernel, ctx.step, ctx.layout = kernel, step, layout
         ctx.param_dtypes = (
             None if weight is None else weight.dtype,
             None if bias is None else bias.dtype,
@@ -173,7 +176,7 @@ class _Function(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        xv, layout = ctx.xv, ctx.layout
+        (xv,), layout = ctx.saved_tensors, ctx.layout
         dyv = _in_layout(dy, layout)
         dxv = torch.empty_like(xv)
         dw, db = ctx.kernel.backward(ctx.step, _numpy(xv), _numpy(dyv), _numpy(dxv))
