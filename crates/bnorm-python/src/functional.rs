@@ -106,7 +106,7 @@ impl Kernel {
             let xs: &[T] = array::slice(&xa, "x")?;
             let ys: &mut [T] = array::slice_mut(&mut ya, "y")?;
             let (p, st, sv) = (&params, state.as_mut(), &mut saved);
-            let report = threads::run(py, || {
+            let report = threads::run(py, xs.len(), || {
                 let opts = Options::<T>::from(Parallelism::Rayon);
                 forward_into(cfg, g, xs, p, st, mode, ys, sv, ws, opts)
             })?
@@ -152,7 +152,7 @@ impl Kernel {
             let dys: &[T] = array::slice(&dya, "dy")?;
             let dxs: &mut [T] = array::slice_mut(&mut dxa, "dx")?;
             let (p, sv, gr) = (&step.params, &step.saved, &mut grads);
-            threads::run(py, || {
+            threads::run(py, xs.len(), || {
                 let opts = BackwardOptions::<T>::from(Parallelism::Rayon);
                 backward_into(cfg, g, xs, dys, p, sv, dxs, gr, ws, opts)
             })?

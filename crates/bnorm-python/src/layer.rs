@@ -56,8 +56,10 @@ impl Layer {
             let shape = xa.shape().to_vec();
             let xs: &[T] = array::slice(&xa, "x")?;
             let ys: &mut [T] = array::slice_mut(&mut ya, "y")?;
-            let report =
-                threads::run(py, || bn.forward_into(xs, &shape, layout, mode, ys))?.py_err()?;
+            let report = threads::run(py, xs.len(), || {
+                bn.forward_into(xs, &shape, layout, mode, ys)
+            })?
+            .py_err()?;
             crate::errors::warn_skipped(py, &report)?;
         });
         Ok(())
@@ -90,7 +92,10 @@ impl Layer {
             let dys: &[T] = array::slice(&dya, "dy")?;
             let dxs: &mut [T] = array::slice_mut(&mut dxa, "dx")?;
             let g = &mut grads;
-            threads::run(py, || bn.backward_into(xs, dys, &shape, layout, dxs, g))?.py_err()?;
+            threads::run(py, xs.len(), || {
+                bn.backward_into(xs, dys, &shape, layout, dxs, g)
+            })?
+            .py_err()?;
         });
         let cfg = self.bn.config();
         Ok((

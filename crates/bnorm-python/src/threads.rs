@@ -3,6 +3,7 @@
 
 use std::sync::{Arc, Mutex};
 
+use bnorm::tuning::PARALLEL_THRESHOLD;
 use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
 
@@ -46,8 +47,13 @@ pub fn get_num_threads() -> PyResult<usize> {
     Ok(pool()?.current_num_threads())
 }
 
-/// Runs `f` in the pool with the GIL released.
-pub fn run<R: Send>(py: Python<'_>, f: impl FnOnce() -> R + Send) -> PyResult<R> {
+/// Runs `f`, a kernel call over `len` elements, with the GIL released: in the pool, or on
+/// the calling thread below [`PARALLEL_THRESHOLD`] elements, where the kernels run
+/// sequentially anyway and handing the call to a pool thread would only add its latency.
+pub fn run<R: Send>(py: Python<'_>, len: usize, f: impl FnOnce() -> R + Send) -> PyResult<R> {
+    if len < PARALLEL_THRESHOLD {
+        return Ok(py.detach(f));
+    }
     let pool = pool()?;
     Ok(py.detach(|| pool.install(f)))
 }
