@@ -91,6 +91,7 @@ impl Convention {
     /// The layer configuration for `c` channels, with an optional momentum override read in
     /// the convention's own meaning (torch: new-batch weight; keras, flax: decay; tf:
     /// zero-debiased decay).
+    #[cfg_attr(not(feature = "demo"), allow(dead_code))] // the demo's; built without it too
     pub fn config(self, c: usize, momentum: Option<f64>) -> Config {
         let (cfg, m): (Config, fn(f64) -> Momentum) = match self {
             Convention::Torch => (Config::torch(c), Momentum::NewWeight),

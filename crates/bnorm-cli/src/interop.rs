@@ -3,7 +3,6 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use bnorm::{Momentum, VarianceEstimator};
@@ -302,7 +301,7 @@ fn tag(source: Source) -> &'static str {
 /// `bnorm inspect FILE [--json] [--eps ...] [--momentum ...]`: exit status 0 when every
 /// layer is healthy, 1 when a problem was found; an unreadable file is an error (`main`
 /// exits with [`UNREADABLE_STATUS`]).
-pub fn inspect(args: &InspectArgs) -> Result<ExitCode> {
+pub fn inspect(args: &InspectArgs) -> Result<u8> {
     let (file_format, ckpt) = read(&args.file)?;
     let mut layers = ckpt
         .layers()
@@ -315,11 +314,7 @@ pub fn inspect(args: &InspectArgs) -> Result<ExitCode> {
     apply_conventions(&mut layers, &args.conventions)?;
     let checked: Vec<_> = layers.iter().map(|l| (l, health(l))).collect();
     let unhealthy = checked.iter().filter(|(_, p)| !p.is_empty()).count();
-    let status = if unhealthy == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::from(1)
-    };
+    let status = if unhealthy == 0 { 0 } else { 1 };
     if args.json {
         let out: Vec<_> = checked
             .iter()
@@ -483,7 +478,7 @@ struct Pair {
 }
 
 /// `bnorm fold IN OUT --pairs conv1:bn1,bn4:fc,...`.
-pub fn fold(args: &FoldArgs) -> Result<ExitCode> {
+pub fn fold(args: &FoldArgs) -> Result<u8> {
     let (_, mut ckpt) = read(&args.input)?;
     let mut layers = ckpt.layers()?;
     apply_conventions(&mut layers, &args.conventions)?;
@@ -624,7 +619,7 @@ pub fn fold(args: &FoldArgs) -> Result<ExitCode> {
         outln!("{line}")?;
     }
     outln!("wrote {}", args.output.display())?;
-    Ok(ExitCode::SUCCESS)
+    Ok(0)
 }
 
 /// Applies `--rename OLD=NEW` to every tensor name and layer metadata key; refuses a rule
@@ -671,7 +666,7 @@ fn rename(ckpt: &mut Checkpoint, rules: &[(String, String)]) -> Result<()> {
 }
 
 /// `bnorm convert IN OUT --to keras|torch|flax [--batch-size N | --keep-variance]`.
-pub fn convert(args: &ConvertArgs) -> Result<ExitCode> {
+pub fn convert(args: &ConvertArgs) -> Result<u8> {
     let (_, mut ckpt) = read(&args.input)?;
     let mut layers = ckpt.layers()?;
     let left = weight_and_bias_only(&ckpt, &layers);
@@ -741,5 +736,5 @@ pub fn convert(args: &ConvertArgs) -> Result<ExitCode> {
         args.to,
         args.output.display()
     )?;
-    Ok(ExitCode::SUCCESS)
+    Ok(0)
 }

@@ -8,7 +8,6 @@
 
 use std::fmt;
 use std::io::Write;
-use std::process::ExitCode;
 
 /// The exit status after standard output was closed by its reader: what a shell reports
 /// for a program killed by SIGPIPE (128 + 13), as `cat` or `yes` would exit there.
@@ -40,10 +39,10 @@ pub fn write(args: fmt::Arguments<'_>) -> anyhow::Result<()> {
 
 /// The exit code for a failed command, or `None` when the error should be reported:
 /// [`BROKEN_PIPE_STATUS`] when standard output was closed by its reader.
-pub fn exit_code(e: &anyhow::Error) -> Option<ExitCode> {
+pub fn exit_code(e: &anyhow::Error) -> Option<u8> {
     e.chain()
         .any(|c| c.is::<StdoutClosed>())
-        .then(|| ExitCode::from(BROKEN_PIPE_STATUS))
+        .then_some(BROKEN_PIPE_STATUS)
 }
 
 /// The text of an error and its causes, each said once: `outer: cause: root cause`,

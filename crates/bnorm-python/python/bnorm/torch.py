@@ -1,0 +1,230 @@
+"""A PyTorch drop-in: ``BatchNorm1d``, ``BatchNorm2d``, ``BatchNorm3d`` and ``convert``.
+
+The classes subclass ``torch.nn.BatchNorm1d/2d/3d`` and replace only ``forward``: the
+constructor, the parameters and buffers (``weight``, ``bias``, ``running_mean``,
+``running_var``, ``num_batches_tracked``), ``state_dict``/``load_state_dict``, ``.train()``
+/``.eval()`` and ``isinstance`` checks are torch's own. ``forward`` runs bnorm's kernels
+through a ``torch.autograd.Function`` whose backward is bnorm's backward.
+
+* Modes as torch: training uses the batch statistics and, with
+  ``track_running_stats``, updates the running statistics in the module's buffers
+  (``momentum=None`` is the cumulative average) and ``num_batches_tracked``; evaluation
+  uses the running statistics (the batch's when the module has none).
+* CPU tensors, contiguous or channels-last (``torch.channels_last``,
+  ``torch.channels_last_3d``), float32, float64, bfloat16, float16. The input, output and
+  gradients are read and written in place in torch's memory (the output keeps the
+  input's memory format); other strides are made contiguous first. Per-channel
+  parameters and statistics (C values) are widened to float64 for the kernels and the
+  new running statistics rounded back into the module's buffers.
+* One departure from torch, on purpose: a training batch whose statistics are NaN or
+  infinite in some channel leaves that channel's running statistics unchanged (torch
+  writes NaN into them) and warns (``RuntimeWarning``); the output carries the NaN as
+  torch's does.
+* A CUDA tensor raises ``bnorm.Error`` (kind ``"Device"``).
+
+>>> import torch, bnorm.torch
+>>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
+>>> model = bnorm.torch.convert(model)
+>>> type(model[1]).__module__, type(model[1]).__name__
+('bnorm.torch', 'BatchNorm2d')
+"""
+
+import threading
+
+import numpy as _np
+import torch
+from torch.autograd.function import once_differentiable
+
+from . import _bnorm, _error
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert"]
+
+_LAYOUTS = {2: ("NC", "NC"), 3: ("NCL", "NLC"), 4: ("NCHW", "NHWC"), 5: ("NCDHW", "NDHWC")}
+_TAGS = {
+    torch.float32: "f32",
+    torch.float64: "f64",
+    torch.float16: "f16",
+    torch.bfloat16: "bf16",
+}
+
+
+def _to_last(d):
+    return (0, *range(2, d), 1)
+
+
+def _to_first(d):
+    return (0, d - 1, *range(1, d - 1))
+
+
+def _view(x):
+    """``(layout, v)``: ``v`` holds ``x``'s elements in the layout's order, contiguous;
+    a view of ``x`` when ``x`` is contiguous or channels-last, a copy otherwise."""
+    d = x.dim()
+    if d not in _LAYOUTS:
+        raise _error("RankMismatch", f"bnorm takes 2- to 5-D input, got {d}-D")
+    first, last = _LAYOUTS[d]
+    if x.is_contiguous() or d == 2:
+        return first, x.contiguous()
+    v = x.permute(_to_last(d))
+    if v.is_contiguous():
+        return last, v
+    return first, x.contiguous()
+
+
+def _in_layout(t, layout):
+    """``t`` (logical N, C, ... order) in ``layout``'s memory order, contiguous."""
+    d = t.dim()
+    if layout == _LAYOUTS[d][1] and d > 2:
+        return t.permute(_to_last(d)).contiguous()
+    return t.contiguous()
+
+
+def _back(v, layout):
+    d = v.dim()
+    if layout == _LAYOUTS[d][1] and d > 2:
+        return v.permute(_to_first(d))
+    return v
+
+
+def _numpy(t):
+    """A NumPy view of a contiguous CPU tensor (16-bit floats as uint16)."""
+    t = t.detach()
+    if t.dtype in (torch.float16, torch.bfloat16):
+        return t.view(torch.int16).numpy().view(_np.uint16)
+    return t.numpy()
+
+
+def _f64(t):
+    return None if t is None else t.detach().to(torch.float64).contiguous().numpy()
+
+
+_kernels = threading.local()
+
+
+def _kernel(channels, eps, momentum, affine_w, affine_b, tracking):
+    """A kernel per configuration and thread (its workspace is reused)."""
+    cache = getattr(_kernels, "cache", None)
+    if cache is None:
+        cache = _kernels.cache = {}
+    key = (channels, eps, momentum, affine_w, affine_b, tracking)
+    k = cache.get(key)
+    if k is None:
+        settings = {
+            "eps": float(eps),
+            "momentum": None if momentum is None else float(momentum),
+            "scale": affine_w,
+            "center": affine_b,
+            "track_running_stats": tracking,
+        }
+        k = cache[key] = _bnorm.Kernel(channels, "torch", settings)
+    return k
+
+
+class _Function(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, module):
+        if x.dtype not in _TAGS:
+            raise _error("DType", f"bnorm takes float32/64 and bfloat16/float16, got {x.dtype}")
+        tag = _TAGS[x.dtype]
+        rm, rv = module.running_mean, module.running_var
+        if module.training:
+            mode = "train"
+            use_state = module.track_running_stats and rm is not None
+        else:
+            mode = "inference"
+            use_state = rm is not None
+        kernel = _kernel(
+            module.num_features,
+            module.eps,
+            module.momentum,
+            weight is not None,
+            bias is not None,
+            use_state,
+        )
+        layout, xv = _view(x.detach())
+        yv = torch.empty_like(xv)
+        nbt = module.num_batches_tracked
+        step, updated = kernel.forward(
+            _numpy(xv),
+            _numpy(yv),
+            layout,
+            mode,
+            tag,
+            _f64(weight),
+            _f64(bias),
+            _f64(rm) if use_state else None,
+            _f64(rv) if use_state else None,
+            int(nbt) if (use_state and nbt is not None) else 0,
+        )
+        if updated is not None:
+            mean, var, count = updated
+            with torch.no_grad():
+                rm.copy_(torch.from_numpy(mean))
+                rv.copy_(torch.from_numpy(var))
+                if nbt is not None:
+                    nbt.fill_(count)
+        # saved through autograd, so that changing x in place before backward is an error
+        # (as with torch's own batch norm) rather than a wrong gradient
+        ctx.save_for_backward(xv)
+        ctx.kernel, ctx.step, ctx.layout = kernel, step, layout
+        ctx.param_dtypes = (
+            None if weight is None else weight.dtype,
+            None if bias is None else bias.dtype,
+        )
+        return _back(yv, layout)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        (xv,), layout = ctx.saved_tensors, ctx.layout
+        dyv = _in_layout(dy, layout)
+        dxv = torch.empty_like(xv)
+        dw, db = ctx.kernel.backward(ctx.step, _numpy(xv), _numpy(dyv), _numpy(dxv))
+        wdt, bdt = ctx.param_dtypes
+        dweight = None if dw is None or not ctx.needs_input_grad[1] else torch.from_numpy(dw).to(wdt)
+        dbias = None if db is None or not ctx.needs_input_grad[2] else torch.from_numpy(db).to(bdt)
+        dx = _back(dxv, layout) if ctx.needs_input_grad[0] else None
+        return dx, dweight, dbias, None
+
+
+class _BnormForward:
+    def forward(self, input):
+        self._check_input_dim(input)
+        if input.device.type != "cpu":
+            raise _error(
+                "Device",
+                f"bnorm.torch runs on CPU tensors; got one on {input.device} (the CUDA "
+                "backend is not wired to Python yet: use torch.nn's batch norm there)",
+            )
+        return _Function.apply(input, self.weight, self.bias, self)
+
+
+class BatchNorm1d(_BnormForward, torch.nn.BatchNorm1d):
+    """``torch.nn.BatchNorm1d`` with bnorm's kernels (2-D ``(N, C)`` or 3-D ``(N, C, L)``)."""
+
+
+class BatchNorm2d(_BnormForward, torch.nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` with bnorm's kernels (contiguous or channels-last)."""
+
+
+class BatchNorm3d(_BnormForward, torch.nn.BatchNorm3d):
+    """``torch.nn.BatchNorm3d`` with bnorm's kernels (contiguous or channels-last-3d)."""
+
+
+_REPLACE = {
+    torch.nn.BatchNorm1d: BatchNorm1d,
+    torch.nn.BatchNorm2d: BatchNorm2d,
+    torch.nn.BatchNorm3d: BatchNorm3d,
+}
+
+
+def convert(module):
+    """Makes every ``torch.nn.BatchNorm1d/2d/3d`` in ``module`` (``module`` included) a
+    bnorm one, in place, and returns ``module``. The modules keep their identity, their
+    parameters, buffers and hooks (only their class changes), so optimizers built before
+    still hold the right parameters. Subclasses (``SyncBatchNorm``, ...) are left alone."""
+    for m in module.modules():
+        cls = _REPLACE.get(type(m))
+        if cls is not None:
+            m.__class__ = cls
+    return module

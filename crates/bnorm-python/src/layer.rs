@@ -1,0 +1,173 @@
+//! The NumPy API's layer: [`bnorm::BatchNorm`] behind a Python class (`bnorm.BatchNorm`
+//! is a thin Python wrapper that allocates outputs with NumPy and remembers the last
+//! forward's input for `backward`).
+
+use bnorm::expert::Grads;
+use bnorm::{BatchNorm, Params, RunningState};
+use numpy::{PyArray1, PyReadonlyArray1, PyUntypedArrayMethods};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::errors::IntoPy;
+use crate::{array, dispatch, settings, threads};
+
+/// A stateful batch-norm layer over NumPy buffers.
+#[pyclass(module = "bnorm._bnorm")]
+pub struct Layer {
+    bn: BatchNorm,
+}
+
+fn vector<'py>(py: Python<'py>, v: Option<&[f64]>) -> Option<Bound<'py, PyArray1<f64>>> {
+    v.map(|v| PyArray1::from_slice(py, v))
+}
+
+#[pymethods]
+impl Layer {
+    /// A fresh layer: `channels`, a convention (`"torch"`, `"keras"`, `"tensorflow"`) and
+    /// settings by setter name.
+    #[new]
+    #[pyo3(signature = (channels, convention, settings=None))]
+    fn new(
+        channels: usize,
+        convention: &str,
+        settings: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<Self> {
+        let cfg = settings::config(channels, convention, settings)?;
+        Ok(Layer {
+            bn: cfg.build().py_err()?,
+        })
+    }
+
+    /// Forward step of `x` into `y` (both C-contiguous, of storage `dtype`).
+    fn forward(
+        &mut self,
+        py: Python<'_>,
+        x: &Bound<'_, PyAny>,
+        y: &Bound<'_, PyAny>,
+        layout: &str,
+        mode: &str,
+        dtype: &str,
+    ) -> PyResult<()> {
+        let (layout, mode) = (settings::layout(layout)?, settings::mode(mode)?);
+        let bn = &mut self.bn;
+        dispatch!(settings::dtype(dtype)?, |T, S| {
+            let xa = array::read::<S>(x, "x")?;
+            let mut ya = array::write::<S>(y, "y")?;
+            let shape = xa.shape().to_vec();
+            let xs: &[T] = array::slice(&xa, "x")?;
+            let ys: &mut [T] = array::slice_mut(&mut ya, "y")?;
+            let report = threads::run(py, xs.len(), || {
+                bn.forward_into(xs, &shape, layout, mode, ys)
+            })?
+            .py_err()?;
+            crate::errors::warn_skipped(py, &report)?;
+        });
+        Ok(())
+    }
+
+    /// Backward of the last forward step: writes `dx` and returns `(dweight, dbias)`
+    /// (float64; `None` for a parameter the layer does not have).
+    #[allow(clippy::type_complexity)]
+    fn backward<'py>(
+        &mut self,
+        py: Python<'py>,
+        x: &Bound<'py, PyAny>,
+        dy: &Bound<'py, PyAny>,
+        dx: &Bound<'py, PyAny>,
+        layout: &str,
+        dtype: &str,
+    ) -> PyResult<(
+        Option<Bound<'py, PyArray1<f64>>>,
+        Option<Bound<'py, PyArray1<f64>>>,
+    )> {
+        let layout = settings::layout(layout)?;
+        let bn = &mut self.bn;
+        let mut grads = Grads::default();
+        dispatch!(settings::dtype(dtype)?, |T, S| {
+            let xa = array::read::<S>(x, "x")?;
+            let dya = array::read::<S>(dy, "dy")?;
+            let mut dxa = array::write::<S>(dx, "dx")?;
+            let shape = xa.shape().to_vec();
+            let xs: &[T] = array::slice(&xa, "x")?;
+            let dys: &[T] = array::slice(&dya, "dy")?;
+            let dxs: &mut [T] = array::slice_mut(&mut dxa, "dx")?;
+            let g = &mut grads;
+            threads::run(py, xs.len(), || {
+                bn.backward_into(xs, dys, &shape, layout, dxs, g)
+            })?
+            .py_err()?;
+        });
+        let cfg = self.bn.config();
+        Ok((
+            vector(py, cfg.get_scale().then_some(&grads.dweight[..])),
+            vector(py, cfg.get_center().then_some(&grads.dbias[..])),
+        ))
+    }
+
+    /// gamma (float64), `None` without scale.
+    #[getter]
+    fn weight<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyArray1<f64>>> {
+        vector(py, self.bn.params().weight.as_deref())
+    }
+
+    /// beta (float64), `None` without center.
+    #[getter]
+    fn bias<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyArray1<f64>>> {
+        vector(py, self.bn.params().bias.as_deref())
+    }
+
+    /// Replaces gamma and beta (validated; on error nothing changes).
+    #[pyo3(signature = (weight, bias))]
+    fn set_params(
+        &mut self,
+        weight: Option<PyReadonlyArray1<'_, f64>>,
+        bias: Option<PyReadonlyArray1<'_, f64>>,
+    ) -> PyResult<()> {
+        let params = Params {
+            weight: weight.map(|w| w.as_array().to_vec()),
+            bias: bias.map(|b| b.as_array().to_vec()),
+        };
+        self.bn.set_params(params).py_err()
+    }
+
+    /// The running mean (float64), `None` when not tracked.
+    #[getter]
+    fn running_mean<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyArray1<f64>>> {
+        vector(py, self.bn.running_state().map(|s| &s.mean[..]))
+    }
+
+    /// The running variance (float64), `None` when not tracked.
+    #[getter]
+    fn running_var<'py>(&self, py: Python<'py>) -> Option<Bound<'py, PyArray1<f64>>> {
+        vector(py, self.bn.running_state().map(|s| &s.var[..]))
+    }
+
+    /// Training steps folded into the running statistics (`num_batches_tracked`).
+    #[getter]
+    fn num_batches_tracked(&self) -> Option<u64> {
+        self.bn.running_state().map(|s| s.updates)
+    }
+
+    /// Replaces the running statistics (validated; on error nothing changes).
+    fn set_running(
+        &mut self,
+        mean: PyReadonlyArray1<'_, f64>,
+        var: PyReadonlyArray1<'_, f64>,
+        num_batches_tracked: u64,
+    ) -> PyResult<()> {
+        let cfg = self.bn.config();
+        let state = RunningState::from_values(
+            cfg,
+            mean.as_array().to_vec(),
+            var.as_array().to_vec(),
+            num_batches_tracked,
+        )
+        .py_err()?;
+        self.bn.set_running_state(state).py_err()
+    }
+
+    /// The configuration, printed.
+    fn config(&self) -> String {
+        format!("{:?}", self.bn.config())
+    }
+}

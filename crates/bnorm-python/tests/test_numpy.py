@@ -1,0 +1,211 @@
+"""The NumPy API against a float64 formula written here from conformance/FORMAT.md, its
+settings and conventions, and bad input (which raises bnorm.Error and changes nothing)."""
+
+import ml_dtypes
+import numpy as np
+import pytest
+
+import bnorm
+
+DTYPES = [np.float64, np.float32, np.float16, ml_dtypes.bfloat16]
+
+
+def unit_roundoff(dtype):
+    return {np.float64: 2.0**-53, np.float32: 2.0**-24, np.float16: 2.0**-11}.get(dtype, 2.0**-8)
+
+
+def reference(x, dy, gamma, beta, eps, axes):
+    """Training forward and backward in float64, straight from the formulas."""
+    x, dy = x.astype(np.float64), dy.astype(np.float64)
+    mean = x.mean(axis=axes, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
+    xhat = (x - mean) / np.sqrt(var + eps)
+    y = gamma * xhat + beta
+    dbeta = dy.sum(axis=axes)
+    dgamma = (dy * xhat).sum(axis=axes)
+    dx = gamma / np.sqrt(var + eps) * (
+        dy - dy.mean(axis=axes, keepdims=True) - xhat * (dy * xhat).mean(axis=axes, keepdims=True)
+    )
+    return y, dx, dgamma.ravel(), dbeta.ravel(), mean.ravel(), var.ravel()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("layout,shape,axes,bshape", [
+    ("NC", (32, 3), (0,), (1, 3)),
+    ("NCHW", (4, 3, 5, 6), (0, 2, 3), (1, 3, 1, 1)),
+    ("NHWC", (4, 5, 6, 3), (0, 1, 2), (1, 1, 1, 3)),
+    ("NCDHW", (2, 3, 2, 4, 5), (0, 2, 3, 4), (1, 3, 1, 1, 1)),
+])
+def test_training_step_matches_the_formula(dtype, layout, shape, axes, bshape):
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    gamma, beta = np.array([0.5, 1.0, 2.0]), np.array([-1.0, 0.0, 0.25])
+    bn = bnorm.BatchNorm(3, layout=layout)
+    bn.weight, bn.bias = gamma, beta
+    y = bn.forward(x, "train")
+    dx, dgamma, dbeta = bn.backward(dy)
+    ry, rdx, rdg, rdb, mean, var = reference(
+        x, dy, gamma.reshape(bshape), beta.reshape(bshape), 1e-5, axes)
+    assert y.dtype == x.dtype and dx.dtype == x.dtype and y.shape == x.shape
+    # Outputs are O(1) and rounded once to the storage type: a few unit roundoffs
+    # (f32: the map runs in f32, ~10 roundings; 16-bit: one rounding of an f32 value).
+    u = unit_roundoff(dtype)
+    tol = max(16 * u, 1e-12)
+    np.testing.assert_allclose(y.astype(np.float64), ry, rtol=tol, atol=tol * 2)
+    np.testing.assert_allclose(dx.astype(np.float64), rdx, rtol=tol, atol=tol * 4)
+    # Parameter gradients are f64 sums over m terms of rounded inputs.
+    m = x.size // 3
+    np.testing.assert_allclose(dgamma, rdg, rtol=tol, atol=tol * m)
+    np.testing.assert_allclose(dbeta, rdb, rtol=tol, atol=tol * m)
+    # PyTorch's running update with momentum 0.1 and the unbiased variance, in f64.
+    np.testing.assert_allclose(bn.running_mean, 0.1 * mean, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(bn.running_var, 0.9 + 0.1 * var * m / (m - 1), rtol=1e-12)
+    assert bn.num_batches_tracked == 1
+
+
+def test_inference_and_frozen_use_running_statistics():
+    rng = np.random.default_rng(2)
+    bn = bnorm.BatchNorm(2, layout="NC", eps=1e-3)
+    bn.running_mean = np.array([1.0, -2.0])
+    bn.running_var = np.array([4.0, 0.25])
+    bn.weight = np.array([2.0, 3.0])
+    x = rng.standard_normal((8, 2))
+    want = (x - bn.running_mean) / np.sqrt(bn.running_var + 1e-3) * bn.weight
+    for mode in ("inference", "frozen"):
+        y = bn.forward(x, mode)
+        np.testing.assert_allclose(y, want, rtol=1e-14, atol=1e-14)
+        dy = rng.standard_normal((8, 2))
+        dx, dgamma, dbeta = bn.backward(dy)
+        np.testing.assert_allclose(dx, dy * bn.weight / np.sqrt(bn.running_var + 1e-3), rtol=1e-14)
+        np.testing.assert_allclose(dbeta, dy.sum(0), rtol=1e-13)
+        assert bn.num_batches_tracked == 0
+        np.testing.assert_array_equal(bn.running_mean, [1.0, -2.0])
+
+
+def test_conventions_and_settings():
+    x = np.array([[1.0], [2.0], [3.0], [6.0]])
+    keras = bnorm.BatchNorm(1, "keras", layout="NC")  # decay 0.99, biased variance
+    keras.forward(x)
+    np.testing.assert_allclose(keras.running_mean, [0.01 * 3.0], rtol=1e-15)
+    np.testing.assert_allclose(keras.running_var, [0.99 + 0.01 * 3.5], rtol=1e-15)
+    cumulative = bnorm.BatchNorm(1, layout="NC", momentum=None)
+    cumulative.forward(x)
+    cumulative.forward(x + 2)
+    np.testing.assert_allclose(cumulative.running_mean, [(3.0 + 5.0) / 2], rtol=1e-15)
+    tf = bnorm.BatchNorm(1, "tensorflow", layout="NC")
+    assert tf.weight is None and tf.bias is not None  # beta but no gamma
+    plain = bnorm.BatchNorm(1, layout="NC", affine=False, track_running_stats=False)
+    assert plain.weight is None and plain.running_mean is None
+    y = plain.forward(x, "inference")  # no running statistics: the batch's
+    np.testing.assert_allclose(y.mean(), 0.0, atol=1e-15)
+
+
+def test_non_contiguous_input_is_accepted():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 4, 3, 3)).astype(np.float32)
+    a, b = bnorm.BatchNorm(4), bnorm.BatchNorm(4)
+    ya = a.forward(x)
+    yb = b.forward(x.transpose(0, 1, 3, 2).copy().transpose(0, 1, 3, 2))  # same values, F-order inner
+    np.testing.assert_array_equal(ya, yb)
+
+
+def test_threads_do_not_change_results():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((64, 8, 32, 32)).astype(np.float32)  # above the parallel threshold
+    outs = []
+    for n in (1, 2):
+        bnorm.set_num_threads(n)
+        assert bnorm.get_num_threads() == n
+        bn = bnorm.BatchNorm(8)
+        outs.append((bn.forward(x), bn.running_var))
+    np.testing.assert_array_equal(outs[0][0], outs[1][0])
+    np.testing.assert_array_equal(outs[0][1], outs[1][1])
+
+
+def snapshot(bn):
+    v = lambda a: None if a is None else a.tolist()
+    return v(bn.weight), v(bn.bias), v(bn.running_mean), v(bn.running_var), bn.num_batches_tracked
+
+
+def test_bad_input_raises_and_changes_nothing():
+    rng = np.random.default_rng(5)
+    bn = bnorm.BatchNorm(3)
+    x = rng.standard_normal((4, 3, 2, 2))
+    y = bn.forward(x)
+    before = snapshot(bn)
+    bad = [
+        (lambda: bn.forward(rng.standard_normal((4, 5, 2, 2))), "ChannelMismatch"),
+        (lambda: bn.forward(rng.standard_normal((4, 3, 2))), "RankMismatch"),
+        (lambda: bn.forward(rng.standard_normal((1, 3, 1, 1))), "BatchTooSmall"),
+        (lambda: bn.forward(np.ones((4, 3, 2, 2), dtype=np.int32)), "DType"),
+        (lambda: bn.forward(x, "training"), "InvalidConfig"),
+        (lambda: bn.backward(np.ones((4, 3, 2, 2), dtype=np.float32)), "DType"),
+        (lambda: setattr(bn, "weight", np.array([1.0, np.nan, 1.0])), "NonFiniteParameter"),
+        (lambda: setattr(bn, "bias", np.zeros(4)), "ShapeMismatch"),
+        (lambda: setattr(bn, "running_var", np.array([1.0, -1.0, 1.0])), "NegativeVariance"),
+    ]
+    for call, kind in bad:
+        with pytest.raises(bnorm.Error) as err:
+            call()
+        assert err.value.kind == kind, (kind, err.value)
+        assert isinstance(err.value, ValueError)
+        assert snapshot(bn) == before
+    # backward still differentiates the last successful forward
+    dx, _, _ = bn.backward(np.ones_like(y))
+    np.testing.assert_allclose(dx.sum(axis=(0, 2, 3)), 0.0, atol=1e-12)
+
+
+def test_bad_construction():
+    with pytest.raises(bnorm.Error) as err:
+        bnorm.BatchNorm(3, eps=-1.0)
+    assert err.value.kind == "InvalidConfig"
+    with pytest.raises(bnorm.Error):
+        bnorm.BatchNorm(3, "caffe")
+    with pytest.raises(TypeError):
+        bnorm.BatchNorm(3, epsilon=1e-3)
+    with pytest.raises(bnorm.Error) as err:
+        bnorm.BatchNorm(3).backward(np.ones((2, 3, 1, 1)))
+    assert err.value.kind == "NoForward"
+
+
+def test_non_finite_batch_statistics_warn_and_keep_running_statistics():
+    x = np.random.default_rng(6).standard_normal((8, 2))
+    x[3, 1] = np.nan
+    bn = bnorm.BatchNorm(2, layout="NC")
+    with pytest.warns(RuntimeWarning, match=r"channels \[1\]"):
+        y = bn.forward(x)
+    assert np.isnan(y[:, 1]).all() and np.isfinite(y[:, 0]).all()
+    assert bn.running_mean[1] == 0.0 and bn.running_var[1] == 1.0
+    assert bn.running_mean[0] != 0.0
+
+
+def test_the_gil_is_released_while_kernels_run():
+    """While one thread runs a long forward, another thread keeps running Python: the
+    largest pause it sees is well below the forward's duration (with the GIL held it
+    would see a pause as long as the kernel)."""
+    import threading
+    import time
+
+    bnorm.set_num_threads(1)
+    x = np.random.default_rng(7).standard_normal((64, 16, 128, 128)).astype(np.float32)
+    bn = bnorm.BatchNorm(16)
+    bn.forward(x)  # warm-up
+    span = {}
+
+    def work():
+        t = time.perf_counter()
+        for _ in range(3):
+            bn.forward(x)
+        span["kernel"] = (time.perf_counter() - t) / 3
+
+    stamps = []
+    worker = threading.Thread(target=work)
+    worker.start()
+    while worker.is_alive():
+        stamps.append(time.perf_counter())
+    worker.join()
+    bnorm.set_num_threads(0)
+    pauses = np.diff(stamps)
+    assert span["kernel"] > 0.02, "the forward is too short to tell"
+    assert pauses.max() < span["kernel"] / 2, (pauses.max(), span["kernel"])
