@@ -2,9 +2,9 @@
 //! is a thin Python wrapper that allocates outputs with NumPy and remembers the last
 //! forward's input for `backward`).
 
-use bnorm::expert::Grads;
+use bnorm::expert::{Grads, Options, Parallelism, RenormState};
 use bnorm::{BatchNorm, Params, RunningState};
-use numpy::{PyArray1, PyReadonlyArray1, PyUntypedArrayMethods};
+use numpy::{PyArray1, PyReadonlyArray1, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -38,7 +38,12 @@ impl Layer {
         })
     }
 
-    /// Forward step of `x` into `y` (both C-contiguous, of storage `dtype`).
+    /// Forward step of `x` into `y` (both C-contiguous, of storage `dtype`); with `mask`
+    /// (C-contiguous bools, `x`'s shape without its last axis) a masked step (Keras 3's
+    /// `mask`): the statistics, the running update and the next backward cover the
+    /// selected values only.
+    #[pyo3(signature = (x, y, layout, mode, dtype, mask=None))]
+    #[allow(clippy::too_many_arguments)]
     fn forward(
         &mut self,
         py: Python<'_>,
@@ -47,8 +52,18 @@ impl Layer {
         layout: &str,
         mode: &str,
         dtype: &str,
+        mask: Option<PyReadonlyArrayDyn<'_, bool>>,
     ) -> PyResult<()> {
         let (layout, mode) = (settings::layout(layout)?, settings::mode(mode)?);
+        let mask: Option<&[bool]> = match &mask {
+            Some(m) => Some(m.as_slice().map_err(|_| {
+                crate::errors::error_of_kind(
+                    "NotContiguous",
+                    "mask must be C-contiguous (bnorm does not copy it)".into(),
+                )
+            })?),
+            None => None,
+        };
         let bn = &mut self.bn;
         dispatch!(settings::dtype(dtype)?, |T, S| {
             let xa = array::read::<S>(x, "x")?;
@@ -56,8 +71,13 @@ impl Layer {
             let shape = xa.shape().to_vec();
             let xs: &[T] = array::slice(&xa, "x")?;
             let ys: &mut [T] = array::slice_mut(&mut ya, "y")?;
-            let report = threads::run(py, xs.len(), || {
-                bn.forward_into(xs, &shape, layout, mode, ys)
+            let report = threads::run(py, xs.len(), || match mask {
+                // the core's masked step (what `BatchNorm::forward_masked` runs) into `y`
+                Some(m) => {
+                    let opts = Options::<T>::from(Parallelism::Rayon).masked(m);
+                    bn.forward_with(xs, &shape, layout, mode, ys, opts)
+                }
+                None => bn.forward_into(xs, &shape, layout, mode, ys),
             })?
             .py_err()?;
             crate::errors::warn_skipped(py, &report)?;
@@ -163,6 +183,48 @@ impl Layer {
             num_batches_tracked,
         )
         .py_err()?;
+        self.bn.set_running_state(state).py_err()
+    }
+
+    /// Batch renormalization's state `(renorm_mean, renorm_stddev, moving_stddev)`
+    /// (float64), `None` without renorm or running statistics.
+    #[getter]
+    #[allow(clippy::type_complexity)]
+    fn renorm_state<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> Option<(
+        Bound<'py, PyArray1<f64>>,
+        Bound<'py, PyArray1<f64>>,
+        Bound<'py, PyArray1<f64>>,
+    )> {
+        let r = self.bn.running_state()?.renorm.as_ref()?;
+        Some((
+            PyArray1::from_slice(py, &r.mean),
+            PyArray1::from_slice(py, &r.stddev),
+            PyArray1::from_slice(py, &r.moving_stddev),
+        ))
+    }
+
+    /// Replaces batch renormalization's state, keeping the running statistics (validated;
+    /// on error nothing changes).
+    fn set_renorm_state(
+        &mut self,
+        mean: PyReadonlyArray1<'_, f64>,
+        stddev: PyReadonlyArray1<'_, f64>,
+        moving_stddev: PyReadonlyArray1<'_, f64>,
+    ) -> PyResult<()> {
+        let mut state = self
+            .bn
+            .running_state()
+            .cloned()
+            .ok_or(bnorm::Error::NoRunningStatistics)
+            .py_err()?;
+        state.renorm = Some(RenormState {
+            mean: mean.as_array().to_vec(),
+            stddev: stddev.as_array().to_vec(),
+            moving_stddev: moving_stddev.as_array().to_vec(),
+        });
         self.bn.set_running_state(state).py_err()
     }
 

@@ -1,7 +1,7 @@
 //! Python names to core values: the convention presets and the `Config` setters by name,
 //! layouts, modes and dtypes.
 
-use bnorm::config::{Ghost, Renorm, Variant};
+use bnorm::config::{Ghost, Renorm, SingleValuePolicy, Variant};
 use bnorm::element::DType;
 use bnorm::{Config, Error, Layout, Mode, Momentum, VarianceEstimator};
 use pyo3::exceptions::PyTypeError;
@@ -64,7 +64,9 @@ impl Convention {
 
 /// A validated configuration from a convention's preset and settings by setter name
 /// (`eps`, `momentum` — `None` is the cumulative average —, `affine`, `scale`, `center`,
-/// `track_running_stats`, `running_variance`, `non_finite`, `cold_statistics`; the
+/// `track_running_stats`, `running_variance`, `non_finite`, `cold_statistics`,
+/// `single_value` — `"refuse"` or `"accept"` one value per channel, default the
+/// convention's: torch refuses, keras and tensorflow accept —; the
 /// variants: `virtual_batch_size` — tf_keras's strided ghost batches — and `renorm`).
 pub fn config(
     channels: usize,
@@ -113,13 +115,21 @@ pub fn config(
                     }
                 })
             }
+            "single_value" => {
+                let v: String = value.extract()?;
+                cfg.single_value(match v.as_str() {
+                    "refuse" => SingleValuePolicy::Refuse,
+                    "accept" => SingleValuePolicy::Accept,
+                    _ => return Err(invalid("single_value", v, "\"refuse\" or \"accept\"")),
+                })
+            }
             "virtual_batch_size" => cfg.variant(Variant::Ghost(Ghost::strided(value.extract()?))),
             "renorm" => cfg.variant(Variant::Renorm(renorm(&value)?)),
             other => {
                 return Err(PyTypeError::new_err(format!(
                     "unknown bnorm setting {other:?} (settings: eps, momentum, affine, scale, \
                      center, track_running_stats, running_variance, non_finite, \
-                     cold_statistics, virtual_batch_size, renorm)"
+                     cold_statistics, single_value, virtual_batch_size, renorm)"
                 )))
             }
         };

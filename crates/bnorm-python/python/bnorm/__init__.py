@@ -56,7 +56,10 @@ class BatchNorm:
     cumulative average), ``affine``, ``scale``, ``center``, ``track_running_stats``,
     ``running_variance`` (``"biased"``/``"unbiased"``), ``non_finite``
     (``"skip_channel"``/``"error"``), ``cold_statistics`` (``"allow"``/``"report"``/
-    ``"error"``); the variants ``virtual_batch_size`` (ghost batches, tf_keras's strided
+    ``"error"``), ``single_value`` (``"refuse"``/``"accept"``: a training step with one
+    value per channel -- per ghost group -- is refused with kind ``"BatchTooSmall"``, as
+    PyTorch does, or normalized with variance 0, as Keras and TensorFlow do; the default
+    is the convention's); the variants ``virtual_batch_size`` (ghost batches, tf_keras's strided
     groups) and ``renorm`` (batch renormalization: ``True`` for tf_keras's clipping
     ``rmax=3, dmax=5``, or a dict of ``rmax``, ``rmin``, ``dmax``, ``momentum``).
 
@@ -85,12 +88,40 @@ class BatchNorm:
         tag, view = _storage(a, what)
         return a, tag, view
 
-    def forward(self, x, mode="train"):
+    def forward(self, x, mode="train", mask=None):
         """Normalizes ``x`` (``mode``: ``"train"``, ``"inference"`` or ``"frozen"``) and
-        returns ``y``. A training step updates the running statistics."""
+        returns ``y``. A training step updates the running statistics.
+
+        ``mask`` (Keras 3's masked batch norm): a bool array of ``x``'s shape without its
+        last axis, broadcast along that axis -- one flag per position for channels-last
+        data, per (sample, channel) for ``NCL``. A step normalized with batch statistics
+        computes them, and updates the running statistics, from the selected values only
+        (dividing by their count plus Keras' ``1e-7``) and normalizes every value with
+        them; the next ``backward`` is the derivative of that map. A step normalized with
+        running statistics ignores the mask. A channel with no selected value is refused
+        (kind ``"BatchTooSmall"``).
+
+        >>> import numpy as np, bnorm
+        >>> bn = bnorm.BatchNorm(1, "keras", layout="NLC")
+        >>> x = np.array([1.0, 2.0, 3.0, 5.0, 0.0, 0.0]).reshape(2, 3, 1)
+        >>> mask = np.array([[True, True, True], [True, False, False]])
+        >>> y = bn.forward(x, "train", mask=mask)
+        >>> round(float(bn.running_mean[0]), 6)  # 0.01 of the selected values' mean 2.75
+        0.0275
+        """
         x, tag, xs = self._input(x, "x")
+        if mask is not None:
+            mask = _np.ascontiguousarray(mask)
+            if mask.dtype != _np.bool_:
+                raise _error("DType", f"mask has dtype {mask.dtype}; it must be bool")
+            if mask.shape != x.shape[:-1]:
+                raise _error(
+                    "ShapeMismatch",
+                    f"mask has shape {mask.shape}; x of shape {x.shape} needs "
+                    f"{x.shape[:-1]} (x's shape without its last axis)",
+                )
         y = _np.empty_like(x)
-        self._layer.forward(xs, _storage(y, "y")[1], self.layout, mode, tag)
+        self._layer.forward(xs, _storage(y, "y")[1], self.layout, mode, tag, mask)
         self._x = x
         return y
 
@@ -161,6 +192,20 @@ class BatchNorm:
         self._layer.set_running(
             self._layer.running_mean, self._layer.running_var, int(value)
         )
+
+    @property
+    def renorm_state(self):
+        """Batch renormalization's state ``(renorm_mean, renorm_stddev, moving_stddev)``
+        (float64, tf_keras' names), ``None`` without renorm or running statistics.
+        Setting the running statistics resets it to theirs (``running_mean``,
+        ``sqrt(running_var)``, ``sqrt(running_var + eps)`` once trained); set it after
+        them to load a saved one."""
+        return self._layer.renorm_state
+
+    @renorm_state.setter
+    def renorm_state(self, value):
+        mean, stddev, moving_stddev = value
+        self._layer.set_renorm_state(_f64(mean), _f64(stddev), _f64(moving_stddev))
 
     def __repr__(self):
         return f"bnorm.BatchNorm({self._layer.config()}, layout={self.layout!r})"
