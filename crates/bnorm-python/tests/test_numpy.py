@@ -209,3 +209,108 @@ def test_the_gil_is_released_while_kernels_run():
     pauses = np.diff(stamps)
     assert span["kernel"] > 0.02, "the forward is too short to tell"
     assert pauses.max() < span["kernel"] / 2, (pauses.max(), span["kernel"])
+
+
+@pytest.mark.parametrize("layout,shape", [("NC", (1, 3)), ("NCHW", (1, 3, 1, 1)),
+                                          ("NHWC", (1, 1, 1, 3))])
+def test_one_value_per_channel_keras_accepts_torch_refuses(layout, shape):
+    """FORMAT.md, "Single values": Keras (and TensorFlow) normalize one value per channel
+    with variance 0 -- y = beta, dx = 0, dweight = 0, dbias = dy, running variance
+    toward 0 --; PyTorch refuses the step. `single_value` overrides the preset."""
+    rng = np.random.default_rng(11)
+    x = rng.standard_normal(shape)
+    dy = rng.standard_normal(shape)
+    gamma, beta = np.array([2.0, 3.0, 4.0]), np.array([0.5, -1.0, 2.0])
+    for convention in ("keras", "tensorflow"):
+        bn = bnorm.BatchNorm(3, convention, layout=layout, scale=True)  # tf: no scale
+        bn.weight, bn.bias = gamma, beta
+        y = bn.forward(x, "train")
+        np.testing.assert_array_equal(y.reshape(3), beta)
+        dx, dw, db = bn.backward(dy)
+        np.testing.assert_array_equal(dx, np.zeros(shape))
+        np.testing.assert_array_equal(dw, np.zeros(3))
+        np.testing.assert_array_equal(db, dy.reshape(3))
+        if convention == "keras":  # decay 0.99 from mean 0, variance 1
+            np.testing.assert_allclose(bn.running_mean, 0.01 * x.reshape(3), rtol=1e-12)
+            np.testing.assert_allclose(bn.running_var, np.full(3, 0.99), rtol=1e-12)
+    refusing = [("torch", {}), ("keras", {"single_value": "refuse"}),
+                # accepted, but torch's unbiased running variance of one value is 0/0
+                ("torch", {"single_value": "accept"})]
+    for convention, settings in refusing:
+        bn = bnorm.BatchNorm(3, convention, layout=layout, **settings)
+        bn.forward(rng.standard_normal((4,) + shape[1:]), "train")
+        before = snapshot(bn)
+        with pytest.raises(bnorm.Error) as err:
+            bn.forward(x, "train")
+        assert err.value.kind == "BatchTooSmall", (convention, settings)
+        assert snapshot(bn) == before
+        bn.forward(x, "inference")  # running statistics: one value is fine
+    bn = bnorm.BatchNorm(3, "torch", layout=layout, single_value="accept",
+                         track_running_stats=False)
+    bn.bias = beta
+    np.testing.assert_array_equal(bn.forward(x, "train").reshape(3), beta)
+    with pytest.raises(bnorm.Error) as err:
+        bnorm.BatchNorm(3, "keras", single_value="sometimes")
+    assert err.value.kind == "InvalidConfig"
+
+
+def masked_reference(x, mask, gamma, beta, eps):
+    """Keras 3's masked batch norm on NLC data in float64 (FORMAT.md, "Masks")."""
+    m = mask[..., None].astype(np.float64)
+    n = m.sum(axis=(0, 1)) + 1e-7
+    mean = (x * m).sum(axis=(0, 1)) / n
+    var = (((x - mean) ** 2) * m).sum(axis=(0, 1)) / n
+    return gamma * (x - mean) / np.sqrt(var + eps) + beta, mean, var
+
+
+def test_masked_forward_and_backward():
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((3, 5, 2))
+    dy = rng.standard_normal(x.shape)
+    mask = rng.random((3, 5)) < 0.6
+    mask[0, 0] = True
+    gamma, beta, eps = np.array([1.5, 0.5]), np.array([0.1, -0.2]), 1e-3
+    bn = bnorm.BatchNorm(2, "keras", layout="NLC", eps=eps, momentum=0.9)
+    bn.weight, bn.bias = gamma, beta
+    y = bn.forward(x, "train", mask=mask)
+    want, mean, var = masked_reference(x, mask, gamma, beta, eps)
+    np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(bn.running_mean, 0.1 * mean, rtol=1e-12)
+    np.testing.assert_allclose(bn.running_var, 0.9 + 0.1 * var, rtol=1e-12)
+    # backward after the masked forward: the derivative of the masked map, by central
+    # differences of sum(dy * y) (the reference is the formula above, not bnorm)
+    dx, dw, db = bn.backward(dy)
+    h, num = 1e-6, np.empty_like(x)
+    for i in np.ndindex(x.shape):
+        xp, xm = x.copy(), x.copy()
+        xp[i] += h
+        xm[i] -= h
+        num[i] = ((dy * masked_reference(xp, mask, gamma, beta, eps)[0]).sum()
+                  - (dy * masked_reference(xm, mask, gamma, beta, eps)[0]).sum()) / (2 * h)
+    np.testing.assert_allclose(dx, num, rtol=1e-6, atol=1e-8)
+    xhat = (x - mean) / np.sqrt(var + eps)
+    np.testing.assert_allclose(dw, (dy * xhat).sum(axis=(0, 1)), rtol=1e-12)
+    np.testing.assert_allclose(db, dy.sum(axis=(0, 1)), rtol=1e-12)
+    # values left out do not move the statistics
+    x2 = np.where(mask[..., None], x, 1e3)
+    bn2 = bnorm.BatchNorm(2, "keras", layout="NLC", eps=eps, momentum=0.9)
+    bn2.weight, bn2.bias = gamma, beta
+    y2 = bn2.forward(x2, "train", mask=mask)
+    np.testing.assert_allclose(y2[mask], y[mask], rtol=1e-12)
+    np.testing.assert_allclose(bn2.running_var, bn.running_var, rtol=1e-12)
+    # inference ignores the mask
+    np.testing.assert_array_equal(bn.forward(x, "inference", mask=mask),
+                                  bn.forward(x, "inference"))
+
+
+def test_bad_mask_raises_and_changes_nothing():
+    x = np.random.default_rng(13).standard_normal((3, 5, 2))
+    bn = bnorm.BatchNorm(2, "keras", layout="NLC")
+    before = snapshot(bn)
+    for mask, kind in [(np.ones((3, 5)), "DType"), (np.ones((3, 4), bool), "ShapeMismatch"),
+                       (np.ones((3, 5, 2), bool), "ShapeMismatch"),
+                       (np.zeros((3, 5), bool), "BatchTooSmall")]:
+        with pytest.raises(bnorm.Error) as err:
+            bn.forward(x, "train", mask=mask)
+        assert err.value.kind == kind, (kind, err.value)
+        assert snapshot(bn) == before

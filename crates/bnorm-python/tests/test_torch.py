@@ -278,3 +278,27 @@ def test_changing_x_in_place_before_backward_is_an_error():
             h.add_(1.0)
         with pytest.raises(RuntimeError, match="modified by an inplace operation"):
             y.sum().backward()
+
+
+@pytest.mark.parametrize("dims,shape", [(1, (1, 3)), (1, (1, 3, 1)), (2, (1, 3, 1, 1)),
+                                        (3, (1, 3, 1, 1, 1))])
+def test_one_value_per_channel_is_refused_like_torch(dims, shape):
+    """torch.nn.BatchNorm*d refuses a training batch of one value per channel ("Expected
+    more than 1 value per channel when training", a ValueError); so does the drop-in
+    (bnorm.Error, a ValueError, kind BatchTooSmall), changing nothing; in evaluation
+    both normalize it with the running statistics."""
+    ref = getattr(torch.nn, f"BatchNorm{dims}d")(3).double()
+    ours = getattr(bt, f"BatchNorm{dims}d")(3).double()
+    warm = torch.randn((4,) + shape[1:], dtype=torch.float64)
+    ref(warm), ours(warm)
+    x = torch.randn(shape, dtype=torch.float64)
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        ref(x)
+    before = unchanged(ours)
+    with pytest.raises(bnorm.Error) as err:
+        ours(x)
+    assert err.value.kind == "BatchTooSmall"
+    assert isinstance(err.value, ValueError)
+    assert_same(ours, before)
+    ref.eval(), ours.eval()
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-12, atol=1e-12)
