@@ -314,3 +314,32 @@ def test_bad_mask_raises_and_changes_nothing():
             bn.forward(x, "train", mask=mask)
         assert err.value.kind == kind, (kind, err.value)
         assert snapshot(bn) == before
+
+
+def test_renorm_state_loads_and_bad_state_changes_nothing():
+    """A loaded renorm state is the one the next step corrects toward: r = s / sr and
+    d = (mean - renorm_mean) / sr (FORMAT.md, batch_renorm), clipped."""
+    x = np.array([[1.0, 10.0], [3.0, 14.0]])  # batch means 2, 12; std sqrt(1 + eps), ...
+    eps = 1e-3
+    bn = bnorm.BatchNorm(2, "keras", layout="NC", eps=eps,
+                         renorm={"rmax": 10.0, "rmin": 0.1, "dmax": 10.0})
+    assert bnorm.BatchNorm(2, "keras").renorm_state is None
+    np.testing.assert_array_equal(bn.renorm_state[1], [1.0, 1.0])
+    bn.renorm_state = (np.array([1.0, 12.0]), np.array([2.0, 4.0]), np.array([1.0, 1.0]))
+    y = bn.forward(x, "train")
+    s = np.sqrt(np.array([1.0, 4.0]) + eps)
+    r, d = s / np.array([2.0, 4.0]), np.array([0.5, 0.0])
+    xhat = (x - np.array([2.0, 12.0])) / s
+    np.testing.assert_allclose(y, xhat * r + d, rtol=1e-12, atol=1e-12)
+    before = (snapshot(bn), [a.tolist() for a in bn.renorm_state])
+    bad = [((np.zeros(3), np.ones(3), np.ones(3)), "ShapeMismatch"),
+           ((np.zeros(2), -np.ones(2), np.ones(2)), "NegativeVariance"),
+           ((np.zeros(2), np.ones(2), np.array([1.0, np.nan])), "NonFiniteParameter")]
+    for state, kind in bad:
+        with pytest.raises(bnorm.Error) as err:
+            bn.renorm_state = state
+        assert err.value.kind == kind
+        assert (snapshot(bn), [a.tolist() for a in bn.renorm_state]) == before
+    with pytest.raises(bnorm.Error) as err:
+        bnorm.BatchNorm(2, "keras").renorm_state = (np.zeros(2), np.ones(2), np.ones(2))
+    assert err.value.kind == "StateMismatch"
