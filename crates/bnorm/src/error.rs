@@ -77,7 +77,7 @@ pub enum Error {
         /// The first offending channel.
         channel: usize,
     },
-    /// A variance (running or renorm) is negative.
+    /// A variance or a standard deviation (running or renorm statistics) is negative.
     NegativeVariance {
         /// Which tensor.
         what: &'static str,
@@ -192,6 +192,11 @@ impl fmt::Display for Error {
                 f,
                 "{what}[{channel}] is NaN or infinite: load finite values (a NaN in gamma or \
                  beta usually means training diverged)"
+            ),
+            Error::NegativeVariance { what, channel } if what.contains("stddev") => write!(
+                f,
+                "{what}[{channel}] is a negative standard deviation: load the standard \
+                 deviation itself, not a log or a difference"
             ),
             Error::NegativeVariance { what, channel } => write!(
                 f,

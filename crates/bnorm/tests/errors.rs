@@ -209,6 +209,13 @@ fn bad_parameters_and_statistics_are_refused() {
         }
     );
     assert!(e.to_string().contains("negative variance"), "{e}");
+    // a renorm standard deviation is not called a variance
+    let e = Error::NegativeVariance {
+        what: "renorm_stddev",
+        channel: 0,
+    };
+    assert!(e.to_string().contains("negative standard deviation"), "{e}");
+    assert!(!e.to_string().contains("variance"), "{e}");
     let e = RunningState::from_values(&cfg, vec![0.0; 4], vec![1.0; 3], 0).unwrap_err();
     assert!(matches!(
         e,
