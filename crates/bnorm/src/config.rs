@@ -30,7 +30,10 @@ pub enum Momentum {
     /// `e = min(d, (1 + n)/(10 + n))`, where `n` counts the updates *before* this one (the
     /// running state's [`updates`](crate::RunningState::updates), loadable like PyTorch's
     /// `num_batches_tracked`). The first update (n = 0) weighs the batch 0.9; from
-    /// `n ≥ (10d − 1)/(1 − d)` on it is [`Decay`](Momentum::Decay)`(d)`.
+    /// `n ≥ (10d − 1)/(1 − d)` on it is [`Decay`](Momentum::Decay)`(d)`. A TensorFlow loop
+    /// that increments its counter *before* the average (`ema.apply` under the control
+    /// dependencies of `minimize(global_step=…)`) reads n one higher: start `updates` one
+    /// higher.
     ///
     /// TensorFlow evaluates `(1 + n)/(10 + n)` and `1 − e` in float32; bnorm in float64.
     WarmupDecay(f64),
