@@ -199,6 +199,9 @@ def model(meta, init, steps):
                 res.update(renorm_mean=rn_mean, renorm_stddev=rn_sd, moving_stddev=mv_sd)
             else:
                 dd = float(mom)
+                if meta.get("ema_num_updates") == "true":
+                    n = t - 1  # updates before this one
+                    dd = min(dd, (1 + n) / (10 + n))
                 rm = dd * rm + (1 - dd) * bm
                 rv = dd * rv + (1 - dd) * bv
         if rm is not None:
@@ -255,7 +258,8 @@ def case(name, meta, init, steps, recorded, param_dtype=None, reference="", desc
     write_safetensors(path, tensors, meta)
     entry = {"case": name, "convention": meta["convention"], "layout": meta["layout"],
              "dtype": dtype, "steps": meta["steps"], "variant": meta.get("variant", "batch_norm")}
-    for key in ("expect_error", "param_dtype", "single_value", "num_batches_tracked"):
+    for key in ("expect_error", "param_dtype", "single_value", "num_batches_tracked",
+                "ema_num_updates"):
         if key in meta:
             entry[key] = meta[key]
     INDEX.append(entry)
@@ -544,6 +548,61 @@ def keras_cases():
          init, steps, rec, reference=f"TensorFlow {tf.__version__} graph mode float64",
          description="tf.nn.moments of one value per channel (variance 0): y = beta, dx = 0; "
                      "zero-debiased moving averages")
+
+    # 12, 13. tf.train.ExponentialMovingAverage(decay, num_updates=step) in graph mode: the
+    # running statistics are the EMA's shadows of two variables that hold each step's
+    # batch moments (a variable's shadow starts at its initial value, without
+    # zero-debiasing); `step` counts the updates before the current one
+    for name, n0, seed in (("tf_ema_num_updates", 0, 208), ("tf_ema_num_updates_cap", 60, 209)):
+        g, C, decay, eps = rng(seed), 3, 0.875, 1e-3
+        init = {"init.weight": g.normal(1, 0.3, C), "init.bias": g.normal(0, 0.5, C),
+                "init.running_mean": g.normal(0, 1, C), "init.running_var": g.uniform(0.5, 2, C)}
+        steps = [{"mode": m, "x": g.normal(0.5, 2, (4, C)), "dy": g.normal(0, 1, (4, C))}
+                 for m in ("train",) * 4 + ("eval",)]
+        with tf.Graph().as_default():
+            xph = tf1.placeholder(tf.float64, (None, C))
+            dyph = tf1.placeholder(tf.float64, (None, C))
+            gamma = tf1.Variable(init["init.weight"])
+            beta = tf1.Variable(init["init.bias"])
+            step = tf1.Variable(n0, dtype=tf.int64, trainable=False)
+            bm = tf1.Variable(init["init.running_mean"], trainable=False)
+            bv = tf1.Variable(init["init.running_var"], trainable=False)
+            ema = tf1.train.ExponentialMovingAverage(decay, num_updates=step)
+            apply = ema.apply([bm, bv])
+            mm, mv = ema.average(bm), ema.average(bv)
+            mean, var = tf.nn.moments(xph, axes=[0])
+            y = tf.nn.batch_normalization(xph, mean, var, beta, gamma, eps)
+            dx, dg, db = tf.gradients(tf.reduce_sum(y * dyph), [xph, gamma, beta])
+            hold = [bm.assign(mean), bv.assign(var)]
+            inc = step.assign_add(1)
+            ye = tf.nn.batch_normalization(xph, mm, mv, beta, gamma, eps)
+            dxe, dge, dbe = tf.gradients(tf.reduce_sum(ye * dyph), [xph, gamma, beta])
+            with tf1.Session() as sess:
+                sess.run(tf1.global_variables_initializer())
+                rec = []
+                for s in steps:
+                    feed = {xph: s["x"], dyph: s["dy"]}
+                    if s["mode"] == "train":
+                        # one run per stage: the moments, then the average, then the counter
+                        yv, dxv, dgv, dbv, _ = sess.run([y, dx, dg, db, hold], feed)
+                        sess.run(apply)
+                        sess.run(inc)
+                    else:
+                        yv, dxv, dgv, dbv = sess.run([ye, dxe, dge, dbe], feed)
+                    rm, rv = sess.run([mm, mv])
+                    rec.append({"y": yv, "dx": dxv, "dweight": dgv, "dbias": dbv,
+                                "running_mean": rm, "running_var": rv})
+        meta = {"convention": "tf", "eps": "0.001", "scale": "true", "center": "true",
+                "track_running_stats": "true", "variant": "batch_norm", "zero_debias": "false",
+                "ema_num_updates": "true", "layout": "NC", "dtype": "f64", "momentum": "0.875",
+                "rtol": "1e-6", "atol": "1e-6"}
+        if n0:
+            meta["num_batches_tracked"] = str(n0)
+        case(name, meta, init, steps, rec,
+             reference=f"TensorFlow {tf.__version__} graph mode float64 (the decay in float32)",
+             description=f"ExponentialMovingAverage(0.875, num_updates=step) from step {n0}: "
+                         f"decay min(0.875, (1 + n)/(10 + n)) for n = {n0}..{n0 + 3}; "
+                         "TensorFlow rounds the decay to float32, hence the tolerance")
 
     # 6. tf_keras virtual_batch_size=1 on NC input: every ghost group holds one value
     g, C = rng(202), 3

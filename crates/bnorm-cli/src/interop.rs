@@ -219,6 +219,7 @@ fn momentum(m: Momentum) -> String {
         Momentum::Cumulative => "cumulative".into(),
         Momentum::Decay(d) => format!("decay {d}"),
         Momentum::DebiasedDecay(d) => format!("debiased_decay {d}"),
+        Momentum::WarmupDecay(d) => format!("warmup_decay {d}"),
     }
 }
 

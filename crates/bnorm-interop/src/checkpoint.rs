@@ -605,6 +605,7 @@ fn momentum_string(m: Momentum) -> String {
         Momentum::Cumulative => "cumulative".into(),
         Momentum::Decay(d) => format!("decay:{d:e}"),
         Momentum::DebiasedDecay(d) => format!("debiased_decay:{d:e}"),
+        Momentum::WarmupDecay(d) => format!("warmup_decay:{d:e}"),
     }
 }
 
@@ -618,6 +619,7 @@ fn parse_momentum(s: &str) -> Option<Momentum> {
         "new_weight" => Some(Momentum::NewWeight(v)),
         "decay" => Some(Momentum::Decay(v)),
         "debiased_decay" => Some(Momentum::DebiasedDecay(v)),
+        "warmup_decay" => Some(Momentum::WarmupDecay(v)),
         _ => None,
     }
 }
@@ -760,6 +762,7 @@ mod tests {
             Momentum::Cumulative,
             Momentum::Decay(0.99),
             Momentum::DebiasedDecay(0.999),
+            Momentum::WarmupDecay(0.9999),
         ] {
             assert_eq!(parse_momentum(&momentum_string(m)), Some(m));
         }

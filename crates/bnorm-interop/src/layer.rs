@@ -130,6 +130,9 @@ pub fn momentum_in_words(m: Momentum) -> String {
         Momentum::DebiasedDecay(d) => format!(
             "zero-debiased decay {d} (TensorFlow ExponentialMovingAverage(decay={d}, zero_debias=True))"
         ),
+        Momentum::WarmupDecay(d) => format!(
+            "decay min({d}, (1 + n)/(10 + n)) after n updates (TensorFlow ExponentialMovingAverage(decay={d}, num_updates=n))"
+        ),
     }
 }
 
@@ -392,6 +395,23 @@ impl Layer {
                     ),
                 );
                 Momentum::Decay(d)
+            }
+            (Momentum::WarmupDecay(d), _) => {
+                let n = t as f64;
+                let e = d.min((1.0 + n) / (10.0 + n));
+                note(
+                    e == d,
+                    format!(
+                        "the num_updates decay min(d, (1 + n)/(10 + n)) becomes a fixed one \
+                         in {to}: {e}, that of the next step after n = {t} (the same from \
+                         then on once the cap d binds)"
+                    ),
+                );
+                if to == Format::Torch {
+                    Momentum::NewWeight(flip(e))
+                } else {
+                    Momentum::Decay(e)
+                }
             }
             (Momentum::DebiasedDecay(d), _) => {
                 note(

@@ -1145,3 +1145,32 @@ fn owned_bytes_parse_like_borrowed_ones() {
         assert!(Checkpoint::from_vec(bytes[..cut].to_vec()).is_err());
     }
 }
+
+/// `ExponentialMovingAverage(num_updates=…)` converts to the decay of the next step: the
+/// capped ramp min(d, (1 + n)/(10 + n)) at n = num_batches_tracked, exact once the cap binds.
+#[test]
+fn the_num_updates_decay_converts_to_the_next_steps_decay() {
+    let mut l = Layer::new("bn", Format::Keras, 2);
+    l.momentum = Momentum::WarmupDecay(0.99);
+    l.num_batches_tracked = Some(5);
+    let opts = ConvertOptions {
+        keep_variance: true,
+        ..ConvertOptions::default()
+    };
+    let (t, notes) = l.convert(Format::Torch, &opts).unwrap();
+    // n = 5: decay 6/15 = 0.4, new-batch weight 0.6
+    match t.momentum {
+        Momentum::NewWeight(a) => assert!((a - 0.6).abs() < 1e-12, "{a}"),
+        m => panic!("{m:?}"),
+    }
+    assert!(notes
+        .iter()
+        .any(|n| !n.exact && n.message.contains("num_updates")));
+    l.num_batches_tracked = Some(10_000);
+    let (k, notes) = l.convert(Format::Keras, &opts).unwrap();
+    assert_eq!(k.momentum, Momentum::Decay(0.99));
+    assert!(notes
+        .iter()
+        .filter(|n| n.message.contains("num_updates"))
+        .all(|n| n.exact));
+}

@@ -25,6 +25,18 @@ pub enum Momentum {
     /// t-th step (1 at the first), so a layer restored from its published statistics and
     /// update count continues exactly as one that never stopped.
     DebiasedDecay(f64),
+    /// TensorFlow's `tf.train.ExponentialMovingAverage(decay, num_updates=n)`: a plain
+    /// decay capped early in training, `r ← e·r + (1 − e)·batch` with the effective decay
+    /// `e = min(d, (1 + n)/(10 + n))`, where `n` counts the updates *before* this one (the
+    /// running state's [`updates`](crate::RunningState::updates), loadable like PyTorch's
+    /// `num_batches_tracked`). The first update (n = 0) weighs the batch 0.9; from
+    /// `n ≥ (10d − 1)/(1 − d)` on it is [`Decay`](Momentum::Decay)`(d)`. A TensorFlow loop
+    /// that increments its counter *before* the average (`ema.apply` under the control
+    /// dependencies of `minimize(global_step=…)`) reads n one higher: start `updates` one
+    /// higher.
+    ///
+    /// TensorFlow evaluates `(1 + n)/(10 + n)` and `1 − e` in float32; bnorm in float64.
+    WarmupDecay(f64),
 }
 
 impl Momentum {
@@ -39,6 +51,10 @@ impl Momentum {
     /// // zero-debiased: the first step takes the batch, later ones less and less
     /// assert_eq!(Momentum::DebiasedDecay(0.9).new_weight(1), 1.0);
     /// assert!((Momentum::DebiasedDecay(0.9).new_weight(2) - 0.1 / 0.19).abs() < 1e-15);
+    /// // num_updates: step t follows n = t - 1 updates, decay min(d, t/(9 + t))
+    /// assert!((Momentum::WarmupDecay(0.99).new_weight(1) - 0.9).abs() < 1e-15);
+    /// assert!((Momentum::WarmupDecay(0.875).new_weight(7) - (1.0 - 7.0 / 16.0)).abs() < 1e-15);
+    /// assert!((Momentum::WarmupDecay(0.875).new_weight(100) - 0.125).abs() < 1e-15);
     /// ```
     pub fn new_weight(self, t: u64) -> f64 {
         match self {
@@ -48,6 +64,10 @@ impl Momentum {
             Momentum::DebiasedDecay(d) => {
                 let t = t.clamp(1, i32::MAX as u64) as i32;
                 (1.0 - d) / (1.0 - d.powi(t))
+            }
+            Momentum::WarmupDecay(d) => {
+                let n = t.max(1) as f64 - 1.0;
+                1.0 - d.min((1.0 + n) / (10.0 + n))
             }
         }
     }
@@ -583,7 +603,7 @@ impl Config {
             return Err(bad("eps", self.eps, "a finite number > 0"));
         }
         match self.momentum {
-            Momentum::NewWeight(a) | Momentum::Decay(a) if !unit(a) => {
+            Momentum::NewWeight(a) | Momentum::Decay(a) | Momentum::WarmupDecay(a) if !unit(a) => {
                 return Err(bad("momentum", a, "a number in [0, 1]"));
             }
             Momentum::DebiasedDecay(d) if !(d.is_finite() && (0.0..1.0).contains(&d)) => {

@@ -277,11 +277,18 @@ impl Case {
             }
             Some("tf") => {
                 let d = self.number("momentum")?;
-                Config::keras(channels).momentum(if self.flag("zero_debias", true)? {
-                    Momentum::DebiasedDecay(d)
-                } else {
-                    Momentum::Decay(d)
-                })
+                let debias = self.flag("zero_debias", true)?;
+                Config::keras(channels).momentum(
+                    match (debias, self.flag("ema_num_updates", false)?) {
+                        (true, false) => Momentum::DebiasedDecay(d),
+                        (false, false) => Momentum::Decay(d),
+                        (false, true) => Momentum::WarmupDecay(d),
+                        // a zero-debiased average with the num_updates cap: no bnorm convention
+                        (true, true) => {
+                            return Err(meta_err("ema_num_updates", self.get("ema_num_updates")))
+                        }
+                    },
+                )
             }
             _ => return Err(meta_err("convention", self.get("convention"))),
         };
@@ -297,6 +304,13 @@ impl Case {
             Some("ghost") => {
                 if self.get("ghost_grouping").map(String::as_str) != Some("strided") {
                     return Err(meta_err("ghost_grouping", self.get("ghost_grouping")));
+                }
+                // tf_keras renormalizes ghost batches too; bnorm's variants are exclusive
+                // (FORMAT.md: not a valid case)
+                for key in ["rmax", "rmin", "dmax", "renorm_momentum"] {
+                    if self.get(key).is_some() {
+                        return Err(meta_err(key, self.get(key)));
+                    }
                 }
                 Variant::Ghost(Ghost::strided(self.number("virtual_batch_size")? as usize))
             }

@@ -225,6 +225,15 @@ pub fn forward(
                     // starting at 0: as a blend of the published value, the new batch
                     // weighs (1 − d) / (1 − dᵗ).
                     Momentum::DebiasedDecay(dd) => (1.0 - dd) / (1.0 - dd.powi(t as i32)),
+                    // ExponentialMovingAverage(num_updates=n): n = t − 1 updates came before
+                    Momentum::WarmupDecay(dd) => {
+                        let n = (t - 1) as f64;
+                        1.0 - if (1.0 + n) / (10.0 + n) < dd {
+                            (1.0 + n) / (10.0 + n)
+                        } else {
+                            dd
+                        }
+                    }
                 };
                 if let (Variant::Renorm(rn), Some(rs)) = (cfg.get_variant(), s.renorm.as_mut()) {
                     let ra = 1.0 - rn.momentum;

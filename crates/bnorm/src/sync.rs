@@ -311,6 +311,7 @@ fn config_fingerprint(cfg: &Config) -> Fnv {
         Momentum::Cumulative => (h.word(2), h.f(0.0)),
         Momentum::Decay(d) => (h.word(3), h.f(d)),
         Momentum::DebiasedDecay(d) => (h.word(4), h.f(d)),
+        Momentum::WarmupDecay(d) => (h.word(5), h.f(d)),
     };
     h.word(match cfg.get_running_variance() {
         VarianceEstimator::Biased => 1,

@@ -8,8 +8,8 @@ fn every_bundled_case_passes() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../conformance/cases");
     let results = bnorm::conformance::run_dir(&dir).expect("case directory readable");
     assert!(
-        results.len() >= 39,
-        "expected the 39 bundled cases, found {}",
+        results.len() >= 41,
+        "expected the 41 bundled cases, found {}",
         results.len()
     );
     let failed: Vec<_> = results
@@ -152,4 +152,70 @@ fn format_two_additions_are_replayed() {
     let case = bundled("torch_mixed_f16");
     use bnorm::element::DType;
     assert_eq!((case.dtype, case.param_dtype), (DType::F16, DType::F32));
+}
+
+/// TensorFlow's `ExponentialMovingAverage(num_updates=…)` as recorded: a plain decay, the
+/// counter ignored, an off-by-one counter (n counted after the update) or the cap left out
+/// each fail a case.
+#[test]
+fn the_num_updates_decay_is_replayed() {
+    for name in ["tf_ema_num_updates", "tf_ema_num_updates_cap"] {
+        let case = bundled(name);
+        let r = bnorm::conformance::replay(&case);
+        assert!(r.passed, "{name}: {}", r.detail);
+        let mut plain = case.clone();
+        plain.meta.remove("ema_num_updates");
+        assert!(
+            !bnorm::conformance::replay(&plain).passed,
+            "{name} passes with a plain decay"
+        );
+        let start = case.initial_updates().unwrap();
+        let mut shifted = case.clone();
+        shifted
+            .meta
+            .insert("num_batches_tracked".into(), (start + 1).to_string());
+        assert!(
+            !bnorm::conformance::replay(&shifted).passed,
+            "{name} passes with n counted one later"
+        );
+    }
+    // from 60 updates on, the cap binds at the last training step (n = 63): a decay that
+    // keeps ramping is off there
+    let case = bundled("tf_ema_num_updates_cap");
+    assert_eq!(case.initial_updates().unwrap(), 60);
+    let mut ramp = case.clone();
+    ramp.meta.insert("momentum".into(), "0.9".into());
+    let r = bnorm::conformance::replay(&ramp);
+    assert!(!r.passed, "the cap is ignored: {}", r.detail);
+    // ... and only there: the first three steps (n = 60, 61, 62) still agree
+    ramp.steps.truncate(3);
+    ramp.tensors
+        .retain(|k, _| !k.starts_with("step3.") && !k.starts_with("step4."));
+    let r = bnorm::conformance::replay(&ramp);
+    assert!(
+        r.passed,
+        "the ramp differs before the cap binds: {}",
+        r.detail
+    );
+    // a zero-debiased num_updates decay is not a bnorm convention: refused while loading
+    let mut both = case;
+    both.meta.insert("zero_debias".into(), "true".into());
+    let r = bnorm::conformance::replay(&both);
+    assert!(
+        !r.passed && r.detail.contains("ema_num_updates"),
+        "{}",
+        r.detail
+    );
+}
+
+/// Renorm with ghost batches (tf_keras accepts it) is not a bnorm configuration: a ghost
+/// case carrying a renorm setting is refused while loading, naming the setting.
+#[test]
+fn a_ghost_case_with_renorm_settings_is_refused() {
+    let mut case = bundled("ghost_nc");
+    assert!(bnorm::conformance::replay(&case).passed);
+    case.meta.insert("rmax".into(), "1.5".into());
+    let err = case.config().unwrap_err();
+    assert!(err.to_string().contains("rmax"), "{err}");
+    assert!(!bnorm::conformance::replay(&case).passed);
 }

@@ -139,6 +139,10 @@ pub fn conventions(c: usize) -> Vec<(&'static str, Config)> {
                 }),
             })),
         ),
+        (
+            "tf-num-updates",
+            Config::keras(c).momentum(Momentum::WarmupDecay(0.9)),
+        ),
     ]
 }
 
