@@ -66,7 +66,9 @@ impl Convention {
 /// (`eps`, `momentum` — `None` is the cumulative average —, `affine`, `scale`, `center`,
 /// `track_running_stats`, `running_variance`, `non_finite`, `cold_statistics`,
 /// `single_value` — `"refuse"` or `"accept"` one value per channel, default the
-/// convention's: torch refuses, keras and tensorflow accept —; the
+/// convention's: torch refuses, keras and tensorflow accept —, `ema_num_updates` — with
+/// the keras convention, the decay capped at `(1 + n)/(10 + n)`, `n` the updates so far,
+/// as `tf.train.ExponentialMovingAverage(decay, num_updates=n)` —; the
 /// variants: `virtual_batch_size` — tf_keras's strided ghost batches — and `renorm`).
 pub fn config(
     channels: usize,
@@ -75,6 +77,7 @@ pub fn config(
 ) -> PyResult<Config> {
     let convention = Convention::parse(convention)?;
     let mut cfg = convention.preset(channels);
+    let mut num_updates_cap = false;
     for (name, value) in settings.into_iter().flat_map(|d| d.iter()) {
         let name: String = name.extract()?;
         cfg = match name.as_str() {
@@ -123,14 +126,34 @@ pub fn config(
                     _ => return Err(invalid("single_value", v, "\"refuse\" or \"accept\"")),
                 })
             }
+            "ema_num_updates" => {
+                num_updates_cap = value.extract()?;
+                cfg
+            }
             "virtual_batch_size" => cfg.variant(Variant::Ghost(Ghost::strided(value.extract()?))),
             "renorm" => cfg.variant(Variant::Renorm(renorm(&value)?)),
             other => {
                 return Err(PyTypeError::new_err(format!(
                     "unknown bnorm setting {other:?} (settings: eps, momentum, affine, scale, \
                      center, track_running_stats, running_variance, non_finite, \
-                     cold_statistics, single_value, virtual_batch_size, renorm)"
+                     cold_statistics, single_value, ema_num_updates, virtual_batch_size, \
+                     renorm)"
                 )))
+            }
+        };
+    }
+    if num_updates_cap {
+        // tf.train.ExponentialMovingAverage(decay, num_updates=…): the keras convention's
+        // decay, capped at (1 + n)/(10 + n) while few updates are counted
+        cfg = match (convention, cfg.get_momentum()) {
+            (Convention::Keras, Momentum::Decay(d)) => cfg.momentum(Momentum::WarmupDecay(d)),
+            _ => {
+                return Err(invalid(
+                    "ema_num_updates",
+                    "True".into(),
+                    "the keras convention with a float momentum (the decay that \
+                     ExponentialMovingAverage(num_updates=…) caps)",
+                ))
             }
         };
     }

@@ -25,7 +25,7 @@ FORMATS = {"bnorm-conformance/1", "bnorm-conformance/2"}
 META_KEYS = {
     "format", "convention", "layout", "dtype", "param_dtype", "single_value",
     "num_batches_tracked", "steps", "momentum", "eps", "scale", "center",
-    "track_running_stats", "zero_debias", "variant", "rmax", "rmin", "dmax",
+    "track_running_stats", "zero_debias", "ema_num_updates", "variant", "rmax", "rmin", "dmax",
     "renorm_momentum", "virtual_batch_size", "ghost_grouping", "expect_error", "rtol",
     "atol", "reference", "description",
 }
@@ -74,6 +74,9 @@ def _layer(meta, t, layout):
         # assign_moving_average's zero_debias defaults to True, as in TensorFlow
         convention = "tensorflow" if _flag(meta, "zero_debias", True) else "keras"
         settings["momentum"] = float(meta["momentum"])
+        if _flag(meta, "ema_num_updates", False):
+            # ExponentialMovingAverage(num_updates=...): refused with zero_debias, as in Rust
+            settings["ema_num_updates"] = True
     variant = meta.get("variant", "batch_norm")
     if variant == "ghost":
         assert meta["ghost_grouping"] == "strided", meta["ghost_grouping"]

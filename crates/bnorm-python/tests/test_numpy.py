@@ -343,3 +343,28 @@ def test_renorm_state_loads_and_bad_state_changes_nothing():
     with pytest.raises(bnorm.Error) as err:
         bnorm.BatchNorm(2, "keras").renorm_state = (np.zeros(2), np.ones(2), np.ones(2))
     assert err.value.kind == "StateMismatch"
+
+
+def test_ema_num_updates_caps_the_decay():
+    """keras convention + ema_num_updates: the decay of step n (n updates before it) is
+    min(d, (1 + n)/(10 + n)), as tf.train.ExponentialMovingAverage(d, num_updates=n)."""
+    rng = np.random.default_rng(7)
+    d = 0.99
+    bn = bnorm.BatchNorm(2, "keras", layout="NC", momentum=d, ema_num_updates=True)
+    plain = bnorm.BatchNorm(2, "keras", layout="NC", momentum=d)
+    mean, var = np.zeros(2), np.ones(2)
+    for n in range(4):
+        x = rng.normal(3.0, 2.0, size=(16, 2))
+        bn.forward(x, "train")
+        plain.forward(x, "train")
+        decay = min(d, (1 + n) / (10 + n))
+        mean = decay * mean + (1 - decay) * x.mean(axis=0)
+        var = decay * var + (1 - decay) * x.var(axis=0)  # keras: biased variance
+        np.testing.assert_allclose(bn.running_mean, mean, rtol=1e-12)
+        np.testing.assert_allclose(bn.running_var, var, rtol=1e-12)
+    # the cap binds here: the plain decay moves the statistics far less
+    assert np.abs(plain.running_mean - mean).max() > 0.5
+    for convention in ("torch", "tensorflow"):
+        with pytest.raises(bnorm.Error) as err:
+            bnorm.BatchNorm(2, convention, momentum=0.9, ema_num_updates=True)
+        assert err.value.kind == "InvalidConfig"
