@@ -188,9 +188,17 @@ def test_the_gil_is_released_while_kernels_run():
     import time
 
     bnorm.set_num_threads(1)
-    x = np.random.default_rng(7).standard_normal((64, 16, 128, 128)).astype(np.float32)
     bn = bnorm.BatchNorm(16)
-    bn.forward(x)  # warm-up
+    # an input whose forward takes at least 50 ms on one thread (the warm-up measures it):
+    # long beside the interpreter's 5 ms switch interval, whatever the machine's speed
+    h = 128
+    while True:
+        x = np.random.default_rng(7).standard_normal((64, 16, h, 128)).astype(np.float32)
+        t = time.perf_counter()
+        bn.forward(x)  # warm-up
+        if time.perf_counter() - t > 0.05 or h >= 2048:
+            break
+        h *= 2
     span = {}
 
     def work():
