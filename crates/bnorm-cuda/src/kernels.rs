@@ -341,7 +341,7 @@ __device__ __forceinline__ void running_update_channel(u32 c, u32 C, double N, c
     }
 }
 
-__device__ __forceinline__ void finalize_stats_channel(u32 c, u32 C, u32 I, u32 S,
+__device__ __forceinline__ void finalize_channel(u32 c, u32 C, u32 I, u32 S,
                                        const double* part, const StatsOut& o) {
     // volatile: the partials were written by other blocks of this launch; (n, K, d, M2)
     // per (split, column), the channel's I columns (1 but in the columns path), merged in
@@ -378,7 +378,7 @@ struct BwdOut {
     int batch;
 };
 
-__device__ __forceinline__ void finalize_bwd_channel(u32 c, u32 C, u32 I, u32 S,
+__device__ __forceinline__ void finalize_channel(u32 c, u32 C, u32 I, u32 S,
                                      const double* part, const BwdOut& o) {
     const volatile double* vp = part;
     double sdy = 0.0, sdyxc = 0.0;
@@ -406,6 +406,28 @@ __device__ __forceinline__ void finalize_bwd_channel(u32 c, u32 C, u32 I, u32 S,
         k = a * (d - mdy);
     }
     o.bcoef[c] = make_float4((float)a, (float)b, (float)d, (float)k);
+}
+
+// The second stage of the reductions by rows (statistics and backward alike): channels-last,
+// the block arriving last among its group's splits finalizes the tile's channels; the
+// columns path (I > 1), per channel (column_channel_done). tw = the tile's columns.
+template <typename Out>
+__device__ __forceinline__ void finish_by_rows(u32* __restrict__ counter, u32 N, u32 Wc, u32 C,
+                                               u32 I, const double* part, const Out& out) {
+    u32 tw = blockDim.x * N, first = blockIdx.x * tw, last = min(Wc, first + tw) - 1u;
+    bool go = true;
+    if (I == 1u) {
+        go = last_of_group(counter, blockIdx.x, gridDim.y);
+    } else {
+        __threadfence();
+        __syncthreads();
+    }
+    if (go) {
+        for (u32 ch = first / I + threadIdx.y * blockDim.x + threadIdx.x; ch <= last / I;
+             ch += blockDim.x * blockDim.y)
+            if (I == 1u || column_channel_done(counter, ch, I, tw))
+                finalize_channel(ch, C, I, gridDim.y, part, out);
+    }
 }
 
 // ---- statistics: partial moments (n, K, d, M2) per (split, channel), mean K + d. Each thread sums its
@@ -460,7 +482,7 @@ __device__ void stats_cf(const T* __restrict__ x, u32 C, u32 IV, u32 mIV, u32 sI
         part[p + 3] = q;
     }
     if (last_of_group(counter, c, gridDim.y) && threadIdx.x == 0)
-        finalize_stats_channel(c, C, 1u, gridDim.y, part, out);
+        finalize_channel(c, C, 1u, gridDim.y, part, out);
 }
 
 // channels-last: grid (ceil(W/(32·N)), S), block (32, 8), over O rows of W = C·I columns:
@@ -521,23 +543,8 @@ __device__ void stats_cl(const T* __restrict__ x, u32 O, u32 C, u32 I, u32 rows,
             part[p + 3] = m2;
         }
     }
-    // second stage, one call site (two inlined copies made ptxas spill): channels-last,
-    // the block arriving last among its group's splits finalizes the tile's channels; the
-    // columns path, per channel (column_channel_done)
-    u32 tw = blockDim.x * N, first = blockIdx.x * tw, last = min(Wc, first + tw) - 1u;
-    bool go = true;
-    if (I == 1u) {
-        go = last_of_group(counter, blockIdx.x, gridDim.y);
-    } else {
-        __threadfence();
-        __syncthreads();
-    }
-    if (go) {
-        for (u32 ch = first / I + threadIdx.y * blockDim.x + threadIdx.x; ch <= last / I;
-             ch += blockDim.x * blockDim.y)
-            if (I == 1u || column_channel_done(counter, ch, I, tw))
-                finalize_stats_channel(ch, C, I, gridDim.y, part, out);
-    }
+    // second stage, one call site (two inlined copies made ptxas spill)
+    finish_by_rows(counter, N, Wc, C, I, part, out);
 }
 
 // ---- the forward's normalization on the reduction's own blocks, walked backwards (training:
@@ -761,7 +768,7 @@ __device__ void bwd_reduce_cf(const T* __restrict__ x, const T* __restrict__ dy,
         part[p + 1] = s2;
     }
     if (last_of_group(counter, c, gridDim.y) && threadIdx.x == 0)
-        finalize_bwd_channel(c, C, 1u, gridDim.y, part, out);
+        finalize_channel(c, C, 1u, gridDim.y, part, out);
 }
 
 template <typename T, int N>
@@ -811,23 +818,8 @@ __device__ void bwd_reduce_cl(const T* __restrict__ x, const T* __restrict__ dy,
             part[p + 1] = s2[q];
         }
     }
-    // second stage, one call site (two inlined copies made ptxas spill): channels-last,
-    // the block arriving last among its group's splits finalizes the tile's channels; the
-    // columns path, per channel (column_channel_done)
-    u32 tw = blockDim.x * N, first = blockIdx.x * tw, last = min(Wc, first + tw) - 1u;
-    bool go = true;
-    if (I == 1u) {
-        go = last_of_group(counter, blockIdx.x, gridDim.y);
-    } else {
-        __threadfence();
-        __syncthreads();
-    }
-    if (go) {
-        for (u32 ch = first / I + threadIdx.y * blockDim.x + threadIdx.x; ch <= last / I;
-             ch += blockDim.x * blockDim.y)
-            if (I == 1u || column_channel_done(counter, ch, I, tw))
-                finalize_bwd_channel(ch, C, I, gridDim.y, part, out);
-    }
+    // second stage, one call site (two inlined copies made ptxas spill)
+    finish_by_rows(counter, N, Wc, C, I, part, out);
 }
 
 // ---- per-channel kernels (one thread per channel)
@@ -997,7 +989,7 @@ mod tests {
         assert_eq!(src.matches('(').count(), src.matches(')').count());
     }
 
-    /// Host mirror of write_coef, finalize_bwd_channel and dx_back_* (the same
+    /// Host mirror of write_coef, finalize_channel and dx_back_* (the same
     /// operations in the same order, f32 `fmaf` as `mul_add`), for the numerics tests.
     mod mirror {
         pub fn coef(mean: f64) -> (f32, f32) {
@@ -1026,7 +1018,7 @@ mod tests {
     }
 
     /// Host mirror of the statistics' arithmetic (stats_cf / stats_cl, shifted_to_moments,
-    /// chan_merge, warp_merge, block_merge, tile_merge, finalize_stats_channel): the same
+    /// chan_merge, warp_merge, block_merge, tile_merge, finalize_channel): the same
     /// f64 operations in the same order (`fma` as `mul_add`), over the values each thread
     /// reads, thread by thread, with the layer's real plan.
     mod stats_mirror {
@@ -1078,7 +1070,7 @@ mod tests {
                     ..
                 } => {
                     // one list of threads per (split, column of the channel), in the order
-                    // finalize_stats_channel merges the partials
+                    // finalize_channel merges the partials
                     let (rows, inner) = (rows as usize, inner as usize);
                     let w = g.channels * inner;
                     let ty = CL_TILE.1 as usize;
