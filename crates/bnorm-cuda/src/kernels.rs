@@ -396,10 +396,9 @@ __device__ __forceinline__ void finalize_channel(u32 c, u32 C, u32 I, u32 S,
     o.grads[(u64)C + c] = sdy;
     double gain = o.gamma[c];
     double a = gain * invstd, b = 0.0, d = 0.0, k = 0.0;
-    if (o.batch && o.N == 1.0) {
-        // one value (SingleValuePolicy::Accept): y = beta whatever x is, dx = 0 exactly
-        a = 0.0;
-    } else if (o.batch) {
+    // one value (SingleValuePolicy::Accept): x − μ = 0 and d = Σdy = dy exactly, so
+    // dx = a·(dy − d) + k′ = 0 exactly, as y = β whatever x is
+    if (o.batch) {
         b = -gain * invstd * invstd * dot_xhat / o.N;
         double mdy = sdy / o.N;
         d = (double)(float)mdy;

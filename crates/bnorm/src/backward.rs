@@ -230,18 +230,8 @@ pub(crate) fn channel_coefficients(
         } else {
             g.per_channel() as f64
         };
-        if m == 1.0 {
-            // One value: the output is β whatever x is (SingleValuePolicy::Accept), so
-            // dx = 0, stated rather than left to a·dz + k cancelling (it does in the CPU
-            // maps, which use no fused multiply-add; bnorm-cuda's kernel states it too).
-            return ChannelCoefficients {
-                dweight: r * dot_xhat + d * sdy,
-                dbias: sdy,
-                a: 0.0,
-                b: 0.0,
-                k: 0.0,
-            };
-        }
+        // one value (SingleValuePolicy::Accept): dot_xhat = 0 and k = −a·dy exactly, so
+        // dx = a·dy + k = 0 exactly in the maps (no fused multiply-add), as y = β
         b = -gain * invstd * invstd * dot_xhat / m;
         k = -gain * invstd * sdy / m;
     }
