@@ -1,0 +1,43 @@
+#!/usr/bin/env python3
+"""Where the drop-in's time goes (a probe, not a test): per shape, the median of 30 calls of
+torch.nn's eval and training forward, bnorm.torch's, bnorm's kernel alone into a caller
+buffer (the drop-in's own Kernel object, no autograd, no allocation), torch.empty_like, and
+torch.add into a preallocated output / allocating (the in-cache copy-like floor).
+
+    pip install ./crates/bnorm-python && python3 bench/dropin_parts.py
+
+Used for the causes of the misses in bench/README.md ("The PyTorch drop-in").
+"""
+import time
+
+import torch
+
+import bnorm
+import bnorm.torch
+from bnorm.torch import _numpy, _f64, _kernel
+torch.set_num_threads(2); bnorm.set_num_threads(2)
+def t(f, n=30):
+    f(); ts=[]
+    for _ in range(n):
+        a=time.perf_counter(); f(); ts.append(time.perf_counter()-a)
+    return sorted(ts)[n//2]*1e3
+for shape in [(32,256,14,14),(4096,1024),(32,64,56,56)]:
+    C=shape[1]
+    x=torch.randn(*shape)
+    ref=torch.nn.BatchNorm2d(C) if len(shape)==4 else torch.nn.BatchNorm1d(C)
+    ours=(bnorm.torch.BatchNorm2d if len(shape)==4 else bnorm.torch.BatchNorm1d)(C)
+    ref.eval(); ours.eval()
+    y=torch.empty_like(x)
+    k=_kernel(C, 1e-5, 0.1, True, True, True)
+    lay="NCHW" if len(shape)==4 else "NC"
+    w,b,rm,rv=_f64(ours.weight),_f64(ours.bias),_f64(ours.running_mean),_f64(ours.running_var)
+    xn,yn=_numpy(x),_numpy(y)
+    with torch.no_grad():
+        print(shape, "torch eval %.3f"%t(lambda: ref(x)), "dropin %.3f"%t(lambda: ours(x)),
+          "kernel only %.3f"%t(lambda: k.forward(xn,yn,lay,"inference","f32",w,b,rm,rv,0)),
+          "empty_like %.3f"%t(lambda: torch.empty_like(x)),
+          "torch into-out add %.3f"%t(lambda: torch.add(x,1.0,out=y)),
+          "torch add alloc %.3f"%t(lambda: x+1.0))
+        ref.train(); ours.train()
+        print(shape, "torch train %.3f"%t(lambda: ref(x)), "dropin %.3f"%t(lambda: ours(x)),
+          "kernel only %.3f"%t(lambda: k.forward(xn,yn,lay,"train","f32",w,b,rm,rv,5)))
