@@ -5,6 +5,10 @@ Run by hand, not in CI; each framework from its own environment:
 
     python conformance/generate/make_cases.py torch   # needs torch, numpy
     python conformance/generate/make_cases.py keras   # needs tensorflow, keras 3, tf_keras, numpy
+    python conformance/generate/make_cases.py keras --only ghost_renorm_nhwc   # one case
+
+With `--only NAME[,NAME...]` every case is still computed and cross-checked, but only the
+named ones are written (and updated in INDEX.json); the other files stay as they are.
 
 Every recorded output comes from the framework. Each case is also replayed by the plain
 NumPy float64 model below (written from FORMAT.md, not from any framework) and the script
@@ -80,7 +84,7 @@ def model(meta, init, steps):
     t = int(meta.get("num_batches_tracked", 0))
     single = meta.get("single_value", "refuse" if conv == "torch" else "accept")
     variant = meta.get("variant", "batch_norm")
-    renorm = variant == "batch_renorm"
+    renorm = variant in ("batch_renorm", "ghost_renorm")
     if renorm:
         rn_mean = np.array(init.get("init.renorm_mean", rm), np.float64)
         rn_sd = np.array(init.get("init.renorm_stddev", np.sqrt(rv)), np.float64)
@@ -98,7 +102,7 @@ def model(meta, init, steps):
         beta = np.zeros(C) if b is None else np.asarray(b, np.float64)
         train = s["mode"] == "train"
         batch = train or rm is None
-        if variant == "ghost" and train:
+        if variant in ("ghost", "ghost_renorm") and train:
             vbs = int(meta["virtual_batch_size"])
             G = N // vbs
             groups = [np.arange(N) % G == g for g in range(G)]
@@ -132,10 +136,12 @@ def model(meta, init, steps):
             means, vars_ = [rm], [rv]
         r, d = np.ones(C), np.zeros(C)
         if renorm and train:
-            sd = np.sqrt(vars_[0] + eps)
+            # one r, d per channel; with ghost groups from the average of the group moments
+            sd = np.sqrt(np.mean(vars_, 0) + eps)
             sr = np.maximum(rn_sd, np.sqrt(eps))
             r = np.clip(sd / sr, float(meta["rmin"]), float(meta["rmax"]))
-            d = np.clip((means[0] - rn_mean) / sr, -float(meta["dmax"]), float(meta["dmax"]))
+            d = np.clip((np.mean(means, 0) - rn_mean) / sr, -float(meta["dmax"]),
+                        float(meta["dmax"]))
         y = np.empty_like(v)
         gi = np.zeros(N, int)
         for k, g in enumerate(groups):
@@ -213,6 +219,7 @@ def model(meta, init, steps):
 # --- assembling a case ----------------------------------------------------------------
 
 INDEX = []
+ONLY = None  # with --only: the names of the cases to write
 
 
 def case(name, meta, init, steps, recorded, param_dtype=None, reference="", description=""):
@@ -254,6 +261,9 @@ def case(name, meta, init, steps, recorded, param_dtype=None, reference="", desc
         for key, val in recorded[k].items():
             tensors[f"step{k}.{key}"] = (val, dtype if key in ("y", "dx") else pdt)
     meta["steps"] = ",".join(s["mode"] for s in steps)
+    if ONLY is not None and name not in ONLY:
+        print(f"{name}: checked, not written (--only)")
+        return
     path = os.path.join(CASES, name + ".safetensors")
     write_safetensors(path, tensors, meta)
     entry = {"case": name, "convention": meta["convention"], "layout": meta["layout"],
@@ -647,6 +657,42 @@ def keras_cases():
          description="renorm_mean, renorm_stddev and moving_stddev loaded apart from the "
                      "running statistics; the limits bind")
 
+    # 9. tf_keras renorm of ghost batches (renorm=True, virtual_batch_size=2): each strided
+    # group normalized with its own moments, one r and d per channel from their averages
+    g, C = rng(205), 3
+    bn = tf_keras.layers.BatchNormalization(
+        momentum=0.875, renorm=True, renorm_momentum=0.75, virtual_batch_size=2,
+        renorm_clipping={"rmax": 1.25, "rmin": 0.8, "dmax": 0.3})  # float32 only
+    bn.build((None, 2, 2, C))
+    init = load(bn, g, C, np.float32)
+    # renorm stddev below the groups' and renorm mean away from theirs: the limits bind
+    extra = {"init.renorm_mean": g.normal(-0.5, 0.3, C), "init.renorm_stddev": g.uniform(0.6, 1, C),
+             "init.moving_stddev": g.uniform(0.8, 1.5, C)}
+    extra = {k: v.astype(np.float32) for k, v in extra.items()}
+    bn.renorm_mean.assign(extra["init.renorm_mean"].reshape(bn.renorm_mean.shape))
+    bn.renorm_stddev.assign(extra["init.renorm_stddev"].reshape(bn.renorm_stddev.shape))
+    bn.moving_stddev.assign(extra["init.moving_stddev"].reshape(bn.moving_stddev.shape))
+    init.update(extra)
+    steps = [{"mode": m, "x": g.normal(0.5, 2, (6, 2, 2, C)).astype(np.float32),
+              "dy": g.normal(0, 1, (6, 2, 2, C)).astype(np.float32)}
+             for m in ("train", "train", "train", "eval")]
+    rec = run(bn, steps, tf.float32, renorm=True)
+    # the clipping binds in the first step: unclipped r or d beyond a limit in some channel
+    v = steps[0]["x"].astype(np.float64).reshape(6, -1, C)
+    grp = [v[np.arange(6) % 3 == k].reshape(-1, C) for k in range(3)]
+    bm, bv = np.mean([q.mean(0) for q in grp], 0), np.mean([q.var(0) for q in grp], 0)
+    sr = np.maximum(extra["init.renorm_stddev"], np.sqrt(1e-3))
+    r0, d0 = np.sqrt(bv + 1e-3) / sr, (bm - extra["init.renorm_mean"]) / sr
+    assert np.any((r0 > 1.25) | (r0 < 0.8) | (np.abs(d0) > 0.3)), (r0, d0)
+    case("ghost_renorm_nhwc",
+         dict(base, layout="NHWC", dtype="f32", momentum="0.875", variant="ghost_renorm",
+              virtual_batch_size="2", ghost_grouping="strided", rmax="1.25", rmin="0.8",
+              dmax="0.3", renorm_momentum="0.75", rtol="2e-5", atol="2e-6"),
+         init, steps, rec, reference=reftk + " float32",
+         description="renorm=True with virtual_batch_size=2: strided groups normalized with "
+                     "their own moments, r and d from the averages over groups; the limits "
+                     "bind; renorm and moving statistics updated once per step")
+
     # 8. Keras 3 mixed precision: f16 x and y, f32 variables
     g, C = rng(204), 3
     bn = keras.layers.BatchNormalization(momentum=0.9, dtype="mixed_float16")
@@ -666,7 +712,14 @@ def keras_cases():
 
 
 if __name__ == "__main__":
-    which = sys.argv[1:] or ["torch"]
+    args = sys.argv[1:]
+    if "--only" in args:
+        i = args.index("--only")
+        ONLY = set(args[i + 1].split(","))
+        del args[i:i + 2]
+    which = args or ["torch"]
     for w in which:
         {"torch": torch_cases, "keras": keras_cases}[w]()
+    if ONLY is not None and ONLY - {e["case"] for e in INDEX}:
+        sys.exit(f"--only: no such case {sorted(ONLY - {e['case'] for e in INDEX})}")
     save_index()

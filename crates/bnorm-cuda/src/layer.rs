@@ -258,6 +258,11 @@ impl GpuBatchNorm {
                     what: "ghost batches",
                 })
             }
+            Variant::GhostRenorm { .. } => {
+                return Err(CudaError::Unsupported {
+                    what: "batch renormalization of ghost batches",
+                })
+            }
         }
         params.validate(&cfg)?;
         let c = cfg.get_channels();

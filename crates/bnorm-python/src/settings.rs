@@ -130,8 +130,22 @@ pub fn config(
                 num_updates_cap = value.extract()?;
                 cfg
             }
-            "virtual_batch_size" => cfg.variant(Variant::Ghost(Ghost::strided(value.extract()?))),
-            "renorm" => cfg.variant(Variant::Renorm(renorm(&value)?)),
+            // both together: renorm of ghost batches, as tf_keras's
+            // `BatchNormalization(renorm=True, virtual_batch_size=v)`
+            "virtual_batch_size" => {
+                let ghost = Ghost::strided(value.extract()?);
+                cfg.variant(match cfg.get_variant().renorm() {
+                    Some(renorm) => Variant::GhostRenorm { ghost, renorm },
+                    None => Variant::Ghost(ghost),
+                })
+            }
+            "renorm" => {
+                let renorm = renorm(&value)?;
+                cfg.variant(match cfg.get_variant().ghost() {
+                    Some(ghost) => Variant::GhostRenorm { ghost, renorm },
+                    None => Variant::Renorm(renorm),
+                })
+            }
             other => {
                 return Err(PyTypeError::new_err(format!(
                     "unknown bnorm setting {other:?} (settings: eps, momentum, affine, scale, \

@@ -78,14 +78,14 @@ def _layer(meta, t, layout):
             # ExponentialMovingAverage(num_updates=...): refused with zero_debias, as in Rust
             settings["ema_num_updates"] = True
     variant = meta.get("variant", "batch_norm")
-    if variant == "ghost":
+    assert variant in ("batch_norm", "batch_renorm", "ghost", "ghost_renorm"), variant
+    if variant in ("ghost", "ghost_renorm"):
         assert meta["ghost_grouping"] == "strided", meta["ghost_grouping"]
         settings["virtual_batch_size"] = int(meta["virtual_batch_size"])
-    elif variant == "batch_renorm":
+    if variant in ("batch_renorm", "ghost_renorm"):
+        # with virtual_batch_size: renorm of ghost batches, as tf_keras
         settings["renorm"] = {k: float(meta[k]) for k in ("rmax", "rmin", "dmax")}
         settings["renorm"]["momentum"] = float(meta["renorm_momentum"])
-    else:
-        assert variant == "batch_norm", f"variant {variant!r}"
     if "single_value" in meta:
         settings["single_value"] = meta["single_value"]
     # channels as recorded by the initial state, else by the first input

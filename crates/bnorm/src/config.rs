@@ -361,6 +361,65 @@ pub enum Variant {
     Renorm(Renorm),
     /// Ghost (virtual) batches.
     Ghost(Ghost),
+    /// Batch renormalization of ghost batches, as tf_keras does with
+    /// `BatchNormalization(renorm=True, virtual_batch_size=v)`: each ghost group is
+    /// normalized with its own mean and biased variance, while one `r` and one `d` per
+    /// channel come from the average over groups of the group means and variances, so
+    /// `y = γ·(x̂_group·r + d) + β`; the renorm and running statistics update once per
+    /// step with those averages (the ghost update must be [`GhostUpdate::Averaged`]).
+    ///
+    /// ```
+    /// use bnorm::config::{Ghost, GhostUpdate, Renorm, Variant};
+    /// use bnorm::Config;
+    /// let both = Variant::GhostRenorm { ghost: Ghost::strided(2), renorm: Renorm::default() };
+    /// assert_eq!(both.ghost(), Some(Ghost::strided(2)));
+    /// assert_eq!(both.renorm(), Some(Renorm::default()));
+    /// Config::keras(4).variant(both).validate()?;
+    /// // tf_keras updates once per step; a per-group update is refused
+    /// let per_group = Ghost { update: GhostUpdate::PerGroup, ..Ghost::strided(2) };
+    /// let refused = Variant::GhostRenorm { ghost: per_group, renorm: Renorm::default() };
+    /// assert!(Config::keras(4).variant(refused).validate().is_err());
+    /// # Ok::<(), bnorm::Error>(())
+    /// ```
+    GhostRenorm {
+        /// The ghost batches.
+        ghost: Ghost,
+        /// The renormalization.
+        renorm: Renorm,
+    },
+}
+
+impl Variant {
+    /// The renormalization settings, if the variant renormalizes
+    /// ([`Renorm`](Variant::Renorm) or [`GhostRenorm`](Variant::GhostRenorm)).
+    ///
+    /// ```
+    /// use bnorm::config::{Ghost, Renorm, Variant};
+    /// assert_eq!(Variant::Renorm(Renorm::default()).renorm(), Some(Renorm::default()));
+    /// assert_eq!(Variant::Ghost(Ghost::strided(2)).renorm(), None);
+    /// assert_eq!(Variant::BatchNorm.renorm(), None);
+    /// ```
+    pub fn renorm(&self) -> Option<Renorm> {
+        match *self {
+            Variant::Renorm(r) | Variant::GhostRenorm { renorm: r, .. } => Some(r),
+            Variant::BatchNorm | Variant::Ghost(_) => None,
+        }
+    }
+
+    /// The ghost batches, if the variant has them ([`Ghost`](Variant::Ghost) or
+    /// [`GhostRenorm`](Variant::GhostRenorm)).
+    ///
+    /// ```
+    /// use bnorm::config::{Ghost, Renorm, Variant};
+    /// assert_eq!(Variant::Ghost(Ghost::strided(2)).ghost(), Some(Ghost::strided(2)));
+    /// assert_eq!(Variant::Renorm(Renorm::default()).ghost(), None);
+    /// ```
+    pub fn ghost(&self) -> Option<Ghost> {
+        match *self {
+            Variant::Ghost(g) | Variant::GhostRenorm { ghost: g, .. } => Some(g),
+            Variant::BatchNorm | Variant::Renorm(_) => None,
+        }
+    }
 }
 
 /// A batch-norm layer's configuration. Start from a framework preset, adjust with the
@@ -509,7 +568,7 @@ impl Config {
         self
     }
 
-    /// Plain batch norm, renorm, or ghost batches.
+    /// Plain batch norm, renorm, ghost batches, or renorm of ghost batches.
     pub fn variant(mut self, variant: Variant) -> Config {
         self.variant = variant;
         self
@@ -615,51 +674,56 @@ impl Config {
             }
             _ => {}
         }
-        match self.variant {
-            Variant::BatchNorm => {}
-            Variant::Renorm(r) => {
-                if !(r.rmax.is_finite() && r.rmax >= 1.0) {
-                    return Err(bad("rmax", r.rmax, "a finite number >= 1"));
-                }
-                // 0 is a bound that never binds (r = σ/σ_r is positive), as Keras and
-                // tf_keras accept it.
-                if !(r.rmin.is_finite() && (0.0..=1.0).contains(&r.rmin)) {
-                    return Err(bad("rmin", r.rmin, "a number in [0, 1]"));
-                }
-                if !(r.dmax.is_finite() && r.dmax >= 0.0) {
-                    return Err(bad("dmax", r.dmax, "a finite number >= 0"));
-                }
-                if let Some(s) = r.schedule {
-                    if s.r_end < s.r_start || s.d_end < s.d_start {
-                        return Err(bad(
-                            "renorm schedule",
-                            format!("{s:?}"),
-                            "end steps not before their start steps",
-                        ));
-                    }
-                }
-                if !unit(r.momentum) {
-                    return Err(bad("renorm momentum", r.momentum, "a number in [0, 1]"));
-                }
-                if matches!(self.momentum, Momentum::DebiasedDecay(_)) {
+        if let Some(r) = self.variant.renorm() {
+            if !(r.rmax.is_finite() && r.rmax >= 1.0) {
+                return Err(bad("rmax", r.rmax, "a finite number >= 1"));
+            }
+            // 0 is a bound that never binds (r = σ/σ_r is positive), as Keras and
+            // tf_keras accept it.
+            if !(r.rmin.is_finite() && (0.0..=1.0).contains(&r.rmin)) {
+                return Err(bad("rmin", r.rmin, "a number in [0, 1]"));
+            }
+            if !(r.dmax.is_finite() && r.dmax >= 0.0) {
+                return Err(bad("dmax", r.dmax, "a finite number >= 0"));
+            }
+            if let Some(s) = r.schedule {
+                if s.r_end < s.r_start || s.d_end < s.d_start {
                     return Err(bad(
-                        "momentum",
-                        "DebiasedDecay",
-                        "a plain convention with batch renormalization",
-                    ));
-                }
-                if !self.track_running_stats {
-                    return Err(bad(
-                        "track_running_stats",
-                        false,
-                        "true: batch renormalization corrects toward running statistics",
+                        "renorm schedule",
+                        format!("{s:?}"),
+                        "end steps not before their start steps",
                     ));
                 }
             }
-            Variant::Ghost(g) => {
-                if g.virtual_batch_size == 0 {
-                    return Err(bad("virtual_batch_size", 0, "at least 1"));
-                }
+            if !unit(r.momentum) {
+                return Err(bad("renorm momentum", r.momentum, "a number in [0, 1]"));
+            }
+            if matches!(self.momentum, Momentum::DebiasedDecay(_)) {
+                return Err(bad(
+                    "momentum",
+                    "DebiasedDecay",
+                    "a plain convention with batch renormalization",
+                ));
+            }
+            if !self.track_running_stats {
+                return Err(bad(
+                    "track_running_stats",
+                    false,
+                    "true: batch renormalization corrects toward running statistics",
+                ));
+            }
+        }
+        if let Some(g) = self.variant.ghost() {
+            if g.virtual_batch_size == 0 {
+                return Err(bad("virtual_batch_size", 0, "at least 1"));
+            }
+            if g.update == GhostUpdate::PerGroup && self.variant.renorm().is_some() {
+                return Err(bad(
+                    "ghost update",
+                    "PerGroup",
+                    "GhostUpdate::Averaged with batch renormalization (tf_keras corrects \
+                     and updates once per step, with the average over groups)",
+                ));
             }
         }
         Ok(())

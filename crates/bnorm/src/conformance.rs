@@ -237,6 +237,33 @@ impl Case {
             .ok_or_else(|| meta_err(key, self.get(key)))
     }
 
+    /// Refuses the first of `keys` the metadata holds.
+    fn absent(&self, keys: &[&'static str]) -> Result<(), CaseError> {
+        match keys.iter().copied().find(|&k| self.get(k).is_some()) {
+            Some(k) => Err(meta_err(k, self.get(k))),
+            None => Ok(()),
+        }
+    }
+
+    /// The renorm keys of `batch_renorm` and `ghost_renorm` (fixed clipping, as tf_keras).
+    fn renorm(&self) -> Result<Renorm, CaseError> {
+        Ok(Renorm {
+            rmax: self.number("rmax")?,
+            rmin: self.number("rmin")?,
+            dmax: self.number("dmax")?,
+            momentum: self.number("renorm_momentum")?,
+            schedule: None,
+        })
+    }
+
+    /// The ghost keys of `ghost` and `ghost_renorm` (strided groups, as tf_keras).
+    fn ghost(&self) -> Result<Ghost, CaseError> {
+        if self.get("ghost_grouping").map(String::as_str) != Some("strided") {
+            return Err(meta_err("ghost_grouping", self.get("ghost_grouping")));
+        }
+        Ok(Ghost::strided(self.number("virtual_batch_size")? as usize))
+    }
+
     fn tensor(&self, name: &str) -> Option<&CaseTensor> {
         self.tensors.get(name)
     }
@@ -294,26 +321,20 @@ impl Case {
         };
         let variant = match self.get("variant").map(String::as_str) {
             None | Some("batch_norm") => Variant::BatchNorm,
-            Some("batch_renorm") => Variant::Renorm(Renorm {
-                rmax: self.number("rmax")?,
-                rmin: self.number("rmin")?,
-                dmax: self.number("dmax")?,
-                momentum: self.number("renorm_momentum")?,
-                schedule: None,
-            }),
-            Some("ghost") => {
-                if self.get("ghost_grouping").map(String::as_str) != Some("strided") {
-                    return Err(meta_err("ghost_grouping", self.get("ghost_grouping")));
-                }
-                // tf_keras renormalizes ghost batches too; bnorm's variants are exclusive
-                // (FORMAT.md: not a valid case)
-                for key in ["rmax", "rmin", "dmax", "renorm_momentum"] {
-                    if self.get(key).is_some() {
-                        return Err(meta_err(key, self.get(key)));
-                    }
-                }
-                Variant::Ghost(Ghost::strided(self.number("virtual_batch_size")? as usize))
+            // renorm of ghost batches is `ghost_renorm` (FORMAT.md): a `batch_renorm` case
+            // with a ghost key, or a `ghost` case with a renorm key, is malformed
+            Some("batch_renorm") => {
+                self.absent(&["virtual_batch_size", "ghost_grouping"])?;
+                Variant::Renorm(self.renorm()?)
             }
+            Some("ghost") => {
+                self.absent(&["rmax", "rmin", "dmax", "renorm_momentum"])?;
+                Variant::Ghost(self.ghost()?)
+            }
+            Some("ghost_renorm") => Variant::GhostRenorm {
+                ghost: self.ghost()?,
+                renorm: self.renorm()?,
+            },
             Some(_) => return Err(meta_err("variant", self.get("variant"))),
         };
         // format 2: the single-value policy, defaulting to the convention's

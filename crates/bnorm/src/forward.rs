@@ -463,10 +463,18 @@ fn execute<T: Element>(
         }
     }
     if let Some((rn, rs)) = renorm {
+        // One r and d per channel, from the batch statistics or, with ghost batches, from
+        // the average over groups of the group means and biased variances (tf_keras).
         resize(&mut saved.r, c);
         resize(&mut saved.d, c);
         for ch in 0..c {
-            let (r, d) = renorm_rd(rn, rs, ch, saved.mean[ch], saved.var[ch], eps);
+            let (mut mean, mut var) = (0.0, 0.0);
+            for gi in 0..groups {
+                mean += saved.mean[gi * c + ch];
+                var += saved.var[gi * c + ch];
+            }
+            let k = groups.max(1) as f64;
+            let (r, d) = renorm_rd(rn, rs, ch, mean / k, var / k, eps);
             saved.r[ch] = r;
             saved.d[ch] = d;
         }

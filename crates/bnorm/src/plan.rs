@@ -386,14 +386,11 @@ impl ForwardPlan {
             }
         }
         let synchronized = opts.sync.is_some();
-        let ghost = match cfg.get_variant() {
-            Variant::Ghost(gh) => Some(gh),
-            _ => None,
-        };
+        let ghost = cfg.get_variant().ghost();
         if synchronized && ghost.is_some() {
             return Err(Error::InvalidConfig {
                 setting: "variant",
-                value: "Ghost".into(),
+                value: "ghost batches".into(),
                 expected: "plain batch norm or renorm: synchronized ghost batches are not \
                            defined (each rank's groups would be local)",
             });
@@ -450,7 +447,7 @@ impl ForwardPlan {
         if mode == Mode::Train {
             if let Some(s) = state {
                 plan.update = Some(opts.update);
-                if let Variant::Renorm(rn) = cfg.get_variant() {
+                if let Some(rn) = cfg.get_variant().renorm() {
                     plan.renorm = s.renorm.then(|| rn.limits(s.updates));
                 }
             }

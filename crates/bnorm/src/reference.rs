@@ -118,8 +118,16 @@ pub fn forward(
         }
     };
     let mut new_state = state.cloned();
-    let (group_of, groups) = match (cfg.get_variant(), batch_stats) {
-        (Variant::Ghost(g), true) => {
+    let ghost = match cfg.get_variant() {
+        Variant::Ghost(g) | Variant::GhostRenorm { ghost: g, .. } => Some(g),
+        Variant::BatchNorm | Variant::Renorm(_) => None,
+    };
+    let renorm = match cfg.get_variant() {
+        Variant::Renorm(rn) | Variant::GhostRenorm { renorm: rn, .. } => Some(rn),
+        Variant::BatchNorm | Variant::Ghost(_) => None,
+    };
+    let (group_of, groups) = match (ghost, batch_stats) {
+        (Some(g), true) => {
             let v = g.virtual_batch_size;
             match g.grouping {
                 GhostGrouping::Strided if n.is_multiple_of(v) => {
@@ -176,14 +184,17 @@ pub fn forward(
     }
     let eps = cfg.get_eps();
     let (mut r, mut d) = (vec![1.0; c], vec![0.0; c]);
-    if let (Variant::Renorm(rn), true, Some(s)) = (cfg.get_variant(), train_update, state) {
+    if let (Some(rn), true, Some(s)) = (renorm, train_update, state) {
         let rs = s.renorm.as_ref().ok_or(Error::NoRunningStatistics)?;
         let lim = rn.limits(s.updates);
         for k in 0..c {
-            let sd = (var[0][k] + eps).sqrt();
+            // with ghost batches, from the averages over groups (tf_keras)
+            let bm = (0..groups).map(|gi| mean[gi][k]).sum::<f64>() / groups as f64;
+            let bv = (0..groups).map(|gi| var[gi][k]).sum::<f64>() / groups as f64;
+            let sd = (bv + eps).sqrt();
             let sr = rs.stddev[k].max(eps.sqrt());
             r[k] = (sd / sr).clamp(lim.rmin, lim.rmax);
-            d[k] = ((mean[0][k] - rs.mean[k]) / sr).clamp(-lim.dmax, lim.dmax);
+            d[k] = ((bm - rs.mean[k]) / sr).clamp(-lim.dmax, lim.dmax);
         }
     }
     let y = (0..x.len())
@@ -193,7 +204,7 @@ pub fn forward(
             params.gamma(k) * (xhat * r[k] + d[k]) + params.beta(k)
         })
         .collect();
-    let per_group = matches!(cfg.get_variant(), Variant::Ghost(g) if g.update == crate::config::GhostUpdate::PerGroup);
+    let per_group = ghost.is_some_and(|g| g.update == crate::config::GhostUpdate::PerGroup);
     // Each update folds the average over `sets` of groups: all groups at once (tf_keras),
     // or one group at a time in order.
     let sets: Vec<Vec<usize>> = if per_group {
@@ -235,7 +246,7 @@ pub fn forward(
                         }
                     }
                 };
-                if let (Variant::Renorm(rn), Some(rs)) = (cfg.get_variant(), s.renorm.as_mut()) {
+                if let (Some(rn), Some(rs)) = (renorm, s.renorm.as_mut()) {
                     let ra = 1.0 - rn.momentum;
                     rs.mean[k] += ra * (bm - rs.mean[k]);
                     rs.stddev[k] += ra * ((bv + eps).sqrt() - rs.stddev[k]);

@@ -4,7 +4,7 @@
 //! Called only after a training step has computed valid batch statistics; channels listed
 //! in `skipped` (non-finite batch statistics) keep their values.
 
-use crate::config::{Config, GhostUpdate, VarianceEstimator, Variant};
+use crate::config::{Config, GhostUpdate, VarianceEstimator};
 use crate::error::{Error, Result};
 use crate::state::RunningState;
 use crate::stats::Moments;
@@ -36,8 +36,12 @@ pub(crate) fn update(
     st: BatchStats<'_>,
     skipped: &[usize],
 ) {
-    let per_group =
-        matches!(cfg.get_variant(), Variant::Ghost(g) if g.update == GhostUpdate::PerGroup);
+    // (never with renorm: `Config::validate` refuses per-group updates of renormalized
+    // ghost batches)
+    let per_group = cfg
+        .get_variant()
+        .ghost()
+        .is_some_and(|g| g.update == GhostUpdate::PerGroup);
     if per_group && st.groups > 1 {
         let c = state.mean.len();
         for gi in 0..st.groups {
@@ -80,10 +84,7 @@ fn update_once(cfg: &Config, state: &mut RunningState, st: BatchStats<'_>, skipp
             // tf_keras: renorm mean/stddev and moving stddev move first, then the running
             // variance is published from the moving stddev.
             let eps = cfg.get_eps();
-            let ra = match cfg.get_variant() {
-                Variant::Renorm(r) => 1.0 - r.momentum,
-                _ => a,
-            };
+            let ra = cfg.get_variant().renorm().map_or(a, |r| 1.0 - r.momentum);
             let s_batch = (biased + eps).sqrt();
             rs.mean[ch] = blend(rs.mean[ch], mean, ra);
             rs.stddev[ch] = blend(rs.stddev[ch], s_batch, ra);

@@ -1,6 +1,6 @@
 //! Learned parameters, running statistics, and the mode of a call.
 
-use crate::config::{Config, Variant};
+use crate::config::Config;
 use crate::error::{Error, Result};
 
 /// What a forward call does. Every call names its mode: there is no hidden global flag and
@@ -113,7 +113,9 @@ pub struct RunningState {
     /// Training steps folded in so far (PyTorch's `num_batches_tracked`; it drives the
     /// cumulative average and the zero-debiasing, and tells never-updated statistics).
     pub updates: u64,
-    /// Batch renormalization statistics, for [`Variant::Renorm`].
+    /// Batch renormalization statistics, for
+    /// [`Variant::Renorm`](crate::config::Variant::Renorm) and
+    /// [`Variant::GhostRenorm`](crate::config::Variant::GhostRenorm).
     pub renorm: Option<RenormState>,
 }
 
@@ -172,7 +174,7 @@ impl RunningState {
         let c = cfg.get_channels();
         check_vec("running_mean", Some(&mean), true, c, false)?;
         check_vec("running_var", Some(&var), true, c, true)?;
-        let renorm = matches!(cfg.get_variant(), Variant::Renorm(_)).then(|| {
+        let renorm = cfg.get_variant().renorm().is_some().then(|| {
             let eps = if updates == 0 { 0.0 } else { cfg.get_eps() };
             RenormState {
                 mean: mean.clone(),
@@ -194,7 +196,7 @@ impl RunningState {
         let c = cfg.get_channels();
         check_vec("running_mean", Some(&self.mean), true, c, false)?;
         check_vec("running_var", Some(&self.var), true, c, true)?;
-        let renorm = matches!(cfg.get_variant(), Variant::Renorm(_));
+        let renorm = cfg.get_variant().renorm().is_some();
         match (&self.renorm, renorm) {
             (Some(r), true) => {
                 check_vec("renorm_mean", Some(&r.mean), true, c, false)?;
@@ -203,7 +205,7 @@ impl RunningState {
             }
             (None, false) => Ok(()),
             _ => Err(Error::StateMismatch {
-                reason: "renorm state present without Variant::Renorm, or missing",
+                reason: "renorm state present without a renorm variant, or missing",
             }),
         }
     }

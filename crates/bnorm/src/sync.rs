@@ -30,7 +30,8 @@
 //! implements it over MPI for processes and machines.
 //!
 //! Conventions: every layout, dtype, momentum convention and [`Variant::Renorm`] are
-//! supported; [`Variant::Ghost`] is refused ([`Error::InvalidConfig`]) because ghost
+//! supported; [`Variant::Ghost`] and [`Variant::GhostRenorm`] are refused
+//! ([`Error::InvalidConfig`]) because ghost
 //! batches are by definition per-device statistics. Inference and frozen steps that use
 //! running statistics need no statistics collective (only the header); a layer without
 //! running statistics normalizes with the global batch in inference too, as PyTorch's
@@ -77,6 +78,7 @@
 //! [`backward_into`]: crate::expert::backward_into
 //! [`Variant::Renorm`]: crate::config::Variant::Renorm
 //! [`Variant::Ghost`]: crate::config::Variant::Ghost
+//! [`Variant::GhostRenorm`]: crate::config::Variant::GhostRenorm
 
 use std::sync::{Arc, Barrier, Mutex};
 
@@ -343,6 +345,13 @@ fn config_fingerprint(cfg: &Config) -> Fnv {
         Variant::Ghost(g) => {
             h.word(3);
             h.word(g.virtual_batch_size as u64);
+        }
+        Variant::GhostRenorm { ghost, renorm } => {
+            h.word(4);
+            h.word(ghost.virtual_batch_size as u64);
+            for v in [renorm.rmax, renorm.rmin, renorm.dmax, renorm.momentum] {
+                h.f(v);
+            }
         }
     }
     h

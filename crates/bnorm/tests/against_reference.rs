@@ -146,7 +146,7 @@ proptest! {
         n in 1usize..7,
         c in 1usize..6,
         s in prop::collection::vec(1usize..5, 1..4),
-        conv in 0usize..12,
+        conv in 0usize..13,
         modes in prop::collection::vec(mode_strategy(), 1..6),
         seed in any::<u64>(),
     ) {

@@ -8,8 +8,8 @@ fn every_bundled_case_passes() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../conformance/cases");
     let results = bnorm::conformance::run_dir(&dir).expect("case directory readable");
     assert!(
-        results.len() >= 41,
-        "expected the 41 bundled cases, found {}",
+        results.len() >= 42,
+        "expected the 42 bundled cases, found {}",
         results.len()
     );
     let failed: Vec<_> = results
@@ -208,8 +208,9 @@ fn the_num_updates_decay_is_replayed() {
     );
 }
 
-/// Renorm with ghost batches (tf_keras accepts it) is not a bnorm configuration: a ghost
-/// case carrying a renorm setting is refused while loading, naming the setting.
+/// Renorm of ghost batches is `variant = ghost_renorm`: a ghost case carrying a renorm
+/// setting, or a renorm case carrying a ghost setting, is refused while loading, naming
+/// the setting.
 #[test]
 fn a_ghost_case_with_renorm_settings_is_refused() {
     let mut case = bundled("ghost_nc");
@@ -218,4 +219,54 @@ fn a_ghost_case_with_renorm_settings_is_refused() {
     let err = case.config().unwrap_err();
     assert!(err.to_string().contains("rmax"), "{err}");
     assert!(!bnorm::conformance::replay(&case).passed);
+    let mut case = bundled("renorm_nhwc");
+    assert!(bnorm::conformance::replay(&case).passed);
+    case.meta.insert("virtual_batch_size".into(), "2".into());
+    let err = case.config().unwrap_err();
+    assert!(err.to_string().contains("virtual_batch_size"), "{err}");
+}
+
+/// tf_keras's renorm of ghost batches (`ghost_renorm_nhwc`) is reproduced only by the
+/// combination: the same case read as renorm alone (whole-batch statistics) or as ghost
+/// batches alone (no correction) fails.
+#[test]
+fn the_ghost_renorm_case_needs_both_parts() {
+    let case = bundled("ghost_renorm_nhwc");
+    assert_eq!(
+        case.config()
+            .unwrap()
+            .get_variant()
+            .ghost()
+            .map(|g| g.virtual_batch_size),
+        Some(2)
+    );
+    assert!(case.config().unwrap().get_variant().renorm().is_some());
+    let r = bnorm::conformance::replay(&case);
+    assert!(r.passed && r.compared > 0, "{}", r.detail);
+    let mut renorm_alone = case.clone();
+    renorm_alone
+        .meta
+        .insert("variant".into(), "batch_renorm".into());
+    renorm_alone.meta.remove("virtual_batch_size");
+    renorm_alone.meta.remove("ghost_grouping");
+    let r = bnorm::conformance::replay(&renorm_alone);
+    assert!(!r.passed, "read as renorm alone it passed: {}", r.detail);
+    let mut ghost_alone = case.clone();
+    ghost_alone.meta.insert("variant".into(), "ghost".into());
+    for key in ["rmax", "rmin", "dmax", "renorm_momentum"] {
+        ghost_alone.meta.remove(key);
+    }
+    for name in [
+        "init.renorm_mean",
+        "init.renorm_stddev",
+        "init.moving_stddev",
+    ] {
+        ghost_alone.tensors.remove(name);
+    }
+    let r = bnorm::conformance::replay(&ghost_alone);
+    assert!(
+        !r.passed,
+        "read as ghost batches alone it passed: {}",
+        r.detail
+    );
 }

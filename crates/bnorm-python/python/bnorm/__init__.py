@@ -61,7 +61,9 @@ class BatchNorm:
     PyTorch does, or normalized with variance 0, as Keras and TensorFlow do; the default
     is the convention's); the variants ``virtual_batch_size`` (ghost batches, tf_keras's strided
     groups) and ``renorm`` (batch renormalization: ``True`` for tf_keras's clipping
-    ``rmax=3, dmax=5``, or a dict of ``rmax``, ``rmin``, ``dmax``, ``momentum``).
+    ``rmax=3, dmax=5``, or a dict of ``rmax``, ``rmin``, ``dmax``, ``momentum``); both
+    together renormalize ghost batches as tf_keras's ``renorm=True, virtual_batch_size=v``
+    does (one ``r``, ``d`` per channel from the averages over the groups).
 
     ``layout`` is the order of the arrays in memory: ``NC``, ``NCL``, ``NCHW``,
     ``NCDHW`` (channels first) or ``NLC``, ``NHWC``, ``NDHWC`` (channels last).

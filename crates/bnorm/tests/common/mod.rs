@@ -143,6 +143,19 @@ pub fn conventions(c: usize) -> Vec<(&'static str, Config)> {
             "tf-num-updates",
             Config::keras(c).momentum(Momentum::WarmupDecay(0.9)),
         ),
+        (
+            "ghost-renorm",
+            Config::keras(c).variant(Variant::GhostRenorm {
+                ghost: Ghost::strided(2),
+                renorm: Renorm {
+                    rmax: 1.5,
+                    rmin: 0.8,
+                    dmax: 0.5,
+                    momentum: 0.9,
+                    schedule: None,
+                },
+            }),
+        ),
     ]
 }
 
