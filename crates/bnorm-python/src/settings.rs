@@ -134,17 +134,19 @@ pub fn config(
             // `BatchNormalization(renorm=True, virtual_batch_size=v)`
             "virtual_batch_size" => {
                 let ghost = Ghost::strided(value.extract()?);
-                cfg.variant(match cfg.get_variant().renorm() {
+                let variant = match cfg.get_variant().renorm() {
                     Some(renorm) => Variant::GhostRenorm { ghost, renorm },
                     None => Variant::Ghost(ghost),
-                })
+                };
+                cfg.variant(variant)
             }
             "renorm" => {
                 let renorm = renorm(&value)?;
-                cfg.variant(match cfg.get_variant().ghost() {
+                let variant = match cfg.get_variant().ghost() {
                     Some(ghost) => Variant::GhostRenorm { ghost, renorm },
                     None => Variant::Renorm(renorm),
-                })
+                };
+                cfg.variant(variant)
             }
             other => {
                 return Err(PyTypeError::new_err(format!(

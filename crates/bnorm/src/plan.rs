@@ -758,6 +758,17 @@ mod tests {
         assert_eq!(p.renorm, Some(rn.limits(5)));
         let p = plan(&cfg, &[4, 2], Layout::NC, Mode::Inference).unwrap();
         assert_eq!(p.renorm, None);
+        // renorm of ghost batches: the groups and the limits, never fused
+        let both = Config::keras(2).variant(Variant::GhostRenorm {
+            ghost: Ghost::strided(2),
+            renorm: rn,
+        });
+        let p = plan(&both, &[4, 2], Layout::NC, Mode::Train).unwrap();
+        assert_eq!((p.groups, p.renorm), (2, Some(rn.limits(5))));
+        assert_eq!(p.group_of, [0, 1, 0, 1]);
+        assert!(!p.fused);
+        let p = plan(&both, &[4, 2], Layout::NC, Mode::Inference).unwrap();
+        assert_eq!((p.groups, p.renorm), (1, None));
     }
 
     #[test]
@@ -816,13 +827,19 @@ mod tests {
             Err(Error::BatchTooSmall { channel_values: 1 })
         );
         let ghost = Config::keras(2).variant(Variant::Ghost(Ghost::strided(2)));
-        assert!(matches!(
-            plan_with(&ghost, &[4, 2], Layout::NC, Mode::Train, &opts),
-            Err(Error::InvalidConfig {
-                setting: "variant",
-                ..
-            })
-        ));
+        let both = Config::keras(2).variant(Variant::GhostRenorm {
+            ghost: Ghost::strided(2),
+            renorm: Renorm::default(),
+        });
+        for cfg in [ghost, both] {
+            assert!(matches!(
+                plan_with(&cfg, &[4, 2], Layout::NC, Mode::Train, &opts),
+                Err(Error::InvalidConfig {
+                    setting: "variant",
+                    ..
+                })
+            ));
+        }
     }
 
     #[test]

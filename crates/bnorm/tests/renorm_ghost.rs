@@ -229,7 +229,7 @@ fn backward_matches_finite_differences_of_the_reference_where_the_limits_hold() 
         let w = rng.vec(len, 0.0, 1.0);
         let p = params(c, &mut rng);
         // renorm stddev far below the groups' (r = rmax), renorm mean far below (d = dmax)
-        let s = RunningState::from_values(&cfg, vec![-3.0, -4.0], vec![0.2, 0.3], 2).unwrap();
+        let s = RunningState::from_values(&cfg, vec![-3.0, -4.0], vec![0.01, 0.02], 2).unwrap();
         let g = layout.geometry(&shp).unwrap();
         let f = forward(&cfg, g, &x, &p, Some(&s), Mode::Train).unwrap();
         assert_eq!(f.saved.renorm_r(), [RN.rmax; 2], "{layout}: r at rmax");
@@ -293,8 +293,18 @@ fn backward_treats_r_and_d_as_constants_inside_the_limits() {
         let x = rng.vec(len, 0.5, 2.0);
         let w = rng.vec(len, 0.0, 1.0);
         let p = params(c, &mut rng);
-        let s =
-            RunningState::from_values(&cfg, vec![0.4, 0.6, 0.5], vec![3.0, 3.5, 4.0], 2).unwrap();
+        // renorm statistics near the groups' averages (from ghost batches alone): r ≈ 0.95,
+        // d ≈ 0.1, both inside the limits
+        let ghost = Config::keras(c).variant(Variant::Ghost(Ghost::strided(2)));
+        let gs = RunningState::init(&ghost).unwrap();
+        let alone =
+            reference::forward(&ghost, layout, &shp, &x, &p, Some(&gs), Mode::Train).unwrap();
+        let k = alone.mean.len() as f64;
+        let avg = |v: &[Vec<f64>], ch: usize| v.iter().map(|g| g[ch]).sum::<f64>() / k;
+        let rm = (0..c).map(|ch| avg(&alone.mean, ch) - 0.1 * avg(&alone.var, ch).sqrt());
+        let rm = rm.collect();
+        let rv = (0..c).map(|ch| 1.1 * avg(&alone.var, ch)).collect();
+        let s = RunningState::from_values(&cfg, rm, rv, 2).unwrap();
         let g = layout.geometry(&shp).unwrap();
         let f = forward(&cfg, g, &x, &p, Some(&s), Mode::Train).unwrap();
         let (r, d) = (f.saved.renorm_r().to_vec(), f.saved.renorm_d().to_vec());
@@ -304,12 +314,10 @@ fn backward_treats_r_and_d_as_constants_inside_the_limits() {
             "{layout}: the test needs corrections inside the limits: r {r:?}, d {d:?}"
         );
         let b = backward(&cfg, g, &x, &w, &p, &f.saved).unwrap();
-        let ghost = Config::keras(c).variant(Variant::Ghost(Ghost::strided(2)));
         let frozen = Params {
             weight: Some((0..c).map(|k| p.gamma(k) * r[k]).collect()),
             bias: Some((0..c).map(|k| p.beta(k) + p.gamma(k) * d[k]).collect()),
         };
-        let gs = RunningState::init(&ghost).unwrap();
         let loss = |x: &[f64]| ref_loss(&ghost, layout, &shp, x, &frozen, &gs, &w);
         // the frozen map is the step's output
         let y0 = reference::forward(&ghost, layout, &shp, &x, &frozen, Some(&gs), Mode::Train)
