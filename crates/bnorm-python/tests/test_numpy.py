@@ -353,6 +353,29 @@ def test_renorm_state_loads_and_bad_state_changes_nothing():
     assert err.value.kind == "StateMismatch"
 
 
+@pytest.mark.parametrize("order", ["renorm first", "ghost first"])
+def test_renorm_with_virtual_batch_size_renormalizes_ghost_batches(order):
+    """Both settings together, in either order: tf_keras's renorm of ghost batches
+    (FORMAT.md, ghost_renorm) -- strided groups {0, 2}, {1, 3}, each normalized with its own
+    moments, one r and d from their averages."""
+    x = np.array([[1.0], [10.0], [3.0], [14.0]])
+    eps = 1e-3
+    rn = {"rmax": 10.0, "rmin": 0.1, "dmax": 10.0}
+    both = {"renorm": rn, "virtual_batch_size": 2}
+    if order == "ghost first":
+        both = {"virtual_batch_size": 2, "renorm": rn}
+    bn = bnorm.BatchNorm(1, "keras", layout="NC", eps=eps, **both)
+    bn.renorm_state = (np.array([5.0]), np.array([2.0]), np.array([1.0]))
+    y = bn.forward(x, "train")
+    means, var = np.array([2.0, 12.0]), np.array([1.0, 4.0])  # groups {1, 3}, {10, 14}
+    r = np.sqrt(var.mean() + eps) / 2.0
+    d = (means.mean() - 5.0) / 2.0
+    xhat = (x[:, 0] - means[[0, 1, 0, 1]]) / np.sqrt(var[[0, 1, 0, 1]] + eps)
+    np.testing.assert_allclose(y[:, 0], xhat * r + d, rtol=1e-12, atol=1e-12)
+    # the renorm state moved toward the averaged moments (renorm momentum 0.99)
+    np.testing.assert_allclose(bn.renorm_state[0], 5.0 + 0.01 * (7.0 - 5.0), rtol=1e-12)
+
+
 def test_ema_num_updates_caps_the_decay():
     """keras convention + ema_num_updates: the decay of step n (n updates before it) is
     min(d, (1 + n)/(10 + n)), as tf.train.ExponentialMovingAverage(d, num_updates=n)."""
