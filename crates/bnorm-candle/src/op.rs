@@ -105,7 +105,7 @@ impl BnOp {
     ) -> Result<(CpuStorage, Shape)> {
         let x = gather(x, l);
         let g = self.layout.geometry(l.shape().dims()).map_err(wrap)?;
-        let mut y = vec![<T as Element>::from_f64(0.0); x.len()];
+        let mut y = bnorm::tuning::zeroed_buffer::<T>(x.len());
         let mut guard = self
             .result
             .lock()
@@ -159,7 +159,7 @@ impl BnOp {
             .result
             .lock()
             .map_err(|_| candle_core::Error::msg("poisoned"))?;
-        let mut dx = vec![<T as Element>::from_f64(0.0); xs.len()];
+        let mut dx = bnorm::tuning::zeroed_buffer::<T>(xs.len());
         let mut grads = Grads::default();
         bnorm::expert::backward_into(
             &self.cfg,

@@ -385,28 +385,44 @@ fn bench_bnorm<T: Element + Default>(
     // floor, op): `floor_paired` (the floor's rate over the copy's — the highest paired
     // ratio the schedule allows in those minutes) and `ratio_floor_paired` (the
     // operation's rate over the floor's).
+    // Every such row is also paired with the streaming-store copy (`ratio_nt_paired`,
+    // `copy_nt_paired_gbps`: the physical limit for a fresh output), and its floor
+    // alternated with that copy too (`floor_nt_paired`: the highest ratio to the streaming
+    // copy the schedule allows in those minutes; the row's `limit`).
     let mut timed =
-        |name: &str, k: usize, op: &mut dyn FnMut(), floor: Option<&mut dyn FnMut()>| {
+        |imp: &str, name: &str, k: usize, op: &mut dyn FnMut(), floor: Option<&mut dyn FnMut()>| {
             let t = median(a.seconds, a.min_runs, &mut *op);
-            let mut r = row("bnorm", name, s, dtype, t, bytes(k), copy(k));
+            let mut r = row(imp, name, s, dtype, t, bytes(k), copy(k));
             if let Some((src, dst)) = pair_bufs.get_mut(&k) {
                 let (ratio, tc) = paired(a.seconds, a.min_runs, &mut *op, || {
                     par_copy(black_box(&src[..]), dst)
                 });
                 r.value["ratio_paired"] = json!(ratio);
                 r.value["copy_paired_gbps"] = json!(bytes(k) / tc / 1e9);
+                let (ratio, tc) = paired(a.seconds, a.min_runs, &mut *op, || {
+                    par_copy_nt(black_box(&src[..]), dst)
+                });
+                r.value["ratio_nt_paired"] = json!(ratio);
+                r.value["copy_nt_paired_gbps"] = json!(bytes(k) / tc / 1e9);
+                r.value["limit"] = json!(1.0);
                 if let Some(floor) = floor {
                     let mut cp = || par_copy(black_box(&src[..]), dst);
                     let rounds = alternate(a.seconds, a.min_runs, &mut [op, floor, &mut cp]);
                     r.value["floor_paired"] = json!(median_of(rounds.iter().map(|t| t[2] / t[1])));
                     r.value["ratio_floor_paired"] =
                         json!(median_of(rounds.iter().map(|t| t[1] / t[0])));
+                    let mut nt = || par_copy_nt(black_box(&src[..]), dst);
+                    let rounds = alternate(a.seconds, a.min_runs, &mut [floor, &mut nt]);
+                    let limit = median_of(rounds.iter().map(|t| t[1] / t[0])).min(1.0);
+                    r.value["floor_nt_paired"] = json!(limit);
+                    r.value["limit"] = json!(limit);
                 }
             }
             r
         };
 
     out.push(timed(
+        "bnorm",
         "train_fwd",
         2,
         &mut || {
@@ -427,6 +443,7 @@ fn bench_bnorm<T: Element + Default>(
         Some(&mut || traffic_floor(&[&x2[..]], &mut o2, chunk(1))),
     ));
     out.push(timed(
+        "bnorm",
         "backward",
         3,
         &mut || {
@@ -457,6 +474,7 @@ fn bench_bnorm<T: Element + Default>(
         ));
     }
     out.push(timed(
+        "bnorm",
         "infer_fwd",
         2,
         &mut || {
@@ -532,8 +550,6 @@ fn bench_bnorm<T: Element + Default>(
         });
         out.push(row("bnorm", bop, s, dtype, t, bytes(kb), copy(kb)));
     }
-    let copy_fwd = copy(2).unwrap_or(f64::NAN);
-    let fwd_bytes = bytes(2);
 
     // The floor alone: what the training forward and the backward would take with free
     // arithmetic.
@@ -546,23 +562,39 @@ fn bench_bnorm<T: Element + Default>(
     });
     out.push(row("floor", "backward", s, dtype, t, bytes(3), copy(3)));
 
-    // The allocating tier, for comparison (fresh output every call).
+    // The allocating tier (`BatchNorm::forward` / `backward`: an output allocated per
+    // call), paired like the caller-buffer rows; its limit is the streaming copy.
     let mut layer = cfg.clone().build()?;
-    let t = median(a.seconds, a.min_runs.min(10), || {
-        black_box(
-            layer
-                .forward(&x, s.dims, s.layout, Mode::Train)
-                .expect("valid input"),
-        );
-    });
-    out.push(row(
+    for (name, mode) in [("train_fwd", Mode::Train), ("infer_fwd", Mode::Inference)] {
+        out.push(timed(
+            "bnorm-alloc",
+            name,
+            2,
+            &mut || {
+                black_box(
+                    layer
+                        .forward(&x, s.dims, s.layout, mode)
+                        .expect("valid input"),
+                );
+            },
+            None,
+        ));
+    }
+    layer
+        .forward(&x, s.dims, s.layout, Mode::Train)
+        .expect("valid input");
+    out.push(timed(
         "bnorm-alloc",
-        "train_fwd",
-        s,
-        dtype,
-        t,
-        fwd_bytes,
-        Some(copy_fwd),
+        "backward",
+        3,
+        &mut || {
+            black_box(
+                layer
+                    .backward(&x, &dy, s.dims, s.layout)
+                    .expect("valid input"),
+            );
+        },
+        None,
     ));
     // Beside each ratio, the ratio to the streaming copy of the same bytes, and for the
     // training forward and backward the share of the schedule's traffic floor reached.
@@ -582,8 +614,27 @@ fn bench_bnorm<T: Element + Default>(
         "y": y.as_ptr() as usize % 4096,
         "dx": dx.as_ptr() as usize % 4096,
     });
+    // The allocating tier runs the caller-buffer tier's schedule: the same limit.
+    let limits: Vec<(String, Value)> = out[first..]
+        .iter()
+        .filter(|r| r.value["impl"] == "bnorm")
+        .map(|r| {
+            (
+                r.value["op"].as_str().unwrap_or("").to_string(),
+                r.value["limit"].clone(),
+            )
+        })
+        .collect();
     for r in &mut out[first..] {
         let v = &mut r.value;
+        if v["impl"] == "bnorm-alloc" {
+            if let Some((_, l)) = limits
+                .iter()
+                .find(|(op, l)| v["op"] == *op && l.is_number())
+            {
+                v["limit"] = l.clone();
+            }
+        }
         if v["impl"] != "bnorm" && v["impl"] != "bnorm-alloc" {
             continue;
         }
@@ -743,7 +794,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         })
     };
     outln!(
-        "{:<6} {:<6} {:<5} {:<10} {:>10} {:>9} {:>9} {:>7} {:>7} {:>9} {:>8} {:>8} {:>9} {:>9} {:>12} {:>9}",
+        "{:<6} {:<6} {:<5} {:<10} {:>10} {:>9} {:>9} {:>7} {:>7} {:>7} {:>7} {:>7} {:>8} {:>9} {:>9} {:>12} {:>9}",
         "shape",
         "layout",
         "dtype",
@@ -753,8 +804,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         "copy GB/s",
         "ratio",
         "paired",
-        "NT copy",
-        "NT ratio",
+        "NT pd",
+        "limit",
+        "of lim",
         "of floor",
         "floor pd",
         "of fl pd",
@@ -769,6 +821,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
             let text = |k: &str| v[k].as_str().unwrap_or("").to_string();
             let (op, shape, dtype) = (text("op"), text("shape"), text("dtype"));
             let (op, shape, dtype) = (op.as_str(), shape.as_str(), dtype.as_str());
+            if let (Some(r), Some(l)) = (v["ratio_nt_paired"].as_f64(), v["limit"].as_f64()) {
+                v["of_limit"] = json!(r / l);
+            }
             let cand = find("candle-nn", op, shape, dtype).and_then(|c| c["median_s"].as_f64());
             if let (Some(c), Some(m)) = (cand, v["median_s"].as_f64()) {
                 v["speedup_vs_candle"] = json!(c / m);
@@ -779,7 +834,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                     .map_or("-".to_string(), |s| format!("{s:.2}"))
             };
             outln!(
-                "{:<6} {:<6} {:<5} {:<10} {:>10.3} {:>9.2} {:>9.2} {:>7.2} {:>7} {:>9.2} {:>8.2} {:>8} {:>9} {:>9} {:>12} {:>9}",
+                "{:<6} {:<6} {:<5} {:<10} {:>10.3} {:>9.2} {:>9.2} {:>7.2} {:>7} {:>7} {:>7} {:>7} {:>8} {:>9} {:>9} {:>12} {:>9}",
                 shape,
                 v["layout"].as_str().unwrap_or(""),
                 dtype,
@@ -793,8 +848,9 @@ pub fn run(a: &BenchArgs) -> Result<()> {
                 v["copy_gbps"].as_f64().unwrap_or(0.0),
                 v["ratio"].as_f64().unwrap_or(0.0),
                 opt("ratio_paired"),
-                v["copy_nt_gbps"].as_f64().unwrap_or(0.0),
-                v["ratio_nt"].as_f64().unwrap_or(0.0),
+                opt("ratio_nt_paired"),
+                opt("limit"),
+                opt("of_limit"),
                 opt("ratio_floor"),
                 opt("floor_paired"),
                 opt("ratio_floor_paired"),
@@ -814,8 +870,12 @@ pub fn run(a: &BenchArgs) -> Result<()> {
          op, copy, copy, op: the median over rounds of copy time / op time)"
     )?;
     outln!(
-        "(NT copy: the same bytes copied with streaming stores, which bnorm uses for outputs \
-         of 16 MB and more; of floor: share reached of the schedule's memory-traffic floor)"
+        "(NT pd: the paired ratio to the streaming-store copy of the same bytes, the physical \
+         limit for a fresh output; limit: the highest NT pd the schedule allows, its traffic \
+         floor alternated with the streaming copy (1 for the inference map, which reads and \
+         writes each byte once; the allocating tier has its schedule's limit); of lim: NT \
+         pd / limit; of \
+         floor: share reached of the schedule's memory-traffic floor)"
     )?;
     outln!(
         "(floor pd: the floor's rate over the plain copy's, the two alternated with the \
