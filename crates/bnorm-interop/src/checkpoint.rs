@@ -339,27 +339,7 @@ impl Checkpoint {
 
     /// The actual tensor names of each role of a layer, whatever separators were used.
     fn locate(&self, prefix: &str, format: Format) -> BTreeMap<Role, String> {
-        let mut found = BTreeMap::new();
-        for name in self.tensors.keys() {
-            // Only Flax names start with a collection; a PyTorch submodule or a Keras layer
-            // called `params` is part of the prefix.
-            let (coll, p, leaf) = match format {
-                Format::Flax => split_name(name),
-                _ => {
-                    let (p, leaf) = split_leaf(name);
-                    (None, p, leaf)
-                }
-            };
-            if p != prefix {
-                continue;
-            }
-            for role in ROLES {
-                if format.leaf(role) == Some(leaf) && coll == format.collection(role) {
-                    found.entry(role).or_insert_with(|| name.clone());
-                }
-            }
-        }
-        found
+        NameIndex::new(self).locate(prefix, format)
     }
 
     /// Every batch-norm layer, found by names: a prefix with running statistics
@@ -405,13 +385,28 @@ impl Checkpoint {
                 found.insert((p.to_string(), f));
             }
         }
-        found.into_iter().map(|(p, f)| self.layer(&p, f)).collect()
+        // One index for all layers: looking each layer up by scanning every name made
+        // this quadratic in the number of layers.
+        let index = NameIndex::new(self);
+        found
+            .into_iter()
+            .map(|(p, f)| self.layer_named(&p, f, index.locate(&p, f)))
+            .collect()
     }
 
     /// The batch-norm layer `prefix` in `format`, its conventions taken from this crate's
     /// metadata when present and otherwise the format's defaults.
     pub fn layer(&self, prefix: &str, format: Format) -> Result<Layer> {
-        let names = self.locate(prefix, format);
+        self.layer_named(prefix, format, self.locate(prefix, format))
+    }
+
+    /// [`Checkpoint::layer`] with the layer's tensor names already located.
+    fn layer_named(
+        &self,
+        prefix: &str,
+        format: Format,
+        names: BTreeMap<Role, String>,
+    ) -> Result<Layer> {
         if names.is_empty() {
             return Err(InteropError::NoSuchLayer {
                 name: prefix.to_string(),
@@ -710,9 +705,127 @@ fn resolve_links(path: &Path) -> std::io::Result<PathBuf> {
     ))
 }
 
+/// The tensor names of a checkpoint by how [`Checkpoint::locate`] parses them: `(prefix,
+/// leaf)` for PyTorch and Keras names, `(collection, prefix, leaf)` for Flax names; the
+/// first name in order wins where two parse alike (as a scan in order would find it).
+struct NameIndex<'a> {
+    plain: BTreeMap<(&'a str, &'a str), &'a String>,
+    flax: BTreeMap<(Option<&'a str>, &'a str, &'a str), &'a String>,
+}
+
+impl<'a> NameIndex<'a> {
+    fn new(ckpt: &'a Checkpoint) -> NameIndex<'a> {
+        let (mut plain, mut flax) = (BTreeMap::new(), BTreeMap::new());
+        for name in ckpt.tensors.keys() {
+            plain.entry(split_leaf(name)).or_insert(name);
+            flax.entry(split_name(name)).or_insert(name);
+        }
+        NameIndex { plain, flax }
+    }
+
+    /// The actual tensor names of each role of layer `prefix` in `format`.
+    fn locate(&self, prefix: &str, format: Format) -> BTreeMap<Role, String> {
+        let mut found = BTreeMap::new();
+        for role in ROLES {
+            let Some(leaf) = format.leaf(role) else {
+                continue;
+            };
+            // Only Flax names start with a collection; a PyTorch submodule or a Keras layer
+            // called `params` is part of the prefix.
+            let name = match format {
+                Format::Flax => self.flax.get(&(format.collection(role), prefix, leaf)),
+                _ if format.collection(role).is_none() => self.plain.get(&(prefix, leaf)),
+                _ => None,
+            };
+            if let Some(name) = name {
+                found.insert(role, (*name).clone());
+            }
+        }
+        found
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The index finds, for every layer and format, the names a scan of every tensor name
+    /// in order finds (the definition the index replaces): ambiguous spellings, Flax
+    /// collections, a PyTorch submodule called `params`, Keras `:0` suffixes.
+    #[test]
+    fn the_name_index_finds_what_a_scan_finds() {
+        let names = [
+            "bn.weight",
+            "bn.running_mean",
+            "bn.running_var",
+            "bn.num_batches_tracked",
+            "params.bn.weight",
+            "params.bn.running_mean",
+            "params.bn.running_var",
+            "params/bn/scale",
+            "batch_stats/bn/mean",
+            "batch_stats/bn/var",
+            "params/bn/bias",
+            "k/bn/gamma:0",
+            "k/bn/gamma",
+            "k/bn/moving_mean:0",
+            "k/bn/moving_variance:0",
+            "k.bn.beta",
+            "running_mean",
+            "running_var",
+            "weight",
+            "other.conv.weight",
+        ];
+        let mut ckpt = Checkpoint::default();
+        for n in names {
+            let t = Tensor::from_f64(&[1.0], vec![1], DType::F32);
+            ckpt.tensors.insert(n.to_string(), t);
+        }
+        let scan = |prefix: &str, format: Format| {
+            let mut found = BTreeMap::new();
+            for name in ckpt.tensors.keys() {
+                let (coll, p, leaf) = match format {
+                    Format::Flax => split_name(name),
+                    _ => {
+                        let (p, leaf) = split_leaf(name);
+                        (None, p, leaf)
+                    }
+                };
+                for role in ROLES {
+                    if p == prefix
+                        && format.leaf(role) == Some(leaf)
+                        && coll == format.collection(role)
+                    {
+                        found.entry(role).or_insert_with(|| name.clone());
+                    }
+                }
+            }
+            found
+        };
+        let index = NameIndex::new(&ckpt);
+        let mut nonempty = 0;
+        for prefix in [
+            "",
+            "bn",
+            "params.bn",
+            "params/bn",
+            "k/bn",
+            "k.bn",
+            "other.conv",
+            "x",
+        ] {
+            for format in [Format::Torch, Format::Keras, Format::Flax] {
+                let expected = scan(prefix, format);
+                nonempty += usize::from(!expected.is_empty());
+                assert_eq!(
+                    index.locate(prefix, format),
+                    expected,
+                    "{prefix} {format:?}"
+                );
+            }
+        }
+        assert!(nonempty >= 6, "the cases find layers ({nonempty})");
+    }
 
     #[test]
     fn split_names() {
