@@ -367,9 +367,7 @@ fn bench_bnorm<T: Element + Default>(
             None,
         ));
         nt_rates.insert(k, bytes / t / 1e9);
-        if k <= 3 {
-            pair_bufs.insert(k, (src, dst));
-        }
+        pair_bufs.insert(k, (src, dst));
     }
     let copy = |k: usize| copy_rates.get(&k).copied();
     let bytes = |k: usize| k as f64 * n as f64 * size;
@@ -379,13 +377,13 @@ fn bench_bnorm<T: Element + Default>(
     let chunk = |arrays| (g.inner > 1).then(|| fused_channels::<T>(g, arrays) * g.outer * g.inner);
     let (x2, dy2): (Vec<T>, Vec<T>) = (data(n, 1, huge), data(n, 2, huge));
     let mut o2: Vec<T> = buffer(n, huge);
-    // The three main operations: the median of `op` alone, then `op` paired with the
+    // Every bnorm row: the median of `op` alone, then `op` paired with the
     // plain copy of its bytes (`paired`: the row's `ratio_paired`, `copy_paired_gbps`);
     // with a `floor`, also the three alternated (`alternate`: op, floor, copy, copy,
     // floor, op): `floor_paired` (the floor's rate over the copy's — the highest paired
     // ratio the schedule allows in those minutes) and `ratio_floor_paired` (the
     // operation's rate over the floor's).
-    // Every such row is also paired with the streaming-store copy (`ratio_nt_paired`,
+    // Every row is also paired with the streaming-store copy (`ratio_nt_paired`,
     // `copy_nt_paired_gbps`: the physical limit for a fresh output), and its floor
     // alternated with that copy too (`floor_nt_paired`: the highest ratio to the streaming
     // copy the schedule allows in those minutes; the row's `limit`).
@@ -404,7 +402,9 @@ fn bench_bnorm<T: Element + Default>(
                 });
                 r.value["ratio_nt_paired"] = json!(ratio);
                 r.value["copy_nt_paired_gbps"] = json!(bytes(k) / tc / 1e9);
-                r.value["limit"] = json!(1.0);
+                if name == "infer_fwd" {
+                    r.value["limit"] = json!(1.0); // x read once, y written once
+                }
                 if let Some(floor) = floor {
                     let mut cp = || par_copy(black_box(&src[..]), dst);
                     let rounds = alternate(a.seconds, a.min_runs, &mut [op, floor, &mut cp]);
@@ -457,20 +457,17 @@ fn bench_bnorm<T: Element + Default>(
     if T::DTYPE == bnorm::element::DType::F32 {
         // The opt-in f32 backward map (`BackwardArithmetic::F32`), same saved statistics.
         let fast = cfg.clone().backward_arithmetic(BackwardArithmetic::F32);
-        let t = median(a.seconds, a.min_runs, || {
-            backward_into(
-                &fast, g, &x, &dy, &p, &saved, &mut dx, &mut grads, &mut ws, par,
-            )
-            .expect("valid input");
-        });
-        out.push(row(
+        out.push(timed(
             "bnorm",
             "backward_f32map",
-            s,
-            dtype,
-            t,
-            bytes(3),
-            copy(3),
+            3,
+            &mut || {
+                backward_into(
+                    &fast, g, &x, &dy, &p, &saved, &mut dx, &mut grads, &mut ws, par,
+                )
+                .expect("valid input");
+            },
+            None,
         ));
     }
     out.push(timed(
@@ -503,7 +500,7 @@ fn bench_bnorm<T: Element + Default>(
         ("train_fwd_relu", None, 2),
         ("train_fwd_add_relu", Some(&res[..]), 3),
     ] {
-        let t = median(a.seconds, a.min_runs, || {
+        let mut fwd = || {
             bnorm::expert::forward_into(
                 &cfg,
                 g,
@@ -520,14 +517,14 @@ fn bench_bnorm<T: Element + Default>(
                 )),
             )
             .expect("valid input");
-        });
-        out.push(row("bnorm", op, s, dtype, t, bytes(kf), copy(kf)));
+        };
+        out.push(timed("bnorm", op, kf, &mut fwd, None));
         let (bop, kb) = if residual.is_some() {
             ("backward_add_relu", 5)
         } else {
             ("backward_relu", 4)
         };
-        let t = median(a.seconds, a.min_runs, || {
+        let mut bwd = || {
             let dr = residual.map(|_| &mut dres[..]);
             bnorm::expert::backward_into(
                 &cfg,
@@ -547,8 +544,8 @@ fn bench_bnorm<T: Element + Default>(
                 }),
             )
             .expect("valid input");
-        });
-        out.push(row("bnorm", bop, s, dtype, t, bytes(kb), copy(kb)));
+        };
+        out.push(timed("bnorm", bop, kb, &mut bwd, None));
     }
 
     // The floor alone: what the training forward and the backward would take with free
@@ -873,7 +870,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         "(NT pd: the paired ratio to the streaming-store copy of the same bytes, the physical \
          limit for a fresh output; limit: the highest NT pd the schedule allows, its traffic \
          floor alternated with the streaming copy (1 for the inference map, which reads and \
-         writes each byte once; the allocating tier has its schedule's limit); of lim: NT \
+         writes each byte once; the allocating tier has its schedule's limit; - where no floor is measured); of lim: NT \
          pd / limit; of \
          floor: share reached of the schedule's memory-traffic floor)"
     )?;
