@@ -339,7 +339,7 @@ impl Checkpoint {
 
     /// The actual tensor names of each role of a layer, whatever separators were used.
     fn locate(&self, prefix: &str, format: Format) -> BTreeMap<Role, String> {
-        NameIndex::new(self).locate(prefix, format)
+        NameIndex::new(self, Some(prefix)).locate(prefix, format)
     }
 
     /// Every batch-norm layer, found by names: a prefix with running statistics
@@ -387,7 +387,7 @@ impl Checkpoint {
         }
         // One index for all layers: looking each layer up by scanning every name made
         // this quadratic in the number of layers.
-        let index = NameIndex::new(self);
+        let index = NameIndex::new(self, None);
         found
             .into_iter()
             .map(|(p, f)| self.layer_named(&p, f, index.locate(&p, f)))
@@ -705,7 +705,7 @@ fn resolve_links(path: &Path) -> std::io::Result<PathBuf> {
     ))
 }
 
-/// The tensor names of a checkpoint by how [`Checkpoint::locate`] parses them: `(prefix,
+/// The tensor names of a checkpoint by how a layer's names are parsed: `(prefix,
 /// leaf)` for PyTorch and Keras names, `(collection, prefix, leaf)` for Flax names; the
 /// first name in order wins where two parse alike (as a scan in order would find it).
 struct NameIndex<'a> {
@@ -714,11 +714,20 @@ struct NameIndex<'a> {
 }
 
 impl<'a> NameIndex<'a> {
-    fn new(ckpt: &'a Checkpoint) -> NameIndex<'a> {
+    /// The index of every name, or with `only` of the names of that prefix alone (one
+    /// layer's lookup: a scan, no index of the whole checkpoint).
+    fn new(ckpt: &'a Checkpoint, only: Option<&str>) -> NameIndex<'a> {
         let (mut plain, mut flax) = (BTreeMap::new(), BTreeMap::new());
+        let wanted = |p: &str| only.is_none_or(|o| o == p);
         for name in ckpt.tensors.keys() {
-            plain.entry(split_leaf(name)).or_insert(name);
-            flax.entry(split_name(name)).or_insert(name);
+            let key = split_leaf(name);
+            if wanted(key.0) {
+                plain.entry(key).or_insert(name);
+            }
+            let key = split_name(name);
+            if wanted(key.1) {
+                flax.entry(key).or_insert(name);
+            }
         }
         NameIndex { plain, flax }
     }
@@ -802,7 +811,7 @@ mod tests {
             }
             found
         };
-        let index = NameIndex::new(&ckpt);
+        let index = NameIndex::new(&ckpt, None);
         let mut nonempty = 0;
         for prefix in [
             "",
@@ -822,6 +831,8 @@ mod tests {
                     expected,
                     "{prefix} {format:?}"
                 );
+                let alone = ckpt.locate(prefix, format);
+                assert_eq!(alone, expected, "{prefix} {format:?}, one layer's lookup");
             }
         }
         assert!(nonempty >= 6, "the cases find layers ({nonempty})");
