@@ -43,16 +43,8 @@ fn check<T: Element>(
     }
     for (k, &mode) in modes.iter().enumerate() {
         // Storage rounding first: both sides see the same stored values.
-        let x: Vec<T> = rng
-            .vec(len, mean, 2.0)
-            .iter()
-            .map(|&v| T::from_f64(v))
-            .collect();
-        let dy: Vec<T> = rng
-            .vec(len, 0.0, 1.0)
-            .iter()
-            .map(|&v| T::from_f64(v))
-            .collect();
+        let x: Vec<T> = rng.stored(len, mean, 2.0);
+        let dy: Vec<T> = rng.stored(len, 0.0, 1.0);
         let xw: Vec<f64> = x.iter().map(|v| v.to_f64()).collect();
         let dyw: Vec<f64> = dy.iter().map(|v| v.to_f64()).collect();
         let r = reference::forward(cfg, layout, shp, &xw, &params, state.as_ref(), mode);

@@ -190,21 +190,9 @@ fn check<T: Element>(tol: f64) {
                 let shp = shape(layout, 4, ch, &[3, 4, 2]);
                 let n: usize = shp.iter().product();
                 let mut rng = Rng(k as u64 * 7 + with_res as u64);
-                let x: Vec<T> = rng
-                    .vec(n, 0.5, 1.0)
-                    .iter()
-                    .map(|&v| T::from_f64(v))
-                    .collect();
-                let res: Vec<T> = rng
-                    .vec(n, 0.0, 1.0)
-                    .iter()
-                    .map(|&v| T::from_f64(v))
-                    .collect();
-                let dy: Vec<T> = rng
-                    .vec(n, 0.0, 1.0)
-                    .iter()
-                    .map(|&v| T::from_f64(v))
-                    .collect();
+                let x: Vec<T> = rng.stored(n, 0.5, 1.0);
+                let res: Vec<T> = rng.stored(n, 0.0, 1.0);
+                let dy: Vec<T> = rng.stored(n, 0.0, 1.0);
                 let r = with_res.then_some(&res[..]);
                 let cfg = Config::torch(ch);
                 let scalar = with_simd_level(SimdLevel::Scalar, || {

@@ -76,16 +76,8 @@ fn check<T: Element>(
     let (mut bound, mut inside) = (false, false);
     for (k, &mode) in modes.iter().enumerate() {
         let ctx = format!("{:?} {layout} {shp:?} step {k} {mode:?}", T::DTYPE);
-        let x: Vec<T> = rng
-            .vec(len, 0.5, 2.0)
-            .iter()
-            .map(|&v| T::from_f64(v))
-            .collect();
-        let dy: Vec<T> = rng
-            .vec(len, 0.0, 1.0)
-            .iter()
-            .map(|&v| T::from_f64(v))
-            .collect();
+        let x: Vec<T> = rng.stored(len, 0.5, 2.0);
+        let dy: Vec<T> = rng.stored(len, 0.0, 1.0);
         let xw: Vec<f64> = x.iter().map(|v| v.to_f64()).collect();
         let dyw: Vec<f64> = dy.iter().map(|v| v.to_f64()).collect();
         let r = reference::forward(&cfg, layout, shp, &xw, &p, Some(&state), mode).unwrap();

@@ -91,16 +91,8 @@ fn sweep<T: Element>(tol: f64) {
         let cfg = Config::torch(c).backward_arithmetic(arith);
         let n: usize = shape.iter().product();
         let mut rng = Rng(i as u64 + 1);
-        let x: Vec<T> = rng
-            .vec(n, 50.0, 3.0)
-            .iter()
-            .map(|&v| T::from_f64(v))
-            .collect();
-        let dy: Vec<T> = rng
-            .vec(n, 0.0, 1.0)
-            .iter()
-            .map(|&v| T::from_f64(v))
-            .collect();
+        let x: Vec<T> = rng.stored(n, 50.0, 3.0);
+        let dy: Vec<T> = rng.stored(n, 0.0, 1.0);
         let xw: Vec<f64> = x.iter().map(|v| v.to_f64()).collect();
         let dyw: Vec<f64> = dy.iter().map(|v| v.to_f64()).collect();
         let p = Params::init(&cfg);

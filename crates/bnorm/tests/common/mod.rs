@@ -30,6 +30,11 @@ impl Rng {
     pub fn vec(&mut self, n: usize, mean: f64, sd: f64) -> Vec<f64> {
         (0..n).map(|_| mean + sd * self.normal()).collect()
     }
+    /// [`Rng::vec`] rounded to storage type `T` (the values a test then widens back, so
+    /// both sides of a comparison see the same stored numbers).
+    pub fn stored<T: bnorm::element::Element>(&mut self, n: usize, mean: f64, sd: f64) -> Vec<T> {
+        self.vec(n, mean, sd).into_iter().map(T::from_f64).collect()
+    }
     pub fn below(&mut self, n: usize) -> usize {
         (self.next_u64() % n as u64) as usize
     }
