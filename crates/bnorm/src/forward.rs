@@ -468,13 +468,8 @@ fn execute<T: Element>(
         resize(&mut saved.r, c);
         resize(&mut saved.d, c);
         for ch in 0..c {
-            let (mut mean, mut var) = (0.0, 0.0);
-            for gi in 0..groups {
-                mean += saved.mean[gi * c + ch];
-                var += saved.var[gi * c + ch];
-            }
-            let k = groups.max(1) as f64;
-            let (r, d) = renorm_rd(rn, rs, ch, mean / k, var / k, eps);
+            let (_, mean, var) = saved.batch_stats().averaged(ch);
+            let (r, d) = renorm_rd(rn, rs, ch, mean, var, eps);
             saved.r[ch] = r;
             saved.d[ch] = d;
         }

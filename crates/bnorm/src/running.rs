@@ -18,6 +18,24 @@ pub(crate) struct BatchStats<'a> {
     pub var: &'a [f64],
 }
 
+impl BatchStats<'_> {
+    /// Channel `ch`'s `(count, mean, biased variance)` averaged over the groups (the
+    /// statistics themselves without ghost batches): what the running update and
+    /// batch renormalization use (tf_keras averages ghost groups so).
+    pub(crate) fn averaged(&self, ch: usize) -> (f64, f64, f64) {
+        let groups = self.groups.max(1);
+        let c = self.mean.len() / groups;
+        let (mut count, mut mean, mut var) = (0.0, 0.0, 0.0);
+        for gi in 0..groups {
+            count += self.count[gi * c + ch];
+            mean += self.mean[gi * c + ch];
+            var += self.var[gi * c + ch];
+        }
+        let k = groups as f64;
+        (count / k, mean / k, var / k)
+    }
+}
+
 /// Blends `old` toward `new` with new-batch weight `a`: `(1 − a)·old + a·new`.
 #[inline]
 fn blend(old: f64, new: f64, a: f64) -> f64 {
@@ -61,21 +79,13 @@ pub(crate) fn update(
 
 fn update_once(cfg: &Config, state: &mut RunningState, st: BatchStats<'_>, skipped: &[usize]) {
     let c = state.mean.len();
-    let groups = st.groups.max(1);
     state.updates += 1;
     let a = cfg.get_momentum().new_weight(state.updates);
     for ch in 0..c {
         if skipped.contains(&ch) {
             continue;
         }
-        let (mut mean, mut var, mut count) = (0.0, 0.0, 0.0);
-        for gi in 0..groups {
-            mean += st.mean[gi * c + ch];
-            var += st.var[gi * c + ch];
-            count += st.count[gi * c + ch];
-        }
-        let (mean, biased) = (mean / groups as f64, var / groups as f64);
-        let m = count / groups as f64;
+        let (m, mean, biased) = st.averaged(ch);
         let var = match cfg.get_running_variance() {
             VarianceEstimator::Biased => biased,
             VarianceEstimator::Unbiased => biased * m / (m - 1.0),
