@@ -25,7 +25,10 @@ benchmark runs taken minutes apart. Build the example first:
 
     cargo build --release -p bnorm --example step_time
     python3 bench/peers.py --alternate [--peer pytorch|tensorflow] [--shapes S2,S3,S4]
-                           [--ops train,infer,bwd] [--rounds 5] [--json FILE]
+                           [--ops train,infer,bwd] [--rounds 5] [--alloc] [--json FILE]
+
+With --alloc bnorm runs through its allocating tier (`BatchNorm::forward` / `backward`, a
+fresh output per call), the tier that compares with the peer's own allocation.
 
 PyTorch runs `aten::native_batch_norm` / `native_batch_norm_backward`; TensorFlow its
 fused op called directly (`FusedBatchNormV3` / `FusedBatchNormGradV3`, the backward on
@@ -208,6 +211,8 @@ def bnorm_ms(args, shape, op):
     """bnorm's median in ms from one run of the `step_time` example (a new process)."""
     env = dict(os.environ)
     env.setdefault("RAYON_NUM_THREADS", str(args.threads))
+    if args.alloc:
+        env["ALLOC"] = "1"
     out = subprocess.run([args.step_time, shape, op], capture_output=True, text=True,
                          check=True, env=env).stdout
     return float(out.split("median")[1].split("ms")[0])
@@ -257,7 +262,8 @@ def alternate(args):
                   f"{mb:6.3f} ({' '.join(f'{v:.2f}' for v in ours)})  {mp / mb:.2f}x", flush=True)
             rows.append(dict(impl=args.peer, mode="alternate", shape=shape, layout=layout,
                              op=OPS[op][0], dtype="f32", peer_ms=peer, bnorm_ms=ours,
-                             peer_median_ms=mp, bnorm_median_ms=mb, ratio=mp / mb))
+                             peer_median_ms=mp, bnorm_median_ms=mb, ratio=mp / mb,
+                             bnorm_tier="allocating" if args.alloc else "caller buffers"))
     return rows
 
 
@@ -275,6 +281,9 @@ def main():
     a = p.add_argument_group("alternation (--alternate)")
     a.add_argument("--alternate", action="store_true",
                    help="alternate the peer with bnorm's step_time in the same minutes")
+    a.add_argument("--alloc", action="store_true",
+                   help="bnorm through its allocating tier (step_time with ALLOC=1: a fresh "
+                        "output per call, as the peer's)")
     a.add_argument("--peer", choices=["pytorch", "tensorflow"], default="pytorch")
     a.add_argument("--ops", type=lambda s: s.split(","), default=list(OPS),
                    help="comma-separated subset of train,infer,bwd (default: all)")

@@ -105,7 +105,9 @@ impl BnOp {
     ) -> Result<(CpuStorage, Shape)> {
         let x = gather(x, l);
         let g = self.layout.geometry(l.shape().dims()).map_err(wrap)?;
-        let mut y = bnorm::tuning::zeroed_buffer::<T>(x.len());
+        // The output is written by the kernels alone: allocated, not zeroed (huge pages
+        // from 4 MB on).
+        let mut y = bnorm::tuning::empty_buffer::<T>(x.len());
         let mut guard = self
             .result
             .lock()
@@ -116,19 +118,22 @@ impl BnOp {
         if let Some(mask) = &self.mask {
             opts = opts.masked(mask);
         }
-        let report = bnorm::expert::forward_into(
+        let report = bnorm::expert::forward_into_uninit(
             &self.cfg,
             g,
             &x,
             &params,
             state.as_mut(),
             self.mode,
-            &mut y,
+            &mut y.spare_capacity_mut()[..x.len()],
             &mut r.saved,
             &mut bnorm::expert::Workspace::default(),
             opts,
         )
         .map_err(wrap)?;
+        // SAFETY: the capacity is `x.len()`, and `forward_into_uninit` returned `Ok`, so
+        // it initialized every one of those elements.
+        unsafe { y.set_len(x.len()) };
         r.state = state;
         r.report = report;
         Ok((T::to_cpu_storage_owned(y), l.shape().clone()))
@@ -159,21 +164,24 @@ impl BnOp {
             .result
             .lock()
             .map_err(|_| candle_core::Error::msg("poisoned"))?;
-        let mut dx = bnorm::tuning::zeroed_buffer::<T>(xs.len());
+        let mut dx = bnorm::tuning::empty_buffer::<T>(xs.len());
         let mut grads = Grads::default();
-        bnorm::expert::backward_into(
+        bnorm::expert::backward_into_uninit(
             &self.cfg,
             g,
             &xs,
             &dys,
             params,
             &guard.saved,
-            &mut dx,
+            &mut dx.spare_capacity_mut()[..xs.len()],
             &mut grads,
             &mut bnorm::expert::Workspace::default(),
             bnorm::expert::Parallelism::Rayon,
         )
         .map_err(wrap)?;
+        // SAFETY: the capacity is `xs.len()`, and `backward_into_uninit` returned `Ok`, so
+        // it initialized every one of those elements.
+        unsafe { dx.set_len(xs.len()) };
         drop((xs, dys));
         drop((xst, dst));
         let dev = x.device();

@@ -12,7 +12,10 @@
 //! dx starts 48 bytes past x modulo 4 KiB (the 4K-aliasing case of heap-adjacent tensors),
 //! and with `DY_PAST_X=16` dy 16 bytes past x. With `COLD=1` a plain copy of as many
 //! bytes as the operation moves runs (untimed) before each call, as in the paired ratio
-//! of `bnorm bench`: the operation starts with its data out of the caches.
+//! of `bnorm bench`: the operation starts with its data out of the caches. With `ALLOC=1`
+//! each call goes through the allocating tier instead (`BatchNorm::forward` /
+//! `BatchNorm::backward`: a fresh output per call, dropped inside the timed interval), as
+//! `bench/peers.py --alternate` compares it with PyTorch, which allocates its outputs too.
 
 use bnorm::config::BackwardArithmetic;
 use bnorm::expert::{backward_into, forward_into, Grads, Parallelism, Saved, Workspace};
@@ -95,6 +98,13 @@ fn main() {
     } else {
         (vec![], vec![])
     };
+    // ALLOC=1: the allocating tier, through a layer that keeps its workspace.
+    let alloc = std::env::var("ALLOC").is_ok_and(|v| v == "1");
+    let mut layer = cfg.clone().build().unwrap();
+    layer.set_parallelism(par);
+    if alloc {
+        layer.forward(&x, &shape, layout, Mode::Train).unwrap();
+    }
     for _ in 0..reps {
         if cold {
             use rayon::prelude::*;
@@ -103,7 +113,18 @@ fn main() {
                 .for_each(|(d, s)| d.copy_from_slice(s));
         }
         let t = std::time::Instant::now();
-        if op == "bwd" {
+        if alloc {
+            match op.as_str() {
+                "bwd" => drop(layer.backward(&x, dy, &shape, layout).unwrap()),
+                "bwdrelu" => drop(
+                    layer
+                        .backward_relu(&x, &y, dy, &shape, layout, false)
+                        .unwrap(),
+                ),
+                "train" => drop(layer.forward(&x, &shape, layout, Mode::Train).unwrap()),
+                _ => drop(layer.forward(&x, &shape, layout, Mode::Inference).unwrap()),
+            }
+        } else if op == "bwd" {
             backward_into(&cfg, g, &x, dy, &p, &saved, dx, &mut grads, &mut ws, par).unwrap();
         } else if op == "bwdrelu" {
             // Through a ReLU whose output was y (the training forward's output above:

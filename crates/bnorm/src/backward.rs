@@ -13,6 +13,8 @@
 //! as above with `x̂` from the running statistics. Each is two passes over memory: one
 //! reduction (`Σdy`, `Σdy·(x − μ)`), one element-wise map.
 
+use std::mem::MaybeUninit;
+
 use crate::config::{BackwardArithmetic, Config};
 use crate::element::{DType, Element};
 use crate::error::Result;
@@ -70,21 +72,15 @@ pub fn backward<T: Element>(
     saved: &Saved,
 ) -> Result<Backward<T>> {
     check_input(cfg, g, x.len(), "x")?;
-    let mut dx = crate::buffer::output::<T>(x.len());
     let mut grads = Grads::default();
     let mut ws = Workspace::default();
-    backward_into(
-        cfg,
-        g,
-        x,
-        dy,
-        params,
-        saved,
-        &mut dx,
-        &mut grads,
-        &mut ws,
-        Parallelism::Rayon,
-    )?;
+    let step = |dx: &mut [MaybeUninit<T>]| {
+        let (grads, ws, par) = (&mut grads, &mut ws, Parallelism::Rayon);
+        backward_out(cfg, g, x, dy, params, saved, dx, None, grads, ws, par, None)
+    };
+    // SAFETY: a backward step that returns `Ok` has written every element of `dx`
+    // (`backward_out`'s contract).
+    let (dx, ()) = unsafe { crate::buffer::filled(x.len(), step) }?;
     Ok(Backward {
         dx,
         dweight: cfg.get_scale().then_some(grads.dweight),
@@ -127,13 +123,101 @@ pub fn backward_into<'a, T: Element>(
     ws: &mut Workspace,
     opts: impl Into<BackwardOptions<'a, T>>,
 ) -> Result<()> {
-    let opts = opts.into();
-    let planned = BackwardPlan::new(cfg, g, params, saved, &opts);
-    let BackwardOptions { epilogue, sync, .. } = opts;
-    let (relu, dres, residual): (Option<&[T]>, &mut [T], bool) = match epilogue {
-        BackwardEpilogue::None => (None, &mut [], false),
-        BackwardEpilogue::Relu { y } => (Some(y), &mut [], false),
-        BackwardEpilogue::AddRelu { y, dresidual } => (Some(y), dresidual, true),
+    let dx = crate::buffer::out(dx);
+    backward_into_uninit(cfg, g, x, dy, params, saved, dx, grads, ws, opts)
+}
+
+/// [`backward_into`] into a `dx` that may be uninitialized, such as the spare capacity of
+/// a `Vec`: the kernels write each element once and never read it. A step that returns
+/// `Ok` has initialized every element of `dx` (and of the residual's gradient); one that
+/// returns `Err` may have written any of them, or none.
+///
+/// ```
+/// use bnorm::{Config, Layout, Mode, Params, RunningState};
+/// use bnorm::expert::{backward_into_uninit, forward, Grads, Parallelism, Workspace};
+/// let cfg = Config::torch(1);
+/// let g = Layout::NC.geometry(&[4, 1])?;
+/// let (x, p) = ([1.0f64, 2.0, 4.0, 8.0], Params::init(&cfg));
+/// let f = forward(&cfg, g, &x, &p, RunningState::init(&cfg).as_ref(), Mode::Train)?;
+/// let mut dx: Vec<f64> = Vec::with_capacity(4);
+/// backward_into_uninit(&cfg, g, &x, &[1.0, 0.0, 0.0, 0.0], &p, &f.saved,
+///                      &mut dx.spare_capacity_mut()[..4], &mut Grads::default(),
+///                      &mut Workspace::default(), Parallelism::Sequential)?;
+/// // SAFETY: the step returned `Ok`, so it initialized all four elements.
+/// unsafe { dx.set_len(4) };
+/// assert!(dx.iter().sum::<f64>().abs() < 1e-12);
+/// # Ok::<(), bnorm::Error>(())
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn backward_into_uninit<'a, T: Element>(
+    cfg: &Config,
+    g: Geometry,
+    x: &[T],
+    dy: &[T],
+    params: &Params,
+    saved: &Saved,
+    dx: &mut [MaybeUninit<T>],
+    grads: &mut Grads,
+    ws: &mut Workspace,
+    opts: impl Into<BackwardOptions<'a, T>>,
+) -> Result<()> {
+    let BackwardOptions {
+        epilogue,
+        parallelism,
+        sync,
+    } = opts.into();
+    let relu = match epilogue {
+        BackwardEpilogue::None => None,
+        BackwardEpilogue::Relu { y } => Some((y, None)),
+        BackwardEpilogue::AddRelu { y, dresidual } => {
+            Some((y, Some(crate::buffer::out(dresidual))))
+        }
+    };
+    backward_out(
+        cfg,
+        g,
+        x,
+        dy,
+        params,
+        saved,
+        dx,
+        relu,
+        grads,
+        ws,
+        parallelism,
+        sync,
+    )
+}
+
+/// The operands of a backward step through a ReLU: the forward step's output `y` and,
+/// after `relu(bn(x) + residual)`, the output slice for the residual's gradient.
+pub(crate) type ReluOut<'a, T> = Option<(&'a [T], Option<&'a mut [MaybeUninit<T>]>)>;
+
+/// [`backward_into`] with `dx` (and the residual's gradient) as output slices, possibly
+/// uninitialized: a step that returns `Ok` has written every element of `dx` and of the
+/// residual's gradient (the masked map, the fused pass and the two-pass map each write
+/// the whole of both); one that returns `Err` may have written any of them.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn backward_out<T: Element>(
+    cfg: &Config,
+    g: Geometry,
+    x: &[T],
+    dy: &[T],
+    params: &Params,
+    saved: &Saved,
+    dx: &mut [MaybeUninit<T>],
+    relu: ReluOut<'_, T>,
+    grads: &mut Grads,
+    ws: &mut Workspace,
+    par: Parallelism,
+    sync: Option<&dyn Communicator>,
+) -> Result<()> {
+    let planned =
+        BackwardPlan::decide::<T>(cfg, g, params, saved, relu.is_some(), sync.is_some(), par);
+    let (relu, dres, residual): (Option<&[T]>, &mut [MaybeUninit<T>], bool) = match relu {
+        None => (None, &mut [], false),
+        Some((y, None)) => (Some(y), &mut [], false),
+        Some((y, Some(d))) => (Some(y), d, true),
     };
     let planned = planned.and_then(|p| {
         check_input(cfg, g, x.len(), "x")?;
@@ -255,10 +339,10 @@ fn backward_impl<T: Element>(
     plan: &BackwardPlan,
     x: &[T],
     dy: &[T],
-    relu: Option<(&[T], &mut [T])>,
+    relu: Option<(&[T], &mut [MaybeUninit<T>])>,
     params: &Params,
     saved: &Saved,
-    dx: &mut [T],
+    dx: &mut [MaybeUninit<T>],
     grads: &mut Grads,
     ws: &mut Workspace,
     comm: Option<&dyn Communicator>,
@@ -271,7 +355,7 @@ fn backward_impl<T: Element>(
     sums.clear();
     sums.resize(groups * c, (0.0, 0.0));
     let ghost = groups > 1 || !saved.group_of.is_empty();
-    let (y, dres): (Option<&[T]>, &mut [T]) = match relu {
+    let (y, dres): (Option<&[T]>, &mut [MaybeUninit<T>]) = match relu {
         Some((y, d)) => (Some(y), d),
         None => (None, &mut []),
     };
@@ -348,7 +432,7 @@ fn backward_impl<T: Element>(
             let r = nidx * per..(nidx + 1) * per;
             let (xs, ds) = (&x[r.clone()], &dy[r.clone()]);
             let relu = y.map(|y| {
-                let dr: &mut [T] = if dres.is_empty() {
+                let dr: &mut [MaybeUninit<T>] = if dres.is_empty() {
                     &mut []
                 } else {
                     &mut dres[r.clone()]

@@ -3,6 +3,7 @@
 //! element-wise maps run in f32 for every type but f64 (see `kernels`).
 
 use std::fmt;
+use std::mem::MaybeUninit;
 
 /// Re-export of the `half` crate's 16-bit float types used as storage.
 pub use half::{bf16, f16};
@@ -98,10 +99,11 @@ pub trait Element: Copy + Send + Sync + PartialEq + fmt::Debug + 'static {
     fn as_f32s(_: &[Self]) -> Option<&[f32]> {
         None
     }
-    /// The mutable slice as f32 values when this type is f32.
+    /// The output slice (see the kernels' outputs: written, never read, possibly
+    /// uninitialized) as f32 values when this type is f32.
     #[doc(hidden)]
     #[inline(always)]
-    fn as_f32s_mut(_: &mut [Self]) -> Option<&mut [f32]> {
+    fn as_f32s_out(_: &mut [MaybeUninit<Self>]) -> Option<&mut [MaybeUninit<f32>]> {
         None
     }
 }
@@ -129,7 +131,7 @@ impl Element for f32 {
         Some(xs)
     }
     #[inline(always)]
-    fn as_f32s_mut(xs: &mut [f32]) -> Option<&mut [f32]> {
+    fn as_f32s_out(xs: &mut [MaybeUninit<f32>]) -> Option<&mut [MaybeUninit<f32>]> {
         Some(xs)
     }
 }

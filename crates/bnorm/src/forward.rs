@@ -5,6 +5,8 @@
 //! state in place, and reuses `saved` and the [`Workspace`] so a warmed-up training step
 //! allocates nothing. Both validate everything before writing anything.
 
+use std::mem::MaybeUninit;
+
 use crate::config::Config;
 use crate::element::Element;
 use crate::error::{Error, Result};
@@ -187,22 +189,17 @@ pub fn forward<T: Element>(
     mode: Mode,
 ) -> Result<Forward<T>> {
     check_input(cfg, g, x.len(), "x")?;
-    let mut y = crate::buffer::output::<T>(x.len());
     let mut new_state = state.cloned();
     let mut saved = Saved::default();
     let mut ws = Workspace::default();
-    let report = forward_into(
-        cfg,
-        g,
-        x,
-        params,
-        new_state.as_mut(),
-        mode,
-        &mut y,
-        &mut saved,
-        &mut ws,
-        Parallelism::Rayon,
-    )?;
+    let step = |y: &mut [MaybeUninit<T>]| {
+        let st = new_state.as_mut();
+        let opts = Options::from(Parallelism::Rayon);
+        forward_out(cfg, g, x, params, st, mode, y, &mut saved, &mut ws, opts)
+    };
+    // SAFETY: a forward step that returns `Ok` has written every element of `y`
+    // (`forward_out`'s contract).
+    let (y, report) = unsafe { crate::buffer::filled(x.len(), step) }?;
     Ok(Forward {
         y,
         state: new_state,
@@ -274,7 +271,64 @@ pub fn forward_into<'a, T: Element>(
     ws: &mut Workspace,
     opts: impl Into<Options<'a, T>>,
 ) -> Result<StepReport> {
-    let opts = opts.into();
+    let y = crate::buffer::out(y);
+    forward_out(cfg, g, x, params, state, mode, y, saved, ws, opts.into())
+}
+
+/// [`forward_into`] into an output that may be uninitialized, such as the spare capacity
+/// of a `Vec` (`Vec::spare_capacity_mut`): the kernels write each element of `y` once
+/// and never read it, so the output needs no zeroing first. A step that returns `Ok` has
+/// initialized every element of `y`; one that returns `Err` may have written any of
+/// them, or none (every plan ends in the output map or the fused pass, each of which
+/// writes the whole output).
+///
+/// ```
+/// use std::mem::MaybeUninit;
+/// use bnorm::{Config, Layout, Mode, Params, RunningState};
+/// use bnorm::expert::{forward_into_uninit, Parallelism, Saved, Workspace};
+/// let cfg = Config::torch(1);
+/// let g = Layout::NC.geometry(&[4, 1])?;
+/// let (p, mut s) = (Params::init(&cfg), RunningState::init(&cfg));
+/// let x = [1.0f32, 2.0, 3.0, 4.0];
+/// let mut y: Vec<f32> = Vec::with_capacity(x.len());
+/// let out: &mut [MaybeUninit<f32>] = &mut y.spare_capacity_mut()[..x.len()];
+/// forward_into_uninit(&cfg, g, &x, &p, s.as_mut(), Mode::Train, out, &mut Saved::default(),
+///                     &mut Workspace::default(), Parallelism::Sequential)?;
+/// // SAFETY: the step returned `Ok`, so it initialized all `x.len()` elements.
+/// unsafe { y.set_len(x.len()) };
+/// assert!(y.iter().sum::<f32>().abs() < 1e-6);
+/// # Ok::<(), bnorm::Error>(())
+/// ```
+#[allow(clippy::too_many_arguments)]
+pub fn forward_into_uninit<'a, T: Element>(
+    cfg: &Config,
+    g: Geometry,
+    x: &[T],
+    params: &Params,
+    state: Option<&mut RunningState>,
+    mode: Mode,
+    y: &mut [MaybeUninit<T>],
+    saved: &mut Saved,
+    ws: &mut Workspace,
+    opts: impl Into<Options<'a, T>>,
+) -> Result<StepReport> {
+    forward_out(cfg, g, x, params, state, mode, y, saved, ws, opts.into())
+}
+
+/// [`forward_into_uninit`] with its options given.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn forward_out<T: Element>(
+    cfg: &Config,
+    g: Geometry,
+    x: &[T],
+    params: &Params,
+    state: Option<&mut RunningState>,
+    mode: Mode,
+    y: &mut [MaybeUninit<T>],
+    saved: &mut Saved,
+    ws: &mut Workspace,
+    opts: Options<'_, T>,
+) -> Result<StepReport> {
     let planned = ForwardPlan::new(cfg, g, params, state.as_deref(), mode, &opts).and_then(|p| {
         check_input(cfg, g, x.len(), "x")?;
         check_input(cfg, g, y.len(), "y")?;
@@ -338,7 +392,7 @@ fn execute<T: Element>(
     ep: Ep<'_, T>,
     params: &Params,
     state: Option<&RunningState>,
-    y: &mut [T],
+    y: &mut [MaybeUninit<T>],
     saved: &mut Saved,
     ws: &mut Workspace,
     comm: Option<&dyn Communicator>,
@@ -573,7 +627,7 @@ fn write_output<T: Element>(
     x: &[T],
     ep: Ep<'_, T>,
     saved: &Saved,
-    y: &mut [T],
+    y: &mut [MaybeUninit<T>],
     par: Parallelism,
 ) {
     let c = g.channels;

@@ -1,15 +1,17 @@
 //! The stateful layer: configuration, parameters, running statistics and the saved
 //! statistics of the last forward step, over the functional core.
 
-use crate::backward::{backward_into, Backward, Grads};
+use std::mem::MaybeUninit;
+
+use crate::backward::{backward_into, Backward, Grads, ReluOut};
 use crate::config::Config;
 use crate::element::Element;
 use crate::error::{Error, Result};
-use crate::forward::{forward_into, Saved, StepReport};
+use crate::forward::{Saved, StepReport};
 use crate::kernels::Workspace;
 use crate::layout::Layout;
 use crate::parallel::Parallelism;
-use crate::plan::{BackwardEpilogue, BackwardOptions, Epilogue, Options};
+use crate::plan::{BackwardOptions, Epilogue, Options};
 use crate::running::PendingUpdate;
 use crate::state::{Mode, Params, RunningState};
 
@@ -221,9 +223,8 @@ impl BatchNorm {
         layout: Layout,
         mode: Mode,
     ) -> Result<(Vec<T>, StepReport)> {
-        let mut y = crate::buffer::output::<T>(x.len());
-        let report = self.forward_into(x, shape, layout, mode, &mut y)?;
-        Ok((y, report))
+        let opts = Options::from(self.par);
+        self.forward_alloc(x, shape, layout, mode, opts)
     }
 
     /// Masked forward step (Keras 3's `mask`, see [`mod@crate::masked`]), allocating its
@@ -259,10 +260,8 @@ impl BatchNorm {
                 got: mask.len(),
             });
         }
-        let mut y = crate::buffer::output::<T>(x.len());
         let opts = Options::from(self.par).masked(mask);
-        let report = self.forward_with(x, shape, layout, mode, &mut y, opts)?;
-        Ok((y, report))
+        self.forward_alloc(x, shape, layout, mode, opts)
     }
 
     /// Forward step into a caller buffer (no allocation once warmed up).
@@ -304,20 +303,40 @@ impl BatchNorm {
         y: &mut [T],
         opts: Options<'a, T>,
     ) -> Result<StepReport> {
+        self.forward_out(x, shape, layout, mode, crate::buffer::out(y), opts)
+    }
+
+    /// [`forward_with`](BatchNorm::forward_with) into an output slice, possibly
+    /// uninitialized: every element written when it returns `Ok`.
+    fn forward_out<T: Element>(
+        &mut self,
+        x: &[T],
+        shape: &[usize],
+        layout: Layout,
+        mode: Mode,
+        y: &mut [MaybeUninit<T>],
+        opts: Options<'_, T>,
+    ) -> Result<StepReport> {
         let g = layout.geometry(shape)?;
         let (state, saved, ws) = (self.state.as_mut(), &mut self.saved, &mut self.ws);
-        forward_into(
-            &self.cfg,
-            g,
-            x,
-            &self.params,
-            state,
-            mode,
-            y,
-            saved,
-            ws,
-            opts,
-        )
+        let (cfg, params) = (&self.cfg, &self.params);
+        crate::forward::forward_out(cfg, g, x, params, state, mode, y, saved, ws, opts)
+    }
+
+    /// [`forward_with`](BatchNorm::forward_with) into a fresh output, allocated without
+    /// zeroing (the kernels write each element once).
+    fn forward_alloc<T: Element>(
+        &mut self,
+        x: &[T],
+        shape: &[usize],
+        layout: Layout,
+        mode: Mode,
+        opts: Options<'_, T>,
+    ) -> Result<(Vec<T>, StepReport)> {
+        let step = |y: &mut [MaybeUninit<T>]| self.forward_out(x, shape, layout, mode, y, opts);
+        // SAFETY: a forward step that returns `Ok` has written every element of `y`
+        // (`forward::forward_out`'s contract).
+        unsafe { crate::buffer::filled(x.len(), step) }
     }
 
     /// Fused `y = relu(bn(x) [+ residual])` (see [`Epilogue`]), allocating its output.
@@ -329,11 +348,9 @@ impl BatchNorm {
         layout: Layout,
         mode: Mode,
     ) -> Result<(Vec<T>, StepReport)> {
-        let mut y = crate::buffer::output::<T>(x.len());
         let ep = residual.map_or(Epilogue::Relu, Epilogue::AddRelu);
         let opts = Options::from(self.par).epilogue(ep);
-        let report = self.forward_with(x, shape, layout, mode, &mut y, opts)?;
-        Ok((y, report))
+        self.forward_alloc(x, shape, layout, mode, opts)
     }
 
     /// Backward of [`forward_relu`](BatchNorm::forward_relu) from its output `y`; returns the
@@ -347,19 +364,32 @@ impl BatchNorm {
         layout: Layout,
         with_residual: bool,
     ) -> Result<(Backward<T>, Option<Vec<T>>)> {
-        let mut dx = crate::buffer::output::<T>(x.len());
-        let mut dres = with_residual.then(|| crate::buffer::output::<T>(x.len()));
-        let mut grads = Grads::default();
-        let ep = match dres.as_deref_mut() {
-            Some(dresidual) => BackwardEpilogue::AddRelu { y, dresidual },
-            None => BackwardEpilogue::Relu { y },
+        let (n, mut all) = (x.len(), Grads::default());
+        let grads = &mut all;
+        let (dx, dres) = if with_residual {
+            let step = |dr: &mut [MaybeUninit<T>]| {
+                let step = |dx: &mut [MaybeUninit<T>]| {
+                    self.backward_out(x, dy, shape, layout, dx, Some((y, Some(dr))), grads)
+                };
+                // SAFETY: a backward step that returns `Ok` has written every element of
+                // `dx` and of the residual's gradient (`backward::backward_out`'s contract).
+                unsafe { crate::buffer::filled(n, step) }
+            };
+            // SAFETY: as above, for the residual's gradient.
+            let (dres, (dx, ())) = unsafe { crate::buffer::filled(n, step) }?;
+            (dx, Some(dres))
+        } else {
+            let step = |dx: &mut [MaybeUninit<T>]| {
+                self.backward_out(x, dy, shape, layout, dx, Some((y, None)), grads)
+            };
+            // SAFETY: as above.
+            let (dx, ()) = unsafe { crate::buffer::filled(n, step) }?;
+            (dx, None)
         };
-        let opts = BackwardOptions::from(self.par).epilogue(ep);
-        self.backward_with(x, dy, shape, layout, &mut dx, &mut grads, opts)?;
         let b = Backward {
             dx,
-            dweight: self.cfg.get_scale().then_some(grads.dweight),
-            dbias: self.cfg.get_center().then_some(grads.dbias),
+            dweight: self.cfg.get_scale().then_some(all.dweight),
+            dbias: self.cfg.get_center().then_some(all.dbias),
         };
         Ok((b, dres))
     }
@@ -373,9 +403,8 @@ impl BatchNorm {
         shape: &[usize],
         layout: Layout,
     ) -> Result<(Vec<T>, StepReport, Option<PendingUpdate>)> {
-        let mut y = crate::buffer::output::<T>(x.len());
         let opts = Options::from(self.par).defer();
-        let mut report = self.forward_with(x, shape, layout, Mode::Train, &mut y, opts)?;
+        let (y, mut report) = self.forward_alloc(x, shape, layout, Mode::Train, opts)?;
         let pending = report.pending.take();
         Ok((y, report, pending))
     }
@@ -407,9 +436,13 @@ impl BatchNorm {
         shape: &[usize],
         layout: Layout,
     ) -> Result<Backward<T>> {
-        let mut dx = crate::buffer::output::<T>(x.len());
         let mut grads = Grads::default();
-        self.backward_into(x, dy, shape, layout, &mut dx, &mut grads)?;
+        let step = |dx: &mut [MaybeUninit<T>]| {
+            self.backward_out(x, dy, shape, layout, dx, None, &mut grads)
+        };
+        // SAFETY: a backward step that returns `Ok` has written every element of `dx`
+        // (`backward::backward_out`'s contract).
+        let (dx, ()) = unsafe { crate::buffer::filled(x.len(), step) }?;
         Ok(Backward {
             dx,
             dweight: self.cfg.get_scale().then_some(grads.dweight),
@@ -448,5 +481,25 @@ impl BatchNorm {
         let g = layout.geometry(shape)?;
         let (cfg, params, saved) = (&self.cfg, &self.params, &self.saved);
         backward_into(cfg, g, x, dy, params, saved, dx, grads, &mut self.ws, opts)
+    }
+
+    /// The layer's backward step (its threads, not synchronized) into output slices,
+    /// possibly uninitialized: every element of `dx` and of the residual's gradient
+    /// written when it returns `Ok`.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_out<T: Element>(
+        &mut self,
+        x: &[T],
+        dy: &[T],
+        shape: &[usize],
+        layout: Layout,
+        dx: &mut [MaybeUninit<T>],
+        relu: ReluOut<'_, T>,
+        grads: &mut Grads,
+    ) -> Result<()> {
+        let g = layout.geometry(shape)?;
+        let (cfg, params, saved, ws) = (&self.cfg, &self.params, &self.saved, &mut self.ws);
+        let par = self.par;
+        crate::backward::backward_out(cfg, g, x, dy, params, saved, dx, relu, grads, ws, par, None)
     }
 }

@@ -112,10 +112,14 @@ pub mod expert {
     //! synchronized batch norm) so that every combination exists. Each call builds a
     //! [`ForwardPlan`] or [`BackwardPlan`] — every decision of the step, validated before
     //! any data is touched — and executes it. [`forward`] and [`backward`] allocate their
-    //! outputs. A warmed-up training step of this tier allocates nothing (ghost batches
-    //! excepted).
-    pub use crate::backward::{backward, backward_into, Backward, Grads};
-    pub use crate::forward::{forward, forward_into, Forward, Normalized, Saved, StepReport};
+    //! outputs (without zeroing them: the kernels write every element once);
+    //! [`forward_into_uninit`] and [`backward_into_uninit`] write into outputs that may be
+    //! uninitialized, for callers that allocate their own. A warmed-up training step of
+    //! this tier allocates nothing (ghost batches excepted).
+    pub use crate::backward::{backward, backward_into, backward_into_uninit, Backward, Grads};
+    pub use crate::forward::{
+        forward, forward_into, forward_into_uninit, Forward, Normalized, Saved, StepReport,
+    };
     pub use crate::kernels::Workspace;
     pub use crate::layout::Geometry;
     pub use crate::parallel::Parallelism;
@@ -131,7 +135,7 @@ pub mod expert {
 pub mod tuning {
     //! Knobs for speed that never change results: the instruction-set level, the
     //! parallelism threshold, channel grouping of the fused passes, huge-page buffers.
-    pub use crate::buffer::zeroed_buffer;
+    pub use crate::buffer::{empty_buffer, zeroed_buffer};
     pub use crate::kernels::{fused_channels, simd_level, with_simd_level, SimdLevel};
     pub use crate::parallel::PARALLEL_THRESHOLD;
 }

@@ -20,6 +20,8 @@
 //! This path runs at reference speed: one scalar f64 pass for the statistics (the output
 //! map is the fast kernel's) and one scalar pass for the gradient.
 
+use std::mem::MaybeUninit;
+
 use crate::element::Element;
 use crate::error::{Error, Result};
 use crate::layout::Geometry;
@@ -100,7 +102,7 @@ pub(crate) fn backward<T: Element>(
     k: usize,
     params: &Params,
     (count, mean, invstd): (&[f64], &[f64], &[f64]),
-    dx: &mut [T],
+    dx: &mut [MaybeUninit<T>],
     dweight: &mut Vec<f64>,
     dbias: &mut Vec<f64>,
 ) {
@@ -134,6 +136,6 @@ pub(crate) fn backward<T: Element>(
         if mask[i / k] {
             v += p + q * (x[i].to_f64() - mean[ch]);
         }
-        dx[i] = T::from_f64(v);
+        dx[i].write(T::from_f64(v));
     }
 }

@@ -528,6 +528,21 @@ impl BackwardPlan {
         opts: &BackwardOptions<'_, T>,
     ) -> Result<BackwardPlan> {
         let relu = !matches!(opts.epilogue, BackwardEpilogue::None);
+        let (synchronized, par) = (opts.sync.is_some(), opts.parallelism);
+        BackwardPlan::decide::<T>(cfg, g, params, saved, relu, synchronized, par)
+    }
+
+    /// [`BackwardPlan::new`] from what it reads of the options: whether the step ends in
+    /// a ReLU, whether it is synchronized, and its threads.
+    pub(crate) fn decide<T: Element>(
+        cfg: &Config,
+        g: Geometry,
+        params: &Params,
+        saved: &Saved,
+        relu: bool,
+        synchronized: bool,
+        parallelism: Parallelism,
+    ) -> Result<BackwardPlan> {
         params.validate(cfg)?;
         check_channels(cfg, g)?;
         if saved.geometry != Some(g) {
@@ -543,7 +558,6 @@ impl BackwardPlan {
             });
         }
         let ghost = groups > 1 || !saved.group_of.is_empty();
-        let synchronized = opts.sync.is_some();
         if !saved.mask.is_empty() && (relu || synchronized) {
             return Err(Error::SavedMismatch {
                 reason: "a masked step has no epilogue and is not synchronized",
@@ -563,10 +577,10 @@ impl BackwardPlan {
                 && !ghost
                 && g.inner > 1
                 && g.channels.div_ceil(kernels::fused_channels::<T>(g, arrays))
-                    >= 2 * threads(opts.parallelism),
+                    >= 2 * threads(parallelism),
             f32_map: crate::backward::f32_map::<T>(cfg),
             synchronized,
-            parallelism: opts.parallelism,
+            parallelism,
         })
     }
 }

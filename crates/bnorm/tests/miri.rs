@@ -163,3 +163,132 @@ fn ghost_batches_on_small_shapes() {
         check::<f32>(&cfg, layout, shape, Mode::Train, true);
     }
 }
+
+/// The allocating tier writes into memory nobody initialized (`Vec` capacity, not
+/// zeroed): under Miri, reading an element that a path forgot to write is an error. Each
+/// allocating call is compared, bit for bit, with the same call into zeroed caller
+/// buffers, over every path that writes an output: the row and run maps, the fused
+/// passes, ghost batches, masks, the ReLU epilogues and the residual's gradient, the
+/// running-statistics map, and 16-bit storage.
+#[test]
+fn the_allocating_tier_writes_every_element() {
+    use bnorm::element::bf16;
+    use bnorm::BatchNorm;
+    fn run<T: Element + PartialEq + std::fmt::Debug>(cfg: Config, layout: Layout, shape: &[usize]) {
+        let n: usize = shape.iter().product();
+        let x: Vec<T> = data(n, 3).iter().map(|&v| T::from_f64(v)).collect();
+        let dy: Vec<T> = data(n, 4).iter().map(|&v| T::from_f64(v)).collect();
+        let r: Vec<T> = data(n, 5).iter().map(|&v| T::from_f64(v * 0.5)).collect();
+        let layer = || {
+            let mut bn: BatchNorm = cfg.clone().build().unwrap();
+            bn.set_parallelism(Parallelism::Sequential);
+            bn
+        };
+        let (mut a, mut b) = (layer(), layer());
+        let zero = T::from_f64(0.0);
+        for mode in [Mode::Train, Mode::Inference, Mode::Frozen] {
+            // forward, backward
+            let (y, _) = a.forward(&x, shape, layout, mode).unwrap();
+            let mut y2 = vec![zero; n];
+            b.forward_into(&x, shape, layout, mode, &mut y2).unwrap();
+            assert_eq!(y, y2, "{layout:?} {mode:?} forward");
+            let g = a.backward(&x, &dy, shape, layout).unwrap();
+            let (mut dx2, mut grads) = (vec![zero; n], Grads::default());
+            b.backward_into(&x, &dy, shape, layout, &mut dx2, &mut grads)
+                .unwrap();
+            assert_eq!(g.dx, dx2, "{layout:?} {mode:?} backward");
+            // through a ReLU, with and without a residual and its gradient
+            for res in [None, Some(&r[..])] {
+                let (y, _) = a.forward_relu(&x, res, shape, layout, mode).unwrap();
+                let ep = res.map_or(Epilogue::Relu, Epilogue::AddRelu);
+                let opts = Options::from(Parallelism::Sequential).epilogue(ep);
+                b.forward_with(&x, shape, layout, mode, &mut y2, opts)
+                    .unwrap();
+                assert_eq!(y, y2, "{layout:?} {mode:?} forward_relu");
+                let (g, dres) = a
+                    .backward_relu(&x, &y, &dy, shape, layout, res.is_some())
+                    .unwrap();
+                let mut dres2 = vec![zero; n];
+                let ep = match res {
+                    Some(_) => BackwardEpilogue::AddRelu {
+                        y: &y2,
+                        dresidual: &mut dres2,
+                    },
+                    None => BackwardEpilogue::Relu { y: &y2 },
+                };
+                let opts = BackwardOptions::from(Parallelism::Sequential).epilogue(ep);
+                b.backward_with(&x, &dy, shape, layout, &mut dx2, &mut grads, opts)
+                    .unwrap();
+                assert_eq!(g.dx, dx2, "{layout:?} {mode:?} backward_relu");
+                assert_eq!(dres.is_some(), res.is_some());
+                if let Some(d) = dres {
+                    assert_eq!(d, dres2, "{layout:?} {mode:?} residual gradient");
+                }
+            }
+        }
+        // The functional tier (its allocating functions use the rayon pool, whose
+        // start-up Miri's Stacked Borrows rejects inside crossbeam-epoch: checked on
+        // stable only; they share `forward_out` / `backward_out` with the layer above).
+        if cfg!(miri) {
+            return;
+        }
+        let g = layout.geometry(shape).unwrap();
+        let p = a.params().clone();
+        let f = bnorm::expert::forward(&cfg, g, &x, &p, a.running_state(), Mode::Train).unwrap();
+        let mut y2 = vec![zero; n];
+        let mut s2 = a.running_state().cloned();
+        let (mut saved, mut ws) = (Saved::default(), Workspace::default());
+        let opts = Options::from(Parallelism::Rayon);
+        forward_into(
+            &cfg,
+            g,
+            &x,
+            &p,
+            s2.as_mut(),
+            Mode::Train,
+            &mut y2,
+            &mut saved,
+            &mut ws,
+            opts,
+        )
+        .unwrap();
+        assert_eq!(f.y, y2, "{layout:?} expert::forward");
+        let bw = bnorm::expert::backward(&cfg, g, &x, &dy, &p, &f.saved).unwrap();
+        let (mut dx2, mut grads) = (vec![zero; n], Grads::default());
+        let opts = BackwardOptions::from(Parallelism::Rayon);
+        backward_into(
+            &cfg, g, &x, &dy, &p, &saved, &mut dx2, &mut grads, &mut ws, opts,
+        )
+        .unwrap();
+        assert_eq!(bw.dx, dx2, "{layout:?} expert::backward");
+        // bad input: an error, nothing returned
+        assert!(a.forward(&x[1..], shape, layout, Mode::Train).is_err());
+        assert!(bnorm::expert::backward(&cfg, g, &x, &dy[1..], &p, &f.saved).is_err());
+    }
+    let cases: [(Layout, &[usize]); 4] = [
+        (Layout::NC, &[5, 3]),
+        (Layout::NCHW, &[2, 5, 2, 3]), // the fused passes
+        (Layout::NCHW, &[3, 1, 2, 2]),
+        (Layout::NHWC, &[2, 2, 3, 3]),
+    ];
+    for (layout, shape) in cases {
+        let c = layout.geometry(shape).unwrap().channels;
+        run::<f32>(Config::torch(c), layout, shape);
+        run::<bf16>(Config::keras(c), layout, shape);
+    }
+    // ghost batches (per-sample kernel calls)
+    let cfg = Config::torch(2).variant(Variant::Ghost(Ghost::strided(2)));
+    run::<f32>(cfg, Layout::NCHW, &[4, 2, 1, 3]);
+    // masks (the masked statistics and gradient, written by scalar code)
+    let mut bn = Config::keras(2).build().unwrap();
+    bn.set_parallelism(Parallelism::Sequential);
+    let x: Vec<f64> = data(12, 6);
+    let mask = [true, true, false, true, true, false];
+    let (y, _) = bn
+        .forward_masked(&x, &mask, &[2, 3, 2], Layout::NLC, Mode::Train)
+        .unwrap();
+    let g = bn
+        .backward(&x, &data(12, 7), &[2, 3, 2], Layout::NLC)
+        .unwrap();
+    assert!(y.iter().chain(&g.dx).all(|v| v.is_finite()));
+}

@@ -7,11 +7,12 @@
 
 use rayon::prelude::*;
 
-#[cfg(target_arch = "x86_64")]
 use super::coefs::x86::{Broadcast, Table};
 use super::coefs::{coef_table, columns, map_run, Affine2, Affine2At, Arith};
 use super::schedule::{rows_per_task, Scratch};
 use super::simd::{self, Isa};
+#[cfg(target_arch = "x86_64")]
+use super::Out;
 use super::{stream_fence, stream_wanted};
 use crate::element::{DType, Element};
 use crate::layout::Geometry;
@@ -21,15 +22,15 @@ use crate::parallel::Parallelism;
 mod x86;
 
 simd::dispatch! {
-    fn run_affine2<T>(xs: &[T], ds: &[T], os: &mut [T], at: Affine2At);
-    fn rows_affine2<T>(xs: &[T], ds: &[T], os: &mut [T], map: Affine2<'_>);
-    fn run_affine2_relu<T>(xs: &[T], ys: &[T], ds: &[T], os: &mut [T], rs: &mut [T], at: Affine2At);
-    fn rows_affine2_relu<T>(xs: &[T], ys: &[T], ds: &[T], os: &mut [T], rs: &mut [T], map: Affine2<'_>);
+    fn run_affine2<T>(xs: &[T], ds: &[T], os: &mut Out<T>, at: Affine2At);
+    fn rows_affine2<T>(xs: &[T], ds: &[T], os: &mut Out<T>, map: Affine2<'_>);
+    fn run_affine2_relu<T>(xs: &[T], ys: &[T], ds: &[T], os: &mut Out<T>, rs: &mut Out<T>, at: Affine2At);
+    fn rows_affine2_relu<T>(xs: &[T], ys: &[T], ds: &[T], os: &mut Out<T>, rs: &mut Out<T>, map: Affine2<'_>);
 }
 
 /// The operands of a backward step through a ReLU: the forward's output `y`, and `dres`,
 /// which receives the masked gradient `dz` for an added residual (empty: not wanted).
-pub(crate) type Relu<'a, T> = Option<(&'a [T], &'a mut [T])>;
+pub(crate) type Relu<'a, T> = Option<(&'a [T], &'a mut Out<T>)>;
 
 /// `dx = a[c]·dz + b[c]·(x − center[c]) + k[c]` for every element, with `dz = dy`, or
 /// through a ReLU whose output was `y` when `relu = Some((y, dres))`: `dz = dy·[y > 0]`,
@@ -40,7 +41,7 @@ pub(crate) fn affine2<T: Element>(
     dy: &[T],
     relu: Relu<'_, T>,
     map: Affine2<'_>,
-    dx: &mut [T],
+    dx: &mut Out<T>,
     par: Parallelism,
 ) {
     if g.is_empty() {
@@ -58,7 +59,7 @@ fn affine2_plain<T: Element>(
     x: &[T],
     dy: &[T],
     map: Affine2<'_>,
-    dx: &mut [T],
+    dx: &mut Out<T>,
     par: Parallelism,
 ) {
     let isa = Isa::of_call();
@@ -67,7 +68,7 @@ fn affine2_plain<T: Element>(
     let chunk = rows_per_task(row) * row;
     let nt = stream_wanted::<T>(dx.len());
     let table = (nt && g.inner == 1).then(|| Table2::new(map));
-    let body = |((xs, ds), os): ((&[T], &[T]), &mut [T])| {
+    let body = |((xs, ds), os): ((&[T], &[T]), &mut Out<T>)| {
         if g.inner == 1 {
             if let Some(t) = &table {
                 if stream_rows_affine2(isa, xs, None, ds, os, t) {
@@ -104,16 +105,16 @@ fn affine2_plain<T: Element>(
 }
 
 /// One task's slices of x, y, dy and dx.
-type Chunk4<'a, T> = (((&'a [T], &'a [T]), &'a [T]), &'a mut [T]);
+type Chunk4<'a, T> = (((&'a [T], &'a [T]), &'a [T]), &'a mut Out<T>);
 
 /// [`affine2`] through a ReLU.
 fn affine2_masked<T: Element>(
     g: Geometry,
     x: &[T],
-    (y, dres): (&[T], &mut [T]),
+    (y, dres): (&[T], &mut Out<T>),
     dy: &[T],
     map: Affine2<'_>,
-    dx: &mut [T],
+    dx: &mut Out<T>,
     par: Parallelism,
 ) {
     let isa = Isa::of_call();
@@ -123,7 +124,7 @@ fn affine2_masked<T: Element>(
     let with_res = !dres.is_empty();
     let nt = stream_wanted::<T>(dx.len());
     let table = (nt && g.inner == 1).then(|| Table2::new(map));
-    let body = |(((xs, ys), ds), os): Chunk4<'_, T>, rs: &mut [T]| {
+    let body = |(((xs, ys), ds), os): Chunk4<'_, T>, rs: &mut Out<T>| {
         if g.inner == 1 {
             if let Some(t) = &table {
                 if stream_rows_affine2(isa, xs, Some((ys, &mut *rs)), ds, os, t) {
@@ -179,7 +180,7 @@ pub(super) fn run_affine2_nt<T: Element>(
     isa: Isa,
     xs: &[T],
     ds: &[T],
-    os: &mut [T],
+    os: &mut Out<T>,
     at: Affine2At,
     stream: bool,
 ) {
@@ -204,9 +205,9 @@ fn coefs2(at: Affine2At) -> Coefs2 {
 pub(super) fn run_affine2_relu_nt<T: Element>(
     isa: Isa,
     xs: &[T],
-    (ys, rs): (&[T], &mut [T]),
+    (ys, rs): (&[T], &mut Out<T>),
     ds: &[T],
-    os: &mut [T],
+    os: &mut Out<T>,
     at: Affine2At,
     stream: bool,
 ) {
@@ -236,7 +237,7 @@ fn stream_run_affine2<T: Element>(
     xs: &[T],
     relu: Relu<'_, T>,
     ds: &[T],
-    os: &mut [T],
+    os: &mut Out<T>,
     coefs: Coefs2,
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -269,12 +270,12 @@ fn stream_views<'a, T: Element>(
     isa: Isa,
     xs: &'a [T],
     ds: &'a [T],
-    os: &'a mut [T],
-) -> Option<(&'a [f32], &'a [f32], &'a mut [f32])> {
+    os: &'a mut Out<T>,
+) -> Option<(&'a [f32], &'a [f32], &'a mut Out<f32>)> {
     if !super::stream_available(isa) {
         return None;
     }
-    Some((T::as_f32s(xs)?, T::as_f32s(ds)?, T::as_f32s_mut(os)?))
+    Some((T::as_f32s(xs)?, T::as_f32s(ds)?, T::as_f32s_out(os)?))
 }
 
 /// The coefficient table of a channels-last backward map for `c` channels and its run
@@ -321,7 +322,7 @@ fn stream_rows_affine2<T: Element>(
     xs: &[T],
     relu: Relu<'_, T>,
     ds: &[T],
-    os: &mut [T],
+    os: &mut Out<T>,
     table: &Table2,
 ) -> bool {
     #[cfg(target_arch = "x86_64")]
@@ -363,11 +364,11 @@ fn stream_rows_affine2<T: Element>(
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 fn with_relu32<T: Element, R>(
     relu: Relu<'_, T>,
-    f: impl FnOnce(Option<(&[f32], &mut [f32])>) -> R,
+    f: impl FnOnce(Option<(&[f32], &mut Out<f32>)>) -> R,
 ) -> Option<R> {
     match relu {
         None => Some(f(None)),
-        Some((y, r)) => match (T::as_f32s(y), T::as_f32s_mut(r)) {
+        Some((y, r)) => match (T::as_f32s(y), T::as_f32s_out(r)) {
             (Some(y), Some(r)) => Some(f(Some((y, r)))),
             _ => None,
         },
@@ -484,15 +485,15 @@ fn masked_store<T: Element>(y: T, dy: T) -> T {
 
 /// `o = a·dy + b·(x − m) + k` over a contiguous run.
 #[inline(always)]
-pub(crate) fn run_affine2<T: Element>(xs: &[T], ds: &[T], os: &mut [T], at: Affine2At) {
+pub(crate) fn run_affine2<T: Element>(xs: &[T], ds: &[T], os: &mut Out<T>, at: Affine2At) {
     by_backward_arith!(at.narrow, run_affine2_in::<T>(xs, ds, os, at))
 }
 
 #[inline(always)]
-fn run_affine2_in<T: Element, A: Arith>(xs: &[T], ds: &[T], os: &mut [T], at: Affine2At) {
+fn run_affine2_in<T: Element, A: Arith>(xs: &[T], ds: &[T], os: &mut Out<T>, at: Affine2At) {
     let [h, a, d0, b, k] = affine2_coefs_at::<A>(at);
     for ((o, x), d) in os.iter_mut().zip(xs).zip(ds) {
-        *o = (a * centered(A::load(*d), d0) + b * (A::load(*x) - h) + k).store();
+        o.write((a * centered(A::load(*d), d0) + b * (A::load(*x) - h) + k).store());
     }
 }
 
@@ -503,8 +504,8 @@ pub(crate) fn run_affine2_relu<T: Element>(
     xs: &[T],
     ys: &[T],
     ds: &[T],
-    os: &mut [T],
-    rs: &mut [T],
+    os: &mut Out<T>,
+    rs: &mut Out<T>,
     at: Affine2At,
 ) {
     by_backward_arith!(at.narrow, run_affine2_relu_in::<T>(xs, ys, ds, os, rs, at))
@@ -515,23 +516,23 @@ fn run_affine2_relu_in<T: Element, A: Arith>(
     xs: &[T],
     ys: &[T],
     ds: &[T],
-    os: &mut [T],
-    rs: &mut [T],
+    os: &mut Out<T>,
+    rs: &mut Out<T>,
     at: Affine2At,
 ) {
     let [h, a, d0, b, k] = affine2_coefs_at::<A>(at);
     for (((o, x), y), d) in os.iter_mut().zip(xs).zip(ys).zip(ds) {
         let dz: A = masked(*y, *d);
-        *o = (a * centered(dz, d0) + b * (A::load(*x) - h) + k).store();
+        o.write((a * centered(dz, d0) + b * (A::load(*x) - h) + k).store());
     }
     for ((r, y), d) in rs.iter_mut().zip(ys).zip(ds) {
-        *r = masked_store(*y, *d);
+        r.write(masked_store(*y, *d));
     }
 }
 
 /// `o = a·dy + b·(x − center) + k` on channels-last rows, in the map's arithmetic.
 #[inline(always)]
-pub(crate) fn rows_affine2<T: Element>(xs: &[T], ds: &[T], os: &mut [T], map: Affine2<'_>) {
+pub(crate) fn rows_affine2<T: Element>(xs: &[T], ds: &[T], os: &mut Out<T>, map: Affine2<'_>) {
     by_backward_arith!(
         map.narrow,
         rows_affine2_in::<T>(xs, &[], ds, os, &mut [], map, false)
@@ -545,8 +546,8 @@ pub(crate) fn rows_affine2_relu<T: Element>(
     xs: &[T],
     ys: &[T],
     ds: &[T],
-    os: &mut [T],
-    rs: &mut [T],
+    os: &mut Out<T>,
+    rs: &mut Out<T>,
     map: Affine2<'_>,
 ) {
     by_backward_arith!(
@@ -560,8 +561,8 @@ fn rows_affine2_in<T: Element, A: Arith>(
     xs: &[T],
     ys: &[T],
     ds: &[T],
-    os: &mut [T],
-    rs: &mut [T],
+    os: &mut Out<T>,
+    rs: &mut Out<T>,
     map: Affine2<'_>,
     with_relu: bool,
 ) {
@@ -578,7 +579,7 @@ fn rows_affine2_in<T: Element, A: Arith>(
         if !with_relu {
             for ((xr, dr), or) in xs.chunks(l).zip(ds.chunks(l)).zip(os.chunks_mut(l)) {
                 for (((o, x), d), k) in or.iter_mut().zip(xr).zip(dr).zip(cz()) {
-                    *o = co(*x, A::load(*d), k).store();
+                    o.write(co(*x, A::load(*d), k).store());
                 }
             }
         } else {
@@ -589,12 +590,12 @@ fn rows_affine2_in<T: Element, A: Arith>(
                 .zip(os.chunks_mut(l))
             {
                 for ((((o, x), y), d), k) in or.iter_mut().zip(xr).zip(yr).zip(dr).zip(cz()) {
-                    *o = co(*x, masked(*y, *d), k).store();
+                    o.write(co(*x, masked(*y, *d), k).store());
                 }
             }
         }
     }
     for ((r, y), d) in rs.iter_mut().zip(ys).zip(ds) {
-        *r = masked_store(*y, *d);
+        r.write(masked_store(*y, *d));
     }
 }

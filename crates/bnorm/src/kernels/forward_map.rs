@@ -6,11 +6,12 @@
 
 use rayon::prelude::*;
 
-#[cfg(target_arch = "x86_64")]
 use super::coefs::x86::{Broadcast, Table};
 use super::coefs::{coef_table, columns, map_run, Affine, Arith};
 use super::schedule::{rows_per_task, Scratch};
 use super::simd::{self, Isa};
+#[cfg(target_arch = "x86_64")]
+use super::Out;
 use super::{stream_fence, stream_wanted};
 use crate::element::{DType, Element};
 use crate::layout::Geometry;
@@ -20,11 +21,11 @@ use crate::parallel::Parallelism;
 mod x86;
 
 simd::dispatch! {
-    fn run_affine<T>(xs: &[T], ys: &mut [T], m: f64, s: f64, b: f64);
-    fn run_affine_relu<T>(xs: &[T], ys: &mut [T], m: f64, s: f64, b: f64);
-    fn run_affine_add_relu<T>(xs: &[T], rs: &[T], ys: &mut [T], m: f64, s: f64, b: f64);
-    fn rows_affine<T>(xs: &[T], ys: &mut [T], map: Affine<'_>);
-    fn rows_affine_relu<T>(xs: &[T], rs: &[T], ys: &mut [T], map: Affine<'_>);
+    fn run_affine<T>(xs: &[T], ys: &mut Out<T>, m: f64, s: f64, b: f64);
+    fn run_affine_relu<T>(xs: &[T], ys: &mut Out<T>, m: f64, s: f64, b: f64);
+    fn run_affine_add_relu<T>(xs: &[T], rs: &[T], ys: &mut Out<T>, m: f64, s: f64, b: f64);
+    fn rows_affine<T>(xs: &[T], ys: &mut Out<T>, map: Affine<'_>);
+    fn rows_affine_relu<T>(xs: &[T], rs: &[T], ys: &mut Out<T>, map: Affine<'_>);
 }
 
 /// What follows the normalization in the same pass.
@@ -56,7 +57,7 @@ pub(crate) fn affine_ep<T: Element>(
     x: &[T],
     ep: Ep<'_, T>,
     map: Affine<'_>,
-    y: &mut [T],
+    y: &mut Out<T>,
     par: Parallelism,
 ) {
     debug_assert_eq!(x.len(), g.len());
@@ -71,7 +72,7 @@ pub(crate) fn affine_ep<T: Element>(
     let nt = stream_wanted::<T>(y.len());
     // The channels-last streaming kernels' coefficient table, built once for all tasks.
     let table = (nt && g.inner == 1).then(|| affine_table_f32(map));
-    let body = |(i, (xs, ys)): (usize, (&[T], &mut [T]))| {
+    let body = |(i, (xs, ys)): (usize, (&[T], &mut Out<T>))| {
         let ep = ep.slice(i * chunk..i * chunk + xs.len());
         if g.inner == 1 {
             if let Some(t) = &table {
@@ -125,7 +126,7 @@ pub(super) fn run_affine_ep<T: Element>(
     isa: Isa,
     xs: &[T],
     ep: Ep<'_, T>,
-    ys: &mut [T],
+    ys: &mut Out<T>,
     (m, s, b): (f64, f64, f64),
     stream: bool,
 ) {
@@ -167,12 +168,12 @@ fn stream_views<'a, T: Element>(
     isa: Isa,
     xs: &'a [T],
     res: Option<&'a [T]>,
-    ys: &'a mut [T],
-) -> Option<(&'a [f32], &'a [f32], &'a mut [f32])> {
+    ys: &'a mut Out<T>,
+) -> Option<(&'a [f32], &'a [f32], &'a mut Out<f32>)> {
     if !super::stream_available(isa) {
         return None;
     }
-    Some((T::as_f32s(xs)?, opt32(res)?, T::as_f32s_mut(ys)?))
+    Some((T::as_f32s(xs)?, opt32(res)?, T::as_f32s_out(ys)?))
 }
 
 /// Channels-first `y = (x − h)·s + b (+ r)`, then ReLU when `relu`, with streaming stores
@@ -183,7 +184,7 @@ fn stream_run_affine<T: Element>(
     isa: Isa,
     xs: &[T],
     res: Option<&[T]>,
-    ys: &mut [T],
+    ys: &mut Out<T>,
     coefs: [f32; 3],
     relu: bool,
 ) -> bool {
@@ -205,7 +206,7 @@ fn stream_rows_affine<T: Element>(
     isa: Isa,
     xs: &[T],
     res: Option<&[T]>,
-    ys: &mut [T],
+    ys: &mut Out<T>,
     (table, run): (&Scratch<f32>, usize),
     relu: bool,
 ) -> bool {
@@ -276,13 +277,13 @@ fn relu<A: Arith>(z: A) -> A {
 
 /// `y = (x − m)·s + b` over a contiguous run.
 #[inline(always)]
-pub(crate) fn run_affine<T: Element>(xs: &[T], ys: &mut [T], m: f64, s: f64, b: f64) {
+pub(crate) fn run_affine<T: Element>(xs: &[T], ys: &mut Out<T>, m: f64, s: f64, b: f64) {
     by_arith!(run_affine_in::<T>(xs, &[], ys, (m, s, b), false))
 }
 
 /// `y = relu((x − m)·s + b)` over a contiguous run.
 #[inline(always)]
-pub(crate) fn run_affine_relu<T: Element>(xs: &[T], ys: &mut [T], m: f64, s: f64, b: f64) {
+pub(crate) fn run_affine_relu<T: Element>(xs: &[T], ys: &mut Out<T>, m: f64, s: f64, b: f64) {
     by_arith!(run_affine_in::<T>(xs, &[], ys, (m, s, b), true))
 }
 
@@ -291,7 +292,7 @@ pub(crate) fn run_affine_relu<T: Element>(xs: &[T], ys: &mut [T], m: f64, s: f64
 pub(crate) fn run_affine_add_relu<T: Element>(
     xs: &[T],
     rs: &[T],
-    ys: &mut [T],
+    ys: &mut Out<T>,
     m: f64,
     s: f64,
     b: f64,
@@ -305,7 +306,7 @@ pub(crate) fn run_affine_add_relu<T: Element>(
 fn run_affine_in<T: Element, A: Arith>(
     xs: &[T],
     rs: &[T],
-    ys: &mut [T],
+    ys: &mut Out<T>,
     (m, s, b): (f64, f64, f64),
     with_relu: bool,
 ) {
@@ -313,28 +314,28 @@ fn run_affine_in<T: Element, A: Arith>(
     let z = |x: T| (A::load(x) - h) * s + b;
     if !rs.is_empty() {
         for ((y, x), r) in ys.iter_mut().zip(xs).zip(rs) {
-            *y = relu(z(*x) + A::load(*r)).store();
+            y.write(relu(z(*x) + A::load(*r)).store());
         }
     } else if with_relu {
         for (y, x) in ys.iter_mut().zip(xs) {
-            *y = relu(z(*x)).store();
+            y.write(relu(z(*x)).store());
         }
     } else {
         for (y, x) in ys.iter_mut().zip(xs) {
-            *y = z(*x).store();
+            y.write(z(*x).store());
         }
     }
 }
 
 /// `y = (x − center)·scale + shift` on channels-last rows.
 #[inline(always)]
-pub(crate) fn rows_affine<T: Element>(xs: &[T], ys: &mut [T], map: Affine<'_>) {
+pub(crate) fn rows_affine<T: Element>(xs: &[T], ys: &mut Out<T>, map: Affine<'_>) {
     by_arith!(rows_affine_in::<T>(xs, &[], ys, map, false))
 }
 
 /// Channels-last `y = relu((x − center)·scale + shift [+ r])`.
 #[inline(always)]
-pub(crate) fn rows_affine_relu<T: Element>(xs: &[T], rs: &[T], ys: &mut [T], map: Affine<'_>) {
+pub(crate) fn rows_affine_relu<T: Element>(xs: &[T], rs: &[T], ys: &mut Out<T>, map: Affine<'_>) {
     by_arith!(rows_affine_in::<T>(xs, rs, ys, map, true))
 }
 
@@ -342,7 +343,7 @@ pub(crate) fn rows_affine_relu<T: Element>(xs: &[T], rs: &[T], ys: &mut [T], map
 fn rows_affine_in<T: Element, A: Arith>(
     xs: &[T],
     rs: &[T],
-    ys: &mut [T],
+    ys: &mut Out<T>,
     map: Affine<'_>,
     with_relu: bool,
 ) {
@@ -359,19 +360,19 @@ fn rows_affine_in<T: Element, A: Arith>(
         if !with_relu {
             for (xr, yr) in xs.chunks(l).zip(ys.chunks_mut(l)) {
                 for ((y, x), k) in yr.iter_mut().zip(xr).zip(cz()) {
-                    *y = co(*x, k).store();
+                    y.write(co(*x, k).store());
                 }
             }
         } else if rs.is_empty() {
             for (xr, yr) in xs.chunks(l).zip(ys.chunks_mut(l)) {
                 for ((y, x), k) in yr.iter_mut().zip(xr).zip(cz()) {
-                    *y = relu(co(*x, k)).store();
+                    y.write(relu(co(*x, k)).store());
                 }
             }
         } else {
             for ((xr, rr), yr) in xs.chunks(l).zip(rs.chunks(l)).zip(ys.chunks_mut(l)) {
                 for (((y, x), r), k) in yr.iter_mut().zip(xr).zip(rr).zip(cz()) {
-                    *y = relu(co(*x, k) + A::load(*r)).store();
+                    y.write(relu(co(*x, k) + A::load(*r)).store());
                 }
             }
         }

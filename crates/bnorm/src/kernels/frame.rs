@@ -120,7 +120,7 @@ pub(super) mod x86 {
     /// unless another input lies a little past the output, where the upward loop is the
     /// safe one. Buffers allocated one after another (a heap hands them out 16 bytes
     /// apart modulo 4 KiB) are the common case. Empty slices take no part.
-    pub(crate) fn descending(stores: &[&[f32]], loads: &[&[f32]]) -> bool {
+    pub(crate) fn descending(stores: &[&crate::kernels::Out<f32>], loads: &[&[f32]]) -> bool {
         let (mut up_bad, mut down_bad) = (false, false);
         for s in stores.iter().filter(|v| !v.is_empty()) {
             for l in loads.iter().filter(|v| !v.is_empty()) {

@@ -15,6 +15,7 @@ use super::simd::Isa;
 use super::stats::by_level::run_moments;
 use super::sums::by_level::{dot_row, seg_dot};
 use super::sums::{DotIn, DotLanes, Seg};
+use super::Out;
 use super::{stream_fence, stream_wanted};
 use crate::element::Element;
 use crate::layout::Geometry;
@@ -31,7 +32,7 @@ pub(crate) fn train_fused_cf<T: Element, F>(
     g: Geometry,
     x: &[T],
     ep: Ep<'_, T>,
-    y: &mut [T],
+    y: &mut Out<T>,
     out: &mut [Moments],
     par: Parallelism,
     coef: F,
@@ -122,7 +123,7 @@ pub(crate) fn backward_fused_cf<T: Element, F>(
     inp: DotIn<'_, T>,
     center: &[f64],
     out: &mut [(f64, f64)],
-    (dx, dres): (&mut [T], &mut [T]),
+    (dx, dres): (&mut Out<T>, &mut Out<T>),
     par: Parallelism,
     coef: F,
 ) where
@@ -211,7 +212,7 @@ pub(crate) fn backward_fused_cf<T: Element, F>(
                 match y {
                     None => run_affine2_nt(isa, &x[r.clone()], &dy[r], dr, at, nt),
                     Some(y) => {
-                        let rr: &mut [T] = if with_res {
+                        let rr: &mut Out<T> = if with_res {
                             // SAFETY: as for `dr`: `dres` has the length of `dx` (asserted
                             // above when not empty) and the row belongs to this task.
                             unsafe { std::slice::from_raw_parts_mut(rptr.0.add(start), inner) }

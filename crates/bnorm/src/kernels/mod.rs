@@ -44,6 +44,15 @@
 //! generically, and compiled for several instruction sets, picked at run time ([`simd`]):
 //! every level gives the same bits.
 //!
+//! # Outputs
+//!
+//! Every kernel takes its outputs (`y`, `dx`, the residual's gradient) as
+//! `&mut [MaybeUninit<T>]`: it writes each element exactly once and never reads one back,
+//! so an output may start uninitialized. The allocating tier hands the kernels fresh,
+//! unzeroed memory this way (zeroing it first would be one more pass over the output);
+//! caller buffers are passed as the same view of initialized memory (`crate::buffer`).
+//! The SIMD loops store through raw pointers into the same slices.
+//!
 //! # Streaming stores
 //!
 //! Non-temporal ("streaming") stores for large f32 outputs. A normal store first reads
@@ -63,6 +72,9 @@
 //! `backward_map/x86.rs`), their framing (heads, aligned body, tails, direction) in
 //! `frame.rs`, their coefficient vectors in `coefs.rs`. Elsewhere than x86-64 there are
 //! no streaming kernels: every entry point returns false and the ordinary path runs.
+
+/// An output slice: every element written exactly once, none read (see "Outputs").
+pub(crate) type Out<T> = [std::mem::MaybeUninit<T>];
 
 mod backward_map;
 mod coefs;

@@ -9,6 +9,7 @@ use std::arch::x86_64::*;
 use crate::kernels::coefs::x86::{Coef, F32s, Source, Table};
 use crate::kernels::frame::x86::{ask_l2, blocked, descending, rows_in, split, BlockBody, Steps};
 use crate::kernels::simd::{Isa, SimdLevel};
+use crate::kernels::Out;
 
 /// The f64 backward map `(a·dz + b·(x − m)) + k` on one vector (`_mm256`: 4 lanes,
 /// `_mm512`: 8): written once, so every kernel, flat or row-blocked, performs exactly
@@ -231,13 +232,13 @@ struct Ptrs {
 }
 
 impl Ptrs {
-    fn new(xs: &[f32], ys: &[f32], ds: &[f32], os: &mut [f32], rs: &mut [f32]) -> Ptrs {
+    fn new(xs: &[f32], ys: &[f32], ds: &[f32], os: &mut Out<f32>, rs: &mut Out<f32>) -> Ptrs {
         Ptrs {
             x: xs.as_ptr(),
             y: ys.as_ptr(),
             d: ds.as_ptr(),
-            o: os.as_mut_ptr(),
-            r: rs.as_mut_ptr(),
+            o: os.as_mut_ptr().cast(),
+            r: rs.as_mut_ptr().cast(),
         }
     }
 }
@@ -279,7 +280,13 @@ unsafe fn put<K: Step, const RELU: bool>(p: &Ptrs, i: usize, c: K::C, with_res: 
 }
 
 /// `n` for a backward map: every slice that is read or written.
-fn len2<const RELU: bool>(xs: &[f32], ys: &[f32], ds: &[f32], os: &[f32], rs: &[f32]) -> usize {
+fn len2<const RELU: bool>(
+    xs: &[f32],
+    ys: &[f32],
+    ds: &[f32],
+    os: &Out<f32>,
+    rs: &Out<f32>,
+) -> usize {
     let mut n = xs.len().min(ds.len()).min(os.len());
     if RELU {
         n = n.min(ys.len());
@@ -298,16 +305,16 @@ fn scalar2<const RELU: bool>(
     idx: impl Iterator<Item = usize>,
     run: usize,
     (xs, ys, ds): (&[f32], &[f32], &[f32]),
-    (os, rs): (&mut [f32], &mut [f32]),
+    (os, rs): (&mut Out<f32>, &mut Out<f32>),
     one: impl Fn(usize, f32, f32, f32) -> (f32, f32),
 ) {
     let with_res = RELU && !rs.is_empty();
     for i in idx {
         let y = if RELU { ys[i] } else { 0.0 };
         let (v, dz) = one(i % run, xs[i], y, ds[i]);
-        os[i] = v;
+        os[i].write(v);
         if with_res {
-            rs[i] = dz;
+            rs[i].write(dz);
         }
     }
 }
@@ -316,11 +323,11 @@ fn scalar2<const RELU: bool>(
 /// `n`, the values every slice holds.
 fn operands<'a>(
     xs: &[f32],
-    mask: &'a mut Option<(&[f32], &mut [f32])>,
+    mask: &'a mut Option<(&[f32], &mut Out<f32>)>,
     ds: &[f32],
-    os: &[f32],
-) -> (&'a [f32], &'a mut [f32], bool, usize) {
-    let (ys, rs, relu): (&[f32], &mut [f32], bool) = match mask {
+    os: &Out<f32>,
+) -> (&'a [f32], &'a mut Out<f32>, bool, usize) {
+    let (ys, rs, relu): (&[f32], &mut Out<f32>, bool) = match mask {
         Some((y, r)) => (y, r, true),
         None => (&[], &mut [], false),
     };
@@ -345,13 +352,13 @@ fn operands<'a>(
 pub(super) unsafe fn map2_any<A: Map2, S: Source<A>>(
     isa: Isa,
     xs: &[f32],
-    mask: Option<(&[f32], &mut [f32])>,
+    mask: Option<(&[f32], &mut Out<f32>)>,
     ds: &[f32],
-    os: &mut [f32],
+    os: &mut Out<f32>,
     src: &S,
 ) {
     let wide = isa.level() == SimdLevel::Avx512;
-    let (ys, rs, relu): (&[f32], &mut [f32], bool) = match mask {
+    let (ys, rs, relu): (&[f32], &mut Out<f32>, bool) = match mask {
         Some((y, r)) => (y, r, true),
         None => (&[], &mut [], false),
     };
@@ -376,8 +383,8 @@ unsafe fn map2_avx2<A: Map2, S: Source<A>, const RELU: bool>(
     xs: &[f32],
     ys: &[f32],
     ds: &[f32],
-    os: &mut [f32],
-    rs: &mut [f32],
+    os: &mut Out<f32>,
+    rs: &mut Out<f32>,
     src: &S,
 ) {
     // SAFETY: AVX2 is enabled here; the caller's contract.
@@ -393,8 +400,8 @@ unsafe fn map2_avx512<A: Map2, S: Source<A>, const RELU: bool>(
     xs: &[f32],
     ys: &[f32],
     ds: &[f32],
-    os: &mut [f32],
-    rs: &mut [f32],
+    os: &mut Out<f32>,
+    rs: &mut Out<f32>,
     src: &S,
 ) {
     // SAFETY: AVX-512F and AVX2 are enabled here; the caller's contract.
@@ -412,8 +419,8 @@ unsafe fn map2<K: Step, S: Source<K::A>, const RELU: bool>(
     xs: &[f32],
     ys: &[f32],
     ds: &[f32],
-    os: &mut [f32],
-    rs: &mut [f32],
+    os: &mut Out<f32>,
+    rs: &mut Out<f32>,
     src: &S,
 ) {
     let desc = descending(&[&*os, &*rs], &[xs, ds, ys]);
@@ -421,7 +428,7 @@ unsafe fn map2<K: Step, S: Source<K::A>, const RELU: bool>(
     let with_res = RELU && !rs.is_empty();
     let run = src.run();
     let lanes = K::V::LANES;
-    let (head, end) = split(os.as_ptr(), n, K::V::BYTES, lanes);
+    let (head, end) = split(os.as_ptr().cast(), n, K::V::BYTES, lanes);
     scalar2::<RELU>(
         (0..head).chain(end..n),
         run,
@@ -485,9 +492,9 @@ const AHEAD_MIN_C: usize = 512;
 pub(super) unsafe fn rows_any<A: Map2>(
     isa: Isa,
     xs: &[f32],
-    mask: &mut Option<(&[f32], &mut [f32])>,
+    mask: &mut Option<(&[f32], &mut Out<f32>)>,
     ds: &[f32],
-    os: &mut [f32],
+    os: &mut Out<f32>,
     src: &Table<'_, A>,
     c: usize,
 ) -> bool {
@@ -519,8 +526,8 @@ unsafe fn rows_avx2<A: Map2, const RELU: bool>(
     xs: &[f32],
     ys: &[f32],
     ds: &[f32],
-    os: &mut [f32],
-    rs: &mut [f32],
+    os: &mut Out<f32>,
+    rs: &mut Out<f32>,
     src: &Table<'_, A>,
     cn: (usize, usize),
 ) {
@@ -538,8 +545,8 @@ unsafe fn rows_avx512<A: Map2, const RELU: bool>(
     xs: &[f32],
     ys: &[f32],
     ds: &[f32],
-    os: &mut [f32],
-    rs: &mut [f32],
+    os: &mut Out<f32>,
+    rs: &mut Out<f32>,
     src: &Table<'_, A>,
     cn: (usize, usize),
 ) {
@@ -561,8 +568,8 @@ unsafe fn rows<K: Step, const W: usize, const RELU: bool>(
     xs: &[f32],
     ys: &[f32],
     ds: &[f32],
-    os: &mut [f32],
-    rs: &mut [f32],
+    os: &mut Out<f32>,
+    rs: &mut Out<f32>,
     src: &Table<'_, K::A>,
     (c, n): (usize, usize),
 ) {
@@ -572,7 +579,7 @@ unsafe fn rows<K: Step, const W: usize, const RELU: bool>(
     let lanes = K::V::LANES;
     // Blocks start at a multiple of `W` values past the aligned `head`; the body ends
     // after whole vector steps (a last 8 values of a 16-lane map go scalar).
-    let (head, end) = split(os.as_ptr(), n, 4 * W, lanes);
+    let (head, end) = split(os.as_ptr().cast(), n, 4 * W, lanes);
     scalar2::<RELU>(
         (0..head).chain(end..n),
         run,

@@ -7,6 +7,7 @@ use std::arch::x86_64::*;
 use crate::kernels::coefs::x86::{F32s, Source};
 use crate::kernels::frame::x86::{ask_l2, descending, split, Steps};
 use crate::kernels::simd::{Isa, SimdLevel};
+use crate::kernels::Out;
 
 /// [`map1`] for any epilogue (`rs`: the residual, empty for none), on AVX-512 when
 /// the call's level `isa` has it (16 lanes: same operations, same bits).
@@ -17,7 +18,7 @@ pub(super) unsafe fn map1_any<S: Source<f32>>(
     isa: Isa,
     xs: &[f32],
     rs: &[f32],
-    ys: &mut [f32],
+    ys: &mut Out<f32>,
     src: &S,
     relu: bool,
 ) {
@@ -46,7 +47,7 @@ pub(super) unsafe fn map1_any<S: Source<f32>>(
 unsafe fn map1_avx2<S: Source<f32>, const RELU: bool, const ADD: bool>(
     xs: &[f32],
     rs: &[f32],
-    ys: &mut [f32],
+    ys: &mut Out<f32>,
     src: &S,
 ) {
     // SAFETY: AVX2 is enabled here; the caller's contract for `rs`.
@@ -64,7 +65,7 @@ unsafe fn map1_avx2<S: Source<f32>, const RELU: bool, const ADD: bool>(
 unsafe fn map1_avx512<S: Source<f32>, const RELU: bool, const ADD: bool>(
     xs: &[f32],
     rs: &[f32],
-    ys: &mut [f32],
+    ys: &mut Out<f32>,
     src: &S,
 ) {
     // SAFETY: AVX-512F and AVX2 are enabled here; the caller's contract for `rs`.
@@ -102,7 +103,7 @@ fn map1_one<S: Source<f32>, const RELU: bool, const ADD: bool>(
 unsafe fn map1<V: F32s, S: Source<f32>, const RELU: bool, const ADD: bool, const AHEAD: bool>(
     xs: &[f32],
     rs: &[f32],
-    ys: &mut [f32],
+    ys: &mut Out<f32>,
     src: &S,
 ) {
     let desc = descending(&[&*ys], &[xs, rs]);
@@ -112,12 +113,12 @@ unsafe fn map1<V: F32s, S: Source<f32>, const RELU: bool, const ADD: bool, const
         xs.len().min(ys.len())
     };
     let run = src.run();
-    let (head, body) = split(ys.as_ptr(), n, V::BYTES, V::LANES);
+    let (head, body) = split(ys.as_ptr().cast(), n, V::BYTES, V::LANES);
     for i in (0..head).chain(body..n) {
         let r = if ADD { rs[i] } else { 0.0 };
-        ys[i] = map1_one::<S, RELU, ADD>(src, i % run, xs[i], r);
+        ys[i].write(map1_one::<S, RELU, ADD>(src, i % run, xs[i], r));
     }
-    let (xp, rp, yp) = (xs.as_ptr(), rs.as_ptr(), ys.as_mut_ptr());
+    let (xp, rp, yp) = (xs.as_ptr(), rs.as_ptr(), ys.as_mut_ptr().cast::<f32>());
     let (ahead, ps, k) = (AHEAD && run != usize::MAX, [xp, rp, xp], 1 + ADD as usize);
     for (i, o) in Steps::new(head, body, V::LANES, run, desc) {
         if ahead {
