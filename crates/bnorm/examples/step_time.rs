@@ -4,7 +4,7 @@
 //! separate `bnorm bench` runs.
 //!
 //! Run: `cargo run --release -p bnorm --example step_time -- S1 train` (shapes S1, S2, S3,
-//! S4, S5; operations `train`, `infer`, `bwd`, `bwdrelu`: the backward through a ReLU). Shapes `C3` = NC (64, 1024) and
+//! S4, S5, or any as `LAYOUT:AxBx…`, e.g. `NCHW:32x256x14x14`; operations `train`, `infer`, `bwd`, `bwdrelu`: the backward through a ReLU). Shapes `C3` = NC (64, 1024) and
 //! `C4` = NHWC (4, 16, 16, 64) are small enough to stay in L2 and run on one thread
 //! (2000 calls): the arithmetic's cost without the memory's. With `HUGE=1` in the
 //! environment every buffer comes from `bnorm::tuning::zeroed_buffer` (huge pages); with
@@ -33,7 +33,11 @@ fn main() {
         "S2" => (Layout::NCHW, vec![32, 256, 14, 14]),
         "C3" => (Layout::NC, vec![64, 1024]),
         "C4" => (Layout::NHWC, vec![4, 16, 16, 64]),
-        _ => (Layout::NCHW, vec![64, 128, 56, 56]),
+        "S5" => (Layout::NCHW, vec![64, 128, 56, 56]),
+        other => custom_shape(other).unwrap_or_else(|| {
+            eprintln!("unknown shape {other}: S1-S5, C3, C4 or LAYOUT:AxBx… (e.g. NCHW:32x256x14x14)");
+            std::process::exit(2)
+        }),
     };
     let op = args[2].clone();
     let g = layout.geometry(&shape).unwrap();
@@ -172,6 +176,24 @@ fn main() {
         ts[reps / 2] * 1e3,
         ts[0] * 1e3
     );
+}
+
+/// A shape given as `LAYOUT:AxBx…`, e.g. `NCHW:32x256x14x14` (the layouts by their
+/// names: NC, NCL, NLC, NCHW, NHWC, NCDHW, NDHWC).
+fn custom_shape(spec: &str) -> Option<(Layout, Vec<usize>)> {
+    let (layout, dims) = spec.split_once(':')?;
+    let layout = match layout {
+        "NC" => Layout::NC,
+        "NCL" => Layout::NCL,
+        "NLC" => Layout::NLC,
+        "NCHW" => Layout::NCHW,
+        "NHWC" => Layout::NHWC,
+        "NCDHW" => Layout::NCDHW,
+        "NDHWC" => Layout::NDHWC,
+        _ => return None,
+    };
+    let dims = dims.split('x').map(|d| d.parse().ok()).collect::<Option<Vec<usize>>>()?;
+    Some((layout, dims))
 }
 
 /// The index in `buf` (1024 values longer than needed) at which a tensor starts the
