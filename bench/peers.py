@@ -25,7 +25,8 @@ benchmark runs taken minutes apart. Build the example first:
 
     cargo build --release -p bnorm --example step_time
     python3 bench/peers.py --alternate [--peer pytorch|tensorflow] [--shapes S2,S3,S4]
-                           [--ops train,infer,bwd] [--rounds 5] [--alloc] [--json FILE]
+                           [--ops train,infer,bwd] [--rounds 5] [--alloc] [--dtype bf16]
+                           [--json FILE]
 
 With --alloc bnorm runs through its allocating tier (`BatchNorm::forward` / `backward`, a
 fresh output per call), the tier that compares with the peer's own allocation.
@@ -213,6 +214,7 @@ def bnorm_ms(args, shape, op):
     env.setdefault("RAYON_NUM_THREADS", str(args.threads))
     if args.alloc:
         env["ALLOC"] = "1"
+    env["DTYPE"] = args.dtype
     out = subprocess.run([args.step_time, shape, op], capture_output=True, text=True,
                          check=True, env=env).stdout
     return float(out.split("median")[1].split("ms")[0])
@@ -222,6 +224,8 @@ def alternate(args):
     if not os.access(args.step_time, os.X_OK):
         sys.exit(f"peers.py: {args.step_time} not found; build it first: "
                  "cargo build --release -p bnorm --example step_time")
+    if args.peer == "tensorflow" and args.dtype != "f32":
+        sys.exit("peers.py: --dtype bf16 alternates with PyTorch only")
     if args.peer == "tensorflow":
         tf, name = import_tf(args.threads), "TensorFlow"
         if tf is None:
@@ -236,8 +240,10 @@ def alternate(args):
         if torch is None:
             sys.exit("peers.py: torch not installed (pip install torch)")
 
+        dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+
         def calls(layout, dims):
-            return torch_calls(torch, layout, dims, torch.float32)[1]
+            return torch_calls(torch, layout, dims, dtype)[1]
 
         quiet = torch.no_grad
     unknown = set(args.ops) - set(OPS)
@@ -261,7 +267,7 @@ def alternate(args):
             print(f"{shape:5} {op:6} {mp:6.3f} ({' '.join(f'{v:.2f}' for v in peer)})  "
                   f"{mb:6.3f} ({' '.join(f'{v:.2f}' for v in ours)})  {mp / mb:.2f}x", flush=True)
             rows.append(dict(impl=args.peer, mode="alternate", shape=shape, layout=layout,
-                             op=OPS[op][0], dtype="f32", peer_ms=peer, bnorm_ms=ours,
+                             op=OPS[op][0], dtype=args.dtype, peer_ms=peer, bnorm_ms=ours,
                              peer_median_ms=mp, bnorm_median_ms=mb, ratio=mp / mb,
                              bnorm_tier="allocating" if args.alloc else "caller buffers"))
     return rows
@@ -281,6 +287,8 @@ def main():
     a = p.add_argument_group("alternation (--alternate)")
     a.add_argument("--alternate", action="store_true",
                    help="alternate the peer with bnorm's step_time in the same minutes")
+    a.add_argument("--dtype", choices=["f32", "bf16"], default="f32",
+                   help="storage type of both sides (default f32; bf16 with PyTorch only)")
     a.add_argument("--alloc", action="store_true",
                    help="bnorm through its allocating tier (step_time with ALLOC=1: a fresh "
                         "output per call, as the peer's)")

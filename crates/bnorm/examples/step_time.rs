@@ -1,5 +1,5 @@
 //! Median and best time of one training forward, inference forward or backward on a
-//! benchmark shape (f32, both threads, 100 calls): a quick probe to compare two builds
+//! benchmark shape (f32, or bf16/f16 with `DTYPE=bf16|f16`; both threads, 100 calls): a quick probe to compare two builds
 //! side by side in the same minutes, which on a noisy machine says more than two
 //! separate `bnorm bench` runs.
 //!
@@ -19,6 +19,7 @@
 
 use bnorm::config::BackwardArithmetic;
 use bnorm::expert::{backward_into, forward_into, Grads, Parallelism, Saved, Workspace};
+use bnorm::element::Element;
 use bnorm::{Config, Layout, Mode, Params, RunningState};
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -40,7 +41,17 @@ fn main() {
         }),
     };
     let op = args[2].clone();
-    let g = layout.geometry(&shape).unwrap();
+    // DTYPE=bf16|f16: 16-bit storage (f32 otherwise).
+    match std::env::var("DTYPE").as_deref() {
+        Ok("bf16") => run::<bnorm::element::bf16>(&args[1], layout, &shape, &op),
+        Ok("f16") => run::<bnorm::element::f16>(&args[1], layout, &shape, &op),
+        _ => run::<f32>(&args[1], layout, &shape, &op),
+    }
+}
+
+/// Times `op` on `shape` in storage type `T` and prints the median and best call.
+fn run<T: Element>(name: &str, layout: Layout, shape: &[usize], op: &str) {
+    let g = layout.geometry(shape).unwrap();
     let n = g.len();
     // BWD=f32: the backward map in f32 (`BackwardArithmetic::F32`).
     let mut cfg = Config::torch(g.channels);
@@ -52,9 +63,9 @@ fn main() {
     let huge = std::env::var_os("HUGE").is_some();
     let buf = |n: usize| {
         if huge {
-            bnorm::tuning::zeroed_buffer::<f32>(n)
+            bnorm::tuning::zeroed_buffer::<T>(n)
         } else {
-            vec![0f32; n]
+            vec![T::from_f64(0.0); n]
         }
     };
     let (mut x, mut dy_buf) = (buf(n), buf(n + 1024));
@@ -62,8 +73,8 @@ fn main() {
     let dy_at = past_x(&x, &dy_buf, "DY_PAST_X");
     let dy = &mut dy_buf[dy_at..dy_at + n];
     for (i, (xv, dv)) in x.iter_mut().zip(dy.iter_mut()).enumerate() {
-        *xv = (i % 97) as f32 * 0.1 + 3.0;
-        *dv = (i % 13) as f32 * 0.2 - 1.0;
+        *xv = T::from_f32((i % 97) as f32 * 0.1 + 3.0);
+        *dv = T::from_f32((i % 13) as f32 * 0.2 - 1.0);
     }
     let mut s = RunningState::init(&cfg);
     let (mut y, mut dx_buf) = (buf(n), buf(n + 1024));
@@ -73,7 +84,7 @@ fn main() {
     let dx_at = past_x(&x, &dx_buf, "DX_PAST_X");
     let dx = &mut dx_buf[dx_at..dx_at + n];
     let (mut saved, mut ws, mut grads) = (Saved::default(), Workspace::default(), Grads::default());
-    let in_cache = args[1].starts_with('C');
+    let in_cache = name.starts_with('C');
     let par = if in_cache {
         Parallelism::Sequential
     } else {
@@ -107,7 +118,7 @@ fn main() {
     let mut layer = cfg.clone().build().unwrap();
     layer.set_parallelism(par);
     if alloc {
-        layer.forward(&x, &shape, layout, Mode::Train).unwrap();
+        layer.forward(&x, shape, layout, Mode::Train).unwrap();
     }
     for _ in 0..reps {
         if cold {
@@ -118,7 +129,7 @@ fn main() {
         }
         let t = std::time::Instant::now();
         if alloc {
-            match op.as_str() {
+            match op {
                 "bwd" => drop(layer.backward(&x, dy, &shape, layout).unwrap()),
                 "bwdrelu" => drop(
                     layer
@@ -171,7 +182,7 @@ fn main() {
     ts.sort_by(|a, b| a.total_cmp(b));
     println!(
         "{} {} median {:.3} ms min {:.3} ms",
-        args[1],
+        name,
         op,
         ts[reps / 2] * 1e3,
         ts[0] * 1e3
@@ -199,14 +210,14 @@ fn custom_shape(spec: &str) -> Option<(Layout, Vec<usize>)> {
 /// The index in `buf` (1024 values longer than needed) at which a tensor starts the
 /// number of bytes past `x` modulo 4 KiB that the environment variable `var` gives (a
 /// multiple of 4); 0 when it is unset.
-fn past_x(x: &[f32], buf: &[f32], var: &str) -> usize {
+fn past_x<T>(x: &[T], buf: &[T], var: &str) -> usize {
     match std::env::var(var)
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
     {
         Some(b) => {
             let want = (x.as_ptr() as usize + b) % 4096;
-            ((want + 4096 - buf.as_ptr() as usize % 4096) % 4096) / 4
+            ((want + 4096 - buf.as_ptr() as usize % 4096) % 4096) / std::mem::size_of::<T>()
         }
         None => 0,
     }

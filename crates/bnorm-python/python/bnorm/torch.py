@@ -94,10 +94,6 @@ def _numpy(t):
     return t.numpy()
 
 
-def _f64(t):
-    return None if t is None else t.detach().to(torch.float64).contiguous().numpy()
-
-
 _kernels = threading.local()
 
 
@@ -120,49 +116,70 @@ def _kernel(channels, eps, momentum, affine_w, affine_b, tracking):
     return k
 
 
+def _f64(t):
+    """``t`` as a float64 NumPy array: float32/float64 tensors through NumPy (about half
+    the cost of a torch conversion on a per-channel vector), 16-bit ones through torch
+    (NumPy has no bfloat16)."""
+    if t is None:
+        return None
+    t = t.detach()
+    if t.dtype in (torch.float32, torch.float64):
+        return _np.ascontiguousarray(t.numpy(), dtype=_np.float64)
+    return t.to(torch.float64).contiguous().numpy()
+
+
+def _step(x, weight, bias, module):
+    """One forward step of ``module`` on ``x``: the running statistics and
+    ``num_batches_tracked`` updated in the module's buffers after a training step;
+    returns ``(y, xv, kernel, step, layout)`` (``y`` in ``x``'s memory format, ``xv``
+    the input as the kernels read it, ``step`` what backward needs)."""
+    if x.dtype not in _TAGS:
+        raise _error("DType", f"bnorm takes float32/64 and bfloat16/float16, got {x.dtype}")
+    tag = _TAGS[x.dtype]
+    rm, rv = module.running_mean, module.running_var
+    if module.training:
+        mode = "train"
+        use_state = module.track_running_stats and rm is not None
+    else:
+        mode = "inference"
+        use_state = rm is not None
+    kernel = _kernel(
+        module.num_features,
+        module.eps,
+        module.momentum,
+        weight is not None,
+        bias is not None,
+        use_state,
+    )
+    layout, xv = _view(x.detach())
+    yv = torch.empty_like(xv)
+    nbt = module.num_batches_tracked
+    step, updated = kernel.forward(
+        _numpy(xv),
+        _numpy(yv),
+        layout,
+        mode,
+        tag,
+        _f64(weight),
+        _f64(bias),
+        _f64(rm) if use_state else None,
+        _f64(rv) if use_state else None,
+        int(nbt) if (use_state and nbt is not None) else 0,
+    )
+    if updated is not None:
+        mean, var, count = updated
+        with torch.no_grad():
+            rm.copy_(torch.from_numpy(mean))
+            rv.copy_(torch.from_numpy(var))
+            if nbt is not None:
+                nbt.fill_(count)
+    return _back(yv, layout), xv, kernel, step, layout
+
+
 class _Function(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, module):
-        if x.dtype not in _TAGS:
-            raise _error("DType", f"bnorm takes float32/64 and bfloat16/float16, got {x.dtype}")
-        tag = _TAGS[x.dtype]
-        rm, rv = module.running_mean, module.running_var
-        if module.training:
-            mode = "train"
-            use_state = module.track_running_stats and rm is not None
-        else:
-            mode = "inference"
-            use_state = rm is not None
-        kernel = _kernel(
-            module.num_features,
-            module.eps,
-            module.momentum,
-            weight is not None,
-            bias is not None,
-            use_state,
-        )
-        layout, xv = _view(x.detach())
-        yv = torch.empty_like(xv)
-        nbt = module.num_batches_tracked
-        step, updated = kernel.forward(
-            _numpy(xv),
-            _numpy(yv),
-            layout,
-            mode,
-            tag,
-            _f64(weight),
-            _f64(bias),
-            _f64(rm) if use_state else None,
-            _f64(rv) if use_state else None,
-            int(nbt) if (use_state and nbt is not None) else 0,
-        )
-        if updated is not None:
-            mean, var, count = updated
-            with torch.no_grad():
-                rm.copy_(torch.from_numpy(mean))
-                rv.copy_(torch.from_numpy(var))
-                if nbt is not None:
-                    nbt.fill_(count)
+        y, xv, kernel, step, layout = _step(x, weight, bias, module)
         # saved through autograd, so that changing x in place before backward is an error
         # (as with torch's own batch norm) rather than a wrong gradient
         ctx.save_for_backward(xv)
@@ -171,7 +188,7 @@ class _Function(torch.autograd.Function):
             None if weight is None else weight.dtype,
             None if bias is None else bias.dtype,
         )
-        return _back(yv, layout)
+        return y
 
     @staticmethod
     @once_differentiable
@@ -187,6 +204,13 @@ class _Function(torch.autograd.Function):
         return dx, dweight, dbias, None
 
 
+def _needs_grad(x, weight, bias):
+    """Whether autograd would record this call (grad mode on and an input requiring it)."""
+    if not torch.is_grad_enabled():
+        return False
+    return x.requires_grad or any(t is not None and t.requires_grad for t in (weight, bias))
+
+
 class _BnormForward:
     def forward(self, input):
         self._check_input_dim(input)
@@ -196,6 +220,11 @@ class _BnormForward:
                 f"bnorm.torch runs on CPU tensors; got one on {input.device} (the CUDA "
                 "backend is not wired to Python yet: use torch.nn's batch norm there)",
             )
+        if not _needs_grad(input, self.weight, self.bias):
+            # nothing to differentiate (evaluation under no_grad, inference_mode, frozen
+            # parameters on a constant input): the step alone, without autograd's
+            # bookkeeping
+            return _step(input, self.weight, self.bias, self)[0]
         return _Function.apply(input, self.weight, self.bias, self)
 
 
