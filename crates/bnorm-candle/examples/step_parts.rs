@@ -80,8 +80,8 @@ fn main() -> candle_core::Result<()> {
     });
     println!("kernel (bnorm forward + backward, caller buffers): {kernel:.2} ms");
     // The backward alone into the same dx every call, then into a fresh output per call
-    // while the earlier outputs stay alive (as in a candle step): a plain `vec!`, and
-    // bnorm's own allocation (`zeroed_buffer`: huge pages from 4 MB on).
+    // while the earlier outputs stay alive (as in a candle step): a plain `vec!`,
+    // `zeroed_buffer` (huge pages from 4 MB on), and the allocating tier.
     let bwd_into = median(|| {
         layer
             .backward_into(&xv, &dyv, &dims, Layout::NCHW, &mut dx, &mut grads)
@@ -102,8 +102,18 @@ fn main() -> candle_core::Result<()> {
     };
     let bwd_vec = fresh(&|| vec![0f32; n]);
     let bwd_huge = fresh(&|| bnorm::tuning::zeroed_buffer::<f32>(n));
+    // The allocating tier's way (the layer's op since commit ce1c272): the backward writes
+    // a fresh allocation's spare capacity, not zeroed (`empty_buffer`: huge pages too).
+    let bwd_uninit = median(|| {
+        let d = layer
+            .backward(&xv, &dyv, &dims, Layout::NCHW)
+            .expect("backward");
+        kept.push(d.dx);
+    });
+    kept.clear();
     println!(
-        "backward: into the same dx {bwd_into:.2} ms; into fresh memory: vec! {bwd_vec:.2} ms, zeroed_buffer {bwd_huge:.2} ms"
+        "backward: into the same dx {bwd_into:.2} ms; into fresh memory: vec! {bwd_vec:.2} ms, \
+         zeroed_buffer {bwd_huge:.2} ms, BatchNorm::backward (unzeroed) {bwd_uninit:.2} ms"
     );
 
     let parts = |name: &str, m: Option<&dyn ModuleT>| -> candle_core::Result<f64> {

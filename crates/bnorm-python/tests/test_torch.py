@@ -302,3 +302,35 @@ def test_one_value_per_channel_is_refused_like_torch(dims, shape):
     assert_same(ours, before)
     ref.eval(), ours.eval()
     torch.testing.assert_close(ours(x), ref(x), rtol=1e-12, atol=1e-12)
+
+
+def test_calls_without_gradients_match_torch():
+    """Under no_grad / inference_mode, or with nothing requiring a gradient, the drop-in
+    runs the bare step instead of its autograd.Function: outputs, running statistics and
+    num_batches_tracked still equal torch's, in training and evaluation, with no autograd
+    node; a call that needs gradients records one and delivers them."""
+    torch.manual_seed(7)
+    ref, ours = torch.nn.BatchNorm2d(5), bt.BatchNorm2d(5)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(3, 5, 4, 6)
+    for ctx in (torch.no_grad, torch.inference_mode):
+        for training in (True, False):
+            ref.train(training)
+            ours.train(training)
+            with ctx():
+                want, got = ref(x), ours(x)
+            assert got.grad_fn is None
+            close("y", got, want, torch.float32)
+            close("running_mean", ours.running_mean, ref.running_mean, torch.float32)
+            close("running_var", ours.running_var, ref.running_var, torch.float32)
+            assert int(ours.num_batches_tracked) == int(ref.num_batches_tracked)
+    # frozen parameters on a constant input: nothing to differentiate either
+    ours.weight.requires_grad_(False)
+    ours.bias.requires_grad_(False)
+    assert ours(x).grad_fn is None
+    # a parameter that needs its gradient: an autograd node, and the gradient arrives
+    ours.weight.requires_grad_(True)
+    y = ours(x)
+    assert y.grad_fn is not None
+    y.sum().backward()
+    assert ours.weight.grad is not None and ours.bias.grad is None

@@ -18,8 +18,8 @@
 //! `bench/peers.py --alternate` compares it with PyTorch, which allocates its outputs too.
 
 use bnorm::config::BackwardArithmetic;
-use bnorm::expert::{backward_into, forward_into, Grads, Parallelism, Saved, Workspace};
 use bnorm::element::Element;
+use bnorm::expert::{backward_into, forward_into, Grads, Parallelism, Saved, Workspace};
 use bnorm::{Config, Layout, Mode, Params, RunningState};
 fn main() {
     let args: Vec<String> = std::env::args().collect();
@@ -36,7 +36,9 @@ fn main() {
         "C4" => (Layout::NHWC, vec![4, 16, 16, 64]),
         "S5" => (Layout::NCHW, vec![64, 128, 56, 56]),
         other => custom_shape(other).unwrap_or_else(|| {
-            eprintln!("unknown shape {other}: S1-S5, C3, C4 or LAYOUT:AxBx… (e.g. NCHW:32x256x14x14)");
+            eprintln!(
+                "unknown shape {other}: S1-S5, C3, C4 or LAYOUT:AxBx… (e.g. NCHW:32x256x14x14)"
+            );
             std::process::exit(2)
         }),
     };
@@ -203,7 +205,10 @@ fn custom_shape(spec: &str) -> Option<(Layout, Vec<usize>)> {
         "NDHWC" => Layout::NDHWC,
         _ => return None,
     };
-    let dims = dims.split('x').map(|d| d.parse().ok()).collect::<Option<Vec<usize>>>()?;
+    let dims = dims
+        .split('x')
+        .map(|d| d.parse().ok())
+        .collect::<Option<Vec<usize>>>()?;
     Some((layout, dims))
 }
 

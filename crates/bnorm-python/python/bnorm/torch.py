@@ -21,6 +21,11 @@ through a ``torch.autograd.Function`` whose backward is bnorm's backward.
   writes NaN into them) and warns (``RuntimeWarning``); the output carries the NaN as
   torch's does.
 * A CUDA tensor raises ``bnorm.Error`` (kind ``"Device"``).
+* Speed on few cores: after each of its operations PyTorch's OpenMP threads keep
+  spinning for a while, and on a machine with as many threads as cores bnorm's threads
+  then share the cores with them (measured on 2 cores: the drop-in's evaluation calls up
+  to 3x slower). Set ``OMP_WAIT_POLICY=PASSIVE`` in the environment before PyTorch
+  starts, or give bnorm fewer threads (``bnorm.set_num_threads``); see bench/README.md.
 
 >>> import torch, bnorm.torch
 >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
