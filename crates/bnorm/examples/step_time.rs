@@ -132,14 +132,14 @@ fn run<T: Element>(name: &str, layout: Layout, shape: &[usize], op: &str) {
         let t = std::time::Instant::now();
         if alloc {
             match op {
-                "bwd" => drop(layer.backward(&x, dy, &shape, layout).unwrap()),
+                "bwd" => drop(layer.backward(&x, dy, shape, layout).unwrap()),
                 "bwdrelu" => drop(
                     layer
-                        .backward_relu(&x, &y, dy, &shape, layout, false)
+                        .backward_relu(&x, &y, dy, shape, layout, false)
                         .unwrap(),
                 ),
-                "train" => drop(layer.forward(&x, &shape, layout, Mode::Train).unwrap()),
-                _ => drop(layer.forward(&x, &shape, layout, Mode::Inference).unwrap()),
+                "train" => drop(layer.forward(&x, shape, layout, Mode::Train).unwrap()),
+                _ => drop(layer.forward(&x, shape, layout, Mode::Inference).unwrap()),
             }
         } else if op == "bwd" {
             backward_into(&cfg, g, &x, dy, &p, &saved, dx, &mut grads, &mut ws, par).unwrap();
