@@ -166,10 +166,10 @@ pub(crate) fn f32_round_to_odd(v: f64) -> f32 {
 /// control flow (the selects below compile to blends), so that the kernels' loops
 /// vectorize. The `half` crate converts element by element through a run-time check for
 /// the F16C instructions, which made every f16 kernel 6–10 times slower than its bf16
-/// twin; with this conversion 2.5–3 times (2-core AMD EPYC VM, `DTYPE=f16` vs `bf16` of
-/// the `step_time` example on S1, 2026-12-04): the conversions' integer work, where the
-/// hardware's F16C instructions would take one each (not used: they need kernels written
-/// with intrinsics). Normal numbers get their exponent rebiased, infinities and NaNs
+/// twin; with this conversion 1.8–2.8 times (2-core AMD EPYC VM, `DTYPE=f16` vs `bf16`
+/// of the `step_time` example on S1, commit `371da71`, 2026-12-04): the conversions'
+/// integer work, where the hardware's F16C instructions would take one each (not used:
+/// they need kernels written with intrinsics). Normal numbers get their exponent rebiased, infinities and NaNs
 /// (payload kept, made quiet) the all-ones exponent, zeros and subnormals `m·2⁻²⁴` through one exact
 /// f32 subtraction.
 #[inline(always)]
