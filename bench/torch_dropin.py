@@ -9,13 +9,15 @@ median call, and torch's time over bnorm's (> 1: the drop-in is faster). Then on
 training step (forward, backward, SGD) of a small ResNet, before and after
 `bnorm.torch.convert`, alternated the same way.
 
-Both libraries get the same threads (torch.set_num_threads, bnorm.set_num_threads). The
+Both libraries get the same threads: torch.set_num_threads(--threads), and bnorm runs on
+PyTorch's own OpenMP team (bnorm.use_openmp, what importing bnorm.torch does) or, with
+--bnorm-threads own, in its own pool of as many threads (bnorm.set_num_threads). The
 forward rows run under torch.no_grad() (the training forward still updates the running
 statistics); forward + backward builds the graph and calls y.backward(dy).
 
     pip install ./crates/bnorm-python          # from the repository root
     python3 bench/torch_dropin.py [--threads 2] [--rounds 7] [--calls 10] [--shapes S1,S4]
-                                  [--json FILE]
+                                  [--bnorm-threads openmp|own] [--json FILE]
 
 Run it on a quiet machine; a machine loaded by other work gives numbers that say little.
 """
@@ -170,11 +172,17 @@ def main():
     ap.add_argument("--calls", type=int, default=10)
     ap.add_argument("--shapes", default=",".join(SHAPES))
     ap.add_argument("--resnet-batch", type=int, default=64)
+    ap.add_argument("--bnorm-threads", choices=("openmp", "own"), default="openmp")
     ap.add_argument("--json")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    bnorm.set_num_threads(args.threads)
-    info = machine() | {"threads": args.threads, "rounds": args.rounds, "calls": args.calls}
+    if args.bnorm_threads == "own":
+        bnorm.set_num_threads(args.threads)
+    else:
+        bnorm.use_openmp()
+    info = machine() | {"threads": args.threads, "rounds": args.rounds, "calls": args.calls,
+                        "bnorm_threads": bnorm.get_threading(),
+                        "bnorm_num_threads": bnorm.get_num_threads()}
     print(f"# {info}")
     print(f"| shape | op | torch ms | bnorm ms | torch/bnorm |")
     print(f"| --- | --- | ---: | ---: | ---: |")

@@ -6,7 +6,7 @@
 
 use bnorm::element::DType;
 use bnorm::expert::{
-    backward_into, forward_into, BackwardOptions, Grads, Options, Parallelism, Saved, Workspace,
+    backward_into, forward_into, BackwardOptions, Grads, Options, Saved, Workspace,
 };
 use bnorm::{Config, Mode, Params, RunningState};
 use numpy::{PyArray1, PyReadonlyArray1, PyUntypedArrayMethods};
@@ -106,8 +106,8 @@ impl Kernel {
             let xs: &[T] = array::slice(&xa, "x")?;
             let ys: &mut [T] = array::slice_mut(&mut ya, "y")?;
             let (p, st, sv) = (&params, state.as_mut(), &mut saved);
-            let report = threads::run(py, xs.len(), || {
-                let opts = Options::<T>::from(Parallelism::Rayon);
+            let report = threads::run(py, xs.len(), |par| {
+                let opts = Options::<T>::from(par);
                 forward_into(cfg, g, xs, p, st, mode, ys, sv, ws, opts)
             })?
             .py_err()?;
@@ -152,8 +152,8 @@ impl Kernel {
             let dys: &[T] = array::slice(&dya, "dy")?;
             let dxs: &mut [T] = array::slice_mut(&mut dxa, "dx")?;
             let (p, sv, gr) = (&step.params, &step.saved, &mut grads);
-            threads::run(py, xs.len(), || {
-                let opts = BackwardOptions::<T>::from(Parallelism::Rayon);
+            threads::run(py, xs.len(), |par| {
+                let opts = BackwardOptions::<T>::from(par);
                 backward_into(cfg, g, xs, dys, p, sv, dxs, gr, ws, opts)
             })?
             .py_err()?;

@@ -2,7 +2,7 @@
 //! is a thin Python wrapper that allocates outputs with NumPy and remembers the last
 //! forward's input for `backward`).
 
-use bnorm::expert::{Grads, Options, Parallelism, RenormState};
+use bnorm::expert::{BackwardOptions, Grads, Options, RenormState};
 use bnorm::{BatchNorm, Params, RunningState};
 use numpy::{PyArray1, PyReadonlyArray1, PyReadonlyArrayDyn, PyUntypedArrayMethods};
 use pyo3::prelude::*;
@@ -71,13 +71,14 @@ impl Layer {
             let shape = xa.shape().to_vec();
             let xs: &[T] = array::slice(&xa, "x")?;
             let ys: &mut [T] = array::slice_mut(&mut ya, "y")?;
-            let report = threads::run(py, xs.len(), || match mask {
+            let report = threads::run(py, xs.len(), |par| {
                 // the core's masked step (what `BatchNorm::forward_masked` runs) into `y`
-                Some(m) => {
-                    let opts = Options::<T>::from(Parallelism::Rayon).masked(m);
-                    bn.forward_with(xs, &shape, layout, mode, ys, opts)
-                }
-                None => bn.forward_into(xs, &shape, layout, mode, ys),
+                let opts = Options::<T>::from(par);
+                let opts = match mask {
+                    Some(m) => opts.masked(m),
+                    None => opts,
+                };
+                bn.forward_with(xs, &shape, layout, mode, ys, opts)
             })?
             .py_err()?;
             crate::errors::warn_skipped(py, &report)?;
@@ -112,8 +113,9 @@ impl Layer {
             let dys: &[T] = array::slice(&dya, "dy")?;
             let dxs: &mut [T] = array::slice_mut(&mut dxa, "dx")?;
             let g = &mut grads;
-            threads::run(py, xs.len(), || {
-                bn.backward_into(xs, dys, &shape, layout, dxs, g)
+            threads::run(py, xs.len(), |par| {
+                let opts = BackwardOptions::<T>::from(par);
+                bn.backward_with(xs, dys, &shape, layout, dxs, g, opts)
             })?
             .py_err()?;
         });

@@ -12,7 +12,8 @@
 //!   module's own parameters and buffers.
 //! * [`mod@array`] — the zero-copy view of NumPy arrays as `&[T]` / `&mut [T]` for every
 //!   storage type (16-bit types travel as `uint16` arrays and are reinterpreted).
-//! * [`threads`] — the thread pool kernels run in, with the GIL released.
+//! * [`threads`] — the threads kernels run on (bnorm's pool or the process's OpenMP
+//!   runtime), with the GIL released.
 //! * `cli` — `python -m bnorm`: the command-line tool's [`bnorm_cli::run`] (without the
 //!   `demo` feature), so the tool and the package behave alike.
 //!
@@ -45,6 +46,8 @@ fn _bnorm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<functional::Step>()?;
     m.add_function(wrap_pyfunction!(threads::set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(threads::get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(threads::use_openmp, m)?)?;
+    m.add_function(wrap_pyfunction!(threads::get_threading, m)?)?;
     m.add_function(wrap_pyfunction!(cli, m)?)?;
     Ok(())
 }

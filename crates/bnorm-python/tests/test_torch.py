@@ -253,6 +253,70 @@ def test_other_devices_get_a_clear_error():
 def test_threads_setting():
     bnorm.set_num_threads(2)
     assert bnorm.get_num_threads() == 2
+    assert bnorm.get_threading() == "rayon"
+    bnorm.use_openmp()
+
+
+def _train_step(x, dy):
+    bn = bt.BatchNorm2d(x.shape[1])
+    x = x.clone().requires_grad_()
+    y = bn(x)
+    y.backward(dy)
+    return [t.detach().clone() for t in (y, x.grad, bn.weight.grad, bn.bias.grad,
+                                         bn.running_mean, bn.running_var)]
+
+
+def test_openmp_threads_give_the_same_bits():
+    """bnorm's kernels on PyTorch's OpenMP team (what importing bnorm.torch chooses), on
+    one OpenMP thread, and in bnorm's own pool give bitwise the same results."""
+    path = bnorm.use_openmp()
+    assert bnorm.get_threading() == "openmp:" + path
+    torch.manual_seed(5)
+    x = torch.randn(16, 8, 32, 32) * 3 + 1  # above the parallel threshold
+    dy = torch.randn_like(x)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert bnorm.get_num_threads() == 2  # PyTorch's setting is the team's size
+        team = _train_step(x, dy)
+        torch.set_num_threads(1)
+        assert bnorm.get_num_threads() == 1
+        one = _train_step(x, dy)
+    finally:
+        torch.set_num_threads(before)
+    bnorm.set_num_threads(2)
+    own = _train_step(x, dy)
+    bnorm.use_openmp()
+    for a, b, c in zip(team, one, own):
+        assert torch.equal(a, b) and torch.equal(a, c)
+
+
+def test_use_openmp_refuses_what_is_not_an_openmp_runtime():
+    before = bnorm.get_threading()
+    with pytest.raises(RuntimeError, match="no loaded shared object"):
+        bnorm.use_openmp("libnothing.so.1")
+    with pytest.raises(RuntimeError, match="not an OpenMP runtime"):
+        bnorm.use_openmp("libc.so.6")
+    assert bnorm.get_threading() == before
+
+
+@pytest.mark.parametrize(
+    "setup, env, want",
+    [
+        ("", {}, "openmp:"),
+        ("", {"BNORM_THREADS": "own"}, "rayon"),
+        ("bnorm.set_num_threads(2); ", {}, "rayon"),
+    ],
+)
+def test_importing_the_drop_in_shares_pytorchs_threads(setup, env, want):
+    import os
+    import subprocess
+    import sys
+
+    code = f"import torch, bnorm; {setup}import bnorm.torch; print(bnorm.get_threading())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=os.environ | env, check=True).stdout
+    assert out.startswith(want), out
 
 
 def test_non_finite_batch_keeps_running_statistics():

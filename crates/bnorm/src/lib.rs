@@ -122,7 +122,7 @@ pub mod expert {
     };
     pub use crate::kernels::Workspace;
     pub use crate::layout::Geometry;
-    pub use crate::parallel::Parallelism;
+    pub use crate::parallel::{Executor, Parallelism};
     pub use crate::plan::{
         BackwardEpilogue, BackwardOptions, BackwardPlan, Epilogue, ForwardPlan, Options,
         StateSummary, Update,

@@ -240,10 +240,7 @@ impl<'a, T> BackwardOptions<'a, T> {
 
 /// Threads a step may use: what it can split its work over.
 fn threads(par: Parallelism) -> usize {
-    match par {
-        Parallelism::Sequential => 1,
-        Parallelism::Rayon => rayon::current_num_threads().min(64),
-    }
+    par.threads().min(64)
 }
 
 /// Every decision of one forward step.

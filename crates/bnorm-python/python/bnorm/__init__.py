@@ -17,9 +17,55 @@ changes nothing.
 import numpy as _np
 
 from . import _bnorm
-from ._bnorm import Error, get_num_threads, set_num_threads
+from ._bnorm import Error, get_num_threads, get_threading
 
-__all__ = ["BatchNorm", "Error", "set_num_threads", "get_num_threads"]
+__all__ = [
+    "BatchNorm",
+    "Error",
+    "set_num_threads",
+    "get_num_threads",
+    "use_openmp",
+    "get_threading",
+]
+
+# Whether the user chose bnorm's threads (then importing bnorm.torch keeps that choice).
+_threads_chosen = False
+
+
+def set_num_threads(threads):
+    """Runs bnorm's kernels in bnorm's own pool of ``threads`` threads (0: one per CPU,
+    or ``RAYON_NUM_THREADS``), like ``torch.set_num_threads``; stops sharing OpenMP's
+    threads (see ``use_openmp``).
+
+    >>> import bnorm
+    >>> bnorm.set_num_threads(2); bnorm.get_num_threads(), bnorm.get_threading()
+    (2, 'rayon')
+    """
+    global _threads_chosen
+    _bnorm.set_num_threads(threads)
+    _threads_chosen = True
+
+
+def use_openmp(library=None):
+    """Runs bnorm's kernels on the threads of the OpenMP runtime already loaded in the
+    process -- PyTorch's on Linux (``libgomp``) -- and returns the runtime's path.
+
+    A kernel call then runs as ``#pragma omp parallel`` from the calling thread: on the
+    team PyTorch's own operations use, ``torch.get_num_threads()`` threads (what
+    ``torch.set_num_threads`` and ``OMP_NUM_THREADS`` set), whose workers are still
+    spinning from PyTorch's last operation and take the work at once. bnorm's own pool
+    would instead compete with those spinning workers for the cores. ``bnorm.torch``
+    calls this when imported, unless ``set_num_threads`` was called before or
+    ``BNORM_THREADS=own`` is set. ``library`` names a loaded shared object (path or file
+    name); by default the first loaded ``libgomp``, ``libiomp`` or ``libomp``.
+
+    Raises ``RuntimeError`` when no OpenMP runtime is loaded (nothing changes then).
+    Results are bitwise the same on any threads.
+    """
+    global _threads_chosen
+    path = _bnorm.use_openmp(library)
+    _threads_chosen = True
+    return path
 
 
 def _error(kind, message):

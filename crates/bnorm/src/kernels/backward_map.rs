@@ -5,8 +5,6 @@
 //! [`rows_affine2_relu`], a coefficient table per call). In f64 for f32 and f64 storage
 //! (or f32 for f32 when asked), in f32 for the 16-bit types (`by_backward_arith!`).
 
-use rayon::prelude::*;
-
 use super::coefs::x86::{Broadcast, Table};
 use super::coefs::{coef_table, columns, map_run, Affine2, Affine2At, Arith};
 use super::schedule::{rows_per_task, Scratch};
@@ -16,7 +14,7 @@ use super::Out;
 use super::{stream_fence, stream_wanted};
 use crate::element::{DType, Element};
 use crate::layout::Geometry;
-use crate::parallel::Parallelism;
+use crate::parallel::{self, Parallelism};
 
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -91,17 +89,10 @@ fn affine2_plain<T: Element>(
             }
         }
     };
-    if par.is_parallel(g.len()) {
-        x.par_chunks(chunk)
-            .zip(dy.par_chunks(chunk))
-            .zip(dx.par_chunks_mut(chunk))
-            .for_each(body);
-    } else {
-        x.chunks(chunk)
-            .zip(dy.chunks(chunk))
-            .zip(dx.chunks_mut(chunk))
-            .for_each(body);
-    }
+    parallel::chunks(par, g.len(), dx, chunk, |i, os| {
+        let r = i * chunk..i * chunk + os.len();
+        body(((&x[r.clone()], &dy[r]), os))
+    });
 }
 
 /// One task's slices of x, y, dy and dx.
@@ -150,28 +141,10 @@ fn affine2_masked<T: Element>(
             }
         }
     };
-    let parallel = par.is_parallel(g.len());
-    let it = x.chunks(chunk).zip(y.chunks(chunk)).zip(dy.chunks(chunk));
-    match (parallel, with_res) {
-        (true, true) => x
-            .par_chunks(chunk)
-            .zip(y.par_chunks(chunk))
-            .zip(dy.par_chunks(chunk))
-            .zip(dx.par_chunks_mut(chunk))
-            .zip(dres.par_chunks_mut(chunk))
-            .for_each(|(t, rs)| body(t, rs)),
-        (true, false) => x
-            .par_chunks(chunk)
-            .zip(y.par_chunks(chunk))
-            .zip(dy.par_chunks(chunk))
-            .zip(dx.par_chunks_mut(chunk))
-            .for_each(|t| body(t, &mut [])),
-        (false, true) => it
-            .zip(dx.chunks_mut(chunk))
-            .zip(dres.chunks_mut(chunk))
-            .for_each(|(t, rs)| body(t, rs)),
-        (false, false) => it.zip(dx.chunks_mut(chunk)).for_each(|t| body(t, &mut [])),
-    }
+    parallel::chunks2(par, g.len(), (dx, dres), chunk, |i, os, rs| {
+        let r = i * chunk..i * chunk + os.len();
+        body((((&x[r.clone()], &y[r.clone()]), &dy[r]), os), rs)
+    });
 }
 
 /// [`run_affine2`], with streaming stores when `stream` (same bits).

@@ -4,8 +4,6 @@
 //! channels-last rows ([`rows_affine`], [`rows_affine_relu`], a coefficient table per
 //! call). In f64 for f64 storage, in f32 for the others (`by_arith!`).
 
-use rayon::prelude::*;
-
 use super::coefs::x86::{Broadcast, Table};
 use super::coefs::{coef_table, columns, map_run, Affine, Arith};
 use super::schedule::{rows_per_task, Scratch};
@@ -15,7 +13,7 @@ use super::Out;
 use super::{stream_fence, stream_wanted};
 use crate::element::{DType, Element};
 use crate::layout::Geometry;
-use crate::parallel::Parallelism;
+use crate::parallel::{self, Parallelism};
 
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -106,17 +104,9 @@ pub(crate) fn affine_ep<T: Element>(
             }
         }
     };
-    if par.is_parallel(g.len()) {
-        x.par_chunks(chunk)
-            .zip(y.par_chunks_mut(chunk))
-            .enumerate()
-            .for_each(body);
-    } else {
-        x.chunks(chunk)
-            .zip(y.chunks_mut(chunk))
-            .enumerate()
-            .for_each(body);
-    }
+    parallel::chunks(par, g.len(), y, chunk, |i, ys| {
+        body((i, (&x[i * chunk..i * chunk + ys.len()], ys)))
+    });
 }
 
 /// One contiguous run with its epilogue; with streaming stores when `stream` (and the

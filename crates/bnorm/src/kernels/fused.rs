@@ -5,12 +5,10 @@
 //! unfused kernel ([`moments`](super::moments), [`dot`](super::dot)), so fusing never
 //! changes a bit.
 
-use rayon::prelude::*;
-
 use super::backward_map::{run_affine2_nt, run_affine2_relu_nt};
 use super::coefs::Affine2At;
 use super::forward_map::{run_affine_ep, Ep};
-use super::schedule::{segments, SendPtr};
+use super::schedule::segments;
 use super::simd::Isa;
 use super::stats::by_level::run_moments;
 use super::sums::by_level::{dot_row, seg_dot};
@@ -19,7 +17,7 @@ use super::Out;
 use super::{stream_fence, stream_wanted};
 use crate::element::Element;
 use crate::layout::Geometry;
-use crate::parallel::Parallelism;
+use crate::parallel::{self, Parallelism, SendPtr};
 use crate::stats::Moments;
 
 /// Channels-first training forward, one channel per task: the channel's moments (same
@@ -101,11 +99,7 @@ pub(crate) fn train_fused_cf<T: Element, F>(
             stream_fence();
         }
     };
-    if par.is_parallel(g.len()) {
-        out.par_chunks_mut(group).enumerate().for_each(task);
-    } else {
-        out.chunks_mut(group).enumerate().for_each(task);
-    }
+    parallel::chunks(par, g.len(), out, group, |i, o| task((i, o)));
 }
 
 /// Channels-first backward, a few channels per task: the per-channel sums
@@ -229,11 +223,7 @@ pub(crate) fn backward_fused_cf<T: Element, F>(
             stream_fence();
         }
     };
-    if par.is_parallel(g.len()) {
-        out.par_chunks_mut(group).enumerate().for_each(task);
-    } else {
-        out.chunks_mut(group).enumerate().for_each(task);
-    }
+    parallel::chunks(par, g.len(), out, group, |i, o| task((i, o)));
 }
 
 /// Row length from which the fused backward reads a group's rows in memory order (the

@@ -109,12 +109,3 @@ impl<A: Spare> std::ops::DerefMut for Scratch<A> {
         &mut self.0
     }
 }
-
-/// A raw pointer that may cross threads; see the SAFETY notes where it is dereferenced.
-#[derive(Clone, Copy)]
-pub(super) struct SendPtr<T>(pub(super) *mut T);
-// SAFETY: the pointer is only used to build disjoint sub-slices of one `&mut [T]`
-// (rows of distinct channels) while that exclusive borrow is held by the caller.
-unsafe impl<T: Send> Send for SendPtr<T> {}
-// SAFETY: as above; no two threads ever form overlapping slices.
-unsafe impl<T: Send> Sync for SendPtr<T> {}

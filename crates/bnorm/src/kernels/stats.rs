@@ -10,15 +10,13 @@
 //!
 //! The segments are merged in order: the result depends on the shape alone.
 
-use rayon::prelude::*;
-
 use super::frame::{ahead, expand, fold, fold_lanes, lanes_for, LANES, LANES2};
 use super::schedule::{segments, Scratch, Workspace};
 use super::simd::{self, Isa};
 use super::BLOCK;
 use crate::element::Element;
 use crate::layout::Geometry;
-use crate::parallel::Parallelism;
+use crate::parallel::{self, Parallelism};
 use crate::stats::Moments;
 
 simd::dispatch! {
@@ -37,7 +35,6 @@ pub(crate) fn moments<T: Element>(
     let c = g.channels;
     let isa = Isa::of_call();
     let (rps, nseg) = segments(g);
-    let parallel = par.is_parallel(g.len());
     ws.moments.clear();
     ws.moments.resize(nseg * c, Moments::default());
     if g.inner == 1 {
@@ -45,14 +42,7 @@ pub(crate) fn moments<T: Element>(
             let rows = &x[s * rps * c..((s + 1) * rps).min(g.outer) * c];
             by_level::rows_moments(isa, rows, c, part);
         };
-        if parallel {
-            ws.moments
-                .par_chunks_mut(c.max(1))
-                .enumerate()
-                .for_each(task);
-        } else {
-            ws.moments.chunks_mut(c.max(1)).enumerate().for_each(task);
-        }
+        parallel::chunks(par, g.len(), &mut ws.moments, c, |s, p| task((s, p)));
         for (ch, o) in out.iter_mut().enumerate() {
             *o = (0..nseg).fold(Moments::default(), |acc, s| {
                 acc.merge(ws.moments[s * c + ch])
@@ -62,11 +52,9 @@ pub(crate) fn moments<T: Element>(
         let task = |(t, o): (usize, &mut Moments)| {
             *o = segment_moments_cf(isa, g, x, (t / nseg, t % nseg), rps);
         };
-        if parallel {
-            ws.moments.par_iter_mut().enumerate().for_each(task);
-        } else {
-            ws.moments.iter_mut().enumerate().for_each(task);
-        }
+        parallel::chunks(par, g.len(), &mut ws.moments, 1, |t, o| {
+            task((t, &mut o[0]))
+        });
         for (ch, o) in out.iter_mut().enumerate() {
             *o = ws.moments[ch * nseg..(ch + 1) * nseg]
                 .iter()

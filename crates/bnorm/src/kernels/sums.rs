@@ -8,14 +8,12 @@
 //! * Channels-last: rows of `c` values ([`rows_dot`], [`rows_dot_relu`]): whole rows as
 //!   lanes for small `c`, several rows at a time across the channels for large.
 
-use rayon::prelude::*;
-
 use super::frame::{ahead, expand, fold, fold_lanes, lanes_for, LANES2};
 use super::schedule::{segments, Scratch, Workspace};
 use super::simd::{self, Isa};
 use crate::element::Element;
 use crate::layout::Geometry;
-use crate::parallel::Parallelism;
+use crate::parallel::{self, Parallelism};
 
 simd::dispatch! {
     fn seg_dot<T>(x: &[T], y: &[T], dy: &[T], seg: Seg, m: f64) -> (f64, f64);
@@ -71,7 +69,6 @@ pub(crate) fn dot<T: Element>(
     let isa = Isa::of_call();
     let c = g.channels;
     let (rps, nseg) = segments(g);
-    let parallel = par.is_parallel(g.len());
     ws.pairs.clear();
     ws.pairs.resize(nseg * c, (0.0, 0.0));
     if g.inner == 1 {
@@ -88,11 +85,7 @@ pub(crate) fn dot<T: Element>(
                 *p = (*av, *bv);
             }
         };
-        if parallel {
-            ws.pairs.par_chunks_mut(c.max(1)).enumerate().for_each(task);
-        } else {
-            ws.pairs.chunks_mut(c.max(1)).enumerate().for_each(task);
-        }
+        parallel::chunks(par, g.len(), &mut ws.pairs, c, |s, p| task((s, p)));
         for (ch, o) in out.iter_mut().enumerate() {
             *o = (0..nseg).fold((0.0, 0.0), |acc, s| {
                 let p = ws.pairs[s * c + ch];
@@ -111,11 +104,7 @@ pub(crate) fn dot<T: Element>(
             };
             *o = by_level::seg_dot(isa, x, y.unwrap_or(&[]), dy, seg, center[ch]);
         };
-        if parallel {
-            ws.pairs.par_iter_mut().enumerate().for_each(task);
-        } else {
-            ws.pairs.iter_mut().enumerate().for_each(task);
-        }
+        parallel::chunks(par, g.len(), &mut ws.pairs, 1, |t, o| task((t, &mut o[0])));
         for (ch, o) in out.iter_mut().enumerate() {
             *o = ws.pairs[ch * nseg..(ch + 1) * nseg]
                 .iter()
