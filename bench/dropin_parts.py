@@ -15,7 +15,11 @@ import torch
 import bnorm
 import bnorm.torch
 from bnorm.torch import _numpy, _f64, _kernel
-torch.set_num_threads(2); bnorm.set_num_threads(2)
+torch.set_num_threads(2)
+import sys
+if "--own" in sys.argv:  # bnorm's own pool; by default PyTorch's OpenMP team (bnorm.torch's choice)
+    bnorm.set_num_threads(2)
+print("bnorm threads:", bnorm.get_threading())
 def t(f, n=30):
     f(); ts=[]
     for _ in range(n):

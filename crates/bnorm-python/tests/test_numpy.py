@@ -209,16 +209,25 @@ def test_the_gil_is_released_while_kernels_run():
             bn.forward(x)
         span["kernel"] = (time.perf_counter() - t) / 3
 
-    stamps = []
-    worker = threading.Thread(target=work)
-    worker.start()
-    while worker.is_alive():
-        stamps.append(time.perf_counter())
-    worker.join()
+    def largest_pause():
+        stamps = []
+        worker = threading.Thread(target=work)
+        worker.start()
+        while worker.is_alive():
+            stamps.append(time.perf_counter())
+        worker.join()
+        return np.diff(stamps).max()
+
+    # With the GIL held every attempt would pause as long as a kernel; a busy 2-core
+    # machine may deschedule this thread for a while in one attempt, so up to three.
+    tries = []
+    for _ in range(3):
+        tries.append((largest_pause(), span["kernel"]))
+        if tries[-1][0] < tries[-1][1] / 2:
+            break
     bnorm.set_num_threads(0)
-    pauses = np.diff(stamps)
-    assert span["kernel"] > 0.02, "the forward is too short to tell"
-    assert pauses.max() < span["kernel"] / 2, (pauses.max(), span["kernel"])
+    assert all(k > 0.02 for _, k in tries), "the forward is too short to tell"
+    assert tries[-1][0] < tries[-1][1] / 2, tries
 
 
 @pytest.mark.parametrize("layout,shape", [("NC", (1, 3)), ("NCHW", (1, 3, 1, 1)),

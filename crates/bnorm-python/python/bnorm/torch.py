@@ -21,11 +21,14 @@ through a ``torch.autograd.Function`` whose backward is bnorm's backward.
   writes NaN into them) and warns (``RuntimeWarning``); the output carries the NaN as
   torch's does.
 * A CUDA tensor raises ``bnorm.Error`` (kind ``"Device"``).
-* Speed on few cores: after each of its operations PyTorch's OpenMP threads keep
-  spinning for a while, and on a machine with as many threads as cores bnorm's threads
-  then share the cores with them (measured on 2 cores: the drop-in's evaluation calls up
-  to 3x slower). Set ``OMP_WAIT_POLICY=PASSIVE`` in the environment before PyTorch
-  starts, or give bnorm fewer threads (``bnorm.set_num_threads``); see bench/README.md.
+* Threads: importing this module makes bnorm's kernels run on PyTorch's own OpenMP
+  threads (``bnorm.use_openmp``), as many as ``torch.get_num_threads()``, when
+  PyTorch's parallel backend is OpenMP. After each of its operations PyTorch's OpenMP
+  workers keep spinning for a while; bnorm's own pool would share the cores with them
+  (measured on 2 cores: evaluation calls up to 3x slower), while an OpenMP team
+  started from the calling thread puts those workers to work at once. Not done when
+  ``bnorm.set_num_threads`` was called before the import or ``BNORM_THREADS=own`` is
+  set in the environment; ``bnorm.get_threading()`` says which threads are used.
 
 >>> import torch, bnorm.torch
 >>> model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8))
@@ -43,6 +46,24 @@ from torch.autograd.function import once_differentiable
 from . import _bnorm, _error
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "convert"]
+
+def _share_threads():
+    """Runs bnorm's kernels on PyTorch's OpenMP threads (see the module's docstring)."""
+    import os
+
+    from . import _threads_chosen, use_openmp
+
+    if _threads_chosen or os.environ.get("BNORM_THREADS", "") == "own":
+        return
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return
+    try:
+        use_openmp()
+    except RuntimeError:
+        pass  # no OpenMP runtime found: bnorm's own pool
+
+
+_share_threads()
 
 _LAYOUTS = {2: ("NC", "NC"), 3: ("NCL", "NLC"), 4: ("NCHW", "NHWC"), 5: ("NCDHW", "NDHWC")}
 _TAGS = {
