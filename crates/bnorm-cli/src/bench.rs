@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use bnorm::config::BackwardArithmetic;
-use bnorm::element::{bf16, Element};
+use bnorm::element::{bf16, f16, Element};
 use bnorm::expert::{backward_into, forward_into, Grads, Parallelism, Saved, Workspace};
 use bnorm::tuning::{fused_channels, zeroed_buffer};
 use bnorm::{Config, Layout, Mode, Params, RunningState};
@@ -222,13 +222,20 @@ unsafe fn copy_bytes_nt(s: &[u8], d: &mut [u8]) {
     _mm_sfence();
 }
 
-/// Reads every value (a vectorizable sum, kept alive through `black_box`).
+/// Reads every byte (a vectorizable xor of 64-bit words, kept alive through
+/// `black_box`): traffic without arithmetic or conversions, whatever the storage type
+/// (converting each f16 value, as the kernels do, would make the floor compute-bound).
 fn touch<T: Element>(xs: &[T]) {
-    let mut acc = [0f32; 16];
-    let (body, tail) = xs.as_chunks::<16>();
+    // SAFETY: every `Element` (f32, f64, f16, bf16) is plain bits without padding, so its
+    // slices may be viewed as the bytes they cover (read only).
+    let b =
+        unsafe { std::slice::from_raw_parts(xs.as_ptr().cast::<u8>(), std::mem::size_of_val(xs)) };
+    let mut acc = [0u64; 8];
+    let (body, tail) = b.as_chunks::<64>();
     for ch in body {
-        for l in 0..16 {
-            acc[l] += ch[l].to_f32();
+        for (l, a) in acc.iter_mut().enumerate() {
+            let w: [u8; 8] = ch[8 * l..8 * l + 8].try_into().unwrap_or_default();
+            *a ^= u64::from_ne_bytes(w);
         }
     }
     black_box((acc, tail.len()));
@@ -782,6 +789,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         if !a.no_candle {
             bench_candle(s, DType::BF16, "bf16", a, &mut rows)?;
         }
+        bench_bnorm::<f16>(s, "f16", a, &mut rows)?;
     }
     // speed-up over candle-nn
     let values: Vec<Value> = rows.into_iter().map(|r| r.value).collect();
