@@ -60,7 +60,9 @@ def use_openmp(library=None):
     name); by default the first loaded ``libgomp``, ``libiomp`` or ``libomp``.
 
     Raises ``RuntimeError`` when no OpenMP runtime is loaded (nothing changes then).
-    Results are bitwise the same on any threads.
+    Results are bitwise the same on any threads. bnorm's calls then follow OpenMP's rules
+    as PyTorch's operations do (e.g. in a forked child, such as a ``DataLoader`` worker,
+    PyTorch sets one thread, and bnorm runs on the calling thread alone).
     """
     global _threads_chosen
     path = _bnorm.use_openmp(library)
