@@ -45,6 +45,10 @@ fn data(n: usize, seed: u64, mean: f64) -> Vec<f32> {
         .collect()
 }
 
+fn f32s(v: &[f64]) -> Vec<f32> {
+    v.iter().map(|x| *x as f32).collect()
+}
+
 fn close(what: &str, got: &[f32], want: &[f32], tol: f64) {
     assert_eq!(got.len(), want.len());
     for (i, (g, w)) in got.iter().zip(want).enumerate() {
@@ -228,18 +232,54 @@ fn gpu_state_survives_reload_resume_and_failure() {
             "{cfg:?}"
         );
 
-        // failure: a batch of one value per channel, after a good step
+        // failure: a batch of one value per channel, after a good step, where the preset
+        // refuses it (PyTorch); Keras and TensorFlow accept it (FORMAT.md, "Single values"):
+        // then the GPU gives what the CPU gives, y = β and the running state's update
         let x = upload(9).unwrap();
         a.forward_into(&x, Mode::Train, &mut y, &mut saved).unwrap();
         let (before_state, before_saved) = (a.running_state().unwrap(), saved.download().unwrap());
         let one = DeviceTensor::upload(&gpu, &[1.0f32; 3], &[1, 3], Layout::NC).unwrap();
         let mut y1 = DeviceTensor::upload(&gpu, &[-7.0f32; 3], &[1, 3], Layout::NC).unwrap();
-        assert!(a
-            .forward_into(&one, Mode::Train, &mut y1, &mut saved)
-            .is_err());
-        assert_eq!(y1.download().unwrap(), vec![-7.0f32; 3]);
-        assert_eq!(a.running_state().unwrap(), before_state);
-        assert_eq!(saved.download().unwrap(), before_saved);
+        let r = a.forward_into(&one, Mode::Train, &mut y1, &mut saved);
+        if cfg.get_single_value() == bnorm::config::SingleValuePolicy::Refuse {
+            assert!(r.is_err(), "{cfg:?}: {r:?}");
+            assert_eq!(y1.download().unwrap(), vec![-7.0f32; 3]);
+            assert_eq!(a.running_state().unwrap(), before_state);
+            assert_eq!(saved.download().unwrap(), before_saved);
+        } else {
+            assert!(r.is_ok(), "{cfg:?}: {r:?}");
+            let g = Layout::NC.geometry(&[1, 3]).unwrap();
+            let mut cpu_state = before_state.clone();
+            let (mut yc, mut sv, mut ws) =
+                (vec![0.0f32; 3], Saved::default(), Workspace::default());
+            forward_into(
+                &cfg,
+                g,
+                &[1.0f32; 3],
+                &p,
+                cpu_state.as_mut(),
+                Mode::Train,
+                &mut yc,
+                &mut sv,
+                &mut ws,
+                Parallelism::Sequential,
+            )
+            .unwrap();
+            assert_eq!(
+                yc,
+                p.bias
+                    .clone()
+                    .unwrap()
+                    .iter()
+                    .map(|b| *b as f32)
+                    .collect::<Vec<_>>()
+            );
+            assert_eq!(y1.download().unwrap(), yc, "{cfg:?}: y = β");
+            let (gs, cs) = (a.running_state().unwrap().unwrap(), cpu_state.unwrap());
+            assert_eq!(gs.updates, cs.updates);
+            close("running mean", &f32s(&gs.mean), &f32s(&cs.mean), 1e-6);
+            close("running var", &f32s(&gs.var), &f32s(&cs.var), 1e-6);
+        }
 
         // failure after the statistics were computed: NaN refused by the policy
         let strict = cfg
