@@ -6,6 +6,7 @@
 //!
 //! ```text
 //! gpu_check [--verify-only | --bench-only] [--json FILE] [--iters N] [--seed S]
+//!           [--case S1|S2|S3|S5|L1|L3] [--layout NCHW|NHWC|NC] [--dtype f32|bf16|f16]
 //! ```
 //!
 //! Exit status: 0 all verified, 1 a check failed, 2 CUDA unavailable (skipped).
@@ -591,9 +592,18 @@ fn main() {
     }
     if !flag("--verify-only") {
         let mut rows = Vec::new();
+        // --case LABEL, --layout NAME, --dtype NAME: only the matching cases (e.g. one
+        // shape under a profiler)
+        let keep = |f: &str, v: &str| value(f).is_none_or(|w| w.eq_ignore_ascii_case(v));
         for (label, layout, shape) in bench_cases() {
+            if !keep("--case", label) || !keep("--layout", &layout.to_string()) {
+                continue;
+            }
             // the anchor's dtypes: f32, bf16, f16
             for dtype in 0..3 {
+                if !keep("--dtype", ["f32", "bf16", "f16"][dtype]) {
+                    continue;
+                }
                 let r = match dtype {
                     0 => bench_one::<f32>(&gpu, label, layout, &shape, iters, &mut rng),
                     1 => bench_one::<bf16>(&gpu, label, layout, &shape, iters, &mut rng),

@@ -425,63 +425,82 @@ __device__ __forceinline__ void finalize_sums(u32 c, u32 C, double sdy, double s
     o.bcoef[c] = make_float4((float)a, (float)b, (float)d, (float)k);
 }
 
-// The channels-last second stage, in the block that arrived last among a tile's S splits:
-// the tile's channels [first, last] 32 at a time, one per thread along x; each channel's S
-// partials strided over the 8 threads along y (thread y merges splits y, y + 8, y + 16, …
-// in order, read from L2 with several loads in flight), then the 8 results merged along y
-// in order (tile_merge / tile_sum2). A fixed order, so the result does not depend on
-// timing; about S/8 dependent merges per thread where one thread merging all S in turn
-// waited out an L2 round trip per split (S ≈ 400 for 64 channels on 132 SMs: 0.2 ms of a
-// 0.03 ms step, measured on an H200 on 2026-12-04). Every thread of the block calls it (it
-// synchronizes the block).
-__device__ __forceinline__ void finish_tile(u32 first, u32 last, u32 C, u32 S,
-                                            const double* part, const StatsOut& o) {
-    for (u32 c0 = first; c0 <= last; c0 += blockDim.x) {
-        u32 c = c0 + threadIdx.x;
-        bool live = c <= last;
-        double n = 0.0, K = 0.0, d = 0.0, m2 = 0.0;
-        if (live) {
-#pragma unroll 4
-            for (u32 s = threadIdx.y; s < S; s += blockDim.y) {
-                const double* p = part + ((u64)s * C + c) * 4u;
-                chan_merge(n, K, d, m2, __ldcg(p), __ldcg(p + 1), __ldcg(p + 2), __ldcg(p + 3));
-            }
-        }
-        tile_merge(n, K, d, m2);
-        if (threadIdx.y == 0 && live) finalize_moments(c, C, K, d, m2, o);
-    }
+// The channels-last second stage: a merge tree of fan-in 8 over each tile's S partials.
+// Level 0 holds the S splits' partials; node j of the next level merges children 8j … 8j+7
+// in order, and is computed by the block that arrives last among those children (an
+// arrival counter per node, as last_of_group); the level of at most 8 nodes is the root,
+// whose merge finalizes the tile's channels. In a merge each of the 8 threads along y
+// loads one child (all loads in flight at once) and tile_merge / tile_sum2 merges them
+// in y order, the tile's columns 32 at a time: a fixed order, so the result does not
+// depend on timing. After the last block of the main pass, ⌈log8 S⌉ merges of one L2
+// round trip each remain, where one thread merging all S in turn waited out an L2 round
+// trip per split (S = 396 for 64 channels on 132 SMs: 58 µs of a 73 µs statistics pass,
+// Nsight Compute on an H200, 2026-12-04). Partials: level k's n_k slots per column after
+// level k−1's (plan::tree_slots); counters: per level, tiles·⌈n_k/8⌉ after the previous
+// levels' (plan::tree_counters). Every thread of the block calls it.
+#define FAN 8u
+
+__device__ __forceinline__ u32 slot_size(const StatsOut&) { return 4u; }
+__device__ __forceinline__ u32 slot_size(const BwdOut&) { return 2u; }
+
+__device__ __forceinline__ void tree_merge(const double* child, bool have, double* node,
+                                           bool root, u32 c, u32 C, const StatsOut& o) {
+    double n = 0.0, K = 0.0, d = 0.0, m2 = 0.0;
+    if (have) { n = __ldcg(child); K = __ldcg(child + 1); d = __ldcg(child + 2); m2 = __ldcg(child + 3); }
+    tile_merge(n, K, d, m2);
+    if (threadIdx.y != 0 || node == nullptr) return;
+    if (root) finalize_moments(c, C, K, d, m2, o);
+    else { node[0] = n; node[1] = K; node[2] = d; node[3] = m2; }
 }
 
-__device__ __forceinline__ void finish_tile(u32 first, u32 last, u32 C, u32 S,
-                                            const double* part, const BwdOut& o) {
-    for (u32 c0 = first; c0 <= last; c0 += blockDim.x) {
-        u32 c = c0 + threadIdx.x;
-        bool live = c <= last;
-        double sdy = 0.0, sdyxc = 0.0;
-        if (live) {
-#pragma unroll 4
-            for (u32 s = threadIdx.y; s < S; s += blockDim.y) {
-                const double* p = part + ((u64)s * C + c) * 2u;
-                sdy += __ldcg(p);
-                sdyxc += __ldcg(p + 1);
-            }
+__device__ __forceinline__ void tree_merge(const double* child, bool have, double* node,
+                                           bool root, u32 c, u32 C, const BwdOut& o) {
+    double sdy = 0.0, sdyxc = 0.0;
+    if (have) { sdy = __ldcg(child); sdyxc = __ldcg(child + 1); }
+    tile_sum2(sdy, sdyxc);
+    if (threadIdx.y != 0 || node == nullptr) return;
+    if (root) finalize_sums(c, C, sdy, sdyxc, o);
+    else { node[0] = sdy; node[1] = sdyxc; }
+}
+
+template <typename Out>
+__device__ __forceinline__ void finish_tree(u32* __restrict__ counter, u32 first, u32 last,
+                                            u32 C, double* part, const Out& out) {
+    u32 sz = slot_size(out), W = C;
+    u32 idx = blockIdx.y, n = gridDim.y;
+    u64 base = 0;   // first slot of the children's level
+    u32 cbase = 0;  // first counter of the parents' level
+    for (;;) {
+        u32 parent = idx / FAN, members = min(FAN, n - parent * FAN);
+        u32 nodes = (n + FAN - 1u) / FAN;
+        bool root = n <= FAN;
+        if (!last_of_group(counter, cbase + blockIdx.x * nodes + parent, members)) return;
+        u64 next = base + (u64)n * W;
+        for (u32 c0 = first; c0 <= last; c0 += blockDim.x) {
+            u32 c = c0 + threadIdx.x;
+            bool live = c <= last;
+            u64 child = base + (u64)(parent * FAN + threadIdx.y) * W + c;
+            u64 node = next + (u64)parent * W + c;
+            tree_merge(part + child * sz, live && threadIdx.y < members,
+                       live ? part + node * sz : nullptr, root, c, C, out);
         }
-        tile_sum2(sdy, sdyxc);
-        if (threadIdx.y == 0 && live) finalize_sums(c, C, sdy, sdyxc, o);
+        if (root) return;
+        base = next;
+        cbase += gridDim.x * nodes;
+        idx = parent;
+        n = nodes;
     }
 }
 
 // The second stage of the reductions by rows (statistics and backward alike): channels-last
-// (I = 1), the block arriving last among its tile's splits finalizes the tile's channels
-// (finish_tile); the columns path (I > 1), per channel (column_channel_done). tw = the
+// (I = 1), the merge tree over the tile's splits (finish_tree); the columns path (I > 1), per channel (column_channel_done). tw = the
 // tile's columns.
 template <typename Out>
 __device__ __forceinline__ void finish_by_rows(u32* __restrict__ counter, u32 N, u32 Wc, u32 C,
-                                               u32 I, const double* part, const Out& out) {
+                                               u32 I, double* part, const Out& out) {
     u32 tw = blockDim.x * N, first = blockIdx.x * tw, last = min(Wc, first + tw) - 1u;
     if (I == 1u) {
-        if (last_of_group(counter, blockIdx.x, gridDim.y))
-            finish_tile(first, last, C, gridDim.y, part, out);
+        finish_tree(counter, first, last, C, part, out);
         return;
     }
     __threadfence();
@@ -1203,19 +1222,19 @@ mod tests {
             (n, k, d, if q < 0.0 { 0.0 } else { q })
         }
 
-        /// (mean, biased variance) as the kernels compute them; `strided`: the splits'
-        /// partials merged as finish_tile does (channels-last, inner 1: split s by thread
-        /// y = s mod 8 in order, then the 8 along y in order), else in split order.
+        /// (mean, biased variance) as the kernels compute them; `tree`: the splits'
+        /// partials merged as finish_tree does (channels-last, inner 1: groups of 8
+        /// consecutive partials merged in order, level by level, until one is left), else
+        /// in split order.
         pub fn stats(
             lists: &[Vec<Vec<f32>>],
             channels_first: bool,
-            strided: bool,
+            tree: bool,
             n_total: f64,
         ) -> (f64, f64) {
-            let ty = CL_TILE.1 as usize;
-            let mut by_y = [EMPTY; 8];
-            let mut total = EMPTY;
-            for (s, split) in lists.iter().enumerate() {
+            let fan = CL_TILE.1 as usize;
+            let mut partials: Vec<M> = Vec::new();
+            for split in lists {
                 let mut v: Vec<M> = split.iter().map(|t| thread_moments(t)).collect();
                 let block = if channels_first {
                     // warp_merge (shfl_down tree) in each warp, then warps in order
@@ -1231,15 +1250,17 @@ mod tests {
                     // tile_merge: y in order
                     v.iter().fold(EMPTY, |a, &b| chan_merge(a, b))
                 };
-                if strided {
-                    by_y[s % ty] = chan_merge(by_y[s % ty], block);
-                } else {
-                    total = chan_merge(total, block);
+                partials.push(block);
+            }
+            let in_order = |v: &[M]| v.iter().fold(EMPTY, |a, &b| chan_merge(a, b));
+            let total = if tree {
+                while partials.len() > fan {
+                    partials = partials.chunks(fan).map(in_order).collect();
                 }
-            }
-            if strided {
-                total = by_y[..ty].iter().fold(EMPTY, |a, &b| chan_merge(a, b));
-            }
+                in_order(&partials)
+            } else {
+                in_order(&partials)
+            };
             (total.1 + total.2, total.3 / n_total)
         }
 
@@ -1360,8 +1381,8 @@ mod tests {
                     lists.iter().flatten().map(Vec::len).sum::<usize>(),
                     vals.len()
                 );
-                let strided = matches!(plan, crate::plan::Split::ChannelsLast { inner: 1, .. });
-                let (m, v) = stats_mirror::stats(&lists, cf, strided, n);
+                let tree = matches!(plan, crate::plan::Split::ChannelsLast { inner: 1, .. });
+                let (m, v) = stats_mirror::stats(&lists, cf, tree, n);
                 let (om, ov) = stats_mirror::stats_channel_shift(&lists, cf, x[c * g.inner], n);
                 let sd = ev.sqrt();
                 let err = |m: f64, v: f64| {

@@ -8,7 +8,10 @@ use bnorm::expert::{ForwardPlan, Geometry, Grads, Moments, Normalized, Options, 
 use bnorm::{Config, Mode, Params, RunningState, StepReport, VarianceEstimator};
 
 use crate::kernels::{typed_name, BLOCK};
-use crate::plan::{channel_grid, plan_split, reduces_by_rows, reduction_width, FastDiv, Split};
+use crate::plan::{
+    channel_grid, plan_split, reduces_by_rows, reduction_width, tree_counters, tree_slots, FastDiv,
+    Split,
+};
 use crate::{CudaError, DeviceTensor, Gpu, GpuElement, Result};
 
 /// What backward needs from a forward step, on the device: per channel the centre and
@@ -725,7 +728,8 @@ impl GpuBatchNorm {
                     .arg(&mut self.bcoef);
                 // SAFETY: as above, by-rows plan (rows × 32·vec-column tiles of W = C·inner
                 // columns, vec divides W, column w in channel w / inner < C); part holds
-                // 2·S·W values, counter ≥ C.
+                // 2·tree_slots(S)·W values and counter max(C, tree_counters) (ensure_part),
+                // what the merge tree of finish_by_rows indexes.
                 unsafe { b.launch(rcfg) }.map_err(CudaError::driver("bn_bwd_reduce_cl"))?;
             }
         }
@@ -787,12 +791,28 @@ impl GpuBatchNorm {
     }
 
     fn ensure_part(&mut self, split: Split, c: usize) -> Result<()> {
-        // 4 values per (split, channel) for the statistics' moments, 2 for the backward
-        let need = 4 * split.splits() as usize * split.columns(c);
+        // 4 values per (split, channel) for the statistics' moments, 2 for the backward;
+        // channels-last, the merge tree's levels after the splits' own, and its counters
+        let s = split.splits() as usize;
+        let (slots, counters) = match split {
+            Split::ChannelsLast { inner: 1, .. } => {
+                let tiles = split.grid(c).0 as usize;
+                (tree_slots(s), tree_counters(s, tiles).max(c))
+            }
+            _ => (s, c),
+        };
+        let need = 4 * slots * split.columns(c);
         if self.part.len() < need {
             self.part = self
                 .stream
                 .alloc_zeros(need)
+                .map_err(CudaError::driver("alloc"))?;
+        }
+        if self.counter.len() < counters {
+            // zeroed: every counter is reset by the block that completes it
+            self.counter = self
+                .stream
+                .alloc_zeros(counters)
                 .map_err(CudaError::driver("alloc"))?;
         }
         Ok(())
@@ -890,7 +910,8 @@ impl GpuBatchNorm {
                     .arg(&mut self.counter);
                 push_stats_out(&mut b, &mut out);
                 // SAFETY: arguments match bn_stats_cl_*; vec divides W = C·inner, threads whose
-                // first column is ≥ W load nothing; part holds 4·S·W values, counter ≥ C.
+                // first column is ≥ W load nothing; part holds 4·tree_slots(S)·W values and
+                // counter max(C, tree_counters) (ensure_part), what the merge tree indexes.
                 unsafe { b.launch(rcfg) }.map_err(CudaError::driver("bn_stats_cl"))?;
             }
         }

@@ -242,6 +242,34 @@ pub fn plan_split(g: Geometry, sms: usize, resident: usize) -> Split {
     }
 }
 
+/// Fan-in of the channels-last second stage's merge tree (`FAN` in the CUDA source: the
+/// threads along y of a block, one child each).
+pub const TREE_FAN: usize = CL_TILE.1 as usize;
+
+/// The node counts of the merge tree over `splits` partials, level by level, as
+/// `finish_tree` walks it: `splits`, then `⌈n/8⌉` while more than 8 are left (the last
+/// level listed is the one the root merges).
+fn tree_levels(splits: usize) -> impl Iterator<Item = usize> {
+    std::iter::successors(Some(splits.max(1)), |&n| {
+        (n > TREE_FAN).then(|| n.div_ceil(TREE_FAN))
+    })
+}
+
+/// Partial slots per column that the merge tree over `splits` partials needs: every level's
+/// nodes, the splits' own included (the root's merge is written nowhere).
+pub fn tree_slots(splits: usize) -> usize {
+    tree_levels(splits).sum()
+}
+
+/// Arrival counters the merge tree needs for `tiles` tiles: one per parent node of every
+/// level, the root included.
+pub fn tree_counters(splits: usize, tiles: usize) -> usize {
+    tiles
+        * tree_levels(splits)
+            .map(|n| n.div_ceil(TREE_FAN))
+            .sum::<usize>()
+}
+
 /// Grid size of the per-channel kernels (one thread per channel).
 pub fn channel_grid(channels: usize) -> u32 {
     channels.div_ceil(BLOCK as usize).max(1) as u32
@@ -290,6 +318,20 @@ mod tests {
                 assert_eq!(f.quotient(n), n / d, "n = {n}, d = {d}");
             }
         }
+    }
+
+    /// The merge tree's sizes, counted by hand: 396 splits → 50 → 7 → root.
+    #[test]
+    fn merge_tree_sizes() {
+        assert_eq!(tree_slots(1), 1);
+        assert_eq!(tree_counters(1, 3), 3);
+        assert_eq!(tree_slots(8), 8);
+        assert_eq!(tree_counters(8, 1), 1);
+        assert_eq!(tree_slots(9), 9 + 2);
+        assert_eq!(tree_counters(9, 1), 2 + 1);
+        assert_eq!(tree_slots(396), 396 + 50 + 7);
+        assert_eq!(tree_counters(396, 2), 2 * (50 + 7 + 1));
+        assert_eq!(tree_slots(65_535), 65_535 + 8_192 + 1_024 + 128 + 16 + 2);
     }
 
     fn covers_exactly(g: Geometry, sms: usize, resident: usize) {
