@@ -9,7 +9,7 @@ use bnorm::expert::{
     backward_into, forward_into, BackwardOptions, Grads, Options, Saved, Workspace,
 };
 use bnorm::{Config, Mode, Params, RunningState};
-use numpy::{PyArray1, PyReadonlyArray1, PyUntypedArrayMethods};
+use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyReadwriteArray1, PyUntypedArrayMethods};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -34,8 +34,96 @@ pub struct Step {
 
 type Vector<'py> = Bound<'py, PyArray1<f64>>;
 
-fn to_vec(v: Option<PyReadonlyArray1<'_, f64>>) -> Option<Vec<f64>> {
-    v.map(|v| v.as_array().to_vec())
+/// A per-channel vector as the module holds it: float32 or float64, read without a copy
+/// on the Python side (widened here, where the core's `Vec<f64>` is built anyway).
+enum Floats<'py> {
+    F64(PyReadonlyArray1<'py, f64>),
+    F32(PyReadonlyArray1<'py, f32>),
+}
+
+/// A running-statistics buffer of the module, float32 or float64, written in place after
+/// a training step (as PyTorch's own kernel writes its buffers).
+enum FloatsMut<'py> {
+    F64(PyReadwriteArray1<'py, f64>),
+    F32(PyReadwriteArray1<'py, f32>),
+}
+
+fn not_floats(name: &str) -> PyErr {
+    error_of_kind(
+        "DType",
+        format!("{name}: a one-dimensional float32 or float64 array"),
+    )
+}
+
+fn borrowed(name: &str) -> PyErr {
+    error_of_kind("Borrowed", format!("{name} is borrowed elsewhere"))
+}
+
+impl<'py> Floats<'py> {
+    /// The vector of `v`, by type checks (a failed extraction would build a Python
+    /// exception per rejected type: tens of microseconds on the drop-in's small calls).
+    fn of(v: Option<&Bound<'py, PyAny>>, name: &str) -> PyResult<Option<Self>> {
+        let Some(v) = v else { return Ok(None) };
+        if let Ok(a) = v.cast::<PyArray1<f32>>() {
+            return Ok(Some(Floats::F32(
+                a.try_readonly().map_err(|_| borrowed(name))?,
+            )));
+        }
+        if let Ok(a) = v.cast::<PyArray1<f64>>() {
+            return Ok(Some(Floats::F64(
+                a.try_readonly().map_err(|_| borrowed(name))?,
+            )));
+        }
+        Err(not_floats(name))
+    }
+
+    fn to_vec(&self) -> Vec<f64> {
+        match self {
+            Floats::F64(v) => v.as_array().to_vec(),
+            Floats::F32(v) => v.as_array().iter().map(|x| f64::from(*x)).collect(),
+        }
+    }
+}
+
+impl<'py> FloatsMut<'py> {
+    /// The buffer `v`, writable (see [`Floats::of`]).
+    fn of(v: Option<&Bound<'py, PyAny>>, name: &str) -> PyResult<Option<Self>> {
+        let Some(v) = v else { return Ok(None) };
+        if let Ok(a) = v.cast::<PyArray1<f32>>() {
+            return Ok(Some(FloatsMut::F32(
+                a.try_readwrite().map_err(|_| borrowed(name))?,
+            )));
+        }
+        if let Ok(a) = v.cast::<PyArray1<f64>>() {
+            return Ok(Some(FloatsMut::F64(
+                a.try_readwrite().map_err(|_| borrowed(name))?,
+            )));
+        }
+        Err(not_floats(name))
+    }
+
+    fn to_vec(&self) -> Vec<f64> {
+        match self {
+            FloatsMut::F64(v) => v.as_array().to_vec(),
+            FloatsMut::F32(v) => v.as_array().iter().map(|x| f64::from(*x)).collect(),
+        }
+    }
+
+    /// Overwrites the buffer with `values` (same length: read from it), rounded to its type.
+    fn store(&mut self, values: &[f64]) {
+        match self {
+            FloatsMut::F64(v) => v
+                .as_array_mut()
+                .iter_mut()
+                .zip(values)
+                .for_each(|(d, s)| *d = *s),
+            FloatsMut::F32(v) => v
+                .as_array_mut()
+                .iter_mut()
+                .zip(values)
+                .for_each(|(d, s)| *d = *s as f32),
+        }
+    }
 }
 
 #[pymethods]
@@ -56,11 +144,12 @@ impl Kernel {
     }
 
     /// Forward step of `x` into `y` with the given parameters and running statistics
-    /// (float64 vectors; `None` for those the module does not have). Returns the
-    /// [`Step`] and, after a training step that updated running statistics, the new
-    /// `(running_mean, running_var, num_batches_tracked)`; the given vectors are not
-    /// changed (on error nothing is returned and nothing written).
-    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    /// (float32 or float64 vectors, the module's own parameters and buffers viewed without a
+    /// copy; `None` for those the module does not have). Returns the [`Step`] and, after a
+    /// training step that updated the running statistics — written into `running_mean` and
+    /// `running_var` in place, rounded to their type — the new `num_batches_tracked`. On
+    /// error nothing is written.
+    #[allow(clippy::too_many_arguments)]
     #[pyo3(signature = (x, y, layout, mode, dtype, weight, bias, running_mean, running_var, num_batches_tracked))]
     fn forward<'py>(
         &mut self,
@@ -70,25 +159,29 @@ impl Kernel {
         layout: &str,
         mode: &str,
         dtype: &str,
-        weight: Option<PyReadonlyArray1<'py, f64>>,
-        bias: Option<PyReadonlyArray1<'py, f64>>,
-        running_mean: Option<PyReadonlyArray1<'py, f64>>,
-        running_var: Option<PyReadonlyArray1<'py, f64>>,
+        weight: Option<&Bound<'py, PyAny>>,
+        bias: Option<&Bound<'py, PyAny>>,
+        running_mean: Option<&Bound<'py, PyAny>>,
+        running_var: Option<&Bound<'py, PyAny>>,
         num_batches_tracked: u64,
-    ) -> PyResult<(Step, Option<(Vector<'py>, Vector<'py>, u64)>)> {
+    ) -> PyResult<(Step, Option<u64>)> {
         let (layout, mode, dtype) = (
             settings::layout(layout)?,
             settings::mode(mode)?,
             settings::dtype(dtype)?,
         );
+        let (weight, bias) = (Floats::of(weight, "weight")?, Floats::of(bias, "bias")?);
+        let mut running_mean = FloatsMut::of(running_mean, "running_mean")?;
+        let mut running_var = FloatsMut::of(running_var, "running_var")?;
         let params = Params {
-            weight: to_vec(weight),
-            bias: to_vec(bias),
+            weight: weight.as_ref().map(Floats::to_vec),
+            bias: bias.as_ref().map(Floats::to_vec),
         };
-        let mut state = match (to_vec(running_mean), to_vec(running_var)) {
-            (Some(m), Some(v)) => {
-                Some(RunningState::from_values(&self.cfg, m, v, num_batches_tracked).py_err()?)
-            }
+        let mut state = match (&running_mean, &running_var) {
+            (Some(m), Some(v)) => Some(
+                RunningState::from_values(&self.cfg, m.to_vec(), v.to_vec(), num_batches_tracked)
+                    .py_err()?,
+            ),
             (None, None) => None,
             _ => {
                 return Err(error_of_kind(
@@ -113,12 +206,12 @@ impl Kernel {
             .py_err()?;
             crate::errors::warn_skipped(py, &report)?;
         });
-        let updated = match (mode, state) {
-            (Mode::Train, Some(s)) => Some((
-                PyArray1::from_vec(py, s.mean),
-                PyArray1::from_vec(py, s.var),
-                s.updates,
-            )),
+        let updated = match (mode, state, &mut running_mean, &mut running_var) {
+            (Mode::Train, Some(s), Some(m), Some(v)) => {
+                m.store(&s.mean);
+                v.store(&s.var);
+                Some(s.updates)
+            }
             _ => None,
         };
         let step = Step {

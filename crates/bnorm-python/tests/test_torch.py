@@ -237,6 +237,29 @@ def test_bad_input_raises_and_updates_nothing():
     assert_same(bn, before)
 
 
+@pytest.mark.parametrize("dtype", list(TOL), ids=str)
+def test_running_statistics_are_written_in_place(dtype):
+    """A training step writes the module's running statistics into the same buffers, on
+    the same storage, as torch.nn does (float32/float64 buffers directly by the kernel,
+    16-bit ones through a copy), holding torch's values; an evaluation step leaves them."""
+    ref, ours = pair(4, dtype)
+    buffers = (ours.running_mean, ours.running_var)
+    storage = tuple(b.data_ptr() for b in buffers)
+    x = torch.randn(*SHAPES[4]).to(dtype)
+    for _ in range(2):
+        ref(x)
+        ours(x)
+    assert ours.running_mean is buffers[0] and ours.running_var is buffers[1]
+    assert tuple(b.data_ptr() for b in buffers) == storage
+    close("running_mean", ours.running_mean, ref.running_mean, dtype)
+    close("running_var", ours.running_var, ref.running_var, dtype)
+    assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item() == 2
+    ours.eval()
+    before = [b.clone() for b in buffers]
+    ours(x)
+    assert all(torch.equal(a, b) for a, b in zip(before, buffers))
+
+
 def test_wrong_rank_is_torchs_error():
     with pytest.raises(ValueError):
         bt.BatchNorm2d(3)(torch.randn(4, 3, 2))

@@ -142,15 +142,15 @@ def _kernel(channels, eps, momentum, affine_w, affine_b, tracking):
     return k
 
 
-def _f64(t):
-    """``t`` as a float64 NumPy array: float32/float64 tensors through NumPy (about half
-    the cost of a torch conversion on a per-channel vector), 16-bit ones through torch
-    (NumPy has no bfloat16)."""
+def _floats(t):
+    """``t`` as a NumPy vector for the kernel: float32/float64 tensors viewed without a
+    copy (the kernel widens what it reads and writes a buffer's new values in its type),
+    16-bit ones as a float64 copy through torch (NumPy has no bfloat16)."""
     if t is None:
         return None
     t = t.detach()
     if t.dtype in (torch.float32, torch.float64):
-        return _np.ascontiguousarray(t.numpy(), dtype=_np.float64)
+        return t.numpy()
     return t.to(torch.float64).contiguous().numpy()
 
 
@@ -180,23 +180,27 @@ def _step(x, weight, bias, module):
     layout, xv = _view(x.detach())
     yv = torch.empty_like(xv)
     nbt = module.num_batches_tracked
-    step, updated = kernel.forward(
+    # the kernel writes the running statistics in place after a training step: float32 and
+    # float64 buffers through NumPy views (as PyTorch's own kernel writes them), 16-bit
+    # ones through the float64 copies written back below
+    stats = (_floats(rm), _floats(rv)) if use_state else (None, None)
+    step, count = kernel.forward(
         _numpy(xv),
         _numpy(yv),
         layout,
         mode,
         tag,
-        _f64(weight),
-        _f64(bias),
-        _f64(rm) if use_state else None,
-        _f64(rv) if use_state else None,
+        _floats(weight),
+        _floats(bias),
+        stats[0],
+        stats[1],
         int(nbt) if (use_state and nbt is not None) else 0,
     )
-    if updated is not None:
-        mean, var, count = updated
+    if count is not None:
         with torch.no_grad():
-            rm.copy_(torch.from_numpy(mean))
-            rv.copy_(torch.from_numpy(var))
+            for buffer, values in zip((rm, rv), stats):
+                if buffer.dtype not in (torch.float32, torch.float64):
+                    buffer.copy_(torch.from_numpy(values))
             if nbt is not None:
                 nbt.fill_(count)
     return _back(yv, layout), xv, kernel, step, layout
