@@ -244,6 +244,10 @@ pub fn plan_split(g: Geometry, sms: usize, resident: usize) -> Split {
 
 /// Fan-in of the channels-last second stage's merge tree (`FAN` in the CUDA source: the
 /// threads along y of a block, one child each).
+///
+/// ```
+/// assert_eq!(bnorm_cuda::plan::TREE_FAN, 8);
+/// ```
 pub const TREE_FAN: usize = CL_TILE.1 as usize;
 
 /// The node counts of the merge tree over `splits` partials, level by level, as
@@ -257,12 +261,24 @@ fn tree_levels(splits: usize) -> impl Iterator<Item = usize> {
 
 /// Partial slots per column that the merge tree over `splits` partials needs: every level's
 /// nodes, the splits' own included (the root's merge is written nowhere).
+///
+/// ```
+/// use bnorm_cuda::plan::tree_slots;
+/// // 396 splits, merged 8 at a time: 50 nodes, then 7, then the root
+/// assert_eq!(tree_slots(396), 396 + 50 + 7);
+/// assert_eq!(tree_slots(8), 8); // the root merges the splits themselves
+/// ```
 pub fn tree_slots(splits: usize) -> usize {
     tree_levels(splits).sum()
 }
 
 /// Arrival counters the merge tree needs for `tiles` tiles: one per parent node of every
 /// level, the root included.
+///
+/// ```
+/// use bnorm_cuda::plan::tree_counters;
+/// assert_eq!(tree_counters(396, 2), 2 * (50 + 7 + 1));
+/// ```
 pub fn tree_counters(splits: usize, tiles: usize) -> usize {
     tiles
         * tree_levels(splits)
