@@ -48,64 +48,69 @@ enum FloatsMut<'py> {
     F32(PyReadwriteArray1<'py, f32>),
 }
 
-fn not_floats(name: &str) -> PyErr {
-    error_of_kind(
-        "DType",
-        format!("{name}: a one-dimensional float32 or float64 array"),
-    )
+/// `v` as a one-dimensional float32 or float64 array, by type checks (a failed extraction
+/// would build a Python exception per rejected type: tens of microseconds on the drop-in's
+/// small calls).
+enum FloatArray<'a, 'py> {
+    F64(&'a Bound<'py, PyArray1<f64>>),
+    F32(&'a Bound<'py, PyArray1<f32>>),
+}
+
+impl<'a, 'py> FloatArray<'a, 'py> {
+    fn of(v: &'a Bound<'py, PyAny>, name: &str) -> PyResult<Self> {
+        if let Ok(a) = v.cast::<PyArray1<f32>>() {
+            return Ok(FloatArray::F32(a));
+        }
+        if let Ok(a) = v.cast::<PyArray1<f64>>() {
+            return Ok(FloatArray::F64(a));
+        }
+        Err(error_of_kind(
+            "DType",
+            format!("{name}: a one-dimensional float32 or float64 array"),
+        ))
+    }
 }
 
 fn borrowed(name: &str) -> PyErr {
     error_of_kind("Borrowed", format!("{name} is borrowed elsewhere"))
 }
 
+fn widen<T: Copy + Into<f64>>(v: numpy::ndarray::ArrayView1<'_, T>) -> Vec<f64> {
+    v.iter().map(|x| (*x).into()).collect()
+}
+
 impl<'py> Floats<'py> {
-    /// The vector of `v`, by type checks (a failed extraction would build a Python
-    /// exception per rejected type: tens of microseconds on the drop-in's small calls).
     fn of(v: Option<&Bound<'py, PyAny>>, name: &str) -> PyResult<Option<Self>> {
         let Some(v) = v else { return Ok(None) };
-        if let Ok(a) = v.cast::<PyArray1<f32>>() {
-            return Ok(Some(Floats::F32(
-                a.try_readonly().map_err(|_| borrowed(name))?,
-            )));
-        }
-        if let Ok(a) = v.cast::<PyArray1<f64>>() {
-            return Ok(Some(Floats::F64(
-                a.try_readonly().map_err(|_| borrowed(name))?,
-            )));
-        }
-        Err(not_floats(name))
+        let b = |_| borrowed(name);
+        Ok(Some(match FloatArray::of(v, name)? {
+            FloatArray::F64(a) => Floats::F64(a.try_readonly().map_err(b)?),
+            FloatArray::F32(a) => Floats::F32(a.try_readonly().map_err(b)?),
+        }))
     }
 
     fn to_vec(&self) -> Vec<f64> {
         match self {
-            Floats::F64(v) => v.as_array().to_vec(),
-            Floats::F32(v) => v.as_array().iter().map(|x| f64::from(*x)).collect(),
+            Floats::F64(v) => widen(v.as_array()),
+            Floats::F32(v) => widen(v.as_array()),
         }
     }
 }
 
 impl<'py> FloatsMut<'py> {
-    /// The buffer `v`, writable (see [`Floats::of`]).
     fn of(v: Option<&Bound<'py, PyAny>>, name: &str) -> PyResult<Option<Self>> {
         let Some(v) = v else { return Ok(None) };
-        if let Ok(a) = v.cast::<PyArray1<f32>>() {
-            return Ok(Some(FloatsMut::F32(
-                a.try_readwrite().map_err(|_| borrowed(name))?,
-            )));
-        }
-        if let Ok(a) = v.cast::<PyArray1<f64>>() {
-            return Ok(Some(FloatsMut::F64(
-                a.try_readwrite().map_err(|_| borrowed(name))?,
-            )));
-        }
-        Err(not_floats(name))
+        let b = |_| borrowed(name);
+        Ok(Some(match FloatArray::of(v, name)? {
+            FloatArray::F64(a) => FloatsMut::F64(a.try_readwrite().map_err(b)?),
+            FloatArray::F32(a) => FloatsMut::F32(a.try_readwrite().map_err(b)?),
+        }))
     }
 
     fn to_vec(&self) -> Vec<f64> {
         match self {
-            FloatsMut::F64(v) => v.as_array().to_vec(),
-            FloatsMut::F32(v) => v.as_array().iter().map(|x| f64::from(*x)).collect(),
+            FloatsMut::F64(v) => widen(v.as_array()),
+            FloatsMut::F32(v) => widen(v.as_array()),
         }
     }
 
