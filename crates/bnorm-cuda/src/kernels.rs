@@ -428,10 +428,11 @@ __device__ __forceinline__ void finalize_sums(u32 c, u32 C, double sdy, double s
 // The channels-first second stage, in the block that arrived last among channel c's S
 // splits: thread t merges partials t, t + 256, … in order (L2 loads, every thread's in
 // flight at once), then block_merge / block_sum2 (warp trees, warps in order) and thread 0
-// finalizes. A fixed order, so the result does not depend on timing; about one L2 round
-// trip where thread 0 alone merging the S partials in turn waited out one per split
-// (S = 10 for S1 NCHW on an H200: 18 µs statistics and backward reductions, Nsight
-// Compute, 2026-12-04). Every thread of the block calls it.
+// finalizes. A fixed order, so the result does not depend on timing; one L2 round trip
+// where thread 0 alone waited out one per split (S1 NCHW's 10 splits on an H200: no
+// change measured, 18.0 µs statistics pass before and after, Nsight Compute, 2026-12-04;
+// it bounds the tail when a few channels get many splits). Every thread of the block
+// calls it.
 __device__ __forceinline__ void finish_channel_block(u32 c, u32 C, u32 S, const double* part,
                                                      const StatsOut& o) {
     double n = 0.0, K = 0.0, d = 0.0, m2 = 0.0;
@@ -463,9 +464,11 @@ __device__ __forceinline__ void finish_channel_block(u32 c, u32 C, u32 S, const 
 // loads one child (all loads in flight at once) and tile_merge / tile_sum2 merges them
 // in y order, the tile's columns 32 at a time: a fixed order, so the result does not
 // depend on timing. After the last block of the main pass, ⌈log8 S⌉ merges of one L2
-// round trip each remain, where one thread merging all S in turn waited out an L2 round
-// trip per split (S = 396 for 64 channels on 132 SMs: 58 µs of a 73 µs statistics pass,
-// Nsight Compute on an H200, 2026-12-04). Partials: level k's n_k slots per column after
+// round trip each remain. Merging all S in the last block, one thread per channel waited
+// out an L2 round trip per split (S1 NHWC f32 training forward 0.196 ms on an H200); with
+// the splits strided over the 8 threads along y, about S/8 each (0.085 ms; Nsight Compute:
+// statistics pass 73 µs, the SMs active 30 µs of it on average); with the tree, 31 µs
+// (0.043 ms), 2026-12-04. Partials: level k's n_k slots per column after
 // level k−1's (plan::tree_slots); counters: per level, tiles·⌈n_k/8⌉ after the previous
 // levels' (plan::tree_counters). Every thread of the block calls it.
 #define FAN 8u
@@ -523,8 +526,8 @@ __device__ __forceinline__ void finish_tree(u32* __restrict__ counter, u32 first
 }
 
 // The second stage of the reductions by rows (statistics and backward alike): channels-last
-// (I = 1), the merge tree over the tile's splits (finish_tree); the columns path (I > 1), per channel (column_channel_done). tw = the
-// tile's columns.
+// (I = 1), the merge tree over the tile's splits (finish_tree); the columns path (I > 1),
+// per channel (column_channel_done). tw = the tile's columns.
 template <typename Out>
 __device__ __forceinline__ void finish_by_rows(u32* __restrict__ counter, u32 N, u32 Wc, u32 C,
                                                u32 I, double* part, const Out& out) {
