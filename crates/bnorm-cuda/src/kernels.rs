@@ -34,8 +34,14 @@ pub(crate) const TYPED: [&str; 8] = [
     "bn_dx_back_cl",
 ];
 
-/// Kernels on per-channel f64 data only.
-pub(crate) const UNTYPED: [&str; 2] = ["bn_coef_running", "bn_running_update"];
+/// Kernels on per-channel data only (f64, and the f32 vectors of another library's
+/// tensors widened in or rounded out: [`crate::foreign`]).
+pub(crate) const UNTYPED: [&str; 4] = [
+    "bn_coef_running",
+    "bn_running_update",
+    "bn_widen4",
+    "bn_narrow2",
+];
 
 /// Threads per block of the one-dimensional kernels.
 pub(crate) const BLOCK: u32 = 256;
@@ -952,6 +958,31 @@ extern "C" __global__ void bn_running_update(u32 C, double N, const double* __re
     u32 c = blockIdx.x * blockDim.x + threadIdx.x;
     if (c >= C) return;
     running_update_channel(c, C, N, stats, rmean, rvar, a, unbiased, skipped);
+}
+
+// Per-channel f32 vectors of another library (a PyTorch module's parameters and running
+// statistics) widened into the layer's f64 ones — each pair only when its first source is
+// not null —, or the layer's rounded back to nearest (as the CPU's `as f32`, with a 64-bit
+// update counter incremented when given): C values each, one thread per channel.
+extern "C" __global__ void bn_widen4(u32 C, const float* __restrict__ a,
+        const float* __restrict__ b, const float* __restrict__ c, const float* __restrict__ d,
+        double* __restrict__ wa, double* __restrict__ wb, double* __restrict__ wc,
+        double* __restrict__ wd) {
+    u32 k = blockIdx.x * blockDim.x + threadIdx.x;
+    if (k >= C) return;
+    if (a) { wa[k] = (double)a[k]; wb[k] = (double)b[k]; }
+    if (c) { wc[k] = (double)c[k]; wd[k] = (double)d[k]; }
+}
+
+extern "C" __global__ void bn_narrow2(u32 C, const double* __restrict__ a,
+        const double* __restrict__ b, float* __restrict__ na, float* __restrict__ nb,
+        long long* __restrict__ count) {
+    u32 c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= C) return;
+    na[c] = __double2float_rn(a[c]);
+    nb[c] = __double2float_rn(b[c]);
+    // the module's num_batches_tracked, when given, counts the update
+    if (count && c == 0) *count += 1;
 }
 
 // The second stages' outputs as kernel parameters (after the reduction's own).

@@ -106,23 +106,23 @@ impl GpuSaved {
 /// # Ok::<(), bnorm_cuda::CudaError>(())
 /// ```
 pub struct GpuBatchNorm {
-    gpu: Gpu,
-    stream: std::sync::Arc<CudaStream>,
-    cfg: Config,
+    pub(crate) gpu: Gpu,
+    pub(crate) stream: std::sync::Arc<CudaStream>,
+    pub(crate) cfg: Config,
     params: Params,
-    tracked: bool,
-    updates: u64,
-    gamma: CudaSlice<f64>,
-    beta: CudaSlice<f64>,
-    rmean: CudaSlice<f64>,
-    rvar: CudaSlice<f64>,
+    pub(crate) tracked: bool,
+    pub(crate) updates: u64,
+    pub(crate) gamma: CudaSlice<f64>,
+    pub(crate) beta: CudaSlice<f64>,
+    pub(crate) rmean: CudaSlice<f64>,
+    pub(crate) rvar: CudaSlice<f64>,
     skipped: CudaSlice<i32>,
-    flags_valid: bool,
+    pub(crate) flags_valid: bool,
     /// Per-(split, channel) partials of the reductions: 4 values (n, K, d, M2) for the
     /// statistics, 2 for the backward sums.
     part: CudaSlice<f64>,
-    grads: CudaSlice<f64>,
-    grads_valid: bool,
+    pub(crate) grads: CudaSlice<f64>,
+    pub(crate) grads_valid: bool,
     bcoef: CudaSlice<f32>,
     /// Arrival counters of the reductions' second stages (one per channel group, reset
     /// to 0 by the last block of each launch).
@@ -130,6 +130,9 @@ pub struct GpuBatchNorm {
     /// What a forward step fills before it can fail; it replaces the caller's
     /// [`GpuSaved`] only when the step succeeds.
     next_saved: GpuSaved,
+    /// The two events that order bnorm's stream with another library's (created on first
+    /// use: `foreign.rs`).
+    pub(crate) link: Option<[cudarc::driver::CudaEvent; 2]>,
 }
 
 impl std::fmt::Debug for GpuBatchNorm {
@@ -300,6 +303,7 @@ impl GpuBatchNorm {
                 .map_err(CudaError::driver("alloc"))?,
             params: Params::default(),
             cfg,
+            link: None,
         };
         bn.set_params(params)?;
         bn.set_running_state(state)?;

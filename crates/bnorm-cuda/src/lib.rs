@@ -41,11 +41,13 @@ use cudarc::driver::{CudaContext, CudaFunction, CudaStream, DriverError};
 use cudarc::nvrtc::Ptx;
 
 pub mod compile;
+mod foreign;
 pub mod kernels;
 mod layer;
 pub mod plan;
 mod tensor;
 
+pub use foreign::{ForeignTensor, Pair, FOREIGN_ALIGN};
 pub use layer::{GpuBatchNorm, GpuSaved, SavedStats};
 pub use tensor::{DTypeTag, DeviceTensor, GpuElement};
 
@@ -86,6 +88,12 @@ pub enum CudaError {
     },
     /// Two arguments live on different GPUs (or contexts).
     WrongDevice,
+    /// Another library's memory that cannot be used as given (a null or misaligned
+    /// address: [`ForeignTensor`]).
+    Foreign {
+        /// What is wrong, in words.
+        reason: String,
+    },
 }
 
 impl CudaError {
@@ -110,6 +118,7 @@ impl fmt::Display for CudaError {
                 "batch of {elements} elements exceeds the GPU kernels' limit of {limit}"
             ),
             CudaError::WrongDevice => write!(f, "arguments live on different GPUs"),
+            CudaError::Foreign { reason } => write!(f, "unusable device memory: {reason}"),
         }
     }
 }
@@ -221,6 +230,12 @@ impl Gpu {
                 });
             }
             let ctx = CudaContext::new(ordinal).map_err(CudaError::driver("context"))?;
+            // SAFETY: every buffer of this crate is allocated, used and freed on the GPU's
+            // one stream, whose order is all the synchronization they need, and another
+            // library's memory is ordered with its stream explicitly (foreign.rs);
+            // cudarc's per-buffer events would add driver calls to every launch, copy,
+            // borrowed view and free (measured through bnorm.torch: most of a call's time).
+            unsafe { ctx.disable_event_tracking() };
             let name = ctx.name().map_err(CudaError::driver("device name"))?;
             let cc = ctx
                 .compute_capability()

@@ -125,10 +125,34 @@ impl<T: GpuElement> std::fmt::Debug for DeviceTensor<T> {
 }
 
 impl<T: GpuElement> DeviceTensor<T> {
-    fn checked(shape: &[usize], layout: Layout) -> Result<Geometry> {
+    pub(crate) fn checked(shape: &[usize], layout: Layout) -> Result<Geometry> {
         let g = layout.geometry(shape)?;
         crate::plan::check_size(g)?;
         Ok(g)
+    }
+
+    /// A batch over a buffer (`g` checked from `shape` and `layout`).
+    pub(crate) fn from_parts(
+        buf: CudaSlice<T::Raw>,
+        gpu: &Gpu,
+        shape: &[usize],
+        layout: Layout,
+        geometry: Geometry,
+    ) -> Self {
+        DeviceTensor {
+            buf,
+            gpu: gpu.clone(),
+            shape: shape.to_vec(),
+            layout,
+            geometry,
+        }
+    }
+
+    /// The device address of the first element (what another library would take).
+    pub fn device_address(&self) -> u64 {
+        use cudarc::driver::DevicePtr;
+        let (address, _sync) = self.buf.device_ptr(&self.gpu.stream);
+        address
     }
 
     /// Copies `data` (`shape` in `layout`) to the device.

@@ -325,3 +325,141 @@ fn empty_batches_are_no_ops() {
     let g = bn.grads().unwrap();
     assert_eq!((g.dweight, g.dbias), (vec![0.0; 3], vec![0.0; 3]));
 }
+
+/// Another library's memory (`ForeignTensor`, the f32 per-channel loads and stores, the
+/// stream ordering that `bnorm.torch` uses on CUDA tensors): a step on borrowed buffers,
+/// with parameters and running statistics taken from f32 device vectors and written back
+/// to them, equals the same step through owned tensors and host-set state; the views
+/// leave the memory to its owner; null and misaligned addresses are typed errors.
+#[test]
+#[cfg_attr(
+    not(bnorm_gpu_tests),
+    ignore = "needs an NVIDIA GPU: BNORM_REQUIRE_GPU=1 cargo test -p bnorm-cuda"
+)]
+fn foreign_memory_steps_equal_owned_ones() {
+    use bnorm_cuda::{ForeignTensor, FOREIGN_ALIGN};
+    let gpu = gpu();
+    let c = 5;
+    let cfg = Config::torch(c);
+    let gamma: Vec<f64> = (0..c).map(|k| 0.5 + k as f64 * 0.25).collect();
+    let beta: Vec<f64> = (0..c).map(|k| k as f64 - 2.0).collect();
+    let params = Params {
+        weight: Some(f32s(&gamma).iter().map(|v| *v as f64).collect()),
+        bias: Some(f32s(&beta).iter().map(|v| *v as f64).collect()),
+    };
+    let (rm, rv) = (vec![0.25f32; c], vec![1.5f32; c]);
+    let state = RunningState::from_values(
+        &cfg,
+        rm.iter().map(|v| *v as f64).collect(),
+        rv.iter().map(|v| *v as f64).collect(),
+        4,
+    )
+    .unwrap();
+    for (layout, shape, counted) in [
+        (Layout::NCHW, [6usize, c, 7, 3], true),
+        (Layout::NHWC, [6, 7, 3, c], false),
+    ] {
+        // an i64 counter (num_batches_tracked) in the bytes of two f32 zeros
+        let count = DeviceTensor::<f32>::zeros(&gpu, &[1, 2], Layout::NC).unwrap();
+        let xs = data(shape.iter().product(), 11, 3.0);
+        let dys = data(xs.len(), 12, 0.0);
+        // the reference: owned tensors, state set from the host
+        let mut owned =
+            GpuBatchNorm::new(&gpu, cfg.clone(), params.clone(), Some(state.clone())).unwrap();
+        let x = DeviceTensor::upload(&gpu, &xs, &shape, layout).unwrap();
+        let dy = DeviceTensor::upload(&gpu, &dys, &shape, layout).unwrap();
+        let (y_ref, saved_ref, _) = owned.forward(&x, Mode::Train).unwrap();
+        let dx_ref = owned.backward(&x, &dy, &saved_ref).unwrap();
+        let want_state = owned.running_state().unwrap().unwrap();
+        let want_grads = owned.grads().unwrap();
+        // the same step on "foreign" memory: device buffers addressed by number
+        let mut bn = GpuBatchNorm::new(
+            &gpu,
+            cfg.clone(),
+            Params::init(&cfg),
+            RunningState::init(&cfg),
+        )
+        .unwrap();
+        let w = DeviceTensor::upload(&gpu, &f32s(&gamma), &[1, c], Layout::NC).unwrap();
+        let b = DeviceTensor::upload(&gpu, &f32s(&beta), &[1, c], Layout::NC).unwrap();
+        let m = DeviceTensor::upload(&gpu, &rm, &[1, c], Layout::NC).unwrap();
+        let v = DeviceTensor::upload(&gpu, &rv, &[1, c], Layout::NC).unwrap();
+        let dg = DeviceTensor::<f32>::zeros(&gpu, &[1, c], Layout::NC).unwrap();
+        let db = DeviceTensor::<f32>::zeros(&gpu, &[1, c], Layout::NC).unwrap();
+        let y = DeviceTensor::<f32>::filled(&gpu, f32::NAN, &shape, layout).unwrap();
+        let dx = DeviceTensor::<f32>::filled(&gpu, f32::NAN, &shape, layout).unwrap();
+        let a = |t: &DeviceTensor<f32>| t.device_address();
+        // SAFETY: every address is an owned tensor above of the size the call uses, alive
+        // until the end of the test; stream 0 is the legacy default stream.
+        unsafe {
+            bn.wait_for_stream(0).unwrap();
+            bn.load_f32(Some((a(&w), a(&b))), Some(((a(&m), a(&v)), 4)))
+                .unwrap();
+            let xv = ForeignTensor::<f32>::new(&gpu, a(&x), &shape, layout).unwrap();
+            let mut yv = ForeignTensor::<f32>::new(&gpu, a(&y), &shape, layout).unwrap();
+            let mut saved = GpuSaved::new();
+            let report = bn
+                .forward_into(&xv, Mode::Train, &mut yv, &mut saved)
+                .unwrap();
+            assert!(report.updated);
+            bn.store_running_f32((a(&m), a(&v)), counted.then(|| a(&count)))
+                .unwrap();
+            let dyv = ForeignTensor::<f32>::new(&gpu, a(&dy), &shape, layout).unwrap();
+            let mut dxv = ForeignTensor::<f32>::new(&gpu, a(&dx), &shape, layout).unwrap();
+            bn.backward_into(&xv, &dyv, &saved, &mut dxv).unwrap();
+            bn.store_grads_f32((a(&dg), a(&db))).unwrap();
+            bn.release_to_stream(0).unwrap();
+        }
+        gpu.synchronize().unwrap();
+        // the views dropped without freeing: the owned tensors still read back
+        close("y", &y.download().unwrap(), &y_ref.download().unwrap(), 0.0);
+        close(
+            "dx",
+            &dx.download().unwrap(),
+            &dx_ref.download().unwrap(),
+            0.0,
+        );
+        close(
+            "running mean",
+            &m.download().unwrap(),
+            &f32s(&want_state.mean),
+            0.0,
+        );
+        close(
+            "running var",
+            &v.download().unwrap(),
+            &f32s(&want_state.var),
+            0.0,
+        );
+        close(
+            "dgamma",
+            &dg.download().unwrap(),
+            &f32s(&want_grads.dweight),
+            0.0,
+        );
+        close(
+            "dbeta",
+            &db.download().unwrap(),
+            &f32s(&want_grads.dbias),
+            0.0,
+        );
+        assert_eq!(bn.running_state().unwrap().unwrap().updates, 5);
+        let words = count.download().unwrap();
+        let counter = words[0].to_bits() as u64 | (words[1].to_bits() as u64) << 32;
+        assert_eq!(
+            counter,
+            u64::from(counted),
+            "the counter moves exactly when given"
+        );
+    }
+    // addresses that cannot be used
+    let x = DeviceTensor::<f32>::zeros(&gpu, &[4, 4], Layout::NC).unwrap();
+    for (address, what) in [(0, "null"), (x.device_address() + 4, "aligned")] {
+        // SAFETY: refused before any use of the address.
+        match unsafe { ForeignTensor::<f32>::new(&gpu, address, &[4, 4], Layout::NC) } {
+            Err(CudaError::Foreign { reason }) => assert!(reason.contains(what), "{reason}"),
+            other => panic!("expected Foreign, got {:?}", other.map(|_| ())),
+        }
+    }
+    assert_eq!(FOREIGN_ALIGN, 16);
+}

@@ -10,6 +10,8 @@
 //! * [`functional::Kernel`] — a stateless step over caller-owned parameters and running
 //!   statistics, for the PyTorch drop-in (`bnorm.torch`), whose state lives in the
 //!   module's own parameters and buffers.
+//! * [`cuda::CudaKernel`] — the drop-in's step on CUDA tensors (`bnorm-cuda`'s kernels
+//!   on torch's device memory, ordered with torch's stream).
 //! * [`mod@array`] — the zero-copy view of NumPy arrays as `&[T]` / `&mut [T]` for every
 //!   storage type (16-bit types travel as `uint16` arrays and are reinterpreted).
 //! * [`threads`] — the threads kernels run on (bnorm's pool or the process's OpenMP
@@ -24,6 +26,7 @@
 use pyo3::prelude::*;
 
 pub mod array;
+pub mod cuda;
 pub mod errors;
 pub mod functional;
 pub mod layer;
@@ -44,6 +47,8 @@ fn _bnorm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<layer::Layer>()?;
     m.add_class::<functional::Kernel>()?;
     m.add_class::<functional::Step>()?;
+    m.add_class::<cuda::CudaKernel>()?;
+    m.add_class::<cuda::CudaStep>()?;
     m.add_function(wrap_pyfunction!(threads::set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(threads::get_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(threads::use_openmp, m)?)?;

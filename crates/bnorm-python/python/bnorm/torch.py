@@ -20,7 +20,15 @@ through a ``torch.autograd.Function`` whose backward is bnorm's backward.
   infinite in some channel leaves that channel's running statistics unchanged (torch
   writes NaN into them) and warns (``RuntimeWarning``); the output carries the NaN as
   torch's does.
-* A CUDA tensor raises ``bnorm.Error`` (kind ``"Device"``).
+* CUDA tensors (float32, bfloat16, float16) run on bnorm's GPU kernels (``bnorm-cuda``,
+  compiled by NVRTC when a process first uses a GPU: set ``BNORM_NVRTC`` to a
+  ``libnvrtc.so`` or its folder when it is not on the loader path; the
+  ``nvidia-cuda-nvrtc`` package's is found by itself), in place in torch's memory,
+  queued after the work on torch's current stream and before anything torch queues
+  next; the host does not wait. The module's float32 parameters and buffers are read
+  and written on the device (others through float32 copies). Two differences from the
+  CPU path: a skipped channel (non-finite batch statistics) is not warned about (that
+  would make the host wait), and float64 batches are refused (kind ``"Unsupported"``).
 * Threads: importing this module makes bnorm's kernels run on PyTorch's own OpenMP
   threads (``bnorm.use_openmp``), as many as ``torch.get_num_threads()``, when
   PyTorch's parallel backend is OpenMP. After each of its operations PyTorch's OpenMP
@@ -241,20 +249,202 @@ def _needs_grad(x, weight, bias):
     return x.requires_grad or any(t is not None and t.requires_grad for t in (weight, bias))
 
 
+# ─── CUDA tensors ──────────────────────────────────────────────────────────────────────
+
+_cuda_kernels = {}
+_cuda_lock = threading.Lock()
+_GPU_TAGS = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+
+
+def _find_nvrtc():
+    """Points ``BNORM_NVRTC`` at the ``nvidia-cuda-nvrtc`` package's library folder (the
+    one PyTorch's CUDA wheels install) when the variable is not set."""
+    import os
+
+    if os.environ.get("BNORM_NVRTC"):
+        return
+    try:
+        import nvidia
+    except ImportError:
+        return
+    for root in getattr(nvidia, "__path__", []):
+        for sub in ("cu13/lib", "cuda_nvrtc/lib", "cu12/lib"):
+            folder = os.path.join(root, sub)
+            if os.path.isdir(folder) and any(
+                f.startswith("libnvrtc.so") for f in os.listdir(folder)
+            ):
+                os.environ["BNORM_NVRTC"] = folder
+                return
+
+
+def _cuda_kernel(device, channels, eps, momentum, affine, tracking):
+    """A GPU layer per device and configuration (shared by threads: its calls are
+    serialized and stream-ordered)."""
+    if device is None:
+        device = torch.cuda.current_device()
+    key = (device, channels, eps, momentum, affine, tracking)
+    with _cuda_lock:
+        k = _cuda_kernels.get(key)
+        if k is None:
+            _find_nvrtc()
+            settings = {
+                "eps": float(eps),
+                "momentum": None if momentum is None else float(momentum),
+                "affine": affine,
+                "track_running_stats": tracking,
+            }
+            k = _cuda_kernels[key] = _bnorm.CudaKernel(device, channels, "torch", settings)
+        return k
+
+
+# torch's current stream of a device as a raw handle, without building a Stream object (a
+# private function of torch's, present since 1.x, that Triton uses too; the public route
+# otherwise)
+_raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
+
+
+def _stream(device):
+    if _raw_stream is not None:
+        return _raw_stream(device.index)
+    return torch.cuda.current_stream(device).cuda_stream
+
+
+def _aligned(t):
+    """``t`` itself when its data starts on a 16-byte boundary (the kernels' vector
+    loads), else an aligned copy in the same memory order."""
+    if t.data_ptr() % 16 == 0:
+        return t
+    return t.clone()
+
+
+def _f32(t):
+    """A float32 contiguous tensor of ``t``'s values (``t`` itself when it is one)."""
+    t = t.detach()
+    if t.dtype == torch.float32 and t.is_contiguous():
+        return t
+    return t.to(torch.float32).contiguous()
+
+
+def _updates(nbt):
+    """``num_batches_tracked`` as an int without reading the device on every call: the
+    value is remembered with the tensor's version counter (which bnorm's own increment,
+    made by its kernel, leaves unchanged) and read again (one wait for the device) only
+    when something else changed the tensor (``load_state_dict``, ``fill_``)."""
+    key = (nbt.data_ptr(), nbt._version)
+    cached = getattr(nbt, "_bnorm_value", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    value = int(nbt)
+    nbt._bnorm_value = (key, value)
+    return value
+
+
+def _cuda_step(x, weight, bias, module, keep):
+    """``_step`` on the GPU: returns ``(y, xv, kernel, step, layout)`` (``step`` None
+    unless ``keep``: a backward will follow)."""
+    if x.dtype not in _GPU_TAGS:
+        raise _error(
+            "DType", f"bnorm's GPU kernels take float32, bfloat16 and float16, got {x.dtype}"
+        )
+    rm, rv = module.running_mean, module.running_var
+    if module.training:
+        mode = "train"
+        use_state = module.track_running_stats and rm is not None
+    else:
+        mode = "inference"
+        use_state = rm is not None
+    affine = weight is not None
+    if affine != (bias is not None):
+        raise _error("MissingParameter", "bnorm's GPU path takes weight and bias together")
+    device = x.device
+    nbt = module.num_batches_tracked if use_state else None
+    for name, t in (("weight", weight), ("bias", bias), ("running_mean", rm), ("running_var", rv),
+                    ("num_batches_tracked", nbt)):
+        if t is not None and t.device != device:
+            raise _error("WrongDevice", f"{name} is on {t.device}, the input on {device}")
+    kernel = _cuda_kernel(device.index, module.num_features, module.eps, module.momentum, affine, use_state)
+    layout, xv = _view(x.detach())
+    xv = _aligned(xv)
+    yv = torch.empty_like(xv)
+    params = None
+    if affine:
+        params = (_f32(weight).data_ptr(), _f32(bias).data_ptr())
+    running, stats, counter, updates = None, None, None, 0
+    if use_state:
+        # float32 buffers are read and written in place; others through float32 copies
+        stats = (_f32(rm), _f32(rv))
+        running = (stats[0].data_ptr(), stats[1].data_ptr())
+        if nbt is not None:
+            updates = _updates(nbt)
+            counter = nbt.data_ptr() if nbt.dtype == torch.int64 else None
+    step, updated = kernel.forward(
+        xv.data_ptr(), yv.data_ptr(), list(xv.shape), layout, _GPU_TAGS[x.dtype], _stream(device),
+        mode, params, running, updates, counter, keep,
+    )
+    if updated:
+        with torch.no_grad():
+            for buffer, values in zip((rm, rv), stats):
+                if buffer.data_ptr() != values.data_ptr():
+                    buffer.copy_(values)
+            if nbt is not None:
+                if counter is None:
+                    nbt.add_(1)
+                # the kernel counted the update in the tensor (its version is unchanged)
+                nbt._bnorm_value = ((nbt.data_ptr(), nbt._version), updates + 1)
+    return _back(yv, layout), xv, kernel, step, layout
+
+
+class _CudaFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, module):
+        y, xv, kernel, step, layout = _cuda_step(x, weight, bias, module, True)
+        ctx.save_for_backward(xv)
+        ctx.kernel, ctx.step, ctx.layout = kernel, step, layout
+        ctx.param_dtypes = (
+            None if weight is None else weight.dtype,
+            None if bias is None else bias.dtype,
+        )
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        (xv,), layout = ctx.saved_tensors, ctx.layout
+        dyv = _aligned(_in_layout(dy, layout))
+        dxv = torch.empty_like(xv)
+        wdt, bdt = ctx.param_dtypes
+        want_w = wdt is not None and ctx.needs_input_grad[1]
+        want_b = bdt is not None and ctx.needs_input_grad[2]
+        grads, dw, db = None, None, None
+        if want_w or want_b:
+            c = xv.shape[1] if layout in ("NC", "NCL", "NCHW", "NCDHW") else xv.shape[-1]
+            dw, db = torch.empty((2, c), dtype=torch.float32, device=xv.device)
+            grads = (dw.data_ptr(), db.data_ptr())
+        stream = _stream(xv.device)
+        ctx.kernel.backward(ctx.step, xv.data_ptr(), dyv.data_ptr(), dxv.data_ptr(), stream, grads)
+        dweight = dw.to(wdt) if want_w else None
+        dbias = db.to(bdt) if want_b else None
+        dx = _back(dxv, layout) if ctx.needs_input_grad[0] else None
+        return dx, dweight, dbias, None
+
+
 class _BnormForward:
     def forward(self, input):
         self._check_input_dim(input)
-        if input.device.type != "cpu":
+        cuda = input.device.type == "cuda"
+        if not cuda and input.device.type != "cpu":
             raise _error(
-                "Device",
-                f"bnorm.torch runs on CPU tensors; got one on {input.device} (the CUDA "
-                "backend is not wired to Python yet: use torch.nn's batch norm there)",
+                "Device", f"bnorm.torch runs on CPU and CUDA tensors; got one on {input.device}"
             )
         if not _needs_grad(input, self.weight, self.bias):
             # nothing to differentiate (evaluation under no_grad, inference_mode, frozen
             # parameters on a constant input): the step alone, without autograd's
             # bookkeeping
+            if cuda:
+                return _cuda_step(input, self.weight, self.bias, self, False)[0]
             return _step(input, self.weight, self.bias, self)[0]
+        if cuda:
+            return _CudaFunction.apply(input, self.weight, self.bias, self)
         return _Function.apply(input, self.weight, self.bias, self)
 
 
