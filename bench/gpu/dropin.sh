@@ -2,7 +2,8 @@
 # bnorm.torch on CUDA tensors, on a GPU machine: installs a bnorm wheel built elsewhere,
 # runs the drop-in's CUDA tests (crates/bnorm-python/tests/test_torch_cuda.py) and, when
 # given, bnorm-cuda's GPU test binary (its foreign-memory test also under compute-sanitizer),
-# then bench/torch_dropin_cuda.py (torch.nn's batch norm, cuDNN, against the drop-in).
+# then bench/torch_dropin_cuda.py (torch.nn's batch norm, cuDNN, against the drop-in) and
+# bench/gpu/dropin_parts.py (where one call's time goes).
 # Needs an NVIDIA GPU and python3 with torch, numpy and pytest; no cargo there.
 #
 # Build on any machine (no CUDA needed), from the repository root:
@@ -40,4 +41,5 @@ if [ -n "$tests" ]; then
 fi
 python3 bench/torch_dropin_cuda.py --json "$out/dropin.json" 2>&1 | tee "$out/dropin.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || rc=1
+python3 bench/gpu/dropin_parts.py 2>&1 | tee "$out/parts.txt"
 exit $rc

@@ -102,6 +102,30 @@ impl<T: GpuElement> Drop for ForeignTensor<T> {
     }
 }
 
+impl Gpu {
+    /// Runs `f` and then makes the context that was current on the calling thread before
+    /// current again (none, when none was). bnorm's driver calls make this GPU's context current; another
+    /// library that reads the current context to know its current device (the CUDA
+    /// runtime does, and PyTorch through it) must find its own afterwards, not the last
+    /// GPU bnorm ran on.
+    ///
+    /// ```no_run
+    /// let gpu = bnorm_cuda::Gpu::new(0)?;
+    /// let name = gpu.restoring_context(|| gpu.name().to_string())?;
+    /// # Ok::<(), bnorm_cuda::CudaError>(())
+    /// ```
+    pub fn restoring_context<R>(&self, f: impl FnOnce() -> R) -> Result<R> {
+        use cudarc::driver::result::ctx;
+        let before = ctx::get_current().map_err(CudaError::driver("read the current context"))?;
+        let r = f();
+        // SAFETY: `before` was current on this thread a moment ago: a live context (its
+        // owner cannot have destroyed it while this thread ran `f`), or null, which unbinds.
+        unsafe { ctx::set_current(before.unwrap_or(std::ptr::null_mut())) }
+            .map_err(CudaError::driver("restore the current context"))?;
+        Ok(r)
+    }
+}
+
 /// Two per-channel vectors: `(a, b)` device addresses of C float32 values each.
 pub type Pair = (u64, u64);
 

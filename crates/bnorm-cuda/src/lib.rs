@@ -416,6 +416,10 @@ mod tests {
         let e: CudaError = bnorm::Error::NoRunningStatistics.into();
         assert!(matches!(e, CudaError::Core(_)));
         assert!(std::error::Error::source(&e).is_some());
+        let e = CudaError::Foreign {
+            reason: "a null device address".into(),
+        };
+        assert_eq!(e.to_string(), "unusable device memory: a null device address");
     }
 
     #[test]

@@ -463,3 +463,35 @@ fn foreign_memory_steps_equal_owned_ones() {
     }
     assert_eq!(FOREIGN_ALIGN, 16);
 }
+
+/// `Gpu::restoring_context` leaves the calling thread's current context as it found it
+/// (none, or the one that was current), whatever bnorm's calls bound in between.
+#[test]
+#[cfg_attr(
+    not(bnorm_gpu_tests),
+    ignore = "needs an NVIDIA GPU: BNORM_REQUIRE_GPU=1 cargo test -p bnorm-cuda"
+)]
+fn the_callers_context_is_restored() {
+    use cudarc::driver::result::ctx;
+    let gpu = gpu();
+    std::thread::spawn(move || {
+        // a fresh thread has no current context
+        let none = ctx::get_current().unwrap();
+        assert!(none.is_none());
+        gpu.restoring_context(|| gpu.synchronize().unwrap())
+            .unwrap();
+        assert_eq!(ctx::get_current().unwrap(), none, "left unbound, as found");
+        gpu.synchronize().unwrap();
+        let ours = ctx::get_current().unwrap();
+        assert!(ours.is_some());
+        gpu.restoring_context(|| gpu.synchronize().unwrap())
+            .unwrap();
+        assert_eq!(
+            ctx::get_current().unwrap(),
+            ours,
+            "the context that was current"
+        );
+    })
+    .join()
+    .unwrap();
+}

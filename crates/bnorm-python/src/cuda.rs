@@ -12,7 +12,7 @@
 //! GPU ([`gpu`]).
 
 use std::collections::HashMap;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use bnorm::element::{bf16, f16, DType};
 use bnorm::{Layout, Mode, Params, RunningState};
@@ -68,6 +68,32 @@ pub fn cuda_error(e: CudaError) -> PyErr {
 pub struct CudaKernel {
     gpu: Gpu,
     layer: Mutex<Layer>,
+    pool: Pool,
+}
+
+/// Statistics buffers of steps whose backward ran or will never run, for the next steps
+/// (each holds 7·C values on the device; allocating and freeing them per step cost
+/// driver calls that showed in a step's time). Reuse is safe: every use is on bnorm's
+/// stream, in order.
+#[derive(Clone, Default)]
+struct Pool(Arc<Mutex<Vec<GpuSaved>>>);
+
+impl Pool {
+    /// At most this many buffers wait in the pool (a graph keeps a step alive per
+    /// application of the module; beyond this they are freed).
+    const KEEP: usize = 16;
+
+    fn take(&self) -> GpuSaved {
+        let mut pool = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        pool.pop().unwrap_or_default()
+    }
+
+    fn give(&self, saved: GpuSaved) {
+        let mut pool = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.len() < Self::KEEP {
+            pool.push(saved);
+        }
+    }
 }
 
 /// The layer and the statistics buffers of the steps whose backward never comes (a
@@ -77,13 +103,23 @@ struct Layer {
     spare: GpuSaved,
 }
 
-/// What one forward step on the GPU saved for its backward (device memory of bnorm's).
+/// What one forward step on the GPU saved for its backward (device memory of bnorm's,
+/// returned to its kernel's pool when the step is dropped).
 #[pyclass(module = "bnorm._bnorm")]
 pub struct CudaStep {
-    saved: GpuSaved,
+    saved: Option<GpuSaved>,
+    pool: Pool,
     dtype: DType,
     layout: Layout,
     shape: Vec<usize>,
+}
+
+impl Drop for CudaStep {
+    fn drop(&mut self) {
+        if let Some(saved) = self.saved.take() {
+            self.pool.give(saved);
+        }
+    }
 }
 
 /// A batch of torch's at `address`, in place.
@@ -146,20 +182,24 @@ fn backward_typed<T: GpuElement>(
 }
 
 /// Runs `work` on `bn` between a wait for torch's `stream` and a release to it (the
-/// release also after an error: what was queued may read the caller's memory).
+/// release also after an error: what was queued may read the caller's memory), leaving
+/// the thread's current context as torch had it.
 fn ordered<R>(
+    gpu: &Gpu,
     bn: &mut GpuBatchNorm,
     stream: u64,
     work: impl FnOnce(&mut GpuBatchNorm) -> Result<R, CudaError>,
 ) -> Result<R, CudaError> {
-    // SAFETY: `stream` is torch.cuda.current_stream().cuda_stream of this device.
-    unsafe { bn.wait_for_stream(stream)? };
-    let result = work(bn);
-    // SAFETY: as above.
-    let released = unsafe { bn.release_to_stream(stream) };
-    let r = result?;
-    released?;
-    Ok(r)
+    gpu.restoring_context(|| {
+        // SAFETY: `stream` is torch.cuda.current_stream().cuda_stream of this device.
+        unsafe { bn.wait_for_stream(stream)? };
+        let result = work(bn);
+        // SAFETY: as above.
+        let released = unsafe { bn.release_to_stream(stream) };
+        let r = result?;
+        released?;
+        Ok(r)
+    })?
 }
 
 #[pymethods]
@@ -184,6 +224,7 @@ impl CudaKernel {
                 bn,
                 spare: GpuSaved::new(),
             }),
+            pool: Pool::default(),
         })
     }
 
@@ -230,11 +271,15 @@ impl CudaKernel {
             .detach(|| {
                 let mut layer = self.layer.lock().unwrap_or_else(|e| e.into_inner());
                 let Layer { bn, spare } = &mut *layer;
-                ordered(bn, stream, |bn| {
+                ordered(gpu, bn, stream, |bn| {
                     // SAFETY: the addresses are the module's C-element float32 tensors on
                     // this device (checked by the Python caller), ordered by the streams.
                     unsafe { bn.load_f32(params, running.map(|r| (r, num_batches_tracked)))? };
-                    let mut fresh = GpuSaved::new();
+                    let mut fresh = if keep {
+                        self.pool.take()
+                    } else {
+                        GpuSaved::new()
+                    };
                     let saved = if keep { &mut fresh } else { spare };
                     let report = match dtype {
                         DType::F32 => forward_typed::<f32>(gpu, bn, &batch, mode, saved),
@@ -254,7 +299,8 @@ impl CudaKernel {
             })
             .map_err(cuda_error)?;
         let step = saved.map(|saved| CudaStep {
-            saved,
+            saved: Some(saved),
+            pool: self.pool.clone(),
             dtype,
             layout,
             shape,
@@ -283,10 +329,16 @@ impl CudaKernel {
             shape: &step.shape,
             layout: step.layout,
         };
-        let (gpu, saved) = (&self.gpu, &step.saved);
+        let Some(saved) = step.saved.as_ref() else {
+            return Err(error_of_kind(
+                "SavedMismatch",
+                "the step's statistics were released".into(),
+            ));
+        };
+        let gpu = &self.gpu;
         py.detach(|| {
             let mut layer = self.layer.lock().unwrap_or_else(|e| e.into_inner());
-            ordered(&mut layer.bn, stream, |bn| {
+            ordered(gpu, &mut layer.bn, stream, |bn| {
                 match step.dtype {
                     DType::F32 => backward_typed::<f32>(gpu, bn, &batch, dy, saved),
                     DType::F16 => backward_typed::<f16>(gpu, bn, &batch, dy, saved),

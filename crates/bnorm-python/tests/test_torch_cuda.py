@@ -225,3 +225,21 @@ def test_convert_a_resnet_block_on_the_gpu():
         yr.sum().backward(), yo.sum().backward()
         close("dx", xo.grad, xr.grad, 1e-3)
         close("conv1 grad", ours.conv1.weight.grad, ref.conv1.weight.grad, 1e-3)
+
+
+def test_a_module_applied_twice_in_one_graph():
+    # each application keeps its own statistics for its backward (two steps alive at once,
+    # their buffers then reused by the steps after)
+    ref, ours = pair(torch.nn.BatchNorm2d, bt.BatchNorm2d, 12)
+    for step in range(3):
+        x1, x2 = batch((6, 12, 5, 5), torch.float32, seed=step), batch((6, 12, 5, 5), torch.float32, seed=10 + step)
+        xs_r = [x1.clone().requires_grad_(), x2.clone().requires_grad_()]
+        xs_o = [x1.clone().requires_grad_(), x2.clone().requires_grad_()]
+        ref.zero_grad(), ours.zero_grad()
+        (ref(xs_r[0]) * ref(xs_r[1] * 2)).sum().backward()
+        (ours(xs_o[0]) * ours(xs_o[1] * 2)).sum().backward()
+        for k in range(2):
+            close(f"dx{k} step {step}", xs_o[k].grad, xs_r[k].grad, 1e-4)
+        close("dweight", ours.weight.grad, ref.weight.grad, 1e-4)
+        close("running_var", ours.running_var, ref.running_var, 1e-5)
+    assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item() == 6
