@@ -419,7 +419,10 @@ mod tests {
         let e = CudaError::Foreign {
             reason: "a null device address".into(),
         };
-        assert_eq!(e.to_string(), "unusable device memory: a null device address");
+        assert_eq!(
+            e.to_string(),
+            "unusable device memory: a null device address"
+        );
     }
 
     #[test]

@@ -243,3 +243,29 @@ def test_a_module_applied_twice_in_one_graph():
         close("dweight", ours.weight.grad, ref.weight.grad, 1e-4)
         close("running_var", ours.running_var, ref.running_var, 1e-5)
     assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item() == 6
+
+
+def test_half_modules_through_float32_copies():
+    # a module converted with .half(): its parameters and buffers are float16, read through
+    # float32 copies and the new running statistics written back in float16
+    ref, ours = pair(torch.nn.BatchNorm2d, bt.BatchNorm2d, 8)
+    ref.half(), ours.half()
+    for step in range(2):
+        x = batch((6, 8, 5, 5), torch.float16, seed=step)
+        close(f"y step {step}", ours(x), ref(x), 3e-3)
+        assert ours.running_mean.dtype == torch.float16
+        close("running_mean", ours.running_mean, ref.running_mean, 1e-3)
+        close("running_var", ours.running_var, ref.running_var, 1e-3)
+    assert ours.num_batches_tracked.item() == 2
+
+
+def test_parameters_on_another_device_are_refused():
+    ours = bt.BatchNorm2d(4)  # left on the CPU
+    x = torch.randn(3, 4, 5, 5, device=DEV)
+    with pytest.raises(bnorm.Error) as err:
+        ours(x)
+    assert err.value.kind == "WrongDevice"
+    assert ours.num_batches_tracked.item() == 0
+    ours.to(DEV)
+    ours(x)  # checked again once the addresses change
+    assert ours.num_batches_tracked.item() == 1

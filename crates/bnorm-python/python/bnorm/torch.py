@@ -318,14 +318,6 @@ def _aligned(t):
     return t.clone()
 
 
-def _f32(t):
-    """A float32 contiguous tensor of ``t``'s values (``t`` itself when it is one)."""
-    t = t.detach()
-    if t.dtype == torch.float32 and t.is_contiguous():
-        return t
-    return t.to(torch.float32).contiguous()
-
-
 def _updates(nbt):
     """``num_batches_tracked`` as an int without reading the device on every call: the
     value is remembered with the tensor's version counter (which bnorm's own increment,
@@ -340,14 +332,35 @@ def _updates(nbt):
     return value
 
 
+def _f32_in_place(t):
+    """``t`` itself when the kernel can read and write it as float32 (contiguous float32),
+    else ``None``."""
+    return t if t.dtype == torch.float32 and t.is_contiguous() else None
+
+
+def _check_devices(module, device, tensors, pointers):
+    """Raises unless every tensor of the module that the step addresses lives on
+    ``device``; checked again only when their addresses change (a tensor moved to another
+    device, or replaced, has a new one)."""
+    key = (device, pointers)
+    if getattr(module, "_bnorm_checked", None) == key:
+        return
+    for name, t in tensors:
+        if t is not None and t.device != device:
+            raise _error("WrongDevice", f"{name} is on {t.device}, the input on {device}")
+    module._bnorm_checked = key
+
+
 def _cuda_step(x, weight, bias, module, keep):
     """``_step`` on the GPU: returns ``(y, xv, kernel, step, layout)`` (``step`` None
     unless ``keep``: a backward will follow)."""
-    if x.dtype not in _GPU_TAGS:
+    tag = _GPU_TAGS.get(x.dtype)
+    if tag is None:
         raise _error(
             "DType", f"bnorm's GPU kernels take float32, bfloat16 and float16, got {x.dtype}"
         )
-    rm, rv = module.running_mean, module.running_var
+    buffers = module._buffers
+    rm, rv = buffers.get("running_mean"), buffers.get("running_var")
     if module.training:
         mode = "train"
         use_state = module.track_running_stats and rm is not None
@@ -358,40 +371,52 @@ def _cuda_step(x, weight, bias, module, keep):
     if affine != (bias is not None):
         raise _error("MissingParameter", "bnorm's GPU path takes weight and bias together")
     device = x.device
-    nbt = module.num_batches_tracked if use_state else None
-    for name, t in (("weight", weight), ("bias", bias), ("running_mean", rm), ("running_var", rv),
-                    ("num_batches_tracked", nbt)):
-        if t is not None and t.device != device:
-            raise _error("WrongDevice", f"{name} is on {t.device}, the input on {device}")
+    nbt = buffers.get("num_batches_tracked") if use_state else None
+    params, running, copies, counter, updates = None, None, None, None, 0
+    if affine:
+        # parameters are only read: a float32 copy when they are not float32
+        w = _f32_in_place(weight)
+        w = weight.detach().float().contiguous() if w is None else w
+        b = _f32_in_place(bias)
+        b = bias.detach().float().contiguous() if b is None else b
+        params = (w.data_ptr(), b.data_ptr())
+    if use_state:
+        # float32 buffers are read and written in place; others through float32 copies,
+        # written back after an update
+        m, v = _f32_in_place(rm), _f32_in_place(rv)
+        if m is None or v is None:
+            copies = (rm.float().contiguous(), rv.float().contiguous())
+            m, v = copies
+        running = (m.data_ptr(), v.data_ptr())
+        if nbt is not None:
+            updates = _updates(nbt)
+            counter = nbt.data_ptr() if nbt.dtype == torch.int64 else None
+    _check_devices(
+        module,
+        device,
+        (("weight", weight), ("bias", bias), ("running_mean", rm), ("running_var", rv),
+         ("num_batches_tracked", nbt)),
+        (params, running, counter),
+    )
     kernel = _cuda_kernel(device.index, module.num_features, module.eps, module.momentum, affine, use_state)
     layout, xv = _view(x.detach())
     xv = _aligned(xv)
     yv = torch.empty_like(xv)
-    params = None
-    if affine:
-        params = (_f32(weight).data_ptr(), _f32(bias).data_ptr())
-    running, stats, counter, updates = None, None, None, 0
-    if use_state:
-        # float32 buffers are read and written in place; others through float32 copies
-        stats = (_f32(rm), _f32(rv))
-        running = (stats[0].data_ptr(), stats[1].data_ptr())
-        if nbt is not None:
-            updates = _updates(nbt)
-            counter = nbt.data_ptr() if nbt.dtype == torch.int64 else None
     step, updated = kernel.forward(
-        xv.data_ptr(), yv.data_ptr(), list(xv.shape), layout, _GPU_TAGS[x.dtype], _stream(device),
+        xv.data_ptr(), yv.data_ptr(), list(xv.shape), layout, tag, _stream(device),
         mode, params, running, updates, counter, keep,
     )
     if updated:
-        with torch.no_grad():
-            for buffer, values in zip((rm, rv), stats):
-                if buffer.data_ptr() != values.data_ptr():
-                    buffer.copy_(values)
-            if nbt is not None:
-                if counter is None:
+        if copies is not None:
+            with torch.no_grad():
+                rm.copy_(copies[0])
+                rv.copy_(copies[1])
+        if nbt is not None:
+            if counter is None:
+                with torch.no_grad():
                     nbt.add_(1)
-                # the kernel counted the update in the tensor (its version is unchanged)
-                nbt._bnorm_value = ((nbt.data_ptr(), nbt._version), updates + 1)
+            # the kernel counted the update in the tensor (its version is unchanged)
+            nbt._bnorm_value = ((nbt.data_ptr(), nbt._version), updates + 1)
     return _back(yv, layout), xv, kernel, step, layout
 
 
