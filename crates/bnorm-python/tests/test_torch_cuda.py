@@ -210,8 +210,13 @@ class Block(torch.nn.Module):
         return torch.relu(self.bn2(self.conv2(y)) + x)
 
 
-def test_convert_a_resnet_block_on_the_gpu():
-    torch.backends.cudnn.deterministic = True
+def test_convert_a_resnet_block_on_the_gpu(monkeypatch):
+    # full float32 convolutions: with TF32 (PyTorch's default for cuDNN convolutions) the
+    # two models' gradients drift apart by ~1e-3 of their scale through the convolutions'
+    # rounding alone, whichever batch norm feeds them
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    torch.manual_seed(0)
     ref = Block(16).to(DEV)
     ours = bt.convert(Block(16).to(DEV))
     ours.load_state_dict(ref.state_dict())
@@ -223,8 +228,8 @@ def test_convert_a_resnet_block_on_the_gpu():
         yr, yo = ref(xr), ours(xo)
         close(f"y (train={train})", yo, yr, 1e-4)
         yr.sum().backward(), yo.sum().backward()
-        close("dx", xo.grad, xr.grad, 1e-3)
-        close("conv1 grad", ours.conv1.weight.grad, ref.conv1.weight.grad, 1e-3)
+        close(f"dx (train={train})", xo.grad, xr.grad, 1e-3)
+        close(f"conv1 grad (train={train})", ours.conv1.weight.grad, ref.conv1.weight.grad, 1e-3)
 
 
 def test_a_module_applied_twice_in_one_graph():
