@@ -46,6 +46,7 @@ through a ``torch.autograd.Function`` whose backward is bnorm's backward.
 """
 
 import threading
+import weakref
 
 import numpy as _np
 import torch
@@ -162,15 +163,40 @@ def _floats(t):
     return t.to(torch.float64).contiguous().numpy()
 
 
+_VIEWED = (torch.float32, torch.float64)
+# module -> (key, views): kept beside the modules, not in them (nothing of it is saved
+# with a module, copied with it or kept alive by it)
+_vector_views = weakref.WeakKeyDictionary()
+
+
+def _vectors(module, weight, bias, rm, rv):
+    """The per-channel vectors for the kernel, ``(weight, bias, running_mean,
+    running_var)`` (``None`` for those absent): float32/float64 tensors as NumPy views,
+    remembered on the module while the same tensors with the same storage are passed
+    (their values may change: the views see them), 16-bit ones as float64 copies made
+    on each call."""
+    tensors = (weight, bias, rm, rv)
+    if not all(t is None or t.dtype in _VIEWED for t in tensors):
+        return tuple(_floats(t) for t in tensors)
+    key = tuple(None if t is None else (id(t), t.data_ptr(), t.dtype) for t in tensors)
+    cached = _vector_views.get(module)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    views = tuple(None if t is None else t.detach().numpy() for t in tensors)
+    _vector_views[module] = (key, views)
+    return views
+
+
 def _step(x, weight, bias, module):
     """One forward step of ``module`` on ``x``: the running statistics and
     ``num_batches_tracked`` updated in the module's buffers after a training step;
     returns ``(y, xv, kernel, step, layout)`` (``y`` in ``x``'s memory format, ``xv``
     the input as the kernels read it, ``step`` what backward needs)."""
-    if x.dtype not in _TAGS:
+    tag = _TAGS.get(x.dtype)
+    if tag is None:
         raise _error("DType", f"bnorm takes float32/64 and bfloat16/float16, got {x.dtype}")
-    tag = _TAGS[x.dtype]
-    rm, rv = module.running_mean, module.running_var
+    buffers = module._buffers
+    rm, rv = buffers.get("running_mean"), buffers.get("running_var")
     if module.training:
         mode = "train"
         use_state = module.track_running_stats and rm is not None
@@ -187,27 +213,29 @@ def _step(x, weight, bias, module):
     )
     layout, xv = _view(x.detach())
     yv = torch.empty_like(xv)
-    nbt = module.num_batches_tracked
+    nbt = buffers.get("num_batches_tracked")
     # the kernel writes the running statistics in place after a training step: float32 and
     # float64 buffers through NumPy views (as PyTorch's own kernel writes them), 16-bit
     # ones through the float64 copies written back below
-    stats = (_floats(rm), _floats(rv)) if use_state else (None, None)
+    if not use_state:
+        rm = rv = None
+    w, b, m, v = _vectors(module, weight, bias, rm, rv)
     step, count = kernel.forward(
         _numpy(xv),
         _numpy(yv),
         layout,
         mode,
         tag,
-        _floats(weight),
-        _floats(bias),
-        stats[0],
-        stats[1],
+        w,
+        b,
+        m,
+        v,
         int(nbt) if (use_state and nbt is not None) else 0,
     )
     if count is not None:
         with torch.no_grad():
-            for buffer, values in zip((rm, rv), stats):
-                if buffer.dtype not in (torch.float32, torch.float64):
+            for buffer, values in ((rm, m), (rv, v)):
+                if buffer.dtype not in _VIEWED:
                     buffer.copy_(torch.from_numpy(values))
             if nbt is not None:
                 nbt.fill_(count)
