@@ -421,3 +421,30 @@ def test_calls_without_gradients_match_torch():
     assert y.grad_fn is not None
     y.sum().backward()
     assert ours.weight.grad is not None and ours.bias.grad is None
+
+
+def test_parameter_changes_between_calls_are_seen():
+    # the drop-in remembers NumPy views of a module's tensors between calls: every way of
+    # changing them must show in the next call
+    ref = torch.nn.BatchNorm2d(3)
+    ours = bt.BatchNorm2d(3)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 3, 2, 2)
+    changes = [
+        lambda m: m.weight.data.mul_(2.0),
+        lambda m: setattr(m.weight, "data", torch.full((3,), 0.5)),
+        lambda m: setattr(m, "bias", torch.nn.Parameter(torch.ones(3))),
+        lambda m: m.running_mean.add_(1.0),
+        lambda m: m.load_state_dict({**m.state_dict(), "running_var": torch.full((3,), 4.0)}),
+        lambda m: m.double(),
+    ]
+    for train in (False, True):
+        ref.train(train), ours.train(train)
+        for k, change in enumerate(changes):
+            with torch.no_grad():
+                ours(x.to(ours.weight.dtype)), ref(x.to(ref.weight.dtype))  # views remembered
+                change(ref), change(ours)
+                xs = x.to(ref.weight.dtype)
+                assert torch.allclose(ours(xs), ref(xs), atol=1e-6), (train, k)
+            assert torch.allclose(ours.running_mean, ref.running_mean, atol=1e-6)
+        ref.float(), ours.float()
