@@ -4,7 +4,8 @@ Two ways in:
 
 * ``bnorm.BatchNorm`` -- a layer over NumPy arrays, with PyTorch's, Keras' or TensorFlow's
   semantics, every layout, and float64/float32/float16 (bfloat16 with ``ml_dtypes``).
-* ``bnorm.torch`` -- ``BatchNorm1d/2d/3d``, drop-in replacements of ``torch.nn``'s, and
+* ``bnorm.torch`` -- ``BatchNorm1d/2d/3d``, drop-in replacements of ``torch.nn``'s on CPU
+  and CUDA tensors (the GPU kernels compiled by NVRTC on first use), and
   ``convert(model)`` which swaps them in place.
 
 ``python -m bnorm inspect|convert|fold|conformance ...`` runs the command-line tool.
