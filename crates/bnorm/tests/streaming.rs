@@ -252,6 +252,9 @@ fn compare(
 #[test]
 fn streaming_channels_first_matches_scalar() {
     check(Layout::NCHW, &[3, 5, 700, 401], 1);
+    // runs of 196 values (14×14), not a multiple of the vector width: every run has a
+    // streamed head and tail, the line it shares with the next run filled by both
+    check(Layout::NCHW, &[2700, 8, 14, 14], 3);
 }
 
 #[test]
@@ -294,6 +297,7 @@ fn streaming_downwards_matches_scalar() {
     // which the backward maps also ask the L2 for the rows ahead (below them here).
     for (layout, shp) in [
         (Layout::NCHW, &[3, 5, 700, 401][..]),
+        (Layout::NCHW, &[2700, 8, 14, 14][..]),
         (Layout::NHWC, &[3, 997, 35, 48][..]),
         (Layout::NC, &[4099, 1040][..]),
     ] {

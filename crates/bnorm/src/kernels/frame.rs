@@ -193,6 +193,17 @@ pub(super) mod x86 {
         }
     }
 
+    /// Writes one f32 with a streaming store (`movnti`): the heads and tails of the
+    /// streaming kernels, so that their output is one stream of streaming stores.
+    ///
+    /// # Safety
+    /// `p` must be valid for a 4-byte write (SSE2, which every x86-64 CPU has).
+    #[inline(always)]
+    pub(crate) unsafe fn stream_one(p: *mut f32, v: f32) {
+        // SAFETY: the caller's contract; `_mm_stream_si32` writes the 4 bytes at `p`.
+        unsafe { std::arch::x86_64::_mm_stream_si32(p.cast::<i32>(), v.to_bits() as i32) }
+    }
+
     /// `(head, end)`: the scalar elements before the first `align`-byte boundary of `p`
     /// (the store alignment), and the end of the vector body after it, a whole number of
     /// `lanes`-value steps.

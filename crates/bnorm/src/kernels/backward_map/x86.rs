@@ -7,7 +7,9 @@
 use std::arch::x86_64::*;
 
 use crate::kernels::coefs::x86::{Coef, F32s, Source, Table};
-use crate::kernels::frame::x86::{ask_l2, blocked, descending, rows_in, split, BlockBody, Steps};
+use crate::kernels::frame::x86::{
+    ask_l2, blocked, descending, rows_in, split, stream_one, BlockBody, Steps,
+};
 use crate::kernels::simd::{Isa, SimdLevel};
 use crate::kernels::Out;
 
@@ -298,24 +300,35 @@ fn len2<const RELU: bool>(
 }
 
 /// The scalar elements `idx` of a backward map (the heads and tails around its vector
-/// body): `(dx, dz) = one(i mod run, x, y, dy)`, `dz` also stored to `rs` unless it is
-/// empty (with `RELU`).
+/// body), in descending order when `rev`: `(dx, dz) = one(i mod run, x, y, dy)`, `dx`
+/// streamed to `os` as the body is (see the forward map's `map1`: a run's boundary
+/// lines are then filled by streaming stores alone), `dz` also stored to `rs` unless it
+/// is empty (with `RELU`).
 #[inline(always)]
 fn scalar2<const RELU: bool>(
-    idx: impl Iterator<Item = usize>,
+    idx: std::ops::Range<usize>,
+    rev: bool,
     run: usize,
     (xs, ys, ds): (&[f32], &[f32], &[f32]),
     (os, rs): (&mut Out<f32>, &mut Out<f32>),
     one: impl Fn(usize, f32, f32, f32) -> (f32, f32),
 ) {
     let with_res = RELU && !rs.is_empty();
-    for i in idx {
+    let op = os.as_mut_ptr().cast::<f32>();
+    let mut each = |i: usize| {
         let y = if RELU { ys[i] } else { 0.0 };
         let (v, dz) = one(i % run, xs[i], y, ds[i]);
-        os[i].write(v);
+        assert!(i < os.len());
+        // SAFETY: `i < os.len()` (checked above): `op + i` lies within `os`.
+        unsafe { stream_one(op.add(i), v) };
         if with_res {
             rs[i].write(dz);
         }
+    };
+    if rev {
+        idx.rev().for_each(&mut each);
+    } else {
+        idx.for_each(&mut each);
     }
 }
 
@@ -429,13 +442,14 @@ unsafe fn map2<K: Step, S: Source<K::A>, const RELU: bool>(
     let run = src.run();
     let lanes = K::V::LANES;
     let (head, end) = split(os.as_ptr().cast(), n, K::V::BYTES, lanes);
-    scalar2::<RELU>(
-        (0..head).chain(end..n),
-        run,
-        (xs, ys, ds),
-        (&mut *os, &mut *rs),
-        |o, x, y, d| K::A::one::<S, RELU>(src, o, x, y, d),
-    );
+    // head, body, tail in address order (descending: tail, body, head), as `map1`
+    let (first, last) = if desc {
+        (end..n, 0..head)
+    } else {
+        (0..head, end..n)
+    };
+    let one = |o, x, y, d| K::A::one::<S, RELU>(src, o, x, y, d);
+    scalar2::<RELU>(first, desc, run, (xs, ys, ds), (&mut *os, &mut *rs), one);
     let p = Ptrs::new(xs, ys, ds, os, rs);
     for (i, o) in Steps::new(head, end, lanes, run, desc) {
         // SAFETY: `i + lanes <= end <= n` lies within every slice used (`ys`, `rs` only
@@ -448,6 +462,7 @@ unsafe fn map2<K: Step, S: Source<K::A>, const RELU: bool>(
             K::V::stream(p.o.add(i), K::map(x, d, K::coefs(src, o)));
         }
     }
+    scalar2::<RELU>(last, desc, run, (xs, ys, ds), (os, rs), one);
 }
 
 // ─── Channels-last rows ─────────────────────────────────────────────────────────────────
@@ -580,13 +595,9 @@ unsafe fn rows<K: Step, const W: usize, const RELU: bool>(
     // Blocks start at a multiple of `W` values past the aligned `head`; the body ends
     // after whole vector steps (a last 8 values of a 16-lane map go scalar).
     let (head, end) = split(os.as_ptr().cast(), n, 4 * W, lanes);
-    scalar2::<RELU>(
-        (0..head).chain(end..n),
-        run,
-        (xs, ys, ds),
-        (&mut *os, &mut *rs),
-        |o, x, y, d| K::A::one::<_, RELU>(src, o, x, y, d),
-    );
+    let one = |o, x, y, d| K::A::one::<_, RELU>(src, o, x, y, d);
+    scalar2::<RELU>(0..head, false, run, (xs, ys, ds), (&mut *os, &mut *rs), one);
+    scalar2::<RELU>(end..n, false, run, (xs, ys, ds), (&mut *os, &mut *rs), one);
     let p = Ptrs::new(xs, ys, ds, os, rs);
     let mut body = RowsBody::<K, W, RELU> {
         p,

@@ -5,7 +5,7 @@
 use std::arch::x86_64::*;
 
 use crate::kernels::coefs::x86::{F32s, Source};
-use crate::kernels::frame::x86::{ask_l2, descending, split, Steps};
+use crate::kernels::frame::x86::{ask_l2, descending, split, stream_one, Steps};
 use crate::kernels::simd::{Isa, SimdLevel};
 use crate::kernels::Out;
 
@@ -114,11 +114,26 @@ unsafe fn map1<V: F32s, S: Source<f32>, const RELU: bool, const ADD: bool, const
     };
     let run = src.run();
     let (head, body) = split(ys.as_ptr().cast(), n, V::BYTES, V::LANES);
-    for i in (0..head).chain(body..n) {
-        let r = if ADD { rs[i] } else { 0.0 };
-        ys[i].write(map1_one::<S, RELU, ADD>(src, i % run, xs[i], r));
-    }
     let (xp, rp, yp) = (xs.as_ptr(), rs.as_ptr(), ys.as_mut_ptr().cast::<f32>());
+    // The head and the tail are streamed too, and in address order with the body (the
+    // head first going up, the tail first going down): consecutive calls on consecutive
+    // runs (channels-first rows of any length) then write one ascending (or descending)
+    // stream, and the cache line a run shares with the next is filled in the
+    // write-combining buffers by the end of one and the start of the other. Written with
+    // ordinary stores, that line was read from memory first, and the store waiting for it
+    // held back every streaming store after it: a map on runs of 196 values (14×14
+    // images) ran at a third of the speed of one on runs of 3136.
+    let scalar = |i: usize| {
+        let r = if ADD { rs[i] } else { 0.0 };
+        let v = map1_one::<S, RELU, ADD>(src, i % run, xs[i], r);
+        // SAFETY: `i < n <= ys.len()`: `yp + i` lies within `ys`.
+        unsafe { stream_one(yp.add(i), v) };
+    };
+    if desc {
+        (body..n).rev().for_each(scalar);
+    } else {
+        (0..head).for_each(scalar);
+    }
     let (ahead, ps, k) = (AHEAD && run != usize::MAX, [xp, rp, xp], 1 + ADD as usize);
     for (i, o) in Steps::new(head, body, V::LANES, run, desc) {
         if ahead {
@@ -140,5 +155,10 @@ unsafe fn map1<V: F32s, S: Source<f32>, const RELU: bool, const ADD: bool, const
             }
             V::stream(yp.add(i), z);
         }
+    }
+    if desc {
+        (0..head).rev().for_each(scalar);
+    } else {
+        (body..n).for_each(scalar);
     }
 }
