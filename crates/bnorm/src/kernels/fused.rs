@@ -10,7 +10,8 @@ use super::coefs::Affine2At;
 use super::forward_map::{run_affine_ep, Ep};
 use super::schedule::segments;
 use super::simd::Isa;
-use super::stats::by_level::run_moments;
+use super::stats::by_level::{run_into, run_moments};
+use super::stats::{short_runs, ShortRuns};
 use super::sums::by_level::{dot_row, seg_dot};
 use super::sums::{DotIn, DotLanes, Seg};
 use super::Out;
@@ -53,19 +54,8 @@ pub(crate) fn train_fused_cf<T: Element, F>(
         let (rps, nseg) = segments(g);
         let mut acc = [Moments::default(); FUSE_GROUP];
         for s in 0..nseg {
-            let mut seg = [Moments::default(); FUSE_GROUP];
-            for n in s * rps..((s + 1) * rps).min(g.outer) {
-                for (j, m) in seg[..w].iter_mut().enumerate() {
-                    let start = (n * c + c0 + j) * inner;
-                    // The channel's row of the next sample, prefetched alongside.
-                    let next = x.get(start + c * inner..start + (c + 1) * inner);
-                    *m = m.merge(run_moments(
-                        isa,
-                        &x[start..start + inner],
-                        next.unwrap_or(&[]),
-                    ));
-                }
-            }
+            let rows = s * rps..((s + 1) * rps).min(g.outer);
+            let seg = segment_moments(isa, g, x, (c0, w), rows);
             for (a, m) in acc[..w].iter_mut().zip(&seg[..w]) {
                 *a = a.merge(*m);
             }
@@ -100,6 +90,54 @@ pub(crate) fn train_fused_cf<T: Element, F>(
         }
     };
     parallel::chunks(par, g.len(), out, group, |i, o| task((i, o)));
+}
+
+/// The moments of one segment (`rows`) of the `w` channels from `c0`, in the order and
+/// with the arithmetic of the unfused `segment_moments_cf` for each channel (same bits):
+/// short runs summed a segment at a time ([`ShortRuns`]; block by block again for a
+/// channel whose shift cancels too much), longer ones block by block and merged. The
+/// samples are walked in order with the group's rows of each (one contiguous stretch).
+fn segment_moments<T: Element>(
+    isa: Isa,
+    g: Geometry,
+    x: &[T],
+    (c0, w): (usize, usize),
+    rows: std::ops::Range<usize>,
+) -> [Moments; FUSE_GROUP] {
+    let (c, inner) = (g.channels, g.inner);
+    let start = |n: usize, j: usize| (n * c + c0 + j) * inner;
+    // The channel's row of the next sample, prefetched alongside.
+    let next = |st: usize| x.get(st + c * inner..st + (c + 1) * inner).unwrap_or(&[]);
+    let mut seg = [Moments::default(); FUSE_GROUP];
+    let mut redo = [!short_runs(g) || rows.is_empty(); FUSE_GROUP];
+    if !redo[0] {
+        let mut sums: [ShortRuns; FUSE_GROUP] = std::array::from_fn(|j| {
+            ShortRuns::new(if j < w {
+                x[start(rows.start, j)].to_f64()
+            } else {
+                0.0
+            })
+        });
+        for n in rows.clone() {
+            for (j, acc) in sums[..w].iter_mut().enumerate() {
+                let st = start(n, j);
+                run_into(isa, &x[st..st + inner], next(st), acc);
+            }
+        }
+        for j in 0..w {
+            match sums[j].moments() {
+                Some(m) => seg[j] = m,
+                None => redo[j] = true,
+            }
+        }
+    }
+    for n in rows {
+        for j in (0..w).filter(|&j| redo[j]) {
+            let st = start(n, j);
+            seg[j] = seg[j].merge(run_moments(isa, &x[st..st + inner], next(st)));
+        }
+    }
+    seg
 }
 
 /// Channels-first backward, a few channels per task: the per-channel sums

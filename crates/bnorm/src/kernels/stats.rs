@@ -21,6 +21,7 @@ use crate::stats::Moments;
 
 simd::dispatch! {
     fn run_moments<T>(xs: &[T], next: &[T]) -> Moments;
+    fn run_into<T>(xs: &[T], next: &[T], acc: &mut ShortRuns);
     fn rows_moments<T>(rows: &[T], c: usize, out: &mut [Moments]);
 }
 
@@ -63,7 +64,9 @@ pub(crate) fn moments<T: Element>(
     }
 }
 
-/// Moments of one segment of one channel (channels-first): rows in order.
+/// Moments of one segment of one channel (channels-first): rows in order — short rows
+/// ([`short_runs`]) summed together in one shifted pass, longer ones (or short ones whose
+/// shift cancels too much) block by block and merged.
 fn segment_moments_cf<T: Element>(
     isa: Isa,
     g: Geometry,
@@ -71,12 +74,112 @@ fn segment_moments_cf<T: Element>(
     (ch, s): (usize, usize),
     rps: usize,
 ) -> Moments {
+    let rows = s * rps..((s + 1) * rps).min(g.outer);
+    let start = |n: usize| (n * g.channels + ch) * g.inner;
+    if short_runs(g) && !rows.is_empty() {
+        let mut acc = ShortRuns::new(x[start(rows.start)].to_f64());
+        for n in rows.clone() {
+            by_level::run_into(isa, &x[start(n)..start(n) + g.inner], &[], &mut acc);
+        }
+        if let Some(m) = acc.moments() {
+            return m;
+        }
+    }
     let mut acc = Moments::default();
-    for n in s * rps..((s + 1) * rps).min(g.outer) {
-        let start = (n * g.channels + ch) * g.inner;
-        acc = acc.merge(by_level::run_moments(isa, &x[start..start + g.inner], &[]));
+    for n in rows {
+        acc = acc.merge(by_level::run_moments(
+            isa,
+            &x[start(n)..start(n) + g.inner],
+            &[],
+        ));
     }
     acc
+}
+
+// ─── Short channels-first runs ──────────────────────────────────────────────────────────
+
+/// Whether a channels-first batch's runs are short enough to be summed a segment at a
+/// time ([`ShortRuns`]) rather than each reduced to moments and merged: shorter than a
+/// block. On 14×14 runs the per-run conversion to moments and the merge — a chain of
+/// divisions, one per run — took as long as the sums themselves.
+#[inline]
+pub(crate) fn short_runs(g: Geometry) -> bool {
+    g.inner < BLOCK
+}
+
+/// The shifted sums of a segment's short runs of one channel: `Σ(x − s)`, `Σ(x − s)²`
+/// with `s` the segment's first value, in lanes kept across the runs — [`LANES2`] for
+/// whole chunks of that many values, eight for the rest in chunks of eight (a 7×7 run
+/// has no chunk of 64), a scalar pair for the last values — folded once, at the end.
+#[derive(Debug, Clone)]
+pub(crate) struct ShortRuns {
+    shift: f64,
+    count: usize,
+    a: [f64; LANES2],
+    b: [f64; LANES2],
+    a8: [f64; 8],
+    b8: [f64; 8],
+    ta: f64,
+    tb: f64,
+}
+
+impl ShortRuns {
+    /// Empty sums shifted by `shift`.
+    pub(crate) fn new(shift: f64) -> ShortRuns {
+        ShortRuns {
+            shift,
+            count: 0,
+            a: [0.0; LANES2],
+            b: [0.0; LANES2],
+            a8: [0.0; 8],
+            b8: [0.0; 8],
+            ta: 0.0,
+            tb: 0.0,
+        }
+    }
+
+    /// The moments of every value added, or `None` when the shift cancels more than a
+    /// single pass may (then the caller reduces the runs block by block).
+    pub(crate) fn moments(&self) -> Option<Moments> {
+        let f8 = |v: &[f64; 8]| ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+        let s1 = fold(self.a) + (f8(&self.a8) + self.ta);
+        let s2 = fold(self.b) + (f8(&self.b8) + self.tb);
+        let n = self.count as f64;
+        from_shifted(self.shift, n, s1, s2).map(|(mean, m2)| Moments { count: n, mean, m2 })
+    }
+}
+
+/// Adds one run to `acc` ([`ShortRuns`]), prefetching `next` alongside.
+#[inline(always)]
+pub(crate) fn run_into<T: Element>(xs: &[T], next: &[T], acc: &mut ShortRuns) {
+    let s = acc.shift;
+    let (mut a, mut b) = (acc.a, acc.b);
+    let (body, rest) = xs.as_chunks::<LANES2>();
+    for (k, ch) in body.iter().enumerate() {
+        ahead(&[next], k * LANES2, LANES2);
+        for l in 0..LANES2 {
+            let d = ch[l].to_f64() - s;
+            a[l] += d;
+            b[l] += d * d;
+        }
+    }
+    (acc.a, acc.b) = (a, b);
+    let (mut a8, mut b8) = (acc.a8, acc.b8);
+    let (mid, last) = rest.as_chunks::<8>();
+    for ch in mid {
+        for l in 0..8 {
+            let d = ch[l].to_f64() - s;
+            a8[l] += d;
+            b8[l] += d * d;
+        }
+    }
+    (acc.a8, acc.b8) = (a8, b8);
+    for v in last {
+        let d = v.to_f64() - s;
+        acc.ta += d;
+        acc.tb += d * d;
+    }
+    acc.count += xs.len();
 }
 
 // ─── Channels-first runs ────────────────────────────────────────────────────────────────
