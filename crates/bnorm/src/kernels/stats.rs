@@ -3,7 +3,8 @@
 //!
 //! * Channels-first (`inner > 1`): each channel's runs, segment by segment
 //!   ([`segments`]); a run is reduced in blocks of [`BLOCK`] values, each in a single
-//!   pass shifted by its first value ([`block_moments`]) with an exact two-pass fallback.
+//!   pass shifted by its first value ([`block_moments`]) with an exact two-pass fallback;
+//!   runs shorter than a block are summed a segment at a time ([`ShortRuns`]).
 //! * Channels-last (`inner == 1`): rows of `c` values, all channels at once
 //!   ([`rows_moments`]): one shifted pass over the segment's rows for 32 channels or
 //!   more, blocks of whole rows as lanes for fewer.
