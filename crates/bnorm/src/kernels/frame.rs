@@ -27,6 +27,45 @@ pub(super) fn fold<const N: usize>(mut a: [f64; N]) -> f64 {
     a[0]
 }
 
+/// Two sums over a channel's channels-first rows, in lanes that persist across the rows
+/// and are folded once ([`PairLanes::sums`]): each row adds its 64-value chunks to 64
+/// lanes, then its 8-value chunks to 8 lanes, then its last values to one scalar each;
+/// the result is `(fold(64 lanes) + fold(8 lanes)) + scalar`, the same bits however the
+/// rows are delivered (a whole segment in one call, or one row at a time between other
+/// channels' rows). Folding per row cost as much as the row's arithmetic for short rows
+/// such as 14×14 maps. The backward's sums `(Σdz, Σdz·(x − m))` (`sums.rs`) and the short
+/// runs' shifted statistics `(Σ(x − s), Σ(x − s)²)` (`stats.rs`) accumulate in it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PairLanes {
+    pub(super) a: [f64; LANES2],
+    pub(super) b: [f64; LANES2],
+    pub(super) a8: [f64; 8],
+    pub(super) b8: [f64; 8],
+    pub(super) ta: f64,
+    pub(super) tb: f64,
+}
+
+impl PairLanes {
+    /// No rows yet.
+    pub(crate) const ZERO: PairLanes = PairLanes {
+        a: [0.0; LANES2],
+        b: [0.0; LANES2],
+        a8: [0.0; 8],
+        b8: [0.0; 8],
+        ta: 0.0,
+        tb: 0.0,
+    };
+
+    /// The two sums of the rows added.
+    #[inline(always)]
+    pub(crate) fn sums(&self) -> (f64, f64) {
+        (
+            (fold(self.a) + fold(self.a8)) + self.ta,
+            (fold(self.b) + fold(self.b8)) + self.tb,
+        )
+    }
+}
+
 // ─── Short channels-last rows as lanes ───────────────────────────────────────────────────
 
 /// Channels-last rows with few channels are processed as runs of `lanes_for(c)` elements

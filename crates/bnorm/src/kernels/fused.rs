@@ -8,12 +8,13 @@
 use super::backward_map::{run_affine2_nt, run_affine2_relu_nt};
 use super::coefs::Affine2At;
 use super::forward_map::{run_affine_ep, Ep};
+use super::frame::PairLanes;
 use super::schedule::segments;
 use super::simd::Isa;
 use super::stats::by_level::{run_into, run_moments};
 use super::stats::{short_runs, ShortRuns};
 use super::sums::by_level::{dot_row, seg_dot};
-use super::sums::{DotIn, DotLanes, Seg};
+use super::sums::{DotIn, Seg};
 use super::Out;
 use super::{stream_fence, stream_wanted};
 use crate::element::Element;
@@ -190,7 +191,7 @@ pub(crate) fn backward_fused_cf<T: Element, F>(
             if inner >= INTERLEAVE_ROWS {
                 // Long rows: the group's rows in memory order (sample by sample), each
                 // channel's lanes kept in memory between its rows.
-                let mut lanes = [DotLanes::ZERO; FUSE_GROUP];
+                let mut lanes = [PairLanes::ZERO; FUSE_GROUP];
                 for n in n0..n1 {
                     for (j, l) in lanes[..w].iter_mut().enumerate() {
                         let start = (n * c + c0 + j) * inner;
@@ -266,7 +267,7 @@ pub(crate) fn backward_fused_cf<T: Element, F>(
 
 /// Row length from which the fused backward reads a group's rows in memory order (the
 /// lanes of its channels' sums in memory between rows) rather than channel by channel
-/// (the lanes in registers): same bits either way ([`DotLanes`]). Measured on the
+/// (the lanes in registers): same bits either way ([`PairLanes`]). Measured on the
 /// 2-core development VM (`step_time`, alternating builds; commit 6606f0f): folding the
 /// lanes once per segment instead of once per row made 14×14 rows (S2) 25–30% faster; for
 /// 56×56 rows (S1, S5), whose first pass comes from memory, channel by channel was slower

@@ -11,7 +11,7 @@
 //!
 //! The segments are merged in order: the result depends on the shape alone.
 
-use super::frame::{ahead, expand, fold, fold_lanes, lanes_for, LANES, LANES2};
+use super::frame::{ahead, expand, fold, fold_lanes, lanes_for, PairLanes, LANES, LANES2};
 use super::schedule::{segments, Scratch, Workspace};
 use super::simd::{self, Isa};
 use super::BLOCK;
@@ -108,20 +108,13 @@ pub(crate) fn short_runs(g: Geometry) -> bool {
     g.inner < BLOCK
 }
 
-/// The shifted sums of a segment's short runs of one channel: `Σ(x − s)`, `Σ(x − s)²`
-/// with `s` the segment's first value, in lanes kept across the runs — [`LANES2`] for
-/// whole chunks of that many values, eight for the rest in chunks of eight (a 7×7 run
-/// has no chunk of 64), a scalar pair for the last values — folded once, at the end.
+/// The shifted sums of a segment's short runs of one channel, `Σ(x − s)` and
+/// `Σ(x − s)²` with `s` the segment's first value, in [`PairLanes`] kept across the runs.
 #[derive(Debug, Clone)]
 pub(crate) struct ShortRuns {
     shift: f64,
     count: usize,
-    a: [f64; LANES2],
-    b: [f64; LANES2],
-    a8: [f64; 8],
-    b8: [f64; 8],
-    ta: f64,
-    tb: f64,
+    lanes: PairLanes,
 }
 
 impl ShortRuns {
@@ -130,57 +123,54 @@ impl ShortRuns {
         ShortRuns {
             shift,
             count: 0,
-            a: [0.0; LANES2],
-            b: [0.0; LANES2],
-            a8: [0.0; 8],
-            b8: [0.0; 8],
-            ta: 0.0,
-            tb: 0.0,
+            lanes: PairLanes::ZERO,
         }
     }
 
     /// The moments of every value added, or `None` when the shift cancels more than a
     /// single pass may (then the caller reduces the runs block by block).
     pub(crate) fn moments(&self) -> Option<Moments> {
-        let f8 = |v: &[f64; 8]| ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
-        let s1 = fold(self.a) + (f8(&self.a8) + self.ta);
-        let s2 = fold(self.b) + (f8(&self.b8) + self.tb);
+        let (s1, s2) = self.lanes.sums();
         let n = self.count as f64;
         from_shifted(self.shift, n, s1, s2).map(|(mean, m2)| Moments { count: n, mean, m2 })
     }
 }
 
-/// Adds one run to `acc` ([`ShortRuns`]), prefetching `next` alongside.
+/// Adds one run to `acc` ([`ShortRuns`]) in the order of [`PairLanes`], prefetching
+/// `next` alongside.
 #[inline(always)]
 pub(crate) fn run_into<T: Element>(xs: &[T], next: &[T], acc: &mut ShortRuns) {
-    let s = acc.shift;
-    let (mut a, mut b) = (acc.a, acc.b);
-    let (body, rest) = xs.as_chunks::<LANES2>();
-    for (k, ch) in body.iter().enumerate() {
-        ahead(&[next], k * LANES2, LANES2);
-        for l in 0..LANES2 {
-            let d = ch[l].to_f64() - s;
-            a[l] += d;
-            b[l] += d * d;
-        }
-    }
-    (acc.a, acc.b) = (a, b);
-    let (mut a8, mut b8) = (acc.a8, acc.b8);
-    let (mid, last) = rest.as_chunks::<8>();
-    for ch in mid {
-        for l in 0..8 {
-            let d = ch[l].to_f64() - s;
-            a8[l] += d;
-            b8[l] += d * d;
-        }
-    }
-    (acc.a8, acc.b8) = (a8, b8);
-    for v in last {
-        let d = v.to_f64() - s;
-        acc.ta += d;
-        acc.tb += d * d;
-    }
+    acc.lanes.add_shifted_row(xs, acc.shift, next);
     acc.count += xs.len();
+}
+
+impl PairLanes {
+    /// Adds one row's `(x − s, (x − s)²)`, prefetching `next` alongside ([`ahead`]).
+    #[inline(always)]
+    fn add_shifted_row<T: Element>(&mut self, xs: &[T], s: f64, next: &[T]) {
+        let (body, rest) = xs.as_chunks::<LANES2>();
+        for (k, ch) in body.iter().enumerate() {
+            ahead(&[next], k * LANES2, LANES2);
+            for (l, v) in ch.iter().enumerate() {
+                let d = v.to_f64() - s;
+                self.a[l] += d;
+                self.b[l] += d * d;
+            }
+        }
+        let (mid, last) = rest.as_chunks::<8>();
+        for ch in mid {
+            for (l, v) in ch.iter().enumerate() {
+                let d = v.to_f64() - s;
+                self.a8[l] += d;
+                self.b8[l] += d * d;
+            }
+        }
+        for v in last {
+            let d = v.to_f64() - s;
+            self.ta += d;
+            self.tb += d * d;
+        }
+    }
 }
 
 // ─── Channels-first runs ────────────────────────────────────────────────────────────────

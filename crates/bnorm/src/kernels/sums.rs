@@ -3,12 +3,12 @@
 //! over the segments of [`segments`] merged in order, for both layout families:
 //!
 //! * Channels-first: each channel's runs, the lanes of a segment kept across its rows
-//!   ([`DotLanes`]; [`seg_dot`] for a whole segment, [`dot_row`] row by row for the fused
+//!   ([`PairLanes`]; [`seg_dot`] for a whole segment, [`dot_row`] row by row for the fused
 //!   backward).
 //! * Channels-last: rows of `c` values ([`rows_dot`], [`rows_dot_relu`]): whole rows as
 //!   lanes for small `c`, several rows at a time across the channels for large.
 
-use super::frame::{ahead, expand, fold, fold_lanes, lanes_for, LANES2};
+use super::frame::{ahead, expand, fold_lanes, lanes_for, PairLanes, LANES2};
 use super::schedule::{segments, Scratch, Workspace};
 use super::simd::{self, Isa};
 use crate::element::Element;
@@ -17,7 +17,7 @@ use crate::parallel::{self, Parallelism};
 
 simd::dispatch! {
     fn seg_dot<T>(x: &[T], y: &[T], dy: &[T], seg: Seg, m: f64) -> (f64, f64);
-    fn dot_row<T>(acc: &mut DotLanes, xs: &[T], ys: &[T], ds: &[T], m: f64, next: &[&[T]]);
+    fn dot_row<T>(acc: &mut PairLanes, xs: &[T], ys: &[T], ds: &[T], m: f64, next: &[&[T]]);
     fn rows_dot<T>(xs: &[T], ds: &[T], c: usize, center: &[f64], acc: Acc<'_>);
     fn rows_dot_relu<T>(xs: &[T], ys: &[T], ds: &[T], c: usize, center: &[f64], acc: Acc<'_>);
 }
@@ -115,38 +115,14 @@ pub(crate) fn dot<T: Element>(
 
 // ─── Channels-first runs ────────────────────────────────────────────────────────────────
 
-/// The lanes of one channel's `(Σdz, Σdz·(x − m))` over a channels-first segment, which
-/// persist across its rows and are folded once ([`DotLanes::sums`]): each row adds its
-/// 64-value chunks to 64 lanes, then its 8-value chunks to 8 lanes, then its last values
-/// to one scalar each; the result is `(fold(64 lanes) + fold(8 lanes)) + scalar`.
-/// (Folding per row cost as much as the row's arithmetic for short rows such as 14×14
-/// maps.) The same bits whether the rows come in one call ([`seg_dot`]) or one at a time
-/// ([`dot_row`]).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct DotLanes {
-    a: [f64; LANES2],
-    b: [f64; LANES2],
-    a8: [f64; 8],
-    b8: [f64; 8],
-    ta: f64,
-    tb: f64,
-}
-
-impl DotLanes {
-    /// No rows yet.
-    pub(crate) const ZERO: DotLanes = DotLanes {
-        a: [0.0; LANES2],
-        b: [0.0; LANES2],
-        a8: [0.0; 8],
-        b8: [0.0; 8],
-        ta: 0.0,
-        tb: 0.0,
-    };
-
+/// One channel's `(Σdz, Σdz·(x − m))` over a channels-first segment accumulate in
+/// [`PairLanes`] (the same bits whether the rows come in one call, [`seg_dot`], or one at a
+/// time, [`dot_row`]).
+impl PairLanes {
     /// Adds one row (`ys` the ReLU output when `RELU`, else ignored), prefetching the
     /// slices of `next` alongside ([`ahead`]).
     #[inline(always)]
-    fn add_row<T: Element, const RELU: bool>(
+    fn add_dot_row<T: Element, const RELU: bool>(
         &mut self,
         xs: &[T],
         ys: &[T],
@@ -182,19 +158,10 @@ impl DotLanes {
             self.tb += d * (xv.to_f64() - m);
         }
     }
-
-    /// `(Σdz, Σdz·(x − m))` of the rows added.
-    #[inline(always)]
-    pub(crate) fn sums(&self) -> (f64, f64) {
-        (
-            (fold(self.a) + fold(self.a8)) + self.ta,
-            (fold(self.b) + fold(self.b8)) + self.tb,
-        )
-    }
 }
 
 /// One channel's `(Σdz, Σdz·(x − m))` over a channels-first segment, in the order of
-/// [`DotLanes`]; `dz = dy`, or `dy·[y > 0]` through a ReLU whose output was `y` when `y`
+/// [`PairLanes`]; `dz = dy`, or `dy·[y > 0]` through a ReLU whose output was `y` when `y`
 /// is not empty.
 #[inline(always)]
 pub(crate) fn seg_dot<T: Element>(x: &[T], y: &[T], dy: &[T], seg: Seg, m: f64) -> (f64, f64) {
@@ -204,25 +171,25 @@ pub(crate) fn seg_dot<T: Element>(x: &[T], y: &[T], dy: &[T], seg: Seg, m: f64) 
         rows,
         len,
     } = seg;
-    let mut acc = DotLanes::ZERO;
+    let mut acc = PairLanes::ZERO;
     for r in 0..rows {
         let s = start + r * stride;
         let (xs, ds) = (&x[s..s + len], &dy[s..s + len]);
         if y.is_empty() {
-            acc.add_row::<T, false>(xs, &[], ds, m, &[]);
+            acc.add_dot_row::<T, false>(xs, &[], ds, m, &[]);
         } else {
-            acc.add_row::<T, true>(xs, &y[s..s + len], ds, m, &[]);
+            acc.add_dot_row::<T, true>(xs, &y[s..s + len], ds, m, &[]);
         }
     }
     acc.sums()
 }
 
-/// Adds one row of `(x, dy)` to `acc` (see [`DotLanes`]), through a ReLU whose output
+/// Adds one row of `(x, dy)` to `acc` (see [`PairLanes`]), through a ReLU whose output
 /// was `ys` when `ys` is not empty; the slices of `next` (the channel's next rows of the
 /// same arrays, or none) are prefetched alongside ([`ahead`]).
 #[inline(always)]
 pub(crate) fn dot_row<T: Element>(
-    acc: &mut DotLanes,
+    acc: &mut PairLanes,
     xs: &[T],
     ys: &[T],
     ds: &[T],
@@ -230,9 +197,9 @@ pub(crate) fn dot_row<T: Element>(
     next: &[&[T]],
 ) {
     if ys.is_empty() {
-        acc.add_row::<T, false>(xs, ys, ds, m, next)
+        acc.add_dot_row::<T, false>(xs, ys, ds, m, next)
     } else {
-        acc.add_row::<T, true>(xs, ys, ds, m, next)
+        acc.add_dot_row::<T, true>(xs, ys, ds, m, next)
     }
 }
 
