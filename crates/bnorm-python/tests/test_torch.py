@@ -122,7 +122,7 @@ def test_gradcheck_float64(training, settings, fmt):
     inputs = (x,) if bn.weight is None else (x, bn.weight, bn.bias)
 
     def f(*args):
-        return bt._Function.apply(args[0], *(args[1:] if len(args) > 1 else (None, None)), bn)
+        return bt._Function.apply(args[0], *(args[1:] if len(args) > 1 else (None, None)), bn, False)
 
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
 

@@ -13,6 +13,7 @@ torch = pytest.importorskip("torch")
 
 import bnorm
 import bnorm.torch as bt
+from test_torch import Block  # the CPU tests' ResNet basic block
 
 if not torch.cuda.is_available():
     if os.environ.get("BNORM_REQUIRE_GPU") == "1":
@@ -195,19 +196,6 @@ def test_state_dict_changes_are_seen():
     ref(x), ours(x)
     close("running_mean", ours.running_mean, ref.running_mean, 1e-5)
     assert ours.num_batches_tracked.item() == ref.num_batches_tracked.item() == 11
-
-
-class Block(torch.nn.Module):
-    def __init__(self, c):
-        super().__init__()
-        self.conv1 = torch.nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn1 = torch.nn.BatchNorm2d(c)
-        self.conv2 = torch.nn.Conv2d(c, c, 3, padding=1, bias=False)
-        self.bn2 = torch.nn.BatchNorm2d(c)
-
-    def forward(self, x):
-        y = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(y)) + x)
 
 
 def test_convert_a_resnet_block_on_the_gpu(monkeypatch):

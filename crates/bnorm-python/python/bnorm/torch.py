@@ -244,12 +244,15 @@ def _step(x, weight, bias, module):
 
 class _Function(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, module):
-        y, xv, kernel, step, layout = _step(x, weight, bias, module)
+    def forward(ctx, x, weight, bias, module, cuda):
+        if cuda:
+            y, xv, kernel, step, layout = _cuda_step(x, weight, bias, module, True)
+        else:
+            y, xv, kernel, step, layout = _step(x, weight, bias, module)
         # saved through autograd, so that changing x in place before backward is an error
         # (as with torch's own batch norm) rather than a wrong gradient
         ctx.save_for_backward(xv)
-        ctx.kernel, ctx.step, ctx.layout = kernel, step, layout
+        ctx.kernel, ctx.step, ctx.layout, ctx.cuda = kernel, step, layout, cuda
         ctx.param_dtypes = (
             None if weight is None else weight.dtype,
             None if bias is None else bias.dtype,
@@ -260,14 +263,17 @@ class _Function(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         (xv,), layout = ctx.saved_tensors, ctx.layout
-        dyv = _in_layout(dy, layout)
-        dxv = torch.empty_like(xv)
-        dw, db = ctx.kernel.backward(ctx.step, _numpy(xv), _numpy(dyv), _numpy(dxv))
-        wdt, bdt = ctx.param_dtypes
-        dweight = None if dw is None or not ctx.needs_input_grad[1] else torch.from_numpy(dw).to(wdt)
-        dbias = None if db is None or not ctx.needs_input_grad[2] else torch.from_numpy(db).to(bdt)
+        if ctx.cuda:
+            dxv, dweight, dbias = _cuda_backward(ctx, xv, dy, layout)
+        else:
+            dyv = _in_layout(dy, layout)
+            dxv = torch.empty_like(xv)
+            dw, db = ctx.kernel.backward(ctx.step, _numpy(xv), _numpy(dyv), _numpy(dxv))
+            wdt, bdt = ctx.param_dtypes
+            dweight = None if dw is None or not ctx.needs_input_grad[1] else torch.from_numpy(dw).to(wdt)
+            dbias = None if db is None or not ctx.needs_input_grad[2] else torch.from_numpy(db).to(bdt)
         dx = _back(dxv, layout) if ctx.needs_input_grad[0] else None
-        return dx, dweight, dbias, None
+        return dx, dweight, dbias, None, None
 
 
 def _needs_grad(x, weight, bias):
@@ -448,38 +454,21 @@ def _cuda_step(x, weight, bias, module, keep):
     return _back(yv, layout), xv, kernel, step, layout
 
 
-class _CudaFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, module):
-        y, xv, kernel, step, layout = _cuda_step(x, weight, bias, module, True)
-        ctx.save_for_backward(xv)
-        ctx.kernel, ctx.step, ctx.layout = kernel, step, layout
-        ctx.param_dtypes = (
-            None if weight is None else weight.dtype,
-            None if bias is None else bias.dtype,
-        )
-        return y
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        (xv,), layout = ctx.saved_tensors, ctx.layout
-        dyv = _aligned(_in_layout(dy, layout))
-        dxv = torch.empty_like(xv)
-        wdt, bdt = ctx.param_dtypes
-        want_w = wdt is not None and ctx.needs_input_grad[1]
-        want_b = bdt is not None and ctx.needs_input_grad[2]
-        grads, dw, db = None, None, None
-        if want_w or want_b:
-            c = xv.shape[1] if layout in ("NC", "NCL", "NCHW", "NCDHW") else xv.shape[-1]
-            dw, db = torch.empty((2, c), dtype=torch.float32, device=xv.device)
-            grads = (dw.data_ptr(), db.data_ptr())
-        stream = _stream(xv.device)
-        ctx.kernel.backward(ctx.step, xv.data_ptr(), dyv.data_ptr(), dxv.data_ptr(), stream, grads)
-        dweight = dw.to(wdt) if want_w else None
-        dbias = db.to(bdt) if want_b else None
-        dx = _back(dxv, layout) if ctx.needs_input_grad[0] else None
-        return dx, dweight, dbias, None
+def _cuda_backward(ctx, xv, dy, layout):
+    """``(dx, dweight, dbias)`` of a step on CUDA tensors (``_Function.backward``)."""
+    dyv = _aligned(_in_layout(dy, layout))
+    dxv = torch.empty_like(xv)
+    wdt, bdt = ctx.param_dtypes
+    want_w = wdt is not None and ctx.needs_input_grad[1]
+    want_b = bdt is not None and ctx.needs_input_grad[2]
+    grads, dw, db = None, None, None
+    if want_w or want_b:
+        c = xv.shape[1] if layout in ("NC", "NCL", "NCHW", "NCDHW") else xv.shape[-1]
+        dw, db = torch.empty((2, c), dtype=torch.float32, device=xv.device)
+        grads = (dw.data_ptr(), db.data_ptr())
+    stream = _stream(xv.device)
+    ctx.kernel.backward(ctx.step, xv.data_ptr(), dyv.data_ptr(), dxv.data_ptr(), stream, grads)
+    return dxv, dw.to(wdt) if want_w else None, db.to(bdt) if want_b else None
 
 
 class _BnormForward:
@@ -497,9 +486,7 @@ class _BnormForward:
             if cuda:
                 return _cuda_step(input, self.weight, self.bias, self, False)[0]
             return _step(input, self.weight, self.bias, self)[0]
-        if cuda:
-            return _CudaFunction.apply(input, self.weight, self.bias, self)
-        return _Function.apply(input, self.weight, self.bias, self)
+        return _Function.apply(input, self.weight, self.bias, self, cuda)
 
 
 class BatchNorm1d(_BnormForward, torch.nn.BatchNorm1d):
