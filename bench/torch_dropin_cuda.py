@@ -8,7 +8,7 @@ of torch's module between two synchronizations (what a training loop sees: launc
 Python overheads included, the GPU kept busy), then as many of bnorm's; the table gives
 the median over rounds of each side's time per call, and torch's time over bnorm's
 (> 1: the drop-in is faster). Then one training step (forward, backward, SGD) of a small
-ResNet, before and after `bnorm.torch.convert`.
+ResNet, before and after `bnorm.torch.convert` (the CPU benchmark's: `bench/torch_dropin.py`).
 
     pip install ./crates/bnorm-python          # from the repository root
     python3 bench/torch_dropin_cuda.py [--rounds 7] [--calls 50] [--shapes S1,S4]
@@ -23,52 +23,11 @@ import torch
 
 import bnorm.torch
 
-SHAPES = {
-    "S1": ("contiguous", (32, 64, 56, 56)),
-    "S2": ("contiguous", (32, 256, 14, 14)),
-    "S3": ("contiguous", (4096, 1024)),
-    "S4": ("channels_last", (32, 64, 56, 56)),
-    "S5": ("contiguous", (64, 128, 56, 56)),
-}
-OPS = ("train_fwd", "fwd_bwd", "eval_fwd")
+# The CPU benchmark's shapes, calls, network and training step (this script's folder is on
+# the module path when it runs); only the timing differs, synchronized with the GPU.
+from torch_dropin import OPS, SHAPES, modules, op_call, small_resnet, train_step
+
 DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
-
-
-def modules(shape, dev):
-    cls_t, cls_b = (
-        (torch.nn.BatchNorm1d, bnorm.torch.BatchNorm1d)
-        if len(shape) == 2
-        else (torch.nn.BatchNorm2d, bnorm.torch.BatchNorm2d)
-    )
-    ref = cls_t(shape[1]).to(dev)
-    ours = cls_b(shape[1]).to(dev)
-    ours.load_state_dict(ref.state_dict())
-    return ref, ours
-
-
-def op_call(module, op, x, dy):
-    if op == "train_fwd":
-        module.train()
-
-        def call():
-            with torch.no_grad():
-                module(x)
-
-    elif op == "eval_fwd":
-        module.eval()
-
-        def call():
-            with torch.no_grad():
-                module(x)
-
-    else:
-        module.train()
-        xg = x.detach().requires_grad_()
-
-        def call():
-            module(xg).backward(dy)
-
-    return call
 
 
 def per_call(call, calls):
@@ -88,50 +47,6 @@ def alternate(a, b, rounds, calls):
         ta.append(per_call(a, calls))
         tb.append(per_call(b, calls))
     return statistics.median(ta), statistics.median(tb)
-
-
-class Block(torch.nn.Module):
-    def __init__(self, c_in, c, stride):
-        super().__init__()
-        self.conv1 = torch.nn.Conv2d(c_in, c, 3, stride, 1, bias=False)
-        self.bn1 = torch.nn.BatchNorm2d(c)
-        self.conv2 = torch.nn.Conv2d(c, c, 3, 1, 1, bias=False)
-        self.bn2 = torch.nn.BatchNorm2d(c)
-        self.skip = None
-        if stride != 1 or c_in != c:
-            self.skip = torch.nn.Sequential(
-                torch.nn.Conv2d(c_in, c, 1, stride, bias=False), torch.nn.BatchNorm2d(c)
-            )
-
-    def forward(self, x):
-        y = torch.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        return torch.relu(y + (x if self.skip is None else self.skip(x)))
-
-
-def small_resnet():
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(3, 32, 3, 1, 1, bias=False),
-        torch.nn.BatchNorm2d(32),
-        torch.nn.ReLU(),
-        Block(32, 32, 1),
-        Block(32, 64, 2),
-        Block(64, 128, 2),
-        torch.nn.AdaptiveAvgPool2d(1),
-        torch.nn.Flatten(),
-        torch.nn.Linear(128, 10),
-    )
-
-
-def train_step(model, x, target):
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-
-    def call():
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), target).backward()
-        opt.step()
-
-    return call
 
 
 def main():
@@ -160,7 +75,7 @@ def main():
             if fmt == "channels_last":
                 x = x.contiguous(memory_format=torch.channels_last)
                 dy = dy.contiguous(memory_format=torch.channels_last)
-            ref, ours = modules(shape, dev)
+            ref, ours = (m.to(dev) for m in modules(shape))
             for op in OPS:
                 t, b = alternate(op_call(ref, op, x, dy), op_call(ours, op, x, dy), args.rounds, args.calls)
                 rows.append({"shape": name, "dtype": dname, "op": op, "torch_ms": t * 1e3, "bnorm_ms": b * 1e3})
