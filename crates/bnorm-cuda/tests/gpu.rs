@@ -412,37 +412,17 @@ fn foreign_memory_steps_equal_owned_ones() {
         }
         gpu.synchronize().unwrap();
         // the views dropped without freeing: the owned tensors still read back
-        close("y", &y.download().unwrap(), &y_ref.download().unwrap(), 0.0);
-        close(
-            "dx",
-            &dx.download().unwrap(),
-            &dx_ref.download().unwrap(),
-            0.0,
-        );
-        close(
-            "running mean",
-            &m.download().unwrap(),
-            &f32s(&want_state.mean),
-            0.0,
-        );
-        close(
-            "running var",
-            &v.download().unwrap(),
-            &f32s(&want_state.var),
-            0.0,
-        );
-        close(
-            "dgamma",
-            &dg.download().unwrap(),
-            &f32s(&want_grads.dweight),
-            0.0,
-        );
-        close(
-            "dbeta",
-            &db.download().unwrap(),
-            &f32s(&want_grads.dbias),
-            0.0,
-        );
+        let down = |t: &DeviceTensor<f32>| t.download().unwrap();
+        for (what, got, want) in [
+            ("y", down(&y), down(&y_ref)),
+            ("dx", down(&dx), down(&dx_ref)),
+            ("running mean", down(&m), f32s(&want_state.mean)),
+            ("running var", down(&v), f32s(&want_state.var)),
+            ("dgamma", down(&dg), f32s(&want_grads.dweight)),
+            ("dbeta", down(&db), f32s(&want_grads.dbias)),
+        ] {
+            close(what, &got, &want, 0.0);
+        }
         assert_eq!(bn.running_state().unwrap().unwrap().updates, 5);
         let words = count.download().unwrap();
         let counter = words[0].to_bits() as u64 | (words[1].to_bits() as u64) << 32;
